@@ -1,0 +1,319 @@
+//! The configuration: one TOML file of portals, schedules and sinks (SPEC §3).
+//!
+//! Loading has two stages. [`load`] reads the file and turns it into a typed [`Config`]:
+//! syntax, types, unknown keys, names, references, cron, time zones, durations, URLs and
+//! age recipients, all without touching the network or any other file. Every problem is
+//! collected with its file, line, column and key, so an operator fixes them all in one pass.
+//! Reading keys and secrets is the second stage (`sinks::build`, [`SecretRef::resolve`]).
+
+mod raw;
+pub mod secret;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::Url;
+
+pub use secret::SecretRef;
+
+use crate::schedule::CronSchedule;
+
+/// Where in the config file something was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Loc {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+}
+
+/// A value with the place it was written, for errors found after parsing (key files, secrets).
+#[derive(Debug)]
+pub struct Located<T> {
+    /// The value.
+    pub value: T,
+    /// Where it was written.
+    pub loc: Loc,
+}
+
+/// One problem in the config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The config file.
+    pub file: PathBuf,
+    /// Where; `None` when the problem is the file itself.
+    pub loc: Option<Loc>,
+    /// The dotted key, like `portals.acme.url`.
+    pub key: String,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.loc {
+            Some(l) => write!(f, "{}:{}:{}: ", self.file.display(), l.line, l.column)?,
+            None => write!(f, "{}: ", self.file.display())?,
+        }
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file; the process exits with 78 (`EX_CONFIG`).
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The problems, in file order.
+    pub errors: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(f, "the configuration is invalid ({n} error{})", if n == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[smtp]`, present when any email sink exists.
+    pub smtp: Option<SmtpConfig>,
+    /// `[schedules.*]` by name.
+    pub schedules: BTreeMap<String, ScheduleConfig>,
+    /// `[sinks.*]` by name.
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// `[alerts]`.
+    pub alerts: Option<AlertsConfig>,
+    /// `[portals.*]` by name.
+    pub portals: BTreeMap<String, PortalConfig>,
+    /// Things that work but deserve attention (literal secrets).
+    pub warnings: Vec<ConfigIssue>,
+}
+
+/// `[daemon]`.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    /// The state directory (SQLite database, locks).
+    pub state_dir: PathBuf,
+    /// Prometheus listener.
+    pub metrics: Option<SocketAddr>,
+    /// Rotations in flight at once.
+    pub max_concurrent: usize,
+    /// Timeout of one HTTP request.
+    pub http_timeout: Duration,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain connection upgraded by STARTTLS (required).
+    StartTls,
+    /// Implicit TLS from the first byte.
+    Tls,
+    /// No TLS; only to a loopback host.
+    None,
+}
+
+/// `[smtp]`.
+#[derive(Debug)]
+pub struct SmtpConfig {
+    /// Server host.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// TLS mode.
+    pub security: SmtpSecurity,
+    /// AUTH user.
+    pub username: Option<String>,
+    /// AUTH password reference.
+    pub password: Option<Located<SecretRef>>,
+    /// From address.
+    pub from: String,
+    /// Extra CA file.
+    pub ca_file: Option<PathBuf>,
+    /// Conversation timeout.
+    pub timeout: Duration,
+}
+
+/// `[schedules.NAME]`.
+#[derive(Debug)]
+pub struct ScheduleConfig {
+    /// The cron expression in its time zone.
+    pub cron: CronSchedule,
+    /// Maximum random delay.
+    pub jitter: Duration,
+    /// Run a missed fire time once at start.
+    pub catch_up: bool,
+    /// Rotate when the portal's entry changes.
+    pub rotate_on_change: bool,
+    /// Minimum time between two rotations of one portal.
+    pub min_interval: Option<Duration>,
+    /// Rotate when fewer unused codes remain.
+    pub rotate_when_unused_below: Option<usize>,
+    /// How often to read the codes for the unused-code watch.
+    pub watch_every: Duration,
+}
+
+/// `[sinks.NAME]`.
+#[derive(Debug)]
+pub struct SinkConfig {
+    /// The sink's name.
+    pub name: String,
+    /// What kind of sink, with its settings.
+    pub kind: SinkKind,
+}
+
+/// A sink's type and settings.
+#[derive(Debug)]
+pub enum SinkKind {
+    /// PGP/MIME email.
+    Email(EmailSinkConfig),
+    /// A file written atomically.
+    File(FileSinkConfig),
+}
+
+/// An email sink.
+#[derive(Debug)]
+pub struct EmailSinkConfig {
+    /// Recipients.
+    pub to: Vec<String>,
+    /// Their public keys.
+    pub pgp_keys: Vec<Located<PathBuf>>,
+}
+
+/// A file sink.
+#[derive(Debug)]
+pub struct FileSinkConfig {
+    /// Path template; `{portal}` is replaced by the portal's name.
+    pub path: String,
+    /// How the content is encrypted.
+    pub encrypt: FileEncryption,
+    /// Unix mode of the file.
+    pub mode: u32,
+}
+
+impl FileSinkConfig {
+    /// The file this sink writes for `portal`.
+    pub fn path_for(&self, portal: &str) -> PathBuf {
+        PathBuf::from(self.path.replace("{portal}", portal))
+    }
+}
+
+/// Encryption of a file sink.
+#[derive(Debug)]
+pub enum FileEncryption {
+    /// Plain text.
+    Plain,
+    /// age, to these recipients.
+    Age(Vec<String>),
+    /// OpenPGP, to these keys (ASCII armor).
+    Pgp(Vec<Located<PathBuf>>),
+}
+
+/// `[alerts]`.
+#[derive(Debug)]
+pub struct AlertsConfig {
+    /// Email sinks that get the notices.
+    pub sinks: Vec<String>,
+    /// Failures in a row before a notice.
+    pub after_failures: u32,
+    /// Pending age before a notice.
+    pub pending_longer_than: Duration,
+}
+
+/// `[portals.NAME]`.
+#[derive(Debug)]
+pub struct PortalConfig {
+    /// The portal's name.
+    pub name: String,
+    /// Base URL, always ending in `/`.
+    pub url: Url,
+    /// API key reference.
+    pub api_key: Located<SecretRef>,
+    /// Schedule name.
+    pub schedule: Option<String>,
+    /// Sink names.
+    pub sinks: Vec<String>,
+}
+
+impl Config {
+    /// The schedule of a portal, if it has one.
+    pub fn schedule_of(&self, portal: &PortalConfig) -> Option<&ScheduleConfig> {
+        portal.schedule.as_ref().and_then(|s| self.schedules.get(s))
+    }
+
+    /// A problem found after loading (a key file, a secret), placed like a validation error.
+    pub fn issue(&self, loc: Option<Loc>, key: impl Into<String>, message: impl Into<String>) -> ConfigIssue {
+        ConfigIssue {
+            file: self.path.clone(),
+            loc,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file_issue = |message: String| ConfigErrors {
+        errors: vec![ConfigIssue {
+            file: path.to_path_buf(),
+            loc: None,
+            key: String::new(),
+            message,
+        }],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_issue(format!("reading the config file: {e}")))?;
+    let others_can_read = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o004 != 0)
+            .unwrap_or(true)
+    };
+    parse(&text, path, others_can_read)
+}
+
+/// Validates config text as if read from `path`. `others_can_read` is whether the file is
+/// readable by other users, which decides whether literal secrets are refused.
+pub fn parse(text: &str, path: &Path, others_can_read: bool) -> Result<Config, ConfigErrors> {
+    validate::validate(text, path, others_can_read)
+}
+
+/// The default config path: `$TFA_ROTATOR_CONFIG`, else `/etc/tfa-rotator/config.toml`.
+pub fn default_path() -> PathBuf {
+    std::env::var_os("TFA_ROTATOR_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/tfa-rotator/config.toml"))
+}
+
+/// Parses `"90s"`, `"15m"`, `"6h"`, `"30d"` (and combinations `humantime` accepts).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("`{s}` is not a duration; accepted: a number and a unit, like \"90s\", \"15m\", \"6h\", \"30d\"")
+    })
+}
+
+/// True for `localhost`, 127.0.0.0/8 and `::1`.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    h.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}

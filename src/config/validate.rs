@@ -1,0 +1,655 @@
+//! Raw config → typed [`Config`], collecting every problem with its place. No I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use url::Url;
+
+use super::raw::*;
+use super::*;
+use crate::schedule::{self, CronSchedule};
+
+const TOP_LEVEL: &str = "daemon, smtp, schedules, sinks, alerts, portals";
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    base: PathBuf,
+    others_can_read: bool,
+    errors: Vec<(usize, ConfigIssue)>,
+    warnings: Vec<ConfigIssue>,
+}
+
+impl Ctx<'_> {
+    fn loc(&self, offset: usize) -> Loc {
+        let offset = offset.min(self.text.len());
+        let before = self.text.get(..offset).unwrap_or(self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let column = before.get(line_start..).map(|s| s.chars().count()).unwrap_or(0) + 1;
+        Loc { line, column }
+    }
+
+    fn issue(&self, span: &Range<usize>, key: &str, message: String) -> ConfigIssue {
+        ConfigIssue {
+            file: self.file.to_path_buf(),
+            loc: Some(self.loc(span.start)),
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    fn err(&mut self, span: &Range<usize>, key: &str, message: impl Into<String>) {
+        let issue = self.issue(span, key, message.into());
+        self.errors.push((span.start, issue));
+    }
+
+    fn located<T>(&self, value: T, span: &Range<usize>) -> Located<T> {
+        Located { value, loc: self.loc(span.start) }
+    }
+
+    /// Deserializes one table entry; a failure is recorded and gives `None`.
+    fn de<T: for<'de> Deserialize<'de>>(&mut self, key: &str, value: Spanned<DeValue<'_>>) -> Option<T> {
+        let whole = value.span();
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let span = e.span().unwrap_or(whole);
+                let msg = e.message().to_string();
+                let key = match backticked_field(&msg) {
+                    Some(field) => format!("{key}.{field}"),
+                    None => key.to_string(),
+                };
+                self.err(&span, &key, msg);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(&s.span(), key, e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_relative() { self.base.join(p) } else { p }
+    }
+
+    fn secret(&mut self, s: Spanned<SecretRef>, key: &str) -> Located<SecretRef> {
+        let span = s.span();
+        let value = s.into_inner();
+        if matches!(value, SecretRef::Literal(_)) {
+            if self.others_can_read {
+                self.err(
+                    &span,
+                    key,
+                    "a literal secret is refused because the config file is readable by other \
+                     users; make the file 0600/0640, or use { env = … }, { file = … } or \
+                     { credential = … }",
+                );
+            } else {
+                let w = self.issue(
+                    &span,
+                    key,
+                    "a literal secret in the config file; prefer { credential = … }, \
+                     { file = … } or { env = … }"
+                        .to_string(),
+                );
+                self.warnings.push(w);
+            }
+        }
+        Located { value: value.rebase(&self.base), loc: self.loc(span.start) }
+    }
+
+    fn names(&mut self, list: &Spanned<Vec<Spanned<String>>>, key: &str, declared: &BTreeSet<String>, what: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for n in list.get_ref() {
+            if !declared.contains(n.get_ref()) {
+                let known = declared.iter().cloned().collect::<Vec<_>>().join(", ");
+                self.err(
+                    &n.span(),
+                    key,
+                    format!("no {what} named `{}`; defined: {}", n.get_ref(), if known.is_empty() { "none".into() } else { known }),
+                );
+            } else if out.contains(n.get_ref()) {
+                self.err(&n.span(), key, format!("`{}` is listed twice", n.get_ref()));
+            } else {
+                out.push(n.get_ref().clone());
+            }
+        }
+        out
+    }
+}
+
+/// Pulls `x` out of serde messages like "unknown field `x`, expected …".
+fn backticked_field(msg: &str) -> Option<&str> {
+    for prefix in ["unknown field `", "missing field `", "duplicate field `"] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            return rest.split('`').next();
+        }
+    }
+    None
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A bare address `local@domain`, no display name.
+pub(crate) fn valid_address(addr: &str) -> bool {
+    let mut parts = addr.split('@');
+    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !addr.chars().any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
+}
+
+/// `Name <addr>` or a bare address.
+fn valid_mailbox(s: &str) -> bool {
+    let s = s.trim();
+    match (s.rfind('<'), s.ends_with('>')) {
+        (Some(i), true) => valid_address(&s[i + 1..s.len() - 1]),
+        (None, false) => valid_address(s),
+        _ => false,
+    }
+}
+
+/// Checks an age recipient without keeping it (the sink parses it again when built).
+pub(crate) fn check_age_recipient(r: &str) -> Result<(), String> {
+    if r.starts_with("age1") {
+        age::x25519::Recipient::from_str(r)
+            .map(|_| ())
+            .map_err(|e| format!("`{r}` is not a valid age X25519 recipient: {e}"))
+    } else if r.starts_with("ssh-") {
+        age::ssh::Recipient::from_str(r)
+            .map(|_| ())
+            .map_err(|e| format!("`{r}` is not a usable SSH public key: {e:?}"))
+    } else {
+        Err(format!(
+            "`{r}` is not an age recipient; accepted: an X25519 recipient (age1…) or an SSH \
+             public key (ssh-ed25519 … or ssh-rsa …)"
+        ))
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let mode = u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("`{s}` is not an octal mode; accepted: like \"0600\" or \"0640\""))?;
+    if mode & !0o640 != 0 {
+        return Err(format!(
+            "mode {s} is wider than 0640; accepted: 0600 (default), 0640, or narrower"
+        ));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!("mode {s} does not let the owner read and write; accepted: 0600 or 0640"));
+    }
+    Ok(mode)
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/tfa-rotator"))
+}
+
+pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result<Config, ConfigErrors> {
+    let base = file
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut cx = Ctx { file, text, base, others_can_read, errors: Vec::new(), warnings: Vec::new() };
+
+    let (doc, syntax) = DeTable::parse_recoverable(text);
+    for e in &syntax {
+        let span = e.span().unwrap_or(0..0);
+        cx.err(&span, "", format!("TOML syntax: {}", e.message()));
+    }
+
+    let mut raw_daemon: Option<RawDaemon> = None;
+    let mut raw_smtp: Option<(Range<usize>, Option<RawSmtp>)> = None;
+    let mut raw_alerts: Option<RawAlerts> = None;
+    let mut schedules: Vec<(String, RawSchedule)> = Vec::new();
+    let mut sinks: Vec<(String, RawSink)> = Vec::new();
+    let mut portals: Vec<(String, Range<usize>, RawPortal)> = Vec::new();
+    let mut declared: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+
+    for (key, value) in doc.into_inner() {
+        let kspan = key.span();
+        match key.get_ref().as_ref() {
+            "daemon" => raw_daemon = cx.de("daemon", value),
+            "smtp" => {
+                let span = value.span();
+                raw_smtp = Some((span, cx.de("smtp", value)));
+            }
+            "alerts" => raw_alerts = cx.de("alerts", value),
+            section @ ("schedules" | "sinks" | "portals") => {
+                let section: &'static str = match section {
+                    "schedules" => "schedules",
+                    "sinks" => "sinks",
+                    _ => "portals",
+                };
+                let vspan = value.span();
+                let DeValue::Table(table) = value.into_inner() else {
+                    cx.err(&vspan, section, format!("must be a table of named entries, like [{section}.NAME]"));
+                    continue;
+                };
+                for (name, entry) in table {
+                    let nspan = name.span();
+                    let name = name.get_ref().to_string();
+                    let key = format!("{section}.{name}");
+                    if !valid_name(&name) {
+                        cx.err(&nspan, &key, format!("`{name}` is not a valid name; accepted: lowercase letters, digits, `-` and `_`"));
+                    }
+                    declared.entry(section).or_default().insert(name.clone());
+                    let espan = entry.span();
+                    match section {
+                        "schedules" => {
+                            if let Some(r) = cx.de(&key, entry) {
+                                schedules.push((name, r));
+                            }
+                        }
+                        "sinks" => {
+                            if let Some(r) = cx.de(&key, entry) {
+                                sinks.push((name, r));
+                            }
+                        }
+                        _ => {
+                            if let Some(r) = cx.de(&key, entry) {
+                                portals.push((name, espan, r));
+                            }
+                        }
+                    }
+                }
+            }
+            other => {
+                let other = other.to_string();
+                cx.err(&kspan, &other, format!("unknown key; accepted: {TOP_LEVEL}"));
+            }
+        }
+    }
+
+    let empty = BTreeSet::new();
+    let declared_schedules = declared.get("schedules").unwrap_or(&empty).clone();
+    let declared_sinks = declared.get("sinks").unwrap_or(&empty).clone();
+
+    // [daemon]
+    let rd = raw_daemon.unwrap_or_default();
+    let state_dir = match &rd.state_dir {
+        Some(s) => cx.path(s.get_ref()),
+        None => default_state_dir(),
+    };
+    let metrics = rd.metrics.as_ref().and_then(|m| match m.get_ref().parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || rd.metrics_public == Some(true) => Some(addr),
+        Ok(_) => {
+            cx.err(&m.span(), "daemon.metrics", format!(
+                "`{}` is not a loopback address; the metrics listener has no authentication, \
+                 so a public address also needs `metrics_public = true`", m.get_ref()));
+            None
+        }
+        Err(_) => {
+            cx.err(&m.span(), "daemon.metrics", format!(
+                "`{}` is not an address; accepted: IP:PORT like \"127.0.0.1:9184\"", m.get_ref()));
+            None
+        }
+    });
+    let max_concurrent = match &rd.max_concurrent {
+        None => 8,
+        Some(n) if (1..=1024).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => {
+            cx.err(&n.span(), "daemon.max_concurrent", format!("{} is out of range; accepted: 1 to 1024", n.get_ref()));
+            8
+        }
+    };
+    let http_timeout = cx.duration(&rd.http_timeout, "daemon.http_timeout", Duration::from_secs(30));
+    if http_timeout.is_zero() {
+        if let Some(s) = &rd.http_timeout {
+            cx.err(&s.span(), "daemon.http_timeout", "must be longer than zero");
+        }
+    }
+    let daemon = DaemonConfig { state_dir, metrics, max_concurrent, http_timeout };
+
+    // [smtp]
+    let smtp_declared = raw_smtp.is_some();
+    let smtp = raw_smtp.and_then(|(_, r)| r).map(|r| {
+        let security = match r.security.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("starttls", _)) => SmtpSecurity::StartTls,
+            Some(("tls", _)) => SmtpSecurity::Tls,
+            Some(("none", span)) => {
+                if !is_loopback_host(r.host.get_ref()) {
+                    cx.err(&span, "smtp.security", format!(
+                        "\"none\" sends mail unencrypted on the wire and is accepted only to a \
+                         loopback host, not `{}`; accepted: \"starttls\" or \"tls\"", r.host.get_ref()));
+                }
+                SmtpSecurity::None
+            }
+            Some((other, span)) => {
+                cx.err(&span, "smtp.security", format!("`{other}` is not a security mode; accepted: \"starttls\", \"tls\", \"none\""));
+                SmtpSecurity::StartTls
+            }
+        };
+        if r.host.get_ref().trim().is_empty() {
+            cx.err(&r.host.span(), "smtp.host", "is empty; accepted: a host name or address");
+        }
+        let default_port = match security { SmtpSecurity::StartTls => 587, SmtpSecurity::Tls => 465, SmtpSecurity::None => 25 };
+        let port = match &r.port {
+            None => default_port,
+            Some(p) => u16::try_from(*p.get_ref()).ok().filter(|p| *p > 0).unwrap_or_else(|| {
+                cx.err(&p.span(), "smtp.port", format!("{} is not a port; accepted: 1 to 65535", p.get_ref()));
+                default_port
+            }),
+        };
+        if !valid_mailbox(r.from.get_ref()) {
+            cx.err(&r.from.span(), "smtp.from", format!(
+                "`{}` is not a mail address; accepted: \"name@example.com\" or \"Name <name@example.com>\"", r.from.get_ref()));
+        }
+        let password = r.password.map(|p| cx.secret(p, "smtp.password"));
+        if password.is_some() && r.username.is_none() {
+            if let Some(p) = &password {
+                let span = 0..0;
+                let mut issue = cx.issue(&span, "smtp.password", "is set but `username` is not; AUTH needs both".into());
+                issue.loc = Some(p.loc);
+                cx.errors.push((0, issue));
+            }
+        }
+        let timeout = cx.duration(&r.timeout, "smtp.timeout", Duration::from_secs(30));
+        SmtpConfig {
+            host: r.host.into_inner(),
+            port,
+            security,
+            username: r.username.map(Spanned::into_inner),
+            password,
+            from: r.from.into_inner(),
+            ca_file: r.ca_file.map(|c| cx.path(c.get_ref())),
+            timeout,
+        }
+    });
+
+    // [schedules.*]
+    let mut schedule_map = BTreeMap::new();
+    for (name, r) in schedules {
+        let key = format!("schedules.{name}");
+        let tz = match &r.timezone {
+            None => chrono_tz::Tz::UTC,
+            Some(t) => schedule::parse_timezone(t.get_ref()).unwrap_or_else(|e| {
+                cx.err(&t.span(), &format!("{key}.timezone"), e);
+                chrono_tz::Tz::UTC
+            }),
+        };
+        let cron = match CronSchedule::parse(r.cron.get_ref(), tz) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                cx.err(&r.cron.span(), &format!("{key}.cron"), e);
+                None
+            }
+        };
+        let jitter = cx.duration(&r.jitter, &format!("{key}.jitter"), Duration::ZERO);
+        let min_interval = r.min_interval.as_ref().map(|_| cx.duration(&r.min_interval, &format!("{key}.min_interval"), Duration::ZERO));
+        let watch_every = cx.duration(&r.watch_every, &format!("{key}.watch_every"), Duration::from_secs(6 * 3600));
+        if watch_every < Duration::from_secs(1) {
+            if let Some(w) = &r.watch_every {
+                cx.err(&w.span(), &format!("{key}.watch_every"), "must be at least 1s");
+            }
+        }
+        let below = r.rotate_when_unused_below.as_ref().and_then(|n| {
+            if (1..=10_000).contains(n.get_ref()) {
+                Some(*n.get_ref() as usize)
+            } else {
+                cx.err(&n.span(), &format!("{key}.rotate_when_unused_below"), format!("{} is out of range; accepted: 1 to 10000", n.get_ref()));
+                None
+            }
+        });
+        if let Some(cron) = cron {
+            schedule_map.insert(name, ScheduleConfig {
+                cron,
+                jitter,
+                catch_up: r.catch_up.unwrap_or(true),
+                rotate_on_change: r.rotate_on_change.unwrap_or(true),
+                min_interval,
+                rotate_when_unused_below: below,
+                watch_every,
+            });
+        }
+    }
+
+    // [sinks.*]
+    let mut sink_map = BTreeMap::new();
+    for (name, r) in sinks {
+        let key = format!("sinks.{name}");
+        let not_for = |cx: &mut Ctx, present: bool, span: Option<Range<usize>>, field: &str, kind: &str| {
+            if present {
+                cx.err(&span.unwrap_or(0..0), &format!("{key}.{field}"), format!("is not a key of a {kind} sink"));
+            }
+        };
+        let kind = match r.kind.get_ref().as_str() {
+            "email" => {
+                not_for(&mut cx, r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path", "email");
+                not_for(&mut cx, r.encrypt.is_some(), r.encrypt.as_ref().map(|s| s.span()), "encrypt", "email");
+                not_for(&mut cx, r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode", "email");
+                if !smtp_declared {
+                    cx.err(&r.kind.span(), &format!("{key}.type"), "an email sink needs an [smtp] table");
+                }
+                let to: Vec<String> = match &r.to {
+                    None => {
+                        cx.err(&r.kind.span(), &format!("{key}.to"), "is missing; accepted: a list of addresses");
+                        Vec::new()
+                    }
+                    Some(list) => {
+                        if list.get_ref().is_empty() {
+                            cx.err(&list.span(), &format!("{key}.to"), "is empty; accepted: at least one address");
+                        }
+                        for a in list.get_ref() {
+                            if !valid_address(a.get_ref()) {
+                                cx.err(&a.span(), &format!("{key}.to"), format!("`{}` is not a mail address; accepted: name@example.com", a.get_ref()));
+                            }
+                        }
+                        list.get_ref().iter().map(|a| a.get_ref().to_ascii_lowercase()).collect()
+                    }
+                };
+                let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
+                    None => {
+                        cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key");
+                        Vec::new()
+                    }
+                    Some(list) => {
+                        if list.get_ref().is_empty() {
+                            cx.err(&list.span(), &format!("{key}.pgp_keys"), "is empty; accepted: at least one key file");
+                        }
+                        list.get_ref().iter().map(|p| cx.located(cx.path(p.get_ref()), &p.span())).collect()
+                    }
+                };
+                Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
+            }
+            "file" => {
+                not_for(&mut cx, r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to", "file");
+                not_for(&mut cx, r.pgp_keys.is_some(), r.pgp_keys.as_ref().map(|s| s.span()), "pgp_keys", "file (use encrypt = { pgp_keys = [...] })");
+                let path = match &r.path {
+                    None => {
+                        cx.err(&r.kind.span(), &format!("{key}.path"), "is missing; accepted: a file path, where {portal} is the portal's name");
+                        String::new()
+                    }
+                    Some(p) => {
+                        if p.get_ref().ends_with('/') || p.get_ref().is_empty() {
+                            cx.err(&p.span(), &format!("{key}.path"), "must name a file, not a directory");
+                        }
+                        cx.path(p.get_ref()).to_string_lossy().into_owned()
+                    }
+                };
+                let encrypt = match &r.encrypt {
+                    None => FileEncryption::Plain,
+                    Some(e) => {
+                        let espan = e.span();
+                        match (&e.get_ref().age, &e.get_ref().pgp_keys) {
+                            (Some(age), None) if !age.is_empty() => {
+                                for rcp in age {
+                                    if let Err(m) = check_age_recipient(rcp.get_ref()) {
+                                        cx.err(&rcp.span(), &format!("{key}.encrypt.age"), m);
+                                    }
+                                }
+                                FileEncryption::Age(age.iter().map(|r| r.get_ref().clone()).collect())
+                            }
+                            (None, Some(keys)) if !keys.is_empty() => FileEncryption::Pgp(
+                                keys.iter().map(|p| cx.located(cx.path(p.get_ref()), &p.span())).collect(),
+                            ),
+                            _ => {
+                                cx.err(&espan, &format!("{key}.encrypt"), "takes exactly one non-empty list; accepted: { age = [\"age1…\"] } or { pgp_keys = [\"key.asc\"] }");
+                                FileEncryption::Plain
+                            }
+                        }
+                    }
+                };
+                let mode = match &r.mode {
+                    None => 0o600,
+                    Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
+                        cx.err(&m.span(), &format!("{key}.mode"), e);
+                        0o600
+                    }),
+                };
+                Some(SinkKind::File(FileSinkConfig { path, encrypt, mode }))
+            }
+            other => {
+                cx.err(&r.kind.span(), &format!("{key}.type"), format!("`{other}` is not a sink type; accepted: \"email\", \"file\""));
+                None
+            }
+        };
+        if let Some(kind) = kind {
+            sink_map.insert(name.clone(), SinkConfig { name, kind });
+        }
+    }
+
+    // [alerts]
+    let alerts = raw_alerts.map(|r| {
+        let names = cx.names(&r.sinks, "alerts.sinks", &declared_sinks, "sink");
+        for (n, s) in names.iter().zip(r.sinks.get_ref()) {
+            if let Some(SinkConfig { kind: SinkKind::File(_), .. }) = sink_map.get(n) {
+                cx.err(&s.span(), "alerts.sinks", format!("`{n}` is a file sink; accepted: email sinks"));
+            }
+        }
+        let after_failures = match &r.after_failures {
+            None => 3,
+            Some(n) => u32::try_from(*n.get_ref()).ok().filter(|n| *n >= 1).unwrap_or_else(|| {
+                cx.err(&n.span(), "alerts.after_failures", format!("{} is out of range; accepted: 1 or more", n.get_ref()));
+                3
+            }),
+        };
+        let pending_longer_than = cx.duration(&r.pending_longer_than, "alerts.pending_longer_than", Duration::from_secs(3600));
+        AlertsConfig { sinks: names, after_failures, pending_longer_than }
+    });
+
+    // [portals.*]
+    let mut portal_map = BTreeMap::new();
+    let mut file_users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut written: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for (name, espan, r) in portals {
+        let key = format!("portals.{name}");
+        let url = match Url::parse(r.url.get_ref()) {
+            Err(e) => {
+                cx.err(&r.url.span(), &format!("{key}.url"), format!("`{}` is not a URL ({e}); accepted: https://portal.example.com", r.url.get_ref()));
+                None
+            }
+            Ok(u) => {
+                let host = u.host_str().unwrap_or_default().to_string();
+                let ok_scheme = u.scheme() == "https" || (u.scheme() == "http" && is_loopback_host(&host));
+                if !ok_scheme {
+                    cx.err(&r.url.span(), &format!("{key}.url"), format!("`{}` is not https; accepted: https://…, or http:// only to a loopback host", r.url.get_ref()));
+                    None
+                } else if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() || u.password().is_some() {
+                    cx.err(&r.url.span(), &format!("{key}.url"), "must not carry credentials, a query or a fragment; accepted: the portal's base URL");
+                    None
+                } else {
+                    let mut u = u;
+                    if !u.path().ends_with('/') {
+                        let p = format!("{}/", u.path());
+                        u.set_path(&p);
+                    }
+                    Some(u)
+                }
+            }
+        };
+        let api_key = cx.secret(r.api_key, &format!("{key}.api_key"));
+        let schedule = r.schedule.as_ref().and_then(|s| {
+            if declared_schedules.contains(s.get_ref()) {
+                Some(s.get_ref().clone())
+            } else {
+                let known = declared_schedules.iter().cloned().collect::<Vec<_>>().join(", ");
+                cx.err(&s.span(), &format!("{key}.schedule"), format!("no schedule named `{}`; defined: {}", s.get_ref(), if known.is_empty() { "none".into() } else { known }));
+                None
+            }
+        });
+        if r.sinks.get_ref().is_empty() {
+            cx.err(&r.sinks.span(), &format!("{key}.sinks"), "is empty; accepted: at least one sink name");
+        }
+        let sink_names = cx.names(&r.sinks, &format!("{key}.sinks"), &declared_sinks, "sink");
+        for (sname, s) in sink_names.iter().zip(r.sinks.get_ref()) {
+            if let Some(SinkConfig { kind: SinkKind::File(f), .. }) = sink_map.get(sname) {
+                file_users.entry(sname.clone()).or_default().push(name.clone());
+                let target = f.path_for(&name);
+                if let Some(other) = written.insert(target.clone(), name.clone()) {
+                    cx.err(&s.span(), &format!("{key}.sinks"), format!(
+                        "portals `{other}` and `{name}` would both write {}; give each its own path (use {{portal}})", target.display()));
+                }
+            }
+        }
+        let _ = espan;
+        if let Some(url) = url {
+            portal_map.insert(name.clone(), PortalConfig { name, url, api_key, schedule, sinks: sink_names });
+        }
+    }
+    for (sink, users) in &file_users {
+        if users.len() > 1 {
+            if let Some(SinkConfig { kind: SinkKind::File(f), .. }) = sink_map.get(sink) {
+                if !f.path.contains("{portal}") && !cx.errors.iter().any(|(_, e)| e.key == format!("sinks.{sink}.path")) {
+                    // Reported once at the sink, besides the per-portal collisions above.
+                    let issue = ConfigIssue {
+                        file: file.to_path_buf(),
+                        loc: None,
+                        key: format!("sinks.{sink}.path"),
+                        message: format!("the sink is shared by portals {} so its path must contain {{portal}}", users.join(", ")),
+                    };
+                    cx.errors.push((usize::MAX, issue));
+                }
+            }
+        }
+    }
+
+    let Ctx { mut errors, warnings, .. } = cx;
+    if !errors.is_empty() {
+        errors.sort_by_key(|(offset, _)| *offset);
+        return Err(ConfigErrors { errors: errors.into_iter().map(|(_, e)| e).collect() });
+    }
+    Ok(Config {
+        path: file.to_path_buf(),
+        daemon,
+        smtp,
+        schedules: schedule_map,
+        sinks: sink_map,
+        alerts,
+        portals: portal_map,
+        warnings,
+    })
+}

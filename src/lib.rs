@@ -1,0 +1,19 @@
+//! tfa-rotator keeps the two-factor backup codes of ONLYOFFICE DocSpace accounts fresh.
+//!
+//! Modules, in the direction dependencies point:
+//! - [`config`]: the TOML file → a typed, validated [`config::Config`] (no I/O beyond reading it).
+//! - [`schedule`]: cron in a time zone, jitter, `min_interval`.
+//! - [`docspace`]: the HTTP client of the DocSpace API, with one error kind per failure.
+//! - [`crypto`]: OpenPGP and age encryption, key checks, keyed fingerprints of code sets.
+//! - [`sinks`]: where codes go (file, email): preflight, seal, deliver.
+//! - [`state`]: the SQLite store: portals, the rotation journal, the spool, history, locks.
+//! - [`rotation`]: the protocol of SPEC §4 and recovery of what a crash left behind.
+//! - [`simulator`]: a DocSpace-compatible server for tests, `simulate` and `demo`.
+//! - [`commands`]: one function per subcommand; [`cli`] defines the command line.
+//! - [`secret`]: redacting, zeroizing types for keys, passwords and codes.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod schedule;
+pub mod secret;
