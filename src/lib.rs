@@ -15,5 +15,36 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod crypto;
+pub mod docspace;
+pub mod rotation;
 pub mod schedule;
 pub mod secret;
+pub mod simulator;
+pub mod sinks;
+pub mod state;
+pub mod cli;
+pub mod commands;
+
+/// Completes on SIGINT or SIGTERM (systemd stops services with SIGTERM).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `run`: the daemon.
+pub async fn daemon_entry(path: &std::path::Path, dry_run: bool) -> commands::Exit {
+    let _ = (path, dry_run);
+    eprintln!("error: the daemon (`run`) is not built yet; use `rotate` from a timer meanwhile");
+    commands::Exit::Failed
+}

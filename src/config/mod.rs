@@ -19,6 +19,7 @@ use std::time::Duration;
 use url::Url;
 
 pub use secret::SecretRef;
+pub(crate) use validate::{check_age_recipient, valid_address};
 
 use crate::schedule::CronSchedule;
 
@@ -316,4 +317,29 @@ pub fn is_loopback_host(host: &str) -> bool {
         return true;
     }
     h.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}
+
+impl ScheduleConfig {
+    /// The first jittered fire time for `portal` strictly after `after`.
+    pub fn next_fire(&self, portal: &str, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        let j = crate::schedule::jitter_for(portal, self.jitter);
+        let shifted = after - chrono::Duration::from_std(j).unwrap_or_default();
+        self.cron.next_after(shifted).map(|t| crate::schedule::add(t, j))
+    }
+
+    /// The next `n` jittered fire times for `portal` after `after`.
+    pub fn upcoming(&self, portal: &str, after: chrono::DateTime<chrono::Utc>, n: usize) -> Vec<chrono::DateTime<chrono::Utc>> {
+        let mut out = Vec::with_capacity(n);
+        let mut cursor = after;
+        while out.len() < n {
+            match self.next_fire(portal, cursor) {
+                Some(t) => {
+                    out.push(t);
+                    cursor = t;
+                }
+                None => break,
+            }
+        }
+        out
+    }
 }

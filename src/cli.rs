@@ -1,0 +1,123 @@
+//! The command line (SPEC §2), as clap definitions only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Keeps the two-factor backup codes of ONLYOFFICE DocSpace accounts fresh.
+#[derive(Parser, Debug)]
+#[command(name = "tfa-rotator", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "TFA_ROTATOR_CONFIG", default_value = "/etc/tfa-rotator/config.toml")]
+    pub config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More log detail (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less output (-q: errors only).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// Only log what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate the config, resolve secrets, preflight every portal and sink; print the plan.
+    Check {
+        /// Do not contact portals or sinks.
+        #[arg(long)]
+        offline: bool,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate now, deliver, exit.
+    Rotate {
+        /// Portals to rotate.
+        portals: Vec<String>,
+        /// Every portal in the config.
+        #[arg(long, conflicts_with = "portals")]
+        all: bool,
+        /// Only the read-only steps.
+        #[arg(long)]
+        dry_run: bool,
+        /// Ignore `min_interval`.
+        #[arg(long)]
+        force: bool,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry every pending delivery now, then exit.
+    Deliver {
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the current codes and deliver them again, without rotating.
+    Resend {
+        /// Portals.
+        #[arg(required = true)]
+        portals: Vec<String>,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per portal: last rotation, next due time, unused codes, pending deliveries.
+    Status {
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a local DocSpace-compatible portal.
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// A TOML file describing the portal and its users (see README).
+        #[arg(long)]
+        portal_file: Option<PathBuf>,
+        /// Add this many generated users (their keys are printed).
+        #[arg(long, default_value_t = 0)]
+        users: usize,
+        /// Add a user with this API key (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Codes per set.
+        #[arg(long)]
+        codes: Option<usize>,
+        /// Characters per code.
+        #[arg(long)]
+        code_length: Option<usize>,
+        /// Status of the "not available" error (500, 403 or 405).
+        #[arg(long)]
+        not_available_status: Option<u16>,
+        /// Requests per key per minute before 429.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+    },
+    /// A tour: a simulated portal, a throwaway config, one rotation, proof the codes work.
+    Demo,
+}

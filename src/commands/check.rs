@@ -1,0 +1,212 @@
+//! `check [--offline] [--json]`: validate, resolve secrets, preflight read-only, print the plan.
+//! Never rotates, never sends, never writes a sink or the state.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{Exit, load_config, print_issues};
+use crate::config::{Config, PortalConfig};
+use crate::docspace::HttpClient;
+use crate::rotation::Engine;
+use crate::sinks::Sinks;
+
+/// Runs `check`.
+pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let mut issues = Vec::new();
+    let sinks = match crate::sinks::build(&config) {
+        Ok(s) => s,
+        Err(mut i) => {
+            issues.append(&mut i);
+            Sinks::default()
+        }
+    };
+    for pc in config.portals.values() {
+        if let Err(e) = pc.api_key.value.resolve() {
+            issues.push(config.issue(Some(pc.api_key.loc), format!("portals.{}.api_key", pc.name), e));
+        }
+    }
+    if let Some(pw) = config.smtp.as_ref().and_then(|s| s.password.as_ref()) {
+        if let Err(e) = pw.value.resolve() {
+            issues.push(config.issue(Some(pw.loc), "smtp.password", e));
+        }
+    }
+    if !issues.is_empty() {
+        eprintln!("error: the configuration is invalid ({} error(s))", issues.len());
+        print_issues("error", &issues);
+        return Exit::Config;
+    }
+
+    let http = match HttpClient::new(config.daemon.http_timeout) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Failed;
+        }
+    };
+    let engine = Engine { config: config.clone(), sinks, store: None, http, dry_run: true };
+    let limit = config.daemon.max_concurrent;
+    let mut plans: Vec<Value> = futures::stream::iter(config.portals.values())
+        .map(|pc| {
+            let engine = &engine;
+            async move { plan(engine, pc, offline).await }
+        })
+        .buffer_unordered(limit)
+        .collect()
+        .await;
+    plans.sort_by(|a, b| a["portal"].as_str().cmp(&b["portal"].as_str()));
+    let failed = plans.iter().filter(|p| p["ok"] == json!(false)).count();
+
+    if json {
+        let doc = json!({
+            "config": config.path.display().to_string(),
+            "valid": true,
+            "offline": offline,
+            "warnings": config.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+            "portals": plans,
+            "failed": failed,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        print_text(&config, &plans, offline);
+    }
+    if failed > 0 { Exit::Failed } else { Exit::Ok }
+}
+
+async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
+    let config: &Arc<Config> = &engine.config;
+    let now = Utc::now();
+    let schedule = config.schedule_of(pc).map(|s| {
+        json!({
+            "name": pc.schedule,
+            "cron": s.cron.expr(),
+            "timezone": s.cron.timezone().name(),
+            "jitter_s": crate::schedule::jitter_for(&pc.name, s.jitter).as_secs(),
+            "next": s.upcoming(&pc.name, now, 3).iter().map(|t| t.to_rfc3339()).collect::<Vec<_>>(),
+            "min_interval_s": s.min_interval.map(|d| d.as_secs()),
+            "rotate_when_unused_below": s.rotate_when_unused_below,
+        })
+    });
+    let sinks: Vec<Value> = pc
+        .sinks
+        .iter()
+        .map(|s| json!({"name": s, "describe": engine.sinks.get(s).map(|k| k.describe(&pc.name)).unwrap_or_default()}))
+        .collect();
+    let mut out = json!({
+        "portal": pc.name,
+        "url": pc.url.as_str(),
+        "schedule": schedule,
+        "sinks": sinks,
+        "ok": true,
+    });
+    if offline {
+        return out;
+    }
+    let mut problems: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    match engine.portal(pc) {
+        Err(e) => problems.push(e.to_string()),
+        Ok(portal) => {
+            let (version, account, key, methods, codes) =
+                tokio::join!(portal.version(), portal.account(), portal.key_info(), portal.tfa_methods(), portal.codes());
+            if let Ok(v) = version {
+                out["docspace_version"] = json!(v.doc_space);
+            }
+            match account {
+                Ok(a) => out["account"] = json!({"display_name": a.display_name, "email": a.email}),
+                Err(e) => problems.push(e.to_string()),
+            }
+            match key {
+                Ok(k) => {
+                    out["key"] = json!({"name": k.name, "permissions": k.permissions, "expires_at": k.expires_at, "active": k.is_active});
+                    if !k.permissions.iter().any(|p| p == "*" || p == "*:write") {
+                        notes.push(format!("the key's scopes ({}) may not allow rotating (needs *:write)", k.permissions.join(", ")));
+                    }
+                }
+                Err(e) => notes.push(format!("could not read the key's own details: {e}")),
+            }
+            match methods {
+                Ok(m) => {
+                    let app = m.iter().find(|m| m.id == "app");
+                    out["tfa_app"] = json!({"enabled": app.map(|a| a.enabled), "available": app.map(|a| a.available)});
+                }
+                Err(e) => notes.push(format!("could not read the portal's TFA settings: {e}")),
+            }
+            match codes {
+                Ok(c) => out["codes"] = json!({"unused": c.unused(), "total": c.total()}),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    for s in &pc.sinks {
+        if let Some(sink) = engine.sinks.get(s) {
+            if let Err(e) = sink.preflight(&pc.name).await {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    out["ok"] = json!(problems.is_empty());
+    out["problems"] = json!(problems);
+    out["notes"] = json!(notes);
+    out
+}
+
+fn print_text(config: &Config, plans: &[Value], offline: bool) {
+    println!(
+        "config {}: valid ({} portal(s), {} sink(s), {} schedule(s))",
+        config.path.display(),
+        config.portals.len(),
+        config.sinks.len(),
+        config.schedules.len()
+    );
+    for p in plans {
+        println!("\nportal {} {}", p["portal"].as_str().unwrap_or_default(), p["url"].as_str().unwrap_or_default());
+        match p["schedule"].as_object() {
+            Some(s) => {
+                println!(
+                    "  schedule {}: {} ({}), jitter {}s",
+                    s["name"].as_str().unwrap_or_default(),
+                    s["cron"].as_str().unwrap_or_default(),
+                    s["timezone"].as_str().unwrap_or_default(),
+                    s["jitter_s"]
+                );
+                let next: Vec<&str> = s["next"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+                println!("  next rotations: {}", next.join(", "));
+            }
+            None => println!("  schedule: none (manual rotation only)"),
+        }
+        for s in p["sinks"].as_array().into_iter().flatten() {
+            println!("  sink {}: {}", s["name"].as_str().unwrap_or_default(), s["describe"].as_str().unwrap_or_default());
+        }
+        if offline {
+            continue;
+        }
+        if let Some(a) = p["account"].as_object() {
+            println!("  account: {} <{}>", a["display_name"].as_str().unwrap_or_default(), a["email"].as_str().unwrap_or_default());
+        }
+        if let Some(c) = p["codes"].as_object() {
+            println!("  codes: {}/{} unused", c["unused"], c["total"]);
+        }
+        if let Some(t) = p["tfa_app"].as_object() {
+            println!("  TFA app method: enabled {}, available {}", t["enabled"], t["available"]);
+        }
+        for n in p["notes"].as_array().into_iter().flatten() {
+            println!("  note: {}", n.as_str().unwrap_or_default());
+        }
+        match p["problems"].as_array() {
+            Some(list) if !list.is_empty() => {
+                for e in list {
+                    println!("  FAILED: {}", e.as_str().unwrap_or_default());
+                }
+            }
+            _ => println!("  preflight: ok"),
+        }
+    }
+}

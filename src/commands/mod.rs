@@ -1,0 +1,158 @@
+//! One function per subcommand. [`main`] sets up logging and the runtime, dispatches, and
+//! returns the exit code: 0 success, 1 something failed, 2 wrong usage, 78 invalid config.
+
+mod check;
+mod demo;
+mod rotate;
+mod simulate;
+mod status;
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::cli::{Cli, Command, LogFormat};
+use crate::config::{self, Config, ConfigIssue};
+use crate::rotation::{Engine, EngineError, Report};
+
+/// Exit codes of SPEC §2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Success.
+    Ok = 0,
+    /// Something failed.
+    Failed = 1,
+    /// Wrong usage.
+    Usage = 2,
+    /// The configuration is invalid (`EX_CONFIG`).
+    Config = 78,
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn main(cli: Cli) -> u8 {
+    init_logging(&cli);
+    #[cfg(feature = "failpoints")]
+    let _failpoints = setup_failpoints();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return Exit::Failed as u8;
+        }
+    };
+    let exit = runtime.block_on(dispatch(cli));
+    // Do not wait for tasks stuck on a hung connection: everything durable is committed.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    exit as u8
+}
+
+async fn dispatch(cli: Cli) -> Exit {
+    let path = cli.config.clone();
+    match cli.command {
+        Command::Run { dry_run } => crate::daemon_entry(&path, dry_run).await,
+        Command::Check { offline, json } => check::run(&path, offline, json).await,
+        Command::Rotate { portals, all, dry_run, force, json } => rotate::rotate(&path, portals, all, dry_run, force, json).await,
+        Command::Deliver { json } => rotate::deliver(&path, json).await,
+        Command::Resend { portals, json } => rotate::resend(&path, portals, json).await,
+        Command::Status { json } => status::run(&path, json).await,
+        Command::Simulate { listen, portal_file, users, keys, codes, code_length, not_available_status, rate_limit } => {
+            simulate::run(simulate::Options { listen, portal_file, users, keys, codes, code_length, not_available_status, rate_limit }).await
+        }
+        Command::Demo => demo::run().await,
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let daemon = matches!(cli.command, Command::Run { .. });
+    let base = match (daemon, i16::from(cli.verbose) - i16::from(cli.quiet)) {
+        (_, n) if n >= 3 => "trace",
+        (_, 2) => "debug",
+        (_, 1) => "info",
+        (true, 0) => "info",
+        (false, 0) => "warn",
+        _ => "error",
+    };
+    let filter = EnvFilter::try_from_env("TFA_ROTATOR_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{base},hyper=warn,reqwest=warn,rustls=warn,h2=warn")));
+    // Under systemd the journal stamps each line; do not stamp twice.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = match (cli.log_format, journald) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
+        (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+}
+
+#[cfg(feature = "failpoints")]
+fn setup_failpoints() -> fail::FailScenario<'static> {
+    let scenario = fail::FailScenario::setup();
+    // `TFA_ROTATOR_ABORT_AT=name[,name…]` kills the process at those points, as a crash would.
+    if let Ok(points) = std::env::var("TFA_ROTATOR_ABORT_AT") {
+        for p in points.split(',').filter(|p| !p.is_empty()) {
+            let _ = fail::cfg_callback(p.to_string(), || std::process::abort());
+        }
+    }
+    scenario
+}
+
+/// Prints config problems, one per line, on stderr.
+pub(crate) fn print_issues(prefix: &str, issues: &[ConfigIssue]) {
+    for i in issues {
+        eprintln!("{prefix}: {i}");
+    }
+}
+
+/// Loads and validates the config; prints every error and gives exit 78 on failure.
+pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
+    match config::load(path) {
+        Ok(c) => {
+            print_issues("warning", &c.warnings);
+            Ok(Arc::new(c))
+        }
+        Err(errors) => {
+            eprintln!("error: {errors}");
+            Err(Exit::Config)
+        }
+    }
+}
+
+/// Builds the engine; config problems found while building (keys) give exit 78.
+pub(crate) fn engine(config: Arc<Config>, dry_run: bool) -> Result<Engine, Exit> {
+    Engine::new(config, dry_run).map_err(|e| match e {
+        EngineError::Config(issues) => {
+            eprintln!("error: the configuration is invalid ({} error(s))", issues.len());
+            print_issues("error", &issues);
+            Exit::Config
+        }
+        other => {
+            eprintln!("error: {other}");
+            Exit::Failed
+        }
+    })
+}
+
+/// Prints reports as text lines on stdout, or as one JSON document.
+pub(crate) fn print_reports(reports: &[Report], json: bool) {
+    if json {
+        let doc = serde_json::json!({ "portals": reports });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        for r in reports {
+            println!("{}: {}", r.portal, r.message);
+        }
+    }
+}
+
+/// 1 when any report is a failure or leaves a delivery pending.
+pub(crate) fn exit_of(reports: &[Report]) -> Exit {
+    if reports.iter().any(Report::is_failure) { Exit::Failed } else { Exit::Ok }
+}
+
+/// Formats Unix milliseconds for people.
+pub(crate) fn fmt_ms(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "never".into())
+}

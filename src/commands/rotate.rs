@@ -1,0 +1,111 @@
+//! `rotate`, `deliver` and `resend`.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use futures::StreamExt;
+
+use super::{Exit, engine, exit_of, load_config, print_reports};
+use crate::rotation::{self, Report};
+
+/// `rotate [PORTAL…] [--all] [--dry-run] [--force]`.
+pub async fn rotate(path: &Path, portals: Vec<String>, all: bool, dry_run: bool, force: bool, json: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let names: Vec<String> = if all {
+        config.portals.keys().cloned().collect()
+    } else if portals.is_empty() {
+        eprintln!("error: name the portals to rotate, or use --all");
+        return Exit::Usage;
+    } else {
+        portals
+    };
+    if let Some(unknown) = names.iter().find(|n| !config.portals.contains_key(*n)) {
+        let known: Vec<&str> = config.portals.keys().map(String::as_str).collect();
+        eprintln!("error: no portal named `{unknown}` in {}; configured: {}", path.display(), known.join(", "));
+        return Exit::Usage;
+    }
+    let engine = match engine(config.clone(), dry_run) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let mut reports = Vec::new();
+    if !dry_run {
+        // Finish what an earlier process left before starting anything new.
+        reports.extend(rotation::recover_all(&engine).await);
+    }
+    let bar = (names.len() > 1 && std::io::stderr().is_terminal() && !json).then(|| {
+        let b = indicatif::ProgressBar::new(names.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} portals {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let limit = config.daemon.max_concurrent;
+    let mut stream = futures::stream::iter(names.iter())
+        .map(|n| {
+            let engine = &engine;
+            async move { rotation::rotate(engine, n, force).await }
+        })
+        .buffer_unordered(limit);
+    let mut done: Vec<Report> = Vec::with_capacity(names.len());
+    while let Some(r) = stream.next().await {
+        if let Some(b) = &bar {
+            b.inc(1);
+            if r.is_failure() {
+                b.set_message(format!("({} failed)", done.iter().filter(|r| r.is_failure()).count() + 1));
+            }
+        }
+        done.push(r);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    done.sort_by(|a, b| a.portal.cmp(&b.portal));
+    reports.extend(done);
+    print_reports(&reports, json);
+    exit_of(&reports)
+}
+
+/// `deliver`: settles open intents and retries every pending delivery now.
+pub async fn deliver(path: &Path, json: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let engine = match engine(config, false) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let reports = rotation::recover_all(&engine).await;
+    if reports.is_empty() && !json {
+        println!("nothing pending");
+    }
+    print_reports(&reports, json);
+    exit_of(&reports)
+}
+
+/// `resend PORTAL…`.
+pub async fn resend(path: &Path, portals: Vec<String>, json: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if let Some(unknown) = portals.iter().find(|n| !config.portals.contains_key(*n)) {
+        eprintln!("error: no portal named `{unknown}` in {}", path.display());
+        return Exit::Usage;
+    }
+    let engine = match engine(config, false) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let mut reports: Vec<Report> = rotation::recover_all(&engine).await;
+    for p in &portals {
+        reports.push(rotation::resend(&engine, p).await);
+    }
+    print_reports(&reports, json);
+    exit_of(&reports)
+}

@@ -1,0 +1,85 @@
+//! `simulate`: a local DocSpace-compatible portal until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::Exit;
+use crate::simulator::{RateLimit, SimConfig, Simulator, UserSpec};
+
+/// The flags of `simulate`.
+pub struct Options {
+    pub listen: SocketAddr,
+    pub portal_file: Option<PathBuf>,
+    pub users: usize,
+    pub keys: Vec<String>,
+    pub codes: Option<usize>,
+    pub code_length: Option<usize>,
+    pub not_available_status: Option<u16>,
+    pub rate_limit: Option<u32>,
+}
+
+/// Runs `simulate`.
+pub async fn run(o: Options) -> Exit {
+    let mut config = match &o.portal_file {
+        None => SimConfig::default(),
+        Some(p) => match std::fs::read_to_string(p).map_err(|e| e.to_string()).and_then(|t| toml::from_str::<SimConfig>(&t).map_err(|e| e.to_string())) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {}: {e}", p.display());
+                return Exit::Config;
+            }
+        },
+    };
+    if let Some(n) = o.codes {
+        config.codes = n;
+    }
+    if let Some(n) = o.code_length {
+        config.code_length = n;
+    }
+    if let Some(s) = o.not_available_status {
+        config.not_available_status = s;
+    }
+    if let Some(r) = o.rate_limit {
+        config.rate_limit = Some(RateLimit { requests: r, per_seconds: 60 });
+    }
+    for k in &o.keys {
+        let ok = k.len() == 67 && k.starts_with("sk-") && k[3..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !ok {
+            eprintln!("error: --key {}…: an API key is `sk-` and 64 lowercase hex digits", &k.chars().take(6).collect::<String>());
+            return Exit::Usage;
+        }
+        let mut u = UserSpec::new(&format!("user{}@sim.test", config.users.len() + 1));
+        u.key = k.clone();
+        config.users.push(u);
+    }
+    for i in 0..o.users {
+        config.users.push(UserSpec::new(&format!("generated{}@sim.test", i + 1)));
+    }
+    if config.users.is_empty() {
+        config.users.push(UserSpec::new("user1@sim.test"));
+    }
+    let listener = match tokio::net::TcpListener::bind(o.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: listening on {}: {e}", o.listen);
+            return Exit::Failed;
+        }
+    };
+    let emails: Vec<String> = config.users.iter().map(|u| u.email.clone()).collect();
+    let sim = match Simulator::start_on(listener, config, std::future::pending()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Failed;
+        }
+    };
+    println!("simulated DocSpace portal at {}", sim.url());
+    println!("request log: GET {}__sim/log; faults: POST {}__sim/fault", sim.url(), sim.url());
+    // The simulator's keys are throwaway test keys, printed so they can be used.
+    for (email, key) in emails.iter().zip(sim.keys()) {
+        println!("user {email} api_key {key}");
+    }
+    crate::shutdown_signal().await;
+    sim.stop();
+    Exit::Ok
+}

@@ -1,0 +1,96 @@
+//! `status [--json]`: what the state knows, per portal. Read-only.
+
+use std::path::Path;
+
+use chrono::Utc;
+use serde_json::json;
+
+use super::{Exit, fmt_ms, load_config};
+use crate::state::{self, PendingRow, PortalRow, Store};
+
+/// Runs `status`.
+pub async fn run(path: &Path, json: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let store = match Store::open_read_only(&config.daemon.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Failed;
+        }
+    };
+    let (rows, pending): (Vec<PortalRow>, Vec<PendingRow>) = match &store {
+        None => (Vec::new(), Vec::new()),
+        Some(s) => match s.call(|c| Ok((state::portal_rows(c)?, state::pending_rows(c)?))).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Exit::Failed;
+            }
+        },
+    };
+    let now = Utc::now();
+    let mut names: Vec<String> = config.portals.keys().cloned().collect();
+    names.extend(rows.iter().map(|r| r.name.clone()).filter(|n| !config.portals.contains_key(n)));
+    let mut out = Vec::new();
+    for name in &names {
+        let row = rows.iter().find(|r| &r.name == name).cloned().unwrap_or_default();
+        let pc = config.portals.get(name);
+        let next = pc
+            .and_then(|pc| config.schedule_of(pc))
+            .and_then(|s| s.next_fire(name, now))
+            .map(|t| t.timestamp_millis());
+        let next = match (next, row.retry_at.filter(|r| *r > now.timestamp_millis())) {
+            (Some(n), Some(r)) => Some(n.min(r)),
+            (n, r) => n.or(r),
+        };
+        let mine: Vec<&PendingRow> = pending.iter().filter(|p| &p.portal == name).collect();
+        out.push(json!({
+            "portal": name,
+            "configured": pc.is_some(),
+            "last_attempt_at": row.last_attempt_at,
+            "last_success_at": row.last_success_at,
+            "last_result": row.last_result,
+            "last_error": row.last_error,
+            "failures_in_a_row": row.failures,
+            "next_due_at": next,
+            "unused": row.unused,
+            "total": row.total,
+            "codes_seen_at": row.seen_at,
+            "pending_deliveries": mine,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&json!({"portals": out})).unwrap_or_default());
+    } else {
+        for p in &out {
+            println!("{}{}", p["portal"].as_str().unwrap_or_default(), if p["configured"] == json!(false) { " (no longer configured)" } else { "" });
+            println!(
+                "  last rotation: {} ({})",
+                fmt_ms(p["last_success_at"].as_i64()),
+                p["last_result"].as_str().unwrap_or("none yet")
+            );
+            if let Some(e) = p["last_error"].as_str() {
+                println!("  last error: {e} ({} failure(s) in a row)", p["failures_in_a_row"]);
+            }
+            println!("  next due: {}", match p["next_due_at"].as_i64() { Some(t) => fmt_ms(Some(t)), None => "manual only".into() });
+            match (p["unused"].as_i64(), p["total"].as_i64()) {
+                (Some(u), Some(t)) => println!("  codes: {u}/{t} unused (seen {})", fmt_ms(p["codes_seen_at"].as_i64())),
+                _ => println!("  codes: not read yet"),
+            }
+            for d in p["pending_deliveries"].as_array().into_iter().flatten() {
+                println!(
+                    "  PENDING delivery to {} since {}, {} attempt(s){}{}",
+                    d["sink"].as_str().unwrap_or_default(),
+                    fmt_ms(d["created_at"].as_i64()),
+                    d["attempts"],
+                    if d["permanent"] == json!(true) { ", refused by the server (run `deliver` after fixing it)" } else { "" },
+                    d["last_error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    if pending.is_empty() { Exit::Ok } else { Exit::Failed }
+}

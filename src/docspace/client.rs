@@ -1,0 +1,263 @@
+//! The HTTP client of the DocSpace API (reqwest with rustls).
+//!
+//! Policy: redirects are not followed (an API key must not travel to another host); bodies
+//! over 1 MiB are refused; every request has the configured timeout. Read-only GETs are
+//! retried a little (a short `Retry-After`, one transient failure); the PUT that rotates is
+//! sent exactly once, because it is not idempotent: its caller resolves any doubt by a GET.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, header};
+use serde::de::DeserializeOwned;
+use url::Url;
+use zeroize::Zeroizing;
+
+use super::error::{ApiError, ApiErrorKind};
+use super::model::*;
+use crate::secret::{CodeSet, ExposeSecret, SecretString};
+
+/// The current codes.
+pub const CODES_PATH: &str = "api/2.0/settings/tfaappcodes";
+/// Replace the codes (PUT).
+pub const NEW_CODES_PATH: &str = "api/2.0/settings/tfaappnewcodes";
+/// The user the key acts as.
+pub const SELF_PATH: &str = "api/2.0/people/@self";
+/// The key itself.
+pub const KEY_PATH: &str = "api/2.0/keys/@self";
+/// The portal's TFA methods.
+pub const TFA_PATH: &str = "api/2.0/settings/tfaapp";
+/// Versions; no authentication.
+pub const VERSION_PATH: &str = "api/2.0/settings/version/build";
+
+const MAX_BODY: usize = 1024 * 1024;
+/// The longest `Retry-After` a GET waits for by itself; longer ones fail the attempt.
+const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// A shared connection pool for every portal.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: reqwest::Client,
+}
+
+impl HttpClient {
+    /// A client whose every request times out after `timeout`.
+    pub fn new(timeout: Duration) -> Result<Self, String> {
+        let inner = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("tfa-rotator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(Self { inner })
+    }
+}
+
+/// One portal account, reached with its API key.
+#[derive(Clone)]
+pub struct Portal {
+    http: reqwest::Client,
+    name: String,
+    base: Url,
+    key: Arc<SecretString>,
+}
+
+impl Portal {
+    /// `base` must end in `/` (the config guarantees it).
+    pub fn new(http: &HttpClient, name: &str, base: Url, key: SecretString) -> Self {
+        Self { http: http.inner.clone(), name: name.to_string(), base, key: Arc::new(key) }
+    }
+
+    /// The portal's name in the config.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The portal's base URL.
+    pub fn url(&self) -> &Url {
+        &self.base
+    }
+
+    /// `GET settings/tfaappcodes`: the set valid now.
+    pub async fn codes(&self) -> Result<CodeSet, ApiError> {
+        let raw: Vec<RawCode> = self.get(CODES_PATH, true).await?;
+        Ok(into_code_set(raw))
+    }
+
+    /// `PUT settings/tfaappnewcodes`: replaces the set. Sent once, never retried here.
+    pub async fn new_codes(&self) -> Result<CodeSet, ApiError> {
+        let raw: Vec<RawCode> = self.send(Method::PUT, NEW_CODES_PATH, true).await?;
+        Ok(into_code_set(raw))
+    }
+
+    /// `GET people/@self`.
+    pub async fn account(&self) -> Result<Account, ApiError> {
+        self.get(SELF_PATH, true).await
+    }
+
+    /// `GET keys/@self`.
+    pub async fn key_info(&self) -> Result<ApiKeyInfo, ApiError> {
+        self.get(KEY_PATH, true).await
+    }
+
+    /// `GET settings/tfaapp`.
+    pub async fn tfa_methods(&self) -> Result<Vec<TfaMethod>, ApiError> {
+        self.get(TFA_PATH, true).await
+    }
+
+    /// `GET settings/version/build` (unauthenticated).
+    pub async fn version(&self) -> Result<BuildVersion, ApiError> {
+        self.get(VERSION_PATH, false).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str, auth: bool) -> Result<T, ApiError> {
+        let mut transient_retries = 1;
+        let mut rate_retries = 2;
+        loop {
+            match self.send(Method::GET, path, auth).await {
+                Err(e) if matches!(e.kind, ApiErrorKind::RateLimited { .. }) && rate_retries > 0 => {
+                    let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
+                    if wait > MAX_INLINE_RETRY_AFTER {
+                        return Err(e);
+                    }
+                    rate_retries -= 1;
+                    tracing::info!(portal = %self.name, wait_s = wait.as_secs(), "rate limited, waiting as the portal asked");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e)
+                    if transient_retries > 0
+                        && matches!(e.kind, ApiErrorKind::Server { .. } | ApiErrorKind::Transport { .. }) =>
+                {
+                    transient_retries -= 1;
+                    tracing::debug!(portal = %self.name, error = %e, "retrying a read once");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn error(&self, method: &Method, path: &str, status: Option<u16>, kind: ApiErrorKind) -> ApiError {
+        ApiError { portal: self.name.clone(), endpoint: format!("{method} /{path}"), status, kind }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, auth: bool) -> Result<T, ApiError> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|e| self.error(&method, path, None, ApiErrorKind::Transport { detail: e.to_string() }))?;
+        let mut req = self.http.request(method.clone(), url).header(header::ACCEPT, "application/json");
+        if auth {
+            req = req.bearer_auth(self.key.expose_secret());
+        }
+        if method == Method::PUT {
+            req = req.header(header::CONTENT_LENGTH, "0");
+        }
+        let transport = |e: reqwest::Error| {
+            let kind = if e.is_timeout() {
+                ApiErrorKind::Timeout
+            } else {
+                ApiErrorKind::Transport { detail: error_chain(e) }
+            };
+            self.error(&method, path, None, kind)
+        };
+        let mut resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        let code = Some(status.as_u16());
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(self.error(&method, path, code, ApiErrorKind::TooLarge));
+        }
+        // The body may hold codes: it is wiped when dropped.
+        let mut body = Zeroizing::new(Vec::new());
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(self.error(&method, path, code, ApiErrorKind::TooLarge));
+            }
+            body.extend_from_slice(&chunk);
+        }
+
+        if status.is_success() {
+            let env: Envelope<T> = serde_json::from_slice(&body).map_err(|e| {
+                self.error(&method, path, code, ApiErrorKind::Malformed { detail: json_error(&e) })
+            })?;
+            if env.status == Some(1) {
+                let message = env.error.and_then(|e| e.message).map(|m| clip(&m));
+                return Err(self.error(&method, path, code, ApiErrorKind::Server { message }));
+            }
+            return env.response.ok_or_else(|| {
+                self.error(&method, path, code, ApiErrorKind::Malformed {
+                    detail: "the envelope has no `response`".into(),
+                })
+            });
+        }
+
+        let message = serde_json::from_slice::<ErrorEnvelope>(&body)
+            .ok()
+            .and_then(|e| e.error)
+            .and_then(|e| e.message)
+            .map(|m| clip(&m));
+        let not_available = message
+            .as_deref()
+            .is_some_and(|m| m.to_ascii_lowercase().contains("tfa application settings are not available"));
+        let kind = match status {
+            s if s.is_redirection() => ApiErrorKind::Redirect { location },
+            StatusCode::UNAUTHORIZED => ApiErrorKind::Unauthorized,
+            StatusCode::PAYMENT_REQUIRED => ApiErrorKind::PaymentRequired,
+            StatusCode::FORBIDDEN | StatusCode::METHOD_NOT_ALLOWED | StatusCode::INTERNAL_SERVER_ERROR
+                if not_available =>
+            {
+                ApiErrorKind::TfaNotAvailable
+            }
+            StatusCode::FORBIDDEN => ApiErrorKind::Forbidden { message },
+            StatusCode::NOT_FOUND => ApiErrorKind::NotFound,
+            StatusCode::TOO_MANY_REQUESTS => ApiErrorKind::RateLimited { retry_after },
+            s if s.is_server_error() => ApiErrorKind::Server { message },
+            _ => ApiErrorKind::Client { message },
+        };
+        Err(self.error(&method, path, code, kind))
+    }
+}
+
+/// A serde error described without quoting the input (which may hold codes).
+fn json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "JSON of an unexpected shape",
+        serde_json::error::Category::Eof => "JSON cut off",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(200).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}

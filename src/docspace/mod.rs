@@ -1,0 +1,10 @@
+//! The DocSpace API as tfa-rotator uses it (`shared/docspace/API.md`): the client, its
+//! payloads and its errors.
+
+pub mod client;
+pub mod error;
+pub mod model;
+
+pub use client::{HttpClient, Portal};
+pub use error::{ApiError, ApiErrorKind};
+pub use model::{Account, ApiKeyInfo, BuildVersion, TfaMethod};

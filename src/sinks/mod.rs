@@ -1,0 +1,217 @@
+//! Where codes go (SPEC §5). Every sink does three things, in the order the rotation
+//! protocol needs them:
+//! - `preflight`: proves delivery can work, with no side effect a reader could see;
+//! - `seal`: turns the new set into the exact bytes to deliver (encrypted where configured),
+//!   which the spool stores before any delivery begins;
+//! - `deliver`: hands those bytes over; may fail and be retried, any number of times.
+//!
+//! [`build`] turns the config's sinks into ready [`Sink`]s, reading and checking keys; its
+//! errors carry the config location of the key that failed.
+
+pub mod file;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use url::Url;
+use zeroize::Zeroizing;
+
+use crate::config::{Config, ConfigIssue, FileEncryption, Located, SinkKind};
+use crate::crypto::age::AgeRecipients;
+use crate::crypto::pgp::{self, PgpKey};
+use crate::docspace::Account;
+use crate::secret::{CodeSet, ExposeSecret};
+
+pub use file::FileSink;
+
+/// A sink could not be prepared or could not seal.
+#[derive(Debug, thiserror::Error)]
+#[error("sink {sink}: {message}")]
+pub struct SinkError {
+    /// The sink.
+    pub sink: String,
+    /// What failed.
+    pub message: String,
+}
+
+/// A delivery attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct DeliveryError {
+    /// True when retrying can help without anyone acting (connection refused, 4xx).
+    pub temporary: bool,
+    /// What failed.
+    pub message: String,
+}
+
+impl DeliveryError {
+    /// A failure that retrying may cure.
+    pub fn temporary(message: impl Into<String>) -> Self {
+        Self { temporary: true, message: message.into() }
+    }
+    /// A refusal that needs someone to act (the payload is kept; `deliver` retries it).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { temporary: false, message: message.into() }
+    }
+}
+
+/// What a sealed message says besides the codes.
+pub struct Delivery<'a> {
+    /// Portal name.
+    pub portal: &'a str,
+    /// Portal URL.
+    pub url: &'a Url,
+    /// The account the codes belong to.
+    pub account: &'a Account,
+    /// When the set was issued (or read, for a resend).
+    pub at: DateTime<Utc>,
+    /// The codes.
+    pub codes: &'a CodeSet,
+    /// True for a new set (the old codes are dead), false for a resend of the current one.
+    pub rotated: bool,
+}
+
+impl Delivery<'_> {
+    /// The plain text every sink encrypts: a short header, then one unused code per line.
+    pub fn render(&self) -> Zeroizing<String> {
+        let mut s = Zeroizing::new(String::new());
+        let who = if self.account.display_name.is_empty() {
+            self.account.email.clone()
+        } else {
+            format!("{} <{}>", self.account.display_name, self.account.email)
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(s, "# tfa-rotator backup codes");
+        let _ = writeln!(s, "# portal: {} ({})", self.portal, self.url);
+        let _ = writeln!(s, "# account: {who}");
+        let _ = writeln!(s, "# issued: {}", self.at.format("%Y-%m-%dT%H:%M:%SZ"));
+        if self.rotated {
+            let _ = writeln!(s, "# Each code works once. The previous codes no longer work.");
+        } else {
+            let _ = writeln!(s, "# Each code works once. These are the current codes, sent again.");
+        }
+        let used = self.codes.total() - self.codes.unused();
+        if used > 0 {
+            let _ = writeln!(s, "# {used} code(s) already used are not listed.");
+        }
+        for c in self.codes.iter().filter(|c| !c.used) {
+            s.push_str(c.code.expose_secret());
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// A ready sink.
+pub enum Sink {
+    /// A file.
+    File(FileSink),
+}
+
+impl Sink {
+    /// The sink's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Sink::File(f) => &f.name,
+        }
+    }
+
+    /// Whether payloads are encrypted (the spool then holds no plain text).
+    pub fn encrypted(&self) -> bool {
+        match self {
+            Sink::File(f) => f.encrypted(),
+        }
+    }
+
+    /// A one-line description for `check`.
+    pub fn describe(&self, portal: &str) -> String {
+        match self {
+            Sink::File(f) => f.describe(portal),
+        }
+    }
+
+    /// Proves delivery can work for `portal`, without delivering.
+    pub async fn preflight(&self, portal: &str) -> Result<(), SinkError> {
+        match self {
+            Sink::File(f) => f.preflight(portal),
+        }
+    }
+
+    /// The bytes to deliver.
+    pub fn seal(&self, d: &Delivery<'_>) -> Result<Vec<u8>, SinkError> {
+        let text = d.render();
+        match self {
+            Sink::File(f) => f.seal(text.as_bytes()),
+        }
+    }
+
+    /// Delivers sealed bytes.
+    pub async fn deliver(&self, portal: &str, payload: &[u8]) -> Result<(), DeliveryError> {
+        match self {
+            Sink::File(f) => f.deliver(portal, payload),
+        }
+    }
+}
+
+/// Every sink of a config, built.
+#[derive(Clone, Default)]
+pub struct Sinks {
+    by_name: BTreeMap<String, Arc<Sink>>,
+}
+
+impl Sinks {
+    /// A sink by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Sink>> {
+        self.by_name.get(name)
+    }
+}
+
+fn load_pgp(config: &Config, sink: &str, keys: &[Located<std::path::PathBuf>], issues: &mut Vec<ConfigIssue>) -> Vec<PgpKey> {
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::new();
+    for k in keys {
+        match pgp::load_keys(&k.value, now) {
+            Ok(mut ks) => out.append(&mut ks),
+            Err(e) => issues.push(config.issue(Some(k.loc), format!("sinks.{sink}.pgp_keys"), e)),
+        }
+    }
+    out
+}
+
+/// Builds every sink: reads and checks keys. Errors are placed like config errors.
+pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
+    let mut issues = Vec::new();
+    let mut by_name = BTreeMap::new();
+    for (name, sc) in &config.sinks {
+        let sink = match &sc.kind {
+            SinkKind::File(fc) => {
+                let cipher = match &fc.encrypt {
+                    FileEncryption::Plain => Some(file::FileCipher::Plain),
+                    FileEncryption::Age(list) => match AgeRecipients::parse(list) {
+                        Ok(r) => Some(file::FileCipher::Age(r)),
+                        Err(e) => {
+                            issues.push(config.issue(None, format!("sinks.{name}.encrypt.age"), e));
+                            None
+                        }
+                    },
+                    FileEncryption::Pgp(keys) => {
+                        let before = issues.len();
+                        let loaded = load_pgp(config, name, keys, &mut issues);
+                        (issues.len() == before).then_some(file::FileCipher::Pgp(loaded))
+                    }
+                };
+                cipher.map(|c| Sink::File(FileSink::new(name, fc, c)))
+            }
+            SinkKind::Email(_) => {
+                issues.push(config.issue(None, format!("sinks.{name}"), "email sinks are not available in this build"));
+                None
+            }
+        };
+        if let Some(s) = sink {
+            by_name.insert(name.clone(), Arc::new(s));
+        }
+    }
+    if issues.is_empty() { Ok(Sinks { by_name }) } else { Err(issues) }
+}
