@@ -135,6 +135,8 @@ pub enum FaultAction {
     MalformedAfterApply,
     /// Answer 429 with this `Retry-After`, no body.
     RateLimited(u64),
+    /// Answer 200 with a body of 2 MiB.
+    HugeBody,
 }
 
 /// A fault injected into matching requests.
@@ -455,6 +457,10 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri
             let mut r = empty(StatusCode::TOO_MANY_REQUESTS);
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             return r;
+        }
+        Some(FaultAction::HugeBody) => {
+            record(&inner, &method, &path, 200, false);
+            return json_response(StatusCode::OK, Value::String("x".repeat(2 * 1024 * 1024)));
         }
         Some(FaultAction::HangAfterApply) => after = After::Hang,
         Some(FaultAction::ResetAfterApply) => after = After::Reset,

@@ -1,0 +1,290 @@
+//! Test fixtures: a temporary directory with a simulated portal, configs, the binary as a
+//! subprocess, and GnuPG in a throwaway home.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tfa_rotator::simulator::{SimConfig, Simulator, UserSpec};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tfa-rotator");
+
+/// What a finished subprocess said.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// A temporary world: a simulated portal with accounts, and a directory for config, state
+/// and sinks.
+pub struct Harness {
+    pub dir: TempDir,
+    pub sim: Simulator,
+    /// portal name → API key
+    pub keys: BTreeMap<String, String>,
+}
+
+pub fn write_private(path: &Path, text: &str) {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        Self::with(SimConfig::default()).await
+    }
+
+    pub async fn with(config: SimConfig) -> Self {
+        let dir = tempfile::Builder::new().prefix("tfa-test-").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::create_dir(dir.path().join("codes")).unwrap();
+        std::fs::set_permissions(dir.path().join("codes"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let sim = Simulator::start(config).await.unwrap();
+        Self { dir, sim, keys: BTreeMap::new() }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Adds an account for `portal` at the simulator; its key goes to `keys/PORTAL`.
+    pub fn add_portal(&mut self, portal: &str) -> String {
+        let key = self.sim.add_user(UserSpec::new(&format!("{portal}@example.com")));
+        std::fs::create_dir_all(self.path("keys")).unwrap();
+        write_private(&self.path(&format!("keys/{portal}")), &format!("{key}\n"));
+        self.keys.insert(portal.to_string(), key.clone());
+        key
+    }
+
+    pub fn email(portal: &str) -> String {
+        format!("{portal}@example.com")
+    }
+
+    /// `[portals.NAME]` entries for every added portal, with these sinks.
+    pub fn portals_toml(&self, sinks: &[&str]) -> String {
+        let list = sinks.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+        self.keys
+            .keys()
+            .map(|p| format!("[portals.{p}]\nurl = \"{}\"\napi_key = {{ file = \"keys/{p}\" }}\nsinks = [{list}]\n\n", self.sim.url()))
+            .collect()
+    }
+
+    /// A config with a plain file sink `plain` plus `extra` TOML, for every added portal.
+    pub fn write_config(&self, extra: &str, sinks: &[&str]) -> PathBuf {
+        let text = format!(
+            "[daemon]\nstate_dir = \"state\"\nhttp_timeout = \"3s\"\n\n[sinks.plain]\ntype = \"file\"\npath = \"codes/{{portal}}.txt\"\n\n{extra}\n{}",
+            self.portals_toml(sinks)
+        );
+        let path = self.path("config.toml");
+        write_private(&path, &text);
+        path
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("config.toml")
+    }
+
+    /// Runs the binary with `--config config.toml` and the args.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[]).await
+    }
+
+    pub async fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let child = self.spawn(args, env);
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("the command finished within 120 s")
+            .unwrap();
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("--config").arg(self.config()).args(args);
+        cmd.env_remove("TFA_ROTATOR_CONFIG").env_remove("FAILPOINTS").env_remove("TFA_ROTATOR_ABORT_AT");
+        cmd.env_remove("STATE_DIRECTORY").env_remove("TFA_ROTATOR_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.current_dir(self.dir.path()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        cmd.spawn().unwrap()
+    }
+
+    /// The unused codes the simulator accepts now for `portal`.
+    pub fn accepted(&self, portal: &str) -> Vec<String> {
+        let mut v: Vec<String> = self.sim.codes(&self.keys[portal]).into_iter().filter(|(_, u)| !u).map(|(c, _)| c).collect();
+        v.sort();
+        v
+    }
+
+    /// Codes listed in a plain-text sink file (None when there is no file).
+    pub fn plain_sink(&self, rel: &str) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(self.path(rel)).ok()?;
+        Some(codes_in(&text))
+    }
+
+    /// Every byte under the state directory (db, wal, shm).
+    pub fn state_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.path("state")) {
+            for e in rd.flatten() {
+                if e.path().is_file() {
+                    out.extend(std::fs::read(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Codes in a rendered payload: every line that is not a comment.
+pub fn codes_in(text: &str) -> Vec<String> {
+    let mut v: Vec<String> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+pub fn contains(hay: &[u8], needle: &str) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// GnuPG in a throwaway home directory.
+pub struct Gpg {
+    pub home: TempDir,
+}
+
+/// Test keys, generated once per test binary.
+pub struct GpgKeys {
+    pub gpg: Gpg,
+    /// ed25519 primary, cv25519 encryption subkey.
+    pub ed: PathBuf,
+    /// RSA-3072 with an encryption subkey.
+    pub rsa: PathBuf,
+    /// Expired in 2020.
+    pub expired: PathBuf,
+    /// Revoked.
+    pub revoked: PathBuf,
+    /// Signing only, no encryption subkey.
+    pub sign_only: PathBuf,
+}
+
+pub fn gpg_keys() -> &'static GpgKeys {
+    static KEYS: OnceLock<GpgKeys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let gpg = Gpg::new();
+        let out = gpg.home.path().join("exported");
+        std::fs::create_dir(&out).unwrap();
+        let ed = gpg.generate("Ed Owner <ed@example.com>", "future-default", "default", "never", None);
+        let rsa = gpg.generate("Rsa Owner <rsa@example.com>", "rsa3072", "default", "never", None);
+        let expired = gpg.generate("Old Owner <old@example.com>", "ed25519", "default", "1d", Some("20200101T000000"));
+        let revoked = gpg.generate("Gone Owner <gone@example.com>", "future-default", "default", "never", None);
+        gpg.revoke(&revoked);
+        let sign_only = gpg.generate("Sign Owner <sign@example.com>", "ed25519", "sign", "never", None);
+        let export = |fpr: &str, name: &str| {
+            let p = out.join(name);
+            gpg.export(fpr, &p);
+            p
+        };
+        GpgKeys {
+            ed: export(&ed, "ed.asc"),
+            rsa: export(&rsa, "rsa.asc"),
+            expired: export(&expired, "expired.asc"),
+            revoked: export(&revoked, "revoked.asc"),
+            sign_only: export(&sign_only, "sign-only.asc"),
+            gpg,
+        }
+    })
+}
+
+impl Gpg {
+    pub fn new() -> Self {
+        let home = tempfile::Builder::new().prefix("tfa-gpg-").tempdir().unwrap();
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        Self { home }
+    }
+
+    fn cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("gpg");
+        c.arg("--homedir").arg(self.home.path()).args(["--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", ""]);
+        c
+    }
+
+    pub fn generate(&self, uid: &str, algo: &str, usage: &str, expire: &str, faked: Option<&str>) -> String {
+        let mut c = self.cmd();
+        if let Some(t) = faked {
+            c.arg("--faked-system-time").arg(t);
+        }
+        let st = c.args(["--quick-generate-key", uid, algo, usage, expire]).output().unwrap();
+        assert!(st.status.success(), "gpg key generation: {}", String::from_utf8_lossy(&st.stderr));
+        let list = self.cmd().args(["--with-colons", "--list-keys", uid]).output().unwrap();
+        let text = String::from_utf8_lossy(&list.stdout);
+        text.lines().find(|l| l.starts_with("fpr:")).and_then(|l| l.split(':').nth(9)).unwrap().to_string()
+    }
+
+    pub fn revoke(&self, fpr: &str) {
+        let rev = self.home.path().join("openpgp-revocs.d").join(format!("{fpr}.rev"));
+        let text = std::fs::read_to_string(&rev).unwrap().replace(":-----BEGIN", "-----BEGIN");
+        let fixed = self.home.path().join("rev.asc");
+        std::fs::write(&fixed, text).unwrap();
+        let st = self.cmd().arg("--import").arg(&fixed).output().unwrap();
+        assert!(st.status.success(), "gpg revoke: {}", String::from_utf8_lossy(&st.stderr));
+    }
+
+    pub fn export(&self, fpr: &str, path: &Path) {
+        let st = self.cmd().args(["--armor", "--export", fpr]).output().unwrap();
+        assert!(st.status.success() && !st.stdout.is_empty());
+        std::fs::write(path, st.stdout).unwrap();
+    }
+
+    /// `gpg --decrypt`; Err with gpg's stderr on failure.
+    pub fn decrypt(&self, data: &[u8]) -> Result<String, String> {
+        use std::io::Write;
+        let mut child = self
+            .cmd()
+            .arg("--decrypt")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The integration suite: one binary. Each module is a part of the specification.
+mod suite;
+mod support;
