@@ -201,6 +201,17 @@ impl Store {
         }
         let locks = dir.join("locks");
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&locks).map_err(io(&locks, "creating"))?;
+        // Setting WAL mode and migrating need the database to themselves; processes that
+        // start together take turns here (the kernel drops the lock if one dies).
+        let setup_path = dir.join("locks").join(".setup.lock");
+        let setup = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&setup_path)
+            .map_err(io(&setup_path, "opening the setup lock"))?;
+        setup.lock().map_err(io(&setup_path, "taking the setup lock"))?;
         let db = dir.join(DB_FILE);
         OpenOptions::new().create(true).append(true).mode(0o600).open(&db).map_err(io(&db, "creating the database"))?;
         fs::set_permissions(&db, fs::Permissions::from_mode(0o600)).map_err(io(&db, "setting mode 0600"))?;
@@ -212,6 +223,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(sql("enabling foreign keys"))?;
         migrate(&mut conn)?;
         let key = fingerprint_key(&conn)?;
+        drop(setup);
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             dir: dir.to_path_buf(),

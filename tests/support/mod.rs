@@ -207,7 +207,8 @@ pub fn gpg_keys() -> &'static GpgKeys {
         let out = gpg.home.path().join("exported");
         std::fs::create_dir(&out).unwrap();
         let ed = gpg.generate("Ed Owner <ed@example.com>", "future-default", "default", "never", None);
-        let rsa = gpg.generate("Rsa Owner <rsa@example.com>", "rsa3072", "default", "never", None);
+        let rsa = gpg.generate("Rsa Owner <rsa@example.com>", "rsa3072", "sign", "never", None);
+        gpg.add_subkey(&rsa, "rsa3072", "encr");
         let expired = gpg.generate("Old Owner <old@example.com>", "ed25519", "default", "1d", Some("20200101T000000"));
         let revoked = gpg.generate("Gone Owner <gone@example.com>", "future-default", "default", "never", None);
         gpg.revoke(&revoked);
@@ -251,6 +252,11 @@ impl Gpg {
         let list = self.cmd().args(["--with-colons", "--list-keys", uid]).output().unwrap();
         let text = String::from_utf8_lossy(&list.stdout);
         text.lines().find(|l| l.starts_with("fpr:")).and_then(|l| l.split(':').nth(9)).unwrap().to_string()
+    }
+
+    pub fn add_subkey(&self, fpr: &str, algo: &str, usage: &str) {
+        let st = self.cmd().args(["--quick-add-key", fpr, algo, usage, "never"]).output().unwrap();
+        assert!(st.status.success(), "gpg add subkey: {}", String::from_utf8_lossy(&st.stderr));
     }
 
     pub fn revoke(&self, fpr: &str) {
