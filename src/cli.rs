@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "tfa-rotator", version, about, propagate_version = true)]
 pub struct Cli {
     /// The config file.
-    #[arg(long, global = true, env = "TFA_ROTATOR_CONFIG", default_value = "/etc/tfa-rotator/config.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "TFA_ROTATOR_CONFIG",
+        default_value = "/etc/tfa-rotator/config.toml"
+    )]
     pub config: PathBuf,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

@@ -14,6 +14,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod crypto;
 pub mod docspace;
@@ -23,8 +25,6 @@ pub mod secret;
 pub mod simulator;
 pub mod sinks;
 pub mod state;
-pub mod cli;
-pub mod commands;
 
 /// Completes on SIGINT or SIGTERM (systemd stops services with SIGTERM).
 pub async fn shutdown_signal() {

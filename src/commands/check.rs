@@ -30,16 +30,22 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
     };
     for pc in config.portals.values() {
         if let Err(e) = pc.api_key.value.resolve() {
-            issues.push(config.issue(Some(pc.api_key.loc), format!("portals.{}.api_key", pc.name), e));
+            issues.push(config.issue(
+                Some(pc.api_key.loc),
+                format!("portals.{}.api_key", pc.name),
+                e,
+            ));
         }
     }
-    if let Some(pw) = config.smtp.as_ref().and_then(|s| s.password.as_ref()) {
-        if let Err(e) = pw.value.resolve() {
+    if let Some(pw) = config.smtp.as_ref().and_then(|s| s.password.as_ref())
+        && let Err(e) = pw.value.resolve() {
             issues.push(config.issue(Some(pw.loc), "smtp.password", e));
         }
-    }
     if !issues.is_empty() {
-        eprintln!("error: the configuration is invalid ({} error(s))", issues.len());
+        eprintln!(
+            "error: the configuration is invalid ({} error(s))",
+            issues.len()
+        );
         print_issues("error", &issues);
         return Exit::Config;
     }
@@ -51,7 +57,13 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
             return Exit::Failed;
         }
     };
-    let engine = Engine { config: config.clone(), sinks, store: None, http, dry_run: true };
+    let engine = Engine {
+        config: config.clone(),
+        sinks,
+        store: None,
+        http,
+        dry_run: true,
+    };
     let limit = config.daemon.max_concurrent;
     let mut plans: Vec<Value> = futures::stream::iter(config.portals.values())
         .map(|pc| {
@@ -114,8 +126,13 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
     match engine.portal(pc) {
         Err(e) => problems.push(e.to_string()),
         Ok(portal) => {
-            let (version, account, key, methods, codes) =
-                tokio::join!(portal.version(), portal.account(), portal.key_info(), portal.tfa_methods(), portal.codes());
+            let (version, account, key, methods, codes) = tokio::join!(
+                portal.version(),
+                portal.account(),
+                portal.key_info(),
+                portal.tfa_methods(),
+                portal.codes()
+            );
             if let Ok(v) = version {
                 out["docspace_version"] = json!(v.doc_space);
             }
@@ -127,7 +144,10 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
                 Ok(k) => {
                     out["key"] = json!({"name": k.name, "permissions": k.permissions, "expires_at": k.expires_at, "active": k.is_active});
                     if !k.permissions.iter().any(|p| p == "*" || p == "*:write") {
-                        notes.push(format!("the key's scopes ({}) may not allow rotating (needs *:write)", k.permissions.join(", ")));
+                        notes.push(format!(
+                            "the key's scopes ({}) may not allow rotating (needs *:write)",
+                            k.permissions.join(", ")
+                        ));
                     }
                 }
                 Err(e) => notes.push(format!("could not read the key's own details: {e}")),
@@ -146,11 +166,10 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
         }
     }
     for s in &pc.sinks {
-        if let Some(sink) = engine.sinks.get(s) {
-            if let Err(e) = sink.preflight(&pc.name).await {
+        if let Some(sink) = engine.sinks.get(s)
+            && let Err(e) = sink.preflight(&pc.name).await {
                 problems.push(e.to_string());
             }
-        }
     }
     out["ok"] = json!(problems.is_empty());
     out["problems"] = json!(problems);
@@ -167,7 +186,11 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
         config.schedules.len()
     );
     for p in plans {
-        println!("\nportal {} {}", p["portal"].as_str().unwrap_or_default(), p["url"].as_str().unwrap_or_default());
+        println!(
+            "\nportal {} {}",
+            p["portal"].as_str().unwrap_or_default(),
+            p["url"].as_str().unwrap_or_default()
+        );
         match p["schedule"].as_object() {
             Some(s) => {
                 println!(
@@ -177,25 +200,39 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
                     s["timezone"].as_str().unwrap_or_default(),
                     s["jitter_s"]
                 );
-                let next: Vec<&str> = s["next"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+                let next: Vec<&str> = s["next"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
                 println!("  next rotations: {}", next.join(", "));
             }
             None => println!("  schedule: none (manual rotation only)"),
         }
         for s in p["sinks"].as_array().into_iter().flatten() {
-            println!("  sink {}: {}", s["name"].as_str().unwrap_or_default(), s["describe"].as_str().unwrap_or_default());
+            println!(
+                "  sink {}: {}",
+                s["name"].as_str().unwrap_or_default(),
+                s["describe"].as_str().unwrap_or_default()
+            );
         }
         if offline {
             continue;
         }
         if let Some(a) = p["account"].as_object() {
-            println!("  account: {} <{}>", a["display_name"].as_str().unwrap_or_default(), a["email"].as_str().unwrap_or_default());
+            println!(
+                "  account: {} <{}>",
+                a["display_name"].as_str().unwrap_or_default(),
+                a["email"].as_str().unwrap_or_default()
+            );
         }
         if let Some(c) = p["codes"].as_object() {
             println!("  codes: {}/{} unused", c["unused"], c["total"]);
         }
         if let Some(t) = p["tfa_app"].as_object() {
-            println!("  TFA app method: enabled {}, available {}", t["enabled"], t["available"]);
+            println!(
+                "  TFA app method: enabled {}, available {}",
+                t["enabled"], t["available"]
+            );
         }
         for n in p["notes"].as_array().into_iter().flatten() {
             println!("  note: {}", n.as_str().unwrap_or_default());

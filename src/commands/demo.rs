@@ -32,25 +32,41 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    f.write_all(text.as_bytes()).map_err(|e| format!("writing {}: {e}", path.display()))
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 async fn tour() -> Result<(), String> {
-    let tmp = tempfile::Builder::new().prefix("tfa-rotator-demo-").tempdir().map_err(|e| e.to_string())?;
+    let tmp = tempfile::Builder::new()
+        .prefix("tfa-rotator-demo-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let dir = tmp.path();
-    println!("1. Starting a simulated DocSpace portal (7 codes of 8 characters, to show any shape works)");
-    let sim = Simulator::start(SimConfig { codes: 7, code_length: 8, ..SimConfig::default() })
-        .await
-        .map_err(|e| format!("starting the simulator: {e}"))?;
+    println!(
+        "1. Starting a simulated DocSpace portal (7 codes of 8 characters, to show any shape works)"
+    );
+    let sim = Simulator::start(SimConfig {
+        codes: 7,
+        code_length: 8,
+        ..SimConfig::default()
+    })
+    .await
+    .map_err(|e| format!("starting the simulator: {e}"))?;
     let email = "jane@demo.test";
-    let key = sim.add_user(UserSpec { name: "Jane Demo".into(), ..UserSpec::new(email) });
+    let key = sim.add_user(UserSpec {
+        name: "Jane Demo".into(),
+        ..UserSpec::new(email)
+    });
     println!("   portal at {} with one account, {email}", sim.url());
     let old: Vec<String> = sim.codes(&key).into_iter().map(|(c, _)| c).collect();
 
     let identity = age::x25519::Identity::generate();
     let recipient = identity.to_public().to_string();
     let codes_dir = dir.join("codes");
-    std::fs::DirBuilder::new().mode(0o700).create(&codes_dir).map_err(|e| e.to_string())?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&codes_dir)
+        .map_err(|e| e.to_string())?;
     write_private(&dir.join("demo.key"), &format!("{key}\n"))?;
     let config_path = dir.join("config.toml");
     let config_text = format!(
@@ -85,38 +101,70 @@ sinks = ["vault"]
     }
 
     let target = codes_dir.join("demo.txt.age");
-    let sealed = std::fs::read(&target).map_err(|e| format!("reading {}: {e}", target.display()))?;
-    println!("4. The codes went to {} ({} bytes, age-encrypted, mode 0600)", target.display(), sealed.len());
+    let sealed =
+        std::fs::read(&target).map_err(|e| format!("reading {}: {e}", target.display()))?;
+    println!(
+        "4. The codes went to {} ({} bytes, age-encrypted, mode 0600)",
+        target.display(),
+        sealed.len()
+    );
     let decryptor = age::Decryptor::new(&sealed[..]).map_err(|e| e.to_string())?;
     let mut reader = decryptor
         .decrypt(std::iter::once(&identity as &dyn age::Identity))
         .map_err(|e| e.to_string())?;
     let mut plain = String::new();
-    reader.read_to_string(&mut plain).map_err(|e| e.to_string())?;
-    println!("   decrypted with the demo's age identity ({}…):", &identity.to_string().expose_secret()[..20]);
+    reader
+        .read_to_string(&mut plain)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "   decrypted with the demo's age identity ({}…):",
+        &identity.to_string().expose_secret()[..20]
+    );
     for line in plain.lines() {
         println!("   | {line}");
     }
-    let delivered: Vec<&str> = plain.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    let delivered: Vec<&str> = plain
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
 
     println!("5. Proving it against the portal");
     let current: Vec<String> = sim.codes(&key).into_iter().map(|(c, _)| c).collect();
-    let same = delivered.len() == current.len() && delivered.iter().all(|c| current.iter().any(|k| k == c));
-    println!("   the file holds exactly the set the portal accepts now: {}", if same { "yes" } else { "NO" });
+    let same = delivered.len() == current.len()
+        && delivered.iter().all(|c| current.iter().any(|k| k == c));
+    println!(
+        "   the file holds exactly the set the portal accepts now: {}",
+        if same { "yes" } else { "NO" }
+    );
     let first = delivered.first().copied().unwrap_or_default();
     let new_ok = sim.login(email, first);
-    println!("   login with the first delivered code: {}", if new_ok { "accepted" } else { "REFUSED" });
+    println!(
+        "   login with the first delivered code: {}",
+        if new_ok { "accepted" } else { "REFUSED" }
+    );
     let old_ok = old.first().map(|c| sim.login(email, c)).unwrap_or(false);
-    println!("   login with a code from before the rotation: {}", if old_ok { "ACCEPTED" } else { "refused" });
+    println!(
+        "   login with a code from before the rotation: {}",
+        if old_ok { "ACCEPTED" } else { "refused" }
+    );
     let again = sim.login(email, first);
-    println!("   the same delivered code a second time: {}", if again { "ACCEPTED" } else { "refused (each code works once)" });
+    println!(
+        "   the same delivered code a second time: {}",
+        if again {
+            "ACCEPTED"
+        } else {
+            "refused (each code works once)"
+        }
+    );
     sim.stop();
     drop(engine);
     let path = dir.to_path_buf();
     tmp.close().map_err(|e| e.to_string())?;
     println!("6. Removed {}; nothing is left behind.", path.display());
     if same && new_ok && !old_ok && !again {
-        println!("\nDemo complete. Next: write /etc/tfa-rotator/config.toml (see config/example.toml) and run `tfa-rotator check`.");
+        println!(
+            "\nDemo complete. Next: write /etc/tfa-rotator/config.toml (see config/example.toml) and run `tfa-rotator check`."
+        );
         Ok(())
     } else {
         Err("the delivered codes did not behave as the portal's current set".into())

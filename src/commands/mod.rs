@@ -33,7 +33,10 @@ pub fn main(cli: Cli) -> u8 {
     init_logging(&cli);
     #[cfg(feature = "failpoints")]
     let _failpoints = setup_failpoints();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -51,12 +54,37 @@ async fn dispatch(cli: Cli) -> Exit {
     match cli.command {
         Command::Run { dry_run } => crate::daemon_entry(&path, dry_run).await,
         Command::Check { offline, json } => check::run(&path, offline, json).await,
-        Command::Rotate { portals, all, dry_run, force, json } => rotate::rotate(&path, portals, all, dry_run, force, json).await,
+        Command::Rotate {
+            portals,
+            all,
+            dry_run,
+            force,
+            json,
+        } => rotate::rotate(&path, portals, all, dry_run, force, json).await,
         Command::Deliver { json } => rotate::deliver(&path, json).await,
         Command::Resend { portals, json } => rotate::resend(&path, portals, json).await,
         Command::Status { json } => status::run(&path, json).await,
-        Command::Simulate { listen, portal_file, users, keys, codes, code_length, not_available_status, rate_limit } => {
-            simulate::run(simulate::Options { listen, portal_file, users, keys, codes, code_length, not_available_status, rate_limit }).await
+        Command::Simulate {
+            listen,
+            portal_file,
+            users,
+            keys,
+            codes,
+            code_length,
+            not_available_status,
+            rate_limit,
+        } => {
+            simulate::run(simulate::Options {
+                listen,
+                portal_file,
+                users,
+                keys,
+                codes,
+                code_length,
+                not_available_status,
+                rate_limit,
+            })
+            .await
         }
         Command::Demo => demo::run().await,
     }
@@ -73,15 +101,23 @@ fn init_logging(cli: &Cli) {
         (false, 0) => "warn",
         _ => "error",
     };
-    let filter = EnvFilter::try_from_env("TFA_ROTATOR_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{base},hyper=warn,reqwest=warn,rustls=warn,h2=warn")));
+    let filter = EnvFilter::try_from_env("TFA_ROTATOR_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{base},hyper=warn,reqwest=warn,rustls=warn,h2=warn"
+        ))
+    });
     // Under systemd the journal stamps each line; do not stamp twice.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
     let _ = match (cli.log_format, journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
         (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),
-        (LogFormat::Text, false) => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        (LogFormat::Text, false) => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
 }
 
@@ -122,7 +158,10 @@ pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
 pub(crate) fn engine(config: Arc<Config>, dry_run: bool) -> Result<Engine, Exit> {
     Engine::new(config, dry_run).map_err(|e| match e {
         EngineError::Config(issues) => {
-            eprintln!("error: the configuration is invalid ({} error(s))", issues.len());
+            eprintln!(
+                "error: the configuration is invalid ({} error(s))",
+                issues.len()
+            );
             print_issues("error", &issues);
             Exit::Config
         }
@@ -147,7 +186,11 @@ pub(crate) fn print_reports(reports: &[Report], json: bool) {
 
 /// 1 when any report is a failure or leaves a delivery pending.
 pub(crate) fn exit_of(reports: &[Report]) -> Exit {
-    if reports.iter().any(Report::is_failure) { Exit::Failed } else { Exit::Ok }
+    if reports.iter().any(Report::is_failure) {
+        Exit::Failed
+    } else {
+        Exit::Ok
+    }
 }
 
 /// Formats Unix milliseconds for people.

@@ -9,7 +9,14 @@ use super::{Exit, engine, exit_of, load_config, print_reports};
 use crate::rotation::{self, Report};
 
 /// `rotate [PORTAL…] [--all] [--dry-run] [--force]`.
-pub async fn rotate(path: &Path, portals: Vec<String>, all: bool, dry_run: bool, force: bool, json: bool) -> Exit {
+pub async fn rotate(
+    path: &Path,
+    portals: Vec<String>,
+    all: bool,
+    dry_run: bool,
+    force: bool,
+    json: bool,
+) -> Exit {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(e) => return e,
@@ -24,7 +31,11 @@ pub async fn rotate(path: &Path, portals: Vec<String>, all: bool, dry_run: bool,
     };
     if let Some(unknown) = names.iter().find(|n| !config.portals.contains_key(*n)) {
         let known: Vec<&str> = config.portals.keys().map(String::as_str).collect();
-        eprintln!("error: no portal named `{unknown}` in {}; configured: {}", path.display(), known.join(", "));
+        eprintln!(
+            "error: no portal named `{unknown}` in {}; configured: {}",
+            path.display(),
+            known.join(", ")
+        );
         return Exit::Usage;
     }
     let engine = match engine(config.clone(), dry_run) {
@@ -39,8 +50,10 @@ pub async fn rotate(path: &Path, portals: Vec<String>, all: bool, dry_run: bool,
     let bar = (names.len() > 1 && std::io::stderr().is_terminal() && !json).then(|| {
         let b = indicatif::ProgressBar::new(names.len() as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} portals {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:40}] {pos}/{len} portals {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     });
@@ -56,7 +69,10 @@ pub async fn rotate(path: &Path, portals: Vec<String>, all: bool, dry_run: bool,
         if let Some(b) = &bar {
             b.inc(1);
             if r.is_failure() {
-                b.set_message(format!("({} failed)", done.iter().filter(|r| r.is_failure()).count() + 1));
+                b.set_message(format!(
+                    "({} failed)",
+                    done.iter().filter(|r| r.is_failure()).count() + 1
+                ));
             }
         }
         done.push(r);

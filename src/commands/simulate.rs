@@ -22,7 +22,10 @@ pub struct Options {
 pub async fn run(o: Options) -> Exit {
     let mut config = match &o.portal_file {
         None => SimConfig::default(),
-        Some(p) => match std::fs::read_to_string(p).map_err(|e| e.to_string()).and_then(|t| toml::from_str::<SimConfig>(&t).map_err(|e| e.to_string())) {
+        Some(p) => match std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<SimConfig>(&t).map_err(|e| e.to_string()))
+        {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: {}: {e}", p.display());
@@ -40,12 +43,22 @@ pub async fn run(o: Options) -> Exit {
         config.not_available_status = s;
     }
     if let Some(r) = o.rate_limit {
-        config.rate_limit = Some(RateLimit { requests: r, per_seconds: 60 });
+        config.rate_limit = Some(RateLimit {
+            requests: r,
+            per_seconds: 60,
+        });
     }
     for k in &o.keys {
-        let ok = k.len() == 67 && k.starts_with("sk-") && k[3..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let ok = k.len() == 67
+            && k.starts_with("sk-")
+            && k[3..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !ok {
-            eprintln!("error: --key {}…: an API key is `sk-` and 64 lowercase hex digits", &k.chars().take(6).collect::<String>());
+            eprintln!(
+                "error: --key {}…: an API key is `sk-` and 64 lowercase hex digits",
+                &k.chars().take(6).collect::<String>()
+            );
             return Exit::Usage;
         }
         let mut u = UserSpec::new(&format!("user{}@sim.test", config.users.len() + 1));
@@ -53,7 +66,9 @@ pub async fn run(o: Options) -> Exit {
         config.users.push(u);
     }
     for i in 0..o.users {
-        config.users.push(UserSpec::new(&format!("generated{}@sim.test", i + 1)));
+        config
+            .users
+            .push(UserSpec::new(&format!("generated{}@sim.test", i + 1)));
     }
     if config.users.is_empty() {
         config.users.push(UserSpec::new("user1@sim.test"));
@@ -74,7 +89,11 @@ pub async fn run(o: Options) -> Exit {
         }
     };
     println!("simulated DocSpace portal at {}", sim.url());
-    println!("request log: GET {}__sim/log; faults: POST {}__sim/fault", sim.url(), sim.url());
+    println!(
+        "request log: GET {}__sim/log; faults: POST {}__sim/fault",
+        sim.url(),
+        sim.url()
+    );
     // The simulator's keys are throwaway test keys, printed so they can be used.
     for (email, key) in emails.iter().zip(sim.keys()) {
         println!("user {email} api_key {key}");

@@ -23,7 +23,10 @@ pub async fn run(path: &Path, json: bool) -> Exit {
     };
     let (rows, pending): (Vec<PortalRow>, Vec<PendingRow>) = match &store {
         None => (Vec::new(), Vec::new()),
-        Some(s) => match s.call(|c| Ok((state::portal_rows(c)?, state::pending_rows(c)?))).await {
+        Some(s) => match s
+            .call(|c| Ok((state::portal_rows(c)?, state::pending_rows(c)?)))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -33,10 +36,18 @@ pub async fn run(path: &Path, json: bool) -> Exit {
     };
     let now = Utc::now();
     let mut names: Vec<String> = config.portals.keys().cloned().collect();
-    names.extend(rows.iter().map(|r| r.name.clone()).filter(|n| !config.portals.contains_key(n)));
+    names.extend(
+        rows.iter()
+            .map(|r| r.name.clone())
+            .filter(|n| !config.portals.contains_key(n)),
+    );
     let mut out = Vec::new();
     for name in &names {
-        let row = rows.iter().find(|r| &r.name == name).cloned().unwrap_or_default();
+        let row = rows
+            .iter()
+            .find(|r| &r.name == name)
+            .cloned()
+            .unwrap_or_default();
         let pc = config.portals.get(name);
         let next = pc
             .and_then(|pc| config.schedule_of(pc))
@@ -63,21 +74,44 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({"portals": out})).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"portals": out})).unwrap_or_default()
+        );
     } else {
         for p in &out {
-            println!("{}{}", p["portal"].as_str().unwrap_or_default(), if p["configured"] == json!(false) { " (no longer configured)" } else { "" });
+            println!(
+                "{}{}",
+                p["portal"].as_str().unwrap_or_default(),
+                if p["configured"] == json!(false) {
+                    " (no longer configured)"
+                } else {
+                    ""
+                }
+            );
             println!(
                 "  last rotation: {} ({})",
                 fmt_ms(p["last_success_at"].as_i64()),
                 p["last_result"].as_str().unwrap_or("none yet")
             );
             if let Some(e) = p["last_error"].as_str() {
-                println!("  last error: {e} ({} failure(s) in a row)", p["failures_in_a_row"]);
+                println!(
+                    "  last error: {e} ({} failure(s) in a row)",
+                    p["failures_in_a_row"]
+                );
             }
-            println!("  next due: {}", match p["next_due_at"].as_i64() { Some(t) => fmt_ms(Some(t)), None => "manual only".into() });
+            println!(
+                "  next due: {}",
+                match p["next_due_at"].as_i64() {
+                    Some(t) => fmt_ms(Some(t)),
+                    None => "manual only".into(),
+                }
+            );
             match (p["unused"].as_i64(), p["total"].as_i64()) {
-                (Some(u), Some(t)) => println!("  codes: {u}/{t} unused (seen {})", fmt_ms(p["codes_seen_at"].as_i64())),
+                (Some(u), Some(t)) => println!(
+                    "  codes: {u}/{t} unused (seen {})",
+                    fmt_ms(p["codes_seen_at"].as_i64())
+                ),
                 _ => println!("  codes: not read yet"),
             }
             for d in p["pending_deliveries"].as_array().into_iter().flatten() {
@@ -86,11 +120,22 @@ pub async fn run(path: &Path, json: bool) -> Exit {
                     d["sink"].as_str().unwrap_or_default(),
                     fmt_ms(d["created_at"].as_i64()),
                     d["attempts"],
-                    if d["permanent"] == json!(true) { ", refused by the server (run `deliver` after fixing it)" } else { "" },
-                    d["last_error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+                    if d["permanent"] == json!(true) {
+                        ", refused by the server (run `deliver` after fixing it)"
+                    } else {
+                        ""
+                    },
+                    d["last_error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 );
             }
         }
     }
-    if pending.is_empty() { Exit::Ok } else { Exit::Failed }
+    if pending.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Failed
+    }
 }

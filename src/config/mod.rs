@@ -78,7 +78,11 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        write!(f, "the configuration is invalid ({n} error{})", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "the configuration is invalid ({n} error{})",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.errors {
             write!(f, "\n  {e}")?;
         }
@@ -260,7 +264,12 @@ impl Config {
     }
 
     /// A problem found after loading (a key file, a secret), placed like a validation error.
-    pub fn issue(&self, loc: Option<Loc>, key: impl Into<String>, message: impl Into<String>) -> ConfigIssue {
+    pub fn issue(
+        &self,
+        loc: Option<Loc>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigIssue {
         ConfigIssue {
             file: self.path.clone(),
             loc,
@@ -280,7 +289,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message,
         }],
     };
-    let text = std::fs::read_to_string(path).map_err(|e| file_issue(format!("reading the config file: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| file_issue(format!("reading the config file: {e}")))?;
     let others_can_read = {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(path)
@@ -316,19 +326,32 @@ pub fn is_loopback_host(host: &str) -> bool {
     if h.eq_ignore_ascii_case("localhost") {
         return true;
     }
-    h.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    h.parse::<std::net::IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
 }
 
 impl ScheduleConfig {
     /// The first jittered fire time for `portal` strictly after `after`.
-    pub fn next_fire(&self, portal: &str, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+    pub fn next_fire(
+        &self,
+        portal: &str,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         let j = crate::schedule::jitter_for(portal, self.jitter);
         let shifted = after - chrono::Duration::from_std(j).unwrap_or_default();
-        self.cron.next_after(shifted).map(|t| crate::schedule::add(t, j))
+        self.cron
+            .next_after(shifted)
+            .map(|t| crate::schedule::add(t, j))
     }
 
     /// The next `n` jittered fire times for `portal` after `after`.
-    pub fn upcoming(&self, portal: &str, after: chrono::DateTime<chrono::Utc>, n: usize) -> Vec<chrono::DateTime<chrono::Utc>> {
+    pub fn upcoming(
+        &self,
+        portal: &str,
+        after: chrono::DateTime<chrono::Utc>,
+        n: usize,
+    ) -> Vec<chrono::DateTime<chrono::Utc>> {
         let mut out = Vec::with_capacity(n);
         let mut cursor = after;
         while out.len() < n {

@@ -32,7 +32,11 @@ impl Ctx<'_> {
         let before = self.text.get(..offset).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let column = before.get(line_start..).map(|s| s.chars().count()).unwrap_or(0) + 1;
+        let column = before
+            .get(line_start..)
+            .map(|s| s.chars().count())
+            .unwrap_or(0)
+            + 1;
         Loc { line, column }
     }
 
@@ -51,11 +55,18 @@ impl Ctx<'_> {
     }
 
     fn located<T>(&self, value: T, span: &Range<usize>) -> Located<T> {
-        Located { value, loc: self.loc(span.start) }
+        Located {
+            value,
+            loc: self.loc(span.start),
+        }
     }
 
     /// Deserializes one table entry; a failure is recorded and gives `None`.
-    fn de<T: for<'de> Deserialize<'de>>(&mut self, key: &str, value: Spanned<DeValue<'_>>) -> Option<T> {
+    fn de<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        key: &str,
+        value: Spanned<DeValue<'_>>,
+    ) -> Option<T> {
         let whole = value.span();
         match T::deserialize(ValueDeserializer::from(value)) {
             Ok(v) => Some(v),
@@ -87,7 +98,11 @@ impl Ctx<'_> {
 
     fn path(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);
-        if p.is_relative() { self.base.join(p) } else { p }
+        if p.is_relative() {
+            self.base.join(p)
+        } else {
+            p
+        }
     }
 
     fn secret(&mut self, s: Spanned<SecretRef>, key: &str) -> Located<SecretRef> {
@@ -113,10 +128,19 @@ impl Ctx<'_> {
                 self.warnings.push(w);
             }
         }
-        Located { value: value.rebase(&self.base), loc: self.loc(span.start) }
+        Located {
+            value: value.rebase(&self.base),
+            loc: self.loc(span.start),
+        }
     }
 
-    fn names(&mut self, list: &Spanned<Vec<Spanned<String>>>, key: &str, declared: &BTreeSet<String>, what: &str) -> Vec<String> {
+    fn names(
+        &mut self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        key: &str,
+        declared: &BTreeSet<String>,
+        what: &str,
+    ) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for n in list.get_ref() {
             if !declared.contains(n.get_ref()) {
@@ -124,7 +148,15 @@ impl Ctx<'_> {
                 self.err(
                     &n.span(),
                     key,
-                    format!("no {what} named `{}`; defined: {}", n.get_ref(), if known.is_empty() { "none".into() } else { known }),
+                    format!(
+                        "no {what} named `{}`; defined: {}",
+                        n.get_ref(),
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known
+                        }
+                    ),
                 );
             } else if out.contains(n.get_ref()) {
                 self.err(&n.span(), key, format!("`{}` is listed twice", n.get_ref()));
@@ -163,7 +195,9 @@ pub(crate) fn valid_address(addr: &str) -> bool {
         && !domain.is_empty()
         && !domain.starts_with('.')
         && !domain.ends_with('.')
-        && !addr.chars().any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
+        && !addr
+            .chars()
+            .any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
 }
 
 /// `Name <addr>` or a bare address.
@@ -199,31 +233,56 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(digits, 8)
         .ok()
         .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("`{s}` is not an octal mode; accepted: like \"0600\" or \"0640\""))?;
+        .ok_or_else(|| {
+            format!("`{s}` is not an octal mode; accepted: like \"0600\" or \"0640\"")
+        })?;
     if mode & !0o640 != 0 {
         return Err(format!(
             "mode {s} is wider than 0640; accepted: 0600 (default), 0640, or narrower"
         ));
     }
     if mode & 0o600 != 0o600 {
-        return Err(format!("mode {s} does not let the owner read and write; accepted: 0600 or 0640"));
+        return Err(format!(
+            "mode {s} does not let the owner read and write; accepted: 0600 or 0640"
+        ));
     }
     Ok(mode)
 }
 
 fn default_state_dir() -> PathBuf {
     std::env::var_os("STATE_DIRECTORY")
-        .and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from("/var/lib/tfa-rotator"))
 }
 
-pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(
+    text: &str,
+    file: &Path,
+    others_can_read: bool,
+) -> Result<Config, ConfigErrors> {
     let base = file
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let mut cx = Ctx { file, text, base, others_can_read, errors: Vec::new(), warnings: Vec::new() };
+    let mut cx = Ctx {
+        file,
+        text,
+        base,
+        others_can_read,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
 
     let (doc, syntax) = DeTable::parse_recoverable(text);
     for e in &syntax {
@@ -256,7 +315,11 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
                 };
                 let vspan = value.span();
                 let DeValue::Table(table) = value.into_inner() else {
-                    cx.err(&vspan, section, format!("must be a table of named entries, like [{section}.NAME]"));
+                    cx.err(
+                        &vspan,
+                        section,
+                        format!("must be a table of named entries, like [{section}.NAME]"),
+                    );
                     continue;
                 };
                 for (name, entry) in table {
@@ -289,7 +352,11 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
             }
             other => {
                 let other = other.to_string();
-                cx.err(&kspan, &other, format!("unknown key; accepted: {TOP_LEVEL}"));
+                cx.err(
+                    &kspan,
+                    &other,
+                    format!("unknown key; accepted: {TOP_LEVEL}"),
+                );
             }
         }
     }
@@ -304,35 +371,58 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
         Some(s) => cx.path(s.get_ref()),
         None => default_state_dir(),
     };
-    let metrics = rd.metrics.as_ref().and_then(|m| match m.get_ref().parse::<std::net::SocketAddr>() {
-        Ok(addr) if addr.ip().is_loopback() || rd.metrics_public == Some(true) => Some(addr),
-        Ok(_) => {
-            cx.err(&m.span(), "daemon.metrics", format!(
+    let metrics =
+        rd.metrics
+            .as_ref()
+            .and_then(|m| match m.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() || rd.metrics_public == Some(true) => {
+                    Some(addr)
+                }
+                Ok(_) => {
+                    cx.err(&m.span(), "daemon.metrics", format!(
                 "`{}` is not a loopback address; the metrics listener has no authentication, \
                  so a public address also needs `metrics_public = true`", m.get_ref()));
-            None
-        }
-        Err(_) => {
-            cx.err(&m.span(), "daemon.metrics", format!(
-                "`{}` is not an address; accepted: IP:PORT like \"127.0.0.1:9184\"", m.get_ref()));
-            None
-        }
-    });
+                    None
+                }
+                Err(_) => {
+                    cx.err(
+                        &m.span(),
+                        "daemon.metrics",
+                        format!(
+                            "`{}` is not an address; accepted: IP:PORT like \"127.0.0.1:9184\"",
+                            m.get_ref()
+                        ),
+                    );
+                    None
+                }
+            });
     let max_concurrent = match &rd.max_concurrent {
         None => 8,
         Some(n) if (1..=1024).contains(n.get_ref()) => *n.get_ref() as usize,
         Some(n) => {
-            cx.err(&n.span(), "daemon.max_concurrent", format!("{} is out of range; accepted: 1 to 1024", n.get_ref()));
+            cx.err(
+                &n.span(),
+                "daemon.max_concurrent",
+                format!("{} is out of range; accepted: 1 to 1024", n.get_ref()),
+            );
             8
         }
     };
-    let http_timeout = cx.duration(&rd.http_timeout, "daemon.http_timeout", Duration::from_secs(30));
-    if http_timeout.is_zero() {
-        if let Some(s) = &rd.http_timeout {
+    let http_timeout = cx.duration(
+        &rd.http_timeout,
+        "daemon.http_timeout",
+        Duration::from_secs(30),
+    );
+    if http_timeout.is_zero()
+        && let Some(s) = &rd.http_timeout {
             cx.err(&s.span(), "daemon.http_timeout", "must be longer than zero");
         }
-    }
-    let daemon = DaemonConfig { state_dir, metrics, max_concurrent, http_timeout };
+    let daemon = DaemonConfig {
+        state_dir,
+        metrics,
+        max_concurrent,
+        http_timeout,
+    };
 
     // [smtp]
     let smtp_declared = raw_smtp.is_some();
@@ -369,14 +459,13 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
                 "`{}` is not a mail address; accepted: \"name@example.com\" or \"Name <name@example.com>\"", r.from.get_ref()));
         }
         let password = r.password.map(|p| cx.secret(p, "smtp.password"));
-        if password.is_some() && r.username.is_none() {
-            if let Some(p) = &password {
+        if password.is_some() && r.username.is_none()
+            && let Some(p) = &password {
                 let span = 0..0;
                 let mut issue = cx.issue(&span, "smtp.password", "is set but `username` is not; AUTH needs both".into());
                 issue.loc = Some(p.loc);
                 cx.errors.push((0, issue));
             }
-        }
         let timeout = cx.duration(&r.timeout, "smtp.timeout", Duration::from_secs(30));
         SmtpConfig {
             host: r.host.into_inner(),
@@ -409,66 +498,135 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
             }
         };
         let jitter = cx.duration(&r.jitter, &format!("{key}.jitter"), Duration::ZERO);
-        let min_interval = r.min_interval.as_ref().map(|_| cx.duration(&r.min_interval, &format!("{key}.min_interval"), Duration::ZERO));
-        let watch_every = cx.duration(&r.watch_every, &format!("{key}.watch_every"), Duration::from_secs(6 * 3600));
-        if watch_every < Duration::from_secs(1) {
-            if let Some(w) = &r.watch_every {
-                cx.err(&w.span(), &format!("{key}.watch_every"), "must be at least 1s");
+        let min_interval = r.min_interval.as_ref().map(|_| {
+            cx.duration(
+                &r.min_interval,
+                &format!("{key}.min_interval"),
+                Duration::ZERO,
+            )
+        });
+        let watch_every = cx.duration(
+            &r.watch_every,
+            &format!("{key}.watch_every"),
+            Duration::from_secs(6 * 3600),
+        );
+        if watch_every < Duration::from_secs(1)
+            && let Some(w) = &r.watch_every {
+                cx.err(
+                    &w.span(),
+                    &format!("{key}.watch_every"),
+                    "must be at least 1s",
+                );
             }
-        }
         let below = r.rotate_when_unused_below.as_ref().and_then(|n| {
             if (1..=10_000).contains(n.get_ref()) {
                 Some(*n.get_ref() as usize)
             } else {
-                cx.err(&n.span(), &format!("{key}.rotate_when_unused_below"), format!("{} is out of range; accepted: 1 to 10000", n.get_ref()));
+                cx.err(
+                    &n.span(),
+                    &format!("{key}.rotate_when_unused_below"),
+                    format!("{} is out of range; accepted: 1 to 10000", n.get_ref()),
+                );
                 None
             }
         });
         if let Some(cron) = cron {
-            schedule_map.insert(name, ScheduleConfig {
-                cron,
-                jitter,
-                catch_up: r.catch_up.unwrap_or(true),
-                rotate_on_change: r.rotate_on_change.unwrap_or(true),
-                min_interval,
-                rotate_when_unused_below: below,
-                watch_every,
-            });
+            schedule_map.insert(
+                name,
+                ScheduleConfig {
+                    cron,
+                    jitter,
+                    catch_up: r.catch_up.unwrap_or(true),
+                    rotate_on_change: r.rotate_on_change.unwrap_or(true),
+                    min_interval,
+                    rotate_when_unused_below: below,
+                    watch_every,
+                },
+            );
         }
     }
 
     // [sinks.*]
     let mut sink_map = BTreeMap::new();
+    let mut path_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
     for (name, r) in sinks {
+        if let Some(p) = &r.path {
+            path_spans.insert(name.clone(), p.span());
+        }
         let key = format!("sinks.{name}");
-        let not_for = |cx: &mut Ctx, present: bool, span: Option<Range<usize>>, field: &str, kind: &str| {
-            if present {
-                cx.err(&span.unwrap_or(0..0), &format!("{key}.{field}"), format!("is not a key of a {kind} sink"));
-            }
-        };
+        let not_for =
+            |cx: &mut Ctx, present: bool, span: Option<Range<usize>>, field: &str, kind: &str| {
+                if present {
+                    cx.err(
+                        &span.unwrap_or(0..0),
+                        &format!("{key}.{field}"),
+                        format!("is not a key of a {kind} sink"),
+                    );
+                }
+            };
         let kind = match r.kind.get_ref().as_str() {
             "email" => {
-                not_for(&mut cx, r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path", "email");
-                not_for(&mut cx, r.encrypt.is_some(), r.encrypt.as_ref().map(|s| s.span()), "encrypt", "email");
-                not_for(&mut cx, r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode", "email");
+                not_for(
+                    &mut cx,
+                    r.path.is_some(),
+                    r.path.as_ref().map(|s| s.span()),
+                    "path",
+                    "email",
+                );
+                not_for(
+                    &mut cx,
+                    r.encrypt.is_some(),
+                    r.encrypt.as_ref().map(|s| s.span()),
+                    "encrypt",
+                    "email",
+                );
+                not_for(
+                    &mut cx,
+                    r.mode.is_some(),
+                    r.mode.as_ref().map(|s| s.span()),
+                    "mode",
+                    "email",
+                );
                 if !smtp_declared {
-                    cx.err(&r.kind.span(), &format!("{key}.type"), "an email sink needs an [smtp] table");
+                    cx.err(
+                        &r.kind.span(),
+                        &format!("{key}.type"),
+                        "an email sink needs an [smtp] table",
+                    );
                 }
                 let to: Vec<String> = match &r.to {
                     None => {
-                        cx.err(&r.kind.span(), &format!("{key}.to"), "is missing; accepted: a list of addresses");
+                        cx.err(
+                            &r.kind.span(),
+                            &format!("{key}.to"),
+                            "is missing; accepted: a list of addresses",
+                        );
                         Vec::new()
                     }
                     Some(list) => {
                         if list.get_ref().is_empty() {
-                            cx.err(&list.span(), &format!("{key}.to"), "is empty; accepted: at least one address");
+                            cx.err(
+                                &list.span(),
+                                &format!("{key}.to"),
+                                "is empty; accepted: at least one address",
+                            );
                         }
                         for a in list.get_ref() {
                             if !valid_address(a.get_ref()) {
-                                cx.err(&a.span(), &format!("{key}.to"), format!("`{}` is not a mail address; accepted: name@example.com", a.get_ref()));
+                                cx.err(
+                                    &a.span(),
+                                    &format!("{key}.to"),
+                                    format!(
+                                        "`{}` is not a mail address; accepted: name@example.com",
+                                        a.get_ref()
+                                    ),
+                                );
                             }
                         }
-                        list.get_ref().iter().map(|a| a.get_ref().to_ascii_lowercase()).collect()
+                        list.get_ref()
+                            .iter()
+                            .map(|a| a.get_ref().to_ascii_lowercase())
+                            .collect()
                     }
                 };
                 let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
@@ -478,16 +636,35 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
                     }
                     Some(list) => {
                         if list.get_ref().is_empty() {
-                            cx.err(&list.span(), &format!("{key}.pgp_keys"), "is empty; accepted: at least one key file");
+                            cx.err(
+                                &list.span(),
+                                &format!("{key}.pgp_keys"),
+                                "is empty; accepted: at least one key file",
+                            );
                         }
-                        list.get_ref().iter().map(|p| cx.located(cx.path(p.get_ref()), &p.span())).collect()
+                        list.get_ref()
+                            .iter()
+                            .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+                            .collect()
                     }
                 };
                 Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
             }
             "file" => {
-                not_for(&mut cx, r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to", "file");
-                not_for(&mut cx, r.pgp_keys.is_some(), r.pgp_keys.as_ref().map(|s| s.span()), "pgp_keys", "file (use encrypt = { pgp_keys = [...] })");
+                not_for(
+                    &mut cx,
+                    r.to.is_some(),
+                    r.to.as_ref().map(|s| s.span()),
+                    "to",
+                    "file",
+                );
+                not_for(
+                    &mut cx,
+                    r.pgp_keys.is_some(),
+                    r.pgp_keys.as_ref().map(|s| s.span()),
+                    "pgp_keys",
+                    "file (use encrypt = { pgp_keys = [...] })",
+                );
                 let path = match &r.path {
                     None => {
                         cx.err(&r.kind.span(), &format!("{key}.path"), "is missing; accepted: a file path, where {portal} is the portal's name");
@@ -495,7 +672,11 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
                     }
                     Some(p) => {
                         if p.get_ref().ends_with('/') || p.get_ref().is_empty() {
-                            cx.err(&p.span(), &format!("{key}.path"), "must name a file, not a directory");
+                            cx.err(
+                                &p.span(),
+                                &format!("{key}.path"),
+                                "must name a file, not a directory",
+                            );
                         }
                         cx.path(p.get_ref()).to_string_lossy().into_owned()
                     }
@@ -511,10 +692,14 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
                                         cx.err(&rcp.span(), &format!("{key}.encrypt.age"), m);
                                     }
                                 }
-                                FileEncryption::Age(age.iter().map(|r| r.get_ref().clone()).collect())
+                                FileEncryption::Age(
+                                    age.iter().map(|r| r.get_ref().clone()).collect(),
+                                )
                             }
                             (None, Some(keys)) if !keys.is_empty() => FileEncryption::Pgp(
-                                keys.iter().map(|p| cx.located(cx.path(p.get_ref()), &p.span())).collect(),
+                                keys.iter()
+                                    .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+                                    .collect(),
                             ),
                             _ => {
                                 cx.err(&espan, &format!("{key}.encrypt"), "takes exactly one non-empty list; accepted: { age = [\"age1…\"] } or { pgp_keys = [\"key.asc\"] }");
@@ -530,10 +715,18 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
                         0o600
                     }),
                 };
-                Some(SinkKind::File(FileSinkConfig { path, encrypt, mode }))
+                Some(SinkKind::File(FileSinkConfig {
+                    path,
+                    encrypt,
+                    mode,
+                }))
             }
             other => {
-                cx.err(&r.kind.span(), &format!("{key}.type"), format!("`{other}` is not a sink type; accepted: \"email\", \"file\""));
+                cx.err(
+                    &r.kind.span(),
+                    &format!("{key}.type"),
+                    format!("`{other}` is not a sink type; accepted: \"email\", \"file\""),
+                );
                 None
             }
         };
@@ -546,19 +739,42 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
     let alerts = raw_alerts.map(|r| {
         let names = cx.names(&r.sinks, "alerts.sinks", &declared_sinks, "sink");
         for (n, s) in names.iter().zip(r.sinks.get_ref()) {
-            if let Some(SinkConfig { kind: SinkKind::File(_), .. }) = sink_map.get(n) {
-                cx.err(&s.span(), "alerts.sinks", format!("`{n}` is a file sink; accepted: email sinks"));
+            if let Some(SinkConfig {
+                kind: SinkKind::File(_),
+                ..
+            }) = sink_map.get(n)
+            {
+                cx.err(
+                    &s.span(),
+                    "alerts.sinks",
+                    format!("`{n}` is a file sink; accepted: email sinks"),
+                );
             }
         }
         let after_failures = match &r.after_failures {
             None => 3,
-            Some(n) => u32::try_from(*n.get_ref()).ok().filter(|n| *n >= 1).unwrap_or_else(|| {
-                cx.err(&n.span(), "alerts.after_failures", format!("{} is out of range; accepted: 1 or more", n.get_ref()));
-                3
-            }),
+            Some(n) => u32::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| *n >= 1)
+                .unwrap_or_else(|| {
+                    cx.err(
+                        &n.span(),
+                        "alerts.after_failures",
+                        format!("{} is out of range; accepted: 1 or more", n.get_ref()),
+                    );
+                    3
+                }),
         };
-        let pending_longer_than = cx.duration(&r.pending_longer_than, "alerts.pending_longer_than", Duration::from_secs(3600));
-        AlertsConfig { sinks: names, after_failures, pending_longer_than }
+        let pending_longer_than = cx.duration(
+            &r.pending_longer_than,
+            "alerts.pending_longer_than",
+            Duration::from_secs(3600),
+        );
+        AlertsConfig {
+            sinks: names,
+            after_failures,
+            pending_longer_than,
+        }
     });
 
     // [portals.*]
@@ -569,16 +785,28 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
         let key = format!("portals.{name}");
         let url = match Url::parse(r.url.get_ref()) {
             Err(e) => {
-                cx.err(&r.url.span(), &format!("{key}.url"), format!("`{}` is not a URL ({e}); accepted: https://portal.example.com", r.url.get_ref()));
+                cx.err(
+                    &r.url.span(),
+                    &format!("{key}.url"),
+                    format!(
+                        "`{}` is not a URL ({e}); accepted: https://portal.example.com",
+                        r.url.get_ref()
+                    ),
+                );
                 None
             }
             Ok(u) => {
                 let host = u.host_str().unwrap_or_default().to_string();
-                let ok_scheme = u.scheme() == "https" || (u.scheme() == "http" && is_loopback_host(&host));
+                let ok_scheme =
+                    u.scheme() == "https" || (u.scheme() == "http" && is_loopback_host(&host));
                 if !ok_scheme {
                     cx.err(&r.url.span(), &format!("{key}.url"), format!("`{}` is not https; accepted: https://…, or http:// only to a loopback host", r.url.get_ref()));
                     None
-                } else if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() || u.password().is_some() {
+                } else if u.query().is_some()
+                    || u.fragment().is_some()
+                    || !u.username().is_empty()
+                    || u.password().is_some()
+                {
                     cx.err(&r.url.span(), &format!("{key}.url"), "must not carry credentials, a query or a fragment; accepted: the portal's base URL");
                     None
                 } else {
@@ -596,18 +824,45 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
             if declared_schedules.contains(s.get_ref()) {
                 Some(s.get_ref().clone())
             } else {
-                let known = declared_schedules.iter().cloned().collect::<Vec<_>>().join(", ");
-                cx.err(&s.span(), &format!("{key}.schedule"), format!("no schedule named `{}`; defined: {}", s.get_ref(), if known.is_empty() { "none".into() } else { known }));
+                let known = declared_schedules
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                cx.err(
+                    &s.span(),
+                    &format!("{key}.schedule"),
+                    format!(
+                        "no schedule named `{}`; defined: {}",
+                        s.get_ref(),
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known
+                        }
+                    ),
+                );
                 None
             }
         });
         if r.sinks.get_ref().is_empty() {
-            cx.err(&r.sinks.span(), &format!("{key}.sinks"), "is empty; accepted: at least one sink name");
+            cx.err(
+                &r.sinks.span(),
+                &format!("{key}.sinks"),
+                "is empty; accepted: at least one sink name",
+            );
         }
         let sink_names = cx.names(&r.sinks, &format!("{key}.sinks"), &declared_sinks, "sink");
         for (sname, s) in sink_names.iter().zip(r.sinks.get_ref()) {
-            if let Some(SinkConfig { kind: SinkKind::File(f), .. }) = sink_map.get(sname) {
-                file_users.entry(sname.clone()).or_default().push(name.clone());
+            if let Some(SinkConfig {
+                kind: SinkKind::File(f),
+                ..
+            }) = sink_map.get(sname)
+            {
+                file_users
+                    .entry(sname.clone())
+                    .or_default()
+                    .push(name.clone());
                 let target = f.path_for(&name);
                 if let Some(other) = written.insert(target.clone(), name.clone()) {
                     cx.err(&s.span(), &format!("{key}.sinks"), format!(
@@ -617,30 +872,48 @@ pub(super) fn validate(text: &str, file: &Path, others_can_read: bool) -> Result
         }
         let _ = espan;
         if let Some(url) = url {
-            portal_map.insert(name.clone(), PortalConfig { name, url, api_key, schedule, sinks: sink_names });
+            portal_map.insert(
+                name.clone(),
+                PortalConfig {
+                    name,
+                    url,
+                    api_key,
+                    schedule,
+                    sinks: sink_names,
+                },
+            );
         }
     }
     for (sink, users) in &file_users {
-        if users.len() > 1 {
-            if let Some(SinkConfig { kind: SinkKind::File(f), .. }) = sink_map.get(sink) {
-                if !f.path.contains("{portal}") && !cx.errors.iter().any(|(_, e)| e.key == format!("sinks.{sink}.path")) {
-                    // Reported once at the sink, besides the per-portal collisions above.
-                    let issue = ConfigIssue {
-                        file: file.to_path_buf(),
-                        loc: None,
-                        key: format!("sinks.{sink}.path"),
-                        message: format!("the sink is shared by portals {} so its path must contain {{portal}}", users.join(", ")),
-                    };
-                    cx.errors.push((usize::MAX, issue));
-                }
-            }
+        let Some(SinkConfig {
+            kind: SinkKind::File(f),
+            ..
+        }) = sink_map.get(sink)
+        else {
+            continue;
+        };
+        if users.len() > 1 && !f.path.contains("{portal}") {
+            let span = path_spans.get(sink).cloned().unwrap_or(0..0);
+            cx.err(
+                &span,
+                &format!("sinks.{sink}.path"),
+                format!(
+                    "the sink is shared by portals {} so its path must contain {{portal}}",
+                    users.join(", ")
+                ),
+            );
         }
     }
-
-    let Ctx { mut errors, warnings, .. } = cx;
+    let Ctx {
+        mut errors,
+        warnings,
+        ..
+    } = cx;
     if !errors.is_empty() {
         errors.sort_by_key(|(offset, _)| *offset);
-        return Err(ConfigErrors { errors: errors.into_iter().map(|(_, e)| e).collect() });
+        return Err(ConfigErrors {
+            errors: errors.into_iter().map(|(_, e)| e).collect(),
+        });
     }
     Ok(Config {
         path: file.to_path_buf(),

@@ -15,10 +15,12 @@ impl AgeRecipients {
         for r in list {
             crate::config::check_age_recipient(r)?;
             if r.starts_with("age1") {
-                let rcp = age::x25519::Recipient::from_str(r).map_err(|e| format!("age recipient {r}: {e}"))?;
+                let rcp = age::x25519::Recipient::from_str(r)
+                    .map_err(|e| format!("age recipient {r}: {e}"))?;
                 recipients.push(Box::new(rcp));
             } else {
-                let rcp = age::ssh::Recipient::from_str(r).map_err(|e| format!("age recipient {r}: {e:?}"))?;
+                let rcp = age::ssh::Recipient::from_str(r)
+                    .map_err(|e| format!("age recipient {r}: {e:?}"))?;
                 recipients.push(Box::new(rcp));
             }
         }
@@ -30,8 +32,12 @@ impl AgeRecipients {
 
     /// Encrypts to every recipient.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, String> {
-        let enc = age::Encryptor::with_recipients(self.recipients.iter().map(|r| r.as_ref() as &dyn age::Recipient))
-            .map_err(|e| format!("age: {e}"))?;
+        let enc = age::Encryptor::with_recipients(
+            self.recipients
+                .iter()
+                .map(|r| r.as_ref() as &dyn age::Recipient),
+        )
+        .map_err(|e| format!("age: {e}"))?;
         let mut out = Vec::new();
         let mut w = enc.wrap_output(&mut out).map_err(|e| format!("age: {e}"))?;
         w.write_all(plaintext).map_err(|e| format!("age: {e}"))?;

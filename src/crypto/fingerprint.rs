@@ -18,7 +18,9 @@ pub struct Fingerprinter {
 impl Fingerprinter {
     /// A fingerprinter keyed with `key` (32 random bytes from the state).
     pub fn new(key: &[u8]) -> Self {
-        Self { key: Zeroizing::new(key.to_vec()) }
+        Self {
+            key: Zeroizing::new(key.to_vec()),
+        }
     }
 
     fn mac(&self) -> Hmac<Sha256> {
@@ -55,7 +57,15 @@ mod tests {
     use crate::secret::{BackupCode, SecretString};
 
     fn set(codes: &[(&str, bool)]) -> CodeSet {
-        CodeSet::new(codes.iter().map(|(c, u)| BackupCode { code: SecretString::from(*c), used: *u }).collect())
+        CodeSet::new(
+            codes
+                .iter()
+                .map(|(c, u)| BackupCode {
+                    code: SecretString::from(*c),
+                    used: *u,
+                })
+                .collect(),
+        )
     }
 
     #[test]
@@ -64,8 +74,14 @@ mod tests {
         let a = f.of_set(&set(&[("aa", false), ("bb", false)]));
         assert_eq!(a, f.of_set(&set(&[("bb", true), ("aa", false)])));
         assert_ne!(a, f.of_set(&set(&[("aa", false), ("bc", false)])));
-        assert_ne!(a, Fingerprinter::new(b"other").of_set(&set(&[("aa", false), ("bb", false)])));
+        assert_ne!(
+            a,
+            Fingerprinter::new(b"other").of_set(&set(&[("aa", false), ("bb", false)]))
+        );
         // Length-prefixing keeps "a"+"ab" apart from "aa"+"b".
-        assert_ne!(f.of_set(&set(&[("a", false), ("ab", false)])), f.of_set(&set(&[("aa", false), ("b", false)])));
+        assert_ne!(
+            f.of_set(&set(&[("a", false), ("ab", false)])),
+            f.of_set(&set(&[("aa", false), ("b", false)]))
+        );
     }
 }

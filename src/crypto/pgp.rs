@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use pgp::composed::{ArmorOptions, Deserializable, MessageBuilder, SignedPublicKey, SignedPublicSubKey};
+use pgp::composed::{
+    ArmorOptions, Deserializable, MessageBuilder, SignedPublicKey, SignedPublicSubKey,
+};
 use pgp::crypto::sym::SymmetricKeyAlgorithm;
 use pgp::packet::{Signature, SignatureType};
 use pgp::types::KeyDetails;
@@ -35,12 +37,20 @@ impl std::fmt::Debug for PgpKey {
 
 /// Reads every key in an ASCII-armored file and checks each; any unusable key is an error.
 pub fn load_keys(path: &Path, now: SystemTime) -> Result<Vec<PgpKey>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: reading the key: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: reading the key: {e}", path.display()))?;
     if text.contains("PRIVATE KEY BLOCK") {
-        return Err(format!("{}: is a private key; give the public key only", path.display()));
+        return Err(format!(
+            "{}: is a private key; give the public key only",
+            path.display()
+        ));
     }
-    let (keys, _) = SignedPublicKey::from_string_many(&text)
-        .map_err(|e| format!("{}: not an ASCII-armored OpenPGP public key: {e}", path.display()))?;
+    let (keys, _) = SignedPublicKey::from_string_many(&text).map_err(|e| {
+        format!(
+            "{}: not an ASCII-armored OpenPGP public key: {e}",
+            path.display()
+        )
+    })?;
     let mut out = Vec::new();
     for key in keys {
         let key = key.map_err(|e| format!("{}: the key does not parse: {e}", path.display()))?;
@@ -54,7 +64,11 @@ pub fn load_keys(path: &Path, now: SystemTime) -> Result<Vec<PgpKey>, String> {
 
 fn latest(sigs: &[&Signature]) -> Option<Signature> {
     sigs.iter()
-        .max_by_key(|s| s.created().map(SystemTime::from).unwrap_or(SystemTime::UNIX_EPOCH))
+        .max_by_key(|s| {
+            s.created()
+                .map(SystemTime::from)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        })
         .map(|s| (*s).clone())
 }
 
@@ -71,7 +85,8 @@ fn can_encrypt(sig: &Signature) -> bool {
 fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKey, String> {
     let fingerprint = hex::encode(key.fingerprint().as_bytes()).to_uppercase();
     let ctx = |m: String| format!("{} (key {fingerprint}): {m}", path.display());
-    key.verify_bindings().map_err(|e| ctx(format!("a binding signature does not verify: {e}")))?;
+    key.verify_bindings()
+        .map_err(|e| ctx(format!("a binding signature does not verify: {e}")))?;
     if !key.details.revocation_signatures.is_empty() {
         return Err(ctx("the key is revoked".into()));
     }
@@ -83,12 +98,15 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
         .flat_map(|u| u.signatures.iter())
         .chain(key.details.direct_signatures.iter())
         .collect();
-    let primary_sig = latest(&self_sigs).ok_or_else(|| ctx("the key has no self-signature".into()))?;
-    if let Some(exp) = expiry(created, &primary_sig) {
-        if exp <= now {
-            return Err(ctx(format!("the key expired on {}", chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d"))));
+    let primary_sig =
+        latest(&self_sigs).ok_or_else(|| ctx("the key has no self-signature".into()))?;
+    if let Some(exp) = expiry(created, &primary_sig)
+        && exp <= now {
+            return Err(ctx(format!(
+                "the key expired on {}",
+                chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
+            )));
         }
-    }
     let emails: Vec<String> = key
         .details
         .users
@@ -110,18 +128,35 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
     }
     let primary_encrypts = key.primary_key.algorithm().can_encrypt() && can_encrypt(&primary_sig);
     if subkey.is_none() && !primary_encrypts {
-        let why = if reasons.is_empty() { "it has no encryption subkey".to_string() } else { reasons.join("; ") };
+        let why = if reasons.is_empty() {
+            "it has no encryption subkey".to_string()
+        } else {
+            reasons.join("; ")
+        };
         return Err(ctx(format!("no usable encryption key: {why}")));
     }
-    Ok(PgpKey { path: path.to_path_buf(), emails, fingerprint, key, subkey })
+    Ok(PgpKey {
+        path: path.to_path_buf(),
+        emails,
+        fingerprint,
+        key,
+        subkey,
+    })
 }
 
 fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<(), String> {
-    if sk.signatures.iter().any(|s| s.typ() == Some(SignatureType::SubkeyRevocation)) {
+    if sk
+        .signatures
+        .iter()
+        .any(|s| s.typ() == Some(SignatureType::SubkeyRevocation))
+    {
         return Err("the encryption subkey is revoked".into());
     }
-    let bindings: Vec<&Signature> =
-        sk.signatures.iter().filter(|s| s.typ() == Some(SignatureType::SubkeyBinding)).collect();
+    let bindings: Vec<&Signature> = sk
+        .signatures
+        .iter()
+        .filter(|s| s.typ() == Some(SignatureType::SubkeyBinding))
+        .collect();
     let sig = latest(&bindings).ok_or("a subkey has no binding signature")?;
     if !can_encrypt(&sig) {
         return Err("a subkey is not flagged for encryption".into());
@@ -130,14 +165,13 @@ fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<(), String>
         return Err("a subkey's algorithm cannot encrypt".into());
     }
     let created: SystemTime = sk.key.created_at().into();
-    if let Some(exp) = expiry(created, &sig) {
-        if exp <= now {
+    if let Some(exp) = expiry(created, &sig)
+        && exp <= now {
             return Err(format!(
                 "the encryption subkey expired on {}",
                 chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
             ));
         }
-    }
     Ok(())
 }
 
@@ -153,7 +187,8 @@ fn email_of(uid: &str) -> Option<String> {
 /// Encrypts to every key at once (one session key), ASCII-armored.
 pub fn encrypt(keys: &[&PgpKey], plaintext: &[u8]) -> Result<String, String> {
     let mut rng = rand::thread_rng();
-    let mut builder = MessageBuilder::from_bytes("", plaintext.to_vec()).seipd_v1(&mut rng, SymmetricKeyAlgorithm::AES256);
+    let mut builder = MessageBuilder::from_bytes("", plaintext.to_vec())
+        .seipd_v1(&mut rng, SymmetricKeyAlgorithm::AES256);
     for k in keys {
         let r = match k.subkey {
             Some(i) => builder.encrypt_to_key(&mut rng, &k.key.public_subkeys[i]),

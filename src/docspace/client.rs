@@ -67,7 +67,12 @@ pub struct Portal {
 impl Portal {
     /// `base` must end in `/` (the config guarantees it).
     pub fn new(http: &HttpClient, name: &str, base: Url, key: SecretString) -> Self {
-        Self { http: http.inner.clone(), name: name.to_string(), base, key: Arc::new(key) }
+        Self {
+            http: http.inner.clone(),
+            name: name.to_string(),
+            base,
+            key: Arc::new(key),
+        }
     }
 
     /// The portal's name in the config.
@@ -117,7 +122,9 @@ impl Portal {
         let mut rate_retries = 2;
         loop {
             match self.send(Method::GET, path, auth).await {
-                Err(e) if matches!(e.kind, ApiErrorKind::RateLimited { .. }) && rate_retries > 0 => {
+                Err(e)
+                    if matches!(e.kind, ApiErrorKind::RateLimited { .. }) && rate_retries > 0 =>
+                {
                     let wait = e.retry_after().unwrap_or(Duration::from_secs(1));
                     if wait > MAX_INLINE_RETRY_AFTER {
                         return Err(e);
@@ -128,7 +135,10 @@ impl Portal {
                 }
                 Err(e)
                     if transient_retries > 0
-                        && matches!(e.kind, ApiErrorKind::Server { .. } | ApiErrorKind::Transport { .. }) =>
+                        && matches!(
+                            e.kind,
+                            ApiErrorKind::Server { .. } | ApiErrorKind::Transport { .. }
+                        ) =>
                 {
                     transient_retries -= 1;
                     tracing::debug!(portal = %self.name, error = %e, "retrying a read once");
@@ -139,16 +149,41 @@ impl Portal {
         }
     }
 
-    fn error(&self, method: &Method, path: &str, status: Option<u16>, kind: ApiErrorKind) -> ApiError {
-        ApiError { portal: self.name.clone(), endpoint: format!("{method} /{path}"), status, kind }
+    fn error(
+        &self,
+        method: &Method,
+        path: &str,
+        status: Option<u16>,
+        kind: ApiErrorKind,
+    ) -> ApiError {
+        ApiError {
+            portal: self.name.clone(),
+            endpoint: format!("{method} /{path}"),
+            status,
+            kind,
+        }
     }
 
-    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, auth: bool) -> Result<T, ApiError> {
-        let url = self
-            .base
-            .join(path)
-            .map_err(|e| self.error(&method, path, None, ApiErrorKind::Transport { detail: e.to_string() }))?;
-        let mut req = self.http.request(method.clone(), url).header(header::ACCEPT, "application/json");
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        auth: bool,
+    ) -> Result<T, ApiError> {
+        let url = self.base.join(path).map_err(|e| {
+            self.error(
+                &method,
+                path,
+                None,
+                ApiErrorKind::Transport {
+                    detail: e.to_string(),
+                },
+            )
+        })?;
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .header(header::ACCEPT, "application/json");
         if auth {
             req = req.bearer_auth(self.key.expose_secret());
         }
@@ -159,7 +194,9 @@ impl Portal {
             let kind = if e.is_timeout() {
                 ApiErrorKind::Timeout
             } else {
-                ApiErrorKind::Transport { detail: error_chain(e) }
+                ApiErrorKind::Transport {
+                    detail: error_chain(e),
+                }
             };
             self.error(&method, path, None, kind)
         };
@@ -191,16 +228,28 @@ impl Portal {
 
         if status.is_success() {
             let env: Envelope<T> = serde_json::from_slice(&body).map_err(|e| {
-                self.error(&method, path, code, ApiErrorKind::Malformed { detail: json_error(&e) })
+                self.error(
+                    &method,
+                    path,
+                    code,
+                    ApiErrorKind::Malformed {
+                        detail: json_error(&e),
+                    },
+                )
             })?;
             if env.status == Some(1) {
                 let message = env.error.and_then(|e| e.message).map(|m| clip(&m));
                 return Err(self.error(&method, path, code, ApiErrorKind::Server { message }));
             }
             return env.response.ok_or_else(|| {
-                self.error(&method, path, code, ApiErrorKind::Malformed {
-                    detail: "the envelope has no `response`".into(),
-                })
+                self.error(
+                    &method,
+                    path,
+                    code,
+                    ApiErrorKind::Malformed {
+                        detail: "the envelope has no `response`".into(),
+                    },
+                )
             });
         }
 
@@ -209,14 +258,17 @@ impl Portal {
             .and_then(|e| e.error)
             .and_then(|e| e.message)
             .map(|m| clip(&m));
-        let not_available = message
-            .as_deref()
-            .is_some_and(|m| m.to_ascii_lowercase().contains("tfa application settings are not available"));
+        let not_available = message.as_deref().is_some_and(|m| {
+            m.to_ascii_lowercase()
+                .contains("tfa application settings are not available")
+        });
         let kind = match status {
             s if s.is_redirection() => ApiErrorKind::Redirect { location },
             StatusCode::UNAUTHORIZED => ApiErrorKind::Unauthorized,
             StatusCode::PAYMENT_REQUIRED => ApiErrorKind::PaymentRequired,
-            StatusCode::FORBIDDEN | StatusCode::METHOD_NOT_ALLOWED | StatusCode::INTERNAL_SERVER_ERROR
+            StatusCode::FORBIDDEN
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::INTERNAL_SERVER_ERROR
                 if not_available =>
             {
                 ApiErrorKind::TfaNotAvailable

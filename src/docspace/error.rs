@@ -117,11 +117,15 @@ impl fmt::Display for ApiError {
         if let Some(s) = self.status {
             write!(f, "HTTP {s}: ")?;
         }
-        let msg = |m: &Option<String>| m.as_deref().map(|m| format!(" (server says: {m})")).unwrap_or_default();
+        let msg = |m: &Option<String>| {
+            m.as_deref()
+                .map(|m| format!(" (server says: {m})"))
+                .unwrap_or_default()
+        };
         match &self.kind {
-            ApiErrorKind::Unauthorized => f.write_str(
-                "unauthorized: the API key is missing, wrong, expired or deactivated",
-            ),
+            ApiErrorKind::Unauthorized => {
+                f.write_str("unauthorized: the API key is missing, wrong, expired or deactivated")
+            }
             ApiErrorKind::Forbidden { message } => write!(
                 f,
                 "forbidden: the API key lacks the scope for this endpoint (settings need *:read \
@@ -136,7 +140,9 @@ impl fmt::Display for ApiError {
                 Some(d) => write!(f, "rate limited: retry after {}s", d.as_secs()),
                 None => f.write_str("rate limited"),
             },
-            ApiErrorKind::PaymentRequired => f.write_str("payment required: the portal is not paid"),
+            ApiErrorKind::PaymentRequired => {
+                f.write_str("payment required: the portal is not paid")
+            }
             ApiErrorKind::NotFound => f.write_str("not found: is the URL the portal's base URL?"),
             ApiErrorKind::Redirect { location } => write!(
                 f,

@@ -36,7 +36,10 @@ pub(crate) struct RawCode {
 pub(crate) fn into_code_set(raw: Vec<RawCode>) -> CodeSet {
     CodeSet::new(
         raw.into_iter()
-            .map(|c| BackupCode { code: c.code, used: c.is_used })
+            .map(|c| BackupCode {
+                code: c.code,
+                used: c.is_used,
+            })
             .collect(),
     )
 }

@@ -90,7 +90,7 @@ pub struct Engine {
     pub config: Arc<Config>,
     /// Its sinks, built.
     pub sinks: Sinks,
-    /// The state store (read-only in a dry run, and absent when a dry run finds none).
+    /// The state store; absent in a dry run, which must not touch it.
     pub store: Option<Store>,
     /// The HTTP connection pool.
     pub http: HttpClient,
@@ -117,19 +117,30 @@ impl Engine {
     pub fn new(config: Arc<Config>, dry_run: bool) -> Result<Self, EngineError> {
         let sinks = crate::sinks::build(&config).map_err(EngineError::Config)?;
         let http = HttpClient::new(config.daemon.http_timeout).map_err(EngineError::Http)?;
+        // A dry run reads nothing from the state, and even a read-only SQLite open of a WAL
+        // database creates its -wal and -shm files: so it does not open the state at all.
         let store = if dry_run {
-            Store::open_read_only(&config.daemon.state_dir)?
+            None
         } else {
             Some(Store::open(&config.daemon.state_dir)?)
         };
-        Ok(Self { config, sinks, store, http, dry_run })
+        Ok(Self {
+            config,
+            sinks,
+            store,
+            http,
+            dry_run,
+        })
     }
 
     fn store(&self) -> Result<&Store, StateError> {
-        self.store.as_ref().filter(|s| !s.is_read_only()).ok_or_else(|| StateError::Unsafe {
-            path: self.config.daemon.state_dir.clone(),
-            reason: "is open read-only (dry run)".into(),
-        })
+        self.store
+            .as_ref()
+            .filter(|s| !s.is_read_only())
+            .ok_or_else(|| StateError::Unsafe {
+                path: self.config.daemon.state_dir.clone(),
+                reason: "is open read-only (dry run)".into(),
+            })
     }
 
     /// The portal's client, with its API key resolved.
@@ -138,15 +149,21 @@ impl Engine {
             .api_key
             .value
             .resolve()
-            .map_err(|message| RotationError::Secret { portal: pc.name.clone(), message })?;
+            .map_err(|message| RotationError::Secret {
+                portal: pc.name.clone(),
+                message,
+            })?;
         Ok(Portal::new(&self.http, &pc.name, pc.url.clone(), key))
     }
 
     fn portal_config(&self, name: &str) -> Result<&PortalConfig, RotationError> {
-        self.config.portals.get(name).ok_or_else(|| RotationError::Other {
-            portal: name.to_string(),
-            message: "is not in the configuration".into(),
-        })
+        self.config
+            .portals
+            .get(name)
+            .ok_or_else(|| RotationError::Other {
+                portal: name.to_string(),
+                message: "is not in the configuration".into(),
+            })
     }
 }
 
@@ -209,7 +226,9 @@ impl Report {
 /// Capped exponential backoff with jitter: 30 s, 1 min, 2 min, … up to 1 h, each between
 /// 50 % and 100 % of its step so that many portals do not retry in lockstep.
 pub fn backoff(attempt: i64) -> Duration {
-    let step = 30u64.saturating_mul(1u64 << attempt.clamp(0, 7) as u32).min(3600);
+    let step = 30u64
+        .saturating_mul(1u64 << attempt.clamp(0, 7) as u32)
+        .min(3600);
     let ms = step * 1000;
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
 }
@@ -232,19 +251,35 @@ async fn preflight(engine: &Engine, pc: &PortalConfig) -> Result<Preflight, Rota
     let (codes, account) = tokio::join!(portal.codes(), portal.account());
     let codes = codes?;
     let account = account?;
-    let before_fp = engine.store.as_ref().map(|s| s.fingerprinter().of_set(&codes));
+    let before_fp = engine
+        .store
+        .as_ref()
+        .map(|s| s.fingerprinter().of_set(&codes));
     let (unused, total) = (codes.unused(), codes.total());
     drop(codes);
     for sink_name in &pc.sinks {
         let sink = sink_of(engine, &pc.name, sink_name)?;
         sink.preflight(&pc.name)
             .await
-            .map_err(|source| RotationError::Sink { portal: pc.name.clone(), source })?;
+            .map_err(|source| RotationError::Sink {
+                portal: pc.name.clone(),
+                source,
+            })?;
     }
-    Ok(Preflight { portal, account, before_fp, unused, total })
+    Ok(Preflight {
+        portal,
+        account,
+        before_fp,
+        unused,
+        total,
+    })
 }
 
-fn sink_of<'e>(engine: &'e Engine, portal: &str, sink: &str) -> Result<&'e Arc<crate::sinks::Sink>, RotationError> {
+fn sink_of<'e>(
+    engine: &'e Engine,
+    portal: &str,
+    sink: &str,
+) -> Result<&'e Arc<crate::sinks::Sink>, RotationError> {
     engine.sinks.get(sink).ok_or_else(|| RotationError::Other {
         portal: portal.to_string(),
         message: format!("sink {sink} is not configured"),
@@ -284,10 +319,16 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     let pc = engine.portal_config(name)?;
     if engine.dry_run {
         let pf = preflight(engine, pc).await?;
-        let mut r = Report::new(name, "would_rotate", format!(
-            "preflight passed: {} of {} codes unused; would rotate and deliver to {}",
-            pf.unused, pf.total, pc.sinks.join(", ")
-        ));
+        let mut r = Report::new(
+            name,
+            "would_rotate",
+            format!(
+                "preflight passed: {} of {} codes unused; would rotate and deliver to {}",
+                pf.unused,
+                pf.total,
+                pc.sinks.join(", ")
+            ),
+        );
         (r.unused, r.total) = (Some(pf.unused), Some(pf.total));
         tracing::info!(portal = name, unused = pf.unused, total = pf.total, sinks = %pc.sinks.join(","), "dry run: would rotate");
         return Ok(r);
@@ -300,10 +341,19 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
         let p = name.to_string();
         let row = store.call(move |c| state::portal_row(c, &p)).await?;
-        let last = row.and_then(|r| r.last_success_at).and_then(chrono::DateTime::from_timestamp_millis);
+        let last = row
+            .and_then(|r| r.last_success_at)
+            .and_then(chrono::DateTime::from_timestamp_millis);
         if let Some(wait) = crate::schedule::within_min_interval(last, min, Utc::now()) {
-            let msg = format!("skipped: rotated recently; min_interval allows the next rotation in {}s (use --force to override)", wait.as_secs());
-            tracing::info!(portal = name, wait_s = wait.as_secs(), "skipped by min_interval");
+            let msg = format!(
+                "skipped: rotated recently; min_interval allows the next rotation in {}s (use --force to override)",
+                wait.as_secs()
+            );
+            tracing::info!(
+                portal = name,
+                wait_s = wait.as_secs(),
+                "skipped by min_interval"
+            );
             return Ok(Report::new(name, "skipped", msg));
         }
     }
@@ -312,11 +362,15 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     let pf = preflight(engine, pc).await?;
     {
         let (p, fp) = (name.to_string(), pf.before_fp.clone().unwrap_or_default());
-        store.call(move |c| state::record_seen(c, &p, &fp, pf.unused, pf.total)).await?;
+        store
+            .call(move |c| state::record_seen(c, &p, &fp, pf.unused, pf.total))
+            .await?;
     }
 
     let (p, fp) = (name.to_string(), pf.before_fp.clone());
-    let journal_id = store.call(move |c| state::begin_intent(c, &p, "rotate", fp.as_deref())).await?;
+    let journal_id = store
+        .call(move |c| state::begin_intent(c, &p, "rotate", fp.as_deref()))
+        .await?;
     tracing::info!(portal = name, journal = journal_id, "intent recorded");
     fail_point("rotation::after_intent");
 
@@ -331,7 +385,11 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         }
     };
     fail_point("rotation::after_put");
-    tracing::info!(portal = name, total = new_set.total(), "the portal issued a new set");
+    tracing::info!(
+        portal = name,
+        total = new_set.total(),
+        "the portal issued a new set"
+    );
     let mut report = seal_and_deliver(engine, pc, journal_id, new_set, &pf.account, true).await?;
     report.outcome = "rotated";
     Ok(report)
@@ -353,12 +411,25 @@ async fn settle_by_get(
     })?;
     let fp = store.fingerprinter().of_set(&set);
     if Some(fp.as_str()) != before_fp {
-        tracing::warn!(portal = portal.name(), "the portal holds a new set: the rotation happened");
+        tracing::warn!(
+            portal = portal.name(),
+            "the portal holds a new set: the rotation happened"
+        );
         return Ok(Some(set));
     }
-    tracing::info!(portal = portal.name(), "the portal holds the old set: the rotation did not happen");
+    tracing::info!(
+        portal = portal.name(),
+        "the portal holds the old set: the rotation did not happen"
+    );
     store
-        .call(move |c| state::close_journal(c, journal_id, "aborted", Some("the PUT did not take effect")))
+        .call(move |c| {
+            state::close_journal(
+                c,
+                journal_id,
+                "aborted",
+                Some("the PUT did not take effect"),
+            )
+        })
         .await?;
     Ok(None)
 }
@@ -378,33 +449,66 @@ async fn seal_and_deliver(
     let (unused, total) = (set.unused(), set.total());
     let mut payloads = Vec::with_capacity(pc.sinks.len());
     {
-        let delivery = Delivery { portal: name, url: &pc.url, account, at: Utc::now(), codes: &set, rotated };
+        let delivery = Delivery {
+            portal: name,
+            url: &pc.url,
+            account,
+            at: Utc::now(),
+            codes: &set,
+            rotated,
+        };
         for sink_name in &pc.sinks {
             let sink = sink_of(engine, name, sink_name)?;
-            let sealed = sink.seal(&delivery).map_err(|source| RotationError::Sink { portal: name.to_string(), source })?;
+            let sealed = sink.seal(&delivery).map_err(|source| RotationError::Sink {
+                portal: name.to_string(),
+                source,
+            })?;
             payloads.push((sink_name.clone(), sealed));
         }
     }
     drop(set); // the plain text is gone; only sealed payloads remain
     let (p, fp) = (name.to_string(), set_fp.clone());
-    store.call(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads)).await?;
-    tracing::info!(portal = name, journal = journal_id, sinks = pc.sinks.len(), "sealed into the spool");
+    store
+        .call(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads))
+        .await?;
+    tracing::info!(
+        portal = name,
+        journal = journal_id,
+        sinks = pc.sinks.len(),
+        "sealed into the spool"
+    );
     fail_point("rotation::after_seal");
 
     let (delivered, pending) = deliver_portal(engine, name, None).await?;
     fail_point("rotation::before_done");
-    let result = if pending == 0 { "ok" } else { "delivery_pending" };
+    let result = if pending == 0 {
+        "ok"
+    } else {
+        "delivery_pending"
+    };
     let p = name.to_string();
     store
         .call(move |c| {
             state::close_journal(c, journal_id, "done", None)?;
-            if rotated { state::record_rotated(c, &p, result) } else { state::add_history(c, &p, "resent", result) }
+            if rotated {
+                state::record_rotated(c, &p, result)
+            } else {
+                state::add_history(c, &p, "resent", result)
+            }
         })
         .await?;
     let msg = match (rotated, pending) {
-        (true, 0) => format!("rotated: {total} new codes delivered to {}", pc.sinks.join(", ")),
-        (true, n) => format!("rotated: {total} new codes sealed; {n} delivery(ies) pending, retried by `deliver` or the daemon"),
-        (false, 0) => format!("resent: {unused} current codes delivered to {}", pc.sinks.join(", ")),
+        (true, 0) => format!(
+            "rotated: {total} new codes delivered to {}",
+            pc.sinks.join(", ")
+        ),
+        (true, n) => format!(
+            "rotated: {total} new codes sealed; {n} delivery(ies) pending, retried by `deliver` or the daemon"
+        ),
+        (false, 0) => format!(
+            "resent: {unused} current codes delivered to {}",
+            pc.sinks.join(", ")
+        ),
         (false, n) => format!("resent: {n} delivery(ies) pending"),
     };
     tracing::info!(portal = name, delivered, pending, "{msg}");
@@ -416,10 +520,16 @@ async fn seal_and_deliver(
 /// Delivers the spooled payloads of one portal (lock held by the caller). `due_before`
 /// limits to those due by then (the daemon); `None` tries all now. Returns (delivered,
 /// still pending).
-async fn deliver_portal(engine: &Engine, portal: &str, due_before: Option<i64>) -> Result<(usize, usize), RotationError> {
+async fn deliver_portal(
+    engine: &Engine,
+    portal: &str,
+    due_before: Option<i64>,
+) -> Result<(usize, usize), RotationError> {
     let store = engine.store()?.clone();
     let p = portal.to_string();
-    let entries = store.call(move |c| state::pending(c, Some(&p), due_before)).await?;
+    let entries = store
+        .call(move |c| state::pending(c, Some(&p), due_before))
+        .await?;
     let (mut delivered, mut pending) = (0, 0);
     for e in entries {
         let Some(sink) = engine.sinks.get(&e.sink) else {
@@ -440,7 +550,9 @@ async fn deliver_portal(engine: &Engine, portal: &str, due_before: Option<i64>) 
                 let next = now_ms() + backoff(e.attempts).as_millis() as i64;
                 let (id, msg, permanent) = (e.id, de.message.clone(), !de.temporary);
                 tracing::warn!(portal, sink = %e.sink, error = %de, permanent, "delivery failed; the payload stays in the spool");
-                store.call(move |c| state::delivery_failed(c, id, &msg, next, permanent)).await?;
+                store
+                    .call(move |c| state::delivery_failed(c, id, &msg, next, permanent))
+                    .await?;
             }
         }
     }
@@ -457,15 +569,23 @@ pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationErro
 async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
     let p = name.to_string();
-    let open = store.call(move |c| state::open_journal(c, Some(&p))).await?;
+    let open = store
+        .call(move |c| state::open_journal(c, Some(&p)))
+        .await?;
     let mut report = Report::new(name, "delivered", "nothing was pending");
     for j in open {
         match j.phase.as_str() {
             "intent" => {
-                tracing::warn!(portal = name, journal = j.id, "found a rotation an earlier process did not finish; settling it by GET");
+                tracing::warn!(
+                    portal = name,
+                    journal = j.id,
+                    "found a rotation an earlier process did not finish; settling it by GET"
+                );
                 let pc = engine.portal_config(name)?;
                 let portal = engine.portal(pc)?;
-                if let Some(set) = settle_by_get(engine, &portal, j.id, j.before_fp.as_deref()).await? {
+                if let Some(set) =
+                    settle_by_get(engine, &portal, j.id, j.before_fp.as_deref()).await?
+                {
                     let account = portal.account().await?;
                     report = seal_and_deliver(engine, pc, j.id, set, &account, true).await?;
                     report.outcome = "recovered";
@@ -475,7 +595,11 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
                 // Sealed: the payloads are in the spool; deliver below, then close.
                 let (delivered, pending) = deliver_portal(engine, name, None).await?;
                 let (id, p) = (j.id, name.to_string());
-                let result = if pending == 0 { "ok" } else { "delivery_pending" };
+                let result = if pending == 0 {
+                    "ok"
+                } else {
+                    "delivery_pending"
+                };
                 store
                     .call(move |c| {
                         state::close_journal(c, id, "done", Some("finished after a restart"))?;
@@ -491,7 +615,10 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
     report.delivered += delivered;
     report.pending = pending;
     if report.delivered > 0 || report.pending > 0 {
-        report.message = format!("{} payload(s) delivered, {} pending", report.delivered, report.pending);
+        report.message = format!(
+            "{} payload(s) delivered, {} pending",
+            report.delivered, report.pending
+        );
     }
     Ok(report)
 }
@@ -507,7 +634,9 @@ pub async fn resend(engine: &Engine, name: &str) -> Report {
         let set = pf.portal.codes().await?;
         let p = name.to_string();
         let fp = store.fingerprinter().of_set(&set);
-        let id = store.call(move |c| state::begin_intent(c, &p, "resend", Some(&fp))).await?;
+        let id = store
+            .call(move |c| state::begin_intent(c, &p, "resend", Some(&fp)))
+            .await?;
         seal_and_deliver(engine, pc, id, set, &pf.account, false).await
     };
     match run.await {
@@ -524,7 +653,10 @@ pub async fn portals_with_pending_work(engine: &Engine) -> Result<Vec<String>, R
     let store = engine.store()?.clone();
     let names = store
         .call(|c| {
-            let mut names: Vec<String> = state::open_journal(c, None)?.into_iter().map(|j| j.portal).collect();
+            let mut names: Vec<String> = state::open_journal(c, None)?
+                .into_iter()
+                .map(|j| j.portal)
+                .collect();
             names.extend(state::pending_rows(c)?.into_iter().map(|p| p.portal));
             names.sort();
             names.dedup();

@@ -98,7 +98,9 @@ impl CronSchedule {
 /// Parses an IANA time zone name.
 pub fn parse_timezone(name: &str) -> Result<Tz, String> {
     Tz::from_str(name).map_err(|_| {
-        format!("`{name}` is not an IANA time zone; accepted: names like \"UTC\" or \"Europe/Berlin\"")
+        format!(
+            "`{name}` is not an IANA time zone; accepted: names like \"UTC\" or \"Europe/Berlin\""
+        )
     })
 }
 
@@ -141,7 +143,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).single().expect("valid test date")
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s)
+            .single()
+            .expect("valid test date")
     }
 
     #[test]
@@ -152,7 +156,11 @@ mod tests {
         assert_eq!(mon.next_after(from).unwrap(), utc(2026, 11, 30, 3, 0, 0));
         for sun in ["0 3 * * 0", "0 3 * * 7", "0 3 * * Sun", "0 3 * * SUN"] {
             let s = CronSchedule::parse(sun, Tz::UTC).unwrap();
-            assert_eq!(s.next_after(from).unwrap(), utc(2026, 11, 29, 3, 0, 0), "{sun}");
+            assert_eq!(
+                s.next_after(from).unwrap(),
+                utc(2026, 11, 29, 3, 0, 0),
+                "{sun}"
+            );
         }
         let named = CronSchedule::parse("0 3 * * Mon", Tz::UTC).unwrap();
         assert_eq!(named.next_after(from).unwrap(), utc(2026, 11, 30, 3, 0, 0));
@@ -221,7 +229,10 @@ mod tests {
             within_min_interval(Some(utc(2026, 1, 1, 11, 30, 0)), hour, now),
             Some(Duration::from_secs(1800))
         );
-        assert_eq!(within_min_interval(Some(utc(2026, 1, 1, 10, 0, 0)), hour, now), None);
+        assert_eq!(
+            within_min_interval(Some(utc(2026, 1, 1, 10, 0, 0)), hour, now),
+            None
+        );
         assert_eq!(within_min_interval(None, hour, now), None);
         assert_eq!(within_min_interval(Some(now), None, now), None);
     }
@@ -232,7 +243,11 @@ mod tests {
         let t = s.upcoming(utc(2026, 1, 1, 0, 0, 0), Duration::from_secs(60), 3);
         assert_eq!(
             t,
-            vec![utc(2026, 1, 1, 3, 1, 0), utc(2026, 1, 2, 3, 1, 0), utc(2026, 1, 3, 3, 1, 0)]
+            vec![
+                utc(2026, 1, 1, 3, 1, 0),
+                utc(2026, 1, 2, 3, 1, 0),
+                utc(2026, 1, 3, 3, 1, 0)
+            ]
         );
     }
 }

@@ -155,11 +155,21 @@ pub struct Fault {
 impl Fault {
     /// A fault on the rotation PUT, once.
     pub fn on_put(action: FaultAction) -> Self {
-        Self { method: Some("PUT".into()), path_suffix: Some("tfaappnewcodes".into()), action, times: 1 }
+        Self {
+            method: Some("PUT".into()),
+            path_suffix: Some("tfaappnewcodes".into()),
+            action,
+            times: 1,
+        }
     }
     /// A fault on the codes GET, once.
     pub fn on_get_codes(action: FaultAction) -> Self {
-        Self { method: Some("GET".into()), path_suffix: Some("tfaappcodes".into()), action, times: 1 }
+        Self {
+            method: Some("GET".into()),
+            path_suffix: Some("tfaappcodes".into()),
+            action,
+            times: 1,
+        }
     }
     /// Affects `n` matching requests.
     pub fn times(mut self, n: usize) -> Self {
@@ -232,7 +242,9 @@ impl Simulator {
             log: Vec::new(),
             base_url: format!("http://{addr}/"),
         }));
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, app);
             tokio::select! {
@@ -240,7 +252,11 @@ impl Simulator {
                 () = shutdown => {}
             }
         });
-        let sim = Self { inner, addr, task: Arc::new(task) };
+        let sim = Self {
+            inner,
+            addr,
+            task: Arc::new(task),
+        };
         for u in users {
             sim.add_user(u);
         }
@@ -269,8 +285,16 @@ impl Simulator {
     /// Adds a user with a fresh set of codes; returns its API key.
     pub fn add_user(&self, spec: UserSpec) -> String {
         let mut s = self.lock();
-        let key = if spec.key.is_empty() { new_api_key() } else { spec.key };
-        let codes = if spec.linked_app { new_codes(&s.config) } else { Vec::new() };
+        let key = if spec.key.is_empty() {
+            new_api_key()
+        } else {
+            spec.key
+        };
+        let codes = if spec.linked_app {
+            new_codes(&s.config)
+        } else {
+            Vec::new()
+        };
         let idx = s.accounts.len();
         s.accounts.push(Account {
             id: new_guid(),
@@ -289,7 +313,10 @@ impl Simulator {
     /// The codes of the user with this key, with their used flags.
     pub fn codes(&self, key: &str) -> Vec<(String, bool)> {
         let s = self.lock();
-        s.by_key.get(key).map(|i| s.accounts[*i].codes.clone()).unwrap_or_default()
+        s.by_key
+            .get(key)
+            .map(|i| s.accounts[*i].codes.clone())
+            .unwrap_or_default()
     }
 
     /// Changes how many codes, and how long, the next sets have.
@@ -321,7 +348,11 @@ impl Simulator {
 
     /// How many requests with this method were served.
     pub fn count(&self, method: &str) -> usize {
-        self.lock().log.iter().filter(|r| r.method == method).count()
+        self.lock()
+            .log
+            .iter()
+            .filter(|r| r.method == method)
+            .count()
     }
 
     /// How many code changes were applied.
@@ -345,26 +376,39 @@ pub fn new_api_key() -> String {
 fn new_guid() -> String {
     let b: [u8; 16] = rand::thread_rng().r#gen();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 fn new_codes(config: &SimConfig) -> Vec<(String, bool)> {
     let mut rng = rand::thread_rng();
     (0..config.codes)
-        .map(|_| loop {
-            let code: String = (0..config.code_length)
-                .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-                .collect();
-            // DocSpace codes are never digits only.
-            if config.code_length == 0 || !code.bytes().all(|b| b.is_ascii_digit()) {
-                break (code, false);
+        .map(|_| {
+            loop {
+                let code: String = (0..config.code_length)
+                    .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+                    .collect();
+                // DocSpace codes are never digits only.
+                if config.code_length == 0 || !code.bytes().all(|b| b.is_ascii_digit()) {
+                    break (code, false);
+                }
             }
         })
         .collect()
 }
 
 fn login(s: &mut Inner, email: &str, code: &str) -> bool {
-    let Some(acc) = s.accounts.iter_mut().find(|a| a.email.eq_ignore_ascii_case(email)) else {
+    let Some(acc) = s
+        .accounts
+        .iter_mut()
+        .find(|a| a.email.eq_ignore_ascii_case(email))
+    else {
         return false;
     };
     match acc.codes.iter_mut().find(|(c, used)| !*used && c == code) {
@@ -402,7 +446,10 @@ fn error_envelope(status: StatusCode, message: &str, exception: &str) -> Respons
 
 fn json_response(status: StatusCode, body: Value) -> Response {
     let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     r
 }
 
@@ -416,12 +463,18 @@ fn html(status: StatusCode) -> Response {
         status
     );
     let mut r = (status, page).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
     r
 }
 
 fn codes_json(codes: &[(String, bool)]) -> Value {
-    Value::Array(codes.iter().map(|(c, u)| json!({"isUsed": u, "code": c})).collect())
+    Value::Array(
+        codes
+            .iter()
+            .map(|(c, u)| json!({"isUsed": u, "code": c}))
+            .collect(),
+    )
 }
 
 enum After {
@@ -432,7 +485,13 @@ enum After {
     Malformed,
 }
 
-async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_string();
 
     // Faults that act before the request is processed.
@@ -455,7 +514,8 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri
         Some(FaultAction::RateLimited(secs)) => {
             record(&inner, &method, &path, 429, false);
             let mut r = empty(StatusCode::TOO_MANY_REQUESTS);
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             return r;
         }
         Some(FaultAction::HugeBody) => {
@@ -487,10 +547,16 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri
             record(&inner, &method, &path, 0, applied);
             let stream = futures::stream::iter(vec![
                 Ok::<_, std::io::Error>(Bytes::from_static(b"{\"response\":[")),
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated reset")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "simulated reset",
+                )),
             ]);
             let mut r = Response::new(Body::from_stream(stream));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         After::BadGateway => {
@@ -506,13 +572,20 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri
 }
 
 fn record(inner: &Mutex<Inner>, method: &Method, path: &str, status: u16, applied: bool) {
-    lock(inner).log.push(LoggedRequest { method: method.to_string(), path: path.to_string(), status, applied });
+    lock(inner).log.push(LoggedRequest {
+        method: method.to_string(),
+        path: path.to_string(),
+        status,
+        applied,
+    });
 }
 
 fn take_fault(s: &mut Inner, method: &Method, path: &str) -> Option<FaultAction> {
     let idx = s.faults.iter().position(|f| {
         f.times > 0
-            && f.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
+            && f.method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
             && f.path_suffix.as_deref().is_none_or(|p| path.ends_with(p))
     })?;
     let f = &mut s.faults[idx];
@@ -525,7 +598,13 @@ fn take_fault(s: &mut Inner, method: &Method, path: &str) -> Option<FaultAction>
 }
 
 /// Routes one request; returns the answer and whether the codes were replaced.
-fn route(s: &mut Inner, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> (Response, bool) {
+fn route(
+    s: &mut Inner,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (Response, bool) {
     let p = path.trim_end_matches('/');
     let base = s.base_url.clone();
 
@@ -535,21 +614,47 @@ fn route(s: &mut Inner, method: &Method, path: &str, headers: &HeaderMap, body: 
     }
 
     if method == Method::GET && p == "/api/2.0/settings/version/build" {
-        return (envelope(&base, path, method, json!({"docSpace": "3.7.2.1", "documentServer": "9.0.4"})), false);
+        return (
+            envelope(
+                &base,
+                path,
+                method,
+                json!({"docSpace": "3.7.2.1", "documentServer": "9.0.4"}),
+            ),
+            false,
+        );
     }
-    if method == Method::POST {
-        if let Some(code) = p.strip_prefix("/api/2.0/authentication/") {
+    if method == Method::POST
+        && let Some(code) = p.strip_prefix("/api/2.0/authentication/") {
             let user: String = serde_json::from_slice::<Value>(body)
                 .ok()
-                .and_then(|v| v.get("userName").and_then(Value::as_str).map(str::to_string))
+                .and_then(|v| {
+                    v.get("userName")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
                 .unwrap_or_default();
             return if login(s, &user, code) {
-                (envelope(&base, path, method, json!({"token": new_guid(), "expires": "2099-01-01T00:00:00.0000000+00:00"})), false)
+                (
+                    envelope(
+                        &base,
+                        path,
+                        method,
+                        json!({"token": new_guid(), "expires": "2099-01-01T00:00:00.0000000+00:00"}),
+                    ),
+                    false,
+                )
             } else {
-                (error_envelope(StatusCode::UNAUTHORIZED, "User authentication failed", "System.Security.Authentication.AuthenticationException"), false)
+                (
+                    error_envelope(
+                        StatusCode::UNAUTHORIZED,
+                        "User authentication failed",
+                        "System.Security.Authentication.AuthenticationException",
+                    ),
+                    false,
+                )
             };
         }
-    }
 
     // Everything else needs an API key.
     let key = headers
@@ -572,18 +677,29 @@ fn route(s: &mut Inner, method: &Method, path: &str, headers: &HeaderMap, body: 
         }
         acc.window.1 += 1;
         if acc.window.1 > limit.requests {
-            let left = window.saturating_sub(acc.window.0.elapsed()).as_secs().max(1);
+            let left = window
+                .saturating_sub(acc.window.0.elapsed())
+                .as_secs()
+                .max(1);
             let mut r = empty(StatusCode::TOO_MANY_REQUESTS);
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(left));
-            r.headers_mut().insert("X-RateLimit-Limit", HeaderValue::from(limit.requests));
-            r.headers_mut().insert("X-RateLimit-Remaining", HeaderValue::from(0));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(left));
+            r.headers_mut()
+                .insert("X-RateLimit-Limit", HeaderValue::from(limit.requests));
+            r.headers_mut()
+                .insert("X-RateLimit-Remaining", HeaderValue::from(0));
             return (r, false);
         }
     }
     let scopes = s.accounts[idx].scopes.clone();
-    let can = |need: &str| scopes.iter().any(|sc| sc == "*" || sc == need || (need == "*:read" && sc == "*:write"));
+    let can = |need: &str| {
+        scopes
+            .iter()
+            .any(|sc| sc == "*" || sc == need || (need == "*:read" && sc == "*:write"))
+    };
     let not_available = |s: &Inner| {
-        let status = StatusCode::from_u16(s.config.not_available_status).unwrap_or(StatusCode::FORBIDDEN);
+        let status =
+            StatusCode::from_u16(s.config.not_available_status).unwrap_or(StatusCode::FORBIDDEN);
         error_envelope(status, NOT_AVAILABLE, "System.InvalidOperationException")
     };
 
@@ -608,7 +724,11 @@ fn route(s: &mut Inner, method: &Method, path: &str, headers: &HeaderMap, body: 
             if !can("*:read") {
                 return (empty(StatusCode::FORBIDDEN), false);
             }
-            let field = if s.config.old_spelling { "avaliable" } else { "available" };
+            let field = if s.config.old_spelling {
+                "avaliable"
+            } else {
+                "available"
+            };
             let on = s.config.tfa_app_enabled;
             let methods = json!([
                 {"id": "sms", "title": "SMS", "enabled": false, field: false, "trustedIps": [], "mandatoryUsers": [], "mandatoryGroups": []},
@@ -623,7 +743,10 @@ fn route(s: &mut Inner, method: &Method, path: &str, headers: &HeaderMap, body: 
             if !s.config.tfa_app_enabled || !s.accounts[idx].linked_app {
                 return (not_available(s), false);
             }
-            (envelope(&base, path, method, codes_json(&s.accounts[idx].codes)), false)
+            (
+                envelope(&base, path, method, codes_json(&s.accounts[idx].codes)),
+                false,
+            )
         }
         (Method::PUT, "/api/2.0/settings/tfaappnewcodes") => {
             if !can("*:write") {
@@ -636,15 +759,28 @@ fn route(s: &mut Inner, method: &Method, path: &str, headers: &HeaderMap, body: 
             }
             let codes = new_codes(&s.config);
             s.accounts[idx].codes = codes;
-            (envelope(&base, path, method, codes_json(&s.accounts[idx].codes)), true)
+            (
+                envelope(&base, path, method, codes_json(&s.accounts[idx].codes)),
+                true,
+            )
         }
-        _ => (error_envelope(StatusCode::NOT_FOUND, "The requested resource was not found", "System.Exception"), false),
+        _ => (
+            error_envelope(
+                StatusCode::NOT_FOUND,
+                "The requested resource was not found",
+                "System.Exception",
+            ),
+            false,
+        ),
     }
 }
 
 fn admin_route(s: &mut Inner, method: &Method, what: &str, body: &[u8]) -> Response {
     match (method.clone(), what) {
-        (Method::GET, "log") => json_response(StatusCode::OK, serde_json::to_value(&s.log).unwrap_or(Value::Null)),
+        (Method::GET, "log") => json_response(
+            StatusCode::OK,
+            serde_json::to_value(&s.log).unwrap_or(Value::Null),
+        ),
         (Method::POST, "fault") => match serde_json::from_slice::<Fault>(body) {
             Ok(f) => {
                 s.faults.push_back(f);

@@ -42,7 +42,12 @@ pub struct FileSink {
 impl FileSink {
     /// A sink writing `config.path` with the given cipher.
     pub fn new(name: &str, config: &FileSinkConfig, cipher: FileCipher) -> Self {
-        Self { name: name.to_string(), config_path: config.path.clone(), mode: config.mode, cipher }
+        Self {
+            name: name.to_string(),
+            config_path: config.path.clone(),
+            mode: config.mode,
+            cipher,
+        }
     }
 
     /// The file written for `portal`.
@@ -62,18 +67,27 @@ impl FileSink {
             FileCipher::Age(_) => "age".to_string(),
             FileCipher::Pgp(k) => format!("OpenPGP to {} key(s)", k.len()),
         };
-        format!("file {} ({how}, mode {:04o})", self.target(portal).display(), self.mode)
+        format!(
+            "file {} ({how}, mode {:04o})",
+            self.target(portal).display(),
+            self.mode
+        )
     }
 
     /// Encrypts the rendered text into the file's content.
     pub fn seal(&self, text: &[u8]) -> Result<Vec<u8>, SinkError> {
-        let err = |m: String| SinkError { sink: self.name.clone(), message: m };
+        let err = |m: String| SinkError {
+            sink: self.name.clone(),
+            message: m,
+        };
         match &self.cipher {
             FileCipher::Plain => Ok(text.to_vec()),
             FileCipher::Age(r) => r.encrypt(text).map_err(err),
             FileCipher::Pgp(keys) => {
                 let refs: Vec<&PgpKey> = keys.iter().collect();
-                pgp::encrypt(&refs, text).map(String::into_bytes).map_err(err)
+                pgp::encrypt(&refs, text)
+                    .map(String::into_bytes)
+                    .map_err(err)
             }
         }
     }
@@ -96,16 +110,23 @@ impl FileSink {
             ));
         }
         match fs::symlink_metadata(target) {
-            Ok(m) if m.file_type().is_symlink() => {
-                Err(format!("{} is a symbolic link; refusing to write through it", target.display()))
-            }
-            Ok(m) if !m.is_file() => Err(format!("{} exists and is not a regular file", target.display())),
+            Ok(m) if m.file_type().is_symlink() => Err(format!(
+                "{} is a symbolic link; refusing to write through it",
+                target.display()
+            )),
+            Ok(m) if !m.is_file() => Err(format!(
+                "{} exists and is not a regular file",
+                target.display()
+            )),
             _ => Ok(dir),
         }
     }
 
     fn temp_path(dir: &Path, target: &Path) -> PathBuf {
-        let base = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tag: u64 = rand::thread_rng().r#gen();
         dir.join(format!(".{base}.tmp-{tag:016x}"))
     }
@@ -126,7 +147,10 @@ impl FileSink {
     /// removes a temporary file beside the target.
     pub fn preflight(&self, portal: &str) -> Result<(), SinkError> {
         let target = self.target(portal);
-        let err = |m: String| SinkError { sink: self.name.clone(), message: m };
+        let err = |m: String| SinkError {
+            sink: self.name.clone(),
+            message: m,
+        };
         let dir = self.check_target(&target).map_err(err)?;
         let tmp = Self::temp_path(&dir, &target);
         self.create_exclusive(&tmp)
@@ -138,14 +162,18 @@ impl FileSink {
     /// Writes the payload atomically over the target.
     pub fn deliver(&self, portal: &str, payload: &[u8]) -> Result<(), DeliveryError> {
         let target = self.target(portal);
-        let dir = self.check_target(&target).map_err(DeliveryError::temporary)?;
+        let dir = self
+            .check_target(&target)
+            .map_err(DeliveryError::temporary)?;
         let tmp = Self::temp_path(&dir, &target);
         let write = || -> std::io::Result<()> {
             let mut f = self.create_exclusive(&tmp)?;
             f.write_all(payload)?;
             f.sync_all()?;
             drop(f);
-            fail::fail_point!("file_sink::before_rename", |_| Err(std::io::Error::other("failpoint before rename")));
+            fail::fail_point!("file_sink::before_rename", |_| Err(std::io::Error::other(
+                "failpoint before rename"
+            )));
             fs::rename(&tmp, &target)?;
             fs::File::open(&dir)?.sync_all()
         };

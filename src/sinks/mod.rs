@@ -49,11 +49,17 @@ pub struct DeliveryError {
 impl DeliveryError {
     /// A failure that retrying may cure.
     pub fn temporary(message: impl Into<String>) -> Self {
-        Self { temporary: true, message: message.into() }
+        Self {
+            temporary: true,
+            message: message.into(),
+        }
     }
     /// A refusal that needs someone to act (the payload is kept; `deliver` retries it).
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { temporary: false, message: message.into() }
+        Self {
+            temporary: false,
+            message: message.into(),
+        }
     }
 }
 
@@ -88,9 +94,15 @@ impl Delivery<'_> {
         let _ = writeln!(s, "# account: {who}");
         let _ = writeln!(s, "# issued: {}", self.at.format("%Y-%m-%dT%H:%M:%SZ"));
         if self.rotated {
-            let _ = writeln!(s, "# Each code works once. The previous codes no longer work.");
+            let _ = writeln!(
+                s,
+                "# Each code works once. The previous codes no longer work."
+            );
         } else {
-            let _ = writeln!(s, "# Each code works once. These are the current codes, sent again.");
+            let _ = writeln!(
+                s,
+                "# Each code works once. These are the current codes, sent again."
+            );
         }
         let used = self.codes.total() - self.codes.unused();
         if used > 0 {
@@ -168,7 +180,12 @@ impl Sinks {
     }
 }
 
-fn load_pgp(config: &Config, sink: &str, keys: &[Located<std::path::PathBuf>], issues: &mut Vec<ConfigIssue>) -> Vec<PgpKey> {
+fn load_pgp(
+    config: &Config,
+    sink: &str,
+    keys: &[Located<std::path::PathBuf>],
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<PgpKey> {
     let now = std::time::SystemTime::now();
     let mut out = Vec::new();
     for k in keys {
@@ -205,7 +222,11 @@ pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
                 cipher.map(|c| Sink::File(FileSink::new(name, fc, c)))
             }
             SinkKind::Email(_) => {
-                issues.push(config.issue(None, format!("sinks.{name}"), "email sinks are not available in this build"));
+                issues.push(config.issue(
+                    None,
+                    format!("sinks.{name}"),
+                    "email sinks are not available in this build",
+                ));
                 None
             }
         };
@@ -213,5 +234,9 @@ pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
             by_name.insert(name.clone(), Arc::new(s));
         }
     }
-    if issues.is_empty() { Ok(Sinks { by_name }) } else { Err(issues) }
+    if issues.is_empty() {
+        Ok(Sinks { by_name })
+    } else {
+        Err(issues)
+    }
 }

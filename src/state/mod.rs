@@ -50,7 +50,9 @@ pub enum StateError {
         source: std::io::Error,
     },
     /// The database is newer than this binary.
-    #[error("state database has schema version {found}, newer than the {supported} this version knows; upgrade tfa-rotator")]
+    #[error(
+        "state database has schema version {found}, newer than the {supported} this version knows; upgrade tfa-rotator"
+    )]
     TooNew {
         /// Version found.
         found: usize,
@@ -78,7 +80,11 @@ fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
 }
 
 fn io<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io { path: path.to_path_buf(), action, source }
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        action,
+        source,
+    }
 }
 
 /// Unix milliseconds now.
@@ -186,21 +192,37 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         if !dir.exists() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir, "creating"))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(dir, "creating"))?;
         }
         let meta = fs::metadata(dir).map_err(io(dir, "reading metadata"))?;
         if !meta.is_dir() {
-            return Err(StateError::Unsafe { path: dir.into(), reason: "is not a directory".into() });
+            return Err(StateError::Unsafe {
+                path: dir.into(),
+                reason: "is not a directory".into(),
+            });
         }
         if meta.permissions().mode() & 0o077 != 0 {
             // Tighten a directory we created or own; refuse if that fails.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|_| StateError::Unsafe {
-                path: dir.into(),
-                reason: format!("has mode {:o}; it must be 0700", meta.permissions().mode() & 0o7777),
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|_| {
+                StateError::Unsafe {
+                    path: dir.into(),
+                    reason: format!(
+                        "has mode {:o}; it must be 0700",
+                        meta.permissions().mode() & 0o7777
+                    ),
+                }
             })?;
         }
         let locks = dir.join("locks");
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&locks).map_err(io(&locks, "creating"))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&locks)
+            .map_err(io(&locks, "creating"))?;
         // Setting WAL mode and migrating need the database to themselves; processes that
         // start together take turns here (the kernel drops the lock if one dies).
         let setup_path = dir.join("locks").join(".setup.lock");
@@ -211,16 +233,29 @@ impl Store {
             .mode(0o600)
             .open(&setup_path)
             .map_err(io(&setup_path, "opening the setup lock"))?;
-        setup.lock().map_err(io(&setup_path, "taking the setup lock"))?;
+        setup
+            .lock()
+            .map_err(io(&setup_path, "taking the setup lock"))?;
         let db = dir.join(DB_FILE);
-        OpenOptions::new().create(true).append(true).mode(0o600).open(&db).map_err(io(&db, "creating the database"))?;
-        fs::set_permissions(&db, fs::Permissions::from_mode(0o600)).map_err(io(&db, "setting mode 0600"))?;
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(io(&db, "creating the database"))?;
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o600))
+            .map_err(io(&db, "setting mode 0600"))?;
         let mut conn = Connection::open(&db).map_err(sql("opening"))?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(sql("setting the busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql("enabling WAL"))?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sql("setting synchronous=FULL"))?;
-        conn.pragma_update(None, "secure_delete", "ON").map_err(sql("enabling secure_delete"))?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql("enabling foreign keys"))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(sql("setting the busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql("enabling WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql("setting synchronous=FULL"))?;
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(sql("enabling secure_delete"))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql("enabling foreign keys"))?;
         migrate(&mut conn)?;
         let key = fingerprint_key(&conn)?;
         drop(setup);
@@ -239,13 +274,22 @@ impl Store {
         if !db.exists() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(sql("opening read-only"))?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(sql("setting the busy timeout"))?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("reading the schema version"))?;
+        let conn = Connection::open_with_flags(
+            &db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("opening read-only"))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(sql("setting the busy timeout"))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql("reading the schema version"))?;
         let version = usize::try_from(version).unwrap_or(usize::MAX);
         if version > MIGRATIONS.len() {
-            return Err(StateError::TooNew { found: version, supported: MIGRATIONS.len() });
+            return Err(StateError::TooNew {
+                found: version,
+                supported: MIGRATIONS.len(),
+            });
         }
         if version == 0 {
             return Ok(None);
@@ -297,7 +341,11 @@ impl Store {
     }
 
     /// Takes the portal's lock, waiting up to `wait` for another process to let go.
-    pub async fn lock_portal(&self, portal: &str, wait: Duration) -> Result<PortalLock, StateError> {
+    pub async fn lock_portal(
+        &self,
+        portal: &str,
+        wait: Duration,
+    ) -> Result<PortalLock, StateError> {
         let path = self.dir.join("locks").join(format!("{portal}.lock"));
         let deadline = tokio::time::Instant::now() + wait;
         let file = OpenOptions::new()
@@ -315,7 +363,11 @@ impl Store {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(200));
                 }
-                Err(fs::TryLockError::WouldBlock) => return Err(StateError::Busy { portal: portal.to_string() }),
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StateError::Busy {
+                        portal: portal.to_string(),
+                    });
+                }
                 Err(fs::TryLockError::Error(e)) => return Err(io(&path, "locking the portal")(e)),
             }
         }
@@ -323,46 +375,70 @@ impl Store {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("reading the schema version"))?;
-        let version = usize::try_from(version).unwrap_or(usize::MAX);
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("reading the schema version"))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {
-        return Err(StateError::TooNew { found: version, supported: MIGRATIONS.len() });
+        return Err(StateError::TooNew {
+            found: version,
+            supported: MIGRATIONS.len(),
+        });
     }
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction().map_err(sql("starting a migration"))?;
         tx.execute_batch(m).map_err(sql("applying a migration"))?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sql("recording the schema version"))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(sql("recording the schema version"))?;
         tx.commit().map_err(sql("committing a migration"))?;
     }
     Ok(())
 }
 
 fn fingerprint_key_read(conn: &Connection) -> Result<Vec<u8>, StateError> {
-    conn.query_row("SELECT value FROM meta WHERE key = 'fingerprint_key'", [], |r| r.get(0))
-        .optional()
-        .map_err(sql("reading the fingerprint key"))?
-        .ok_or_else(|| StateError::Sqlite { action: "reading the fingerprint key", source: rusqlite::Error::QueryReturnedNoRows })
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'fingerprint_key'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql("reading the fingerprint key"))?
+    .ok_or_else(|| StateError::Sqlite {
+        action: "reading the fingerprint key",
+        source: rusqlite::Error::QueryReturnedNoRows,
+    })
 }
 
 fn fingerprint_key(conn: &Connection) -> Result<Vec<u8>, StateError> {
     let mut key = vec![0u8; 32];
     rand::thread_rng().fill_bytes(&mut key);
     // Only the first process to open the store gets its key in; everyone reads the winner.
-    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('fingerprint_key', ?1)", params![key])
-        .map_err(sql("storing the fingerprint key"))?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('fingerprint_key', ?1)",
+        params![key],
+    )
+    .map_err(sql("storing the fingerprint key"))?;
     fingerprint_key_read(conn)
 }
 
 // ---- The statements, as plain functions on a connection. ----
 
 fn ensure_portal(c: &Connection, portal: &str) -> Result<(), StateError> {
-    c.execute("INSERT OR IGNORE INTO portals (name) VALUES (?1)", params![portal])
-        .map_err(sql("adding a portal row"))?;
+    c.execute(
+        "INSERT OR IGNORE INTO portals (name) VALUES (?1)",
+        params![portal],
+    )
+    .map_err(sql("adding a portal row"))?;
     Ok(())
 }
 
 /// Records the start of a rotation (fsync'd on commit). Fails if one is already open.
-pub fn begin_intent(c: &mut Connection, portal: &str, kind: &str, before_fp: Option<&str>) -> Result<i64, StateError> {
+pub fn begin_intent(
+    c: &mut Connection,
+    portal: &str,
+    kind: &str,
+    before_fp: Option<&str>,
+) -> Result<i64, StateError> {
     let now = now_ms();
     let tx = c.transaction().map_err(sql("starting the intent"))?;
     ensure_portal(&tx, portal)?;
@@ -372,8 +448,11 @@ pub fn begin_intent(c: &mut Connection, portal: &str, kind: &str, before_fp: Opt
     )
     .map_err(sql("recording the intent"))?;
     let id = tx.last_insert_rowid();
-    tx.execute("UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1", params![portal, now])
-        .map_err(sql("recording the attempt"))?;
+    tx.execute(
+        "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
+        params![portal, now],
+    )
+    .map_err(sql("recording the attempt"))?;
     tx.commit().map_err(sql("committing the intent"))?;
     Ok(id)
 }
@@ -388,10 +467,16 @@ pub fn open_journal(c: &Connection, portal: Option<&str>) -> Result<Vec<OpenJour
         .map_err(sql("reading the journal"))?;
     let rows = st
         .query_map(params![portal], |r| {
-            Ok(OpenJournal { id: r.get(0)?, portal: r.get(1)?, phase: r.get(2)?, before_fp: r.get(3)? })
+            Ok(OpenJournal {
+                id: r.get(0)?,
+                portal: r.get(1)?,
+                phase: r.get(2)?,
+                before_fp: r.get(3)?,
+            })
         })
         .map_err(sql("reading the journal"))?;
-    rows.collect::<Result<_, _>>().map_err(sql("reading the journal"))
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("reading the journal"))
 }
 
 /// Stores every sealed payload of a set and marks the journal entry sealed, in one
@@ -431,7 +516,12 @@ pub fn seal(
 }
 
 /// The journal entry ends: `done` or `aborted`, with a note.
-pub fn close_journal(c: &Connection, journal_id: i64, phase: &str, note: Option<&str>) -> Result<(), StateError> {
+pub fn close_journal(
+    c: &Connection,
+    journal_id: i64,
+    phase: &str,
+    note: Option<&str>,
+) -> Result<(), StateError> {
     c.execute(
         "UPDATE journal SET phase = ?2, note = ?3, updated_at = ?4 WHERE id = ?1",
         params![journal_id, phase, note, now_ms()],
@@ -442,7 +532,11 @@ pub fn close_journal(c: &Connection, journal_id: i64, phase: &str, note: Option<
 
 /// For each (portal, sink), the newest payload waiting; older ones are superseded by it.
 /// `due_before`: only those whose next attempt is due (the daemon); `None`: all (`deliver`).
-pub fn pending(c: &Connection, portal: Option<&str>, due_before: Option<i64>) -> Result<Vec<SpoolEntry>, StateError> {
+pub fn pending(
+    c: &Connection,
+    portal: Option<&str>,
+    due_before: Option<i64>,
+) -> Result<Vec<SpoolEntry>, StateError> {
     let mut st = c
         .prepare(
             "SELECT s.id, s.portal, s.sink, s.set_fp, s.payload, s.created_at, s.attempts FROM spool s
@@ -465,22 +559,35 @@ pub fn pending(c: &Connection, portal: Option<&str>, due_before: Option<i64>) ->
             })
         })
         .map_err(sql("reading the spool"))?;
-    rows.collect::<Result<_, _>>().map_err(sql("reading the spool"))
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("reading the spool"))
 }
 
 /// A payload arrived: drop it and every older one for the same portal and sink.
 pub fn delivered(c: &mut Connection, entry_id: i64) -> Result<(), StateError> {
     let tx = c.transaction().map_err(sql("starting a delivery record"))?;
     let (portal, sink, created): (String, String, i64) = tx
-        .query_row("SELECT portal, sink, created_at FROM spool WHERE id = ?1", params![entry_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT portal, sink, created_at FROM spool WHERE id = ?1",
+            params![entry_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .map_err(sql("finding the delivered payload"))?;
-    tx.execute("DELETE FROM spool WHERE portal = ?1 AND sink = ?2 AND id <= ?3", params![portal, sink, entry_id])
-        .map_err(sql("dropping delivered payloads"))?;
+    tx.execute(
+        "DELETE FROM spool WHERE portal = ?1 AND sink = ?2 AND id <= ?3",
+        params![portal, sink, entry_id],
+    )
+    .map_err(sql("dropping delivered payloads"))?;
     tx.execute(
         "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, 'delivered', ?3)",
-        params![portal, now_ms(), format!("sink {sink}, sealed {}s earlier", (now_ms() - created) / 1000)],
+        params![
+            portal,
+            now_ms(),
+            format!(
+                "sink {sink}, sealed {}s earlier",
+                (now_ms() - created) / 1000
+            )
+        ],
     )
     .map_err(sql("recording the delivery"))?;
     tx.commit().map_err(sql("committing a delivery record"))?;
@@ -488,7 +595,13 @@ pub fn delivered(c: &mut Connection, entry_id: i64) -> Result<(), StateError> {
 }
 
 /// A delivery failed; it is tried again at `next_attempt_at`.
-pub fn delivery_failed(c: &Connection, entry_id: i64, error: &str, next_attempt_at: i64, permanent: bool) -> Result<(), StateError> {
+pub fn delivery_failed(
+    c: &Connection,
+    entry_id: i64,
+    error: &str,
+    next_attempt_at: i64,
+    permanent: bool,
+) -> Result<(), StateError> {
     c.execute(
         "UPDATE spool SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, permanent = ?4 WHERE id = ?1",
         params![entry_id, error, next_attempt_at, permanent],
@@ -499,7 +612,8 @@ pub fn delivery_failed(c: &Connection, entry_id: i64, error: &str, next_attempt_
 
 /// The earliest time a pending delivery is due, if any.
 pub fn next_delivery_due(c: &Connection) -> Result<Option<i64>, StateError> {
-    c.query_row("SELECT MIN(next_attempt_at) FROM spool", [], |r| r.get(0)).map_err(sql("reading the spool"))
+    c.query_row("SELECT MIN(next_attempt_at) FROM spool", [], |r| r.get(0))
+        .map_err(sql("reading the spool"))
 }
 
 /// Every pending delivery, for `status`.
@@ -520,7 +634,8 @@ pub fn pending_rows(c: &Connection) -> Result<Vec<PendingRow>, StateError> {
             })
         })
         .map_err(sql("reading the spool"))?;
-    rows.collect::<Result<_, _>>().map_err(sql("reading the spool"))
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("reading the spool"))
 }
 
 /// A rotation succeeded (its payloads may still be pending).
@@ -536,7 +651,12 @@ pub fn record_rotated(c: &Connection, portal: &str, result: &str) -> Result<(), 
 }
 
 /// An attempt failed; returns the failures in a row.
-pub fn record_failure(c: &Connection, portal: &str, error: &str, retry_at: Option<i64>) -> Result<i64, StateError> {
+pub fn record_failure(
+    c: &Connection,
+    portal: &str,
+    error: &str,
+    retry_at: Option<i64>,
+) -> Result<i64, StateError> {
     ensure_portal(c, portal)?;
     c.execute(
         "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4 WHERE name = ?1",
@@ -544,12 +664,22 @@ pub fn record_failure(c: &Connection, portal: &str, error: &str, retry_at: Optio
     )
     .map_err(sql("recording the failure"))?;
     add_history(c, portal, "failed", error)?;
-    c.query_row("SELECT failures FROM portals WHERE name = ?1", params![portal], |r| r.get(0))
-        .map_err(sql("reading the failure count"))
+    c.query_row(
+        "SELECT failures FROM portals WHERE name = ?1",
+        params![portal],
+        |r| r.get(0),
+    )
+    .map_err(sql("reading the failure count"))
 }
 
 /// The codes were read: remember what was seen.
-pub fn record_seen(c: &Connection, portal: &str, set_fp: &str, unused: usize, total: usize) -> Result<(), StateError> {
+pub fn record_seen(
+    c: &Connection,
+    portal: &str,
+    set_fp: &str,
+    unused: usize,
+    total: usize,
+) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
     c.execute(
         "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
@@ -560,7 +690,12 @@ pub fn record_seen(c: &Connection, portal: &str, set_fp: &str, unused: usize, to
 }
 
 /// Stores the fingerprint of a portal's effective config entry and the last fire time acted on.
-pub fn record_schedule(c: &Connection, portal: &str, entry_fp: Option<&str>, last_fire_at: Option<i64>) -> Result<(), StateError> {
+pub fn record_schedule(
+    c: &Connection,
+    portal: &str,
+    entry_fp: Option<&str>,
+    last_fire_at: Option<i64>,
+) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
     c.execute(
         "UPDATE portals SET entry_fp = COALESCE(?2, entry_fp), last_fire_at = COALESCE(?3, last_fire_at) WHERE name = ?1",
@@ -571,7 +706,12 @@ pub fn record_schedule(c: &Connection, portal: &str, entry_fp: Option<&str>, las
 }
 
 /// Appends to a portal's history.
-pub fn add_history(c: &Connection, portal: &str, event: &str, detail: &str) -> Result<(), StateError> {
+pub fn add_history(
+    c: &Connection,
+    portal: &str,
+    event: &str,
+    detail: &str,
+) -> Result<(), StateError> {
     c.execute(
         "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
         params![portal, now_ms(), event, detail],
@@ -607,7 +747,8 @@ pub fn portal_rows(c: &Connection) -> Result<Vec<PortalRow>, StateError> {
             })
         })
         .map_err(sql("reading portals"))?;
-    rows.collect::<Result<_, _>>().map_err(sql("reading portals"))
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("reading portals"))
 }
 
 /// One portal's row, if the state knows it.

@@ -14,19 +14,32 @@ async fn sim_with(config: SimConfig) -> (Simulator, String) {
 
 fn portal(sim: &Simulator, key: &str, timeout: Duration) -> Portal {
     let http = HttpClient::new(timeout).unwrap();
-    Portal::new(&http, "acme", sim.url().parse().unwrap(), SecretString::from(key))
+    Portal::new(
+        &http,
+        "acme",
+        sim.url().parse().unwrap(),
+        SecretString::from(key),
+    )
 }
 
 #[tokio::test]
 async fn codes_of_any_count_and_length_are_read_and_replaced() {
     for (count, len) in [(5, 6), (7, 8), (1, 20), (12, 4)] {
-        let (sim, key) = sim_with(SimConfig { codes: count, code_length: len, ..SimConfig::default() }).await;
+        let (sim, key) = sim_with(SimConfig {
+            codes: count,
+            code_length: len,
+            ..SimConfig::default()
+        })
+        .await;
         let p = portal(&sim, &key, Duration::from_secs(5));
         let got = p.codes().await.unwrap();
         assert_eq!((got.total(), got.unused()), (count, count));
         let fresh = p.new_codes().await.unwrap();
         assert_eq!(fresh.total(), count);
-        let mut fresh_codes: Vec<String> = fresh.iter().map(|c| c.code.expose_secret().to_string()).collect();
+        let mut fresh_codes: Vec<String> = fresh
+            .iter()
+            .map(|c| c.code.expose_secret().to_string())
+            .collect();
         fresh_codes.sort();
         let mut at_sim: Vec<String> = sim.codes(&key).into_iter().map(|(c, _)| c).collect();
         at_sim.sort();
@@ -40,7 +53,10 @@ async fn used_codes_are_reported_as_used() {
     let (sim, key) = sim_with(SimConfig::default()).await;
     let first = sim.codes(&key)[0].0.clone();
     assert!(sim.login("api@example.com", &first));
-    let got = portal(&sim, &key, Duration::from_secs(5)).codes().await.unwrap();
+    let got = portal(&sim, &key, Duration::from_secs(5))
+        .codes()
+        .await
+        .unwrap();
     assert_eq!((got.total(), got.unused()), (5, 4));
 }
 
@@ -48,7 +64,10 @@ async fn used_codes_are_reported_as_used() {
 async fn unknown_key_is_unauthorized_and_names_portal_endpoint_status() {
     let (sim, _) = sim_with(SimConfig::default()).await;
     let bogus = tfa_rotator::simulator::new_api_key();
-    let e = portal(&sim, &bogus, Duration::from_secs(5)).codes().await.unwrap_err();
+    let e = portal(&sim, &bogus, Duration::from_secs(5))
+        .codes()
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ApiErrorKind::Unauthorized);
     assert_eq!(e.status, Some(401));
     let msg = e.to_string();
@@ -62,12 +81,21 @@ async fn unknown_key_is_unauthorized_and_names_portal_endpoint_status() {
 #[tokio::test]
 async fn key_without_settings_scope_is_forbidden() {
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
-    let key = sim.add_user(UserSpec { scopes: vec!["files:read".into()], ..UserSpec::new("s@example.com") });
-    let e = portal(&sim, &key, Duration::from_secs(5)).codes().await.unwrap_err();
+    let key = sim.add_user(UserSpec {
+        scopes: vec!["files:read".into()],
+        ..UserSpec::new("s@example.com")
+    });
+    let e = portal(&sim, &key, Duration::from_secs(5))
+        .codes()
+        .await
+        .unwrap_err();
     assert!(matches!(e.kind, ApiErrorKind::Forbidden { .. }), "{e}");
     assert!(e.to_string().contains("scope"));
     // A read-only key can read but not rotate.
-    let ro = sim.add_user(UserSpec { scopes: vec!["*:read".into()], ..UserSpec::new("r@example.com") });
+    let ro = sim.add_user(UserSpec {
+        scopes: vec!["*:read".into()],
+        ..UserSpec::new("r@example.com")
+    });
     let p = portal(&sim, &ro, Duration::from_secs(5));
     assert!(p.codes().await.is_ok());
     let e = p.new_codes().await.unwrap_err();
@@ -78,16 +106,40 @@ async fn key_without_settings_scope_is_forbidden() {
 #[tokio::test]
 async fn not_available_is_recognised_whatever_the_status() {
     for status in [500, 403, 405] {
-        let sim = Simulator::start(SimConfig { not_available_status: status, ..SimConfig::default() }).await.unwrap();
-        let key = sim.add_user(UserSpec { linked_app: false, ..UserSpec::new("n@example.com") });
-        let e = portal(&sim, &key, Duration::from_secs(5)).codes().await.unwrap_err();
-        assert_eq!(e.kind, ApiErrorKind::TfaNotAvailable, "status {status}: {e}");
+        let sim = Simulator::start(SimConfig {
+            not_available_status: status,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let key = sim.add_user(UserSpec {
+            linked_app: false,
+            ..UserSpec::new("n@example.com")
+        });
+        let e = portal(&sim, &key, Duration::from_secs(5))
+            .codes()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.kind,
+            ApiErrorKind::TfaNotAvailable,
+            "status {status}: {e}"
+        );
         assert_eq!(e.status, Some(status));
         assert!(!e.retryable());
         // The portal-wide switch gives the same error on the GET.
-        let sim2 = Simulator::start(SimConfig { not_available_status: status, tfa_app_enabled: false, ..SimConfig::default() }).await.unwrap();
+        let sim2 = Simulator::start(SimConfig {
+            not_available_status: status,
+            tfa_app_enabled: false,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
         let k2 = sim2.add_user(UserSpec::new("m@example.com"));
-        let e2 = portal(&sim2, &k2, Duration::from_secs(5)).codes().await.unwrap_err();
+        let e2 = portal(&sim2, &k2, Duration::from_secs(5))
+            .codes()
+            .await
+            .unwrap_err();
         assert_eq!(e2.kind, ApiErrorKind::TfaNotAvailable);
     }
 }
@@ -100,11 +152,19 @@ async fn rate_limit_honours_retry_after() {
     sim.inject(Fault::on_get_codes(FaultAction::RateLimited(1)));
     let started = std::time::Instant::now();
     assert!(p.codes().await.is_ok());
-    assert!(started.elapsed() >= Duration::from_millis(900), "waited as asked");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited as asked"
+    );
     // A long one is reported with its delay.
     sim.inject(Fault::on_get_codes(FaultAction::RateLimited(3600)));
     let e = p.codes().await.unwrap_err();
-    assert_eq!(e.kind, ApiErrorKind::RateLimited { retry_after: Some(Duration::from_secs(3600)) });
+    assert_eq!(
+        e.kind,
+        ApiErrorKind::RateLimited {
+            retry_after: Some(Duration::from_secs(3600))
+        }
+    );
     assert!(e.retryable());
     // The PUT is never retried, not even after a 429.
     sim.inject(Fault::on_put(FaultAction::RateLimited(1)));
@@ -115,19 +175,35 @@ async fn rate_limit_honours_retry_after() {
 
 #[tokio::test]
 async fn configured_rate_limit_answers_429_past_the_limit() {
-    let config = SimConfig { rate_limit: Some(tfa_rotator::simulator::RateLimit { requests: 2, per_seconds: 3600 }), ..SimConfig::default() };
+    let config = SimConfig {
+        rate_limit: Some(tfa_rotator::simulator::RateLimit {
+            requests: 2,
+            per_seconds: 3600,
+        }),
+        ..SimConfig::default()
+    };
     let (sim, key) = sim_with(config).await;
     let p = portal(&sim, &key, Duration::from_secs(5));
     assert!(p.account().await.is_ok());
     assert!(p.account().await.is_ok());
     let e = p.account().await.unwrap_err();
-    assert!(matches!(e.kind, ApiErrorKind::RateLimited { retry_after: Some(d) } if d > Duration::from_secs(3000)), "{e}");
+    assert!(
+        matches!(e.kind, ApiErrorKind::RateLimited { retry_after: Some(d) } if d > Duration::from_secs(3000)),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn unpaid_portal_is_payment_required() {
-    let (sim, key) = sim_with(SimConfig { paid: false, ..SimConfig::default() }).await;
-    let e = portal(&sim, &key, Duration::from_secs(5)).codes().await.unwrap_err();
+    let (sim, key) = sim_with(SimConfig {
+        paid: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let e = portal(&sim, &key, Duration::from_secs(5))
+        .codes()
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ApiErrorKind::PaymentRequired);
 }
 
@@ -135,7 +211,10 @@ async fn unpaid_portal_is_payment_required() {
 async fn proxy_html_error_is_a_server_error() {
     let (sim, key) = sim_with(SimConfig::default()).await;
     sim.inject(Fault::on_get_codes(FaultAction::Status(502)).times(2));
-    let e = portal(&sim, &key, Duration::from_secs(5)).codes().await.unwrap_err();
+    let e = portal(&sim, &key, Duration::from_secs(5))
+        .codes()
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ApiErrorKind::Server { message: None });
     assert_eq!(e.status, Some(502));
     assert!(!e.to_string().contains("<html"), "no HTML in errors: {e}");
@@ -145,7 +224,10 @@ async fn proxy_html_error_is_a_server_error() {
 async fn malformed_body_is_reported_without_quoting_it() {
     let (sim, key) = sim_with(SimConfig::default()).await;
     sim.inject(Fault::on_get_codes(FaultAction::MalformedAfterApply));
-    let e = portal(&sim, &key, Duration::from_secs(5)).codes().await.unwrap_err();
+    let e = portal(&sim, &key, Duration::from_secs(5))
+        .codes()
+        .await
+        .unwrap_err();
     assert!(matches!(e.kind, ApiErrorKind::Malformed { .. }), "{e}");
     assert!(!e.to_string().contains("isUsed"), "{e}");
 }
@@ -154,7 +236,10 @@ async fn malformed_body_is_reported_without_quoting_it() {
 async fn slow_answer_is_a_timeout() {
     let (sim, key) = sim_with(SimConfig::default()).await;
     sim.inject(Fault::on_get_codes(FaultAction::DelayMs(3000)));
-    let e = portal(&sim, &key, Duration::from_millis(300)).codes().await.unwrap_err();
+    let e = portal(&sim, &key, Duration::from_millis(300))
+        .codes()
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ApiErrorKind::Timeout, "{e}");
 }
 
@@ -175,15 +260,26 @@ async fn lost_answer_after_the_change_is_a_transport_error() {
     let (sim, key) = sim_with(SimConfig::default()).await;
     let before = sim.codes(&key);
     sim.inject(Fault::on_put(FaultAction::ResetAfterApply));
-    let e = portal(&sim, &key, Duration::from_secs(5)).new_codes().await.unwrap_err();
+    let e = portal(&sim, &key, Duration::from_secs(5))
+        .new_codes()
+        .await
+        .unwrap_err();
     assert!(matches!(e.kind, ApiErrorKind::Transport { .. }), "{e}");
-    assert_ne!(sim.codes(&key), before, "the change was applied although the answer was lost");
+    assert_ne!(
+        sim.codes(&key),
+        before,
+        "the change was applied although the answer was lost"
+    );
 }
 
 #[tokio::test]
 async fn tfa_settings_accept_both_spellings_and_account_is_read() {
     for old in [false, true] {
-        let (sim, key) = sim_with(SimConfig { old_spelling: old, ..SimConfig::default() }).await;
+        let (sim, key) = sim_with(SimConfig {
+            old_spelling: old,
+            ..SimConfig::default()
+        })
+        .await;
         let p = portal(&sim, &key, Duration::from_secs(5));
         let methods = p.tfa_methods().await.unwrap();
         let app = methods.iter().find(|m| m.id == "app").unwrap();
@@ -191,7 +287,13 @@ async fn tfa_settings_accept_both_spellings_and_account_is_read() {
         let acc = p.account().await.unwrap();
         assert_eq!(acc.email, "api@example.com");
         assert!(p.version().await.unwrap().doc_space.is_some());
-        assert!(p.key_info().await.unwrap().permissions.contains(&"*".to_string()));
+        assert!(
+            p.key_info()
+                .await
+                .unwrap()
+                .permissions
+                .contains(&"*".to_string())
+        );
     }
 }
 

@@ -1,1 +1,140 @@
-//! (written next)
+//! The command line as a newcomer meets it.
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_proves_the_delivered_codes_work_and_leaves_nothing_behind() {
+    let out = tokio::process::Command::new(BIN)
+        .arg("demo")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("the file holds exactly the set the portal accepts now: yes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("login with the first delivered code: accepted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("login with a code from before the rotation: refused"),
+        "{text}"
+    );
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("6. Removed "))
+        .and_then(|l| l.split(';').next())
+        .unwrap();
+    assert!(!std::path::Path::new(dir).exists(), "{dir} was removed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn help_and_version_work_and_bad_usage_is_2() {
+    let help = tokio::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for cmd in [
+        "run", "check", "rotate", "deliver", "resend", "status", "simulate", "demo",
+    ] {
+        assert!(text.contains(cmd), "{cmd} in --help");
+    }
+    let v = tokio::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let bad = tokio::process::Command::new(BIN)
+        .args(["rotate", "--bogus"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_serves_a_portal_until_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "simulate",
+            "--listen",
+            &listen,
+            "--users",
+            "2",
+            "--codes",
+            "3",
+            "--code-length",
+            "9",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut keys = Vec::new();
+    while keys.len() < 2 {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("simulate prints its users");
+        if let Some(k) = line.split("api_key ").nth(1) {
+            keys.push(k.to_string());
+        }
+    }
+    let client = reqwest::Client::new();
+    let resp = client
+        .get(format!("http://{listen}/api/2.0/settings/tfaappcodes"))
+        .bearer_auth(&keys[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["response"].as_array().unwrap().len(), 3);
+    assert_eq!(body["response"][0]["code"].as_str().unwrap().len(), 9);
+    assert_eq!(body["statusCode"], 200);
+    let unauth = client
+        .get(format!("http://{listen}/api/2.0/settings/tfaappcodes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauth.status(), 401);
+    let log: serde_json::Value = client
+        .get(format!("http://{listen}/__sim/log"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log.as_array().unwrap().len(), 2);
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

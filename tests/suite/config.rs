@@ -1,1 +1,360 @@
-//! (written next)
+//! Every validation rule of SPEC §3: a broken config gives exit 78 and names the file, line,
+//! column, key and what is accepted; several errors are reported at once.
+
+use std::path::Path;
+
+use tfa_rotator::config::{self, ConfigIssue};
+
+use crate::support::*;
+
+const GOOD_AGE: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+fn errors(text: &str) -> Vec<ConfigIssue> {
+    match config::parse(text, Path::new("/etc/tfa-rotator/config.toml"), false) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.errors,
+    }
+}
+
+fn one_error(text: &str) -> ConfigIssue {
+    let e = errors(text);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    e.into_iter().next().unwrap()
+}
+
+const BASE: &str = r#"
+[sinks.f]
+type = "file"
+path = "/var/lib/tfa-rotator/codes/{portal}.txt"
+
+[portals.acme]
+url = "https://acme.example.com"
+api_key = { env = "ACME_KEY" }
+sinks = ["f"]
+"#;
+
+#[test]
+fn the_base_config_is_valid() {
+    let c = config::parse(BASE, Path::new("/x/config.toml"), false).unwrap();
+    assert_eq!(c.portals["acme"].url.as_str(), "https://acme.example.com/");
+    assert_eq!(c.daemon.max_concurrent, 8);
+}
+
+#[test]
+fn the_example_config_parses() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .unwrap();
+    let c = config::parse(&text, Path::new("/etc/tfa-rotator/config.toml"), false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.portals.is_empty() && !c.schedules.is_empty());
+}
+
+#[test]
+fn unknown_key_names_line_column_key_and_accepted() {
+    let e = one_error(&BASE.replace("sinks = [\"f\"]", "sinks = [\"f\"]\nsink = \"f\""));
+    assert_eq!(e.key, "portals.acme.sink");
+    assert_eq!(e.loc.unwrap().line, 10);
+    assert!(
+        e.message.contains("unknown field") && e.message.contains("sinks"),
+        "{}",
+        e.message
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("/etc/tfa-rotator/config.toml:10:"),
+        "{shown}"
+    );
+    let top = one_error(&format!("{BASE}\n[extra]\nx = 1\n"));
+    assert_eq!(top.key, "extra");
+    assert!(
+        top.message
+            .contains("daemon, smtp, schedules, sinks, alerts, portals")
+    );
+}
+
+#[test]
+fn several_errors_are_reported_together_in_file_order() {
+    let text = r#"
+[daemon]
+max_concurrent = 0
+http_timeout = "soon"
+
+[schedules.weekly]
+cron = "0 3 * *"
+timezone = "Mars/Olympus"
+
+[sinks.f]
+type = "file"
+path = "/codes/all.txt"
+mode = "0666"
+
+[portals.acme]
+url = "http://acme.example.com"
+api_key = { env = "K" }
+schedule = "monthly"
+sinks = ["f", "nope"]
+
+[portals.Bad]
+url = "https://b.example.com"
+api_key = { env = "K" }
+sinks = ["f"]
+"#;
+    let e = errors(text);
+    let keys: Vec<&str> = e.iter().map(|i| i.key.as_str()).collect();
+    for want in [
+        "daemon.max_concurrent",
+        "daemon.http_timeout",
+        "schedules.weekly.cron",
+        "schedules.weekly.timezone",
+        "sinks.f.mode",
+        "portals.acme.url",
+        "portals.acme.schedule",
+        "portals.acme.sinks",
+        "portals.Bad",
+    ] {
+        assert!(keys.contains(&want), "missing {want} in {keys:?}");
+    }
+    assert!(e.len() >= 9);
+    let lines: Vec<usize> = e.iter().filter_map(|i| i.loc.map(|l| l.line)).collect();
+    assert!(
+        lines.windows(2).all(|w| w[0] <= w[1]),
+        "in file order: {lines:?}"
+    );
+    let cron = e.iter().find(|i| i.key == "schedules.weekly.cron").unwrap();
+    assert!(cron.message.contains("accepted"), "{}", cron.message);
+    assert_eq!(cron.loc.unwrap().line, 7);
+    assert_eq!(cron.loc.unwrap().column, 8);
+}
+
+#[test]
+fn portal_urls_are_https_or_loopback_http() {
+    assert!(
+        config::parse(
+            &BASE.replace("https://acme.example.com", "http://127.0.0.1:8080"),
+            Path::new("/c.toml"),
+            false
+        )
+        .is_ok()
+    );
+    assert!(
+        config::parse(
+            &BASE.replace("https://acme.example.com", "http://localhost:8080/"),
+            Path::new("/c.toml"),
+            false
+        )
+        .is_ok()
+    );
+    let e = one_error(&BASE.replace("https://acme.example.com", "http://acme.example.com"));
+    assert!(e.message.contains("https"), "{}", e.message);
+    let e = one_error(&BASE.replace("https://acme.example.com", "https://u:p@acme.example.com"));
+    assert!(e.message.contains("credentials"));
+}
+
+#[test]
+fn shared_file_sink_needs_portal_placeholder_and_no_two_portals_share_a_file() {
+    let two = format!(
+        "{BASE}\n[portals.beta]\nurl = \"https://b.example.com\"\napi_key = {{ env = \"B\" }}\nsinks = [\"f\"]\n"
+    );
+    assert!(config::parse(&two, Path::new("/c.toml"), false).is_ok());
+    let e = errors(&two.replace("{portal}.txt", "all.txt"));
+    assert!(
+        e.iter()
+            .any(|i| i.key == "portals.beta.sinks" && i.message.contains("both write")),
+        "{e:#?}"
+    );
+    let shared = e
+        .iter()
+        .find(|i| i.key == "sinks.f.path")
+        .expect("the sink path is named");
+    assert!(
+        shared.message.contains("{portal}") && shared.loc.unwrap().line == 4,
+        "{shared:?}"
+    );
+}
+
+#[test]
+fn email_sinks_need_smtp_keys_and_valid_addresses() {
+    let text = format!("{BASE}\n[sinks.mail]\ntype = \"email\"\nto = [\"not an address\"]\n");
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|i| i.key == "sinks.mail.type" && i.message.contains("[smtp]")),
+        "{e:#?}"
+    );
+    assert!(e.iter().any(|i| i.key == "sinks.mail.to"), "{e:#?}");
+    assert!(
+        e.iter()
+            .any(|i| i.key == "sinks.mail.pgp_keys" && i.message.contains("unencrypted")),
+        "{e:#?}"
+    );
+    let smtp =
+        "[smtp]\nhost = \"mail.example.com\"\nsecurity = \"none\"\nfrom = \"r@example.com\"\n";
+    let e = one_error(&format!("{smtp}{BASE}"));
+    assert_eq!(e.key, "smtp.security");
+    assert!(e.message.contains("loopback"));
+    assert!(
+        config::parse(
+            &format!("{}{BASE}", smtp.replace("mail.example.com", "127.0.0.1")),
+            Path::new("/c.toml"),
+            false
+        )
+        .is_ok()
+    );
+    let e = one_error(&format!("{}{BASE}", smtp.replace("none", "ssl")));
+    assert!(e.message.contains("\"starttls\", \"tls\", \"none\""));
+}
+
+#[test]
+fn alerts_accept_only_email_sinks() {
+    let e = one_error(&format!("{BASE}\n[alerts]\nsinks = [\"f\"]\n"));
+    assert_eq!(e.key, "alerts.sinks");
+    assert!(e.message.contains("email"));
+}
+
+#[test]
+fn file_modes_wider_than_0640_and_bad_age_recipients_are_refused() {
+    let e = one_error(&BASE.replace("{portal}.txt\"", "{portal}.txt\"\nmode = \"0644\""));
+    assert!(e.message.contains("wider than 0640"), "{}", e.message);
+    assert!(
+        config::parse(
+            &BASE.replace("{portal}.txt\"", "{portal}.txt\"\nmode = \"0640\""),
+            Path::new("/c.toml"),
+            false
+        )
+        .is_ok()
+    );
+    let good = BASE.replace(
+        "{portal}.txt\"",
+        &format!("{{portal}}.txt\"\nencrypt = {{ age = [\"{GOOD_AGE}\"] }}"),
+    );
+    assert!(config::parse(&good, Path::new("/c.toml"), false).is_ok());
+    let e = one_error(&good.replace(GOOD_AGE, "age1notarecipient"));
+    assert_eq!(e.key, "sinks.f.encrypt.age");
+    let e = one_error(&good.replace(
+        &format!("age = [\"{GOOD_AGE}\"]"),
+        &format!("age = [\"{GOOD_AGE}\"], pgp_keys = [\"k.asc\"]"),
+    ));
+    assert!(e.message.contains("exactly one"));
+}
+
+#[test]
+fn names_types_and_durations_are_checked() {
+    let e = one_error(&BASE.replace("[portals.acme]", "[portals.\"a cme\"]"));
+    assert!(e.message.contains("lowercase"));
+    let e = one_error(&format!("[daemon]\nmax_concurrent = \"many\"\n{BASE}"));
+    assert_eq!(e.key, "daemon");
+    assert_eq!(e.loc.unwrap().line, 2);
+    assert!(e.message.contains("invalid type"), "{}", e.message);
+    let e = one_error(&format!("[daemon]\nhttp_timeout = \"30 parsecs\"\n{BASE}"));
+    assert!(e.message.contains("\"90s\""));
+    let syntax = errors("[portals.acme\nurl = 1\n");
+    assert!(syntax[0].message.contains("TOML syntax"), "{syntax:#?}");
+}
+
+#[test]
+fn literal_secrets_warn_and_are_refused_when_others_can_read_the_file() {
+    let text = BASE.replace("{ env = \"ACME_KEY\" }", "\"sk-0000\"");
+    let ok = config::parse(&text, Path::new("/c.toml"), false).unwrap();
+    assert_eq!(ok.warnings.len(), 1);
+    assert!(ok.warnings[0].message.contains("literal"));
+    let e = config::parse(&text, Path::new("/c.toml"), true)
+        .unwrap_err()
+        .errors;
+    assert!(e[0].message.contains("readable by other users"), "{e:#?}");
+    assert!(
+        !e[0].to_string().contains("sk-0000"),
+        "the secret is not echoed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_exits_78_listing_every_error_with_its_place() {
+    let h = Harness::new().await;
+    let path = h.config();
+    write_private(
+        &path,
+        "[daemon]\nmax_concurrent = 0\n\n[portals.acme]\nurl = \"ftp://x\"\napi_key = { env = \"X\" }\nsinks = [\"missing\"]\n",
+    );
+    for args in [
+        vec!["check", "--offline"],
+        vec!["check"],
+        vec!["rotate", "--all"],
+        vec!["status"],
+    ] {
+        let out = h.run(&args).await;
+        assert_eq!(out.code, Some(78), "{args:?}: {}", out.all());
+        let p = path.display().to_string();
+        assert!(
+            out.stderr
+                .contains(&format!("{p}:2:18: daemon.max_concurrent")),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(&format!("{p}:5:7: portals.acme.url")),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr
+                .contains(&format!("{p}:7:10: portals.acme.sinks")),
+            "{}",
+            out.stderr
+        );
+    }
+    // A secret that cannot be resolved is a config error too, with its place.
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    std::fs::remove_file(h.path("keys/acme")).unwrap();
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    assert!(
+        out.stderr.contains("portals.acme.api_key") && out.stderr.contains("keys/acme"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_prints_the_plan_with_three_next_times_and_what_it_found() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let path = h.write_config("[schedules.weekly]\ncron = \"0 3 * * Mon\"\ntimezone = \"Europe/Berlin\"\njitter = \"10m\"\n", &["plain"]);
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "sinks = [\"plain\"]",
+        "schedule = \"weekly\"\nsinks = [\"plain\"]",
+    );
+    write_private(&path, &text);
+    let out = h.run(&["check", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let p = &doc["portals"][0];
+    assert_eq!(p["schedule"]["next"].as_array().unwrap().len(), 3);
+    assert_eq!(p["codes"]["unused"], 5);
+    assert_eq!(p["account"]["email"], "acme@example.com");
+    assert_eq!(p["ok"], true);
+    let text = h.run(&["check"]).await.stdout;
+    assert!(
+        text.contains("next rotations:")
+            && text.contains("codes: 5/5 unused")
+            && text.contains("preflight: ok"),
+        "{text}"
+    );
+    assert_eq!(h.sim.count("PUT"), 0, "check never rotates");
+    assert!(!h.path("state").exists(), "check never writes the state");
+    assert!(
+        h.plain_sink("codes/acme.txt").is_none(),
+        "check never writes a sink"
+    );
+    // A failing preflight is exit 1.
+    h.sim.set_tfa_app_enabled(false);
+    let out = h.run(&["check"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stdout
+            .contains("TFA application settings are not available"),
+        "{}",
+        out.stdout
+    );
+}

@@ -14,7 +14,10 @@ async fn rotated_once() -> (Harness, age::x25519::Identity, Vec<String>) {
     let mut h = Harness::new().await;
     h.add_portal("acme");
     let id = age::x25519::Identity::generate();
-    let extra = format!("[sinks.vault]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n", id.to_public());
+    let extra = format!(
+        "[sinks.vault]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n",
+        id.to_public()
+    );
     h.write_config(&extra, &["plain", "vault"]);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
@@ -25,7 +28,10 @@ async fn rotated_once() -> (Harness, age::x25519::Identity, Vec<String>) {
 fn sinks_hold(h: &Harness, id: &age::x25519::Identity) -> (Vec<String>, Vec<String>) {
     let plain = h.plain_sink("codes/acme.txt").unwrap_or_default();
     let sealed = std::fs::read(h.path("codes/acme.age")).unwrap_or_default();
-    (plain, codes_in(&crate::suite::file_sink::age_decrypt(&sealed, id)))
+    (
+        plain,
+        codes_in(&crate::suite::file_sink::age_decrypt(&sealed, id)),
+    )
 }
 
 async fn assert_settled(h: &Harness, id: &age::x25519::Identity, first: &[String], label: &str) {
@@ -33,20 +39,48 @@ async fn assert_settled(h: &Harness, id: &age::x25519::Identity, first: &[String
     assert_eq!(out.code, Some(0), "{label}: deliver: {}", out.all());
     let accepted = h.accepted("acme");
     let (plain, vault) = sinks_hold(h, id);
-    assert_eq!(plain, accepted, "{label}: the plain sink holds the accepted set");
-    assert_eq!(vault, accepted, "{label}: the age sink holds the accepted set");
+    assert_eq!(
+        plain, accepted,
+        "{label}: the plain sink holds the accepted set"
+    );
+    assert_eq!(
+        vault, accepted,
+        "{label}: the age sink holds the accepted set"
+    );
     if accepted != first {
-        assert!(!h.sim.login(&Harness::email("acme"), &first[0]), "{label}: an old code is dead");
+        assert!(
+            !h.sim.login(&Harness::email("acme"), &first[0]),
+            "{label}: an old code is dead"
+        );
     }
     let status: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
-    assert!(status["portals"][0]["pending_deliveries"].as_array().unwrap().is_empty(), "{label}: nothing pending");
+    assert!(
+        status["portals"][0]["pending_deliveries"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{label}: nothing pending"
+    );
     let again = h.run(&["deliver"]).await;
-    assert!(again.stdout.contains("nothing pending"), "{label}: the journal is closed: {}", again.all());
+    assert!(
+        again.stdout.contains("nothing pending"),
+        "{label}: the journal is closed: {}",
+        again.all()
+    );
     // The portal rotates normally afterwards.
     let out = h.run(&["rotate", "acme", "--force"]).await;
-    assert_eq!(out.code, Some(0), "{label}: rotate after recovery: {}", out.all());
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{label}: rotate after recovery: {}",
+        out.all()
+    );
     let (plain, vault) = sinks_hold(h, id);
-    assert_eq!((plain.clone(), vault), (h.accepted("acme"), h.accepted("acme")), "{label}");
+    assert_eq!(
+        (plain.clone(), vault),
+        (h.accepted("acme"), h.accepted("acme")),
+        "{label}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -60,8 +94,18 @@ async fn abort_at_every_step_loses_nothing() {
     ];
     let runs = steps.iter().map(|(point, rotates)| async move {
         let (h, id, first) = rotated_once().await;
-        let out = h.run_env(&["rotate", "acme", "--force"], &[("TFA_ROTATOR_ABORT_AT", point)]).await;
-        assert_eq!(out.code, None, "{point}: the process was killed: {}", out.all());
+        let out = h
+            .run_env(
+                &["rotate", "acme", "--force"],
+                &[("TFA_ROTATOR_ABORT_AT", point)],
+            )
+            .await;
+        assert_eq!(
+            out.code,
+            None,
+            "{point}: the process was killed: {}",
+            out.all()
+        );
         assert_eq!(h.sim.rotations(), if *rotates { 2 } else { 1 }, "{point}");
         assert_settled(&h, &id, &first, point).await;
     });
@@ -73,25 +117,41 @@ async fn sigkill_during_the_put_loses_nothing() {
     let (h, id, first) = rotated_once().await;
     h.sim.inject(Fault::on_put(FaultAction::HangAfterApply));
     let mut child = h.spawn(&["rotate", "acme", "--force"], &[]);
-    assert!(wait_for(Duration::from_secs(20), || h.sim.rotations() == 2).await, "the PUT reached the portal");
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() == 2).await,
+        "the PUT reached the portal"
+    );
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
-    assert_ne!(h.accepted("acme"), first, "the portal holds a set nobody has seen");
+    assert_ne!(
+        h.accepted("acme"),
+        first,
+        "the portal holds a set nobody has seen"
+    );
     assert_settled(&h, &id, &first, "during the PUT").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_next_rotate_settles_an_open_intent_before_its_own_put() {
     let (h, id, first) = rotated_once().await;
-    let out = h.run_env(&["rotate", "acme", "--force"], &[("TFA_ROTATOR_ABORT_AT", "rotation::after_put")]).await;
+    let out = h
+        .run_env(
+            &["rotate", "acme", "--force"],
+            &[("TFA_ROTATOR_ABORT_AT", "rotation::after_put")],
+        )
+        .await;
     assert_eq!(out.code, None);
     let orphan = h.accepted("acme");
     assert_ne!(orphan, first);
     // No `deliver`: the next rotate first delivers the orphaned set, then makes a new one.
     let out = h.run(&["rotate", "acme", "--force"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(out.stdout.contains("recovered") || out.stdout.contains("delivered"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("recovered") || out.stdout.contains("delivered"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(h.sim.rotations(), 3);
     let (plain, vault) = sinks_hold(&h, &id);
     assert_eq!(plain, h.accepted("acme"));
@@ -101,15 +161,31 @@ async fn the_next_rotate_settles_an_open_intent_before_its_own_put() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_delivery_stays_sealed_until_deliver_succeeds() {
     let (h, id, first) = rotated_once().await;
-    let out = h.run_env(&["rotate", "acme", "--force"], &[("FAILPOINTS", "file_sink::before_rename=return")]).await;
-    assert_eq!(out.code, Some(1), "a delivery left pending is a failure: {}", out.all());
+    let out = h
+        .run_env(
+            &["rotate", "acme", "--force"],
+            &[("FAILPOINTS", "file_sink::before_rename=return")],
+        )
+        .await;
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a delivery left pending is a failure: {}",
+        out.all()
+    );
     assert!(out.stdout.contains("pending"), "{}", out.stdout);
     let (plain, _) = sinks_hold(&h, &id);
     assert_eq!(plain, first, "the sink still holds the old file");
     let status = h.run(&["status", "--json"]).await;
     assert_eq!(status.code, Some(1));
     let doc: Value = serde_json::from_str(&status.stdout).unwrap();
-    assert_eq!(doc["portals"][0]["pending_deliveries"].as_array().unwrap().len(), 2);
-    assert!(h.state_bytes().len() > 0);
+    assert_eq!(
+        doc["portals"][0]["pending_deliveries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(!h.state_bytes().is_empty());
     assert_settled(&h, &id, &first, "failed delivery").await;
 }

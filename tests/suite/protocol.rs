@@ -25,15 +25,26 @@ async fn rotate_delivers_the_set_the_portal_accepts_and_old_codes_die() {
     assert_eq!(delivered, h.accepted("acme"));
     assert_eq!(delivered.len(), 5);
     assert!(old.iter().all(|c| !delivered.contains(c)));
-    assert!(!h.sim.login(&Harness::email("acme"), &old[0]), "an old code no longer works");
-    assert!(h.sim.login(&Harness::email("acme"), &delivered[0]), "a delivered code works");
+    assert!(
+        !h.sim.login(&Harness::email("acme"), &old[0]),
+        "an old code no longer works"
+    );
+    assert!(
+        h.sim.login(&Harness::email("acme"), &delivered[0]),
+        "a delivered code works"
+    );
     assert_eq!(h.sim.rotations(), 1);
     assert!(out.stdout.contains("acme: rotated"), "{}", out.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn any_count_and_length_reach_plain_and_encrypted_sinks() {
-    let mut h = Harness::with(SimConfig { codes: 7, code_length: 8, ..SimConfig::default() }).await;
+    let mut h = Harness::with(SimConfig {
+        codes: 7,
+        code_length: 8,
+        ..SimConfig::default()
+    })
+    .await;
     h.add_portal("acme");
     let id = age::x25519::Identity::generate();
     let extra = format!(
@@ -48,18 +59,29 @@ async fn any_count_and_length_reach_plain_and_encrypted_sinks() {
     assert!(accepted.iter().all(|c| c.len() == 8));
     assert_eq!(h.plain_sink("codes/acme.txt").unwrap(), accepted);
     let sealed = std::fs::read(h.path("codes/acme.age")).unwrap();
-    assert_eq!(codes_in(&crate::suite::file_sink::age_decrypt(&sealed, &id)), accepted);
+    assert_eq!(
+        codes_in(&crate::suite::file_sink::age_decrypt(&sealed, &id)),
+        accepted
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_put_answer_is_resolved_by_get() {
-    for fault in [FaultAction::ResetAfterApply, FaultAction::BadGatewayAfterApply, FaultAction::MalformedAfterApply] {
+    for fault in [
+        FaultAction::ResetAfterApply,
+        FaultAction::BadGatewayAfterApply,
+        FaultAction::MalformedAfterApply,
+    ] {
         let h = one_portal().await;
         h.sim.inject(Fault::on_put(fault.clone()));
         let out = h.run(&["rotate", "acme"]).await;
         assert_eq!(out.code, Some(0), "{fault:?}: {}", out.all());
         assert_eq!(h.sim.count("PUT"), 1, "the PUT is never retried");
-        assert_eq!(h.plain_sink("codes/acme.txt").unwrap(), h.accepted("acme"), "{fault:?}");
+        assert_eq!(
+            h.plain_sink("codes/acme.txt").unwrap(),
+            h.accepted("acme"),
+            "{fault:?}"
+        );
     }
 }
 
@@ -68,7 +90,9 @@ async fn put_timing_out_after_the_change_is_resolved_by_get() {
     let mut h = Harness::new().await;
     h.add_portal("acme");
     let path = h.write_config("", &["plain"]);
-    let text = std::fs::read_to_string(&path).unwrap().replace("http_timeout = \"3s\"", "http_timeout = \"1s\"");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("http_timeout = \"3s\"", "http_timeout = \"1s\"");
     write_private(&path, &text);
     h.sim.inject(Fault::on_put(FaultAction::HangAfterApply));
     let out = h.run(&["rotate", "acme"]).await;
@@ -86,7 +110,10 @@ async fn server_error_before_the_change_rotates_nothing_and_is_recorded() {
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(out.all().contains("HTTP 500"), "{}", out.all());
     assert_eq!(h.accepted("acme"), before);
-    assert!(h.plain_sink("codes/acme.txt").is_none(), "nothing to deliver");
+    assert!(
+        h.plain_sink("codes/acme.txt").is_none(),
+        "nothing to deliver"
+    );
     let status = h.run(&["status", "--json"]).await;
     let doc: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(doc["portals"][0]["last_result"], "failed");
@@ -103,7 +130,8 @@ async fn server_error_before_the_change_rotates_nothing_and_is_recorded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limit_then_success() {
     let h = one_portal().await;
-    h.sim.inject(Fault::on_get_codes(FaultAction::RateLimited(1)));
+    h.sim
+        .inject(Fault::on_get_codes(FaultAction::RateLimited(1)));
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(h.sim.log().iter().any(|r| r.status == 429));
@@ -124,7 +152,10 @@ async fn preflight_failure_sends_no_put() {
     h.add_portal("acme");
     // The key file names a key the portal does not know.
     h.write_config("", &["plain"]);
-    write_private(&h.path("keys/acme"), &format!("{}\n", tfa_rotator::simulator::new_api_key()));
+    write_private(
+        &h.path("keys/acme"),
+        &format!("{}\n", tfa_rotator::simulator::new_api_key()),
+    );
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1));
     assert!(out.all().contains("unauthorized"), "{}", out.all());
@@ -135,8 +166,14 @@ async fn preflight_failure_sends_no_put() {
 async fn min_interval_skips_unless_forced() {
     let mut h = Harness::new().await;
     h.add_portal("acme");
-    let path = h.write_config("[schedules.daily]\ncron = \"@daily\"\nmin_interval = \"1h\"\n", &["plain"]);
-    let text = std::fs::read_to_string(&path).unwrap().replace("sinks = [\"plain\"]", "schedule = \"daily\"\nsinks = [\"plain\"]");
+    let path = h.write_config(
+        "[schedules.daily]\ncron = \"@daily\"\nmin_interval = \"1h\"\n",
+        &["plain"],
+    );
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "sinks = [\"plain\"]",
+        "schedule = \"daily\"\nsinks = [\"plain\"]",
+    );
     write_private(&path, &text);
     assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
     let out = h.run(&["rotate", "acme"]).await;
@@ -155,7 +192,11 @@ async fn usage_errors_exit_2() {
     assert_eq!(h.run(&["rotate"]).await.code, Some(2));
     let out = h.run(&["rotate", "nope"]).await;
     assert_eq!(out.code, Some(2));
-    assert!(out.stderr.contains("nope") && out.stderr.contains("acme"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("nope") && out.stderr.contains("acme"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(h.run(&["frobnicate"]).await.code, Some(2));
     assert_eq!(h.sim.count("PUT"), 0);
 }
@@ -164,19 +205,36 @@ async fn usage_errors_exit_2() {
 async fn two_processes_never_rotate_one_portal_at_once() {
     let h = one_portal().await;
     // Slow PUTs widen the window in which the two would overlap.
-    h.sim.inject(Fault::on_put(FaultAction::DelayMs(400)).times(2));
+    h.sim
+        .inject(Fault::on_put(FaultAction::DelayMs(400)).times(2));
     let a = h.spawn(&["rotate", "acme", "--force"], &[]);
     let b = h.spawn(&["rotate", "acme", "--force"], &[]);
     let (a, b) = tokio::join!(a.wait_with_output(), b.wait_with_output());
     for o in [a.unwrap(), b.unwrap()] {
-        assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // Both rotated, one after the other: the intents never overlapped, and the sink holds the last set.
     assert_eq!(h.sim.count("PUT"), 2);
     let log = h.sim.log();
-    let puts: Vec<usize> = log.iter().enumerate().filter(|(_, r)| r.method == "PUT").map(|(i, _)| i).collect();
-    let gets_between = log[puts[0]..puts[1]].iter().filter(|r| r.path.ends_with("tfaappcodes")).count();
-    assert!(gets_between >= 1, "the second preflight ran after the first PUT finished");
+    let puts: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.method == "PUT")
+        .map(|(i, _)| i)
+        .collect();
+    let gets_between = log[puts[0]..puts[1]]
+        .iter()
+        .filter(|r| r.path.ends_with("tfaappcodes"))
+        .count();
+    assert!(
+        gets_between >= 1,
+        "the second preflight ran after the first PUT finished"
+    );
     assert_eq!(h.plain_sink("codes/acme.txt").unwrap(), h.accepted("acme"));
 }
 
@@ -203,10 +261,17 @@ async fn many_portals_rotate_concurrently_within_the_limit() {
     }
     h.write_config("", &["plain"]);
     let path = h.config();
-    let text = std::fs::read_to_string(&path).unwrap().replace("[daemon]\n", "[daemon]\nmax_concurrent = 4\n");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[daemon]\n", "[daemon]\nmax_concurrent = 4\n");
     write_private(&path, &text);
     // Every PUT takes 100 ms: 40 sequential rotations would take 4 s.
-    h.sim.inject(Fault { method: Some("PUT".into()), path_suffix: None, action: FaultAction::DelayMs(100), times: 40 });
+    h.sim.inject(Fault {
+        method: Some("PUT".into()),
+        path_suffix: None,
+        action: FaultAction::DelayMs(100),
+        times: 40,
+    });
     let started = std::time::Instant::now();
     let out = h.run(&["rotate", "--all", "--json"]).await;
     let took = started.elapsed();
@@ -215,17 +280,30 @@ async fn many_portals_rotate_concurrently_within_the_limit() {
     assert_eq!(doc["portals"].as_array().unwrap().len(), 40);
     for i in 0..40 {
         let p = format!("p{i:02}");
-        assert_eq!(h.plain_sink(&format!("codes/{p}.txt")).unwrap(), h.accepted(&p), "{p}");
+        assert_eq!(
+            h.plain_sink(&format!("codes/{p}.txt")).unwrap(),
+            h.accepted(&p),
+            "{p}"
+        );
     }
-    assert!(took < Duration::from_millis(3500), "concurrent: took {took:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "concurrent: took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_last_rotation_unused_codes_and_next_time() {
     let mut h = Harness::new().await;
     h.add_portal("acme");
-    let path = h.write_config("[schedules.weekly]\ncron = \"0 3 * * Mon\"\ntimezone = \"Europe/Berlin\"\n", &["plain"]);
-    let text = std::fs::read_to_string(&path).unwrap().replace("sinks = [\"plain\"]", "schedule = \"weekly\"\nsinks = [\"plain\"]");
+    let path = h.write_config(
+        "[schedules.weekly]\ncron = \"0 3 * * Mon\"\ntimezone = \"Europe/Berlin\"\n",
+        &["plain"],
+    );
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "sinks = [\"plain\"]",
+        "schedule = \"weekly\"\nsinks = [\"plain\"]",
+    );
     write_private(&path, &text);
     assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
     let out = h.run(&["status", "--json"]).await;

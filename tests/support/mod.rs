@@ -41,7 +41,12 @@ pub struct Harness {
 pub fn write_private(path: &Path, text: &str) {
     use std::io::Write;
     let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
 
@@ -51,12 +56,23 @@ impl Harness {
     }
 
     pub async fn with(config: SimConfig) -> Self {
-        let dir = tempfile::Builder::new().prefix("tfa-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("tfa-test-")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::create_dir(dir.path().join("codes")).unwrap();
-        std::fs::set_permissions(dir.path().join("codes"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("codes"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
         let sim = Simulator::start(config).await.unwrap();
-        Self { dir, sim, keys: BTreeMap::new() }
+        Self {
+            dir,
+            sim,
+            keys: BTreeMap::new(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -65,7 +81,9 @@ impl Harness {
 
     /// Adds an account for `portal` at the simulator; its key goes to `keys/PORTAL`.
     pub fn add_portal(&mut self, portal: &str) -> String {
-        let key = self.sim.add_user(UserSpec::new(&format!("{portal}@example.com")));
+        let key = self
+            .sim
+            .add_user(UserSpec::new(&format!("{portal}@example.com")));
         std::fs::create_dir_all(self.path("keys")).unwrap();
         write_private(&self.path(&format!("keys/{portal}")), &format!("{key}\n"));
         self.keys.insert(portal.to_string(), key.clone());
@@ -78,7 +96,11 @@ impl Harness {
 
     /// `[portals.NAME]` entries for every added portal, with these sinks.
     pub fn portals_toml(&self, sinks: &[&str]) -> String {
-        let list = sinks.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+        let list = sinks
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         self.keys
             .keys()
             .map(|p| format!("[portals.{p}]\nurl = \"{}\"\napi_key = {{ file = \"keys/{p}\" }}\nsinks = [{list}]\n\n", self.sim.url()))
@@ -121,18 +143,31 @@ impl Harness {
     pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(BIN);
         cmd.arg("--config").arg(self.config()).args(args);
-        cmd.env_remove("TFA_ROTATOR_CONFIG").env_remove("FAILPOINTS").env_remove("TFA_ROTATOR_ABORT_AT");
-        cmd.env_remove("STATE_DIRECTORY").env_remove("TFA_ROTATOR_LOG");
+        cmd.env_remove("TFA_ROTATOR_CONFIG")
+            .env_remove("FAILPOINTS")
+            .env_remove("TFA_ROTATOR_ABORT_AT");
+        cmd.env_remove("STATE_DIRECTORY")
+            .env_remove("TFA_ROTATOR_LOG");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.current_dir(self.dir.path()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        cmd.current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         cmd.spawn().unwrap()
     }
 
     /// The unused codes the simulator accepts now for `portal`.
     pub fn accepted(&self, portal: &str) -> Vec<String> {
-        let mut v: Vec<String> = self.sim.codes(&self.keys[portal]).into_iter().filter(|(_, u)| !u).map(|(c, _)| c).collect();
+        let mut v: Vec<String> = self
+            .sim
+            .codes(&self.keys[portal])
+            .into_iter()
+            .filter(|(_, u)| !u)
+            .map(|(c, _)| c)
+            .collect();
         v.sort();
         v
     }
@@ -159,7 +194,11 @@ impl Harness {
 
 /// Codes in a rendered payload: every line that is not a comment.
 pub fn codes_in(text: &str) -> Vec<String> {
-    let mut v: Vec<String> = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_string).collect();
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
     v.sort();
     v
 }
@@ -206,13 +245,43 @@ pub fn gpg_keys() -> &'static GpgKeys {
         let gpg = Gpg::new();
         let out = gpg.home.path().join("exported");
         std::fs::create_dir(&out).unwrap();
-        let ed = gpg.generate("Ed Owner <ed@example.com>", "future-default", "default", "never", None);
-        let rsa = gpg.generate("Rsa Owner <rsa@example.com>", "rsa3072", "sign", "never", None);
+        let ed = gpg.generate(
+            "Ed Owner <ed@example.com>",
+            "future-default",
+            "default",
+            "never",
+            None,
+        );
+        let rsa = gpg.generate(
+            "Rsa Owner <rsa@example.com>",
+            "rsa3072",
+            "sign",
+            "never",
+            None,
+        );
         gpg.add_subkey(&rsa, "rsa3072", "encr");
-        let expired = gpg.generate("Old Owner <old@example.com>", "ed25519", "default", "1d", Some("20200101T000000"));
-        let revoked = gpg.generate("Gone Owner <gone@example.com>", "future-default", "default", "never", None);
+        let expired = gpg.generate(
+            "Old Owner <old@example.com>",
+            "ed25519",
+            "default",
+            "1d",
+            Some("20200101T000000"),
+        );
+        let revoked = gpg.generate(
+            "Gone Owner <gone@example.com>",
+            "future-default",
+            "default",
+            "never",
+            None,
+        );
         gpg.revoke(&revoked);
-        let sign_only = gpg.generate("Sign Owner <sign@example.com>", "ed25519", "sign", "never", None);
+        let sign_only = gpg.generate(
+            "Sign Owner <sign@example.com>",
+            "ed25519",
+            "sign",
+            "never",
+            None,
+        );
         let export = |fpr: &str, name: &str| {
             let p = out.join(name);
             gpg.export(fpr, &p);
@@ -231,45 +300,99 @@ pub fn gpg_keys() -> &'static GpgKeys {
 
 impl Gpg {
     pub fn new() -> Self {
-        let home = tempfile::Builder::new().prefix("tfa-gpg-").tempdir().unwrap();
+        let home = tempfile::Builder::new()
+            .prefix("tfa-gpg-")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         Self { home }
     }
 
     fn cmd(&self) -> std::process::Command {
         let mut c = std::process::Command::new("gpg");
-        c.arg("--homedir").arg(self.home.path()).args(["--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", ""]);
+        c.arg("--homedir").arg(self.home.path()).args([
+            "--batch",
+            "--yes",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ]);
         c
     }
 
-    pub fn generate(&self, uid: &str, algo: &str, usage: &str, expire: &str, faked: Option<&str>) -> String {
+    pub fn generate(
+        &self,
+        uid: &str,
+        algo: &str,
+        usage: &str,
+        expire: &str,
+        faked: Option<&str>,
+    ) -> String {
         let mut c = self.cmd();
         if let Some(t) = faked {
             c.arg("--faked-system-time").arg(t);
         }
-        let st = c.args(["--quick-generate-key", uid, algo, usage, expire]).output().unwrap();
-        assert!(st.status.success(), "gpg key generation: {}", String::from_utf8_lossy(&st.stderr));
-        let list = self.cmd().args(["--with-colons", "--list-keys", uid]).output().unwrap();
+        let st = c
+            .args(["--quick-generate-key", uid, algo, usage, expire])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "gpg key generation: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let list = self
+            .cmd()
+            .args(["--with-colons", "--list-keys", uid])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&list.stdout);
-        text.lines().find(|l| l.starts_with("fpr:")).and_then(|l| l.split(':').nth(9)).unwrap().to_string()
+        text.lines()
+            .find(|l| l.starts_with("fpr:"))
+            .and_then(|l| l.split(':').nth(9))
+            .unwrap()
+            .to_string()
     }
 
     pub fn add_subkey(&self, fpr: &str, algo: &str, usage: &str) {
-        let st = self.cmd().args(["--quick-add-key", fpr, algo, usage, "never"]).output().unwrap();
-        assert!(st.status.success(), "gpg add subkey: {}", String::from_utf8_lossy(&st.stderr));
+        let st = self
+            .cmd()
+            .args(["--quick-add-key", fpr, algo, usage, "never"])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "gpg add subkey: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
 
     pub fn revoke(&self, fpr: &str) {
-        let rev = self.home.path().join("openpgp-revocs.d").join(format!("{fpr}.rev"));
-        let text = std::fs::read_to_string(&rev).unwrap().replace(":-----BEGIN", "-----BEGIN");
+        let rev = self
+            .home
+            .path()
+            .join("openpgp-revocs.d")
+            .join(format!("{fpr}.rev"));
+        let text = std::fs::read_to_string(&rev)
+            .unwrap()
+            .replace(":-----BEGIN", "-----BEGIN");
         let fixed = self.home.path().join("rev.asc");
         std::fs::write(&fixed, text).unwrap();
         let st = self.cmd().arg("--import").arg(&fixed).output().unwrap();
-        assert!(st.status.success(), "gpg revoke: {}", String::from_utf8_lossy(&st.stderr));
+        assert!(
+            st.status.success(),
+            "gpg revoke: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
 
     pub fn export(&self, fpr: &str, path: &Path) {
-        let st = self.cmd().args(["--armor", "--export", fpr]).output().unwrap();
+        let st = self
+            .cmd()
+            .args(["--armor", "--export", fpr])
+            .output()
+            .unwrap();
         assert!(st.status.success() && !st.stdout.is_empty());
         std::fs::write(path, st.stdout).unwrap();
     }
