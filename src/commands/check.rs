@@ -38,9 +38,10 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         }
     }
     if let Some(pw) = config.smtp.as_ref().and_then(|s| s.password.as_ref())
-        && let Err(e) = pw.value.resolve() {
-            issues.push(config.issue(Some(pw.loc), "smtp.password", e));
-        }
+        && let Err(e) = pw.value.resolve()
+    {
+        issues.push(config.issue(Some(pw.loc), "smtp.password", e));
+    }
     if !issues.is_empty() {
         eprintln!(
             "error: the configuration is invalid ({} error(s))",
@@ -167,9 +168,10 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
     }
     for s in &pc.sinks {
         if let Some(sink) = engine.sinks.get(s)
-            && let Err(e) = sink.preflight(&pc.name).await {
-                problems.push(e.to_string());
-            }
+            && let Err(e) = sink.preflight(&pc.name).await
+        {
+            problems.push(e.to_string());
+        }
     }
     out["ok"] = json!(problems.is_empty());
     out["problems"] = json!(problems);

@@ -414,9 +414,10 @@ pub(super) fn validate(
         Duration::from_secs(30),
     );
     if http_timeout.is_zero()
-        && let Some(s) = &rd.http_timeout {
-            cx.err(&s.span(), "daemon.http_timeout", "must be longer than zero");
-        }
+        && let Some(s) = &rd.http_timeout
+    {
+        cx.err(&s.span(), "daemon.http_timeout", "must be longer than zero");
+    }
     let daemon = DaemonConfig {
         state_dir,
         metrics,
@@ -511,13 +512,14 @@ pub(super) fn validate(
             Duration::from_secs(6 * 3600),
         );
         if watch_every < Duration::from_secs(1)
-            && let Some(w) = &r.watch_every {
-                cx.err(
-                    &w.span(),
-                    &format!("{key}.watch_every"),
-                    "must be at least 1s",
-                );
-            }
+            && let Some(w) = &r.watch_every
+        {
+            cx.err(
+                &w.span(),
+                &format!("{key}.watch_every"),
+                "must be at least 1s",
+            );
+        }
         let below = r.rotate_when_unused_below.as_ref().and_then(|n| {
             if (1..=10_000).contains(n.get_ref()) {
                 Some(*n.get_ref() as usize)

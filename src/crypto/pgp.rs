@@ -101,12 +101,13 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
     let primary_sig =
         latest(&self_sigs).ok_or_else(|| ctx("the key has no self-signature".into()))?;
     if let Some(exp) = expiry(created, &primary_sig)
-        && exp <= now {
-            return Err(ctx(format!(
-                "the key expired on {}",
-                chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
-            )));
-        }
+        && exp <= now
+    {
+        return Err(ctx(format!(
+            "the key expired on {}",
+            chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
+        )));
+    }
     let emails: Vec<String> = key
         .details
         .users
@@ -166,12 +167,13 @@ fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<(), String>
     }
     let created: SystemTime = sk.key.created_at().into();
     if let Some(exp) = expiry(created, &sig)
-        && exp <= now {
-            return Err(format!(
-                "the encryption subkey expired on {}",
-                chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
-            ));
-        }
+        && exp <= now
+    {
+        return Err(format!(
+            "the encryption subkey expired on {}",
+            chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
+        ));
+    }
     Ok(())
 }
 

@@ -137,6 +137,8 @@ pub enum FaultAction {
     RateLimited(u64),
     /// Answer 200 with a body of 2 MiB.
     HugeBody,
+    /// Apply, then wait this long before answering normally.
+    DelayAfterApplyMs(u64),
 }
 
 /// A fault injected into matching requests.
@@ -479,6 +481,7 @@ fn codes_json(codes: &[(String, bool)]) -> Value {
 
 enum After {
     Answer,
+    Late(u64),
     Hang,
     Reset,
     BadGateway,
@@ -522,6 +525,7 @@ async fn handle(
             record(&inner, &method, &path, 200, false);
             return json_response(StatusCode::OK, Value::String("x".repeat(2 * 1024 * 1024)));
         }
+        Some(FaultAction::DelayAfterApplyMs(ms)) => after = After::Late(ms),
         Some(FaultAction::HangAfterApply) => after = After::Hang,
         Some(FaultAction::ResetAfterApply) => after = After::Reset,
         Some(FaultAction::BadGatewayAfterApply) => after = After::BadGateway,
@@ -536,6 +540,11 @@ async fn handle(
     match after {
         After::Answer => {
             record(&inner, &method, &path, resp.status().as_u16(), applied);
+            resp
+        }
+        After::Late(ms) => {
+            record(&inner, &method, &path, resp.status().as_u16(), applied);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             resp
         }
         After::Hang => {
@@ -625,36 +634,37 @@ fn route(
         );
     }
     if method == Method::POST
-        && let Some(code) = p.strip_prefix("/api/2.0/authentication/") {
-            let user: String = serde_json::from_slice::<Value>(body)
-                .ok()
-                .and_then(|v| {
-                    v.get("userName")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or_default();
-            return if login(s, &user, code) {
-                (
-                    envelope(
-                        &base,
-                        path,
-                        method,
-                        json!({"token": new_guid(), "expires": "2099-01-01T00:00:00.0000000+00:00"}),
-                    ),
-                    false,
-                )
-            } else {
-                (
-                    error_envelope(
-                        StatusCode::UNAUTHORIZED,
-                        "User authentication failed",
-                        "System.Security.Authentication.AuthenticationException",
-                    ),
-                    false,
-                )
-            };
-        }
+        && let Some(code) = p.strip_prefix("/api/2.0/authentication/")
+    {
+        let user: String = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| {
+                v.get("userName")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        return if login(s, &user, code) {
+            (
+                envelope(
+                    &base,
+                    path,
+                    method,
+                    json!({"token": new_guid(), "expires": "2099-01-01T00:00:00.0000000+00:00"}),
+                ),
+                false,
+            )
+        } else {
+            (
+                error_envelope(
+                    StatusCode::UNAUTHORIZED,
+                    "User authentication failed",
+                    "System.Security.Authentication.AuthenticationException",
+                ),
+                false,
+            )
+        };
+    }
 
     // Everything else needs an API key.
     let key = headers

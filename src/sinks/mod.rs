@@ -8,6 +8,7 @@
 //! [`build`] turns the config's sinks into ready [`Sink`]s, reading and checking keys; its
 //! errors carry the config location of the key that failed.
 
+pub mod email;
 pub mod file;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ use crate::crypto::pgp::{self, PgpKey};
 use crate::docspace::Account;
 use crate::secret::{CodeSet, ExposeSecret};
 
+pub use email::EmailSink;
 pub use file::FileSink;
 
 /// A sink could not be prepared or could not seal.
@@ -116,10 +118,66 @@ impl Delivery<'_> {
     }
 }
 
+impl Delivery<'_> {
+    /// The subject of a mail carrying this set (it travels encrypted).
+    pub fn subject(&self) -> String {
+        let what = if self.rotated { "New" } else { "Current" };
+        format!(
+            "{what} two-factor backup codes for {} ({})",
+            self.portal, self.account.email
+        )
+    }
+
+    /// The body of a mail carrying this set: who, where, when, then the codes.
+    pub fn render_mail(&self) -> Zeroizing<String> {
+        let mut s = Zeroizing::new(String::new());
+        let who = if self.account.display_name.is_empty() {
+            self.account.email.clone()
+        } else {
+            format!("{} <{}>", self.account.display_name, self.account.email)
+        };
+        let what = if self.rotated { "New" } else { "The current" };
+        let _ = writeln!(
+            s,
+            "{what} two-factor backup codes for your ONLYOFFICE DocSpace account.\n"
+        );
+        let _ = writeln!(s, "Portal:  {} ({})", self.portal, self.url);
+        let _ = writeln!(s, "Account: {who}");
+        let _ = writeln!(s, "Issued:  {}\n", self.at.format("%Y-%m-%d %H:%M:%S UTC"));
+        if self.rotated {
+            let _ = writeln!(
+                s,
+                "Each code works once. The previous codes no longer work.\n"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "Each code works once. These are the codes valid now, sent again.\n"
+            );
+        }
+        for c in self.codes.iter().filter(|c| !c.used) {
+            s.push_str("    ");
+            s.push_str(c.code.expose_secret());
+            s.push('\n');
+        }
+        let used = self.codes.total() - self.codes.unused();
+        if used > 0 {
+            let _ = writeln!(s, "\n({used} code(s) already used are not listed.)");
+        }
+        let _ = writeln!(
+            s,
+            "\nKeep them somewhere safe and offline.\n-- \ntfa-rotator"
+        );
+        s
+    }
+}
+
 /// A ready sink.
 pub enum Sink {
     /// A file.
     File(FileSink),
+    /// PGP/MIME email.
+    Email(EmailSink),
 }
 
 impl Sink {
@@ -127,6 +185,7 @@ impl Sink {
     pub fn name(&self) -> &str {
         match self {
             Sink::File(f) => &f.name,
+            Sink::Email(e) => &e.name,
         }
     }
 
@@ -134,6 +193,7 @@ impl Sink {
     pub fn encrypted(&self) -> bool {
         match self {
             Sink::File(f) => f.encrypted(),
+            Sink::Email(_) => true,
         }
     }
 
@@ -141,6 +201,7 @@ impl Sink {
     pub fn describe(&self, portal: &str) -> String {
         match self {
             Sink::File(f) => f.describe(portal),
+            Sink::Email(e) => e.describe(),
         }
     }
 
@@ -148,14 +209,18 @@ impl Sink {
     pub async fn preflight(&self, portal: &str) -> Result<(), SinkError> {
         match self {
             Sink::File(f) => f.preflight(portal),
+            Sink::Email(e) => e.preflight().await,
         }
     }
 
     /// The bytes to deliver.
     pub fn seal(&self, d: &Delivery<'_>) -> Result<Vec<u8>, SinkError> {
-        let text = d.render();
         match self {
-            Sink::File(f) => f.seal(text.as_bytes()),
+            Sink::File(f) => f.seal(d.render().as_bytes()),
+            Sink::Email(e) => e.seal(&email::Letter {
+                subject: d.subject(),
+                body: &d.render_mail(),
+            }),
         }
     }
 
@@ -163,6 +228,7 @@ impl Sink {
     pub async fn deliver(&self, portal: &str, payload: &[u8]) -> Result<(), DeliveryError> {
         match self {
             Sink::File(f) => f.deliver(portal, payload),
+            Sink::Email(e) => e.deliver(payload).await,
         }
     }
 }
@@ -201,6 +267,16 @@ fn load_pgp(
 pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let mut by_name = BTreeMap::new();
+    let smtp = match &config.smtp {
+        None => None,
+        Some(c) => match email::Smtp::build(c) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                issues.push(config.issue(None, "smtp", e));
+                None
+            }
+        },
+    };
     for (name, sc) in &config.sinks {
         let sink = match &sc.kind {
             SinkKind::File(fc) => {
@@ -221,13 +297,20 @@ pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
                 };
                 cipher.map(|c| Sink::File(FileSink::new(name, fc, c)))
             }
-            SinkKind::Email(_) => {
-                issues.push(config.issue(
-                    None,
-                    format!("sinks.{name}"),
-                    "email sinks are not available in this build",
-                ));
-                None
+            SinkKind::Email(ec) => {
+                let before = issues.len();
+                let keys = load_pgp(config, name, &ec.pgp_keys, &mut issues);
+                match (&smtp, issues.len() == before) {
+                    (Some(smtp), true) => match EmailSink::new(name, &ec.to, keys, smtp.clone()) {
+                        Ok(s) => Some(Sink::Email(s)),
+                        Err(e) => {
+                            let loc = ec.pgp_keys.first().map(|k| k.loc);
+                            issues.push(config.issue(loc, format!("sinks.{name}.pgp_keys"), e));
+                            None
+                        }
+                    },
+                    _ => None,
+                }
             }
         };
         if let Some(s) = sink {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod smtp;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -227,6 +229,8 @@ pub struct Gpg {
 /// Test keys, generated once per test binary.
 pub struct GpgKeys {
     pub gpg: Gpg,
+    pub ed_fpr: String,
+    pub rsa_fpr: String,
     /// ed25519 primary, cv25519 encryption subkey.
     pub ed: PathBuf,
     /// RSA-3072 with an encryption subkey.
@@ -288,6 +292,8 @@ pub fn gpg_keys() -> &'static GpgKeys {
             p
         };
         GpgKeys {
+            ed_fpr: ed.clone(),
+            rsa_fpr: rsa.clone(),
             ed: export(&ed, "ed.asc"),
             rsa: export(&rsa, "rsa.asc"),
             expired: export(&expired, "expired.asc"),
@@ -385,6 +391,34 @@ impl Gpg {
             "gpg revoke: {}",
             String::from_utf8_lossy(&st.stderr)
         );
+    }
+
+    /// A new home holding only this secret key, to prove one recipient can decrypt alone.
+    pub fn only(&self, fpr: &str) -> Gpg {
+        use std::io::Write;
+        let other = Gpg::new();
+        let secret = self
+            .cmd()
+            .args(["--armor", "--export-secret-keys", fpr])
+            .output()
+            .unwrap();
+        assert!(secret.status.success() && !secret.stdout.is_empty());
+        let mut child = other
+            .cmd()
+            .arg("--import")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&secret.stdout)
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        other
     }
 
     pub fn export(&self, fpr: &str, path: &Path) {

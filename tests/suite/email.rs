@@ -1,0 +1,367 @@
+//! The email sink against a real SMTP server on loopback (STARTTLS, AUTH), with GnuPG
+//! decrypting what arrived, for an ed25519/cv25519 key and an RSA-3072 key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tfa_rotator::simulator::{Fault, FaultAction};
+
+use crate::support::smtp::{self, Proxy, Smtpd};
+use crate::support::*;
+
+fn mail_config(h: &Harness, port: u16, security: &str, ca: &Path, to: &[&str], keys: &[&Path]) {
+    write_private(&h.path("smtp.pass"), &format!("{}\n", smtp::PASSWORD));
+    let list = |v: Vec<String>| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let extra = format!(
+        "[smtp]\nhost = \"localhost\"\nport = {port}\nsecurity = \"{security}\"\nusername = \"{}\"\npassword = {{ file = \"smtp.pass\" }}\nfrom = \"TFA Rotator <rotator@example.com>\"\nca_file = \"{}\"\ntimeout = \"5s\"\n\n[sinks.mail]\ntype = \"email\"\nto = [{}]\npgp_keys = [{}]\n",
+        smtp::USER,
+        ca.display(),
+        list(to.iter().map(|s| s.to_string()).collect()),
+        list(keys.iter().map(|k| k.display().to_string()).collect()),
+    );
+    h.write_config(&extra, &["mail"]);
+}
+
+async fn harness() -> Harness {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h
+}
+
+/// Outer headers, and the MIME parts (headers, body) of a multipart message.
+fn split_mime(data: &[u8]) -> (String, Vec<(String, String)>) {
+    let text = String::from_utf8_lossy(data).replace("\r\n", "\n");
+    let (headers, body) = text.split_once("\n\n").unwrap();
+    let unfolded = headers.replace("\n ", " ").replace("\n\t", " ");
+    let boundary = unfolded
+        .split("boundary=")
+        .nth(1)
+        .unwrap()
+        .split([';', '\n'])
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let parts = body
+        .split(&format!("--{boundary}"))
+        .skip(1)
+        .filter(|p| !p.starts_with("--"))
+        .map(|p| {
+            let p = p.trim_start_matches('\n');
+            let (h, b) = p.split_once("\n\n").unwrap_or((p, ""));
+            (h.to_string(), b.to_string())
+        })
+        .collect();
+    (unfolded, parts)
+}
+
+/// The codes in a decrypted mail body: the indented lines.
+fn mail_codes(plain: &str) -> Vec<String> {
+    let mut v: Vec<String> = plain
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .map(|s| s.trim_end_matches('\r').to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let h = harness().await;
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com", "rsa@example.com"],
+        &[&keys.ed, &keys.rsa],
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), 1, "one message to both recipients");
+    let mut rcpts = mails[0].to.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, vec!["ed@example.com", "rsa@example.com"]);
+    assert!(
+        smtpd.state.lock().unwrap().logins >= 2,
+        "AUTH in the preflight and for the delivery"
+    );
+
+    let (outer, parts) = split_mime(&mails[0].data);
+    assert!(
+        outer.contains("Content-Type: multipart/encrypted;"),
+        "{outer}"
+    );
+    assert!(
+        outer.contains("protocol=\"application/pgp-encrypted\""),
+        "{outer}"
+    );
+    assert!(outer.contains("Subject: [...]"), "{outer}");
+    assert!(outer.contains("Date: "), "{outer}");
+    let mid = outer
+        .lines()
+        .find(|l| l.starts_with("Message-ID:"))
+        .expect("a Message-ID");
+    assert!(mid.contains("@tfa-rotator.invalid>"), "{mid}");
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    if !host.trim().is_empty() {
+        assert!(
+            !mid.contains(host.trim()),
+            "the Message-ID names no host: {mid}"
+        );
+    }
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(
+        parts[0]
+            .0
+            .contains("Content-Type: application/pgp-encrypted"),
+        "{}",
+        parts[0].0
+    );
+    assert_eq!(parts[0].1.trim(), "Version: 1");
+    assert!(
+        parts[1].0.contains("application/octet-stream"),
+        "{}",
+        parts[1].0
+    );
+    let armored = parts[1].1.trim();
+    assert!(
+        armored.starts_with("-----BEGIN PGP MESSAGE-----"),
+        "{armored}"
+    );
+
+    let accepted = h.accepted("acme");
+    let whole = String::from_utf8_lossy(&mails[0].data).to_string();
+    for c in &accepted {
+        assert!(
+            !whole.contains(c.as_str()),
+            "no code outside the encryption"
+        );
+    }
+    assert!(
+        !outer.contains("acme") && !outer.contains(&h.sim.addr().port().to_string()),
+        "no portal in outer headers: {outer}"
+    );
+
+    for (label, fpr) in [
+        ("ed25519/cv25519", &keys.ed_fpr),
+        ("rsa3072", &keys.rsa_fpr),
+    ] {
+        let alone = keys.gpg.only(fpr);
+        let plain = alone
+            .decrypt(armored.as_bytes())
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(
+            mail_codes(&plain),
+            accepted,
+            "{label}: the codes the portal accepts now"
+        );
+        assert!(
+            plain.contains("protected-headers=\"v1\""),
+            "{label}: {plain}"
+        );
+        assert!(plain.contains("hp=\"cipher\""), "{label}");
+        assert!(
+            plain.contains("Subject: New two-factor backup codes for acme"),
+            "{label}: {plain}"
+        );
+        assert!(
+            plain.contains("From: TFA Rotator <rotator@example.com>"),
+            "{label}"
+        );
+        assert!(plain.contains("HP-Outer: Subject: [...]"), "{label}");
+        assert!(
+            plain.contains("acme@example.com"),
+            "{label}: the account is named"
+        );
+        assert!(
+            plain.contains("The previous codes no longer work."),
+            "{label}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_refused_by_the_server_is_a_clear_error_and_no_put() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(false);
+    let h = harness().await;
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.all().to_lowercase().contains("tls"), "{}", out.all());
+    assert!(out.all().contains("sink mail"), "{}", out.all());
+    assert_eq!(h.sim.count("PUT"), 0);
+    assert!(smtpd.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_smtp_or_bad_password_at_preflight_means_no_rotation() {
+    let keys = gpg_keys();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let smtpd = Smtpd::start(true);
+    let h = harness().await;
+    mail_config(
+        &h,
+        closed,
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.all().contains(&format!("SMTP localhost:{closed}")),
+        "{}",
+        out.all()
+    );
+    assert_eq!(h.sim.count("PUT"), 0);
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    write_private(&h.path("smtp.pass"), "wrong\n");
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert_eq!(h.sim.count("PUT"), 0);
+    assert!(!out.all().contains("wrong"), "the password is not echoed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_gone_after_the_put_keeps_the_set_sealed_until_deliver() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let mut proxy = Proxy::start(smtpd.addr).await;
+    let h = harness().await;
+    mail_config(
+        &h,
+        proxy.port,
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    h.sim
+        .inject(Fault::on_put(FaultAction::DelayAfterApplyMs(1500)));
+    let child = h.spawn(&["rotate", "acme"], &[]);
+    assert!(wait_for(Duration::from_secs(20), || h.sim.rotations() == 1).await);
+    proxy.stop();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(smtpd.messages().is_empty());
+    let status: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
+    let pending = status["portals"][0]["pending_deliveries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(pending.len(), 1, "{status}");
+    assert_eq!(pending[0]["permanent"], false);
+    // While the server is away, deliver fails and keeps the payload.
+    assert_eq!(h.run(&["deliver"]).await.code, Some(1));
+    proxy.restart().await;
+    let out = h.run(&["deliver"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), 1);
+    let (_, parts) = split_mime(&mails[0].data);
+    let plain = keys.gpg.decrypt(parts[1].1.trim().as_bytes()).unwrap();
+    assert_eq!(mail_codes(&plain), h.accepted("acme"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_rejection_is_kept_marked_and_sent_by_deliver() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let h = harness().await;
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    smtpd.state.lock().unwrap().reject = true;
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let status = h.run(&["status"]).await;
+    assert!(
+        status.stdout.contains("refused by the server"),
+        "{}",
+        status.stdout
+    );
+    smtpd.state.lock().unwrap().reject = false;
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    assert_eq!(smtpd.messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_that_cannot_encrypt_to_a_recipient_fail_check_with_78() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let cases: Vec<(&str, &Path, &str)> = vec![
+        (
+            "nobody@example.com",
+            &keys.ed,
+            "no key in pgp_keys covers `nobody@example.com`",
+        ),
+        ("old@example.com", &keys.expired, "expired"),
+        ("gone@example.com", &keys.revoked, "revoked"),
+        (
+            "sign@example.com",
+            &keys.sign_only,
+            "no usable encryption key",
+        ),
+    ];
+    for (to, key, reason) in cases {
+        let h = harness().await;
+        mail_config(
+            &h,
+            smtpd.addr.port(),
+            "starttls",
+            &smtpd.ca_pem,
+            &[to],
+            &[key],
+        );
+        let out = h.run(&["check", "--offline"]).await;
+        assert_eq!(out.code, Some(78), "{to}: {}", out.all());
+        assert!(out.stderr.contains(reason), "{to}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&key.display().to_string()) || reason.starts_with("no key"),
+            "{to}: names the file: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("sinks.mail.pgp_keys"), "{}", out.stderr);
+    }
+}
