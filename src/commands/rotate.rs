@@ -82,6 +82,7 @@ pub async fn rotate(
     }
     done.sort_by(|a, b| a.portal.cmp(&b.portal));
     reports.extend(done);
+    rotation::alerts::check(&engine).await;
     print_reports(&reports, json);
     exit_of(&reports)
 }
@@ -97,6 +98,7 @@ pub async fn deliver(path: &Path, json: bool) -> Exit {
         Err(e) => return e,
     };
     let reports = rotation::recover_all(&engine).await;
+    rotation::alerts::check(&engine).await;
     if reports.is_empty() && !json {
         println!("nothing pending");
     }

@@ -22,6 +22,8 @@
 //! by a GET, sealed payloads are delivered. The portal's lock is held throughout, so no two
 //! processes ever rotate one portal at once.
 
+pub mod alerts;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -25,7 +25,10 @@ use serde::Serialize;
 
 use crate::crypto::Fingerprinter;
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_initial.sql"),
+    include_str!("migrations/0002_alerts.sql"),
+];
 const DB_FILE: &str = "state.sqlite";
 
 /// A failure of the state store.
@@ -643,7 +646,8 @@ pub fn record_rotated(c: &Connection, portal: &str, result: &str) -> Result<(), 
     let now = now_ms();
     ensure_portal(c, portal)?;
     c.execute(
-        "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0, retry_at = NULL WHERE name = ?1",
+        "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0, retry_at = NULL,
+                failing_since = NULL, streak_alerted = 0 WHERE name = ?1",
         params![portal, now, result],
     )
     .map_err(sql("recording the rotation"))?;
@@ -659,7 +663,8 @@ pub fn record_failure(
 ) -> Result<i64, StateError> {
     ensure_portal(c, portal)?;
     c.execute(
-        "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4 WHERE name = ?1",
+        "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4,
+                failing_since = COALESCE(failing_since, ?2) WHERE name = ?1",
         params![portal, now_ms(), error, retry_at],
     )
     .map_err(sql("recording the failure"))?;
@@ -754,4 +759,171 @@ pub fn portal_rows(c: &Connection) -> Result<Vec<PortalRow>, StateError> {
 /// One portal's row, if the state knows it.
 pub fn portal_row(c: &Connection, portal: &str) -> Result<Option<PortalRow>, StateError> {
     Ok(portal_rows(c)?.into_iter().find(|p| p.name == portal))
+}
+
+/// Something an alert should announce.
+#[derive(Debug, Clone)]
+pub enum AlertDue {
+    /// A portal has failed `failures` times in a row since `since`.
+    Streak {
+        /// Portal.
+        portal: String,
+        /// Failures in a row.
+        failures: i64,
+        /// First failure of the streak.
+        since: i64,
+        /// The last error.
+        error: String,
+    },
+    /// A payload has waited since `since`.
+    Pending {
+        /// Spool row.
+        id: i64,
+        /// Portal.
+        portal: String,
+        /// Sink.
+        sink: String,
+        /// Sealed at.
+        since: i64,
+        /// Attempts so far.
+        attempts: i64,
+        /// The last error.
+        error: Option<String>,
+    },
+}
+
+/// Streaks of at least `after_failures` and payloads older than `pending_before` that were
+/// not announced yet.
+pub fn alerts_due(
+    c: &Connection,
+    after_failures: i64,
+    pending_before: i64,
+) -> Result<Vec<AlertDue>, StateError> {
+    let mut out = Vec::new();
+    let mut st = c
+        .prepare(
+            "SELECT name, failures, COALESCE(failing_since, last_attempt_at, 0), COALESCE(last_error, '') FROM portals
+             WHERE failures >= ?1 AND streak_alerted = 0 ORDER BY name",
+        )
+        .map_err(sql("reading failure streaks"))?;
+    let rows = st
+        .query_map(params![after_failures], |r| {
+            Ok(AlertDue::Streak {
+                portal: r.get(0)?,
+                failures: r.get(1)?,
+                since: r.get(2)?,
+                error: r.get(3)?,
+            })
+        })
+        .map_err(sql("reading failure streaks"))?;
+    for r in rows {
+        out.push(r.map_err(sql("reading failure streaks"))?);
+    }
+    let mut st = c
+        .prepare(
+            "SELECT id, portal, sink, created_at, attempts, last_error FROM spool
+             WHERE created_at <= ?1 AND alerted_at IS NULL ORDER BY id",
+        )
+        .map_err(sql("reading the spool"))?;
+    let rows = st
+        .query_map(params![pending_before], |r| {
+            Ok(AlertDue::Pending {
+                id: r.get(0)?,
+                portal: r.get(1)?,
+                sink: r.get(2)?,
+                since: r.get(3)?,
+                attempts: r.get(4)?,
+                error: r.get(5)?,
+            })
+        })
+        .map_err(sql("reading the spool"))?;
+    for r in rows {
+        out.push(r.map_err(sql("reading the spool"))?);
+    }
+    Ok(out)
+}
+
+/// Records that an alert was sent, so it is not sent again.
+pub fn alert_sent(c: &Connection, due: &AlertDue) -> Result<(), StateError> {
+    match due {
+        AlertDue::Streak { portal, .. } => {
+            c.execute(
+                "UPDATE portals SET streak_alerted = 1 WHERE name = ?1",
+                params![portal],
+            )
+            .map_err(sql("recording an alert"))?;
+        }
+        AlertDue::Pending { id, .. } => {
+            c.execute(
+                "UPDATE spool SET alerted_at = ?2 WHERE id = ?1",
+                params![id, now_ms()],
+            )
+            .map_err(sql("recording an alert"))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_state_upgrades_and_keeps_its_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        {
+            // A state written by the first release: schema 1, one pending payload.
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('fingerprint_key', x'0102')",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO journal (portal, kind, phase, started_at, updated_at) VALUES ('acme', 'rotate', 'sealed', 1, 1)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO spool (journal_id, portal, sink, set_fp, payload, created_at, next_attempt_at)
+                 VALUES (1, 'acme', 'f', 'fp', x'00', 1, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let c = store.conn.lock().unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        assert_eq!(pending(&c, Some("acme"), None).unwrap().len(), 1);
+        assert_eq!(
+            alerts_due(&c, 1, i64::MAX).unwrap().len(),
+            1,
+            "the new columns work on old rows"
+        );
+        let mode = fs::metadata(dir.path().join(DB_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_newer_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StateError::TooNew { found: 99, .. })
+        ));
+    }
 }

@@ -365,3 +365,85 @@ async fn keys_that_cannot_encrypt_to_a_recipient_fail_check_with_78() {
         assert!(out.stderr.contains("sinks.mail.pgp_keys"), "{}", out.stderr);
     }
 }
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_announce_a_failure_streak_once_and_a_pending_delivery_without_codes() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.add_portal("beta");
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    // Portals deliver to the plain file sink; the email sink only carries alerts.
+    let path = h.config();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("sinks = [\"mail\"]", "sinks = [\"plain\"]")
+        + "\n[alerts]\nsinks = [\"mail\"]\nafter_failures = 2\npending_longer_than = \"0s\"\n";
+    write_private(&path, &text);
+    let bogus = tfa_rotator::simulator::new_api_key();
+    write_private(&h.path("keys/beta"), &format!("{bogus}\n"));
+
+    assert_eq!(h.run(&["rotate", "beta"]).await.code, Some(1));
+    assert!(
+        smtpd.messages().is_empty(),
+        "one failure is not a streak yet"
+    );
+    assert_eq!(h.run(&["rotate", "beta"]).await.code, Some(1));
+    assert_eq!(
+        smtpd.messages().len(),
+        1,
+        "the second failure in a row is announced"
+    );
+    assert_eq!(h.run(&["rotate", "beta"]).await.code, Some(1));
+    assert_eq!(smtpd.messages().len(), 1, "a streak is announced once");
+
+    let out = h
+        .run_env(
+            &["rotate", "acme"],
+            &[("FAILPOINTS", "file_sink::before_rename=return")],
+        )
+        .await;
+    assert_eq!(out.code, Some(1));
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), 2, "the pending delivery is announced");
+
+    let mut texts = Vec::new();
+    for m in &mails {
+        let (outer, parts) = split_mime(&m.data);
+        assert!(outer.contains("Subject: [...]"));
+        texts.push(keys.gpg.decrypt(parts[1].1.trim().as_bytes()).unwrap());
+    }
+    assert!(
+        texts[0].contains("beta: rotation failing (2 times in a row)"),
+        "{}",
+        texts[0]
+    );
+    assert!(
+        texts[0].contains("unauthorized") && texts[0].contains("tfa-rotator check"),
+        "{}",
+        texts[0]
+    );
+    assert!(
+        texts[1].contains("acme: delivery to plain pending"),
+        "{}",
+        texts[1]
+    );
+    assert!(texts[1].contains("tfa-rotator deliver"), "{}", texts[1]);
+    let all = texts.join("\n");
+    for c in h.accepted("acme") {
+        assert!(!all.contains(&c), "no code in an alert");
+    }
+    assert!(
+        !all.contains(&bogus) && !all.contains(&h.keys["acme"]),
+        "no key in an alert"
+    );
+}

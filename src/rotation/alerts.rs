@@ -1,0 +1,123 @@
+//! Failure notices (SPEC §5 "alerts"): when a portal's rotation has failed `after_failures`
+//! times in a row, or a delivery has waited longer than `pending_longer_than`, an encrypted
+//! notice goes to the `[alerts]` email sinks: which portal, what failed, since when, what to
+//! do. Never codes. Each streak and each pending payload is announced once; a notice that
+//! cannot be sent is tried again at the next check.
+
+use chrono::{DateTime, Utc};
+
+use super::Engine;
+use crate::sinks::Sink;
+use crate::sinks::email::Letter;
+use crate::state::{self, AlertDue, now_ms};
+
+fn when(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "an unknown time".into())
+}
+
+fn notice(engine: &Engine, due: &AlertDue) -> (String, String) {
+    match due {
+        AlertDue::Streak {
+            portal,
+            failures,
+            since,
+            error,
+        } => {
+            let url = engine
+                .config
+                .portals
+                .get(portal)
+                .map(|p| p.url.to_string())
+                .unwrap_or_default();
+            (
+                format!("[tfa-rotator] {portal}: rotation failing ({failures} times in a row)"),
+                format!(
+                    "The backup codes of portal {portal} ({url}) could not be rotated {failures} times in a row,\n\
+                     since {}.\n\nLast error:\n  {error}\n\n\
+                     The current codes still work; nothing was lost. What to do: run\n  tfa-rotator check\n\
+                     to see what fails (the API key, the portal's TFA settings, a sink), fix it, then\n  \
+                     tfa-rotator rotate {portal}\n\n-- \ntfa-rotator\n",
+                    when(*since)
+                ),
+            )
+        }
+        AlertDue::Pending {
+            portal,
+            sink,
+            since,
+            attempts,
+            error,
+            ..
+        } => (
+            format!("[tfa-rotator] {portal}: delivery to {sink} pending"),
+            format!(
+                "New backup codes of portal {portal} were sealed at {} and have not reached sink {sink}\n\
+                 after {attempts} attempt(s).\n\nLast error:\n  {}\n\n\
+                 The codes are kept, encrypted, in the spool until they are delivered; nothing is lost.\n\
+                 What to do: fix the sink (see `tfa-rotator status`), then run\n  tfa-rotator deliver\n\n-- \ntfa-rotator\n",
+                when(*since),
+                error.as_deref().unwrap_or("none recorded yet")
+            ),
+        ),
+    }
+}
+
+/// Sends the notices that are due. Returns how many were sent.
+pub async fn check(engine: &Engine) -> usize {
+    let (Some(alerts), Ok(store)) = (engine.config.alerts.as_ref(), engine.store()) else {
+        return 0;
+    };
+    let store = store.clone();
+    let after = i64::from(alerts.after_failures);
+    let before = now_ms() - alerts.pending_longer_than.as_millis() as i64;
+    let due = match store
+        .call(move |c| state::alerts_due(c, after, before))
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "could not read what alerts are due");
+            return 0;
+        }
+    };
+    let mut sent = 0;
+    for d in due {
+        let (subject, body) = notice(engine, &d);
+        let mut delivered = false;
+        for name in &alerts.sinks {
+            let Some(sink) = engine.sinks.get(name) else {
+                continue;
+            };
+            let Sink::Email(mail) = sink.as_ref() else {
+                continue;
+            };
+            let payload = match mail.seal(&Letter {
+                subject: subject.clone(),
+                body: &body,
+            }) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(sink = %name, error = %e, "could not seal an alert");
+                    continue;
+                }
+            };
+            match mail.deliver(&payload).await {
+                Ok(()) => delivered = true,
+                Err(e) => {
+                    tracing::warn!(sink = %name, error = %e, "could not send an alert; it is tried again at the next check")
+                }
+            }
+        }
+        if delivered {
+            tracing::info!(subject = %subject, "alert sent");
+            let d2 = d.clone();
+            if let Err(e) = store.call(move |c| state::alert_sent(c, &d2)).await {
+                tracing::error!(error = %e, "could not record a sent alert");
+            }
+            sent += 1;
+        }
+    }
+    sent
+}
