@@ -18,7 +18,9 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
 pub mod docspace;
+pub mod metrics;
 pub mod rotation;
 pub mod schedule;
 pub mod secret;
@@ -44,7 +46,12 @@ pub async fn shutdown_signal() {
 
 /// `run`: the daemon.
 pub async fn daemon_entry(path: &std::path::Path, dry_run: bool) -> commands::Exit {
-    let _ = (path, dry_run);
-    eprintln!("error: the daemon (`run`) is not built yet; use `rotate` from a timer meanwhile");
-    commands::Exit::Failed
+    let token = tokio_util::sync::CancellationToken::new();
+    let stop = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("SIGTERM or SIGINT received");
+        stop.cancel();
+    });
+    daemon::run(path, dry_run, token).await
 }

@@ -64,6 +64,8 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         store: None,
         http,
         dry_run: true,
+        metrics: Default::default(),
+        stopping: Default::default(),
     };
     let limit = config.daemon.max_concurrent;
     let mut plans: Vec<Value> = futures::stream::iter(config.portals.values())

@@ -6,6 +6,8 @@ use std::str::FromStr;
 /// Parsed age recipients of one sink.
 pub struct AgeRecipients {
     recipients: Vec<Box<dyn age::Recipient + Send + Sync>>,
+    /// The recipients as written, for the sink's identity.
+    pub written: Vec<String>,
 }
 
 impl AgeRecipients {
@@ -27,7 +29,10 @@ impl AgeRecipients {
         if recipients.is_empty() {
             return Err("no age recipients".into());
         }
-        Ok(Self { recipients })
+        Ok(Self {
+            recipients,
+            written: list.to_vec(),
+        })
     }
 
     /// Encrypts to every recipient.

@@ -98,6 +98,11 @@ pub struct Engine {
     pub http: HttpClient,
     /// Only read; never PUT, deliver or write the state.
     pub dry_run: bool,
+    /// Counters and gauges, served by the daemon.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when the process is stopping: rotations not yet past their intent do not start,
+    /// and sealed payloads wait in the spool instead of being delivered now.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Building an engine failed.
@@ -132,7 +137,13 @@ impl Engine {
             store,
             http,
             dry_run,
+            metrics: Default::default(),
+            stopping: Default::default(),
         })
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn store(&self) -> Result<&Store, StateError> {
@@ -143,6 +154,39 @@ impl Engine {
                 path: self.config.daemon.state_dir.clone(),
                 reason: "is open read-only (dry run)".into(),
             })
+    }
+
+    /// A fingerprint of what matters to a portal's delivery and identity: its URL, the API
+    /// key reference, and each sink's target, recipients and keys. Not secret (it holds no
+    /// secret values), so a plain SHA-256.
+    pub fn entry_fingerprint(&self, pc: &PortalConfig) -> String {
+        use sha2::Digest;
+        let mut text = format!("url {}\nkey {}\n", pc.url, pc.api_key.value.describe());
+        for s in &pc.sinks {
+            let id = self
+                .sinks
+                .get(s)
+                .map(|k| k.identity(&pc.name))
+                .unwrap_or_default();
+            text.push_str(&format!("sink {s} {id}\n"));
+        }
+        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
+    }
+
+    /// An engine for a new config that shares this one's store, HTTP pool, metrics and
+    /// stop flag (a reload).
+    pub fn reconfigured(&self, config: Arc<Config>) -> Result<Self, EngineError> {
+        let sinks = crate::sinks::build(&config).map_err(EngineError::Config)?;
+        let http = HttpClient::new(config.daemon.http_timeout).map_err(EngineError::Http)?;
+        Ok(Self {
+            config,
+            sinks,
+            store: self.store.clone(),
+            http,
+            dry_run: self.dry_run,
+            metrics: self.metrics.clone(),
+            stopping: self.stopping.clone(),
+        })
     }
 
     /// The portal's client, with its API key resolved.
@@ -307,14 +351,19 @@ async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
 /// Rotates one portal now, after settling what earlier processes left. `force` ignores
 /// `min_interval`. In a dry run, does only the read-only steps.
 pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
-    match rotate_inner(engine, name, force).await {
+    let report = match rotate_inner(engine, name, force).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(portal = name, error = %e, "rotation failed");
             record_failure(engine, name, &e).await;
             Report::failed(name, &e)
         }
+    };
+    engine.metrics.rotation(name, report.outcome);
+    if let Some(u) = report.unused {
+        engine.metrics.unused(name, u);
     }
+    report
 }
 
 async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report, RotationError> {
@@ -470,6 +519,7 @@ async fn seal_and_deliver(
     }
     drop(set); // the plain text is gone; only sealed payloads remain
     let (p, fp) = (name.to_string(), set_fp.clone());
+    let payloads_len = payloads.len();
     store
         .call(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads))
         .await?;
@@ -481,7 +531,12 @@ async fn seal_and_deliver(
     );
     fail_point("rotation::after_seal");
 
-    let (delivered, pending) = deliver_portal(engine, name, None).await?;
+    // Stopping: the set is safe in the spool; the next start delivers it.
+    let (delivered, pending) = if engine.is_stopping() {
+        (0, payloads_len)
+    } else {
+        deliver_portal(engine, name, None).await?
+    };
     fail_point("rotation::before_done");
     let result = if pending == 0 {
         "ok"
@@ -539,7 +594,9 @@ async fn deliver_portal(
             pending += 1;
             continue;
         };
-        match sink.deliver(portal, &e.payload).await {
+        let result = sink.deliver(portal, &e.payload).await;
+        engine.metrics.delivery(portal, &e.sink, result.is_ok());
+        match result {
             Ok(()) => {
                 let id = e.id;
                 store.call(move |c| state::delivered(c, id)).await?;
@@ -686,4 +743,15 @@ pub async fn recover_all(engine: &Engine) -> Vec<Report> {
         out.push(r);
     }
     out
+}
+
+/// Delivers the payloads of `portal` that are due by `due_before` (the daemon's retries).
+pub async fn deliver_due(
+    engine: &Engine,
+    portal: &str,
+    due_before: i64,
+) -> Result<(usize, usize), RotationError> {
+    let store = engine.store()?.clone();
+    let _lock = store.lock_portal(portal, LOCK_WAIT).await?;
+    deliver_portal(engine, portal, Some(due_before)).await
 }

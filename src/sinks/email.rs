@@ -199,6 +199,13 @@ impl EmailSink {
         })
     }
 
+    /// What identifies to whom this sink sends (no secrets).
+    pub fn identity(&self) -> String {
+        let to: Vec<String> = self.to.iter().map(|m| m.email.to_string()).collect();
+        let keys: Vec<&str> = self.keys.iter().map(|k| k.fingerprint.as_str()).collect();
+        format!("email to {} keys {}", to.join(","), keys.join(","))
+    }
+
     /// A description for `check`.
     pub fn describe(&self) -> String {
         let to: Vec<String> = self.to.iter().map(|m| m.email.to_string()).collect();

@@ -74,6 +74,26 @@ impl FileSink {
         )
     }
 
+    /// What identifies where and to whom this sink writes for `portal` (no secrets).
+    pub fn identity(&self, portal: &str) -> String {
+        let cipher = match &self.cipher {
+            FileCipher::Plain => "plain".to_string(),
+            FileCipher::Age(r) => format!("age {}", r.written.join(",")),
+            FileCipher::Pgp(k) => format!(
+                "pgp {}",
+                k.iter()
+                    .map(|k| k.fingerprint.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
+        format!(
+            "file {} mode {:o} {cipher}",
+            self.target(portal).display(),
+            self.mode
+        )
+    }
+
     /// Encrypts the rendered text into the file's content.
     pub fn seal(&self, text: &[u8]) -> Result<Vec<u8>, SinkError> {
         let err = |m: String| SinkError {

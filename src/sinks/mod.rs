@@ -197,6 +197,15 @@ impl Sink {
         }
     }
 
+    /// What identifies where and to whom this sink delivers for `portal`: part of the
+    /// portal's entry fingerprint, so a change of recipients or keys is a change.
+    pub fn identity(&self, portal: &str) -> String {
+        match self {
+            Sink::File(f) => f.identity(portal),
+            Sink::Email(e) => e.identity(),
+        }
+    }
+
     /// A one-line description for `check`.
     pub fn describe(&self, portal: &str) -> String {
         match self {

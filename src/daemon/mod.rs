@@ -1,0 +1,629 @@
+//! The daemon (SPEC §6): plans each portal's next due time, sleeps until the earliest, runs
+//! what is due through the rotation protocol with at most `max_concurrent` in flight, and
+//! reloads its config on a file change or SIGHUP.
+//!
+//! A portal is due for one of these reasons, whichever comes first:
+//! - its entry changed in a way that matters (or it is new) and its schedule has
+//!   `rotate_on_change`: a fingerprint of the entry is kept in the state, so a restart is not
+//!   a change, and it is stored only once a rotation succeeded;
+//! - a cron fire time (with the portal's jitter) arrived; the last fire time acted on is kept
+//!   in the state, so a fire missed while the daemon was down runs once at start (`catch_up`);
+//! - the unused-code watch (`rotate_when_unused_below`) reads the codes every `watch_every`.
+//!
+//! A rotation is never planned before `min_interval` after the last success, nor before the
+//! backoff after a failure. Pending deliveries are retried when their backoff expires. Idle
+//! means asleep until the earliest of these times: there is no polling loop.
+//!
+//! On SIGTERM/SIGINT the daemon stops planning, marks the engine as stopping (a rotation not
+//! yet past its intent does not start; one past its PUT seals and leaves delivery to the next
+//! start), waits for the tasks in flight, says `STOPPING=1` and exits 0.
+
+pub mod watch;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sd_notify::NotifyState;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::commands::{Exit, load_config};
+use crate::config;
+use crate::rotation::{self, Engine, EngineError};
+use crate::state::{self, PortalRow};
+
+fn sd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+fn ms_to_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.and_then(DateTime::from_timestamp_millis)
+}
+
+/// What the daemon knows of one portal between wakes.
+#[derive(Debug, Default, Clone)]
+struct Plan {
+    last_fire_at: Option<DateTime<Utc>>,
+    entry_fp: Option<String>,
+    last_success: Option<DateTime<Utc>>,
+    retry_at: Option<DateTime<Utc>>,
+    seen_at: Option<DateTime<Utc>>,
+    watch_retry_at: Option<DateTime<Utc>>,
+    watch_failures: i64,
+}
+
+impl Plan {
+    fn from_row(r: &PortalRow) -> Self {
+        Self {
+            last_fire_at: ms_to_time(r.last_fire_at),
+            entry_fp: r.entry_fp.clone(),
+            last_success: ms_to_time(r.last_success_at),
+            retry_at: if r.last_result.as_deref() == Some("failed") {
+                ms_to_time(r.retry_at)
+            } else {
+                None
+            },
+            seen_at: ms_to_time(r.seen_at),
+            ..Self::default()
+        }
+    }
+}
+
+/// Why a job runs.
+#[derive(Debug, Clone)]
+enum Job {
+    /// The entry changed (new fingerprint).
+    Change(String),
+    /// A cron fire time.
+    Fire(DateTime<Utc>),
+    /// The unused-code watch.
+    Watch,
+}
+
+/// A finished job.
+struct Done {
+    portal: String,
+    job: Job,
+    ok: bool,
+    unused: Option<usize>,
+}
+
+struct Supervisor {
+    path: PathBuf,
+    engine: Engine,
+    plans: HashMap<String, Plan>,
+    in_flight: HashSet<String>,
+    delivering: bool,
+    started: DateTime<Utc>,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+    done_tx: mpsc::UnboundedSender<Done>,
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exit {
+    let started_at = std::time::Instant::now();
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let engine = match crate::commands::engine(config.clone(), dry_run) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let metrics = engine.metrics.clone();
+    if let Some(addr) = config.daemon.metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let stop = shutdown.clone();
+                let m = metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        crate::metrics::serve(l, m, async move { stop.cancelled().await }).await
+                    {
+                        tracing::error!(error = %e, "the metrics listener stopped");
+                    }
+                });
+                tracing::info!(%addr, "metrics on /metrics, health on /healthz");
+            }
+            Err(e) => {
+                eprintln!("error: daemon.metrics: listening on {addr}: {e}");
+                return Exit::Failed;
+            }
+        }
+    }
+    if !dry_run {
+        for r in rotation::recover_all(&engine).await {
+            tracing::info!(portal = %r.portal, outcome = r.outcome, "{}", r.message);
+        }
+    }
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent));
+    let mut sup = Supervisor {
+        path: path.to_path_buf(),
+        engine,
+        plans: HashMap::new(),
+        in_flight: HashSet::new(),
+        delivering: false,
+        started: Utc::now(),
+        tracker: TaskTracker::new(),
+        permits,
+        done_tx,
+    };
+    if let Err(e) = sup.load_plans().await {
+        eprintln!("error: {e}");
+        return Exit::Failed;
+    }
+
+    let (reload_tx, mut reload_rx) = mpsc::channel::<()>(4);
+    let _watcher = match watch::spawn(path, reload_tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
+    let hup_tx = reload_tx.clone();
+    tokio::spawn(async move {
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            while hup.recv().await.is_some() {
+                let _ = hup_tx.send(()).await;
+            }
+        }
+    });
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => sd(&[NotifyState::Watchdog]),
+                }
+            }
+        });
+    }
+
+    metrics.alive.store(true, Ordering::SeqCst);
+    let status = format!(
+        "{} portal(s){}",
+        sup.engine.config.portals.len(),
+        if dry_run { ", dry run" } else { "" }
+    );
+    sd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    tracing::info!(
+        portals = sup.engine.config.portals.len(),
+        dry_run,
+        ready_ms = started_at.elapsed().as_millis() as u64,
+        "ready"
+    );
+
+    loop {
+        let next = sup.plan_and_start().await;
+        let sleep = async {
+            match next {
+                Some(t) => {
+                    let wait = (t - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(wait).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(()) = reload_rx.recv() => sup.reload().await,
+            Some(done) = done_rx.recv() => sup.finish(done).await,
+            _ = sleep => {}
+        }
+        metrics
+            .last_tick
+            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
+    }
+
+    tracing::info!("stopping: no new rotations; waiting for those in flight to reach a safe point");
+    sd(&[NotifyState::Stopping]);
+    sup.engine.stopping.store(true, Ordering::SeqCst);
+    sup.tracker.close();
+    sup.tracker.wait().await;
+    metrics.alive.store(false, Ordering::SeqCst);
+    tracing::info!("stopped");
+    Exit::Ok
+}
+
+impl Supervisor {
+    async fn rows(&self) -> Result<Vec<PortalRow>, state::StateError> {
+        match &self.engine.store {
+            Some(s) => s.call(|c| state::portal_rows(c)).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Reads what the state knows; a portal seen for the first time gets "now" as its last
+    /// fire time, so only fires after this start (or after a later downtime) count.
+    async fn load_plans(&mut self) -> Result<(), state::StateError> {
+        let rows = self.rows().await?;
+        let now = Utc::now();
+        for name in self.engine.config.portals.keys() {
+            if self.plans.contains_key(name) {
+                continue;
+            }
+            let mut plan = rows
+                .iter()
+                .find(|r| &r.name == name)
+                .map(Plan::from_row)
+                .unwrap_or_default();
+            if plan.last_fire_at.is_none() {
+                plan.last_fire_at = Some(now);
+                self.persist(name, None, Some(now)).await;
+            }
+            self.plans.insert(name.clone(), plan);
+        }
+        self.plans
+            .retain(|n, _| self.engine.config.portals.contains_key(n));
+        Ok(())
+    }
+
+    async fn persist(
+        &self,
+        portal: &str,
+        entry_fp: Option<String>,
+        last_fire: Option<DateTime<Utc>>,
+    ) {
+        let Some(store) = self.engine.store.clone() else {
+            return;
+        };
+        let p = portal.to_string();
+        let fire = last_fire.map(|t| t.timestamp_millis());
+        if let Err(e) = store
+            .call(move |c| state::record_schedule(c, &p, entry_fp.as_deref(), fire))
+            .await
+        {
+            tracing::error!(portal, error = %e, "could not record the schedule state");
+        }
+    }
+
+    /// The next job of a portal and when it is due.
+    fn next_job(
+        &self,
+        name: &str,
+        plan: &Plan,
+        now: DateTime<Utc>,
+    ) -> (Option<(DateTime<Utc>, Job)>, Option<String>) {
+        let Some(pc) = self.engine.config.portals.get(name) else {
+            return (None, None);
+        };
+        let schedule = self.engine.config.schedule_of(pc);
+        let fp = self.engine.entry_fingerprint(pc);
+        let mut silent_fp = None;
+        let mut cands: Vec<(DateTime<Utc>, Job)> = Vec::new();
+        if plan.entry_fp.as_deref() != Some(fp.as_str()) {
+            if schedule.is_some_and(|s| s.rotate_on_change) {
+                cands.push((now, Job::Change(fp)));
+            } else {
+                silent_fp = Some(fp);
+            }
+        }
+        if let Some(s) = schedule {
+            let base = plan.last_fire_at.unwrap_or(now);
+            if let Some(t) = s.next_fire(name, base) {
+                if t > now || s.catch_up || t >= self.started {
+                    cands.push((t, Job::Fire(t)));
+                }
+            }
+            if s.rotate_when_unused_below.is_some() {
+                let due = plan
+                    .seen_at
+                    .map(|t| crate::schedule::add(t, s.watch_every))
+                    .unwrap_or(now);
+                let due = plan.watch_retry_at.map_or(due, |r| due.max(r));
+                cands.push((due, Job::Watch));
+            }
+        }
+        let earliest_rotation = {
+            let mut t = plan.retry_at.unwrap_or(now);
+            if let (Some(last), Some(min)) =
+                (plan.last_success, schedule.and_then(|s| s.min_interval))
+            {
+                t = t.max(crate::schedule::add(last, min));
+            }
+            t
+        };
+        let job = cands
+            .into_iter()
+            .map(|(t, j)| match j {
+                Job::Watch => (t, j),
+                _ => (t.max(earliest_rotation), j),
+            })
+            .min_by_key(|(t, _)| *t);
+        (job, silent_fp)
+    }
+
+    /// Starts every job that is due; returns when the next one is.
+    async fn plan_and_start(&mut self) -> Option<DateTime<Utc>> {
+        let now = Utc::now();
+        let mut next: Option<DateTime<Utc>> = None;
+        let mut to_start = Vec::new();
+        let mut silent = Vec::new();
+        let mut names: Vec<String> = self.plans.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            if self.in_flight.contains(&name) {
+                continue;
+            }
+            let (job, silent_fp) = self.next_job(&name, &self.plans[&name], now);
+            if let Some(fp) = silent_fp {
+                silent.push((name.clone(), fp));
+            }
+            match job {
+                Some((t, job)) if t <= now => to_start.push((name, job)),
+                Some((t, _)) => {
+                    self.engine
+                        .metrics
+                        .next_rotation(&name, Some(t.timestamp()));
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+                None => self.engine.metrics.next_rotation(&name, None),
+            }
+        }
+        for (name, fp) in silent {
+            if let Some(p) = self.plans.get_mut(&name) {
+                p.entry_fp = Some(fp.clone());
+            }
+            self.persist(&name, Some(fp), None).await;
+        }
+        for (name, job) in to_start {
+            self.start(name, job);
+        }
+        if let Some(t) = self.delivery_due().await {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        next
+    }
+
+    /// Retries pending deliveries whose backoff has expired; returns when the next one is due.
+    async fn delivery_due(&mut self) -> Option<DateTime<Utc>> {
+        let store = self.engine.store.clone()?;
+        if self.delivering {
+            return None;
+        }
+        let due = store
+            .call(|c| state::next_delivery_due(c))
+            .await
+            .ok()
+            .flatten()?;
+        let due_at = ms_to_time(Some(due))?;
+        if due_at > Utc::now() {
+            return Some(due_at);
+        }
+        let now = Utc::now().timestamp_millis();
+        let portals: Vec<String> = store
+            .call(move |c| {
+                Ok(state::pending(c, None, Some(now))?
+                    .into_iter()
+                    .map(|e| e.portal)
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap_or_default();
+        let portals: Vec<String> = portals
+            .into_iter()
+            .filter(|p| !self.in_flight.contains(p))
+            .collect();
+        if portals.is_empty() {
+            return Some(crate::schedule::add(Utc::now(), Duration::from_secs(1)));
+        }
+        self.delivering = true;
+        let engine = self.engine.clone();
+        let tx = self.done_tx.clone();
+        self.tracker.spawn(async move {
+            for p in portals {
+                match rotation::deliver_due(&engine, &p, now).await {
+                    Ok((d, left)) => tracing::info!(portal = %p, delivered = d, pending = left, "retried pending deliveries"),
+                    Err(e) => tracing::warn!(portal = %p, error = %e, "retrying deliveries failed"),
+                }
+            }
+            rotation::alerts::check(&engine).await;
+            let _ = tx.send(Done { portal: String::new(), job: Job::Watch, ok: true, unused: None });
+        });
+        None
+    }
+
+    fn start(&mut self, name: String, job: Job) {
+        self.in_flight.insert(name.clone());
+        let engine = self.engine.clone();
+        let permits = self.permits.clone();
+        let tx = self.done_tx.clone();
+        tracing::info!(portal = %name, reason = ?job, "due");
+        self.tracker.spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _permit = permits.acquire_owned().await;
+            let (ok, unused) = match &job {
+                Job::Watch => watch_unused(&engine, &name).await,
+                _ => {
+                    let r = rotation::rotate(&engine, &name, false).await;
+                    (
+                        !r.is_failure() || r.pending > 0 && r.outcome == "rotated",
+                        r.unused,
+                    )
+                }
+            };
+            rotation::alerts::check(&engine).await;
+            let _ = tx.send(Done {
+                portal: name,
+                job,
+                ok,
+                unused,
+            });
+        });
+    }
+
+    async fn finish(&mut self, done: Done) {
+        if done.portal.is_empty() {
+            self.delivering = false;
+            return;
+        }
+        self.in_flight.remove(&done.portal);
+        let now = Utc::now();
+        let rows = self.rows().await.unwrap_or_default();
+        let dry = self.engine.dry_run;
+        let Some(plan) = self.plans.get_mut(&done.portal) else {
+            return;
+        };
+        if let Some(row) = rows.iter().find(|r| r.name == done.portal) {
+            let fresh = Plan::from_row(row);
+            plan.last_success = fresh.last_success;
+            plan.retry_at = fresh.retry_at;
+            plan.seen_at = fresh.seen_at;
+        }
+        if dry {
+            // Nothing is stored in a dry run: remember in memory what a real run would have.
+            plan.seen_at = Some(now);
+            plan.retry_at = (!done.ok).then(|| crate::schedule::add(now, rotation::backoff(0)));
+        }
+        let mut fp_to_store = None;
+        let mut fire_to_store = None;
+        match (&done.job, done.ok) {
+            (Job::Change(fp), true) => {
+                plan.entry_fp = Some(fp.clone());
+                fp_to_store = Some(fp.clone());
+                // A rotation also satisfies a fire time that came due meanwhile.
+                plan.last_fire_at = Some(now);
+                fire_to_store = Some(now);
+            }
+            (Job::Fire(t), true) => {
+                tracing::debug!(portal = %done.portal, fire = %t, "fire time handled");
+                // Every fire time up to now is consumed: a catch-up runs once.
+                plan.last_fire_at = Some(now);
+                fire_to_store = Some(now);
+            }
+            (Job::Watch, ok) => {
+                if ok {
+                    plan.watch_failures = 0;
+                    plan.watch_retry_at = None;
+                    if dry {
+                        plan.seen_at = Some(now);
+                    }
+                } else {
+                    plan.watch_failures += 1;
+                    plan.watch_retry_at = Some(crate::schedule::add(
+                        now,
+                        rotation::backoff(plan.watch_failures),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(u) = done.unused {
+            self.engine.metrics.unused(&done.portal, u);
+        }
+        if fp_to_store.is_some() || fire_to_store.is_some() {
+            self.persist(&done.portal, fp_to_store, fire_to_store).await;
+        }
+    }
+
+    async fn reload(&mut self) {
+        let usec = NotifyState::monotonic_usec_now().ok();
+        let mut states = vec![NotifyState::Reloading];
+        if let Some(u) = usec {
+            states.push(u);
+        }
+        sd(&states);
+        let started = std::time::Instant::now();
+        let result = config::load(&self.path)
+            .map_err(|e| e.errors)
+            .and_then(|c| {
+                self.engine.reconfigured(Arc::new(c)).map_err(|e| match e {
+                    EngineError::Config(issues) => issues,
+                    other => vec![config::ConfigIssue {
+                        file: self.path.clone(),
+                        loc: None,
+                        key: String::new(),
+                        message: other.to_string(),
+                    }],
+                })
+            });
+        match result {
+            Ok(engine) => {
+                let n = engine.config.portals.len();
+                self.engine = engine;
+                if let Err(e) = self.load_plans().await {
+                    tracing::error!(error = %e, "reading the state after a reload");
+                }
+                self.engine.metrics.reload(true);
+                tracing::info!(
+                    portals = n,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "configuration reloaded"
+                );
+            }
+            Err(issues) => {
+                self.engine.metrics.reload(false);
+                for i in &issues {
+                    tracing::error!(error = %i, "invalid configuration");
+                }
+                tracing::error!(
+                    errors = issues.len(),
+                    "the new configuration is invalid; the old one stays in force"
+                );
+            }
+        }
+        sd(&[NotifyState::Ready]);
+    }
+}
+
+/// Reads the codes; rotates when fewer than the threshold are unused.
+async fn watch_unused(engine: &Engine, name: &str) -> (bool, Option<usize>) {
+    let Some(pc) = engine.config.portals.get(name) else {
+        return (false, None);
+    };
+    let Some(below) = engine
+        .config
+        .schedule_of(pc)
+        .and_then(|s| s.rotate_when_unused_below)
+    else {
+        return (true, None);
+    };
+    let portal = match engine.portal(pc) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(portal = name, error = %e, "unused-code watch");
+            return (false, None);
+        }
+    };
+    let codes = match portal.codes().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(portal = name, error = %e, "unused-code watch: reading the codes failed");
+            return (false, None);
+        }
+    };
+    let (unused, total) = (codes.unused(), codes.total());
+    if let Some(store) = &engine.store {
+        let fp = store.fingerprinter().of_set(&codes);
+        let p = name.to_string();
+        let _ = store
+            .call(move |c| state::record_seen(c, &p, &fp, unused, total))
+            .await;
+    }
+    drop(codes);
+    if unused >= below {
+        tracing::debug!(portal = name, unused, below, "enough unused codes");
+        return (true, Some(unused));
+    }
+    tracing::info!(
+        portal = name,
+        unused,
+        below,
+        "too few unused codes: rotating"
+    );
+    let r = rotation::rotate(engine, name, false).await;
+    (r.outcome != "failed", r.unused.or(Some(unused)))
+}

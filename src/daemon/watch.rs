@@ -1,0 +1,59 @@
+//! Watching the config file. The directory is watched, not the file: editors write a new
+//! file and rename it over the old one, and Kubernetes swaps a `..data` symlink, and either
+//! would leave a watch on the old inode blind. Any event in the directory leads to a read of
+//! the config; only a change of its content is reported, after a short debounce.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+/// How long the file must be quiet before a change is reported.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+fn digest(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| Sha256::digest(&b).to_vec())
+}
+
+/// Starts watching; `changed` receives `()` after each settled change of the content.
+/// The returned watcher must be kept alive.
+pub fn spawn(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    let path: PathBuf = path.to_path_buf();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let mut last = digest(&path);
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: wait until no event arrives for DEBOUNCE.
+            loop {
+                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let now = digest(&path);
+            if now.is_some() && now != last {
+                last = now;
+                if changed.send(()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(watcher)
+}

@@ -1,0 +1,226 @@
+//! Prometheus metrics (SPEC §6), through `prometheus-client`: rotations and deliveries by
+//! result, pending deliveries, last success, next rotation and unused codes per portal, and
+//! the last reload. Served on `/metrics` with `/healthz` when `daemon.metrics` is set.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of a rotation outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// Portal.
+    pub portal: String,
+    /// `rotated`, `failed`, …
+    pub result: String,
+}
+
+/// Labels of a delivery outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// Portal.
+    pub portal: String,
+    /// Sink.
+    pub sink: String,
+    /// `delivered` or `failed`.
+    pub result: String,
+}
+
+/// A portal label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortalLabel {
+    /// Portal.
+    pub portal: String,
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    rotations: Family<ResultLabels, Counter>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    /// Payloads waiting in the spool.
+    pub pending: Gauge,
+    last_success: Family<PortalLabel, Gauge>,
+    next_rotation: Family<PortalLabel, Gauge>,
+    unused: Family<PortalLabel, Gauge>,
+    reload_ok: Gauge,
+    reload_time: Gauge,
+    /// Set while the scheduler loop lives (for `/healthz`).
+    pub alive: AtomicBool,
+    /// Unix seconds of the scheduler's last turn.
+    pub last_tick: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::default();
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            rotations: Family::default(),
+            deliveries: Family::default(),
+            pending: Gauge::default(),
+            last_success: Family::default(),
+            next_rotation: Family::default(),
+            unused: Family::default(),
+            reload_ok: Gauge::default(),
+            reload_time: Gauge::default(),
+            alive: AtomicBool::new(false),
+            last_tick: AtomicU64::new(0),
+        };
+        r.register(
+            "tfa_rotations",
+            "Rotation attempts by portal and result",
+            m.rotations.clone(),
+        );
+        r.register(
+            "tfa_deliveries",
+            "Delivery attempts by portal, sink and result",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "tfa_pending_deliveries",
+            "Sealed payloads waiting for delivery",
+            m.pending.clone(),
+        );
+        r.register(
+            "tfa_last_success_timestamp_seconds",
+            "Last successful rotation per portal",
+            m.last_success.clone(),
+        );
+        r.register(
+            "tfa_next_rotation_timestamp_seconds",
+            "Next scheduled rotation per portal",
+            m.next_rotation.clone(),
+        );
+        r.register(
+            "tfa_unused_codes",
+            "Unused backup codes last seen per portal",
+            m.unused.clone(),
+        );
+        r.register(
+            "tfa_config_reload_success",
+            "Whether the last config reload succeeded (1) or not (0)",
+            m.reload_ok.clone(),
+        );
+        r.register(
+            "tfa_config_reload_timestamp_seconds",
+            "Time of the last config reload attempt",
+            m.reload_time.clone(),
+        );
+        m.reload_ok.set(1);
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        m
+    }
+}
+
+impl Metrics {
+    /// A rotation ended with `result`.
+    pub fn rotation(&self, portal: &str, result: &str) {
+        self.rotations
+            .get_or_create(&ResultLabels {
+                portal: portal.into(),
+                result: result.into(),
+            })
+            .inc();
+        if result == "rotated" || result == "recovered" {
+            self.last_success
+                .get_or_create(&PortalLabel {
+                    portal: portal.into(),
+                })
+                .set(chrono::Utc::now().timestamp());
+        }
+    }
+
+    /// A delivery attempt ended.
+    pub fn delivery(&self, portal: &str, sink: &str, ok: bool) {
+        let result = if ok { "delivered" } else { "failed" };
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                portal: portal.into(),
+                sink: sink.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Unused codes seen.
+    pub fn unused(&self, portal: &str, n: usize) {
+        self.unused
+            .get_or_create(&PortalLabel {
+                portal: portal.into(),
+            })
+            .set(n as i64);
+    }
+
+    /// The next planned rotation.
+    pub fn next_rotation(&self, portal: &str, unix_s: Option<i64>) {
+        self.next_rotation
+            .get_or_create(&PortalLabel {
+                portal: portal.into(),
+            })
+            .set(unix_s.unwrap_or(0));
+    }
+
+    /// A reload was attempted.
+    pub fn reload(&self, ok: bool) {
+        self.reload_ok.set(i64::from(ok));
+        self.reload_time.set(chrono::Utc::now().timestamp());
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let m1 = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m1.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move {
+                    if m.alive.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ok\n").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "scheduler stopped\n").into_response()
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
