@@ -87,6 +87,16 @@ enum Job {
     Watch,
 }
 
+/// What planning decided for one portal.
+struct Next {
+    /// The next job and when it is due.
+    job: Option<(DateTime<Utc>, Job)>,
+    /// A new entry fingerprint to store without rotating (no `rotate_on_change`).
+    silent_fp: Option<String>,
+    /// Fire times missed while down are skipped (no `catch_up`).
+    skip_fires: bool,
+}
+
 /// A finished job.
 struct Done {
     portal: String,
@@ -291,18 +301,18 @@ impl Supervisor {
     }
 
     /// The next job of a portal and when it is due.
-    fn next_job(
-        &self,
-        name: &str,
-        plan: &Plan,
-        now: DateTime<Utc>,
-    ) -> (Option<(DateTime<Utc>, Job)>, Option<String>) {
+    fn next_job(&self, name: &str, plan: &Plan, now: DateTime<Utc>) -> Next {
         let Some(pc) = self.engine.config.portals.get(name) else {
-            return (None, None);
+            return Next {
+                job: None,
+                silent_fp: None,
+                skip_fires: false,
+            };
         };
         let schedule = self.engine.config.schedule_of(pc);
         let fp = self.engine.entry_fingerprint(pc);
         let mut silent_fp = None;
+        let mut skip_fires = false;
         let mut cands: Vec<(DateTime<Utc>, Job)> = Vec::new();
         if plan.entry_fp.as_deref() != Some(fp.as_str()) {
             if schedule.is_some_and(|s| s.rotate_on_change) {
@@ -313,10 +323,17 @@ impl Supervisor {
         }
         if let Some(s) = schedule {
             let base = plan.last_fire_at.unwrap_or(now);
-            if let Some(t) = s.next_fire(name, base) {
-                if t > now || s.catch_up || t >= self.started {
-                    cands.push((t, Job::Fire(t)));
+            match s.next_fire(name, base) {
+                // Missed while the daemon was down, and no catch-up: skip to the next one.
+                // The caller records `now` as the last fire, so the skip happens once.
+                Some(t) if t <= now && t < self.started && !s.catch_up => {
+                    skip_fires = true;
+                    if let Some(next) = s.next_fire(name, now) {
+                        cands.push((next, Job::Fire(next)));
+                    }
                 }
+                Some(t) => cands.push((t, Job::Fire(t))),
+                None => {}
             }
             if s.rotate_when_unused_below.is_some() {
                 let due = plan
@@ -343,7 +360,11 @@ impl Supervisor {
                 _ => (t.max(earliest_rotation), j),
             })
             .min_by_key(|(t, _)| *t);
-        (job, silent_fp)
+        Next {
+            job,
+            silent_fp,
+            skip_fires,
+        }
     }
 
     /// Starts every job that is due; returns when the next one is.
@@ -352,15 +373,23 @@ impl Supervisor {
         let mut next: Option<DateTime<Utc>> = None;
         let mut to_start = Vec::new();
         let mut silent = Vec::new();
+        let mut skipped = Vec::new();
         let mut names: Vec<String> = self.plans.keys().cloned().collect();
         names.sort();
         for name in names {
             if self.in_flight.contains(&name) {
                 continue;
             }
-            let (job, silent_fp) = self.next_job(&name, &self.plans[&name], now);
+            let Next {
+                job,
+                silent_fp,
+                skip_fires,
+            } = self.next_job(&name, &self.plans[&name], now);
             if let Some(fp) = silent_fp {
                 silent.push((name.clone(), fp));
+            }
+            if skip_fires {
+                skipped.push(name.clone());
             }
             match job {
                 Some((t, job)) if t <= now => to_start.push((name, job)),
@@ -378,6 +407,13 @@ impl Supervisor {
                 p.entry_fp = Some(fp.clone());
             }
             self.persist(&name, Some(fp), None).await;
+        }
+        for name in skipped {
+            tracing::info!(portal = %name, "fire times missed while down are skipped (catch_up = false)");
+            if let Some(p) = self.plans.get_mut(&name) {
+                p.last_fire_at = Some(now);
+            }
+            self.persist(&name, None, Some(now)).await;
         }
         for (name, job) in to_start {
             self.start(name, job);

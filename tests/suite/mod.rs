@@ -3,8 +3,10 @@ mod cli;
 mod config;
 #[cfg(feature = "failpoints")]
 mod crash;
+mod daemon;
 mod dry_run;
 mod email;
 mod file_sink;
 mod protocol;
 mod secrets;
+mod systemd;

@@ -1,0 +1,497 @@
+//! The daemon as a subprocess against the in-process simulator: schedules, config changes,
+//! invalid edits, the unused-code watch, catch-up, dry run, SIGTERM, sd_notify and metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tfa_rotator::simulator::{Fault, FaultAction};
+use tokio::io::AsyncReadExt;
+
+use crate::support::*;
+
+/// A running `tfa-rotator run`, its stderr collected.
+struct Daemon {
+    child: tokio::process::Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        let mut child = h.spawn(&full, env);
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn wait_log(&self, needle: &str) -> bool {
+        wait_for(Duration::from_secs(20), || self.log().contains(needle)).await
+    }
+
+    /// SIGTERM; returns the exit code and how long the stop took.
+    async fn term(mut self) -> (Option<i32>, Duration, String) {
+        let pid = self.child.id().unwrap().to_string();
+        let started = std::time::Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("stopped in time")
+            .unwrap();
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (status.code(), took, self.log())
+    }
+}
+
+/// Replaces the config the way editors do: a new file renamed over the old one.
+fn edit_config(h: &Harness, f: impl FnOnce(String) -> String) {
+    let path = h.config();
+    let text = f(std::fs::read_to_string(&path).unwrap());
+    let tmp = h.path("config.toml.new");
+    write_private(&tmp, &text);
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+fn with_schedule(h: &Harness, schedule: &str, portals_schedule: &str) {
+    edit_config(h, |t| {
+        format!(
+            "{schedule}\n{}",
+            t.replace(
+                "sinks = [",
+                &format!("schedule = \"{portals_schedule}\"\nsinks = [")
+            )
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_second_cron_rotates_repeatedly_and_sigterm_exits_0() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(&h, "[schedules.fast]\ncron = \"* * * * * *\"\n", "fast");
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() >= 3).await,
+        "{}",
+        d.log()
+    );
+    let (code, took, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(took < Duration::from_secs(5), "stopped in {took:?}");
+    assert_eq!(
+        h.plain_sink("codes/acme.txt").unwrap(),
+        h.accepted("acme"),
+        "{log}"
+    );
+    let out = h.run(&["deliver"]).await;
+    assert!(out.stdout.contains("nothing pending"), "{}", out.all());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_rotation_waits_for_a_safe_point_and_loses_nothing() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
+    h.sim
+        .inject(Fault::on_put(FaultAction::DelayAfterApplyMs(800)));
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() == 1).await,
+        "{}",
+        d.log()
+    );
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+    // The set was sealed before the exit; whatever was not delivered yet, deliver finishes.
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    assert_eq!(
+        h.plain_sink("codes/acme.txt").unwrap(),
+        h.accepted("acme"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn editing_one_portals_recipients_rotates_that_portal_only_and_invalid_edits_are_survived() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.add_portal("beta");
+    let (a1, a2, b) = (
+        age::x25519::Identity::generate(),
+        age::x25519::Identity::generate(),
+        age::x25519::Identity::generate(),
+    );
+    let extra = format!(
+        "[schedules.yearly]\ncron = \"@yearly\"\n\n[sinks.va]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n\n[sinks.vb]\ntype = \"file\"\npath = \"codes/{{portal}}.b.age\"\nencrypt = {{ age = [\"{}\"] }}\n",
+        a1.to_public(),
+        b.to_public()
+    );
+    h.write_config(&extra, &["plain"]);
+    edit_config(&h, |t| {
+        t.replace(
+            &format!("[portals.acme]\nurl = \"{}\"\napi_key = {{ file = \"keys/acme\" }}\nsinks = [\"plain\"]", h.sim.url()),
+            &format!("[portals.acme]\nurl = \"{}\"\napi_key = {{ file = \"keys/acme\" }}\nschedule = \"yearly\"\nsinks = [\"va\"]", h.sim.url()),
+        )
+        .replace(
+            &format!("[portals.beta]\nurl = \"{}\"\napi_key = {{ file = \"keys/beta\" }}\nsinks = [\"plain\"]", h.sim.url()),
+            &format!("[portals.beta]\nurl = \"{}\"\napi_key = {{ file = \"keys/beta\" }}\nschedule = \"yearly\"\nsinks = [\"vb\"]", h.sim.url()),
+        )
+    });
+    let d = Daemon::start(&h, &[], &[]);
+    // Both are new: both rotate once.
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() == 2).await,
+        "{}",
+        d.log()
+    );
+    assert!(d.wait_log("rotated: 5 new codes delivered to vb").await);
+    let beta_codes = h.accepted("beta");
+
+    // An invalid edit is reported and the old config stays in force.
+    edit_config(&h, |t| {
+        t.replace("cron = \"@yearly\"", "cron = \"every tuesday\"")
+    });
+    assert!(
+        d.wait_log("the new configuration is invalid").await,
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("schedules.yearly.cron"), "{}", d.log());
+
+    // A valid edit of acme's recipients rotates acme, and only acme.
+    edit_config(&h, |t| {
+        t.replace("cron = \"every tuesday\"", "cron = \"@yearly\"")
+            .replace(&a1.to_public().to_string(), &a2.to_public().to_string())
+    });
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() == 3).await,
+        "{}",
+        d.log()
+    );
+    let decrypts_with_a2 = || {
+        let Ok(sealed) = std::fs::read(h.path("codes/acme.age")) else {
+            return false;
+        };
+        let Ok(d) = age::Decryptor::new(&sealed[..]) else {
+            return false;
+        };
+        let Ok(mut r) = d.decrypt(std::iter::once(&a2 as &dyn age::Identity)) else {
+            return false;
+        };
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut r, &mut text).is_ok()
+            && codes_in(&text) == h.accepted("acme")
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), decrypts_with_a2).await,
+        "the new recipient reads the new set"
+    );
+    assert_eq!(h.accepted("beta"), beta_codes, "beta did not rotate");
+
+    // A new portal rotates.
+    h.add_portal("gamma");
+    edit_config(&h, |t| {
+        format!(
+            "{t}\n[portals.gamma]\nurl = \"{}\"\napi_key = {{ file = \"keys/gamma\" }}\nschedule = \"yearly\"\nsinks = [\"plain\"]\n",
+            h.sim.url()
+        )
+    });
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() == 4).await,
+        "{}",
+        d.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || h
+            .plain_sink("codes/gamma.txt")
+            .is_some_and(|c| c == h.accepted("gamma")))
+        .await
+    );
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+
+    // A restart is not a change.
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(d.wait_log("ready").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.sim.rotations(), 4, "{}", d.log());
+    d.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unused_code_watch_rotates_after_a_code_is_used() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(
+        &h,
+        "[schedules.watch]\ncron = \"@yearly\"\nrotate_on_change = false\nrotate_when_unused_below = 5\nwatch_every = \"1s\"\n",
+        "watch",
+    );
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(d.wait_log("ready").await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        h.sim.rotations(),
+        0,
+        "all 5 unused: no rotation: {}",
+        d.log()
+    );
+    let code = h.sim.codes(&h.keys["acme"])[0].0.clone();
+    assert!(h.sim.login(&Harness::email("acme"), &code));
+    assert!(
+        wait_for(Duration::from_secs(10), || h.sim.rotations() == 1).await,
+        "{}",
+        d.log()
+    );
+    assert!(d.wait_log("too few unused codes").await);
+    assert!(
+        wait_for(Duration::from_secs(5), || h
+            .plain_sink("codes/acme.txt")
+            .is_some_and(|c| c == h.accepted("acme")))
+        .await
+    );
+    d.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fire_missed_while_down_runs_once_at_start_only_with_catch_up() {
+    for catch_up in [true, false] {
+        let mut h = Harness::new().await;
+        h.add_portal("acme");
+        h.write_config("", &["plain"]);
+        with_schedule(
+            &h,
+            &format!("[schedules.daily]\ncron = \"0 3 * * *\"\ncatch_up = {catch_up}\n"),
+            "daily",
+        );
+        let d = Daemon::start(&h, &[], &[]);
+        assert!(
+            wait_for(Duration::from_secs(20), || h.sim.rotations() == 1).await,
+            "the new portal rotates"
+        );
+        assert!(d.wait_log("rotated: 5").await);
+        d.term().await;
+        // The daemon was "down" for three days.
+        let db = rusqlite::Connection::open(h.path("state/state.sqlite")).unwrap();
+        let three_days_ago = chrono::Utc::now().timestamp_millis() - 3 * 86_400_000;
+        db.execute("UPDATE portals SET last_fire_at = ?1", [three_days_ago])
+            .unwrap();
+        drop(db);
+        let d = Daemon::start(&h, &[], &[]);
+        assert!(d.wait_log("ready").await);
+        if catch_up {
+            assert!(
+                wait_for(Duration::from_secs(10), || h.sim.rotations() == 2).await,
+                "{}",
+                d.log()
+            );
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(
+                h.sim.rotations(),
+                2,
+                "three missed fires run once: {}",
+                d.log()
+            );
+        } else {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(h.sim.rotations(), 1, "no catch-up: {}", d.log());
+        }
+        d.term().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_catch_up_the_schedule_goes_on_after_a_gap() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(
+        &h,
+        "[schedules.fast]\ncron = \"* * * * * *\"\ncatch_up = false\n",
+        "fast",
+    );
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(wait_for(Duration::from_secs(20), || h.sim.rotations() >= 1).await);
+    d.term().await;
+    let db = rusqlite::Connection::open(h.path("state/state.sqlite")).unwrap();
+    db.execute(
+        "UPDATE portals SET last_fire_at = ?1",
+        [chrono::Utc::now().timestamp_millis() - 86_400_000],
+    )
+    .unwrap();
+    drop(db);
+    let before = h.sim.rotations();
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(
+        wait_for(Duration::from_secs(10), || h.sim.rotations() >= before + 2).await,
+        "fires go on: {}",
+        d.log()
+    );
+    d.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_daemon_sends_no_put_and_writes_nothing() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(&h, "[schedules.fast]\ncron = \"* * * * * *\"\n", "fast");
+    let d = Daemon::start(&h, &["--dry-run"], &[]);
+    assert!(
+        wait_for(Duration::from_secs(10), || h.sim.count("GET") >= 6).await,
+        "{}",
+        d.log()
+    );
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0));
+    assert!(log.contains("dry run: would rotate"), "{log}");
+    assert_eq!(h.sim.count("PUT"), 0);
+    assert!(!h.path("state").exists());
+    assert!(h.plain_sink("codes/acme.txt").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn min_interval_holds_scheduled_rotations_back() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(
+        &h,
+        "[schedules.fast]\ncron = \"* * * * * *\"\nmin_interval = \"1h\"\n",
+        "fast",
+    );
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(wait_for(Duration::from_secs(10), || h.sim.rotations() == 1).await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(h.sim.rotations(), 1, "{}", d.log());
+    d.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_talks_sd_notify_and_serves_metrics() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
+    edit_config(&h, |t| {
+        t.replace(
+            "[daemon]\n",
+            &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
+        )
+    });
+    let sock_path = h.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let sock_str = sock_path.display().to_string();
+    let d = Daemon::start(
+        &h,
+        &[],
+        &[("NOTIFY_SOCKET", &sock_str), ("WATCHDOG_USEC", "200000")],
+    );
+    let mut got: Vec<String> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut recv_until = async |want: &str, got: &mut Vec<String>| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !got.iter().any(|m| m.contains(want)) {
+            let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
+                .await
+                .expect("notification in time")
+                .unwrap();
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    recv_until("READY=1", &mut got).await;
+    recv_until("WATCHDOG=1", &mut got).await;
+    assert!(wait_for(Duration::from_secs(10), || h.sim.rotations() == 1).await);
+    assert!(d.wait_log("rotated").await);
+
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.contains("tfa_rotations_total{portal=\"acme\",result=\"rotated\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "tfa_deliveries_total{portal=\"acme\",sink=\"plain\",result=\"delivered\"} 1"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("tfa_unused_codes{portal=\"acme\"} 5"),
+        "{body}"
+    );
+    assert!(
+        body.contains("tfa_next_rotation_timestamp_seconds{portal=\"acme\"}"),
+        "{body}"
+    );
+    assert!(body.contains("tfa_config_reload_success 1"), "{body}");
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    got.clear();
+    let written = std::time::Instant::now();
+    edit_config(&h, |t| format!("# edited\n{t}"));
+    recv_until("RELOADING=1", &mut got).await;
+    assert!(got.iter().any(|m| m.contains("MONOTONIC_USEC=")), "{got:?}");
+    recv_until("READY=1", &mut got).await;
+    let reload_ms = written.elapsed().as_millis();
+    assert!(reload_ms < 2000, "reload took {reload_ms} ms");
+    eprintln!("config write to new plan in force: {reload_ms} ms");
+
+    let pid = d.child.id().unwrap().to_string();
+    got.clear();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    recv_until("RELOADING=1", &mut got).await;
+    recv_until("READY=1", &mut got).await;
+
+    got.clear();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    recv_until("STOPPING=1", &mut got).await;
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        h.sim.rotations(),
+        1,
+        "a reload that changes nothing that matters rotates nothing"
+    );
+}
