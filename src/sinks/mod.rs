@@ -82,14 +82,32 @@ pub struct Delivery<'a> {
 }
 
 impl Delivery<'_> {
-    /// The plain text every sink encrypts: a short header, then one unused code per line.
-    pub fn render(&self) -> Zeroizing<String> {
-        let mut s = Zeroizing::new(String::new());
-        let who = if self.account.display_name.is_empty() {
+    /// `Display Name <email>`, or the email alone.
+    fn who(&self) -> String {
+        if self.account.display_name.is_empty() {
             self.account.email.clone()
         } else {
             format!("{} <{}>", self.account.display_name, self.account.email)
-        };
+        }
+    }
+
+    /// How many codes of the set were already used (they are not listed).
+    fn used(&self) -> usize {
+        self.codes.total() - self.codes.unused()
+    }
+
+    /// The codes that still work, in the portal's order.
+    fn unused_codes(&self) -> impl Iterator<Item = &str> {
+        self.codes
+            .iter()
+            .filter(|c| !c.used)
+            .map(|c| c.code.expose_secret())
+    }
+
+    /// The plain text every file sink encrypts: a short header, then one unused code per line.
+    pub fn render(&self) -> Zeroizing<String> {
+        let mut s = Zeroizing::new(String::new());
+        let who = self.who();
         // Writing to a String cannot fail.
         let _ = writeln!(s, "# tfa-rotator backup codes");
         let _ = writeln!(s, "# portal: {} ({})", self.portal, self.url);
@@ -106,19 +124,17 @@ impl Delivery<'_> {
                 "# Each code works once. These are the current codes, sent again."
             );
         }
-        let used = self.codes.total() - self.codes.unused();
+        let used = self.used();
         if used > 0 {
             let _ = writeln!(s, "# {used} code(s) already used are not listed.");
         }
-        for c in self.codes.iter().filter(|c| !c.used) {
-            s.push_str(c.code.expose_secret());
+        for c in self.unused_codes() {
+            s.push_str(c);
             s.push('\n');
         }
         s
     }
-}
 
-impl Delivery<'_> {
     /// The subject of a mail carrying this set (it travels encrypted).
     pub fn subject(&self) -> String {
         let what = if self.rotated { "New" } else { "Current" };
@@ -131,11 +147,7 @@ impl Delivery<'_> {
     /// The body of a mail carrying this set: who, where, when, then the codes.
     pub fn render_mail(&self) -> Zeroizing<String> {
         let mut s = Zeroizing::new(String::new());
-        let who = if self.account.display_name.is_empty() {
-            self.account.email.clone()
-        } else {
-            format!("{} <{}>", self.account.display_name, self.account.email)
-        };
+        let who = self.who();
         let what = if self.rotated { "New" } else { "The current" };
         let _ = writeln!(
             s,
@@ -155,12 +167,12 @@ impl Delivery<'_> {
                 "Each code works once. These are the codes valid now, sent again.\n"
             );
         }
-        for c in self.codes.iter().filter(|c| !c.used) {
+        for c in self.unused_codes() {
             s.push_str("    ");
-            s.push_str(c.code.expose_secret());
+            s.push_str(c);
             s.push('\n');
         }
-        let used = self.codes.total() - self.codes.unused();
+        let used = self.used();
         if used > 0 {
             let _ = writeln!(s, "\n({used} code(s) already used are not listed.)");
         }

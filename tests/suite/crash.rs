@@ -14,10 +14,7 @@ async fn rotated_once() -> (Harness, age::x25519::Identity, Vec<String>) {
     let mut h = Harness::new().await;
     h.add_portal("acme");
     let id = age::x25519::Identity::generate();
-    let extra = format!(
-        "[sinks.vault]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n",
-        id.to_public()
-    );
+    let extra = age_sink("vault", ".age", &id);
     h.write_config(&extra, &["plain", "vault"]);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());

@@ -81,10 +81,7 @@ async fn a_directory_writable_by_others_is_refused_before_any_put() {
 #[tokio::test(flavor = "multi_thread")]
 async fn age_encrypted_file_decrypts_and_holds_no_plain_text_anywhere() {
     let id = age::x25519::Identity::generate();
-    let extra = format!(
-        "[sinks.vault]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n",
-        id.to_public()
-    );
+    let extra = age_sink("vault", ".age", &id);
     let h = harness_with(&extra, &["vault"]).await;
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());

@@ -47,10 +47,7 @@ async fn any_count_and_length_reach_plain_and_encrypted_sinks() {
     .await;
     h.add_portal("acme");
     let id = age::x25519::Identity::generate();
-    let extra = format!(
-        "[sinks.vault]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n",
-        id.to_public()
-    );
+    let extra = age_sink("vault", ".age", &id);
     h.write_config(&extra, &["plain", "vault"]);
     let out = h.run(&["rotate", "--all"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());

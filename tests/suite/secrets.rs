@@ -13,10 +13,7 @@ async fn no_code_or_api_key_appears_in_any_output() {
     h.add_portal("beta");
     h.add_portal("gamma");
     let id = age::x25519::Identity::generate();
-    let extra = format!(
-        "[sinks.vault]\ntype = \"file\"\npath = \"codes/{{portal}}.age\"\nencrypt = {{ age = [\"{}\"] }}\n",
-        id.to_public()
-    );
+    let extra = age_sink("vault", ".age", &id);
     h.write_config(&extra, &["plain", "vault"]);
     // gamma's key is unknown to the portal: its failure must not echo the key.
     let bogus = tfa_rotator::simulator::new_api_key();

@@ -194,6 +194,14 @@ impl Harness {
     }
 }
 
+/// A `[sinks.NAME]` table: an age-encrypted file sink writing `codes/{portal}SUFFIX`.
+pub fn age_sink(name: &str, suffix: &str, id: &age::x25519::Identity) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"file\"\npath = \"codes/{{portal}}{suffix}\"\nencrypt = {{ age = [\"{}\"] }}\n",
+        id.to_public()
+    )
+}
+
 /// Codes in a rendered payload: every line that is not a comment.
 pub fn codes_in(text: &str) -> Vec<String> {
     let mut v: Vec<String> = text
