@@ -259,26 +259,46 @@ impl Supervisor {
     /// Reads what the state knows; a portal seen for the first time gets "now" as its last
     /// fire time, so only fires after this start (or after a later downtime) count.
     async fn load_plans(&mut self) -> Result<(), state::StateError> {
-        let rows = self.rows().await?;
+        let rows: HashMap<String, PortalRow> = self
+            .rows()
+            .await?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
         let now = Utc::now();
+        let mut first_seen = Vec::new();
         for name in self.engine.config.portals.keys() {
             if self.plans.contains_key(name) {
                 continue;
             }
-            let mut plan = rows
-                .iter()
-                .find(|r| &r.name == name)
-                .map(Plan::from_row)
-                .unwrap_or_default();
+            let mut plan = rows.get(name).map(Plan::from_row).unwrap_or_default();
             if plan.last_fire_at.is_none() {
                 plan.last_fire_at = Some(now);
-                self.persist(name, None, Some(now)).await;
+                first_seen.push((name.clone(), None, Some(now)));
             }
             self.plans.insert(name.clone(), plan);
         }
         self.plans
             .retain(|n, _| self.engine.config.portals.contains_key(n));
+        self.persist_many(first_seen).await;
         Ok(())
+    }
+
+    /// Stores schedule state for many portals in one transaction.
+    async fn persist_many(&self, rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)>) {
+        let Some(store) = self.engine.store.clone() else {
+            return;
+        };
+        if rows.is_empty() {
+            return;
+        }
+        let rows: Vec<(String, Option<String>, Option<i64>)> = rows
+            .into_iter()
+            .map(|(p, fp, t)| (p, fp, t.map(|t| t.timestamp_millis())))
+            .collect();
+        if let Err(e) = store.call(move |c| state::record_schedules(c, &rows)).await {
+            tracing::error!(error = %e, "could not record the schedule state");
+        }
     }
 
     async fn persist(
@@ -402,19 +422,21 @@ impl Supervisor {
                 None => self.engine.metrics.next_rotation(&name, None),
             }
         }
+        let mut writes = Vec::new();
         for (name, fp) in silent {
             if let Some(p) = self.plans.get_mut(&name) {
                 p.entry_fp = Some(fp.clone());
             }
-            self.persist(&name, Some(fp), None).await;
+            writes.push((name, Some(fp), None));
         }
         for name in skipped {
             tracing::info!(portal = %name, "fire times missed while down are skipped (catch_up = false)");
             if let Some(p) = self.plans.get_mut(&name) {
                 p.last_fire_at = Some(now);
             }
-            self.persist(&name, None, Some(now)).await;
+            writes.push((name, None, Some(now)));
         }
+        self.persist_many(writes).await;
         for (name, job) in to_start {
             self.start(name, job);
         }

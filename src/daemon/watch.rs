@@ -30,7 +30,9 @@ pub fn spawn(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<notify::R
         .to_path_buf();
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Access events are ignored: reading the config to compare it raises them, and
+        // reacting would read it again, waking the daemon forever.
+        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     })?;

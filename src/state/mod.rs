@@ -710,6 +710,21 @@ pub fn record_schedule(
     Ok(())
 }
 
+/// [`record_schedule`] for many portals in one transaction (one fsync, not one each).
+pub fn record_schedules(
+    c: &mut Connection,
+    rows: &[(String, Option<String>, Option<i64>)],
+) -> Result<(), StateError> {
+    let tx = c
+        .transaction()
+        .map_err(sql("starting the schedule update"))?;
+    for (portal, entry_fp, last_fire_at) in rows {
+        record_schedule(&tx, portal, entry_fp.as_deref(), *last_fire_at)?;
+    }
+    tx.commit().map_err(sql("committing the schedule update"))?;
+    Ok(())
+}
+
 /// Appends to a portal's history.
 pub fn add_history(
     c: &Connection,

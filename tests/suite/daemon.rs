@@ -495,3 +495,48 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
         "a reload that changes nothing that matters rotates nothing"
     );
 }
+
+/// Context switches of the threads alive at both samples, over `window`.
+async fn wakeups(pid: u32, window: Duration) -> u64 {
+    let snap = || -> std::collections::HashMap<String, u64> {
+        let mut out = std::collections::HashMap::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let n: u64 = status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+            out.insert(t.file_name().to_string_lossy().into_owned(), n);
+        }
+        out
+    };
+    let a = snap();
+    tokio::time::sleep(window).await;
+    let b = snap();
+    b.iter()
+        .filter_map(|(t, n)| a.get(t).map(|m| n.saturating_sub(*m)))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_daemon_sleeps() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    with_schedule(
+        &h,
+        "[schedules.yearly]\ncron = \"0 3 1 1 *\"\nrotate_on_change = false\n",
+        "yearly",
+    );
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(d.wait_log("ready").await);
+    // Let start-up work settle, then count wakeups over two seconds of nothing to do.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = wakeups(d.child.id().unwrap(), Duration::from_secs(2)).await;
+    assert!(n <= 5, "{n} context switches in 2 s of idling");
+    d.term().await;
+}
