@@ -296,7 +296,10 @@ impl Supervisor {
             .into_iter()
             .map(|(p, fp, t)| (p, fp, t.map(|t| t.timestamp_millis())))
             .collect();
-        if let Err(e) = store.call(move |c| state::record_schedules(c, &rows)).await {
+        if let Err(e) = store
+            .write(move |c| state::record_schedules(c, &rows))
+            .await
+        {
             tracing::error!(error = %e, "could not record the schedule state");
         }
     }
@@ -313,7 +316,7 @@ impl Supervisor {
         let p = portal.to_string();
         let fire = last_fire.map(|t| t.timestamp_millis());
         if let Err(e) = store
-            .call(move |c| state::record_schedule(c, &p, entry_fp.as_deref(), fire))
+            .write(move |c| state::record_schedule(c, &p, entry_fp.as_deref(), fire))
             .await
         {
             tracing::error!(portal, error = %e, "could not record the schedule state");
@@ -668,7 +671,7 @@ async fn watch_unused(engine: &Engine, name: &str) -> (bool, Option<usize>) {
         let fp = store.fingerprinter().of_set(&codes);
         let p = name.to_string();
         let _ = store
-            .call(move |c| state::record_seen(c, &p, &fp, unused, total))
+            .write(move |c| state::record_seen(c, &p, &fp, unused, total))
             .await;
     }
     drop(codes);

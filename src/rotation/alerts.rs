@@ -113,7 +113,7 @@ pub async fn check(engine: &Engine) -> usize {
         if delivered {
             tracing::info!(subject = %subject, "alert sent");
             let d2 = d.clone();
-            if let Err(e) = store.call(move |c| state::alert_sent(c, &d2)).await {
+            if let Err(e) = store.write(move |c| state::alert_sent(c, &d2)).await {
                 tracing::error!(error = %e, "could not record a sent alert");
             }
             sent += 1;

@@ -337,7 +337,7 @@ async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
     let wait = e.retry_after().unwrap_or_default();
     let (p, msg) = (portal.to_string(), e.to_string());
     let r = store
-        .call(move |c| {
+        .write(move |c| {
             let failures = state::portal_row(c, &p)?.map(|r| r.failures).unwrap_or(0);
             let retry_at = now_ms() + backoff(failures).max(wait).as_millis() as i64;
             state::record_failure(c, &p, &msg, Some(retry_at))
@@ -411,16 +411,13 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
 
     tracing::info!(portal = name, "preflight");
     let pf = preflight(engine, pc).await?;
-    {
-        let (p, fp) = (name.to_string(), pf.before_fp.clone().unwrap_or_default());
-        store
-            .call(move |c| state::record_seen(c, &p, &fp, pf.unused, pf.total))
-            .await?;
-    }
-
-    let (p, fp) = (name.to_string(), pf.before_fp.clone());
+    // What the preflight saw and the intent share one commit: one fsync before the PUT.
+    let (p, fp, unused, total) = (name.to_string(), pf.before_fp.clone(), pf.unused, pf.total);
     let journal_id = store
-        .call(move |c| state::begin_intent(c, &p, "rotate", fp.as_deref()))
+        .write(move |c| {
+            state::record_seen(c, &p, fp.as_deref().unwrap_or_default(), unused, total)?;
+            state::begin_intent(c, &p, "rotate", fp.as_deref())
+        })
         .await?;
     tracing::info!(portal = name, journal = journal_id, "intent recorded");
     fail_point("rotation::after_intent");
@@ -473,7 +470,7 @@ async fn settle_by_get(
         "the portal holds the old set: the rotation did not happen"
     );
     store
-        .call(move |c| {
+        .write(move |c| {
             state::close_journal(
                 c,
                 journal_id,
@@ -521,7 +518,7 @@ async fn seal_and_deliver(
     let (p, fp) = (name.to_string(), set_fp.clone());
     let payloads_len = payloads.len();
     store
-        .call(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads))
+        .write(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads))
         .await?;
     tracing::info!(
         portal = name,
@@ -545,7 +542,7 @@ async fn seal_and_deliver(
     };
     let p = name.to_string();
     store
-        .call(move |c| {
+        .write(move |c| {
             state::close_journal(c, journal_id, "done", None)?;
             if rotated {
                 state::record_rotated(c, &p, result)
@@ -599,7 +596,7 @@ async fn deliver_portal(
         match result {
             Ok(()) => {
                 let id = e.id;
-                store.call(move |c| state::delivered(c, id)).await?;
+                store.write(move |c| state::delivered(c, id)).await?;
                 delivered += 1;
                 tracing::info!(portal, sink = %e.sink, "delivered");
                 fail_point("rotation::mid_delivery");
@@ -610,7 +607,7 @@ async fn deliver_portal(
                 let (id, msg, permanent) = (e.id, de.message.clone(), !de.temporary);
                 tracing::warn!(portal, sink = %e.sink, error = %de, permanent, "delivery failed; the payload stays in the spool");
                 store
-                    .call(move |c| state::delivery_failed(c, id, &msg, next, permanent))
+                    .write(move |c| state::delivery_failed(c, id, &msg, next, permanent))
                     .await?;
             }
         }
@@ -660,7 +657,7 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
                     "delivery_pending"
                 };
                 store
-                    .call(move |c| {
+                    .write(move |c| {
                         state::close_journal(c, id, "done", Some("finished after a restart"))?;
                         state::record_rotated(c, &p, result)
                     })
@@ -694,7 +691,7 @@ pub async fn resend(engine: &Engine, name: &str) -> Report {
         let p = name.to_string();
         let fp = store.fingerprinter().of_set(&set);
         let id = store
-            .call(move |c| state::begin_intent(c, &p, "resend", Some(&fp)))
+            .write(move |c| state::begin_intent(c, &p, "resend", Some(&fp)))
             .await?;
         seal_and_deliver(engine, pc, id, set, &pf.account, false).await
     };

@@ -343,6 +343,24 @@ impl Store {
         }
     }
 
+    /// Runs `f` in one IMMEDIATE transaction on the blocking pool: everything it writes is
+    /// committed together, with one fsync, or not at all.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+    {
+        self.call(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(sql("starting a transaction"))?;
+            let out = f(&tx)?;
+            tx.commit().map_err(sql("committing"))?;
+            Ok(out)
+        })
+        .await
+    }
+
     /// Takes the portal's lock, waiting up to `wait` for another process to let go.
     pub async fn lock_portal(
         &self,
@@ -378,7 +396,13 @@ impl Store {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {
-    let version: i64 = conn
+    // IMMEDIATE: the version is read under the write lock, so two processes cannot both see
+    // an old version and apply the same migration (the setup lock already serialises them;
+    // this keeps the migration correct on its own).
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql("starting a migration"))?;
+    let version: i64 = tx
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sql("reading the schema version"))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
@@ -389,12 +413,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StateError> {
         });
     }
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction().map_err(sql("starting a migration"))?;
         tx.execute_batch(m).map_err(sql("applying a migration"))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)
             .map_err(sql("recording the schema version"))?;
-        tx.commit().map_err(sql("committing a migration"))?;
     }
+    tx.commit().map_err(sql("committing the migrations"))?;
     Ok(())
 }
 
@@ -435,28 +458,27 @@ fn ensure_portal(c: &Connection, portal: &str) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Records the start of a rotation (fsync'd on commit). Fails if one is already open.
+/// Records the start of a rotation. Fails if one is already open. Call it through
+/// [`Store::write`]: the commit (fsync'd) must precede the PUT.
 pub fn begin_intent(
-    c: &mut Connection,
+    c: &Connection,
     portal: &str,
     kind: &str,
     before_fp: Option<&str>,
 ) -> Result<i64, StateError> {
     let now = now_ms();
-    let tx = c.transaction().map_err(sql("starting the intent"))?;
-    ensure_portal(&tx, portal)?;
-    tx.execute(
+    ensure_portal(c, portal)?;
+    c.execute(
         "INSERT INTO journal (portal, kind, phase, before_fp, started_at, updated_at) VALUES (?1, ?2, 'intent', ?3, ?4, ?4)",
         params![portal, kind, before_fp, now],
     )
     .map_err(sql("recording the intent"))?;
-    let id = tx.last_insert_rowid();
-    tx.execute(
+    let id = c.last_insert_rowid();
+    c.execute(
         "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
         params![portal, now],
     )
     .map_err(sql("recording the attempt"))?;
-    tx.commit().map_err(sql("committing the intent"))?;
     Ok(id)
 }
 
@@ -482,10 +504,10 @@ pub fn open_journal(c: &Connection, portal: Option<&str>) -> Result<Vec<OpenJour
         .map_err(sql("reading the journal"))
 }
 
-/// Stores every sealed payload of a set and marks the journal entry sealed, in one
-/// transaction: after this commits, the set survives any crash.
+/// Stores every sealed payload of a set and marks the journal entry sealed. Call it
+/// through [`Store::write`]: after that one commit, the set survives any crash.
 pub fn seal(
-    c: &mut Connection,
+    c: &Connection,
     journal_id: i64,
     portal: &str,
     set_fp: &str,
@@ -494,27 +516,25 @@ pub fn seal(
     payloads: &[(String, Vec<u8>)],
 ) -> Result<(), StateError> {
     let now = now_ms();
-    let tx = c.transaction().map_err(sql("starting the seal"))?;
-    ensure_portal(&tx, portal)?;
+    ensure_portal(c, portal)?;
     for (sink, payload) in payloads {
-        tx.execute(
+        c.execute(
             "INSERT INTO spool (journal_id, portal, sink, set_fp, payload, created_at, next_attempt_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
             params![journal_id, portal, sink, set_fp, payload, now],
         )
         .map_err(sql("spooling a payload"))?;
     }
-    tx.execute(
+    c.execute(
         "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
         params![journal_id, set_fp, now],
     )
     .map_err(sql("marking the journal sealed"))?;
-    tx.execute(
+    c.execute(
         "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
         params![portal, set_fp, unused as i64, total as i64, now],
     )
     .map_err(sql("recording the new set"))?;
-    tx.commit().map_err(sql("committing the seal"))?;
     Ok(())
 }
 
@@ -566,22 +586,22 @@ pub fn pending(
         .map_err(sql("reading the spool"))
 }
 
-/// A payload arrived: drop it and every older one for the same portal and sink.
-pub fn delivered(c: &mut Connection, entry_id: i64) -> Result<(), StateError> {
-    let tx = c.transaction().map_err(sql("starting a delivery record"))?;
-    let (portal, sink, created): (String, String, i64) = tx
+/// A payload arrived: drop it and every older one for the same portal and sink (through
+/// [`Store::write`]).
+pub fn delivered(c: &Connection, entry_id: i64) -> Result<(), StateError> {
+    let (portal, sink, created): (String, String, i64) = c
         .query_row(
             "SELECT portal, sink, created_at FROM spool WHERE id = ?1",
             params![entry_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .map_err(sql("finding the delivered payload"))?;
-    tx.execute(
+    c.execute(
         "DELETE FROM spool WHERE portal = ?1 AND sink = ?2 AND id <= ?3",
         params![portal, sink, entry_id],
     )
     .map_err(sql("dropping delivered payloads"))?;
-    tx.execute(
+    c.execute(
         "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, 'delivered', ?3)",
         params![
             portal,
@@ -593,7 +613,6 @@ pub fn delivered(c: &mut Connection, entry_id: i64) -> Result<(), StateError> {
         ],
     )
     .map_err(sql("recording the delivery"))?;
-    tx.commit().map_err(sql("committing a delivery record"))?;
     Ok(())
 }
 
@@ -710,18 +729,15 @@ pub fn record_schedule(
     Ok(())
 }
 
-/// [`record_schedule`] for many portals in one transaction (one fsync, not one each).
+/// [`record_schedule`] for many portals.
+/// Call it through [`Store::write`] so that all rows share one commit.
 pub fn record_schedules(
-    c: &mut Connection,
+    c: &Connection,
     rows: &[(String, Option<String>, Option<i64>)],
 ) -> Result<(), StateError> {
-    let tx = c
-        .transaction()
-        .map_err(sql("starting the schedule update"))?;
     for (portal, entry_fp, last_fire_at) in rows {
-        record_schedule(&tx, portal, entry_fp.as_deref(), *last_fire_at)?;
+        record_schedule(c, portal, entry_fp.as_deref(), *last_fire_at)?;
     }
-    tx.commit().map_err(sql("committing the schedule update"))?;
     Ok(())
 }
 
@@ -740,32 +756,37 @@ pub fn add_history(
     Ok(())
 }
 
+const PORTAL_COLUMNS: &str =
+    "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at,
+     set_fp, unused, total, seen_at, entry_fp, last_fire_at";
+
+fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
+    Ok(PortalRow {
+        name: r.get(0)?,
+        last_attempt_at: r.get(1)?,
+        last_success_at: r.get(2)?,
+        last_result: r.get(3)?,
+        last_error: r.get(4)?,
+        failures: r.get(5)?,
+        retry_at: r.get(6)?,
+        set_fp: r.get(7)?,
+        unused: r.get(8)?,
+        total: r.get(9)?,
+        seen_at: r.get(10)?,
+        entry_fp: r.get(11)?,
+        last_fire_at: r.get(12)?,
+    })
+}
+
 /// Every portal the state knows.
 pub fn portal_rows(c: &Connection) -> Result<Vec<PortalRow>, StateError> {
     let mut st = c
-        .prepare(
-            "SELECT name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at,
-                    set_fp, unused, total, seen_at, entry_fp, last_fire_at FROM portals ORDER BY name",
-        )
+        .prepare_cached(&format!(
+            "SELECT {PORTAL_COLUMNS} FROM portals ORDER BY name"
+        ))
         .map_err(sql("reading portals"))?;
     let rows = st
-        .query_map([], |r| {
-            Ok(PortalRow {
-                name: r.get(0)?,
-                last_attempt_at: r.get(1)?,
-                last_success_at: r.get(2)?,
-                last_result: r.get(3)?,
-                last_error: r.get(4)?,
-                failures: r.get(5)?,
-                retry_at: r.get(6)?,
-                set_fp: r.get(7)?,
-                unused: r.get(8)?,
-                total: r.get(9)?,
-                seen_at: r.get(10)?,
-                entry_fp: r.get(11)?,
-                last_fire_at: r.get(12)?,
-            })
-        })
+        .query_map([], portal_from_row)
         .map_err(sql("reading portals"))?;
     rows.collect::<Result<_, _>>()
         .map_err(sql("reading portals"))
@@ -773,7 +794,14 @@ pub fn portal_rows(c: &Connection) -> Result<Vec<PortalRow>, StateError> {
 
 /// One portal's row, if the state knows it.
 pub fn portal_row(c: &Connection, portal: &str) -> Result<Option<PortalRow>, StateError> {
-    Ok(portal_rows(c)?.into_iter().find(|p| p.name == portal))
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {PORTAL_COLUMNS} FROM portals WHERE name = ?1"
+        ))
+        .map_err(sql("reading a portal"))?;
+    st.query_row(params![portal], portal_from_row)
+        .optional()
+        .map_err(sql("reading a portal"))
 }
 
 /// Something an alert should announce.

@@ -1,0 +1,408 @@
+//! `cargo bench --bench rotation`: one table of what operators ask before trusting the
+//! daemon with hundreds of portals. Every figure is a median of several runs or a ratio of
+//! figures measured in the same run, because the machines are shared and noisy.
+//!
+//! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tfa_rotator::simulator::{SimConfig, Simulator, UserSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tfa-rotator");
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn private(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A config of `keys.len()` portals with plain file sinks, in `dir`.
+fn write_config(dir: &Path, url: &str, keys: &[String], schedule: Option<&str>) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for d in ["keys", "codes"] {
+        let _ = std::fs::create_dir(dir.join(d));
+        std::fs::set_permissions(dir.join(d), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let mut cfg = String::from(
+        "[daemon]\nstate_dir = \"state\"\n\n[sinks.plain]\ntype = \"file\"\npath = \"codes/{portal}.txt\"\n\n",
+    );
+    if let Some(s) = schedule {
+        cfg.push_str(s);
+    }
+    for (i, k) in keys.iter().enumerate() {
+        private(&dir.join(format!("keys/p{i}")), &format!("{k}\n"));
+        cfg.push_str(&format!(
+            "[portals.p{i}]\nurl = \"{url}\"\napi_key = {{ file = \"keys/p{i}\" }}\n"
+        ));
+        if schedule.is_some() {
+            cfg.push_str("schedule = \"s\"\n");
+        }
+        cfg.push_str("sinks = [\"plain\"]\n\n");
+    }
+    private(&dir.join("config.toml"), &cfg);
+}
+
+/// `rotate --all` end to end; returns (accounts per second, max RSS in KiB).
+fn ours(dir: &Path, n: usize) -> (f64, Option<u64>) {
+    let started = Instant::now();
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M", BIN, "--config"])
+        .arg(dir.join("config.toml"))
+        .args(["-q", "rotate", "--all"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .output()
+        .or_else(|_| {
+            std::process::Command::new(BIN)
+                .arg("--config")
+                .arg(dir.join("config.toml"))
+                .args(["-q", "rotate", "--all"])
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .output()
+        })
+        .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "rotate --all failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rss = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok());
+    (n as f64 / took, rss)
+}
+
+/// The portal-bound limit: only the HTTP requests (GET, PUT, GET per account), same
+/// concurrency, no sinks, no state.
+async fn bound(url: &str, keys: &[String], concurrency: usize) -> f64 {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    futures::stream::iter(keys)
+        .map(|k| {
+            let client = &client;
+            async move {
+                let get = format!("{url}api/2.0/settings/tfaappcodes");
+                let put = format!("{url}api/2.0/settings/tfaappnewcodes");
+                for (m, u) in [
+                    (reqwest::Method::GET, &get),
+                    (reqwest::Method::PUT, &put),
+                    (reqwest::Method::GET, &get),
+                ] {
+                    let r = client.request(m, u).bearer_auth(k).send().await.unwrap();
+                    assert!(r.status().is_success());
+                    r.bytes().await.unwrap();
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<()>>()
+        .await;
+    keys.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// DocSpace's documented loop in Python; `None` when python3 with requests is missing.
+fn doc_baseline(url: &str, keys: &[String], dir: &Path) -> Option<f64> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import requests"])
+        .output()
+        .ok()?
+        .status
+        .success();
+    if !ok {
+        return None;
+    }
+    let file = dir.join("baseline-keys");
+    private(&file, &keys.join("\n"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/doc_baseline.py");
+    let out = std::process::Command::new("python3")
+        .args([script, url])
+        .arg(&file)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn proc_cpu_and_switches(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let mut cs = 0;
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            cs += s
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    (ticks / 100.0, cs)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts the daemon with a NOTIFY_SOCKET; returns it and the time to READY=1.
+async fn start_daemon(dir: &Path) -> (tokio::process::Child, tokio::net::UnixDatagram, Duration) {
+    let sock_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let started = Instant::now();
+    let child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .arg("run")
+        .current_dir(dir)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.join("daemon.log"))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), sock.recv(&mut buf))
+            .await
+            .expect("READY in time")
+            .unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    (child, sock, started.elapsed())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let sizes = env_list("TFA_BENCH_SIZES", &[100, 1000, 10000]);
+    let runs = env_list("TFA_BENCH_RUNS", &[3])[0].max(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|k| format!("{:.0} GiB", k as f64 / 1048576.0))
+        .unwrap_or_default();
+    println!("tfa-rotator benchmark, {cores} cores, {mem} memory, median of {runs} run(s)\n");
+    println!(
+        "| mass rotation | ours (acc/s) | portal-bound limit (acc/s) | ours / limit | doc loop (acc/s) | speedup | max RSS |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for &n in &sizes {
+        let (mut o, mut b, mut d, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let sim = Simulator::start(SimConfig::default()).await.unwrap();
+            let keys: Vec<String> = (0..n)
+                .map(|i| sim.add_user(UserSpec::new(&format!("u{i}@bench.test"))))
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            write_config(dir.path(), &sim.url(), &keys, None);
+            let url = sim.url();
+            let (rate, r) = tokio::task::spawn_blocking({
+                let p = dir.path().to_path_buf();
+                move || ours(&p, n)
+            })
+            .await
+            .unwrap();
+            o.push(rate);
+            rss.extend(r.map(|r| r as f64));
+            b.push(bound(&url, &keys, 8).await);
+            let sample = &keys[..keys.len().min(500)];
+            let (u, s, p) = (url.clone(), sample.to_vec(), dir.path().to_path_buf());
+            if let Some(x) = tokio::task::spawn_blocking(move || doc_baseline(&u, &s, &p))
+                .await
+                .unwrap()
+            {
+                d.push(x);
+            }
+            sim.stop();
+        }
+        let (o, b) = (median(o), median(b));
+        let (dl, sp) = if d.is_empty() {
+            ("n/a".into(), "n/a".into())
+        } else {
+            let d = median(d);
+            (format!("{d:.0}"), format!("{:.1}x", o / d))
+        };
+        let rss = if rss.is_empty() {
+            "n/a".into()
+        } else {
+            format!("{:.1} MiB", median(rss) / 1024.0)
+        };
+        println!(
+            "| {n} accounts | {o:.0} | {b:.0} | {:.0} % | {dl} | {sp} | {rss} |",
+            100.0 * o / b
+        );
+    }
+
+    // Idle daemon: 1,000 portals on a far-off schedule.
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..1000)
+        .map(|_| tfa_rotator::simulator::new_api_key())
+        .collect();
+    write_config(
+        dir.path(),
+        "http://127.0.0.1:9/",
+        &keys,
+        Some("[schedules.s]\ncron = \"0 3 1 1 *\"\nrotate_on_change = false\n\n"),
+    );
+    let (mut ready, mut rss, mut cpu, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let _ = std::fs::remove_dir_all(dir.path().join("state"));
+        let (mut child, _sock, t) = start_daemon(dir.path()).await;
+        let pid = child.id().unwrap();
+        ready.push(t.as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_secs(12)).await; // the blocking pool's idle threads exit after 10 s
+        let (c0, s0) = proc_cpu_and_switches(pid);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let (c1, s1) = proc_cpu_and_switches(pid);
+        rss.push(rss_kib(pid) as f64 / 1024.0);
+        cpu.push(c1 - c0);
+        cs.push(s1.saturating_sub(s0) as f64);
+        let _ = child.kill().await;
+    }
+    println!("\n| idle daemon, 1,000 portals | value |\n| --- | --- |");
+    println!("| start to READY=1 | {:.0} ms |", median(ready));
+    println!("| RSS after start | {:.1} MiB |", median(rss));
+    println!("| CPU over 30 s idle | {:.2} s |", median(cpu));
+    println!("| context switches over 30 s idle | {:.0} |", median(cs));
+
+    // Reload latency: an atomic config write that adds a portal, to its PUT at the portal.
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = vec![sim.add_user(UserSpec::new("r0@bench.test"))];
+    let schedule = "[schedules.s]\ncron = \"0 3 1 1 *\"\n\n";
+    write_config(dir.path(), &sim.url(), &keys, Some(schedule));
+    let (mut child, _sock, _) = start_daemon(dir.path()).await;
+    let wait_puts = |want: usize| {
+        let sim = sim.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while sim.count("PUT") < want && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sim.count("PUT") >= want
+        }
+    };
+    assert!(wait_puts(1).await, "the first portal rotated");
+    let mut lat = Vec::new();
+    for i in 1..=10 {
+        keys.push(sim.add_user(UserSpec::new(&format!("r{i}@bench.test"))));
+        let tmp = tempfile::tempdir().unwrap();
+        write_config(tmp.path(), &sim.url(), &keys, Some(schedule));
+        private(
+            &dir.path().join(format!("keys/p{i}")),
+            &format!("{}\n", keys[i]),
+        );
+        let text = std::fs::read_to_string(tmp.path().join("config.toml")).unwrap();
+        let staged = dir.path().join("config.toml.new");
+        private(&staged, &text);
+        let started = Instant::now();
+        std::fs::rename(&staged, dir.path().join("config.toml")).unwrap();
+        if !wait_puts(i + 1).await {
+            let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "portal {i} did not rotate after the edit; daemon log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        lat.push(started.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fds_before = std::fs::read_dir(format!("/proc/{}/fd", child.id().unwrap()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let _ = child.kill().await;
+    println!("\n| reload | value |\n| --- | --- |");
+    println!(
+        "| config write to the new portal's PUT, median of 10 | {:.0} ms |",
+        median(lat)
+    );
+    println!("| daemon file descriptors after 11 rotations | {fds_before} |");
+
+    // Micro-benchmarks.
+    let mut cfg =
+        String::from("[sinks.plain]\ntype = \"file\"\npath = \"/var/lib/x/{portal}.txt\"\n");
+    for i in 0..10_000 {
+        cfg.push_str(&format!("[portals.p{i}]\nurl = \"https://p{i}.example.com\"\napi_key = {{ env = \"K\" }}\nsinks = [\"plain\"]\n"));
+    }
+    let parse: Vec<f64> = (0..runs.max(3))
+        .map(|_| {
+            let t = Instant::now();
+            tfa_rotator::config::parse(&cfg, Path::new("/etc/tfa-rotator/config.toml"), false)
+                .unwrap();
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    let seal = |recipients: usize| -> f64 {
+        let ids: Vec<String> = (0..recipients)
+            .map(|_| age::x25519::Identity::generate().to_public().to_string())
+            .collect();
+        let r = tfa_rotator::crypto::age::AgeRecipients::parse(&ids).unwrap();
+        let payload = vec![b'x'; 400];
+        median(
+            (0..20)
+                .map(|_| {
+                    let t = Instant::now();
+                    r.encrypt(&payload).unwrap();
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect(),
+        )
+    };
+    println!("\n| micro | value |\n| --- | --- |");
+    println!(
+        "| parse and validate 10,000 portals | {:.0} ms |",
+        median(parse)
+    );
+    println!("| seal one payload, age, 1 recipient | {:.0} µs |", seal(1));
+    println!(
+        "| seal one payload, age, 10 recipients | {:.0} µs |",
+        seal(10)
+    );
+}
