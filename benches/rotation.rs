@@ -178,7 +178,13 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Starts the daemon with a NOTIFY_SOCKET; returns it and the time to READY=1.
-async fn start_daemon(dir: &Path) -> (tokio::process::Child, tokio::net::UnixDatagram, Duration) {
+async fn start_daemon(
+    dir: &Path,
+) -> (
+    tokio::process::Child,
+    std::sync::Arc<tokio::net::UnixDatagram>,
+    Duration,
+) {
     let sock_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&sock_path);
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
@@ -208,7 +214,15 @@ async fn start_daemon(dir: &Path) -> (tokio::process::Child, tokio::net::UnixDat
             break;
         }
     }
-    (child, sock, started.elapsed())
+    let took = started.elapsed();
+    // Read notifications as systemd would, so the sender never finds the queue full.
+    let sock = std::sync::Arc::new(sock);
+    let reader = sock.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while reader.recv(&mut buf).await.is_ok() {}
+    });
+    (child, sock, took)
 }
 
 #[tokio::main(flavor = "multi_thread")]

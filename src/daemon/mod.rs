@@ -15,9 +15,11 @@
 //! means asleep until the earliest of these times: there is no polling loop.
 //!
 //! On SIGTERM/SIGINT the daemon stops planning, marks the engine as stopping (a rotation not
-//! yet past its intent does not start; one past its PUT seals and leaves delivery to the next
-//! start), waits for the tasks in flight, says `STOPPING=1` and exits 0.
+//! yet at its intent does not start; one past it completes its PUT, seal and one delivery
+//! attempt, so its set is sealed and normally delivered), waits for the tasks in flight, says
+//! `STOPPING=1` and exits 0.
 
+pub mod notify;
 pub mod watch;
 
 use std::collections::{HashMap, HashSet};
@@ -27,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sd_notify::NotifyState;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,12 +37,7 @@ use crate::commands::{Exit, load_config};
 use crate::config;
 use crate::rotation::{self, Engine, EngineError};
 use crate::state::{self, PortalRow};
-
-fn sd(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "could not notify systemd");
-    }
-}
+use notify::{Note, Notifier};
 
 fn ms_to_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
     ms.and_then(DateTime::from_timestamp_millis)
@@ -107,6 +103,7 @@ struct Done {
 
 struct Supervisor {
     path: PathBuf,
+    notifier: Notifier,
     engine: Engine,
     plans: HashMap<String, Plan>,
     in_flight: HashSet<String>,
@@ -156,8 +153,10 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent));
+    let notifier = Notifier::start();
     let mut sup = Supervisor {
         path: path.to_path_buf(),
+        notifier: notifier.clone(),
         engine,
         plans: HashMap::new(),
         in_flight: HashSet::new(),
@@ -191,12 +190,13 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
     });
     if let Some(every) = sd_notify::watchdog_enabled() {
         let stop = shutdown.clone();
+        let notifier = notifier.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every / 2);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tick.tick() => sd(&[NotifyState::Watchdog]),
+                    _ = tick.tick() => notifier.send(Note::Watchdog),
                 }
             }
         });
@@ -208,7 +208,7 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
         sup.engine.config.portals.len(),
         if dry_run { ", dry run" } else { "" }
     );
-    sd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    notifier.send(Note::Ready(status));
     tracing::info!(
         portals = sup.engine.config.portals.len(),
         dry_run,
@@ -239,11 +239,12 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
     }
 
     tracing::info!("stopping: no new rotations; waiting for those in flight to reach a safe point");
-    sd(&[NotifyState::Stopping]);
+    notifier.send(Note::Stopping);
     sup.engine.stopping.store(true, Ordering::SeqCst);
     sup.tracker.close();
     sup.tracker.wait().await;
     metrics.alive.store(false, Ordering::SeqCst);
+    notifier.flush().await;
     tracing::info!("stopped");
     Exit::Ok
 }
@@ -591,12 +592,7 @@ impl Supervisor {
     }
 
     async fn reload(&mut self) {
-        let usec = NotifyState::monotonic_usec_now().ok();
-        let mut states = vec![NotifyState::Reloading];
-        if let Some(u) = usec {
-            states.push(u);
-        }
-        sd(&states);
+        self.notifier.send(Note::Reloading);
         let started = std::time::Instant::now();
         let result = config::load(&self.path)
             .map_err(|e| e.errors)
@@ -636,7 +632,10 @@ impl Supervisor {
                 );
             }
         }
-        sd(&[NotifyState::Ready]);
+        self.notifier.send(Note::Ready(format!(
+            "{} portal(s)",
+            self.engine.config.portals.len()
+        )));
     }
 }
 

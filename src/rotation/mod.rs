@@ -100,8 +100,8 @@ pub struct Engine {
     pub dry_run: bool,
     /// Counters and gauges, served by the daemon.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Set when the process is stopping: rotations not yet past their intent do not start,
-    /// and sealed payloads wait in the spool instead of being delivered now.
+    /// Set when the process is stopping: a rotation not yet at its intent does not start;
+    /// one past it finishes (PUT, seal, one delivery attempt).
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -411,6 +411,14 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
 
     tracing::info!(portal = name, "preflight");
     let pf = preflight(engine, pc).await?;
+    if engine.is_stopping() {
+        // Not a failure: nothing was attempted, and the next start plans it again.
+        return Ok(Report::new(
+            name,
+            "skipped",
+            "not started: the process is stopping",
+        ));
+    }
     // What the preflight saw and the intent share one commit: one fsync before the PUT.
     let (p, fp, unused, total) = (name.to_string(), pf.before_fp.clone(), pf.unused, pf.total);
     let journal_id = store
@@ -516,7 +524,6 @@ async fn seal_and_deliver(
     }
     drop(set); // the plain text is gone; only sealed payloads remain
     let (p, fp) = (name.to_string(), set_fp.clone());
-    let payloads_len = payloads.len();
     store
         .write(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads))
         .await?;
@@ -528,12 +535,10 @@ async fn seal_and_deliver(
     );
     fail_point("rotation::after_seal");
 
-    // Stopping: the set is safe in the spool; the next start delivers it.
-    let (delivered, pending) = if engine.is_stopping() {
-        (0, payloads_len)
-    } else {
-        deliver_portal(engine, name, None).await?
-    };
+    // Delivered now even when the process is stopping: each attempt is bounded by the
+    // sink's timeout, and an operator who stops the service for good expects the set to
+    // have reached its sinks, not to wait in the spool for a start that may never come.
+    let (delivered, pending) = deliver_portal(engine, name, None).await?;
     fail_point("rotation::before_done");
     let result = if pending == 0 {
         "ok"
