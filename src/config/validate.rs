@@ -20,6 +20,8 @@ const TOP_LEVEL: &str = "daemon, smtp, schedules, sinks, alerts, portals";
 struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
+    /// Byte offset where each line starts, so a location costs a binary search, not a scan.
+    line_starts: Vec<usize>,
     base: PathBuf,
     others_can_read: bool,
     errors: Vec<(usize, ConfigIssue)>,
@@ -29,11 +31,12 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn loc(&self, offset: usize) -> Loc {
         let offset = offset.min(self.text.len());
-        let before = self.text.get(..offset).unwrap_or(self.text);
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let column = before
-            .get(line_start..)
+        // The first line starts at 0, so the partition point is at least 1.
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        let column = self
+            .text
+            .get(start..offset)
             .map(|s| s.chars().count())
             .unwrap_or(0)
             + 1;
@@ -275,9 +278,13 @@ pub(super) fn validate(
         })
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    let line_starts = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
     let mut cx = Ctx {
         file,
         text,
+        line_starts,
         base,
         others_can_read,
         errors: Vec::new(),
