@@ -18,8 +18,6 @@ use crate::config::FileSinkConfig;
 use crate::crypto::age::AgeRecipients;
 use crate::crypto::pgp::{self, PgpKey};
 
-const O_NOFOLLOW: i32 = 0o400000; // Linux; std exposes no constant, and libc is not worth a dependency for it.
-
 /// How a file sink encrypts.
 pub enum FileCipher {
     /// Plain text.
@@ -156,7 +154,7 @@ impl FileSink {
             .write(true)
             .create_new(true)
             .mode(self.mode)
-            .custom_flags(O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         // The umask may have narrowed the mode; set exactly what was configured.
         f.set_permissions(fs::Permissions::from_mode(self.mode))?;
