@@ -225,6 +225,38 @@ async fn start_daemon(
     (child, sock, took)
 }
 
+/// `n` cv25519 public keys made by GnuPG in a throwaway home; `None` without gpg.
+fn gpg_keys(n: usize) -> Option<Vec<tfa_rotator::crypto::pgp::PgpKey>> {
+    let home = tempfile::tempdir().ok()?;
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).ok()?;
+    let gpg = |args: &[&str]| {
+        std::process::Command::new("gpg")
+            .arg("--homedir")
+            .arg(home.path())
+            .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let uid = format!("B{i} <b{i}@bench.test>");
+        gpg(&[
+            "--quick-generate-key",
+            &uid,
+            "future-default",
+            "default",
+            "never",
+        ])?;
+        let armored = gpg(&["--armor", "--export", &format!("b{i}@bench.test")])?;
+        let path = home.path().join(format!("b{i}.asc"));
+        std::fs::write(&path, armored.stdout).ok()?;
+        keys.extend(tfa_rotator::crypto::pgp::load_keys(&path, std::time::SystemTime::now()).ok()?);
+    }
+    Some(keys)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let sizes = env_list("TFA_BENCH_SIZES", &[100, 1000, 10000]);
@@ -292,6 +324,68 @@ async fn main() {
             100.0 * o / b
         );
     }
+
+    // File descriptors across in-process rotations of the largest size (the library, not
+    // the binary, so /proc/self/fd counts the same process before and after).
+    let n = *sizes.iter().max().unwrap_or(&100);
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let keys: Vec<String> = (0..n)
+        .map(|i| sim.add_user(UserSpec::new(&format!("f{i}@bench.test"))))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &sim.url(), &keys, None);
+    let config = tfa_rotator::config::load(&dir.path().join("config.toml")).unwrap();
+    let config = std::sync::Arc::new(tfa_rotator::config::Config {
+        daemon: tfa_rotator::config::DaemonConfig {
+            state_dir: dir.path().join("state"),
+            ..config.daemon
+        },
+        ..config
+    });
+    let engine = tfa_rotator::rotation::Engine::new(config, false).unwrap();
+    let fds = || {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // One warm-up rotation opens what stays open (the database, the HTTP pool).
+    assert!(
+        !tfa_rotator::rotation::rotate(&engine, "p0", true)
+            .await
+            .is_failure()
+    );
+    let before = fds();
+    let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+    // Two batches: pooled connections appear after the first and stay; a leak would grow.
+    let mut after = Vec::new();
+    let mut failed = 0;
+    for _ in 0..2 {
+        failed += futures::stream::iter(names.iter())
+            .map(|p| {
+                let engine = &engine;
+                async move {
+                    tfa_rotator::rotation::rotate(engine, p, true)
+                        .await
+                        .is_failure()
+                }
+            })
+            .buffer_unordered(8)
+            .filter(|f| std::future::ready(*f))
+            .count()
+            .await;
+        after.push(fds());
+    }
+    drop(engine);
+    sim.stop();
+    println!(
+        "\n| file descriptors (in-process: client and simulator sockets both count) | value |\n| --- | --- |"
+    );
+    println!(
+        "| before / after {n} / after {} rotations ({failed} failed) | {before} / {} / {} |",
+        2 * n,
+        after[0],
+        after[1]
+    );
 
     // Idle daemon: 1,000 portals on a far-off schedule.
     let dir = tempfile::tempdir().unwrap();
@@ -419,4 +513,23 @@ async fn main() {
         "| seal one payload, age, 10 recipients | {:.0} µs |",
         seal(10)
     );
+    match gpg_keys(10) {
+        Some(keys) => {
+            let payload = vec![b'x'; 400];
+            for k in [1, 10] {
+                let refs: Vec<&tfa_rotator::crypto::pgp::PgpKey> = keys.iter().take(k).collect();
+                let t = median(
+                    (0..20)
+                        .map(|_| {
+                            let t = Instant::now();
+                            tfa_rotator::crypto::pgp::encrypt(&refs, &payload).unwrap();
+                            t.elapsed().as_secs_f64() * 1e6
+                        })
+                        .collect(),
+                );
+                println!("| seal one payload, OpenPGP (cv25519), {k} recipient(s) | {t:.0} µs |");
+            }
+        }
+        None => println!("| seal one payload, OpenPGP | n/a (gpg not installed) |"),
+    }
 }
