@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Keeps the two-factor backup codes of ONLYOFFICE DocSpace accounts fresh.
 #[derive(Parser, Debug)]
@@ -97,32 +97,36 @@ pub enum Command {
         json: bool,
     },
     /// Serve a local DocSpace-compatible portal.
-    Simulate {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// A TOML file describing the portal and its users (see README).
-        #[arg(long)]
-        portal_file: Option<PathBuf>,
-        /// Add this many generated users (their keys are printed).
-        #[arg(long, default_value_t = 0)]
-        users: usize,
-        /// Add a user with this API key (repeatable).
-        #[arg(long = "key")]
-        keys: Vec<String>,
-        /// Codes per set.
-        #[arg(long)]
-        codes: Option<usize>,
-        /// Characters per code.
-        #[arg(long)]
-        code_length: Option<usize>,
-        /// Status of the "not available" error (500, 403 or 405).
-        #[arg(long)]
-        not_available_status: Option<u16>,
-        /// Requests per key per minute before 429.
-        #[arg(long)]
-        rate_limit: Option<u32>,
-    },
+    Simulate(SimulateArgs),
     /// A tour: a simulated portal, a throwaway config, one rotation, proof the codes work.
     Demo,
+}
+
+/// The flags of `simulate`.
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A TOML file describing the portal and its users (see README).
+    #[arg(long)]
+    pub portal_file: Option<PathBuf>,
+    /// Add this many generated users (their keys are printed).
+    #[arg(long, default_value_t = 0)]
+    pub users: usize,
+    /// Add a user with this API key (repeatable).
+    #[arg(long = "key")]
+    pub keys: Vec<String>,
+    /// Codes per set.
+    #[arg(long)]
+    pub codes: Option<usize>,
+    /// Characters per code.
+    #[arg(long)]
+    pub code_length: Option<usize>,
+    /// Status of the "not available" error (500, 403 or 405).
+    #[arg(long)]
+    pub not_available_status: Option<u16>,
+    /// Requests per key per minute before 429.
+    #[arg(long)]
+    pub rate_limit: Option<u32>,
 }

@@ -64,28 +64,7 @@ async fn dispatch(cli: Cli) -> Exit {
         Command::Deliver { json } => rotate::deliver(&path, json).await,
         Command::Resend { portals, json } => rotate::resend(&path, portals, json).await,
         Command::Status { json } => status::run(&path, json).await,
-        Command::Simulate {
-            listen,
-            portal_file,
-            users,
-            keys,
-            codes,
-            code_length,
-            not_available_status,
-            rate_limit,
-        } => {
-            simulate::run(simulate::Options {
-                listen,
-                portal_file,
-                users,
-                keys,
-                codes,
-                code_length,
-                not_available_status,
-                rate_limit,
-            })
-            .await
-        }
+        Command::Simulate(args) => simulate::run(args).await,
         Command::Demo => demo::run().await,
     }
 }

@@ -1,25 +1,11 @@
 //! `simulate`: a local DocSpace-compatible portal until SIGINT or SIGTERM.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use super::Exit;
+use crate::cli::SimulateArgs;
 use crate::simulator::{RateLimit, SimConfig, Simulator, UserSpec};
 
-/// The flags of `simulate`.
-pub struct Options {
-    pub listen: SocketAddr,
-    pub portal_file: Option<PathBuf>,
-    pub users: usize,
-    pub keys: Vec<String>,
-    pub codes: Option<usize>,
-    pub code_length: Option<usize>,
-    pub not_available_status: Option<u16>,
-    pub rate_limit: Option<u32>,
-}
-
 /// Runs `simulate`.
-pub async fn run(o: Options) -> Exit {
+pub async fn run(o: SimulateArgs) -> Exit {
     let mut config = match &o.portal_file {
         None => SimConfig::default(),
         Some(p) => match std::fs::read_to_string(p)
