@@ -147,13 +147,10 @@ impl Engine {
     }
 
     fn store(&self) -> Result<&Store, StateError> {
-        self.store
-            .as_ref()
-            .filter(|s| !s.is_read_only())
-            .ok_or_else(|| StateError::Unsafe {
-                path: self.config.daemon.state_dir.clone(),
-                reason: "is open read-only (dry run)".into(),
-            })
+        self.store.as_ref().ok_or_else(|| StateError::Unsafe {
+            path: self.config.daemon.state_dir.clone(),
+            reason: "is not opened in a dry run".into(),
+        })
     }
 
     /// A fingerprint of what matters to a portal's delivery and identity: its URL, the API
@@ -290,9 +287,16 @@ struct Preflight {
     before_fp: Option<String>,
     unused: usize,
     total: usize,
+    /// The set read, kept only when asked (a resend delivers it); a rotation drops the old
+    /// set's plain text at once.
+    codes: Option<CodeSet>,
 }
 
-async fn preflight(engine: &Engine, pc: &PortalConfig) -> Result<Preflight, RotationError> {
+async fn preflight(
+    engine: &Engine,
+    pc: &PortalConfig,
+    keep_codes: bool,
+) -> Result<Preflight, RotationError> {
     let portal = engine.portal(pc)?;
     let (codes, account) = tokio::join!(portal.codes(), portal.account());
     let codes = codes?;
@@ -302,7 +306,7 @@ async fn preflight(engine: &Engine, pc: &PortalConfig) -> Result<Preflight, Rota
         .as_ref()
         .map(|s| s.fingerprinter().of_set(&codes));
     let (unused, total) = (codes.unused(), codes.total());
-    drop(codes);
+    let codes = keep_codes.then_some(codes);
     for sink_name in &pc.sinks {
         let sink = sink_of(engine, &pc.name, sink_name)?;
         sink.preflight(&pc.name)
@@ -318,6 +322,7 @@ async fn preflight(engine: &Engine, pc: &PortalConfig) -> Result<Preflight, Rota
         before_fp,
         unused,
         total,
+        codes,
     })
 }
 
@@ -369,7 +374,7 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
 async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
     if engine.dry_run {
-        let pf = preflight(engine, pc).await?;
+        let pf = preflight(engine, pc, false).await?;
         let mut r = Report::new(
             name,
             "would_rotate",
@@ -410,7 +415,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     }
 
     tracing::info!(portal = name, "preflight");
-    let pf = preflight(engine, pc).await?;
+    let pf = preflight(engine, pc, false).await?;
     if engine.is_stopping() {
         // Not a failure: nothing was attempted, and the next start plans it again.
         return Ok(Report::new(
@@ -634,6 +639,7 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
         .call(move |c| state::open_journal(c, Some(&p)))
         .await?;
     let mut report = Report::new(name, "delivered", "nothing was pending");
+    let mut sealed = Vec::new();
     for j in open {
         match j.phase.as_str() {
             "intent" => {
@@ -652,27 +658,30 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
                     report.outcome = "recovered";
                 }
             }
-            _ => {
-                // Sealed: the payloads are in the spool; deliver below, then close.
-                let (delivered, pending) = deliver_portal(engine, name, None).await?;
-                let (id, p) = (j.id, name.to_string());
-                let result = if pending == 0 {
-                    "ok"
-                } else {
-                    "delivery_pending"
-                };
-                store
-                    .write(move |c| {
-                        state::close_journal(c, id, "done", Some("finished after a restart"))?;
-                        state::record_rotated(c, &p, result)
-                    })
-                    .await?;
-                report.delivered += delivered;
-                report.outcome = "recovered";
-            }
+            // Sealed: the payloads are in the spool; delivered below, then closed.
+            _ => sealed.push(j.id),
         }
     }
     let (delivered, pending) = deliver_portal(engine, name, None).await?;
+    if !sealed.is_empty() {
+        let (p, result) = (
+            name.to_string(),
+            if pending == 0 {
+                "ok"
+            } else {
+                "delivery_pending"
+            },
+        );
+        store
+            .write(move |c| {
+                for id in sealed {
+                    state::close_journal(c, id, "done", Some("finished after a restart"))?;
+                }
+                state::record_rotated(c, &p, result)
+            })
+            .await?;
+        report.outcome = "recovered";
+    }
     report.delivered += delivered;
     report.pending = pending;
     if report.delivered > 0 || report.pending > 0 {
@@ -691,8 +700,13 @@ pub async fn resend(engine: &Engine, name: &str) -> Report {
         let store = engine.store()?.clone();
         let _lock = store.lock_portal(name, LOCK_WAIT).await?;
         recover_locked(engine, name).await?;
-        let pf = preflight(engine, pc).await?;
-        let set = pf.portal.codes().await?;
+        // The set the preflight read is the one delivered: one GET, and no window in
+        // which it could change between two reads.
+        let mut pf = preflight(engine, pc, true).await?;
+        let set = match pf.codes.take() {
+            Some(set) => set,
+            None => pf.portal.codes().await?,
+        };
         let p = name.to_string();
         let fp = store.fingerprinter().of_set(&set);
         let id = store
