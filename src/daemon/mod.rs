@@ -243,6 +243,11 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
     sup.engine.stopping.store(true, Ordering::SeqCst);
     sup.tracker.close();
     sup.tracker.wait().await;
+    // Record what the last jobs did (a stored entry fingerprint, a fire time acted on):
+    // otherwise the next start would take a finished rotation for a pending change.
+    while let Ok(done) = done_rx.try_recv() {
+        sup.finish(done).await;
+    }
     metrics.alive.store(false, Ordering::SeqCst);
     notifier.flush().await;
     tracing::info!("stopped");

@@ -131,6 +131,12 @@ async fn sigterm_during_a_rotation_waits_for_a_safe_point_and_loses_nothing() {
         h.accepted("acme"),
         "{log}"
     );
+    // The rotation that finished during the stop was recorded: a restart is not a change.
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(d.wait_log("ready").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.sim.rotations(), 1, "{}", d.log());
+    d.term().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
