@@ -2,7 +2,8 @@
 //! daemon with hundreds of portals. Every figure is a median of several runs or a ratio of
 //! figures measured in the same run, because the machines are shared and noisy.
 //!
-//! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3).
+//! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3),
+//! `TFA_BENCH_ONLY` (a comma list of `mass`, `fds`, `idle`, `reload`, `micro`; default all).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -24,6 +25,13 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| default.to_vec())
+}
+
+/// Whether the table section `name` is wanted (`TFA_BENCH_ONLY`).
+fn wanted(name: &str) -> bool {
+    std::env::var("TFA_BENCH_ONLY")
+        .map(|v| v.split(',').any(|s| s.trim() == name))
+        .unwrap_or(true)
 }
 
 fn private(path: &Path, text: &str) {
@@ -274,11 +282,30 @@ async fn main() {
         .map(|k| format!("{:.0} GiB", k as f64 / 1048576.0))
         .unwrap_or_default();
     println!("tfa-rotator benchmark, {cores} cores, {mem} memory, median of {runs} run(s)\n");
+    if wanted("mass") {
+        mass(&sizes, runs).await;
+    }
+    if wanted("fds") {
+        fds(*sizes.iter().max().unwrap_or(&100)).await;
+    }
+    if wanted("idle") {
+        idle(runs).await;
+    }
+    if wanted("reload") {
+        reload().await;
+    }
+    if wanted("micro") {
+        micro(runs);
+    }
+}
+
+/// Mass rotation against the portal-bound limit and the documented loop.
+async fn mass(sizes: &[usize], runs: usize) {
     println!(
         "| mass rotation | ours (acc/s) | portal-bound limit (acc/s) | ours / limit | doc loop (acc/s) | speedup | max RSS |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for &n in &sizes {
+    for &n in sizes {
         let (mut o, mut b, mut d, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             let sim = Simulator::start(SimConfig::default()).await.unwrap();
@@ -324,10 +351,12 @@ async fn main() {
             100.0 * o / b
         );
     }
+}
 
+/// File descriptors across in-process rotations of `n` portals, twice.
+async fn fds(n: usize) {
     // File descriptors across in-process rotations of the largest size (the library, not
     // the binary, so /proc/self/fd counts the same process before and after).
-    let n = *sizes.iter().max().unwrap_or(&100);
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
     let keys: Vec<String> = (0..n)
         .map(|i| sim.add_user(UserSpec::new(&format!("f{i}@bench.test"))))
@@ -386,7 +415,10 @@ async fn main() {
         after[0],
         after[1]
     );
+}
 
+/// The idle daemon's footprint.
+async fn idle(runs: usize) {
     // Idle daemon: 1,000 portals on a far-off schedule.
     let dir = tempfile::tempdir().unwrap();
     let keys: Vec<String> = (0..1000)
@@ -418,7 +450,10 @@ async fn main() {
     println!("| RSS after start | {:.1} MiB |", median(rss));
     println!("| CPU over 30 s idle | {:.2} s |", median(cpu));
     println!("| context switches over 30 s idle | {:.0} |", median(cs));
+}
 
+/// Reload latency.
+async fn reload() {
     // Reload latency: an atomic config write that adds a portal, to its PUT at the portal.
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -472,7 +507,10 @@ async fn main() {
         median(lat)
     );
     println!("| daemon file descriptors after 11 rotations | {fds_before} |");
+}
 
+/// Micro-benchmarks.
+fn micro(runs: usize) {
     // Micro-benchmarks.
     let mut cfg =
         String::from("[sinks.plain]\ntype = \"file\"\npath = \"/var/lib/x/{portal}.txt\"\n");

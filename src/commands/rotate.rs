@@ -58,10 +58,17 @@ pub async fn rotate(
         b
     });
     let limit = config.daemon.max_concurrent;
-    let mut stream = futures::stream::iter(names.iter())
+    // Each rotation is its own task, so that they spread over the runtime's workers instead
+    // of all being polled by this one.
+    let engine = std::sync::Arc::new(engine);
+    let mut stream = futures::stream::iter(names.iter().cloned())
         .map(|n| {
-            let engine = &engine;
-            async move { rotation::rotate(engine, n, force).await }
+            let (engine, name) = (engine.clone(), n.clone());
+            let task = tokio::spawn(async move { rotation::rotate(&engine, &n, force).await });
+            async move {
+                task.await
+                    .unwrap_or_else(|e| Report::lost(&name, &e.to_string()))
+            }
         })
         .buffer_unordered(limit);
     let mut done: Vec<Report> = Vec::with_capacity(names.len());

@@ -260,6 +260,14 @@ impl Report {
         r
     }
 
+    /// A rotation task that ended without a report (it panicked): a failure to look into.
+    /// Its portal is settled by the next command's recovery like after a crash.
+    pub fn lost(portal: &str, why: &str) -> Self {
+        let mut r = Self::new(portal, "failed", format!("a rotation task was lost: {why}"));
+        r.error_kind = Some("internal".into());
+        r
+    }
+
     /// True when the command should exit 1 for this portal.
     pub fn is_failure(&self) -> bool {
         self.outcome == "failed" || self.pending > 0
@@ -391,12 +399,24 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     }
     let store = engine.store()?.clone();
     let _lock = store.lock_portal(name, LOCK_WAIT).await?;
-    recover_locked(engine, name).await?;
+    // One read tells whether an earlier process left work here, and what min_interval
+    // needs; only a portal with leftovers pays for recovery and a second read.
+    let p = name.to_string();
+    let (leftovers, mut row) = store
+        .call(move |c| {
+            let leftovers = !state::open_journal(c, Some(&p))?.is_empty()
+                || !state::pending(c, Some(&p), None)?.is_empty();
+            Ok((leftovers, state::portal_row(c, &p)?))
+        })
+        .await?;
+    if leftovers {
+        recover_locked(engine, name).await?;
+        let p = name.to_string();
+        row = store.call(move |c| state::portal_row(c, &p)).await?;
+    }
 
     if !force {
         let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
-        let p = name.to_string();
-        let row = store.call(move |c| state::portal_row(c, &p)).await?;
         let last = row
             .and_then(|r| r.last_success_at)
             .and_then(chrono::DateTime::from_timestamp_millis);
@@ -524,13 +544,15 @@ async fn seal_and_deliver(
                 portal: name.to_string(),
                 source,
             })?;
-            payloads.push((sink_name.clone(), sealed));
+            payloads.push((sink_name.clone(), zeroize::Zeroizing::new(sealed)));
         }
     }
     drop(set); // the plain text is gone; only sealed payloads remain
     let (p, fp) = (name.to_string(), set_fp.clone());
-    store
-        .write(move |c| state::seal(c, journal_id, &p, &fp, unused, total, &payloads))
+    let (ids, payloads) = store
+        .write(move |c| {
+            state::seal(c, journal_id, &p, &fp, unused, total, &payloads).map(|ids| (ids, payloads))
+        })
         .await?;
     tracing::info!(
         portal = name,
@@ -543,7 +565,31 @@ async fn seal_and_deliver(
     // Delivered now even when the process is stopping: each attempt is bounded by the
     // sink's timeout, and an operator who stops the service for good expects the set to
     // have reached its sinks, not to wait in the spool for a start that may never come.
-    let (delivered, pending) = deliver_portal(engine, name, None).await?;
+    // The payloads are still in hand, so they are not read back; the outcomes are recorded
+    // with the journal's close in one commit. A crash before it delivers them again on the
+    // next start (the same set, so the sinks end up the same).
+    let (mut delivered, mut pending) = (0, 0);
+    let mut outcomes = Vec::with_capacity(ids.len());
+    for (id, (sink_name, payload)) in ids.into_iter().zip(&payloads) {
+        let sink = sink_of(engine, name, sink_name)?;
+        let result = sink.deliver(name, payload).await;
+        engine.metrics.delivery(name, sink_name, result.is_ok());
+        match result {
+            Ok(()) => {
+                delivered += 1;
+                tracing::info!(portal = name, sink = %sink_name, "delivered");
+                outcomes.push((id, None));
+                fail_point("rotation::mid_delivery");
+            }
+            Err(de) => {
+                pending += 1;
+                tracing::warn!(portal = name, sink = %sink_name, error = %de, permanent = !de.temporary, "delivery failed; the payload stays in the spool");
+                let next = now_ms() + backoff(0).as_millis() as i64;
+                outcomes.push((id, Some((de.message, next, !de.temporary))));
+            }
+        }
+    }
+    drop(payloads);
     fail_point("rotation::before_done");
     let result = if pending == 0 {
         "ok"
@@ -553,6 +599,14 @@ async fn seal_and_deliver(
     let p = name.to_string();
     store
         .write(move |c| {
+            for (id, failure) in outcomes {
+                match failure {
+                    None => state::delivered(c, id)?,
+                    Some((msg, next, permanent)) => {
+                        state::delivery_failed(c, id, &msg, next, permanent)?
+                    }
+                }
+            }
             state::close_journal(c, journal_id, "done", None)?;
             if rotated {
                 state::record_rotated(c, &p, result)

@@ -186,8 +186,8 @@ impl Delivery<'_> {
 
 /// A ready sink.
 pub enum Sink {
-    /// A file.
-    File(FileSink),
+    /// A file. Shared, so that its blocking I/O can run on the blocking pool.
+    File(Arc<FileSink>),
     /// PGP/MIME email.
     Email(EmailSink),
 }
@@ -229,7 +229,17 @@ impl Sink {
     /// Proves delivery can work for `portal`, without delivering.
     pub async fn preflight(&self, portal: &str) -> Result<(), SinkError> {
         match self {
-            Sink::File(f) => f.preflight(portal),
+            Sink::File(f) => {
+                let (f, portal) = (f.clone(), portal.to_string());
+                blocking(move || f.preflight(&portal))
+                    .await
+                    .unwrap_or_else(|message| {
+                        Err(SinkError {
+                            sink: self.name().to_string(),
+                            message,
+                        })
+                    })
+            }
             Sink::Email(e) => e.preflight().await,
         }
     }
@@ -248,10 +258,25 @@ impl Sink {
     /// Delivers sealed bytes.
     pub async fn deliver(&self, portal: &str, payload: &[u8]) -> Result<(), DeliveryError> {
         match self {
-            Sink::File(f) => f.deliver(portal, payload),
+            Sink::File(f) => {
+                // Two fsyncs and a rename: off the async workers, so that the HTTP of other
+                // rotations goes on meanwhile.
+                let (f, portal) = (f.clone(), portal.to_string());
+                let payload = Zeroizing::new(payload.to_vec());
+                blocking(move || f.deliver(&portal, &payload))
+                    .await
+                    .unwrap_or_else(|m| Err(DeliveryError::temporary(m)))
+            }
             Sink::Email(e) => e.deliver(payload).await,
         }
     }
+}
+
+/// Runs blocking file work on the blocking pool; `Err` only if the task itself was lost.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("the file task failed: {e}"))
 }
 
 /// Every sink of a config, built.
@@ -316,7 +341,7 @@ pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
                         (issues.len() == before).then_some(file::FileCipher::Pgp(loaded))
                     }
                 };
-                cipher.map(|c| Sink::File(FileSink::new(name, fc, c)))
+                cipher.map(|c| Sink::File(Arc::new(FileSink::new(name, fc, c))))
             }
             SinkKind::Email(ec) => {
                 let before = issues.len();
