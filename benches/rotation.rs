@@ -267,6 +267,10 @@ fn gpg_keys(n: usize) -> Option<Vec<tfa_rotator::crypto::pgp::PgpKey>> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if let Some(dir) = std::env::var_os("TFA_BENCH_CRITERION_DIR") {
+        criterion_micro(Path::new(&dir));
+        return;
+    }
     let sizes = env_list("TFA_BENCH_SIZES", &[100, 1000, 10000]);
     let runs = env_list("TFA_BENCH_RUNS", &[3])[0].max(1);
     let cores = std::thread::available_parallelism()
@@ -295,7 +299,7 @@ async fn main() {
         reload().await;
     }
     if wanted("micro") {
-        micro(runs);
+        micro();
     }
 }
 
@@ -509,65 +513,80 @@ async fn reload() {
     println!("| daemon file descriptors after 11 rotations | {fds_before} |");
 }
 
-/// Micro-benchmarks.
-fn micro(runs: usize) {
-    // Micro-benchmarks.
+/// The micro-benchmarks, measured by criterion in a child process (its own report goes to
+/// /dev/null so that this bench prints one table); the medians come from its estimates.
+fn micro() {
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("TFA_BENCH_CRITERION_DIR", out.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the criterion micro-benchmarks failed");
+    let median_of = |id: &str| -> Option<f64> {
+        let path = out.path().join(id).join("new/estimates.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        v["median"]["point_estimate"].as_f64()
+    };
+    let show = |id: &str, scale: f64, unit: &str| match median_of(id) {
+        Some(ns) => format!("{:.0} {unit}", ns / scale),
+        None => "n/a (gpg not installed)".into(),
+    };
+    println!("\n| micro (criterion, median) | value |\n| --- | --- |");
+    println!(
+        "| parse and validate 10,000 portals | {} |",
+        show("parse_10000", 1e6, "ms")
+    );
+    for k in [1, 10] {
+        println!(
+            "| seal one payload, age, {k} recipient(s) | {} |",
+            show(&format!("seal_age_{k}"), 1e3, "µs")
+        );
+    }
+    for k in [1, 10] {
+        println!(
+            "| seal one payload, OpenPGP (cv25519), {k} recipient(s) | {} |",
+            show(&format!("seal_pgp_{k}"), 1e3, "µs")
+        );
+    }
+}
+
+/// Runs the criterion micro-benchmarks into `dir` (the child side of [`micro`]).
+fn criterion_micro(dir: &Path) {
+    let mut c = criterion::Criterion::default()
+        .output_directory(dir)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(10);
     let mut cfg =
         String::from("[sinks.plain]\ntype = \"file\"\npath = \"/var/lib/x/{portal}.txt\"\n");
     for i in 0..10_000 {
         cfg.push_str(&format!("[portals.p{i}]\nurl = \"https://p{i}.example.com\"\napi_key = {{ env = \"K\" }}\nsinks = [\"plain\"]\n"));
     }
-    let parse: Vec<f64> = (0..runs.max(3))
-        .map(|_| {
-            let t = Instant::now();
+    c.bench_function("parse_10000", |b| {
+        b.iter(|| {
             tfa_rotator::config::parse(&cfg, Path::new("/etc/tfa-rotator/config.toml"), false)
-                .unwrap();
-            t.elapsed().as_secs_f64() * 1000.0
+                .unwrap()
         })
-        .collect();
-    let seal = |recipients: usize| -> f64 {
-        let ids: Vec<String> = (0..recipients)
+    });
+    let payload = vec![b'x'; 400];
+    let mut c = c.sample_size(50);
+    for k in [1, 10] {
+        let ids: Vec<String> = (0..k)
             .map(|_| age::x25519::Identity::generate().to_public().to_string())
             .collect();
         let r = tfa_rotator::crypto::age::AgeRecipients::parse(&ids).unwrap();
-        let payload = vec![b'x'; 400];
-        median(
-            (0..20)
-                .map(|_| {
-                    let t = Instant::now();
-                    r.encrypt(&payload).unwrap();
-                    t.elapsed().as_secs_f64() * 1e6
-                })
-                .collect(),
-        )
-    };
-    println!("\n| micro | value |\n| --- | --- |");
-    println!(
-        "| parse and validate 10,000 portals | {:.0} ms |",
-        median(parse)
-    );
-    println!("| seal one payload, age, 1 recipient | {:.0} µs |", seal(1));
-    println!(
-        "| seal one payload, age, 10 recipients | {:.0} µs |",
-        seal(10)
-    );
-    match gpg_keys(10) {
-        Some(keys) => {
-            let payload = vec![b'x'; 400];
-            for k in [1, 10] {
-                let refs: Vec<&tfa_rotator::crypto::pgp::PgpKey> = keys.iter().take(k).collect();
-                let t = median(
-                    (0..20)
-                        .map(|_| {
-                            let t = Instant::now();
-                            tfa_rotator::crypto::pgp::encrypt(&refs, &payload).unwrap();
-                            t.elapsed().as_secs_f64() * 1e6
-                        })
-                        .collect(),
-                );
-                println!("| seal one payload, OpenPGP (cv25519), {k} recipient(s) | {t:.0} µs |");
-            }
+        c.bench_function(&format!("seal_age_{k}"), |b| {
+            b.iter(|| r.encrypt(&payload).unwrap())
+        });
+    }
+    if let Some(keys) = gpg_keys(10) {
+        for k in [1, 10] {
+            let refs: Vec<&tfa_rotator::crypto::pgp::PgpKey> = keys.iter().take(k).collect();
+            c.bench_function(&format!("seal_pgp_{k}"), |b| {
+                b.iter(|| tfa_rotator::crypto::pgp::encrypt(&refs, &payload).unwrap())
+            });
         }
-        None => println!("| seal one payload, OpenPGP | n/a (gpg not installed) |"),
     }
 }
