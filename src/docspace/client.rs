@@ -34,24 +34,39 @@ const MAX_BODY: usize = 1024 * 1024;
 /// The longest `Retry-After` a GET waits for by itself; longer ones fail the attempt.
 const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
 
-/// A shared connection pool for every portal.
+/// A shared connection pool for every portal, built on first use: an idle daemon whose
+/// portals are not due never loads the TLS stack and the system's root certificates.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: reqwest::Client,
+    timeout: Duration,
+    inner: Arc<std::sync::OnceLock<Result<reqwest::Client, String>>>,
 }
 
 impl HttpClient {
     /// A client whose every request times out after `timeout`.
     pub fn new(timeout: Duration) -> Result<Self, String> {
-        let inner = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .pool_max_idle_per_host(64)
-            .user_agent(concat!("tfa-rotator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
-        Ok(Self { inner })
+        Ok(Self {
+            timeout,
+            inner: Arc::default(),
+        })
+    }
+
+    /// The pool, built the first time it is needed.
+    fn client(&self) -> Result<&reqwest::Client, String> {
+        let timeout = self.timeout;
+        self.inner
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(timeout)
+                    .connect_timeout(timeout.min(Duration::from_secs(10)))
+                    .pool_max_idle_per_host(64)
+                    .user_agent(concat!("tfa-rotator/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| format!("building the HTTP client: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -66,13 +81,19 @@ pub struct Portal {
 
 impl Portal {
     /// `base` must end in `/` (the config guarantees it).
-    pub fn new(http: &HttpClient, name: &str, base: Url, key: SecretString) -> Self {
-        Self {
-            http: http.inner.clone(),
+    /// Fails only if the HTTP client cannot be built.
+    pub fn new(
+        http: &HttpClient,
+        name: &str,
+        base: Url,
+        key: SecretString,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            http: http.client()?.clone(),
             name: name.to_string(),
             base,
             key: Arc::new(key),
-        }
+        })
     }
 
     /// The portal's name in the config.

@@ -196,7 +196,12 @@ impl Engine {
                 portal: pc.name.clone(),
                 message,
             })?;
-        Ok(Portal::new(&self.http, &pc.name, pc.url.clone(), key))
+        Portal::new(&self.http, &pc.name, pc.url.clone(), key).map_err(|message| {
+            RotationError::Other {
+                portal: pc.name.clone(),
+                message,
+            }
+        })
     }
 
     fn portal_config(&self, name: &str) -> Result<&PortalConfig, RotationError> {

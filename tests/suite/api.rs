@@ -20,6 +20,7 @@ fn portal(sim: &Simulator, key: &str, timeout: Duration) -> Portal {
         sim.url().parse().unwrap(),
         SecretString::from(key),
     )
+    .unwrap()
 }
 
 #[tokio::test]
