@@ -176,11 +176,12 @@ fn proc_cpu_and_switches(pid: u32) -> (f64, u64) {
     (ticks / 100.0, cs)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/PID/status` memory line (`VmRSS`, `RssAnon`, `RssFile`) in KiB.
+fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS"))
+        .find(|l| l.split(':').next() == Some(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
 }
@@ -452,6 +453,7 @@ async fn idle(runs: usize) {
         Some("[schedules.s]\ncron = \"0 3 1 1 *\"\nrotate_on_change = false\n\n"),
     );
     let (mut ready, mut rss, mut cpu, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut anon, mut file) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let _ = std::fs::remove_dir_all(dir.path().join("state"));
         let (mut child, _sock, t) = start_daemon(dir.path()).await;
@@ -461,7 +463,9 @@ async fn idle(runs: usize) {
         let (c0, s0) = proc_cpu_and_switches(pid);
         tokio::time::sleep(Duration::from_secs(30)).await;
         let (c1, s1) = proc_cpu_and_switches(pid);
-        rss.push(rss_kib(pid) as f64 / 1024.0);
+        rss.push(rss_kib(pid, "VmRSS") as f64 / 1024.0);
+        anon.push(rss_kib(pid, "RssAnon") as f64 / 1024.0);
+        file.push(rss_kib(pid, "RssFile") as f64 / 1024.0);
         cpu.push(c1 - c0);
         cs.push(s1.saturating_sub(s0) as f64);
         let _ = child.kill().await;
@@ -469,6 +473,11 @@ async fn idle(runs: usize) {
     println!("\n| idle daemon, 1,000 portals | value |\n| --- | --- |");
     println!("| start to READY=1 | {:.0} ms |", median(ready));
     println!("| RSS after start | {:.1} MiB |", median(rss));
+    println!(
+        "| of which private (heap, stacks) / mapped from the binary and libraries | {:.1} / {:.1} MiB |",
+        median(anon),
+        median(file)
+    );
     println!("| CPU over 30 s idle | {:.2} s |", median(cpu));
     println!("| context switches over 30 s idle | {:.0} |", median(cs));
 }
