@@ -51,13 +51,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         return Exit::Config;
     }
 
-    let http = match HttpClient::new(config.daemon.http_timeout) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Exit::Failed;
-        }
-    };
+    let http = HttpClient::new(config.daemon.http_timeout);
     let engine = Engine {
         config: config.clone(),
         sinks,

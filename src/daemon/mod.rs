@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::commands::{Exit, load_config};
 use crate::config;
-use crate::rotation::{self, Engine, EngineError};
+use crate::rotation::{self, Engine};
 use crate::state::{self, PortalRow};
 use notify::{Note, Notifier};
 
@@ -601,17 +601,7 @@ impl Supervisor {
         let started = std::time::Instant::now();
         let result = config::load(&self.path)
             .map_err(|e| e.errors)
-            .and_then(|c| {
-                self.engine.reconfigured(Arc::new(c)).map_err(|e| match e {
-                    EngineError::Config(issues) => issues,
-                    other => vec![config::ConfigIssue {
-                        file: self.path.clone(),
-                        loc: None,
-                        key: String::new(),
-                        message: other.to_string(),
-                    }],
-                })
-            });
+            .and_then(|c| self.engine.reconfigured(Arc::new(c)));
         match result {
             Ok(engine) => {
                 let n = engine.config.portals.len();

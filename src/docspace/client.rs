@@ -43,12 +43,13 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// A client whose every request times out after `timeout`.
-    pub fn new(timeout: Duration) -> Result<Self, String> {
-        Ok(Self {
+    /// A client whose every request times out after `timeout`. Building it can only fail
+    /// on first use, which [`Portal::new`] reports.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
             timeout,
             inner: Arc::default(),
-        })
+        }
     }
 
     /// The pool, built the first time it is needed.

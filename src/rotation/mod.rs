@@ -114,16 +114,13 @@ pub enum EngineError {
     /// The state could not be opened.
     #[error(transparent)]
     State(#[from] StateError),
-    /// The HTTP client could not be built.
-    #[error("{0}")]
-    Http(String),
 }
 
 impl Engine {
     /// Builds sinks, the HTTP client and opens the state (read-only for a dry run).
     pub fn new(config: Arc<Config>, dry_run: bool) -> Result<Self, EngineError> {
         let sinks = crate::sinks::build(&config).map_err(EngineError::Config)?;
-        let http = HttpClient::new(config.daemon.http_timeout).map_err(EngineError::Http)?;
+        let http = HttpClient::new(config.daemon.http_timeout);
         // A dry run reads nothing from the state, and even a read-only SQLite open of a WAL
         // database creates its -wal and -shm files: so it does not open the state at all.
         let store = if dry_run {
@@ -170,11 +167,12 @@ impl Engine {
         hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
     }
 
-    /// An engine for a new config that shares this one's store, HTTP pool, metrics and
-    /// stop flag (a reload).
-    pub fn reconfigured(&self, config: Arc<Config>) -> Result<Self, EngineError> {
-        let sinks = crate::sinks::build(&config).map_err(EngineError::Config)?;
-        let http = HttpClient::new(config.daemon.http_timeout).map_err(EngineError::Http)?;
+    /// An engine for a new config that shares this one's store, metrics and stop flag (a
+    /// reload); its HTTP pool is new, since the timeout may have changed. Fails only on the
+    /// config's keys and recipients.
+    pub fn reconfigured(&self, config: Arc<Config>) -> Result<Self, Vec<ConfigIssue>> {
+        let sinks = crate::sinks::build(&config)?;
+        let http = HttpClient::new(config.daemon.http_timeout);
         Ok(Self {
             config,
             sinks,
@@ -573,28 +571,19 @@ async fn seal_and_deliver(
     // The payloads are still in hand, so they are not read back; the outcomes are recorded
     // with the journal's close in one commit. A crash before it delivers them again on the
     // next start (the same set, so the sinks end up the same).
-    let (mut delivered, mut pending) = (0, 0);
     let mut outcomes = Vec::with_capacity(ids.len());
     for (id, (sink_name, payload)) in ids.into_iter().zip(&payloads) {
         let sink = sink_of(engine, name, sink_name)?;
-        let result = sink.deliver(name, payload).await;
-        engine.metrics.delivery(name, sink_name, result.is_ok());
-        match result {
-            Ok(()) => {
-                delivered += 1;
-                tracing::info!(portal = name, sink = %sink_name, "delivered");
-                outcomes.push((id, None));
-                fail_point("rotation::mid_delivery");
-            }
-            Err(de) => {
-                pending += 1;
-                tracing::warn!(portal = name, sink = %sink_name, error = %de, permanent = !de.temporary, "delivery failed; the payload stays in the spool");
-                let next = now_ms() + backoff(0).as_millis() as i64;
-                outcomes.push((id, Some((de.message, next, !de.temporary))));
-            }
+        let outcome = attempt_delivery(engine, name, sink, payload, 0).await;
+        let ok = outcome.is_ok();
+        outcomes.push((id, outcome));
+        if ok {
+            fail_point("rotation::mid_delivery");
         }
     }
     drop(payloads);
+    let delivered = outcomes.iter().filter(|(_, o)| o.is_ok()).count();
+    let pending = outcomes.len() - delivered;
     fail_point("rotation::before_done");
     let result = if pending == 0 {
         "ok"
@@ -604,13 +593,8 @@ async fn seal_and_deliver(
     let p = name.to_string();
     store
         .write(move |c| {
-            for (id, failure) in outcomes {
-                match failure {
-                    None => state::delivered(c, id)?,
-                    Some((msg, next, permanent)) => {
-                        state::delivery_failed(c, id, &msg, next, permanent)?
-                    }
-                }
+            for (id, outcome) in &outcomes {
+                outcome.record(c, *id)?;
             }
             state::close_journal(c, journal_id, "done", None)?;
             if rotated {
@@ -640,6 +624,54 @@ async fn seal_and_deliver(
     Ok(r)
 }
 
+/// What one delivery attempt did, to be recorded against its spool entry.
+enum Outcome {
+    Delivered,
+    /// The error, when to try again, and whether the server refused for good.
+    Failed(String, i64, bool),
+}
+
+impl Outcome {
+    fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Delivered)
+    }
+
+    /// Records it in the state: a delivered payload (and older ones of its sink) leave the
+    /// spool; a failed one waits for its next attempt.
+    fn record(&self, c: &rusqlite::Connection, id: i64) -> Result<(), StateError> {
+        match self {
+            Outcome::Delivered => state::delivered(c, id),
+            Outcome::Failed(msg, next, permanent) => {
+                state::delivery_failed(c, id, msg, *next, *permanent)
+            }
+        }
+    }
+}
+
+/// One delivery attempt of a sealed payload (`attempts` made before), counted and logged.
+async fn attempt_delivery(
+    engine: &Engine,
+    portal: &str,
+    sink: &crate::sinks::Sink,
+    payload: &[u8],
+    attempts: i64,
+) -> Outcome {
+    let result = sink.deliver(portal, payload).await;
+    engine.metrics.delivery(portal, sink.name(), result.is_ok());
+    match result {
+        Ok(()) => {
+            tracing::info!(portal, sink = %sink.name(), "delivered");
+            Outcome::Delivered
+        }
+        Err(de) => {
+            let permanent = !de.temporary;
+            tracing::warn!(portal, sink = %sink.name(), error = %de, permanent, "delivery failed; the payload stays in the spool");
+            let next = now_ms() + backoff(attempts).as_millis() as i64;
+            Outcome::Failed(de.message, next, permanent)
+        }
+    }
+}
+
 /// Delivers the spooled payloads of one portal (lock held by the caller). `due_before`
 /// limits to those due by then (the daemon); `None` tries all now. Returns (delivered,
 /// still pending).
@@ -660,25 +692,15 @@ async fn deliver_portal(
             pending += 1;
             continue;
         };
-        let result = sink.deliver(portal, &e.payload).await;
-        engine.metrics.delivery(portal, &e.sink, result.is_ok());
-        match result {
-            Ok(()) => {
-                let id = e.id;
-                store.write(move |c| state::delivered(c, id)).await?;
-                delivered += 1;
-                tracing::info!(portal, sink = %e.sink, "delivered");
-                fail_point("rotation::mid_delivery");
-            }
-            Err(de) => {
-                pending += 1;
-                let next = now_ms() + backoff(e.attempts).as_millis() as i64;
-                let (id, msg, permanent) = (e.id, de.message.clone(), !de.temporary);
-                tracing::warn!(portal, sink = %e.sink, error = %de, permanent, "delivery failed; the payload stays in the spool");
-                store
-                    .write(move |c| state::delivery_failed(c, id, &msg, next, permanent))
-                    .await?;
-            }
+        let outcome = attempt_delivery(engine, portal, sink, &e.payload, e.attempts).await;
+        let ok = outcome.is_ok();
+        let id = e.id;
+        store.write(move |c| outcome.record(c, id)).await?;
+        if ok {
+            delivered += 1;
+            fail_point("rotation::mid_delivery");
+        } else {
+            pending += 1;
         }
     }
     Ok((delivered, pending))

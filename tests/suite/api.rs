@@ -13,7 +13,7 @@ async fn sim_with(config: SimConfig) -> (Simulator, String) {
 }
 
 fn portal(sim: &Simulator, key: &str, timeout: Duration) -> Portal {
-    let http = HttpClient::new(timeout).unwrap();
+    let http = HttpClient::new(timeout);
     Portal::new(
         &http,
         "acme",
