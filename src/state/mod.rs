@@ -2,7 +2,9 @@
 //!
 //! It holds per portal the last attempt, result, fingerprint and unused count; the rotation
 //! journal; the spool of sealed payloads; a history; and the secret key of the fingerprints.
-//! Every SQL statement of the project is in this module. Durability: WAL with
+//! Every SQL statement of the project is in this module and its children, one per concept:
+//! `journal`, `spool`, `portals`, `alerts`; this file holds the store itself (opening,
+//! migrations, group commit, portal locks). Durability: WAL with
 //! `synchronous=FULL`, so a committed transaction has been fsync'd; `secure_delete` so a
 //! delivered plain-text payload does not linger in free pages. The file is 0600 in a 0700
 //! directory.
@@ -21,9 +23,23 @@ use std::time::Duration;
 
 use rand::RngCore;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde::Serialize;
 
 use crate::crypto::Fingerprinter;
+
+mod alerts;
+mod journal;
+mod portals;
+mod spool;
+
+pub use alerts::{AlertDue, alert_sent, alerts_due};
+pub use journal::{OpenJournal, begin_intent, close_journal, open_journal, seal};
+pub use portals::{
+    PortalRow, add_history, portal_row, portal_rows, record_failure, record_rotated,
+    record_schedule, record_schedules, record_seen,
+};
+pub use spool::{
+    PendingRow, SpoolEntry, delivered, delivery_failed, next_delivery_due, pending, pending_rows,
+};
 
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
@@ -85,7 +101,7 @@ pub enum StateError {
     },
 }
 
-fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
+pub(crate) fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
     move |source| StateError::Sqlite { action, source }
 }
 
@@ -146,87 +162,6 @@ impl Drop for DrainGuard {
 /// An exclusive hold on one portal; released on drop (or by the kernel if the process dies).
 pub struct PortalLock {
     _file: File,
-}
-
-/// A journal entry that is not finished.
-#[derive(Debug, Clone)]
-pub struct OpenJournal {
-    /// Row id.
-    pub id: i64,
-    /// Portal.
-    pub portal: String,
-    /// `intent` or `sealed`.
-    pub phase: String,
-    /// Fingerprint of the set seen before the PUT.
-    pub before_fp: Option<String>,
-}
-
-/// A sealed payload waiting for delivery.
-pub struct SpoolEntry {
-    /// Row id.
-    pub id: i64,
-    /// Portal.
-    pub portal: String,
-    /// Sink name.
-    pub sink: String,
-    /// Fingerprint of the set inside.
-    pub set_fp: String,
-    /// The sealed bytes.
-    pub payload: zeroize::Zeroizing<Vec<u8>>,
-    /// When it was sealed.
-    pub created_at: i64,
-    /// Delivery attempts so far.
-    pub attempts: i64,
-}
-
-/// What the state knows of a portal.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PortalRow {
-    /// Portal.
-    pub name: String,
-    /// Last rotation attempt.
-    pub last_attempt_at: Option<i64>,
-    /// Last successful rotation.
-    pub last_success_at: Option<i64>,
-    /// `ok`, `failed`, `delivery_pending`, …
-    pub last_result: Option<String>,
-    /// The last error, without secrets.
-    pub last_error: Option<String>,
-    /// Failures in a row.
-    pub failures: i64,
-    /// Earliest automatic retry after a failure.
-    pub retry_at: Option<i64>,
-    /// Fingerprint of the set last seen.
-    pub set_fp: Option<String>,
-    /// Unused codes last seen.
-    pub unused: Option<i64>,
-    /// Codes in the set last seen.
-    pub total: Option<i64>,
-    /// When the codes were last read.
-    pub seen_at: Option<i64>,
-    /// Fingerprint of the effective config entry.
-    pub entry_fp: Option<String>,
-    /// The last scheduled fire time that was acted on.
-    pub last_fire_at: Option<i64>,
-}
-
-/// A pending delivery as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PendingRow {
-    /// Portal.
-    pub portal: String,
-    /// Sink.
-    pub sink: String,
-    /// Sealed at.
-    pub created_at: i64,
-    /// Attempts.
-    pub attempts: i64,
-    /// Next automatic attempt.
-    pub next_attempt_at: i64,
-    /// Last error.
-    pub last_error: Option<String>,
-    /// The server refused it permanently; `deliver` retries it.
-    pub permanent: bool,
 }
 
 impl Store {
@@ -569,12 +504,12 @@ fn fingerprint_key(conn: &Connection) -> Result<Vec<u8>, StateError> {
 /// `execute` through the connection's statement cache: the protocol runs the same few
 /// statements for every portal, and parsing them each time was a visible share of a mass
 /// rotation's CPU.
-fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub(crate) fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
     c.prepare_cached(sql)?.execute(p)
 }
 
 /// `query_row` through the statement cache.
-fn query_row<T>(
+pub(crate) fn query_row<T>(
     c: &Connection,
     sql: &str,
     p: impl rusqlite::Params,
@@ -583,488 +518,13 @@ fn query_row<T>(
     c.prepare_cached(sql)?.query_row(p, f)
 }
 
-fn ensure_portal(c: &Connection, portal: &str) -> Result<(), StateError> {
+pub(crate) fn ensure_portal(c: &Connection, portal: &str) -> Result<(), StateError> {
     exec(
         c,
         "INSERT OR IGNORE INTO portals (name) VALUES (?1)",
         params![portal],
     )
     .map_err(sql("adding a portal row"))?;
-    Ok(())
-}
-
-/// Records the start of a rotation. Fails if one is already open. Call it through
-/// [`Store::write`]: the commit (fsync'd) must precede the PUT.
-pub fn begin_intent(
-    c: &Connection,
-    portal: &str,
-    kind: &str,
-    before_fp: Option<&str>,
-) -> Result<i64, StateError> {
-    let now = now_ms();
-    ensure_portal(c, portal)?;
-    exec(
-        c,
-        "INSERT INTO journal (portal, kind, phase, before_fp, started_at, updated_at) VALUES (?1, ?2, 'intent', ?3, ?4, ?4)",
-        params![portal, kind, before_fp, now],
-    )
-    .map_err(sql("recording the intent"))?;
-    let id = c.last_insert_rowid();
-    exec(
-        c,
-        "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
-        params![portal, now],
-    )
-    .map_err(sql("recording the attempt"))?;
-    Ok(id)
-}
-
-/// Intents and sealed rotations that no process finished.
-pub fn open_journal(c: &Connection, portal: Option<&str>) -> Result<Vec<OpenJournal>, StateError> {
-    // Two statements rather than `?1 IS NULL OR portal = ?1`, which would keep SQLite from
-    // using the `journal_open` index.
-    let mut st = c
-        .prepare_cached(if portal.is_some() {
-            "SELECT id, portal, phase, before_fp FROM journal
-             WHERE phase IN ('intent', 'sealed') AND portal = ?1 ORDER BY id"
-        } else {
-            "SELECT id, portal, phase, before_fp FROM journal
-             WHERE phase IN ('intent', 'sealed') AND ?1 IS NULL ORDER BY id"
-        })
-        .map_err(sql("reading the journal"))?;
-    let rows = st
-        .query_map(params![portal], |r| {
-            Ok(OpenJournal {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                phase: r.get(2)?,
-                before_fp: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading the journal"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading the journal"))
-}
-
-/// Stores every sealed payload of a set and marks the journal entry sealed; returns the
-/// payloads' spool ids, in order. Call it through [`Store::write`]: after that one commit,
-/// the set survives any crash.
-pub fn seal(
-    c: &Connection,
-    journal_id: i64,
-    portal: &str,
-    set_fp: &str,
-    unused: usize,
-    total: usize,
-    payloads: &[(String, zeroize::Zeroizing<Vec<u8>>)],
-) -> Result<Vec<i64>, StateError> {
-    let now = now_ms();
-    ensure_portal(c, portal)?;
-    let mut ids = Vec::with_capacity(payloads.len());
-    for (sink, payload) in payloads {
-        exec(c,
-            "INSERT INTO spool (journal_id, portal, sink, set_fp, payload, created_at, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-            params![journal_id, portal, sink, set_fp, &payload[..], now],
-        )
-        .map_err(sql("spooling a payload"))?;
-        ids.push(c.last_insert_rowid());
-    }
-    exec(
-        c,
-        "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
-        params![journal_id, set_fp, now],
-    )
-    .map_err(sql("marking the journal sealed"))?;
-    exec(
-        c,
-        "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
-        params![portal, set_fp, unused as i64, total as i64, now],
-    )
-    .map_err(sql("recording the new set"))?;
-    Ok(ids)
-}
-
-/// The journal entry ends: `done` or `aborted`, with a note.
-pub fn close_journal(
-    c: &Connection,
-    journal_id: i64,
-    phase: &str,
-    note: Option<&str>,
-) -> Result<(), StateError> {
-    exec(
-        c,
-        "UPDATE journal SET phase = ?2, note = ?3, updated_at = ?4 WHERE id = ?1",
-        params![journal_id, phase, note, now_ms()],
-    )
-    .map_err(sql("closing the journal entry"))?;
-    Ok(())
-}
-
-/// For each (portal, sink), the newest payload waiting; older ones are superseded by it.
-/// `due_before`: only those whose next attempt is due (the daemon); `None`: all (`deliver`).
-pub fn pending(
-    c: &Connection,
-    portal: Option<&str>,
-    due_before: Option<i64>,
-) -> Result<Vec<SpoolEntry>, StateError> {
-    let mut st = c
-        .prepare_cached(
-            "SELECT s.id, s.portal, s.sink, s.set_fp, s.payload, s.created_at, s.attempts FROM spool s
-             WHERE s.id = (SELECT MAX(id) FROM spool t WHERE t.portal = s.portal AND t.sink = s.sink)
-               AND (?1 IS NULL OR s.portal = ?1)
-               AND (?2 IS NULL OR s.next_attempt_at <= ?2)
-             ORDER BY s.id",
-        )
-        .map_err(sql("reading the spool"))?;
-    let rows = st
-        .query_map(params![portal, due_before], |r| {
-            Ok(SpoolEntry {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                sink: r.get(2)?,
-                set_fp: r.get(3)?,
-                payload: zeroize::Zeroizing::new(r.get(4)?),
-                created_at: r.get(5)?,
-                attempts: r.get(6)?,
-            })
-        })
-        .map_err(sql("reading the spool"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading the spool"))
-}
-
-/// A payload arrived: drop it and every older one for the same portal and sink (through
-/// [`Store::write`]).
-pub fn delivered(c: &Connection, entry_id: i64) -> Result<(), StateError> {
-    let (portal, sink, created): (String, String, i64) = query_row(
-        c,
-        "SELECT portal, sink, created_at FROM spool WHERE id = ?1",
-        params![entry_id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .map_err(sql("finding the delivered payload"))?;
-    exec(
-        c,
-        "DELETE FROM spool WHERE portal = ?1 AND sink = ?2 AND id <= ?3",
-        params![portal, sink, entry_id],
-    )
-    .map_err(sql("dropping delivered payloads"))?;
-    exec(
-        c,
-        "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, 'delivered', ?3)",
-        params![
-            portal,
-            now_ms(),
-            format!(
-                "sink {sink}, sealed {}s earlier",
-                (now_ms() - created) / 1000
-            )
-        ],
-    )
-    .map_err(sql("recording the delivery"))?;
-    Ok(())
-}
-
-/// A delivery failed; it is tried again at `next_attempt_at`.
-pub fn delivery_failed(
-    c: &Connection,
-    entry_id: i64,
-    error: &str,
-    next_attempt_at: i64,
-    permanent: bool,
-) -> Result<(), StateError> {
-    exec(
-        c,
-        "UPDATE spool SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, permanent = ?4 WHERE id = ?1",
-        params![entry_id, error, next_attempt_at, permanent],
-    )
-    .map_err(sql("recording a failed delivery"))?;
-    Ok(())
-}
-
-/// The earliest time a pending delivery is due, if any.
-pub fn next_delivery_due(c: &Connection) -> Result<Option<i64>, StateError> {
-    query_row(c, "SELECT MIN(next_attempt_at) FROM spool", [], |r| {
-        r.get(0)
-    })
-    .map_err(sql("reading the spool"))
-}
-
-/// Every pending delivery, for `status`.
-pub fn pending_rows(c: &Connection) -> Result<Vec<PendingRow>, StateError> {
-    let mut st = c
-        .prepare_cached("SELECT portal, sink, created_at, attempts, next_attempt_at, last_error, permanent FROM spool ORDER BY id")
-        .map_err(sql("reading the spool"))?;
-    let rows = st
-        .query_map([], |r| {
-            Ok(PendingRow {
-                portal: r.get(0)?,
-                sink: r.get(1)?,
-                created_at: r.get(2)?,
-                attempts: r.get(3)?,
-                next_attempt_at: r.get(4)?,
-                last_error: r.get(5)?,
-                permanent: r.get(6)?,
-            })
-        })
-        .map_err(sql("reading the spool"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading the spool"))
-}
-
-/// A rotation succeeded (its payloads may still be pending).
-pub fn record_rotated(c: &Connection, portal: &str, result: &str) -> Result<(), StateError> {
-    let now = now_ms();
-    ensure_portal(c, portal)?;
-    exec(
-        c,
-        "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0, retry_at = NULL,
-                failing_since = NULL, streak_alerted = 0 WHERE name = ?1",
-        params![portal, now, result],
-    )
-    .map_err(sql("recording the rotation"))?;
-    add_history(c, portal, "rotated", result)
-}
-
-/// An attempt failed; returns the failures in a row.
-pub fn record_failure(
-    c: &Connection,
-    portal: &str,
-    error: &str,
-    retry_at: Option<i64>,
-) -> Result<i64, StateError> {
-    ensure_portal(c, portal)?;
-    exec(
-        c,
-        "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4,
-                failing_since = COALESCE(failing_since, ?2) WHERE name = ?1",
-        params![portal, now_ms(), error, retry_at],
-    )
-    .map_err(sql("recording the failure"))?;
-    add_history(c, portal, "failed", error)?;
-    query_row(
-        c,
-        "SELECT failures FROM portals WHERE name = ?1",
-        params![portal],
-        |r| r.get(0),
-    )
-    .map_err(sql("reading the failure count"))
-}
-
-/// The codes were read: remember what was seen.
-pub fn record_seen(
-    c: &Connection,
-    portal: &str,
-    set_fp: &str,
-    unused: usize,
-    total: usize,
-) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
-    exec(
-        c,
-        "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
-        params![portal, set_fp, unused as i64, total as i64, now_ms()],
-    )
-    .map_err(sql("recording the codes seen"))?;
-    Ok(())
-}
-
-/// Stores the fingerprint of a portal's effective config entry and the last fire time acted on.
-pub fn record_schedule(
-    c: &Connection,
-    portal: &str,
-    entry_fp: Option<&str>,
-    last_fire_at: Option<i64>,
-) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
-    exec(
-        c,
-        "UPDATE portals SET entry_fp = COALESCE(?2, entry_fp), last_fire_at = COALESCE(?3, last_fire_at) WHERE name = ?1",
-        params![portal, entry_fp, last_fire_at],
-    )
-    .map_err(sql("recording the schedule state"))?;
-    Ok(())
-}
-
-/// [`record_schedule`] for many portals.
-/// Call it through [`Store::write`] so that all rows share one commit.
-pub fn record_schedules(
-    c: &Connection,
-    rows: &[(String, Option<String>, Option<i64>)],
-) -> Result<(), StateError> {
-    for (portal, entry_fp, last_fire_at) in rows {
-        record_schedule(c, portal, entry_fp.as_deref(), *last_fire_at)?;
-    }
-    Ok(())
-}
-
-/// Appends to a portal's history.
-pub fn add_history(
-    c: &Connection,
-    portal: &str,
-    event: &str,
-    detail: &str,
-) -> Result<(), StateError> {
-    exec(
-        c,
-        "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![portal, now_ms(), event, detail],
-    )
-    .map_err(sql("writing history"))?;
-    Ok(())
-}
-
-const PORTAL_COLUMNS: &str =
-    "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at,
-     set_fp, unused, total, seen_at, entry_fp, last_fire_at";
-
-fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
-    Ok(PortalRow {
-        name: r.get(0)?,
-        last_attempt_at: r.get(1)?,
-        last_success_at: r.get(2)?,
-        last_result: r.get(3)?,
-        last_error: r.get(4)?,
-        failures: r.get(5)?,
-        retry_at: r.get(6)?,
-        set_fp: r.get(7)?,
-        unused: r.get(8)?,
-        total: r.get(9)?,
-        seen_at: r.get(10)?,
-        entry_fp: r.get(11)?,
-        last_fire_at: r.get(12)?,
-    })
-}
-
-/// Every portal the state knows.
-pub fn portal_rows(c: &Connection) -> Result<Vec<PortalRow>, StateError> {
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {PORTAL_COLUMNS} FROM portals ORDER BY name"
-        ))
-        .map_err(sql("reading portals"))?;
-    let rows = st
-        .query_map([], portal_from_row)
-        .map_err(sql("reading portals"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading portals"))
-}
-
-/// One portal's row, if the state knows it.
-pub fn portal_row(c: &Connection, portal: &str) -> Result<Option<PortalRow>, StateError> {
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {PORTAL_COLUMNS} FROM portals WHERE name = ?1"
-        ))
-        .map_err(sql("reading a portal"))?;
-    st.query_row(params![portal], portal_from_row)
-        .optional()
-        .map_err(sql("reading a portal"))
-}
-
-/// Something an alert should announce.
-#[derive(Debug, Clone)]
-pub enum AlertDue {
-    /// A portal has failed `failures` times in a row since `since`.
-    Streak {
-        /// Portal.
-        portal: String,
-        /// Failures in a row.
-        failures: i64,
-        /// First failure of the streak.
-        since: i64,
-        /// The last error.
-        error: String,
-    },
-    /// A payload has waited since `since`.
-    Pending {
-        /// Spool row.
-        id: i64,
-        /// Portal.
-        portal: String,
-        /// Sink.
-        sink: String,
-        /// Sealed at.
-        since: i64,
-        /// Attempts so far.
-        attempts: i64,
-        /// The last error.
-        error: Option<String>,
-    },
-}
-
-/// Streaks of at least `after_failures` and payloads older than `pending_before` that were
-/// not announced yet.
-pub fn alerts_due(
-    c: &Connection,
-    after_failures: i64,
-    pending_before: i64,
-) -> Result<Vec<AlertDue>, StateError> {
-    let mut out = Vec::new();
-    let mut st = c
-        .prepare_cached(
-            "SELECT name, failures, COALESCE(failing_since, last_attempt_at, 0), COALESCE(last_error, '') FROM portals
-             WHERE failures >= ?1 AND streak_alerted = 0 ORDER BY name",
-        )
-        .map_err(sql("reading failure streaks"))?;
-    let rows = st
-        .query_map(params![after_failures], |r| {
-            Ok(AlertDue::Streak {
-                portal: r.get(0)?,
-                failures: r.get(1)?,
-                since: r.get(2)?,
-                error: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading failure streaks"))?;
-    for r in rows {
-        out.push(r.map_err(sql("reading failure streaks"))?);
-    }
-    let mut st = c
-        .prepare_cached(
-            "SELECT id, portal, sink, created_at, attempts, last_error FROM spool
-             WHERE created_at <= ?1 AND alerted_at IS NULL ORDER BY id",
-        )
-        .map_err(sql("reading the spool"))?;
-    let rows = st
-        .query_map(params![pending_before], |r| {
-            Ok(AlertDue::Pending {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                sink: r.get(2)?,
-                since: r.get(3)?,
-                attempts: r.get(4)?,
-                error: r.get(5)?,
-            })
-        })
-        .map_err(sql("reading the spool"))?;
-    for r in rows {
-        out.push(r.map_err(sql("reading the spool"))?);
-    }
-    Ok(out)
-}
-
-/// Records that an alert was sent, so it is not sent again.
-pub fn alert_sent(c: &Connection, due: &AlertDue) -> Result<(), StateError> {
-    match due {
-        AlertDue::Streak { portal, .. } => {
-            exec(
-                c,
-                "UPDATE portals SET streak_alerted = 1 WHERE name = ?1",
-                params![portal],
-            )
-            .map_err(sql("recording an alert"))?;
-        }
-        AlertDue::Pending { id, .. } => {
-            exec(
-                c,
-                "UPDATE spool SET alerted_at = ?2 WHERE id = ?1",
-                params![id, now_ms()],
-            )
-            .map_err(sql("recording an alert"))?;
-        }
-    }
     Ok(())
 }
 
