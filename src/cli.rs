@@ -90,6 +90,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the portal now about a rotation whose outcome is unknown, or close it by hand.
+    Settle {
+        /// The portal.
+        portal: String,
+        /// Close the open intent by hand (recorded with who and why): for a key revoked
+        /// mid-rotation, which no GET can settle.
+        #[arg(long)]
+        abandon: bool,
+        /// Why, recorded with --abandon.
+        #[arg(long, requires = "abandon")]
+        reason: Option<String>,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop, on purpose, the open intent and pending payloads of a portal (or of sinks)
+    /// removed from the config.
+    Forget {
+        /// The portal.
+        portal: String,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Per portal: last rotation, next due time, unused codes, pending deliveries.
     Status {
         /// One JSON document on stdout.
@@ -129,4 +153,7 @@ pub struct SimulateArgs {
     /// Requests per key per minute before 429.
     #[arg(long)]
     pub rate_limit: Option<u32>,
+    /// Delay every answer this long (like `25ms`), to rehearse a portal across the internet.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub latency: Option<std::time::Duration>,
 }

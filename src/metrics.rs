@@ -1,6 +1,7 @@
 //! Prometheus metrics (SPEC §6), through `prometheus-client`: rotations and deliveries by
 //! result, pending deliveries, last success, next rotation and unused codes per portal, and
-//! the last reload. Served on `/metrics` with `/healthz` when `daemon.metrics` is set.
+//! the last reload, drift, and PUT answers the verifying GET contradicted. Every name starts
+//! with `tfa_rotator_`. Served on `/metrics` with `/healthz` when `daemon.metrics` is set.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,15 @@ pub struct DeliveryLabels {
     pub result: String,
 }
 
+/// Labels of a PUT answer compared with the GET that verified it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PutAnswerLabels {
+    /// Portal.
+    pub portal: String,
+    /// `differs` (another set than the GET's) or `unusable` (empty, malformed, no answer).
+    pub answer: String,
+}
+
 /// A portal label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortalLabel {
@@ -50,6 +60,8 @@ pub struct Metrics {
     unused: Family<PortalLabel, Gauge>,
     reload_ok: Gauge,
     reload_time: Gauge,
+    drift: Family<PortalLabel, Counter>,
+    put_answers: Family<PutAnswerLabels, Counter>,
     /// Set while the scheduler loop lives (for `/healthz`).
     pub alive: AtomicBool,
     /// Unix seconds of the scheduler's last turn.
@@ -69,48 +81,60 @@ impl Default for Metrics {
             unused: Family::default(),
             reload_ok: Gauge::default(),
             reload_time: Gauge::default(),
+            drift: Family::default(),
+            put_answers: Family::default(),
             alive: AtomicBool::new(false),
             last_tick: AtomicU64::new(0),
         };
         r.register(
-            "tfa_rotations",
+            "tfa_rotator_rotations",
             "Rotation attempts by portal and result",
             m.rotations.clone(),
         );
         r.register(
-            "tfa_deliveries",
+            "tfa_rotator_deliveries",
             "Delivery attempts by portal, sink and result",
             m.deliveries.clone(),
         );
         r.register(
-            "tfa_pending_deliveries",
+            "tfa_rotator_pending_deliveries",
             "Sealed payloads waiting for delivery",
             m.pending.clone(),
         );
         r.register(
-            "tfa_last_success_timestamp_seconds",
+            "tfa_rotator_last_success_timestamp_seconds",
             "Last successful rotation per portal",
             m.last_success.clone(),
         );
         r.register(
-            "tfa_next_rotation_timestamp_seconds",
+            "tfa_rotator_next_rotation_timestamp_seconds",
             "Next scheduled rotation per portal",
             m.next_rotation.clone(),
         );
         r.register(
-            "tfa_unused_codes",
+            "tfa_rotator_unused_codes",
             "Unused backup codes last seen per portal",
             m.unused.clone(),
         );
         r.register(
-            "tfa_config_reload_success",
+            "tfa_rotator_config_reload_success",
             "Whether the last config reload succeeded (1) or not (0)",
             m.reload_ok.clone(),
         );
         r.register(
-            "tfa_config_reload_timestamp_seconds",
+            "tfa_rotator_config_reload_timestamp_seconds",
             "Time of the last config reload attempt",
             m.reload_time.clone(),
+        );
+        r.register(
+            "tfa_rotator_drift",
+            "Times a portal's set was found changed outside tfa-rotator",
+            m.drift.clone(),
+        );
+        r.register(
+            "tfa_rotator_put_answers_untrusted",
+            "PUT answers that were not the set the verifying GET returned",
+            m.put_answers.clone(),
         );
         m.reload_ok.set(1);
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
@@ -164,6 +188,25 @@ impl Metrics {
                 portal: portal.into(),
             })
             .set(unix_s.unwrap_or(0));
+    }
+
+    /// Drift was found.
+    pub fn drift(&self, portal: &str) {
+        self.drift
+            .get_or_create(&PortalLabel {
+                portal: portal.into(),
+            })
+            .inc();
+    }
+
+    /// A PUT answer was not the set the GET returned (`differs`) or not a set (`unusable`).
+    pub fn put_answer(&self, portal: &str, answer: &str) {
+        self.put_answers
+            .get_or_create(&PutAnswerLabels {
+                portal: portal.into(),
+                answer: answer.into(),
+            })
+            .inc();
     }
 
     /// A reload was attempted.

@@ -63,6 +63,13 @@ async fn dispatch(cli: Cli) -> Exit {
         } => rotate::rotate(&path, portals, all, dry_run, force, json).await,
         Command::Deliver { json } => rotate::deliver(&path, json).await,
         Command::Resend { portals, json } => rotate::resend(&path, portals, json).await,
+        Command::Settle {
+            portal,
+            abandon,
+            reason,
+            json,
+        } => rotate::settle(&path, portal, abandon, reason, json).await,
+        Command::Forget { portal, json } => rotate::forget(&path, portal, json).await,
         Command::Status { json } => status::run(&path, json).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo => demo::run().await,

@@ -134,3 +134,61 @@ pub async fn resend(path: &Path, portals: Vec<String>, json: bool) -> Exit {
     print_reports(&reports, json);
     exit_of(&reports)
 }
+
+/// `settle PORTAL [--abandon]`: asks the portal now about an open intent, or closes it by
+/// hand (recorded with who and why).
+pub async fn settle(
+    path: &Path,
+    portal: String,
+    abandon: bool,
+    reason: Option<String>,
+    json: bool,
+) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if !abandon && !config.portals.contains_key(&portal) {
+        eprintln!(
+            "error: no portal named `{portal}` in {}; to drop the state of a removed portal, use `tfa-rotator forget {portal}`",
+            path.display()
+        );
+        return Exit::Usage;
+    }
+    let engine = match engine(config, false) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let result = if abandon {
+        let why = reason.unwrap_or_else(|| "no reason given".into());
+        rotation::abandon(&engine, &portal, &why).await
+    } else {
+        rotation::recover(&engine, &portal).await
+    };
+    let report = result.unwrap_or_else(|e| {
+        tracing::error!(portal = %portal, error = %e, "settling failed");
+        Report::failed(&portal, &e)
+    });
+    let reports = vec![report];
+    print_reports(&reports, json);
+    exit_of(&reports)
+}
+
+/// `forget PORTAL`: drops, on purpose, the open intents and pending payloads that the
+/// config no longer covers (a removed portal, or sinks it no longer lists).
+pub async fn forget(path: &Path, portal: String, json: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let engine = match engine(config, false) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let report = rotation::forget(&engine, &portal)
+        .await
+        .unwrap_or_else(|e| Report::failed(&portal, &e));
+    let reports = vec![report];
+    print_reports(&reports, json);
+    exit_of(&reports)
+}

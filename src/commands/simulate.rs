@@ -28,6 +28,9 @@ pub async fn run(o: SimulateArgs) -> Exit {
     if let Some(s) = o.not_available_status {
         config.not_available_status = s;
     }
+    if let Some(l) = o.latency {
+        config.latency_ms = u64::try_from(l.as_millis()).unwrap_or(u64::MAX);
+    }
     if let Some(r) = o.rate_limit {
         config.rate_limit = Some(RateLimit {
             requests: r,
@@ -76,8 +79,7 @@ pub async fn run(o: SimulateArgs) -> Exit {
     };
     println!("simulated DocSpace portal at {}", sim.url());
     println!(
-        "request log: GET {}__sim/log; faults: POST {}__sim/fault",
-        sim.url(),
+        "request log: GET {0}__sim/log; faults: POST {0}__sim/fault; a set changed as in the web UI: POST {0}__sim/regenerate {{\"email\": \"…\"}}",
         sim.url()
     );
     // The simulator's keys are throwaway test keys, printed so they can be used.

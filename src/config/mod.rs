@@ -171,8 +171,49 @@ pub struct ScheduleConfig {
     pub min_interval: Option<Duration>,
     /// Rotate when fewer unused codes remain.
     pub rotate_when_unused_below: Option<usize>,
-    /// How often to read the codes for the unused-code watch.
-    pub watch_every: Duration,
+    /// How often to read the portal (unused count, drift); `None` when `"off"`.
+    pub watch_every: Option<Duration>,
+    /// What to do when the portal's set changed outside us.
+    pub on_drift: OnDrift,
+    /// How long a PUT of unknown outcome is re-checked by GET.
+    pub settle_window: Duration,
+}
+
+/// What to do when a portal's set changed outside us (SPEC §4, drift).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDrift {
+    /// Deliver the current set to every sink, as `resend` does.
+    Resend,
+    /// Rotate the portal.
+    Rotate,
+}
+
+/// The convergence policy of one portal: its schedule's, or the defaults for a portal
+/// without a schedule (which the daemon still watches for drift).
+#[derive(Debug, Clone, Copy)]
+pub struct Convergence {
+    /// How often to read the portal; `None`: never.
+    pub watch_every: Option<Duration>,
+    /// What drift triggers.
+    pub on_drift: OnDrift,
+    /// How long an unknown PUT is re-checked.
+    pub settle_window: Duration,
+}
+
+/// `watch_every` when not configured.
+pub const DEFAULT_WATCH_EVERY: Duration = Duration::from_secs(6 * 3600);
+/// `settle_window` when not configured.
+pub const DEFAULT_SETTLE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+impl Default for Convergence {
+    fn default() -> Self {
+        Self {
+            watch_every: Some(DEFAULT_WATCH_EVERY),
+            on_drift: OnDrift::Resend,
+            settle_window: DEFAULT_SETTLE_WINDOW,
+        }
+    }
 }
 
 /// `[sinks.NAME]`.
@@ -261,6 +302,17 @@ impl Config {
     /// The schedule of a portal, if it has one.
     pub fn schedule_of(&self, portal: &PortalConfig) -> Option<&ScheduleConfig> {
         portal.schedule.as_ref().and_then(|s| self.schedules.get(s))
+    }
+
+    /// The convergence policy of a portal (its schedule's, or the defaults).
+    pub fn convergence_of(&self, portal: &PortalConfig) -> Convergence {
+        self.schedule_of(portal)
+            .map(|s| Convergence {
+                watch_every: s.watch_every,
+                on_drift: s.on_drift,
+                settle_window: s.settle_window,
+            })
+            .unwrap_or_default()
     }
 
     /// A problem found after loading (a key file, a secret), placed like a validation error.

@@ -64,8 +64,12 @@ pub struct RawSchedule {
     pub min_interval: Option<Spanned<String>>,
     /// Rotate when fewer unused codes remain.
     pub rotate_when_unused_below: Option<Spanned<i64>>,
-    /// How often the unused-code watch reads the codes; default 6h.
+    /// How often every portal is read (unused count, drift); default 6h; `"off"` disables.
     pub watch_every: Option<Spanned<String>>,
+    /// The portal's set changed outside us: `"resend"` (default) or `"rotate"`.
+    pub on_drift: Option<Spanned<String>>,
+    /// How long a PUT of unknown outcome is re-checked by GET; default 15m.
+    pub settle_window: Option<Spanned<String>>,
 }
 
 /// `[sinks.NAME]`: where codes go. One struct for every type, so that a key that belongs to

@@ -513,17 +513,49 @@ pub(super) fn validate(
                 Duration::ZERO,
             )
         });
-        let watch_every = cx.duration(
-            &r.watch_every,
-            &format!("{key}.watch_every"),
-            Duration::from_secs(6 * 3600),
+        let watch_every = match &r.watch_every {
+            Some(w) if w.get_ref().trim() == "off" => None,
+            w => {
+                let d = cx.duration(w, &format!("{key}.watch_every"), super::DEFAULT_WATCH_EVERY);
+                if d < Duration::from_secs(1)
+                    && let Some(w) = w
+                {
+                    cx.err(
+                        &w.span(),
+                        &format!("{key}.watch_every"),
+                        "must be at least 1s, or \"off\"",
+                    );
+                }
+                Some(d)
+            }
+        };
+        let on_drift = match r
+            .on_drift
+            .as_ref()
+            .map(|o| (o.get_ref().as_str(), o.span()))
+        {
+            None | Some(("resend", _)) => super::OnDrift::Resend,
+            Some(("rotate", _)) => super::OnDrift::Rotate,
+            Some((other, span)) => {
+                cx.err(
+                    &span,
+                    &format!("{key}.on_drift"),
+                    format!("`{other}` is not a drift policy; accepted: \"resend\" or \"rotate\""),
+                );
+                super::OnDrift::Resend
+            }
+        };
+        let settle_window = cx.duration(
+            &r.settle_window,
+            &format!("{key}.settle_window"),
+            super::DEFAULT_SETTLE_WINDOW,
         );
-        if watch_every < Duration::from_secs(1)
-            && let Some(w) = &r.watch_every
+        if settle_window < Duration::from_secs(1)
+            && let Some(w) = &r.settle_window
         {
             cx.err(
                 &w.span(),
-                &format!("{key}.watch_every"),
+                &format!("{key}.settle_window"),
                 "must be at least 1s",
             );
         }
@@ -550,6 +582,8 @@ pub(super) fn validate(
                     min_interval,
                     rotate_when_unused_below: below,
                     watch_every,
+                    on_drift,
+                    settle_window,
                 },
             );
         }

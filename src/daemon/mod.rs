@@ -8,7 +8,11 @@
 //!   a change, and it is stored only once a rotation succeeded;
 //! - a cron fire time (with the portal's jitter) arrived; the last fire time acted on is kept
 //!   in the state, so a fire missed while the daemon was down runs once at start (`catch_up`);
-//! - the unused-code watch (`rotate_when_unused_below`) reads the codes every `watch_every`.
+//! - the watch reads every portal every `watch_every` (default 6h, also for portals without
+//!   a schedule): drift is converged by `on_drift`, and too few unused codes
+//!   (`rotate_when_unused_below`) rotate it;
+//! - an open intent (a PUT of unknown outcome) is settled at the times of its settle
+//!   schedule, kept in the journal; while it is open, nothing else is planned for the portal.
 //!
 //! A rotation is never planned before `min_interval` after the last success, nor before the
 //! backoff after a failure. Pending deliveries are retried when their backoff expires. Idle
@@ -53,6 +57,8 @@ struct Plan {
     seen_at: Option<DateTime<Utc>>,
     watch_retry_at: Option<DateTime<Utc>>,
     watch_failures: i64,
+    /// An intent is open: its next settle GET is due then.
+    settle_at: Option<DateTime<Utc>>,
 }
 
 impl Plan {
@@ -79,8 +85,10 @@ enum Job {
     Change(String),
     /// A cron fire time.
     Fire(DateTime<Utc>),
-    /// The unused-code watch.
+    /// The periodic read (drift, unused codes).
     Watch,
+    /// A settle GET of an open intent.
+    Settle,
 }
 
 /// What planning decided for one portal.
@@ -147,6 +155,23 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
         }
     }
     if !dry_run {
+        match rotation::stranded_work(&engine).await {
+            Ok(stranded) if !stranded.is_empty() => {
+                for s in &stranded {
+                    eprintln!("error: {}: {s}", path.display());
+                }
+                eprintln!(
+                    "error: the configuration would drop work the state holds ({} problem(s)); nothing was started",
+                    stranded.len()
+                );
+                return Exit::Config;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Exit::Failed;
+            }
+        }
         for r in rotation::recover_all(&engine).await {
             tracing::info!(portal = %r.portal, outcome = r.outcome, "{}", r.message);
         }
@@ -272,12 +297,15 @@ impl Supervisor {
             .map(|r| (r.name.clone(), r))
             .collect();
         let now = Utc::now();
+        let mut settle = self.settle_times().await;
         let mut first_seen = Vec::new();
         for name in self.engine.config.portals.keys() {
-            if self.plans.contains_key(name) {
+            if let Some(plan) = self.plans.get_mut(name) {
+                plan.settle_at = settle.remove(name);
                 continue;
             }
             let mut plan = rows.get(name).map(Plan::from_row).unwrap_or_default();
+            plan.settle_at = settle.remove(name);
             if plan.last_fire_at.is_none() {
                 plan.last_fire_at = Some(now);
                 first_seen.push((name.clone(), None, Some(now)));
@@ -288,6 +316,23 @@ impl Supervisor {
             .retain(|n, _| self.engine.config.portals.contains_key(n));
         self.persist_many(first_seen).await;
         Ok(())
+    }
+
+    /// When each portal with an open intent is next asked (at once when never yet).
+    async fn settle_times(&self) -> HashMap<String, DateTime<Utc>> {
+        let Some(store) = &self.engine.store else {
+            return HashMap::new();
+        };
+        match store.call(|c| state::open_intents(c)).await {
+            Ok(v) => v
+                .into_iter()
+                .map(|(p, at)| (p, ms_to_time(at).unwrap_or_else(Utc::now)))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading open intents");
+                HashMap::new()
+            }
+        }
     }
 
     /// Stores schedule state for many portals in one transaction.
@@ -338,6 +383,15 @@ impl Supervisor {
                 skip_fires: false,
             };
         };
+        if let Some(at) = plan.settle_at {
+            // An open intent: the portal is not rotated, watched or re-planned until it is
+            // settled; its next GET is all that is due.
+            return Next {
+                job: Some((at, Job::Settle)),
+                silent_fp: None,
+                skip_fires: false,
+            };
+        }
         let schedule = self.engine.config.schedule_of(pc);
         let fp = self.engine.entry_fingerprint(pc);
         let mut silent_fp = None;
@@ -364,14 +418,14 @@ impl Supervisor {
                 Some(t) => cands.push((t, Job::Fire(t))),
                 None => {}
             }
-            if s.rotate_when_unused_below.is_some() {
-                let due = plan
-                    .seen_at
-                    .map(|t| crate::schedule::add(t, s.watch_every))
-                    .unwrap_or(now);
-                let due = plan.watch_retry_at.map_or(due, |r| due.max(r));
-                cands.push((due, Job::Watch));
-            }
+        }
+        if let Some(every) = self.engine.config.convergence_of(pc).watch_every {
+            let due = plan
+                .seen_at
+                .map(|t| crate::schedule::add(t, every))
+                .unwrap_or(now);
+            let due = plan.watch_retry_at.map_or(due, |r| due.max(r));
+            cands.push((due, Job::Watch));
         }
         let earliest_rotation = {
             let mut t = plan.retry_at.unwrap_or(now);
@@ -385,7 +439,7 @@ impl Supervisor {
         let job = cands
             .into_iter()
             .map(|(t, j)| match j {
-                Job::Watch => (t, j),
+                Job::Watch | Job::Settle => (t, j),
                 _ => (t.max(earliest_rotation), j),
             })
             .min_by_key(|(t, _)| *t);
@@ -513,7 +567,22 @@ impl Supervisor {
             // The semaphore is never closed, so acquiring only waits.
             let _permit = permits.acquire_owned().await;
             let (ok, unused) = match &job {
-                Job::Watch => watch_unused(&engine, &name).await,
+                Job::Watch => {
+                    let (w, unused) = rotation::drift::watch(&engine, &name).await;
+                    (w != rotation::drift::Watched::Failed, unused)
+                }
+                Job::Settle => {
+                    // Only a found set counts as a rotation done (it consumes the change
+                    // and fire times a rotation would); "still open" and "not applied"
+                    // leave the portal's plans as they were.
+                    match rotation::recover(&engine, &name).await {
+                        Ok(r) => (r.outcome == "recovered", r.unused),
+                        Err(e) => {
+                            tracing::warn!(portal = %name, error = %e, "settling failed");
+                            (false, None)
+                        }
+                    }
+                }
                 _ => {
                     let r = rotation::rotate(&engine, &name, false).await;
                     (
@@ -540,10 +609,12 @@ impl Supervisor {
         self.in_flight.remove(&done.portal);
         let now = Utc::now();
         let rows = self.rows().await.unwrap_or_default();
+        let settle_at = self.settle_times().await.remove(&done.portal);
         let dry = self.engine.dry_run;
         let Some(plan) = self.plans.get_mut(&done.portal) else {
             return;
         };
+        plan.settle_at = settle_at;
         if let Some(row) = rows.iter().find(|r| r.name == done.portal) {
             let fresh = Plan::from_row(row);
             plan.last_success = fresh.last_success;
@@ -557,7 +628,23 @@ impl Supervisor {
         }
         let mut fp_to_store = None;
         let mut fire_to_store = None;
-        match (&done.job, done.ok) {
+        let job = match (&done.job, done.ok) {
+            // A settle that found the new set finished a rotation: it consumes the change
+            // and the fire times as that rotation would have.
+            (Job::Settle, true) => Job::Change(
+                self.engine
+                    .config
+                    .portals
+                    .get(&done.portal)
+                    .map(|pc| self.engine.entry_fingerprint(pc))
+                    .unwrap_or_default(),
+            ),
+            (j, _) => j.clone(),
+        };
+        let Some(plan) = self.plans.get_mut(&done.portal) else {
+            return;
+        };
+        match (&job, done.ok) {
             (Job::Change(fp), true) => {
                 plan.entry_fp = Some(fp.clone());
                 fp_to_store = Some(fp.clone());
@@ -602,6 +689,18 @@ impl Supervisor {
         let result = config::load(&self.path)
             .map_err(|e| e.errors)
             .and_then(|c| self.engine.reconfigured(Arc::new(c)));
+        // A config that would strand an open intent or pending codes is refused like an
+        // invalid one: the old config, which still names them, stays in force.
+        let result = match result {
+            Ok(engine) if !self.engine.dry_run => match rotation::stranded_work(&engine).await {
+                Ok(stranded) if !stranded.is_empty() => Err(stranded
+                    .into_iter()
+                    .map(|s| engine.config.issue(None, "portals", s))
+                    .collect()),
+                _ => Ok(engine),
+            },
+            other => other,
+        };
         match result {
             Ok(engine) => {
                 let n = engine.config.portals.len();
@@ -632,53 +731,4 @@ impl Supervisor {
             self.engine.config.portals.len()
         )));
     }
-}
-
-/// Reads the codes; rotates when fewer than the threshold are unused.
-async fn watch_unused(engine: &Engine, name: &str) -> (bool, Option<usize>) {
-    let Some(pc) = engine.config.portals.get(name) else {
-        return (false, None);
-    };
-    let Some(below) = engine
-        .config
-        .schedule_of(pc)
-        .and_then(|s| s.rotate_when_unused_below)
-    else {
-        return (true, None);
-    };
-    let portal = match engine.portal(pc) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(portal = name, error = %e, "unused-code watch");
-            return (false, None);
-        }
-    };
-    let codes = match portal.codes().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(portal = name, error = %e, "unused-code watch: reading the codes failed");
-            return (false, None);
-        }
-    };
-    let (unused, total) = (codes.unused(), codes.total());
-    if let Some(store) = &engine.store {
-        let fp = store.fingerprinter().of_set(&codes);
-        let p = name.to_string();
-        let _ = store
-            .write(move |c| state::record_seen(c, &p, &fp, unused, total))
-            .await;
-    }
-    drop(codes);
-    if unused >= below {
-        tracing::debug!(portal = name, unused, below, "enough unused codes");
-        return (true, Some(unused));
-    }
-    tracing::info!(
-        portal = name,
-        unused,
-        below,
-        "too few unused codes: rotating"
-    );
-    let r = rotation::rotate(engine, name, false).await;
-    (r.outcome != "failed", r.unused.or(Some(unused)))
 }

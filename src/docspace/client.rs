@@ -110,18 +110,32 @@ impl Portal {
     /// `GET settings/tfaappcodes`: the set valid now.
     pub async fn codes(&self) -> Result<CodeSet, ApiError> {
         let raw: Vec<RawCode> = self.get(CODES_PATH, true).await?;
-        Ok(into_code_set(raw))
+        self.usable(&Method::GET, CODES_PATH, raw)
     }
 
-    /// `PUT settings/tfaappnewcodes`: replaces the set. Sent once, never retried here.
+    /// `PUT settings/tfaappnewcodes`: replaces the set. Sent once, never retried here. The
+    /// answer is only a hint: the caller verifies it by GET, and delivers the GET's set.
     pub async fn new_codes(&self) -> Result<CodeSet, ApiError> {
         let raw: Vec<RawCode> = self.send(Method::PUT, NEW_CODES_PATH, true).await?;
-        Ok(into_code_set(raw))
+        self.usable(&Method::PUT, NEW_CODES_PATH, raw)
     }
 
-    /// `GET people/@self`.
+    fn usable(&self, method: &Method, path: &str, raw: Vec<RawCode>) -> Result<CodeSet, ApiError> {
+        into_code_set(raw).map_err(|detail| {
+            self.error(
+                method,
+                path,
+                Some(200),
+                ApiErrorKind::Malformed {
+                    detail: format!("unusable codes: {detail}"),
+                },
+            )
+        })
+    }
+
+    /// `GET people/@self`, its text fields escaped (they are printed and delivered).
     pub async fn account(&self) -> Result<Account, ApiError> {
-        self.get(SELF_PATH, true).await
+        self.get(SELF_PATH, true).await.map(Account::escaped)
     }
 
     /// `GET keys/@self`.
@@ -183,6 +197,7 @@ impl Portal {
             endpoint: format!("{method} /{path}"),
             status,
             kind,
+            refused: false,
         }
     }
 
@@ -261,6 +276,8 @@ impl Portal {
             })?;
             if env.status == Some(1) {
                 let message = env.error.and_then(|e| e.message).map(|m| clip(&m));
+                // A 2xx carrying an error envelope: the portal speaks, but says nothing of
+                // whether a change was made, so it is not a refusal.
                 return Err(self.error(&method, path, code, ApiErrorKind::Server { message }));
             }
             return env.response.ok_or_else(|| {
@@ -275,11 +292,16 @@ impl Portal {
             });
         }
 
-        let message = serde_json::from_slice::<ErrorEnvelope>(&body)
+        let envelope = serde_json::from_slice::<ErrorEnvelope>(&body)
             .ok()
-            .and_then(|e| e.error)
-            .and_then(|e| e.message)
-            .map(|m| clip(&m));
+            .and_then(|e| e.error);
+        // Who answered: the portal itself (its JSON error envelope, or the empty 401/402/403
+        // and 429 it sends), or something between us (a proxy's HTML page). Only the portal's
+        // own 4xx proves that a request was refused. (Its 429 comes without a body, as API.md says.)
+        let refused = status.is_client_error()
+            && (envelope.is_some()
+                || (body.is_empty() && matches!(status.as_u16(), 401 | 402 | 403 | 429)));
+        let message = envelope.and_then(|e| e.message).map(|m| clip(&m));
         let not_available = message.as_deref().is_some_and(|m| {
             m.to_ascii_lowercase()
                 .contains("tfa application settings are not available")
@@ -301,7 +323,9 @@ impl Portal {
             s if s.is_server_error() => ApiErrorKind::Server { message },
             _ => ApiErrorKind::Client { message },
         };
-        Err(self.error(&method, path, code, kind))
+        let mut e = self.error(&method, path, code, kind);
+        e.refused = refused;
+        Err(e)
     }
 }
 
@@ -328,10 +352,11 @@ fn error_chain(e: reqwest::Error) -> String {
     out
 }
 
+/// A message from the portal, at most 200 characters, control characters escaped.
 fn clip(s: &str) -> String {
     let mut out: String = s.chars().take(200).collect();
     if out.len() < s.len() {
         out.push('…');
     }
-    out
+    escape_controls(&out)
 }

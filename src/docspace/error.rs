@@ -15,6 +15,10 @@ pub struct ApiError {
     pub status: Option<u16>,
     /// What went wrong.
     pub kind: ApiErrorKind,
+    /// The portal itself answered 4xx (its error envelope, or an empty 401/402/403 or 429):
+    /// the request was refused and changed nothing. False for everything a proxy or the
+    /// network may have said, after which a PUT's outcome is unknown.
+    pub refused: bool,
 }
 
 /// The kinds of failure, each with its own handling.
@@ -81,6 +85,12 @@ impl ApiError {
                 | ApiErrorKind::Transport { .. }
                 | ApiErrorKind::TooLarge
         )
+    }
+
+    /// True when a PUT that failed this way certainly did not change the set (SPEC §4); any
+    /// other failure leaves its outcome unknown.
+    pub fn is_refusal(&self) -> bool {
+        self.refused
     }
 
     /// The delay the portal asked for.

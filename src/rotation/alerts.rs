@@ -1,7 +1,8 @@
 //! Failure notices (SPEC §5 "alerts"): when a portal's rotation has failed `after_failures`
-//! times in a row, or a delivery has waited longer than `pending_longer_than`, an encrypted
-//! notice goes to the `[alerts]` email sinks: which portal, what failed, since when, what to
-//! do. Never codes. Each streak and each pending payload is announced once; a notice that
+//! times in a row, a delivery has waited longer than `pending_longer_than`, a rotation's
+//! outcome has stayed unsettled for twice its settle window, drift was found, or a key acts
+//! as another account, an encrypted notice goes to the `[alerts]` email sinks: which
+//! portal, what failed, since when, what to do. Never codes. Each streak and each pending payload is announced once; a notice that
 //! cannot be sent is tried again at the next check.
 
 use chrono::{DateTime, Utc};
@@ -61,6 +62,26 @@ fn notice(engine: &Engine, due: &AlertDue) -> (String, String) {
                 error.as_deref().unwrap_or("none recorded yet")
             ),
         ),
+        AlertDue::Unsettled {
+            portal,
+            since,
+            checks,
+            ..
+        } => (
+            format!("[tfa-rotator] {portal}: a rotation's outcome is still unknown"),
+            format!(
+                "A rotation of portal {portal} began at {} and its PUT got no clear answer. tfa-rotator has\n\
+                 asked the portal {checks} time(s) which set it holds and could not settle it, so the portal\n\
+                 is not rotated meanwhile. Nothing is lost: if the portal applied the PUT, the next\n\
+                 answer finds the new set and delivers it.\n\n\
+                 What to do: check that the portal answers (`tfa-rotator check`), then run\n  \
+                 tfa-rotator settle {portal}\n\
+                 If the API key was revoked for good, close the rotation by hand with\n  \
+                 tfa-rotator settle {portal} --abandon\n\n-- \ntfa-rotator\n",
+                when(*since)
+            ),
+        ),
+        AlertDue::Notice { subject, body, .. } => (subject.clone(), body.clone()),
     }
 }
 

@@ -6,9 +6,13 @@
 //!    a failure means no rotation.
 //! 2. *Intent*: a journal row with the fingerprint of the set seen in step 1 is committed
 //!    (fsync'd) before the PUT. From here on, any process that finds the row settles it.
-//! 3. *Rotate*: one PUT, never retried. If its answer is lost or bad, a GET decides: a set
-//!    that differs from the intent's fingerprint is the new one; the same set means the PUT
-//!    did not happen. If even the GET fails, the intent stays open for the next process.
+//! 3. *Rotate*: one PUT, never retried, then a GET that verifies it: the set delivered is
+//!    the set the GET returns, never the PUT's answer (one that differs is logged and
+//!    counted). A refusal by the portal itself (its 4xx) closes the intent. Any other outcome
+//!    is unknown, and the intent stays open until [`settle`] proves which set the portal
+//!    holds: a set that differs from the intent's fingerprint is the new one; the old one
+//!    is only believed once the settle window has closed. Meanwhile the portal is not
+//!    rotated again.
 //! 4. *Seal*: every sink's payload is built (encrypted) and all are committed to the spool
 //!    in one transaction with the journal's `sealed` mark; the plain text is dropped. If
 //!    sealing fails, the intent stays open: the portal still holds the set, and the next
@@ -21,8 +25,15 @@
 //! Every command first runs [`recover`] for the portals it touches: open intents are settled
 //! by a GET, sealed payloads are delivered. The portal's lock is held throughout, so no two
 //! processes ever rotate one portal at once.
+//!
+//! Convergence: a rotation is not the only way a set changes (a person in the web UI, a PUT
+//! applied after its window). The state keeps per portal and sink the fingerprint of the
+//! newest set sealed for it, and every GET of a portal compares (`drift`): a different set
+//! while no intent is open is delivered again (`on_drift = "resend"`) or rotated away.
 
 pub mod alerts;
+pub mod drift;
+pub mod settle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +68,29 @@ pub enum RotationError {
     /// The state store failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A PUT's outcome is unknown and its intent stays open until a GET settles it.
+    #[error(
+        "portal {portal}: the outcome of a rotation is being settled: {why}; `deliver` or the daemon asks the portal again"
+    )]
+    Settling {
+        /// The portal.
+        portal: String,
+        /// Why it is not settled yet.
+        why: String,
+    },
+    /// The API key acts as another account than the one pinned at the first rotation.
+    #[error(
+        "portal {portal}: the API key acts as account {now}, not {pinned} as at the first rotation; \
+         refused until the portal's entry changes, or `rotate --force`"
+    )]
+    AccountChanged {
+        /// The portal.
+        portal: String,
+        /// The pinned account id.
+        pinned: String,
+        /// The account the key acts as now.
+        now: String,
+    },
     /// The API key could not be read.
     #[error("portal {portal}: api_key: {message}")]
     Secret {
@@ -218,7 +252,8 @@ impl Engine {
 pub struct Report {
     /// The portal.
     pub portal: String,
-    /// `rotated`, `skipped`, `would_rotate`, `resent`, `delivered`, `failed`.
+    /// `rotated`, `recovered`, `skipped`, `would_rotate`, `resent`, `delivered`, `settling`,
+    /// `failed`.
     pub outcome: &'static str,
     /// A sentence for people (no secrets).
     pub message: String,
@@ -248,13 +283,20 @@ impl Report {
         }
     }
 
-    fn failed(portal: &str, e: &RotationError) -> Self {
-        let mut r = Self::new(portal, "failed", e.to_string());
+    /// A report of a failure (or of a rotation being settled).
+    pub fn failed(portal: &str, e: &RotationError) -> Self {
+        let outcome = match e {
+            RotationError::Settling { .. } => "settling",
+            _ => "failed",
+        };
+        let mut r = Self::new(portal, outcome, e.to_string());
         r.error_kind = Some(
             match e {
                 RotationError::Api(a) => a.kind_name(),
                 RotationError::Sink { .. } => "sink",
                 RotationError::State(_) => "state",
+                RotationError::Settling { .. } => "settling",
+                RotationError::AccountChanged { .. } => "account_changed",
                 RotationError::Secret { .. } => "secret",
                 RotationError::Other { .. } => "other",
             }
@@ -273,7 +315,7 @@ impl Report {
 
     /// True when the command should exit 1 for this portal.
     pub fn is_failure(&self) -> bool {
-        self.outcome == "failed" || self.pending > 0
+        matches!(self.outcome, "failed" | "settling") || self.pending > 0
     }
 }
 
@@ -292,6 +334,26 @@ fn fail_point(name: &str) {
     let _ = name;
 }
 
+/// What the state knows of a portal that the preflight checks against: the pinned account,
+/// and the set each sink holds (the baseline of drift).
+#[derive(Default)]
+struct Known {
+    row: Option<state::PortalRow>,
+    sink_sets: std::collections::HashMap<String, String>,
+}
+
+async fn known(store: &Store, name: &str) -> Result<Known, StateError> {
+    let p = name.to_string();
+    store
+        .call(move |c| {
+            Ok(Known {
+                row: state::portal_row(c, &p)?,
+                sink_sets: state::sink_sets(c, &p)?,
+            })
+        })
+        .await
+}
+
 struct Preflight {
     portal: Portal,
     account: Account,
@@ -303,10 +365,15 @@ struct Preflight {
     codes: Option<CodeSet>,
 }
 
+/// Step 1: reads the codes and the account, compares them with what the state knows
+/// (drift, the pinned account), and preflights every sink. No side effects on the portal
+/// or the sinks; drift found is recorded.
 async fn preflight(
     engine: &Engine,
     pc: &PortalConfig,
     keep_codes: bool,
+    known: &Known,
+    force: bool,
 ) -> Result<Preflight, RotationError> {
     let portal = engine.portal(pc)?;
     let (codes, account) = tokio::join!(portal.codes(), portal.account());
@@ -316,6 +383,15 @@ async fn preflight(
         .store
         .as_ref()
         .map(|s| s.fingerprinter().of_set(&codes));
+    if let Some(row) = &known.row {
+        check_account(engine, pc, row, &account, force).await?;
+    }
+    if let Some(fp) = &before_fp {
+        let drifted = drift::drifted_sinks(pc, &known.sink_sets, fp);
+        if !drifted.is_empty() {
+            drift::record(engine, pc, &drifted, "a preflight").await;
+        }
+    }
     let (unused, total) = (codes.unused(), codes.total());
     let codes = keep_codes.then_some(codes);
     for sink_name in &pc.sinks {
@@ -337,6 +413,60 @@ async fn preflight(
     })
 }
 
+/// The account is pinned at the first rotation, under the entry it was made with: a key
+/// that acts as another account under the same entry (swapped, or issued by someone else) is
+/// refused and announced, until the entry changes or `--force`.
+async fn check_account(
+    engine: &Engine,
+    pc: &PortalConfig,
+    row: &state::PortalRow,
+    account: &Account,
+    force: bool,
+) -> Result<(), RotationError> {
+    let Some(pinned) = row.account_id.as_deref() else {
+        return Ok(());
+    };
+    if pinned == account.id {
+        return Ok(());
+    }
+    let entry_fp = engine.entry_fingerprint(pc);
+    if force || row.account_entry_fp.as_deref() != Some(entry_fp.as_str()) {
+        tracing::warn!(portal = %pc.name, pinned, now = %account.id, forced = force, "the key acts as another account; accepted because the entry changed or --force was given");
+        return Ok(());
+    }
+    let e = RotationError::AccountChanged {
+        portal: pc.name.clone(),
+        pinned: pinned.to_string(),
+        now: account.id.clone(),
+    };
+    tracing::error!(portal = %pc.name, error = %e, "refused");
+    if let Ok(store) = engine.store() {
+        let (p, body) = (
+            pc.name.clone(),
+            format!(
+                "The API key of portal {} ({}) now acts as account {} ({}), not as account {pinned}\n\
+                 that its codes were rotated for until now. Its codes were not rotated, and are not\n\
+                 until this is resolved: a key of another account would hand that account's codes\n\
+                 to this portal's sinks.\n\n\
+                 What to do: if the key was swapped by mistake, put the right one back. If the portal\n\
+                 really belongs to another account now, change its entry (or run\n  \
+                 tfa-rotator rotate {} --force\n\
+                 once) to pin the new account.\n\n-- \ntfa-rotator\n",
+                pc.name, pc.url, account.id, account.email, pc.name
+            ),
+        );
+        let since = row.last_success_at.unwrap_or(0);
+        let subject = format!(
+            "[tfa-rotator] {}: the API key acts as another account",
+            pc.name
+        );
+        let _ = store
+            .write(move |c| state::add_notice(c, &p, "account", &subject, &body, since))
+            .await;
+    }
+    Err(e)
+}
+
 fn sink_of<'e>(
     engine: &'e Engine,
     portal: &str,
@@ -350,27 +480,44 @@ fn sink_of<'e>(
 
 async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
     let Ok(store) = engine.store() else { return };
-    let wait = e.retry_after().unwrap_or_default();
     let (p, msg) = (portal.to_string(), e.to_string());
-    let r = store
-        .write(move |c| {
-            let failures = state::portal_row(c, &p)?.map(|r| r.failures).unwrap_or(0);
-            let retry_at = now_ms() + backoff(failures).max(wait).as_millis() as i64;
-            state::record_failure(c, &p, &msg, Some(retry_at))
-        })
-        .await;
+    let r = if matches!(e, RotationError::Settling { .. }) {
+        // Not a failure of the portal: no backoff, no streak. The intent's own schedule
+        // says when it is asked again.
+        store
+            .write(move |c| state::record_settling(c, &p, &msg))
+            .await
+    } else {
+        let wait = e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER);
+        store
+            .write(move |c| {
+                let failures = state::portal_row(c, &p)?.map(|r| r.failures).unwrap_or(0);
+                let retry_at =
+                    now_ms().saturating_add(backoff(failures).max(wait).as_millis() as i64);
+                state::record_failure(c, &p, &msg, Some(retry_at)).map(drop)
+            })
+            .await
+    };
     if let Err(se) = r {
         tracing::error!(portal, error = %se, "could not record a failure");
     }
 }
 
+/// The longest pause a `Retry-After` imposes on one portal (the portal's daily limit asks
+/// for up to a day; past an hour we ask again, and it says so again if it must).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Rotates one portal now, after settling what earlier processes left. `force` ignores
-/// `min_interval`. In a dry run, does only the read-only steps.
+/// `min_interval` and a changed account. In a dry run, does only the read-only steps.
 pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
     let report = match rotate_inner(engine, name, force).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(portal = name, error = %e, "rotation failed");
+            if matches!(e, RotationError::Settling { .. }) {
+                tracing::warn!(portal = name, error = %e, "rotation not settled");
+            } else {
+                tracing::error!(portal = name, error = %e, "rotation failed");
+            }
             record_failure(engine, name, &e).await;
             Report::failed(name, &e)
         }
@@ -385,7 +532,7 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
 async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
     if engine.dry_run {
-        let pf = preflight(engine, pc, false).await?;
+        let pf = preflight(engine, pc, false, &Known::default(), force).await?;
         let mut r = Report::new(
             name,
             "would_rotate",
@@ -402,25 +549,32 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     }
     let store = engine.store()?.clone();
     let _lock = store.lock_portal(name, LOCK_WAIT).await?;
-    // One read tells whether an earlier process left work here, and what min_interval
-    // needs; only a portal with leftovers pays for recovery and a second read.
+    // One read tells whether an earlier process left work here; only a portal with
+    // leftovers pays for recovery.
     let p = name.to_string();
-    let (leftovers, mut row) = store
+    let leftovers = store
         .call(move |c| {
-            let leftovers = !state::open_journal(c, Some(&p))?.is_empty()
-                || !state::pending(c, Some(&p), None)?.is_empty();
-            Ok((leftovers, state::portal_row(c, &p)?))
+            Ok(!state::open_journal(c, Some(&p))?.is_empty()
+                || !state::pending(c, Some(&p), None)?.is_empty())
         })
         .await?;
     if leftovers {
-        recover_locked(engine, name).await?;
-        let p = name.to_string();
-        row = store.call(move |c| state::portal_row(c, &p)).await?;
+        let r = recover_locked(engine, name).await?;
+        if r.outcome == "settling" {
+            // An intent is open: the portal is not rotated again until it is settled.
+            return Err(RotationError::Settling {
+                portal: name.to_string(),
+                why: r.message,
+            });
+        }
     }
+    let known = known(&store, name).await?;
 
     if !force {
         let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
-        let last = row
+        let last = known
+            .row
+            .as_ref()
             .and_then(|r| r.last_success_at)
             .and_then(chrono::DateTime::from_timestamp_millis);
         if let Some(wait) = crate::schedule::within_min_interval(last, min, Utc::now()) {
@@ -438,7 +592,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     }
 
     tracing::info!(portal = name, "preflight");
-    let pf = preflight(engine, pc, false).await?;
+    let pf = preflight(engine, pc, false, &known, force).await?;
     if engine.is_stopping() {
         // Not a failure: nothing was attempted, and the next start plans it again.
         return Ok(Report::new(
@@ -448,77 +602,120 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         ));
     }
     // What the preflight saw and the intent share one commit: one fsync before the PUT.
+    let window = engine.config.convergence_of(pc).settle_window;
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     let (p, fp, unused, total) = (name.to_string(), pf.before_fp.clone(), pf.unused, pf.total);
+    let started_at = now_ms();
     let journal_id = store
         .write(move |c| {
             state::record_seen(c, &p, fp.as_deref().unwrap_or_default(), unused, total)?;
-            state::begin_intent(c, &p, "rotate", fp.as_deref())
+            state::begin_intent(c, &p, "rotate", fp.as_deref(), window_ms)
         })
         .await?;
     tracing::info!(portal = name, journal = journal_id, "intent recorded");
     fail_point("rotation::after_intent");
 
-    let new_set = match pf.portal.new_codes().await {
-        Ok(set) => set,
-        Err(put_err) => {
-            tracing::warn!(portal = name, error = %put_err, "the PUT failed or its answer was lost; asking the portal which set is valid");
-            match settle_by_get(engine, &pf.portal, journal_id, pf.before_fp.as_deref()).await? {
-                Some(set) => set,
-                None => return Err(put_err.into()),
+    let put = pf.portal.new_codes().await;
+    fail_point("rotation::after_put");
+    if let Err(e) = &put
+        && e.is_refusal()
+    {
+        // The portal itself said no: nothing changed, the intent ends here.
+        let note = format!("the portal refused the PUT: {e}");
+        store
+            .write(move |c| state::close_journal(c, journal_id, "aborted", Some(&note)))
+            .await?;
+        return Err(put
+            .err()
+            .map(RotationError::Api)
+            .unwrap_or_else(|| RotationError::Other {
+                portal: name.to_string(),
+                message: "the PUT was refused".into(),
+            }));
+    }
+    if let Err(e) = &put {
+        tracing::warn!(portal = name, error = %e, "the PUT's outcome is unknown; asking the portal which set is valid");
+    }
+    // The GET is the truth: the set delivered is the one it returns.
+    let intent = settle::Intent {
+        id: journal_id,
+        before_fp: pf.before_fp.clone(),
+        started_at,
+        window_ms,
+        checks: 0,
+    };
+    match settle::once(engine, &pf.portal, &intent).await? {
+        settle::Settle::Found(set) => {
+            compare_put_answer(engine, name, &put, &set);
+            drop(put);
+            tracing::info!(
+                portal = name,
+                total = set.total(),
+                "the portal issued a new set"
+            );
+            let mut report =
+                seal_and_deliver(engine, pc, journal_id, set, &pf.account, true).await?;
+            report.outcome = "rotated";
+            Ok(report)
+        }
+        settle::Settle::NotApplied => Err(match put {
+            Err(e) => RotationError::Api(e),
+            Ok(_) => RotationError::Other {
+                portal: name.to_string(),
+                message: "the PUT did not take effect".into(),
+            },
+        }),
+        settle::Settle::Open { why, .. } => {
+            if put.is_ok() {
+                // The PUT answered with a set, yet the portal holds the old one.
+                engine.metrics.put_answer(name, "differs");
+                tracing::warn!(
+                    portal = name,
+                    "the PUT answered with a set the portal does not hold; not delivered"
+                );
+            } else if let Err(e) = &put
+                && matches!(e.kind, crate::docspace::ApiErrorKind::Malformed { .. })
+            {
+                engine.metrics.put_answer(name, "unusable");
+            }
+            Err(RotationError::Settling {
+                portal: name.to_string(),
+                why,
+            })
+        }
+    }
+}
+
+/// A PUT's answer is only a hint; the GET's set is delivered. Says (and counts) when the
+/// answer was not that set.
+fn compare_put_answer(
+    engine: &Engine,
+    name: &str,
+    put: &Result<CodeSet, crate::docspace::ApiError>,
+    got: &CodeSet,
+) {
+    let Ok(store) = engine.store() else { return };
+    match put {
+        Ok(answer) => {
+            let f = store.fingerprinter();
+            if f.of_set(answer) != f.of_set(got) {
+                engine.metrics.put_answer(name, "differs");
+                tracing::warn!(
+                    portal = name,
+                    "the PUT answered with another set than the portal holds; the portal's set is delivered"
+                );
             }
         }
-    };
-    fail_point("rotation::after_put");
-    tracing::info!(
-        portal = name,
-        total = new_set.total(),
-        "the portal issued a new set"
-    );
-    let mut report = seal_and_deliver(engine, pc, journal_id, new_set, &pf.account, true).await?;
-    report.outcome = "rotated";
-    Ok(report)
-}
-
-/// After a failed PUT, or for an open intent: reads the set valid now. `Some(set)` when it
-/// differs from `before_fp` (the rotation happened); `None` after closing the intent as
-/// aborted (it did not). A failed GET leaves the intent open and is an error.
-async fn settle_by_get(
-    engine: &Engine,
-    portal: &Portal,
-    journal_id: i64,
-    before_fp: Option<&str>,
-) -> Result<Option<CodeSet>, RotationError> {
-    let store = engine.store()?.clone();
-    let set = portal.codes().await.map_err(|e| RotationError::Other {
-        portal: portal.name().to_string(),
-        message: format!("the outcome of the rotation is unknown and the check failed ({e}); the next run settles it"),
-    })?;
-    let fp = store.fingerprinter().of_set(&set);
-    if Some(fp.as_str()) != before_fp {
-        tracing::warn!(
-            portal = portal.name(),
-            "the portal holds a new set: the rotation happened"
-        );
-        return Ok(Some(set));
+        Err(e) if matches!(e.kind, crate::docspace::ApiErrorKind::Malformed { .. }) => {
+            engine.metrics.put_answer(name, "unusable");
+            tracing::warn!(portal = name, error = %e, "the PUT's answer was unusable; the portal's set is delivered");
+        }
+        Err(_) => {}
     }
-    tracing::info!(
-        portal = portal.name(),
-        "the portal holds the old set: the rotation did not happen"
-    );
-    store
-        .write(move |c| {
-            state::close_journal(
-                c,
-                journal_id,
-                "aborted",
-                Some("the PUT did not take effect"),
-            )
-        })
-        .await?;
-    Ok(None)
 }
 
-/// Steps 4–6 for a set in hand.
+/// Steps 4–6 for a set in hand. `rotated`: a new set from our PUT (pins the account);
+/// otherwise a resend of the set the portal holds.
 async fn seal_and_deliver(
     engine: &Engine,
     pc: &PortalConfig,
@@ -552,9 +749,14 @@ async fn seal_and_deliver(
     }
     drop(set); // the plain text is gone; only sealed payloads remain
     let (p, fp) = (name.to_string(), set_fp.clone());
+    let pin = rotated.then(|| (account.id.clone(), engine.entry_fingerprint(pc)));
     let (ids, payloads) = store
         .write(move |c| {
-            state::seal(c, journal_id, &p, &fp, unused, total, &payloads).map(|ids| (ids, payloads))
+            let ids = state::seal(c, journal_id, &p, &fp, unused, total, &payloads)?;
+            if let Some((account, entry)) = &pin {
+                state::pin_account(c, &p, account, entry)?;
+            }
+            Ok((ids, payloads))
         })
         .await?;
     tracing::info!(
@@ -713,6 +915,8 @@ pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationErro
     recover_locked(engine, name).await
 }
 
+/// Settles open intents by one GET each (whatever their schedule) and delivers what is
+/// sealed. An intent that stays open makes the report's outcome `settling`.
 async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
     let p = name.to_string();
@@ -721,26 +925,43 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
         .await?;
     let mut report = Report::new(name, "delivered", "nothing was pending");
     let mut sealed = Vec::new();
+    let mut still_open = None;
     for j in open {
-        match j.phase.as_str() {
-            "intent" => {
+        match j.phase {
+            state::Phase::Intent => {
                 tracing::warn!(
                     portal = name,
                     journal = j.id,
-                    "found a rotation an earlier process did not finish; settling it by GET"
+                    checks = j.checks,
+                    "a rotation's outcome is not settled; asking the portal"
                 );
                 let pc = engine.portal_config(name)?;
                 let portal = engine.portal(pc)?;
-                if let Some(set) =
-                    settle_by_get(engine, &portal, j.id, j.before_fp.as_deref()).await?
-                {
-                    let account = portal.account().await?;
-                    report = seal_and_deliver(engine, pc, j.id, set, &account, true).await?;
-                    report.outcome = "recovered";
+                let window_ms = j.window_ms.unwrap_or_else(|| {
+                    let w = engine.config.convergence_of(pc).settle_window;
+                    i64::try_from(w.as_millis()).unwrap_or(i64::MAX)
+                });
+                let intent = settle::Intent {
+                    id: j.id,
+                    before_fp: j.before_fp.clone(),
+                    started_at: j.started_at,
+                    window_ms,
+                    checks: j.checks,
+                };
+                fail_point("settle::before_get");
+                match settle::once(engine, &portal, &intent).await? {
+                    settle::Settle::Found(set) => {
+                        fail_point("settle::after_get");
+                        let account = portal.account().await?;
+                        report = seal_and_deliver(engine, pc, j.id, set, &account, true).await?;
+                        report.outcome = "recovered";
+                    }
+                    settle::Settle::NotApplied => {}
+                    settle::Settle::Open { why, .. } => still_open = Some(why),
                 }
             }
             // Sealed: the payloads are in the spool; delivered below, then closed.
-            _ => sealed.push(j.id),
+            state::Phase::Sealed => sealed.push(j.id),
         }
     }
     let (delivered, pending) = deliver_portal(engine, name, None).await?;
@@ -771,29 +992,21 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
             report.delivered, report.pending
         );
     }
+    if let Some(why) = still_open {
+        report.outcome = "settling";
+        report.message = format!(
+            "the outcome of a rotation is being settled: {why}; `deliver` or the daemon asks again"
+        );
+    }
     Ok(report)
 }
 
-/// Reads the current codes and delivers them again, without rotating (`resend`).
+/// Reads the current codes and delivers them again, without rotating (`resend`, and drift).
 pub async fn resend(engine: &Engine, name: &str) -> Report {
     let run = async {
-        let pc = engine.portal_config(name)?;
         let store = engine.store()?.clone();
         let _lock = store.lock_portal(name, LOCK_WAIT).await?;
-        recover_locked(engine, name).await?;
-        // The set the preflight read is the one delivered: one GET, and no window in
-        // which it could change between two reads.
-        let mut pf = preflight(engine, pc, true).await?;
-        let set = match pf.codes.take() {
-            Some(set) => set,
-            None => pf.portal.codes().await?,
-        };
-        let p = name.to_string();
-        let fp = store.fingerprinter().of_set(&set);
-        let id = store
-            .write(move |c| state::begin_intent(c, &p, "resend", Some(&fp)))
-            .await?;
-        seal_and_deliver(engine, pc, id, set, &pf.account, false).await
+        resend_locked(engine, name).await
     };
     match run.await {
         Ok(r) => r,
@@ -802,6 +1015,32 @@ pub async fn resend(engine: &Engine, name: &str) -> Report {
             Report::failed(name, &e)
         }
     }
+}
+
+async fn resend_locked(engine: &Engine, name: &str) -> Result<Report, RotationError> {
+    let pc = engine.portal_config(name)?;
+    let store = engine.store()?.clone();
+    let r = recover_locked(engine, name).await?;
+    if r.outcome == "settling" {
+        return Err(RotationError::Settling {
+            portal: name.to_string(),
+            why: r.message,
+        });
+    }
+    let known = known(&store, name).await?;
+    // The set the preflight read is the one delivered: one GET, and no window in
+    // which it could change between two reads.
+    let mut pf = preflight(engine, pc, true, &known, false).await?;
+    let set = match pf.codes.take() {
+        Some(set) => set,
+        None => pf.portal.codes().await?,
+    };
+    let p = name.to_string();
+    let fp = store.fingerprinter().of_set(&set);
+    let id = store
+        .write(move |c| state::begin_intent(c, &p, "resend", Some(&fp), 0))
+        .await?;
+    seal_and_deliver(engine, pc, id, set, &pf.account, false).await
 }
 
 /// Every portal that has unfinished journal entries or pending payloads.
@@ -851,4 +1090,141 @@ pub async fn deliver_due(
     let store = engine.store()?.clone();
     let _lock = store.lock_portal(portal, LOCK_WAIT).await?;
     deliver_portal(engine, portal, Some(due_before)).await
+}
+
+/// Who runs this command, for the record of a decision taken by hand.
+fn operator() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "{} (uid {})",
+        crate::docspace::model::escape_controls(&user),
+        rustix::process::getuid().as_raw()
+    )
+}
+
+/// `settle --abandon`: closes a portal's open intent by hand, recorded with who and why.
+/// For a key revoked mid-rotation, whose intent no GET can ever settle.
+pub async fn abandon(engine: &Engine, name: &str, why: &str) -> Result<Report, RotationError> {
+    let store = engine.store()?.clone();
+    let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let note = format!("abandoned by {}: {}", operator(), why);
+    let p = name.to_string();
+    let closed = store
+        .write(move |c| {
+            let mut n = 0;
+            for j in state::open_journal(c, Some(&p))? {
+                if j.phase == state::Phase::Intent {
+                    state::close_journal(c, j.id, "aborted", Some(&note))?;
+                    state::add_history(c, &p, "abandoned", &note)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await?;
+    let msg = if closed == 0 {
+        "no open intent to abandon".to_string()
+    } else {
+        tracing::warn!(portal = name, "an open intent was abandoned by hand");
+        "the open intent was abandoned by hand (recorded); if the portal applied that PUT after all, the next read finds it as drift".to_string()
+    };
+    Ok(Report::new(name, "abandoned", msg))
+}
+
+/// `forget`: drops what the state holds for a portal (or its sinks) that the config no
+/// longer names: open intents and pending payloads. Recorded.
+pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError> {
+    let store = engine.store()?.clone();
+    let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let keep: Vec<String> = engine
+        .config
+        .portals
+        .get(name)
+        .map(|pc| pc.sinks.clone())
+        .unwrap_or_default();
+    let configured = engine.config.portals.contains_key(name);
+    let note = format!("forgotten by {}", operator());
+    let p = name.to_string();
+    let (intents, payloads) = store
+        .write(move |c| {
+            let mut intents = 0;
+            if !configured {
+                for j in state::open_journal(c, Some(&p))? {
+                    state::close_journal(c, j.id, "aborted", Some(&note))?;
+                    intents += 1;
+                }
+            }
+            let payloads = state::drop_pending(c, &p, &keep)?;
+            if intents + payloads > 0 {
+                state::add_history(
+                    c,
+                    &p,
+                    "forgotten",
+                    &format!("{note}: {intents} open intent(s), {payloads} pending payload(s)"),
+                )?;
+            }
+            Ok((intents, payloads))
+        })
+        .await?;
+    tracing::warn!(
+        portal = name,
+        intents,
+        payloads,
+        "dropped on purpose by `forget`"
+    );
+    Ok(Report::new(
+        name,
+        "forgotten",
+        format!("dropped {intents} open intent(s) and {payloads} pending payload(s)"),
+    ))
+}
+
+/// Work the state holds that `engine`'s config would strand: open intents and pending
+/// payloads of portals it no longer names, and payloads for sinks a portal no longer lists.
+/// One sentence each, naming the portal (and sink) and the way out. Empty when none.
+pub async fn stranded_work(engine: &Engine) -> Result<Vec<String>, RotationError> {
+    let store = engine.store()?.clone();
+    let (open, pending) = store
+        .call(|c| Ok((state::open_journal(c, None)?, state::pending_rows(c)?)))
+        .await?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for j in &open {
+        if !engine.config.portals.contains_key(&j.portal) && seen.insert((j.portal.clone(), None)) {
+            out.push(format!(
+                "portal {} is no longer in the configuration, but a rotation of it is not finished \
+                 (its codes may exist only in the state); restore its entry and run `tfa-rotator deliver`, \
+                 or drop it on purpose with `tfa-rotator forget {}`",
+                j.portal, j.portal
+            ));
+        }
+    }
+    for p in &pending {
+        let key = match engine.config.portals.get(&p.portal) {
+            None => (p.portal.clone(), None),
+            Some(pc) if !pc.sinks.contains(&p.sink) => (p.portal.clone(), Some(p.sink.clone())),
+            Some(_) => continue,
+        };
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        out.push(match key.1 {
+            None => format!(
+                "portal {} is no longer in the configuration, but codes for it wait in the spool \
+                 for sink {}; restore its entry and run `tfa-rotator deliver`, or drop them on purpose \
+                 with `tfa-rotator forget {}`",
+                p.portal, p.sink, p.portal
+            ),
+            Some(sink) => format!(
+                "portal {} no longer lists sink {sink}, but codes for that sink wait in the spool; \
+                 restore the sink and run `tfa-rotator deliver`, or drop them on purpose with \
+                 `tfa-rotator forget {}`",
+                p.portal, p.portal
+            ),
+        });
+    }
+    Ok(out)
 }

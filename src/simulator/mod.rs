@@ -8,6 +8,14 @@
 //! Tests inject faults (delay, a status before the change, a lost or broken answer after
 //! it, 429) and read the log of the requests it served.
 //!
+//! It also misbehaves the way a real portal behind proxies does: a PUT applied *after* the
+//! client gave up (the apply runs in a task of its own, which a dropped connection does not
+//! cancel), a gateway's `504` answered at once with the apply following later, a PUT
+//! answer that is empty or names another set than the one applied, and a set regenerated on
+//! its own as a person in the web UI would ([`Simulator::regenerate`], or
+//! `POST /__sim/regenerate`). `latency` delays every answer, like a portal across the
+//! internet.
+//!
 //! State sits behind a `std::sync::Mutex`: nothing awaits while it is held, and every
 //! critical section is a few map operations, so the simulator is never what a benchmark
 //! measures.
@@ -50,6 +58,8 @@ pub struct SimConfig {
     pub old_spelling: bool,
     /// The users.
     pub users: Vec<UserSpec>,
+    /// Every answer is delayed this long (milliseconds), like a portal across the internet.
+    pub latency_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -63,6 +73,7 @@ impl Default for SimConfig {
             rate_limit: None,
             old_spelling: false,
             users: Vec::new(),
+            latency_ms: 0,
         }
     }
 }
@@ -139,6 +150,15 @@ pub enum FaultAction {
     HugeBody,
     /// Apply, then wait this long before answering normally.
     DelayAfterApplyMs(u64),
+    /// Hold the request and apply it this long later, in a task that outlives the
+    /// connection: a client that gave up meanwhile finds the change made all the same.
+    ApplyAfterMs(u64),
+    /// Answer `504` from a "gateway" at once; the portal applies the request this long later.
+    GatewayTimeoutThenApplyMs(u64),
+    /// Apply, then answer 200 with an empty `response`.
+    EmptyAnswerAfterApply,
+    /// Apply, then answer 200 with another set than the one applied.
+    WrongAnswerAfterApply,
 }
 
 /// A fault injected into matching requests.
@@ -206,6 +226,8 @@ struct Account {
 
 struct Inner {
     config: SimConfig,
+    /// Sets changed outside the API (a person in the web UI).
+    regenerated: usize,
     by_key: HashMap<String, usize>,
     accounts: Vec<Account>,
     faults: VecDeque<Fault>,
@@ -238,6 +260,7 @@ impl Simulator {
         let users = config.users.clone();
         let inner = Arc::new(Mutex::new(Inner {
             config,
+            regenerated: 0,
             by_key: HashMap::new(),
             accounts: Vec::new(),
             faults: VecDeque::new(),
@@ -338,6 +361,17 @@ impl Simulator {
         login(&mut self.lock(), email, code)
     }
 
+    /// Replaces the set of the user with this key, as a person clicking "regenerate" in the
+    /// web UI would: no API request, nothing in the log. Returns the new codes.
+    pub fn regenerate(&self, key: &str) -> Vec<String> {
+        regenerate(&mut self.lock(), key)
+    }
+
+    /// How many sets were regenerated outside the API.
+    pub fn regenerated(&self) -> usize {
+        self.lock().regenerated
+    }
+
     /// Adds a fault for the next matching requests.
     pub fn inject(&self, fault: Fault) {
         self.lock().faults.push_back(fault);
@@ -402,6 +436,20 @@ fn new_codes(config: &SimConfig) -> Vec<(String, bool)> {
                 }
             }
         })
+        .collect()
+}
+
+fn regenerate(s: &mut Inner, key: &str) -> Vec<String> {
+    let Some(&idx) = s.by_key.get(key) else {
+        return Vec::new();
+    };
+    let codes = new_codes(&s.config);
+    s.accounts[idx].codes = codes;
+    s.regenerated += 1;
+    s.accounts[idx]
+        .codes
+        .iter()
+        .map(|(c, _)| c.clone())
         .collect()
 }
 
@@ -486,6 +534,38 @@ enum After {
     Reset,
     BadGateway,
     Malformed,
+    Empty,
+    Wrong,
+}
+
+/// Runs the request in a task of its own after `delay`, as a portal behind a proxy does
+/// with a request the client has given up on; the log records it (status 0: nobody was
+/// there to answer). The returned handle finishes with the answer, for a client still
+/// waiting.
+fn apply_later(
+    inner: &Arc<Mutex<Inner>>,
+    delay: Duration,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> tokio::task::JoinHandle<Response> {
+    let (inner, method, path, headers, body) = (
+        inner.clone(),
+        method.clone(),
+        path.to_string(),
+        headers.clone(),
+        body.clone(),
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let (resp, applied) = {
+            let mut s = lock(&inner);
+            route(&mut s, &method, &path, &headers, &body)
+        };
+        record(&inner, &method, &path, 0, applied);
+        resp
+    })
 }
 
 async fn handle(
@@ -498,10 +578,13 @@ async fn handle(
     let path = uri.path().to_string();
 
     // Faults that act before the request is processed.
-    let fault = {
+    let (fault, latency) = {
         let mut s = lock(&inner);
-        take_fault(&mut s, &method, &path)
+        (take_fault(&mut s, &method, &path), s.config.latency_ms)
     };
+    if latency > 0 && !path.starts_with("/__sim/") {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
     let mut after = After::Answer;
     match fault {
         Some(FaultAction::DelayMs(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -530,6 +613,34 @@ async fn handle(
         Some(FaultAction::ResetAfterApply) => after = After::Reset,
         Some(FaultAction::BadGatewayAfterApply) => after = After::BadGateway,
         Some(FaultAction::MalformedAfterApply) => after = After::Malformed,
+        Some(FaultAction::EmptyAnswerAfterApply) => after = After::Empty,
+        Some(FaultAction::WrongAnswerAfterApply) => after = After::Wrong,
+        Some(FaultAction::ApplyAfterMs(ms)) => {
+            let task = apply_later(
+                &inner,
+                Duration::from_millis(ms),
+                &method,
+                &path,
+                &headers,
+                &body,
+            );
+            // A client that gives up drops this future, not the task.
+            return task
+                .await
+                .unwrap_or_else(|_| empty(StatusCode::INTERNAL_SERVER_ERROR));
+        }
+        Some(FaultAction::GatewayTimeoutThenApplyMs(ms)) => {
+            drop(apply_later(
+                &inner,
+                Duration::from_millis(ms),
+                &method,
+                &path,
+                &headers,
+                &body,
+            ));
+            record(&inner, &method, &path, 504, false);
+            return html(StatusCode::GATEWAY_TIMEOUT);
+        }
         None => {}
     }
 
@@ -576,6 +687,19 @@ async fn handle(
             record(&inner, &method, &path, 200, applied);
             json_response(StatusCode::OK, Value::String("<!-- not an envelope".into()))
                 .map(|_| Body::from("{\"response\": [ {\"isUsed\": fal"))
+        }
+        After::Empty => {
+            record(&inner, &method, &path, 200, applied);
+            let base = lock(&inner).base_url.clone();
+            envelope(&base, &path, &method, json!([]))
+        }
+        After::Wrong => {
+            record(&inner, &method, &path, 200, applied);
+            let (base, other) = {
+                let s = lock(&inner);
+                (s.base_url.clone(), new_codes(&s.config))
+            };
+            envelope(&base, &path, &method, codes_json(&other))
         }
     }
 }
@@ -791,6 +915,27 @@ fn admin_route(s: &mut Inner, method: &Method, what: &str, body: &[u8]) -> Respo
             StatusCode::OK,
             serde_json::to_value(&s.log).unwrap_or(Value::Null),
         ),
+        (Method::POST, "regenerate") => {
+            #[derive(Deserialize)]
+            struct Who {
+                email: String,
+            }
+            let Ok(who) = serde_json::from_slice::<Who>(body) else {
+                return (StatusCode::BAD_REQUEST, "expected {\"email\": \"…\"}").into_response();
+            };
+            let key = s
+                .accounts
+                .iter()
+                .find(|a| a.email.eq_ignore_ascii_case(&who.email))
+                .map(|a| a.key.clone());
+            match key {
+                Some(k) => {
+                    regenerate(s, &k);
+                    empty(StatusCode::NO_CONTENT)
+                }
+                None => empty(StatusCode::NOT_FOUND),
+            }
+        }
         (Method::POST, "fault") => match serde_json::from_slice::<Fault>(body) {
             Ok(f) => {
                 s.faults.push_back(f);

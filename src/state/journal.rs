@@ -5,6 +5,15 @@ use rusqlite::{Connection, params};
 
 use super::{StateError, ensure_portal, exec, now_ms, sql};
 
+/// Where an unfinished journal entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Committed before the PUT: the PUT may have happened, or may still happen.
+    Intent,
+    /// The set is in the spool; only delivery and the close remain.
+    Sealed,
+}
+
 /// A journal entry that is not finished.
 #[derive(Debug, Clone)]
 pub struct OpenJournal {
@@ -12,26 +21,36 @@ pub struct OpenJournal {
     pub id: i64,
     /// Portal.
     pub portal: String,
-    /// `intent` or `sealed`.
-    pub phase: String,
+    /// Where it stands.
+    pub phase: Phase,
     /// Fingerprint of the set seen before the PUT.
     pub before_fp: Option<String>,
+    /// When the intent was committed (the PUT followed at once): the settle window's start.
+    pub started_at: i64,
+    /// The settle window it was opened with; absent for entries of older versions.
+    pub window_ms: Option<i64>,
+    /// Settle GETs made so far.
+    pub checks: i64,
+    /// When the next settle GET is due; absent until the first one.
+    pub next_check_at: Option<i64>,
 }
 
-/// Records the start of a rotation. Fails if one is already open. Call it through
-/// [`Store::write`]: the commit (fsync'd) must precede the PUT.
+/// Records the start of a rotation, with the settle window that applies if its PUT's outcome
+/// turns out unknown. Fails if one is already open. Call it through [`Store::write`]: the
+/// commit (fsync'd) must precede the PUT.
 pub fn begin_intent(
     c: &Connection,
     portal: &str,
     kind: &str,
     before_fp: Option<&str>,
+    window_ms: i64,
 ) -> Result<i64, StateError> {
     let now = now_ms();
     ensure_portal(c, portal)?;
     exec(
         c,
-        "INSERT INTO journal (portal, kind, phase, before_fp, started_at, updated_at) VALUES (?1, ?2, 'intent', ?3, ?4, ?4)",
-        params![portal, kind, before_fp, now],
+        "INSERT INTO journal (portal, kind, phase, before_fp, started_at, updated_at, window_ms) VALUES (?1, ?2, 'intent', ?3, ?4, ?4, ?5)",
+        params![portal, kind, before_fp, now, window_ms],
     )
     .map_err(sql("recording the intent"))?;
     let id = c.last_insert_rowid();
@@ -50,10 +69,10 @@ pub fn open_journal(c: &Connection, portal: Option<&str>) -> Result<Vec<OpenJour
     // using the `journal_open` index.
     let mut st = c
         .prepare_cached(if portal.is_some() {
-            "SELECT id, portal, phase, before_fp FROM journal
+            "SELECT id, portal, phase = 'intent', before_fp, started_at, window_ms, checks, next_check_at FROM journal
              WHERE phase IN ('intent', 'sealed') AND portal = ?1 ORDER BY id"
         } else {
-            "SELECT id, portal, phase, before_fp FROM journal
+            "SELECT id, portal, phase = 'intent', before_fp, started_at, window_ms, checks, next_check_at FROM journal
              WHERE phase IN ('intent', 'sealed') AND ?1 IS NULL ORDER BY id"
         })
         .map_err(sql("reading the journal"))?;
@@ -62,8 +81,16 @@ pub fn open_journal(c: &Connection, portal: Option<&str>) -> Result<Vec<OpenJour
             Ok(OpenJournal {
                 id: r.get(0)?,
                 portal: r.get(1)?,
-                phase: r.get(2)?,
+                phase: if r.get(2)? {
+                    Phase::Intent
+                } else {
+                    Phase::Sealed
+                },
                 before_fp: r.get(3)?,
+                started_at: r.get(4)?,
+                window_ms: r.get(5)?,
+                checks: r.get(6)?,
+                next_check_at: r.get(7)?,
             })
         })
         .map_err(sql("reading the journal"))?;
@@ -107,7 +134,47 @@ pub fn seal(
         params![portal, set_fp, unused as i64, total as i64, now],
     )
     .map_err(sql("recording the new set"))?;
+    // What each sink holds from now on (or will, once delivered): the baseline of drift.
+    for (sink, _) in payloads {
+        exec(
+            c,
+            "INSERT INTO sink_sets (portal, sink, set_fp, sealed_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (portal, sink) DO UPDATE SET set_fp = excluded.set_fp, sealed_at = excluded.sealed_at",
+            params![portal, sink, set_fp, now],
+        )
+        .map_err(sql("recording the set a sink holds"))?;
+    }
     Ok(ids)
+}
+
+/// A settle GET of an open intent found the old set before its window closed: count it and
+/// say when the next one is due.
+pub fn settle_checked(
+    c: &Connection,
+    journal_id: i64,
+    next_check_at: i64,
+) -> Result<(), StateError> {
+    exec(
+        c,
+        "UPDATE journal SET checks = checks + 1, next_check_at = ?2, updated_at = ?3 WHERE id = ?1 AND phase = 'intent'",
+        params![journal_id, next_check_at, now_ms()],
+    )
+    .map_err(sql("recording a settle check"))?;
+    Ok(())
+}
+
+/// Every open intent and when its next settle GET is due (`None`: at once), for the daemon.
+pub fn open_intents(c: &Connection) -> Result<Vec<(String, Option<i64>)>, StateError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT portal, next_check_at FROM journal WHERE phase = 'intent' ORDER BY id",
+        )
+        .map_err(sql("reading open intents"))?;
+    let rows = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql("reading open intents"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("reading open intents"))
 }
 
 /// The journal entry ends: `done` or `aborted`, with a note.

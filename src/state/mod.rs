@@ -31,20 +31,25 @@ mod journal;
 mod portals;
 mod spool;
 
-pub use alerts::{AlertDue, alert_sent, alerts_due};
-pub use journal::{OpenJournal, begin_intent, close_journal, open_journal, seal};
+pub use alerts::{AlertDue, add_notice, alert_sent, alerts_due};
+pub use journal::{
+    OpenJournal, Phase, begin_intent, close_journal, open_intents, open_journal, seal,
+    settle_checked,
+};
 pub use portals::{
-    PortalRow, add_history, portal_row, portal_rows, record_failure, record_rotated,
-    record_schedule, record_schedules, record_seen,
+    PortalRow, add_history, pin_account, portal_row, portal_rows, record_drift, record_failure,
+    record_rotated, record_schedule, record_schedules, record_seen, record_settling,
 };
 pub use spool::{
-    PendingRow, SpoolEntry, delivered, delivery_failed, next_delivery_due, pending, pending_rows,
+    PendingRow, SpoolEntry, delivered, delivery_failed, drop_pending, next_delivery_due, pending,
+    pending_rows, sink_sets,
 };
 
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_alerts.sql"),
     include_str!("migrations/0003_open_journal_index.sql"),
+    include_str!("migrations/0004_convergence.sql"),
 ];
 const DB_FILE: &str = "state.sqlite";
 
@@ -546,7 +551,7 @@ mod tests {
                 store
                     .write(move |c| {
                         let p = format!("p{i}");
-                        begin_intent(c, &p, "rotate", Some("fp"))?;
+                        begin_intent(c, &p, "rotate", Some("fp"), 1000)?;
                         if i % 8 == 3 {
                             // Fails after writing: its intent must be rolled back.
                             return Err(StateError::Unsafe {

@@ -34,6 +34,14 @@ pub struct PortalRow {
     pub entry_fp: Option<String>,
     /// The last scheduled fire time that was acted on.
     pub last_fire_at: Option<i64>,
+    /// The account id (`people/@self`) pinned at the first rotation.
+    pub account_id: Option<String>,
+    /// The entry fingerprint the account was pinned under; another entry may re-pin.
+    pub account_entry_fp: Option<String>,
+    /// When drift was last found.
+    pub drift_at: Option<i64>,
+    /// How often drift was found.
+    pub drifts: i64,
 }
 
 /// A rotation succeeded (its payloads may still be pending).
@@ -48,6 +56,47 @@ pub fn record_rotated(c: &Connection, portal: &str, result: &str) -> Result<(), 
     )
     .map_err(sql("recording the rotation"))?;
     add_history(c, portal, "rotated", result)
+}
+
+/// Pins the account a portal's entry acts as (after a successful rotation).
+pub fn pin_account(
+    c: &Connection,
+    portal: &str,
+    account_id: &str,
+    entry_fp: &str,
+) -> Result<(), StateError> {
+    exec(
+        c,
+        "UPDATE portals SET account_id = ?2, account_entry_fp = ?3 WHERE name = ?1",
+        params![portal, account_id, entry_fp],
+    )
+    .map_err(sql("pinning the account"))?;
+    Ok(())
+}
+
+/// The portal's set differs from what its sinks hold while no intent is open.
+pub fn record_drift(c: &Connection, portal: &str, detail: &str) -> Result<(), StateError> {
+    ensure_portal(c, portal)?;
+    exec(
+        c,
+        "UPDATE portals SET drift_at = ?2, drifts = drifts + 1 WHERE name = ?1",
+        params![portal, now_ms()],
+    )
+    .map_err(sql("recording drift"))?;
+    add_history(c, portal, "drift", detail)
+}
+
+/// A rotation's PUT had an unknown outcome: its intent stays open and is settled later.
+/// Not a failure (no backoff, no streak): the portal is simply not rotated meanwhile.
+pub fn record_settling(c: &Connection, portal: &str, detail: &str) -> Result<(), StateError> {
+    ensure_portal(c, portal)?;
+    exec(
+        c,
+        "UPDATE portals SET last_result = 'settling', last_error = ?2 WHERE name = ?1",
+        params![portal, detail],
+    )
+    .map_err(sql("recording a rotation being settled"))?;
+    add_history(c, portal, "settling", detail)
 }
 
 /// An attempt failed; returns the failures in a row.
@@ -140,7 +189,8 @@ pub fn add_history(
 
 const PORTAL_COLUMNS: &str =
     "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at,
-     set_fp, unused, total, seen_at, entry_fp, last_fire_at";
+     set_fp, unused, total, seen_at, entry_fp, last_fire_at, account_id, account_entry_fp,
+     drift_at, drifts";
 
 fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
     Ok(PortalRow {
@@ -157,6 +207,10 @@ fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
         seen_at: r.get(10)?,
         entry_fp: r.get(11)?,
         last_fire_at: r.get(12)?,
+        account_id: r.get(13)?,
+        account_entry_fp: r.get(14)?,
+        drift_at: r.get(15)?,
+        drifts: r.get(16)?,
     })
 }
 

@@ -153,3 +153,41 @@ pub fn pending_rows(c: &Connection) -> Result<Vec<PendingRow>, StateError> {
     rows.collect::<Result<_, _>>()
         .map_err(sql("reading the spool"))
 }
+
+/// Per sink of `portal`, the fingerprint of the newest set sealed for it; a sink the state
+/// has no row for falls back to the portal's `'*'` row (filled by the upgrade).
+pub fn sink_sets(
+    c: &Connection,
+    portal: &str,
+) -> Result<std::collections::HashMap<String, String>, StateError> {
+    let mut st = c
+        .prepare_cached("SELECT sink, set_fp FROM sink_sets WHERE portal = ?1")
+        .map_err(sql("reading the sets the sinks hold"))?;
+    let rows = st
+        .query_map(params![portal], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql("reading the sets the sinks hold"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql("reading the sets the sinks hold"))
+}
+
+/// Drops every pending payload of `portal` for the sinks `keep` does not name (all of them
+/// when `keep` is empty); returns how many went. For `forget`.
+pub fn drop_pending(c: &Connection, portal: &str, keep: &[String]) -> Result<usize, StateError> {
+    let mut st = c
+        .prepare_cached("SELECT id, sink FROM spool WHERE portal = ?1")
+        .map_err(sql("reading the spool"))?;
+    let rows: Vec<(i64, String)> = st
+        .query_map(params![portal], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql("reading the spool"))?
+        .collect::<Result<_, _>>()
+        .map_err(sql("reading the spool"))?;
+    let mut n = 0;
+    for (id, sink) in rows {
+        if !keep.contains(&sink) {
+            exec(c, "DELETE FROM spool WHERE id = ?1", params![id])
+                .map_err(sql("dropping a payload"))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -445,24 +445,27 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
         .await
         .unwrap();
     assert!(
-        body.contains("tfa_rotations_total{portal=\"acme\",result=\"rotated\"} 1"),
+        body.contains("tfa_rotator_rotations_total{portal=\"acme\",result=\"rotated\"} 1"),
         "{body}"
     );
     assert!(
         body.contains(
-            "tfa_deliveries_total{portal=\"acme\",sink=\"plain\",result=\"delivered\"} 1"
+            "tfa_rotator_deliveries_total{portal=\"acme\",sink=\"plain\",result=\"delivered\"} 1"
         ),
         "{body}"
     );
     assert!(
-        body.contains("tfa_unused_codes{portal=\"acme\"} 5"),
+        body.contains("tfa_rotator_unused_codes{portal=\"acme\"} 5"),
         "{body}"
     );
     assert!(
-        body.contains("tfa_next_rotation_timestamp_seconds{portal=\"acme\"}"),
+        body.contains("tfa_rotator_next_rotation_timestamp_seconds{portal=\"acme\"}"),
         "{body}"
     );
-    assert!(body.contains("tfa_config_reload_success 1"), "{body}");
+    assert!(
+        body.contains("tfa_rotator_config_reload_success 1"),
+        "{body}"
+    );
     let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
         .await
         .unwrap();

@@ -99,13 +99,14 @@ async fn put_timing_out_after_the_change_is_resolved_by_get() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn server_error_before_the_change_rotates_nothing_and_is_recorded() {
+async fn a_refused_put_rotates_nothing_and_is_recorded() {
     let h = one_portal().await;
     let before = h.accepted("acme");
-    h.sim.inject(Fault::on_put(FaultAction::Status(500)));
+    // The portal's own 4xx (its JSON error envelope): refused, nothing changed.
+    h.sim.inject(Fault::on_put(FaultAction::Status(403)));
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.all().contains("HTTP 500"), "{}", out.all());
+    assert!(out.all().contains("HTTP 403"), "{}", out.all());
     assert_eq!(h.accepted("acme"), before);
     assert!(
         h.plain_sink("codes/acme.txt").is_none(),
@@ -122,6 +123,44 @@ async fn server_error_before_the_change_rotates_nothing_and_is_recorded() {
     let doc: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
     assert_eq!(doc["portals"][0]["last_result"], "ok");
     assert_eq!(doc["portals"][0]["failures_in_a_row"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_error_leaves_the_outcome_open_until_the_window_closes() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.schedule = Some("conv".into());
+    h.write_config(&quiet_schedule("conv", "2s", "off"), &["plain"]);
+    let before = h.accepted("acme");
+    // A 5xx says nothing of whether the PUT was applied: its outcome is unknown.
+    h.sim.inject(Fault::on_put(FaultAction::Status(500)));
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.stdout.contains("being settled"), "{}", out.stdout);
+    assert_eq!(h.accepted("acme"), before);
+    let doc: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
+    assert_eq!(doc["portals"][0]["last_result"], "settling");
+    assert_eq!(doc["portals"][0]["failures_in_a_row"], 0, "not a failure");
+    // While it is open, the portal is not rotated again.
+    let out = h.run(&["rotate", "acme", "--force"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert_eq!(
+        h.sim.count("PUT"),
+        1,
+        "no second PUT while the outcome is open"
+    );
+    // After the window, a GET that still shows the old set closes it as not applied.
+    assert!(
+        wait_for_exit(&h, &["deliver"], 0, Duration::from_secs(15)).await,
+        "deliver settles it once the window has closed"
+    );
+    assert!(
+        h.plain_sink("codes/acme.txt").is_none(),
+        "nothing was issued"
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(h.plain_sink("codes/acme.txt").unwrap(), h.accepted("acme"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

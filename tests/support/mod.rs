@@ -38,6 +38,8 @@ pub struct Harness {
     pub sim: Simulator,
     /// portal name → API key
     pub keys: BTreeMap<String, String>,
+    /// A schedule every portal names (its `[schedules.*]` table goes in `extra`).
+    pub schedule: Option<String>,
 }
 
 pub fn write_private(path: &Path, text: &str) {
@@ -74,6 +76,7 @@ impl Harness {
             dir,
             sim,
             keys: BTreeMap::new(),
+            schedule: None,
         }
     }
 
@@ -103,9 +106,14 @@ impl Harness {
             .map(|s| format!("\"{s}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        let schedule = self
+            .schedule
+            .as_ref()
+            .map(|s| format!("schedule = \"{s}\"\n"))
+            .unwrap_or_default();
         self.keys
             .keys()
-            .map(|p| format!("[portals.{p}]\nurl = \"{}\"\napi_key = {{ file = \"keys/{p}\" }}\nsinks = [{list}]\n\n", self.sim.url()))
+            .map(|p| format!("[portals.{p}]\nurl = \"{}\"\napi_key = {{ file = \"keys/{p}\" }}\nsinks = [{list}]\n{schedule}\n", self.sim.url()))
             .collect()
     }
 
@@ -194,6 +202,14 @@ impl Harness {
     }
 }
 
+/// A schedule that never fires in a test (`@yearly`, no change rotation) with this settle
+/// window and watch interval: for tests of settling and drift.
+pub fn quiet_schedule(name: &str, settle_window: &str, watch_every: &str) -> String {
+    format!(
+        "[schedules.{name}]\ncron = \"@yearly\"\ncatch_up = false\nrotate_on_change = false\nsettle_window = \"{settle_window}\"\nwatch_every = \"{watch_every}\"\n"
+    )
+}
+
 /// A `[sinks.NAME]` table: an age-encrypted file sink writing `codes/{portal}SUFFIX`.
 pub fn age_sink(name: &str, suffix: &str, id: &age::x25519::Identity) -> String {
     format!(
@@ -227,6 +243,23 @@ pub async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cond()
+}
+
+/// Runs the command every 200 ms until it exits with `code`, for at most `limit` (a settle
+/// window to pass); true when it did.
+pub async fn wait_for_exit(h: &Harness, args: &[&str], code: i32, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let out = h.run(args).await;
+        if out.code == Some(code) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("last output: {}", out.all());
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// GnuPG in a throwaway home directory.

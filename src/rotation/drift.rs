@@ -1,0 +1,222 @@
+//! Drift (SPEC §4): the portal's set changed without us, and the watch that finds it.
+//!
+//! The baseline is, per portal and sink, the fingerprint of the newest set sealed for that
+//! sink, delivered or still pending (so a pending delivery is not drift). A GET showing
+//! another set while no intent is open means a person regenerated the codes, another tool
+//! did, or a PUT was applied after its settle window: the sinks hold a dead set. By the
+//! portal's `on_drift`, the current set is delivered to every sink as `resend` does, or the
+//! portal is rotated; either way the sinks converge on the set the portal accepts. Drift is
+//! always logged as a warning, counted, recorded for `status` and announced to `[alerts]`.
+
+use std::collections::HashMap;
+
+use super::{Engine, LOCK_WAIT, Report, RotationError};
+use crate::config::{OnDrift, PortalConfig};
+use crate::state;
+
+/// The sinks of `pc` whose baseline is not `fp`. A sink without a baseline (new, or never
+/// delivered) has nothing to compare and is not drift.
+pub fn drifted_sinks(
+    pc: &PortalConfig,
+    baselines: &HashMap<String, String>,
+    fp: &str,
+) -> Vec<String> {
+    pc.sinks
+        .iter()
+        .filter(|s| {
+            baselines
+                .get(s.as_str())
+                .or_else(|| baselines.get("*"))
+                .is_some_and(|b| b != fp)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Records drift found by `by` (a preflight, the watch): log, metric, state, notice.
+pub async fn record(engine: &Engine, pc: &PortalConfig, sinks: &[String], by: &str) {
+    let name = pc.name.as_str();
+    tracing::warn!(
+        portal = name,
+        sinks = %sinks.join(","),
+        found_by = by,
+        "drift: the portal's codes changed outside tfa-rotator; its sinks hold a set it no longer accepts"
+    );
+    engine.metrics.drift(name);
+    let Ok(store) = engine.store() else { return };
+    let action = match engine.config.convergence_of(pc).on_drift {
+        OnDrift::Resend => "the current codes are delivered to every sink again",
+        OnDrift::Rotate => "the portal is rotated",
+    };
+    let detail = format!("found by {by}; sinks {}; {action}", sinks.join(", "));
+    let subject = format!("[tfa-rotator] {name}: codes changed outside tfa-rotator");
+    let body = format!(
+        "The backup codes of portal {name} ({}) are no longer the set tfa-rotator last delivered to\n\
+         {}. Someone regenerated them in the web UI, another tool did, or a rotation's PUT was\n\
+         applied after tfa-rotator stopped waiting for it. Found by {by}; {action}.\n\n\
+         If nobody at your end changed the codes, find out who did: whoever can regenerate\n\
+         them holds the account's API key or session.\n\n-- \ntfa-rotator\n",
+        pc.url,
+        sinks.join(", ")
+    );
+    let p = name.to_string();
+    let r = store
+        .write(move |c| {
+            state::record_drift(c, &p, &detail)?;
+            state::add_notice(c, &p, "drift", &subject, &body, state::now_ms())
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(portal = name, error = %e, "could not record drift");
+    }
+}
+
+/// What a watch read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// The set is what the sinks hold, and enough codes are unused.
+    Steady,
+    /// Drift was found and converged (or its delivery is pending).
+    Converged,
+    /// Too few unused codes: rotated.
+    Rotated,
+    /// An intent is open; the watch leaves it to settling.
+    Settling,
+    /// The read or what followed failed.
+    Failed,
+}
+
+/// The daemon's periodic read of a portal (`watch_every`): records what it saw, converges
+/// drift by `on_drift`, and rotates when fewer than `rotate_when_unused_below` codes remain.
+/// Runs under the portal's lock, so it never takes another process's rotation in flight for
+/// drift. Returns what it did and the unused count.
+pub async fn watch(engine: &Engine, name: &str) -> (Watched, Option<usize>) {
+    match watch_inner(engine, name).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(portal = name, error = %e, "the watch read failed");
+            (Watched::Failed, None)
+        }
+    }
+}
+
+async fn watch_inner(
+    engine: &Engine,
+    name: &str,
+) -> Result<(Watched, Option<usize>), RotationError> {
+    let pc = engine.portal_config(name)?;
+    let below = engine
+        .config
+        .schedule_of(pc)
+        .and_then(|s| s.rotate_when_unused_below);
+    let on_drift = engine.config.convergence_of(pc).on_drift;
+    let Some(store) = engine.store.clone() else {
+        // A dry run: read and say what would be done.
+        let codes = engine.portal(pc)?.codes().await?;
+        let unused = codes.unused();
+        tracing::info!(portal = name, unused, "dry run: watch read");
+        return Ok((Watched::Steady, Some(unused)));
+    };
+    let lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let r = super::recover_locked(engine, name).await?;
+    if r.outcome == "settling" {
+        return Ok((Watched::Settling, None));
+    }
+    let portal = engine.portal(pc)?;
+    let codes = portal.codes().await?;
+    let (unused, total) = (codes.unused(), codes.total());
+    let fp = store.fingerprinter().of_set(&codes);
+    let p = name.to_string();
+    let (fp2, baselines) = (fp.clone(), {
+        let p = p.clone();
+        store.call(move |c| state::sink_sets(c, &p)).await?
+    });
+    store
+        .write(move |c| state::record_seen(c, &p, &fp2, unused, total))
+        .await?;
+    engine.metrics.unused(name, unused);
+    let drifted = drifted_sinks(pc, &baselines, &fp);
+    if !drifted.is_empty() {
+        record(engine, pc, &drifted, "the watch").await;
+        match on_drift {
+            OnDrift::Resend => {
+                // The set just read is delivered: no second GET, no window.
+                let account = portal.account().await?;
+                let p = name.to_string();
+                let id = store
+                    .write(move |c| state::begin_intent(c, &p, "resend", Some(&fp), 0))
+                    .await?;
+                super::fail_point("drift::before_resend");
+                let r = super::seal_and_deliver(engine, pc, id, codes, &account, false).await?;
+                return Ok((Watched::Converged, r.unused));
+            }
+            OnDrift::Rotate => {
+                drop(codes);
+                drop(lock);
+                let r = super::rotate(engine, name, true).await;
+                return Ok((outcome_of(&r), r.unused.or(Some(unused))));
+            }
+        }
+    }
+    drop(codes);
+    match below {
+        Some(below) if unused < below => {
+            tracing::info!(
+                portal = name,
+                unused,
+                below,
+                "too few unused codes: rotating"
+            );
+            drop(lock);
+            let r = super::rotate(engine, name, false).await;
+            Ok((outcome_of(&r), r.unused.or(Some(unused))))
+        }
+        _ => Ok((Watched::Steady, Some(unused))),
+    }
+}
+
+fn outcome_of(r: &Report) -> Watched {
+    match r.outcome {
+        "rotated" | "recovered" => Watched::Rotated,
+        "settling" => Watched::Settling,
+        "failed" => Watched::Failed,
+        _ => Watched::Steady,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn portal(sinks: &[&str]) -> PortalConfig {
+        PortalConfig {
+            name: "acme".into(),
+            url: url::Url::parse("https://acme.example/").unwrap(),
+            api_key: crate::config::Located {
+                value: crate::config::secret::SecretRef::Env("K".into()),
+                loc: crate::config::Loc { line: 1, column: 1 },
+            },
+            schedule: None,
+            sinks: sinks.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn drift_is_a_sink_whose_baseline_differs() {
+        let pc = portal(&["a", "b", "c"]);
+        let mut base = HashMap::new();
+        assert!(
+            drifted_sinks(&pc, &base, "x").is_empty(),
+            "nothing known, no drift"
+        );
+        base.insert("*".to_string(), "old".to_string());
+        assert_eq!(drifted_sinks(&pc, &base, "old"), Vec::<String>::new());
+        assert_eq!(drifted_sinks(&pc, &base, "new"), vec!["a", "b", "c"]);
+        base.insert("a".to_string(), "new".to_string());
+        assert_eq!(
+            drifted_sinks(&pc, &base, "new"),
+            vec!["b", "c"],
+            "a sink's own row wins over the upgrade's '*'"
+        );
+    }
+}
