@@ -140,7 +140,7 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
             match key {
                 Ok(k) => {
                     out["key"] = json!({"name": k.name, "permissions": k.permissions, "expires_at": k.expires_at, "active": k.is_active});
-                    if !k.permissions.iter().any(|p| p == "*" || p == "*:write") {
+                    if !k.can_write() {
                         notes.push(format!(
                             "the key's scopes ({}) may not allow rotating (needs *:write)",
                             k.permissions.join(", ")

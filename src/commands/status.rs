@@ -21,10 +21,17 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             return Exit::Failed;
         }
     };
-    let (rows, pending): (Vec<PortalRow>, Vec<PendingRow>) = match &store {
-        None => (Vec::new(), Vec::new()),
+    type Loaded = (Vec<PortalRow>, Vec<PendingRow>, Vec<state::OpenJournal>);
+    let (rows, pending, open): Loaded = match &store {
+        None => (Vec::new(), Vec::new(), Vec::new()),
         Some(s) => match s
-            .call(|c| Ok((state::portal_rows(c)?, state::pending_rows(c)?)))
+            .call(|c| {
+                Ok((
+                    state::portal_rows(c)?,
+                    state::pending_rows(c)?,
+                    state::open_journal(c, None)?,
+                ))
+            })
             .await
         {
             Ok(r) => r,
@@ -58,6 +65,16 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             (n, r) => n.or(r),
         };
         let mine: Vec<&PendingRow> = pending.iter().filter(|p| &p.portal == name).collect();
+        let settling = open
+            .iter()
+            .find(|j| &j.portal == name && j.phase == state::Phase::Intent)
+            .map(|j| {
+                json!({
+                    "since": j.started_at,
+                    "checks": j.checks,
+                    "next_check_at": j.next_check_at,
+                })
+            });
         out.push(json!({
             "portal": name,
             "configured": pc.is_some(),
@@ -71,6 +88,9 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             "total": row.total,
             "codes_seen_at": row.seen_at,
             "pending_deliveries": mine,
+            "settling": settling,
+            "drifts": row.drifts,
+            "drift_at": row.drift_at,
         }));
     }
     if json {
@@ -114,6 +134,25 @@ pub async fn run(path: &Path, json: bool) -> Exit {
                 ),
                 _ => println!("  codes: not read yet"),
             }
+            if let Some(at) = p["drift_at"].as_i64() {
+                println!(
+                    "  drift: the portal's codes changed outside tfa-rotator {} time(s), last at {}",
+                    p["drifts"],
+                    fmt_ms(Some(at))
+                );
+            }
+            if p["settling"].is_object() {
+                println!(
+                    "  SETTLING: a rotation's outcome is unknown since {}; asked {} time(s), next at {} (`tfa-rotator settle {}`)",
+                    fmt_ms(p["settling"]["since"].as_i64()),
+                    p["settling"]["checks"],
+                    p["settling"]["next_check_at"]
+                        .as_i64()
+                        .map(|t| fmt_ms(Some(t)))
+                        .unwrap_or_else(|| "once asked".into()),
+                    p["portal"].as_str().unwrap_or_default()
+                );
+            }
             for d in p["pending_deliveries"].as_array().into_iter().flatten() {
                 println!(
                     "  PENDING delivery to {} since {}, {} attempt(s){}{}",
@@ -133,7 +172,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             }
         }
     }
-    if pending.is_empty() {
+    if pending.is_empty() && !open.iter().any(|j| j.phase == state::Phase::Intent) {
         Exit::Ok
     } else {
         Exit::Failed

@@ -143,6 +143,14 @@ pub struct ApiKeyInfo {
     pub is_active: bool,
 }
 
+impl ApiKeyInfo {
+    /// Whether the key may rotate codes (`PUT settings/…` needs the global write scope).
+    /// A key that lists no scopes at all is taken at its word by the PUT itself.
+    pub fn can_write(&self) -> bool {
+        self.permissions.is_empty() || self.permissions.iter().any(|p| p == "*" || p == "*:write")
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -376,9 +376,36 @@ async fn preflight(
     force: bool,
 ) -> Result<Preflight, RotationError> {
     let portal = engine.portal(pc)?;
-    let (codes, account) = tokio::join!(portal.codes(), portal.account());
+    // A rotation also reads the key itself, to refuse one without write permission before
+    // its intent (a refused PUT costs nothing, but a clear reason beats a 403).
+    let will_put = !keep_codes && !engine.dry_run;
+    let key = async {
+        if will_put {
+            Some(portal.key_info().await)
+        } else {
+            None
+        }
+    };
+    let (codes, account, key) = tokio::join!(portal.codes(), portal.account(), key);
     let codes = codes?;
     let account = account?;
+    match key {
+        Some(Ok(k)) if !k.can_write() => {
+            return Err(RotationError::Other {
+                portal: pc.name.clone(),
+                message: format!(
+                    "the API key cannot rotate: its scopes are [{}], and rotating needs `*` or `*:write`",
+                    k.permissions.join(", ")
+                ),
+            });
+        }
+        // Where the portal has no `keys/@self` (older versions, or auth other than a key),
+        // the PUT's own answer tells.
+        Some(Err(e)) if !matches!(e.kind, crate::docspace::ApiErrorKind::NotFound) => {
+            return Err(e.into());
+        }
+        _ => {}
+    }
     let before_fp = engine
         .store
         .as_ref()

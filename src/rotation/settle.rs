@@ -96,8 +96,18 @@ pub async fn once(
                 );
                 tracing::info!(portal = %name, journal = intent.id, "{note}");
                 let id = intent.id;
+                let (p, before) = (name.clone(), intent.before_fp.clone());
                 store
-                    .write(move |c| state::close_journal(c, id, "aborted", Some(&note)))
+                    .write(move |c| {
+                        state::close_journal(c, id, "aborted", Some(&note))?;
+                        // Sinks that never received a set are taken to hold the one seen
+                        // before the PUT: should the PUT still be applied, the new set is
+                        // then drift, found and delivered, rather than a set nobody has.
+                        match before {
+                            Some(fp) => state::assume_sinks_hold(c, &p, &fp),
+                            None => Ok(()),
+                        }
+                    })
                     .await?;
                 return Ok(Settle::NotApplied);
             }

@@ -211,6 +211,10 @@ pub struct LoggedRequest {
     pub status: u16,
     /// Whether a change of codes was applied.
     pub applied: bool,
+    /// The late apply of a request logged earlier (its client had been answered or had
+    /// given up): not a request of its own.
+    #[serde(default)]
+    pub late: bool,
 }
 
 struct Account {
@@ -382,12 +386,12 @@ impl Simulator {
         self.lock().log.clone()
     }
 
-    /// How many requests with this method were served.
+    /// How many requests with this method were received (a late apply is not one).
     pub fn count(&self, method: &str) -> usize {
         self.lock()
             .log
             .iter()
-            .filter(|r| r.method == method)
+            .filter(|r| r.method == method && !r.late)
             .count()
     }
 
@@ -563,7 +567,13 @@ fn apply_later(
             let mut s = lock(&inner);
             route(&mut s, &method, &path, &headers, &body)
         };
-        record(&inner, &method, &path, 0, applied);
+        lock(&inner).log.push(LoggedRequest {
+            method: method.to_string(),
+            path: path.clone(),
+            status: 0,
+            applied,
+            late: true,
+        });
         resp
     })
 }
@@ -710,6 +720,7 @@ fn record(inner: &Mutex<Inner>, method: &Method, path: &str, status: u16, applie
         path: path.to_string(),
         status,
         applied,
+        late: false,
     });
 }
 

@@ -191,3 +191,15 @@ pub fn drop_pending(c: &Connection, portal: &str, keep: &[String]) -> Result<usi
     }
     Ok(n)
 }
+
+/// Records `set_fp` as the set every sink of `portal` holds, where the state knows of none
+/// (`'*'` row, kept if one exists).
+pub fn assume_sinks_hold(c: &Connection, portal: &str, set_fp: &str) -> Result<(), StateError> {
+    exec(
+        c,
+        "INSERT OR IGNORE INTO sink_sets (portal, sink, set_fp, sealed_at) VALUES (?1, '*', ?2, ?3)",
+        params![portal, set_fp, now_ms()],
+    )
+    .map_err(sql("recording the set the sinks hold"))?;
+    Ok(())
+}

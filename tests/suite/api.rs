@@ -311,3 +311,81 @@ async fn login_with_a_backup_code_spends_it_once() {
     assert_eq!(second.status(), 401);
     assert!(sim.codes(&key)[2].1, "marked used");
 }
+
+/// Only the portal's own 4xx proves a PUT was refused; a gateway's page, a 5xx or a lost
+/// answer leaves its outcome unknown.
+#[tokio::test]
+async fn only_the_portals_own_4xx_is_a_refusal() {
+    let cases: Vec<(FaultAction, bool)> = vec![
+        (FaultAction::Status(403), true),
+        (FaultAction::Status(404), true),
+        (FaultAction::Status(405), true),
+        (FaultAction::RateLimited(5), true),
+        (FaultAction::Status(500), false),
+        (FaultAction::Status(502), false),
+        (FaultAction::Status(504), false),
+        (FaultAction::ResetAfterApply, false),
+        (FaultAction::MalformedAfterApply, false),
+        (FaultAction::EmptyAnswerAfterApply, false),
+    ];
+    for (fault, refused) in cases {
+        let (sim, key) = sim_with(SimConfig::default()).await;
+        sim.inject(Fault::on_put(fault.clone()));
+        let e = portal(&sim, &key, Duration::from_secs(5))
+            .new_codes()
+            .await
+            .map(drop)
+            .expect_err("the PUT fails");
+        assert_eq!(e.is_refusal(), refused, "{fault:?}: {e}");
+    }
+    // An unknown key and an unpaid portal answer with empty 401 and 402 bodies.
+    let (sim, _) = sim_with(SimConfig::default()).await;
+    let e = portal(
+        &sim,
+        &format!("sk-{}", "0".repeat(64)),
+        Duration::from_secs(5),
+    )
+    .new_codes()
+    .await
+    .map(drop)
+    .unwrap_err();
+    assert!(e.is_refusal() && e.status == Some(401), "{e}");
+}
+
+/// A set the portal should never send is refused as unusable, quoting no code.
+#[tokio::test]
+async fn unusable_code_sets_are_refused() {
+    for (count, len) in [(0, 6), (101, 6), (5, 65)] {
+        let (sim, key) = sim_with(SimConfig {
+            codes: count,
+            code_length: len,
+            ..SimConfig::default()
+        })
+        .await;
+        let e = portal(&sim, &key, Duration::from_secs(5))
+            .codes()
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert!(
+            matches!(e.kind, ApiErrorKind::Malformed { .. }),
+            "{count}x{len}: {e}"
+        );
+        assert!(e.to_string().contains("unusable codes"), "{e}");
+    }
+}
+
+/// Text from the portal cannot forge a log line: control characters are escaped.
+#[tokio::test]
+async fn portal_text_is_escaped() {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let mut u = UserSpec::new("api@example.com");
+    u.name = "Eve\nINFO forged line\u{1b}[31m".into();
+    let key = sim.add_user(u);
+    let a = portal(&sim, &key, Duration::from_secs(5))
+        .account()
+        .await
+        .unwrap();
+    assert!(!a.display_name.contains('\n') && !a.display_name.contains('\u{1b}'));
+    assert_eq!(a.display_name, "Eve\\u{a}INFO forged line\\u{1b}[31m");
+}

@@ -10,7 +10,14 @@ use tfa_rotator::simulator::{Fault, FaultAction};
 use crate::support::smtp::{self, Proxy, Smtpd};
 use crate::support::*;
 
-fn mail_config(h: &Harness, port: u16, security: &str, ca: &Path, to: &[&str], keys: &[&Path]) {
+pub(crate) fn mail_config(
+    h: &Harness,
+    port: u16,
+    security: &str,
+    ca: &Path,
+    to: &[&str],
+    keys: &[&Path],
+) {
     write_private(&h.path("smtp.pass"), &format!("{}\n", smtp::PASSWORD));
     let list = |v: Vec<String>| {
         v.iter()
@@ -35,7 +42,7 @@ async fn harness() -> Harness {
 }
 
 /// Outer headers, and the MIME parts (headers, body) of a multipart message.
-fn split_mime(data: &[u8]) -> (String, Vec<(String, String)>) {
+pub(crate) fn split_mime(data: &[u8]) -> (String, Vec<(String, String)>) {
     let text = String::from_utf8_lossy(data).replace("\r\n", "\n");
     let (headers, body) = text.split_once("\n\n").unwrap();
     let unfolded = headers.replace("\n ", " ").replace("\n\t", " ");
@@ -62,7 +69,7 @@ fn split_mime(data: &[u8]) -> (String, Vec<(String, String)>) {
 }
 
 /// The codes in a decrypted mail body: the indented lines.
-fn mail_codes(plain: &str) -> Vec<String> {
+pub(crate) fn mail_codes(plain: &str) -> Vec<String> {
     let mut v: Vec<String> = plain
         .lines()
         .filter_map(|l| l.strip_prefix("    "))

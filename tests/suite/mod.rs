@@ -1,6 +1,7 @@
 mod api;
 mod cli;
 mod config;
+mod convergence;
 #[cfg(feature = "failpoints")]
 mod crash;
 mod daemon;

@@ -354,3 +354,23 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
     let text = h.run(&["status"]).await.stdout;
     assert!(text.contains("codes: 5/5 unused"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_key_is_refused_before_any_put() {
+    let mut h = Harness::new().await;
+    let mut u = tfa_rotator::simulator::UserSpec::new("acme@example.com");
+    u.scopes = vec!["*:read".into()];
+    let key = h.sim.add_user(u);
+    std::fs::create_dir_all(h.path("keys")).unwrap();
+    write_private(&h.path("keys/acme"), &format!("{key}\n"));
+    h.keys.insert("acme".into(), key);
+    h.write_config("", &["plain"]);
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.all().contains("cannot rotate"), "{}", out.all());
+    assert!(out.all().contains("*:write"), "{}", out.all());
+    assert_eq!(h.sim.count("PUT"), 0, "refused before any PUT");
+    // A dry run needs only the read scope.
+    let out = h.run(&["rotate", "acme", "--dry-run"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+}

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -260,6 +260,70 @@ pub async fn wait_for_exit(h: &Harness, args: &[&str], code: i32, limit: Duratio
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A running `tfa-rotator run`, its stderr collected.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        let mut child = h.spawn(&full, env);
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub async fn wait_log(&self, needle: &str) -> bool {
+        wait_for(Duration::from_secs(20), || self.log().contains(needle)).await
+    }
+
+    /// SIGTERM; returns the exit code and how long the stop took.
+    pub async fn term(mut self) -> (Option<i32>, Duration, String) {
+        let pid = self.child.id().unwrap().to_string();
+        let started = std::time::Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("stopped in time")
+            .unwrap();
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (status.code(), took, self.log())
+    }
+}
+
+/// Replaces the config the way editors do: a new file renamed over the old one.
+pub fn edit_config(h: &Harness, f: impl FnOnce(String) -> String) {
+    let path = h.config();
+    let text = f(std::fs::read_to_string(&path).unwrap());
+    let tmp = h.path("config.toml.new");
+    write_private(&tmp, &text);
+    std::fs::rename(&tmp, &path).unwrap();
 }
 
 /// GnuPG in a throwaway home directory.
