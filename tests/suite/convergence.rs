@@ -58,6 +58,9 @@ async fn world(p: Policy<'_>) -> World {
         keys.ed.display(),
         age_sink("vault", ".age", &age),
     );
+    let extra = format!(
+        "{extra}\n[alerts]\nsinks = [\"mail\"]\nafter_failures = 3\npending_longer_than = \"1h\"\n"
+    );
     let path = h.write_config(&extra, &["plain", "vault", "mail"]);
     if p.http_timeout != "3s" {
         let text = std::fs::read_to_string(&path).unwrap().replace(
@@ -80,19 +83,27 @@ impl World {
             codes_in(&crate::suite::file_sink::age_decrypt(&sealed, &self.age))
         };
         let mail = self
-            .smtpd
-            .messages()
-            .last()
-            .map(|m| {
-                let (_, parts) = split_mime(&m.data);
-                let plain = gpg_keys()
-                    .gpg
-                    .decrypt(parts[1].1.trim().as_bytes())
-                    .expect("gpg decrypts the mail");
-                mail_codes(&plain)
-            })
+            .mails()
+            .into_iter()
+            .rfind(|m| m.contains("two-factor backup codes for acme"))
+            .map(|m| mail_codes(&m))
             .unwrap_or_default();
         [plain, vault, mail]
+    }
+
+    /// Every mail received, decrypted by GnuPG (code mails and alerts alike).
+    fn mails(&self) -> Vec<String> {
+        self.smtpd
+            .messages()
+            .iter()
+            .map(|m| {
+                let (_, parts) = split_mime(&m.data);
+                gpg_keys()
+                    .gpg
+                    .decrypt(parts[1].1.trim().as_bytes())
+                    .expect("gpg decrypts the mail")
+            })
+            .collect()
     }
 
     /// True once every sink holds the set the portal accepts now.
@@ -463,4 +474,35 @@ async fn settle_abandon_closes_an_open_intent_by_hand() {
     assert!(out.stdout.contains("nothing pending"), "{}", out.all());
     assert_eq!(w.h.run(&["rotate", "acme", "--force"]).await.code, Some(0));
     w.assert_converged(&ours, "after abandon");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_intent_open_for_twice_its_window_is_alerted_once() {
+    let w = world(Policy {
+        settle_window: "1s",
+        ..QUIET
+    })
+    .await;
+    // A gateway error, and then the portal cannot be read: the outcome stays unknown.
+    w.h.sim.inject(Fault::on_put(FaultAction::Status(504)));
+    assert_eq!(w.h.run(&["rotate", "acme"]).await.code, Some(1));
+    w.h.sim
+        .inject(Fault::on_get_codes(FaultAction::Status(503)).times(1000));
+    let alerted = |w: &World| {
+        w.mails()
+            .iter()
+            .filter(|m| m.contains("outcome is still unknown"))
+            .count()
+    };
+    let out = w.h.run(&["deliver"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert_eq!(alerted(&w), 0, "not before twice the window");
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    for _ in 0..2 {
+        let out = w.h.run(&["deliver"]).await;
+        assert_eq!(out.code, Some(1), "still open: {}", out.all());
+    }
+    assert_eq!(alerted(&w), 1, "announced once");
+    let status = w.h.run(&["status"]).await;
+    assert!(status.stdout.contains("SETTLING"), "{}", status.stdout);
 }
