@@ -157,7 +157,7 @@ pub struct SmtpConfig {
 }
 
 /// `[schedules.NAME]`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ScheduleConfig {
     /// The cron expression in its time zone.
     pub cron: CronSchedule,

@@ -173,7 +173,7 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
             }
         }
         for r in rotation::recover_all(&engine).await {
-            tracing::info!(portal = %r.portal, outcome = r.outcome, "{}", r.message);
+            tracing::info!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
         }
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -576,7 +576,7 @@ impl Supervisor {
                     // and fire times a rotation would); "still open" and "not applied"
                     // leave the portal's plans as they were.
                     match rotation::recover(&engine, &name).await {
-                        Ok(r) => (r.outcome == "recovered", r.unused),
+                        Ok(r) => (r.outcome.issued_a_set(), r.unused),
                         Err(e) => {
                             tracing::warn!(portal = %name, error = %e, "settling failed");
                             (false, None)
@@ -585,10 +585,9 @@ impl Supervisor {
                 }
                 _ => {
                     let r = rotation::rotate(&engine, &name, false).await;
-                    (
-                        !r.is_failure() || r.pending > 0 && r.outcome == "rotated",
-                        r.unused,
-                    )
+                    // Only a set issued counts as done: a skip (stopping, min_interval) or a
+                    // failure leaves the portal due.
+                    (r.outcome.issued_a_set(), r.unused)
                 }
             };
             rotation::alerts::check(&engine).await;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use super::{Engine, LOCK_WAIT, Report, RotationError};
+use super::{Engine, LOCK_WAIT, Outcome, Report, RotationError};
 use crate::config::{OnDrift, PortalConfig};
 use crate::state;
 
@@ -119,7 +119,7 @@ async fn watch_inner(
     };
     let lock = store.lock_portal(name, LOCK_WAIT).await?;
     let r = super::recover_locked(engine, name).await?;
-    if r.outcome == "settling" {
+    if r.outcome == Outcome::Settling {
         return Ok((Watched::Settling, None));
     }
     let portal = engine.portal(pc)?;
@@ -177,9 +177,9 @@ async fn watch_inner(
 
 fn outcome_of(r: &Report) -> Watched {
     match r.outcome {
-        "rotated" | "recovered" => Watched::Rotated,
-        "settling" => Watched::Settling,
-        "failed" => Watched::Failed,
+        Outcome::Rotated | Outcome::Recovered => Watched::Rotated,
+        Outcome::Settling => Watched::Settling,
+        Outcome::Failed => Watched::Failed,
         _ => Watched::Steady,
     }
 }

@@ -247,14 +247,79 @@ impl Engine {
     }
 }
 
+/// Why a rotation was not attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The process is stopping: nothing was sent, and the portal stays due.
+    Stopping,
+    /// `min_interval` has not passed since the last success.
+    MinInterval,
+    /// No longer due when its turn came (another process rotated it meanwhile).
+    NotDue,
+}
+
+/// What happened to one portal: typed, so that only what really happened is recorded as
+/// done (a skip is never a success).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new set was issued and sealed (its deliveries may still be pending).
+    Rotated,
+    /// An earlier process's rotation was finished (settled, or its payloads delivered).
+    Recovered,
+    /// The current set was delivered again.
+    Resent,
+    /// Pending payloads were delivered, or nothing was pending.
+    Delivered,
+    /// A dry run passed every read-only step.
+    WouldRotate,
+    /// A PUT's outcome is unknown; its intent stays open.
+    Settling,
+    /// Nothing was attempted.
+    Skipped(Skip),
+    /// An open intent was closed by hand.
+    Abandoned,
+    /// Pending work was dropped on purpose.
+    Forgotten,
+    /// Something failed (see the error kind).
+    Failed,
+}
+
+impl Outcome {
+    /// The name in reports, `--json` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Rotated => "rotated",
+            Outcome::Recovered => "recovered",
+            Outcome::Resent => "resent",
+            Outcome::Delivered => "delivered",
+            Outcome::WouldRotate => "would_rotate",
+            Outcome::Settling => "settling",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::Abandoned => "abandoned",
+            Outcome::Forgotten => "forgotten",
+            Outcome::Failed => "failed",
+        }
+    }
+
+    /// A new set reached the spool in this run (a rotation the schedule may count as done).
+    pub fn issued_a_set(self) -> bool {
+        matches!(self, Outcome::Rotated | Outcome::Recovered)
+    }
+}
+
+impl Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// What happened to one portal.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// The portal.
     pub portal: String,
-    /// `rotated`, `recovered`, `skipped`, `would_rotate`, `resent`, `delivered`, `settling`,
-    /// `failed`.
-    pub outcome: &'static str,
+    /// What happened.
+    pub outcome: Outcome,
     /// A sentence for people (no secrets).
     pub message: String,
     /// Unused codes in the set now (or seen in the preflight).
@@ -270,7 +335,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(portal: &str, outcome: &'static str, message: impl Into<String>) -> Self {
+    fn new(portal: &str, outcome: Outcome, message: impl Into<String>) -> Self {
         Self {
             portal: portal.to_string(),
             outcome,
@@ -286,8 +351,8 @@ impl Report {
     /// A report of a failure (or of a rotation being settled).
     pub fn failed(portal: &str, e: &RotationError) -> Self {
         let outcome = match e {
-            RotationError::Settling { .. } => "settling",
-            _ => "failed",
+            RotationError::Settling { .. } => Outcome::Settling,
+            _ => Outcome::Failed,
         };
         let mut r = Self::new(portal, outcome, e.to_string());
         r.error_kind = Some(
@@ -308,14 +373,18 @@ impl Report {
     /// A rotation task that ended without a report (it panicked): a failure to look into.
     /// Its portal is settled by the next command's recovery like after a crash.
     pub fn lost(portal: &str, why: &str) -> Self {
-        let mut r = Self::new(portal, "failed", format!("a rotation task was lost: {why}"));
+        let mut r = Self::new(
+            portal,
+            Outcome::Failed,
+            format!("a rotation task was lost: {why}"),
+        );
         r.error_kind = Some("internal".into());
         r
     }
 
     /// True when the command should exit 1 for this portal.
     pub fn is_failure(&self) -> bool {
-        matches!(self.outcome, "failed" | "settling") || self.pending > 0
+        matches!(self.outcome, Outcome::Failed | Outcome::Settling) || self.pending > 0
     }
 }
 
@@ -549,7 +618,7 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
             Report::failed(name, &e)
         }
     };
-    engine.metrics.rotation(name, report.outcome);
+    engine.metrics.rotation(name, report.outcome.as_str());
     if let Some(u) = report.unused {
         engine.metrics.unused(name, u);
     }
@@ -562,7 +631,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         let pf = preflight(engine, pc, false, &Known::default(), force).await?;
         let mut r = Report::new(
             name,
-            "would_rotate",
+            Outcome::WouldRotate,
             format!(
                 "preflight passed: {} of {} codes unused; would rotate and deliver to {}",
                 pf.unused,
@@ -587,7 +656,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         .await?;
     if leftovers {
         let r = recover_locked(engine, name).await?;
-        if r.outcome == "settling" {
+        if r.outcome == Outcome::Settling {
             // An intent is open: the portal is not rotated again until it is settled.
             return Err(RotationError::Settling {
                 portal: name.to_string(),
@@ -614,7 +683,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
                 wait_s = wait.as_secs(),
                 "skipped by min_interval"
             );
-            return Ok(Report::new(name, "skipped", msg));
+            return Ok(Report::new(name, Outcome::Skipped(Skip::MinInterval), msg));
         }
     }
 
@@ -624,7 +693,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         // Not a failure: nothing was attempted, and the next start plans it again.
         return Ok(Report::new(
             name,
-            "skipped",
+            Outcome::Skipped(Skip::Stopping),
             "not started: the process is stopping",
         ));
     }
@@ -682,7 +751,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
             );
             let mut report =
                 seal_and_deliver(engine, pc, journal_id, set, &pf.account, true).await?;
-            report.outcome = "rotated";
+            report.outcome = Outcome::Rotated;
             Ok(report)
         }
         settle::Settle::NotApplied => Err(match put {
@@ -848,29 +917,37 @@ async fn seal_and_deliver(
         (false, n) => format!("resent: {n} delivery(ies) pending"),
     };
     tracing::info!(portal = name, delivered, pending, "{msg}");
-    let mut r = Report::new(name, if rotated { "rotated" } else { "resent" }, msg);
+    let mut r = Report::new(
+        name,
+        if rotated {
+            Outcome::Rotated
+        } else {
+            Outcome::Resent
+        },
+        msg,
+    );
     (r.unused, r.total, r.delivered, r.pending) = (Some(unused), Some(total), delivered, pending);
     Ok(r)
 }
 
 /// What one delivery attempt did, to be recorded against its spool entry.
-enum Outcome {
+enum Attempt {
     Delivered,
     /// The error, when to try again, and whether the server refused for good.
     Failed(String, i64, bool),
 }
 
-impl Outcome {
+impl Attempt {
     fn is_ok(&self) -> bool {
-        matches!(self, Outcome::Delivered)
+        matches!(self, Attempt::Delivered)
     }
 
     /// Records it in the state: a delivered payload (and older ones of its sink) leave the
     /// spool; a failed one waits for its next attempt.
     fn record(&self, c: &rusqlite::Connection, id: i64) -> Result<(), StateError> {
         match self {
-            Outcome::Delivered => state::delivered(c, id),
-            Outcome::Failed(msg, next, permanent) => {
+            Attempt::Delivered => state::delivered(c, id),
+            Attempt::Failed(msg, next, permanent) => {
                 state::delivery_failed(c, id, msg, *next, *permanent)
             }
         }
@@ -884,19 +961,19 @@ async fn attempt_delivery(
     sink: &crate::sinks::Sink,
     payload: &[u8],
     attempts: i64,
-) -> Outcome {
+) -> Attempt {
     let result = sink.deliver(portal, payload).await;
     engine.metrics.delivery(portal, sink.name(), result.is_ok());
     match result {
         Ok(()) => {
             tracing::info!(portal, sink = %sink.name(), "delivered");
-            Outcome::Delivered
+            Attempt::Delivered
         }
         Err(de) => {
             let permanent = !de.temporary;
             tracing::warn!(portal, sink = %sink.name(), error = %de, permanent, "delivery failed; the payload stays in the spool");
             let next = now_ms() + backoff(attempts).as_millis() as i64;
-            Outcome::Failed(de.message, next, permanent)
+            Attempt::Failed(de.message, next, permanent)
         }
     }
 }
@@ -950,7 +1027,7 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
     let open = store
         .call(move |c| state::open_journal(c, Some(&p)))
         .await?;
-    let mut report = Report::new(name, "delivered", "nothing was pending");
+    let mut report = Report::new(name, Outcome::Delivered, "nothing was pending");
     let mut sealed = Vec::new();
     let mut still_open = None;
     for j in open {
@@ -981,7 +1058,7 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
                         fail_point("settle::after_get");
                         let account = portal.account().await?;
                         report = seal_and_deliver(engine, pc, j.id, set, &account, true).await?;
-                        report.outcome = "recovered";
+                        report.outcome = Outcome::Recovered;
                     }
                     settle::Settle::NotApplied => {}
                     settle::Settle::Open { why, .. } => still_open = Some(why),
@@ -1009,7 +1086,7 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
                 state::record_rotated(c, &p, result)
             })
             .await?;
-        report.outcome = "recovered";
+        report.outcome = Outcome::Recovered;
     }
     report.delivered += delivered;
     report.pending = pending;
@@ -1020,7 +1097,7 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
         );
     }
     if let Some(why) = still_open {
-        report.outcome = "settling";
+        report.outcome = Outcome::Settling;
         report.message = format!(
             "the outcome of a rotation is being settled: {why}; `deliver` or the daemon asks again"
         );
@@ -1048,7 +1125,7 @@ async fn resend_locked(engine: &Engine, name: &str) -> Result<Report, RotationEr
     let pc = engine.portal_config(name)?;
     let store = engine.store()?.clone();
     let r = recover_locked(engine, name).await?;
-    if r.outcome == "settling" {
+    if r.outcome == Outcome::Settling {
         return Err(RotationError::Settling {
             portal: name.to_string(),
             why: r.message,
@@ -1158,7 +1235,7 @@ pub async fn abandon(engine: &Engine, name: &str, why: &str) -> Result<Report, R
         tracing::warn!(portal = name, "an open intent was abandoned by hand");
         "the open intent was abandoned by hand (recorded); if the portal applied that PUT after all, the next read finds it as drift".to_string()
     };
-    Ok(Report::new(name, "abandoned", msg))
+    Ok(Report::new(name, Outcome::Abandoned, msg))
 }
 
 /// `forget`: drops what the state holds for a portal (or its sinks) that the config no
@@ -1204,7 +1281,7 @@ pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError
     );
     Ok(Report::new(
         name,
-        "forgotten",
+        Outcome::Forgotten,
         format!("dropped {intents} open intent(s) and {payloads} pending payload(s)"),
     ))
 }

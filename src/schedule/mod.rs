@@ -8,6 +8,8 @@
 //! once, at its first occurrence. Jitter is derived from the portal's name, so it is stable
 //! across restarts and differs between portals.
 
+pub mod plan;
+
 use std::str::FromStr;
 use std::time::Duration;
 
