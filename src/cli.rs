@@ -48,6 +48,10 @@ pub enum Command {
         /// Only log what would be done.
         #[arg(long)]
         dry_run: bool,
+        /// Do what the daemon would do now (fires due since the last run, changed or new
+        /// portals, watch reads), then exit: for systemd timers and cron.
+        #[arg(long)]
+        once: bool,
     },
     /// Validate the config, resolve secrets, preflight every portal and sink; print the plan.
     Check {

@@ -45,7 +45,7 @@ pub async fn shutdown_signal() {
 }
 
 /// `run`: the daemon.
-pub async fn daemon_entry(path: &std::path::Path, dry_run: bool) -> commands::Exit {
+pub async fn daemon_entry(path: &std::path::Path, dry_run: bool, once: bool) -> commands::Exit {
     let token = tokio_util::sync::CancellationToken::new();
     let stop = token.clone();
     tokio::spawn(async move {
@@ -53,5 +53,5 @@ pub async fn daemon_entry(path: &std::path::Path, dry_run: bool) -> commands::Ex
         tracing::info!("SIGTERM or SIGINT received");
         stop.cancel();
     });
-    daemon::run(path, dry_run, token).await
+    daemon::run(path, dry_run, once, token).await
 }

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub pending: Gauge,
     last_success: Family<PortalLabel, Gauge>,
     next_rotation: Family<PortalLabel, Gauge>,
+    next_check: Family<PortalLabel, Gauge>,
     unused: Family<PortalLabel, Gauge>,
     reload_ok: Gauge,
     reload_time: Gauge,
@@ -64,8 +65,9 @@ pub struct Metrics {
     put_answers: Family<PutAnswerLabels, Counter>,
     /// Set while the scheduler loop lives (for `/healthz`).
     pub alive: AtomicBool,
-    /// Unix seconds of the scheduler's last turn.
-    pub last_tick: AtomicU64,
+    /// Unix milliseconds by which the scheduler's loop planned to wake (`u64::MAX`: not
+    /// before an event), for `/healthz`.
+    pub wake_by: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -78,13 +80,14 @@ impl Default for Metrics {
             pending: Gauge::default(),
             last_success: Family::default(),
             next_rotation: Family::default(),
+            next_check: Family::default(),
             unused: Family::default(),
             reload_ok: Gauge::default(),
             reload_time: Gauge::default(),
             drift: Family::default(),
             put_answers: Family::default(),
             alive: AtomicBool::new(false),
-            last_tick: AtomicU64::new(0),
+            wake_by: AtomicU64::new(u64::MAX),
         };
         r.register(
             "tfa_rotator_rotations",
@@ -110,6 +113,11 @@ impl Default for Metrics {
             "tfa_rotator_next_rotation_timestamp_seconds",
             "Next scheduled rotation per portal",
             m.next_rotation.clone(),
+        );
+        r.register(
+            "tfa_rotator_next_check_timestamp_seconds",
+            "Next read of a portal (watch, or settling a PUT of unknown outcome)",
+            m.next_check.clone(),
         );
         r.register(
             "tfa_rotator_unused_codes",
@@ -209,6 +217,57 @@ impl Metrics {
             .inc();
     }
 
+    /// The next planned read of a portal.
+    pub fn next_check(&self, portal: &str, unix_s: Option<i64>) {
+        self.next_check
+            .get_or_create(&PortalLabel {
+                portal: portal.into(),
+            })
+            .set(unix_s.unwrap_or(0));
+    }
+
+    /// Per-portal series from the state at start, so they are right from the first scrape
+    /// (an alert on "no success for 8 days" is not blind after a restart).
+    pub fn restore(
+        &self,
+        portal: &str,
+        last_success_ms: Option<i64>,
+        unused: Option<i64>,
+        drifts: i64,
+    ) {
+        let label = PortalLabel {
+            portal: portal.into(),
+        };
+        if let Some(ms) = last_success_ms {
+            self.last_success.get_or_create(&label).set(ms / 1000);
+        }
+        if let Some(u) = unused {
+            self.unused.get_or_create(&label).set(u);
+        }
+        if drifts > 0 {
+            let c = self.drift.get_or_create(&label);
+            if c.get() == 0 {
+                c.inc_by(u64::try_from(drifts).unwrap_or(0));
+            }
+        }
+    }
+
+    /// The loop planned to wake by then (`None`: not before an event).
+    pub fn planned_wake(&self, at: Option<chrono::DateTime<chrono::Utc>>) {
+        let ms = at.map_or(u64::MAX, |t| {
+            u64::try_from(t.timestamp_millis()).unwrap_or(0)
+        });
+        self.wake_by.store(ms, Ordering::Relaxed);
+    }
+
+    /// Alive and not more than `grace` past the wake-up it planned.
+    pub fn healthy(&self, grace: std::time::Duration) -> bool {
+        let by = self.wake_by.load(Ordering::Relaxed);
+        let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        self.alive.load(Ordering::Relaxed)
+            && (by == u64::MAX || now <= by.saturating_add(grace.as_millis() as u64))
+    }
+
     /// A reload was attempted.
     pub fn reload(&self, ok: bool) {
         self.reload_ok.set(i64::from(ok));
@@ -224,6 +283,9 @@ impl Metrics {
         out
     }
 }
+
+/// How far past its planned wake-up the scheduler may be before `/healthz` says 503.
+pub const HEALTH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves `/metrics` and `/healthz` until `shutdown` completes.
 pub async fn serve(
@@ -255,10 +317,14 @@ pub async fn serve(
             axum::routing::get(move || {
                 let m = metrics.clone();
                 async move {
-                    if m.alive.load(Ordering::Relaxed) {
+                    if m.healthy(HEALTH_GRACE) {
                         (StatusCode::OK, "ok\n").into_response()
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "scheduler stopped\n").into_response()
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the scheduler is stopped or stuck past its planned wake-up\n",
+                        )
+                            .into_response()
                     }
                 }
             }),

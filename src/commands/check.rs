@@ -60,6 +60,10 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         dry_run: true,
         metrics: Default::default(),
         stopping: Default::default(),
+        limits: crate::rotation::limits::Limits::new(
+            config.daemon.max_concurrent,
+            config.daemon.max_per_host,
+        ),
     };
     let limit = config.daemon.max_concurrent;
     let mut plans: Vec<Value> = futures::stream::iter(config.portals.values())

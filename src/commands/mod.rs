@@ -52,7 +52,7 @@ pub fn main(cli: Cli) -> u8 {
 async fn dispatch(cli: Cli) -> Exit {
     let path = cli.config.clone();
     match cli.command {
-        Command::Run { dry_run } => crate::daemon_entry(&path, dry_run).await,
+        Command::Run { dry_run, once } => crate::daemon_entry(&path, dry_run, once).await,
         Command::Check { offline, json } => check::run(&path, offline, json).await,
         Command::Rotate {
             portals,

@@ -120,6 +120,10 @@ pub struct DaemonConfig {
     pub metrics: Option<SocketAddr>,
     /// Rotations in flight at once.
     pub max_concurrent: usize,
+    /// Rotations in flight at once against one portal host (scheme, host and port).
+    pub max_per_host: usize,
+    /// On SIGTERM, how long rotations past their intent get to seal.
+    pub stop_timeout: Duration,
     /// Timeout of one HTTP request.
     pub http_timeout: Duration,
 }

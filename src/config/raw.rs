@@ -18,8 +18,12 @@ pub struct RawDaemon {
     pub metrics: Option<Spanned<String>>,
     /// Must be true for a metrics address that is not loopback.
     pub metrics_public: Option<bool>,
-    /// Rotations in flight at once, all portals together; default 8.
+    /// Rotations in flight at once, all portals together; default 64.
     pub max_concurrent: Option<Spanned<i64>>,
+    /// Rotations in flight at once against one portal host; default 8.
+    pub max_per_host: Option<Spanned<i64>>,
+    /// On SIGTERM, how long rotations past their intent get to seal; default 10s.
+    pub stop_timeout: Option<Spanned<String>>,
     /// Timeout of one HTTP request to a portal; default 30s.
     pub http_timeout: Option<Spanned<String>>,
 }

@@ -403,18 +403,25 @@ pub(super) fn validate(
                     None
                 }
             });
-    let max_concurrent = match &rd.max_concurrent {
-        None => 8,
+    let mut bounded = |v: &Option<Spanned<i64>>, key: &str, default: usize| match v {
+        None => default,
         Some(n) if (1..=1024).contains(n.get_ref()) => *n.get_ref() as usize,
         Some(n) => {
             cx.err(
                 &n.span(),
-                "daemon.max_concurrent",
+                key,
                 format!("{} is out of range; accepted: 1 to 1024", n.get_ref()),
             );
-            8
+            default
         }
     };
+    let max_concurrent = bounded(&rd.max_concurrent, "daemon.max_concurrent", 64);
+    let max_per_host = bounded(&rd.max_per_host, "daemon.max_per_host", 8);
+    let stop_timeout = cx.duration(
+        &rd.stop_timeout,
+        "daemon.stop_timeout",
+        Duration::from_secs(10),
+    );
     let http_timeout = cx.duration(
         &rd.http_timeout,
         "daemon.http_timeout",
@@ -429,6 +436,8 @@ pub(super) fn validate(
         state_dir,
         metrics,
         max_concurrent,
+        max_per_host,
+        stop_timeout,
         http_timeout,
     };
 

@@ -1,28 +1,26 @@
-//! The daemon (SPEC §6): plans each portal's next due time, sleeps until the earliest, runs
-//! what is due through the rotation protocol with at most `max_concurrent` in flight, and
-//! reloads its config on a file change or SIGHUP.
+//! The daemon (SPEC §6): asks the planner when each portal is next due and why, keeps the
+//! answers in an agenda (a priority queue), sleeps until the earliest, and runs what is due
+//! through the rotation protocol within the limits (`max_concurrent` in all, `max_per_host`
+//! per portal host, a host paused after a 429). It reloads its config on a file change or
+//! SIGHUP.
 //!
-//! A portal is due for one of these reasons, whichever comes first:
-//! - its entry changed in a way that matters (or it is new) and its schedule has
-//!   `rotate_on_change`: a fingerprint of the entry is kept in the state, so a restart is not
-//!   a change, and it is stored only once a rotation succeeded;
-//! - a cron fire time (with the portal's jitter) arrived; the last fire time acted on is kept
-//!   in the state, so a fire missed while the daemon was down runs once at start (`catch_up`);
-//! - the watch reads every portal every `watch_every` (default 6h, also for portals without
-//!   a schedule): drift is converged by `on_drift`, and too few unused codes
-//!   (`rotate_when_unused_below`) rotate it;
-//! - an open intent (a PUT of unknown outcome) is settled at the times of its settle
-//!   schedule, kept in the journal; while it is open, nothing else is planned for the portal.
+//! The rules live in [`crate::schedule::plan`]; this module only feeds them events and runs
+//! what they return. An event re-plans only the portal it touches: a finished job reads that
+//! portal's row again (the job wrote what happened), so a start over 10,000 portals costs
+//! one plan each, not one per finished job. Right before a rotation starts, the portal's row
+//! is read and planned once more, so a `rotate` by hand meanwhile is never repeated. The
+//! planner's answers are stored with each portal (`next_due_at`, `next_reason`).
 //!
-//! A rotation is never planned before `min_interval` after the last success, nor before the
-//! backoff after a failure. Pending deliveries are retried when their backoff expires. Idle
-//! means asleep until the earliest of these times: there is no polling loop.
+//! Liveness: the watchdog is pinged from this loop, which never sleeps longer than half of
+//! `WATCHDOG_USEC`; `/healthz` answers 503 once the loop is more than a few seconds past the
+//! wake-up it planned. Idle means asleep until the earliest due time: there is no polling.
 //!
-//! On SIGTERM/SIGINT the daemon stops planning, marks the engine as stopping (a rotation not
-//! yet at its intent does not start; one past it completes its PUT, seal and one delivery
-//! attempt, so its set is sealed and normally delivered), waits for the tasks in flight, says
-//! `STOPPING=1` and exits 0.
+//! On SIGTERM/SIGINT the daemon stops planning and cancels the engine's stop token: queued
+//! rotations leave without a request; a rotation past its intent gets `stop_timeout` to
+//! seal (a PUT still without an answer stays an open intent, settled at the next start).
+//! Nothing is recorded as done that did not happen, so a portal that was due stays due.
 
+pub mod agenda;
 pub mod notify;
 pub mod watch;
 
@@ -33,79 +31,27 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::commands::{Exit, load_config};
 use crate::config;
-use crate::rotation::{self, Engine};
-use crate::state::{self, PortalRow};
+use crate::rotation::{self, Engine, Outcome, Skip, drift::Watched};
+use crate::schedule::plan::{self, Due, Known, Reason};
+use crate::state;
+use agenda::Agenda;
 use notify::{Note, Notifier};
-
-fn ms_to_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.and_then(DateTime::from_timestamp_millis)
-}
-
-/// What the daemon knows of one portal between wakes.
-#[derive(Debug, Default, Clone)]
-struct Plan {
-    last_fire_at: Option<DateTime<Utc>>,
-    entry_fp: Option<String>,
-    last_success: Option<DateTime<Utc>>,
-    retry_at: Option<DateTime<Utc>>,
-    seen_at: Option<DateTime<Utc>>,
-    watch_retry_at: Option<DateTime<Utc>>,
-    watch_failures: i64,
-    /// An intent is open: its next settle GET is due then.
-    settle_at: Option<DateTime<Utc>>,
-}
-
-impl Plan {
-    fn from_row(r: &PortalRow) -> Self {
-        Self {
-            last_fire_at: ms_to_time(r.last_fire_at),
-            entry_fp: r.entry_fp.clone(),
-            last_success: ms_to_time(r.last_success_at),
-            retry_at: if r.last_result.as_deref() == Some("failed") {
-                ms_to_time(r.retry_at)
-            } else {
-                None
-            },
-            seen_at: ms_to_time(r.seen_at),
-            ..Self::default()
-        }
-    }
-}
-
-/// Why a job runs.
-#[derive(Debug, Clone)]
-enum Job {
-    /// The entry changed (new fingerprint).
-    Change(String),
-    /// A cron fire time.
-    Fire(DateTime<Utc>),
-    /// The periodic read (drift, unused codes).
-    Watch,
-    /// A settle GET of an open intent.
-    Settle,
-}
-
-/// What planning decided for one portal.
-struct Next {
-    /// The next job and when it is due.
-    job: Option<(DateTime<Utc>, Job)>,
-    /// A new entry fingerprint to store without rotating (no `rotate_on_change`).
-    silent_fp: Option<String>,
-    /// Fire times missed while down are skipped (no `catch_up`).
-    skip_fires: bool,
-}
 
 /// A finished job.
 struct Done {
-    portal: String,
-    job: Job,
-    ok: bool,
+    /// The portal; `None` for a round of delivery retries.
+    portal: Option<String>,
+    /// Why it ran.
+    reason: Reason,
+    /// What happened.
+    outcome: Outcome,
+    /// Unused codes seen.
     unused: Option<usize>,
 }
 
@@ -113,17 +59,34 @@ struct Supervisor {
     path: PathBuf,
     notifier: Notifier,
     engine: Engine,
-    plans: HashMap<String, Plan>,
+    /// Per configured portal: what the planner knows (the state's rows; only memory in a
+    /// dry run, which writes nothing).
+    known: HashMap<String, Known>,
+    /// Entry fingerprints of the config in force, computed once per load.
+    fps: HashMap<String, String>,
+    agenda: Agenda,
     in_flight: HashSet<String>,
+    watch_failures: HashMap<String, i64>,
     delivering: bool,
     started: DateTime<Utc>,
+    once: bool,
+    failed: usize,
     tracker: TaskTracker,
-    permits: Arc<Semaphore>,
     done_tx: mpsc::UnboundedSender<Done>,
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exit {
+/// What planning decided that the state should remember.
+struct PlanWrite {
+    portal: String,
+    adopt_fp: Option<String>,
+    consume_fires_to: Option<i64>,
+    due: Option<Due>,
+    watch_retry_at: Option<i64>,
+}
+
+/// Runs the daemon until `shutdown` is cancelled; with `once`, does what is due now and
+/// returns (`run --once`).
+pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationToken) -> Exit {
     let started_at = std::time::Instant::now();
     let config = match load_config(path) {
         Ok(c) => c,
@@ -177,24 +140,34 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
         }
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let permits = Arc::new(Semaphore::new(config.daemon.max_concurrent));
     let notifier = Notifier::start();
     let mut sup = Supervisor {
         path: path.to_path_buf(),
         notifier: notifier.clone(),
         engine,
-        plans: HashMap::new(),
+        known: HashMap::new(),
+        fps: HashMap::new(),
+        agenda: Agenda::default(),
         in_flight: HashSet::new(),
+        watch_failures: HashMap::new(),
         delivering: false,
         started: Utc::now(),
+        once,
+        failed: 0,
         tracker: TaskTracker::new(),
-        permits,
         done_tx,
     };
-    if let Err(e) = sup.load_plans().await {
+    if let Err(e) = sup.load().await {
         eprintln!("error: {e}");
         return Exit::Failed;
     }
+    let planned = std::time::Instant::now();
+    sup.replan_all().await;
+    tracing::debug!(
+        portals = sup.known.len(),
+        took_ms = planned.elapsed().as_millis() as u64,
+        "planned"
+    );
 
     let (reload_tx, mut reload_rx) = mpsc::channel::<()>(4);
     let _watcher = match watch::spawn(path, reload_tx.clone()) {
@@ -213,20 +186,7 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
             }
         }
     });
-    if let Some(every) = sd_notify::watchdog_enabled() {
-        let stop = shutdown.clone();
-        let notifier = notifier.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every / 2);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => notifier.send(Note::Watchdog),
-                }
-            }
-        });
-    }
-
+    let watchdog = sd_notify::watchdog_enabled();
     metrics.alive.store(true, Ordering::SeqCst);
     let status = format!(
         "{} portal(s){}",
@@ -241,14 +201,31 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
         "ready"
     );
 
+    let mut last_ping = std::time::Instant::now();
     loop {
-        let next = sup.plan_and_start().await;
+        let now = Utc::now();
+        sup.start_due(now);
+        if once && sup.in_flight.is_empty() {
+            break;
+        }
+        let next_delivery = if once { None } else { sup.delivery_due().await };
+        let next = match (sup.agenda.next_at(), next_delivery) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut wait = next.map(|t| plan::wait(Utc::now(), t));
+        if let Some(wd) = watchdog {
+            // Pinged from here, so a stuck loop stops pinging; never asleep past half.
+            if last_ping.elapsed() >= wd / 4 {
+                notifier.send(Note::Watchdog);
+                last_ping = std::time::Instant::now();
+            }
+            wait = Some(wait.map_or(wd / 2, |w| w.min(wd / 2)));
+        }
+        metrics.planned_wake(wait.map(|w| crate::schedule::add(Utc::now(), w)));
         let sleep = async {
-            match next {
-                Some(t) => {
-                    let wait = (t - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                    tokio::time::sleep(wait).await
-                }
+            match wait {
+                Some(w) => tokio::time::sleep(w).await,
                 None => std::future::pending().await,
             }
         };
@@ -256,257 +233,290 @@ pub async fn run(path: &Path, dry_run: bool, shutdown: CancellationToken) -> Exi
             _ = shutdown.cancelled() => break,
             Some(()) = reload_rx.recv() => sup.reload().await,
             Some(done) = done_rx.recv() => sup.finish(done).await,
-            _ = sleep => {}
+            () = sleep => {}
         }
-        metrics
-            .last_tick
-            .store(Utc::now().timestamp() as u64, Ordering::Relaxed);
     }
 
-    tracing::info!("stopping: no new rotations; waiting for those in flight to reach a safe point");
-    notifier.send(Note::Stopping);
-    sup.engine.stopping.store(true, Ordering::SeqCst);
+    if !once {
+        tracing::info!(
+            in_flight = sup.in_flight.len(),
+            "stopping: no new rotations; those past their intent get stop_timeout to seal"
+        );
+        notifier.send(Note::Stopping);
+    }
+    sup.engine.stopping.cancel();
     sup.tracker.close();
-    sup.tracker.wait().await;
-    // Record what the last jobs did (a stored entry fingerprint, a fire time acted on):
-    // otherwise the next start would take a finished rotation for a pending change.
+    let stop_timeout = sup.engine.config.daemon.stop_timeout;
+    if tokio::time::timeout(stop_timeout, sup.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            stop_timeout_s = stop_timeout.as_secs(),
+            "rotations still in flight at stop_timeout; a PUT without an answer stays an open intent, settled at the next start"
+        );
+    }
+    // Record what the last jobs did (a failed watch, the plan): nothing else is lost, since
+    // every rotation wrote its own outcome before it said so.
     while let Ok(done) = done_rx.try_recv() {
         sup.finish(done).await;
     }
     metrics.alive.store(false, Ordering::SeqCst);
     notifier.flush().await;
     tracing::info!("stopped");
-    Exit::Ok
+    if once && sup.failed > 0 {
+        Exit::Failed
+    } else {
+        Exit::Ok
+    }
 }
 
 impl Supervisor {
-    async fn rows(&self) -> Result<Vec<PortalRow>, state::StateError> {
-        match &self.engine.store {
-            Some(s) => s.call(|c| state::portal_rows(c)).await,
-            None => Ok(Vec::new()),
-        }
-    }
-
-    /// Reads what the state knows; a portal seen for the first time gets "now" as its last
-    /// fire time, so only fires after this start (or after a later downtime) count.
-    async fn load_plans(&mut self) -> Result<(), state::StateError> {
-        let rows: HashMap<String, PortalRow> = self
-            .rows()
-            .await?
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
+    /// Reads what the state knows of every configured portal (one query for all), and fills
+    /// the per-portal metrics from it, so they are right from the first scrape.
+    async fn load(&mut self) -> Result<(), state::StateError> {
+        self.fps = self
+            .engine
+            .config
+            .portals
+            .values()
+            .map(|pc| (pc.name.clone(), self.engine.entry_fingerprint(pc)))
             .collect();
-        let now = Utc::now();
-        let mut settle = self.settle_times().await;
-        let mut first_seen = Vec::new();
+        let (rows, open) = match &self.engine.store {
+            Some(s) => {
+                s.call(|c| Ok((state::portal_rows(c)?, state::open_journal(c, None)?)))
+                    .await?
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let rows: HashMap<&str, &state::PortalRow> =
+            rows.iter().map(|r| (r.name.as_str(), r)).collect();
+        let intents: HashMap<&str, &state::OpenJournal> = open
+            .iter()
+            .filter(|j| j.phase == state::Phase::Intent)
+            .map(|j| (j.portal.as_str(), j))
+            .collect();
+        let mut known = HashMap::with_capacity(self.engine.config.portals.len());
         for name in self.engine.config.portals.keys() {
-            if let Some(plan) = self.plans.get_mut(name) {
-                plan.settle_at = settle.remove(name);
-                continue;
+            let row = rows.get(name.as_str()).copied();
+            // A portal kept across a reload keeps its in-memory view in a dry run.
+            let k = match (self.engine.store.is_some(), self.known.remove(name)) {
+                (false, Some(k)) => k,
+                _ => rotation::known_from(row, intents.get(name.as_str()).copied()),
+            };
+            if let Some(r) = row {
+                self.engine
+                    .metrics
+                    .restore(name, r.last_success_at, r.unused, r.drifts);
             }
-            let mut plan = rows.get(name).map(Plan::from_row).unwrap_or_default();
-            plan.settle_at = settle.remove(name);
-            if plan.last_fire_at.is_none() {
-                plan.last_fire_at = Some(now);
-                first_seen.push((name.clone(), None, Some(now)));
-            }
-            self.plans.insert(name.clone(), plan);
+            known.insert(name.clone(), k);
         }
-        self.plans
-            .retain(|n, _| self.engine.config.portals.contains_key(n));
-        self.persist_many(first_seen).await;
+        self.known = known;
+        let keep: HashSet<String> = self.known.keys().cloned().collect();
+        self.agenda.retain(|p| keep.contains(p));
+        self.refresh_pending().await;
         Ok(())
     }
 
-    /// When each portal with an open intent is next asked (at once when never yet).
-    async fn settle_times(&self) -> HashMap<String, DateTime<Utc>> {
-        let Some(store) = &self.engine.store else {
-            return HashMap::new();
-        };
-        match store.call(|c| state::open_intents(c)).await {
-            Ok(v) => v
-                .into_iter()
-                .map(|(p, at)| (p, ms_to_time(at).unwrap_or_else(Utc::now)))
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "reading open intents");
-                HashMap::new()
-            }
-        }
-    }
-
-    /// Stores schedule state for many portals in one transaction.
-    async fn persist_many(&self, rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)>) {
-        let Some(store) = self.engine.store.clone() else {
-            return;
-        };
-        if rows.is_empty() {
-            return;
-        }
-        let rows: Vec<(String, Option<String>, Option<i64>)> = rows
-            .into_iter()
-            .map(|(p, fp, t)| (p, fp, t.map(|t| t.timestamp_millis())))
+    /// Plans every portal (at start and after a reload); one commit for what to store.
+    async fn replan_all(&mut self) {
+        let names: Vec<String> = self
+            .known
+            .keys()
+            .filter(|n| !self.in_flight.contains(*n))
+            .cloned()
             .collect();
-        if let Err(e) = store
-            .write(move |c| state::record_schedules(c, &rows))
-            .await
-        {
-            tracing::error!(error = %e, "could not record the schedule state");
-        }
+        let writes: Vec<PlanWrite> = names.iter().filter_map(|n| self.replan(n)).collect();
+        self.persist(writes).await;
     }
 
-    async fn persist(
-        &self,
-        portal: &str,
-        entry_fp: Option<String>,
-        last_fire: Option<DateTime<Utc>>,
-    ) {
+    /// Asks the planner about one portal and puts the answer on the agenda; returns what
+    /// the state should remember.
+    fn replan(&mut self, name: &str) -> Option<PlanWrite> {
+        let pc = self.engine.config.portals.get(name)?;
+        let fp = self.fps.get(name)?;
+        let k = self.known.get_mut(name)?;
+        let now = Utc::now();
+        let p = plan::plan(
+            &rotation::policy_of(&self.engine.config, pc, fp),
+            k,
+            &plan::Now {
+                now,
+                started: self.started,
+                once: self.once,
+            },
+        );
+        if let Some(fp) = &p.adopt_fp {
+            k.entry_fp = Some(fp.clone());
+        }
+        if let Some(t) = p.consume_fires_to {
+            k.last_fire_at = Some(k.last_fire_at.map_or(t, |l| l.max(t)));
+        }
+        let metrics = &self.engine.metrics;
+        match p.due {
+            Some(d) if d.reason.rotates() => {
+                metrics.next_rotation(name, Some(d.at.timestamp()));
+                metrics.next_check(name, None);
+            }
+            Some(d) => {
+                metrics.next_check(name, Some(d.at.timestamp()));
+                let next_rotation = plan::upcoming_rotations(
+                    &rotation::policy_of(&self.engine.config, pc, fp),
+                    k,
+                    now,
+                    1,
+                );
+                metrics.next_rotation(name, next_rotation.first().map(|t| t.timestamp()));
+            }
+            None => {
+                metrics.next_rotation(name, None);
+                metrics.next_check(name, None);
+            }
+        }
+        let write = PlanWrite {
+            portal: name.to_string(),
+            adopt_fp: p.adopt_fp,
+            consume_fires_to: p.consume_fires_to.map(|t| t.timestamp_millis()),
+            due: p.due,
+            watch_retry_at: k.watch_retry_at.map(|t| t.timestamp_millis()),
+        };
+        self.agenda.set(name, p.due);
+        Some(write)
+    }
+
+    /// Stores plans in one commit (nothing in a dry run).
+    async fn persist(&self, writes: Vec<PlanWrite>) {
         let Some(store) = self.engine.store.clone() else {
             return;
         };
-        let p = portal.to_string();
-        let fire = last_fire.map(|t| t.timestamp_millis());
-        if let Err(e) = store
-            .write(move |c| state::record_schedule(c, &p, entry_fp.as_deref(), fire))
-            .await
-        {
-            tracing::error!(portal, error = %e, "could not record the schedule state");
+        if writes.is_empty() {
+            return;
         }
-    }
-
-    /// The next job of a portal and when it is due.
-    fn next_job(&self, name: &str, plan: &Plan, now: DateTime<Utc>) -> Next {
-        let Some(pc) = self.engine.config.portals.get(name) else {
-            return Next {
-                job: None,
-                silent_fp: None,
-                skip_fires: false,
-            };
-        };
-        if let Some(at) = plan.settle_at {
-            // An open intent: the portal is not rotated, watched or re-planned until it is
-            // settled; its next GET is all that is due.
-            return Next {
-                job: Some((at, Job::Settle)),
-                silent_fp: None,
-                skip_fires: false,
-            };
-        }
-        let schedule = self.engine.config.schedule_of(pc);
-        let fp = self.engine.entry_fingerprint(pc);
-        let mut silent_fp = None;
-        let mut skip_fires = false;
-        let mut cands: Vec<(DateTime<Utc>, Job)> = Vec::new();
-        if plan.entry_fp.as_deref() != Some(fp.as_str()) {
-            if schedule.is_some_and(|s| s.rotate_on_change) {
-                cands.push((now, Job::Change(fp)));
-            } else {
-                silent_fp = Some(fp);
-            }
-        }
-        if let Some(s) = schedule {
-            let base = plan.last_fire_at.unwrap_or(now);
-            match s.next_fire(name, base) {
-                // Missed while the daemon was down, and no catch-up: skip to the next one.
-                // The caller records `now` as the last fire, so the skip happens once.
-                Some(t) if t <= now && t < self.started && !s.catch_up => {
-                    skip_fires = true;
-                    if let Some(next) = s.next_fire(name, now) {
-                        cands.push((next, Job::Fire(next)));
+        let r = store
+            .write(move |c| {
+                for w in &writes {
+                    if w.adopt_fp.is_some() || w.consume_fires_to.is_some() {
+                        state::record_schedule(
+                            c,
+                            &w.portal,
+                            w.adopt_fp.as_deref(),
+                            w.consume_fires_to,
+                        )?;
                     }
+                    state::record_plan(
+                        c,
+                        &w.portal,
+                        w.due.map(|d| d.at.timestamp_millis()),
+                        w.due.map(|d| d.reason.name()),
+                        w.watch_retry_at,
+                    )?;
                 }
-                Some(t) => cands.push((t, Job::Fire(t))),
-                None => {}
-            }
-        }
-        if let Some(every) = self.engine.config.convergence_of(pc).watch_every {
-            let due = plan
-                .seen_at
-                .map(|t| crate::schedule::add(t, every))
-                .unwrap_or(now);
-            let due = plan.watch_retry_at.map_or(due, |r| due.max(r));
-            cands.push((due, Job::Watch));
-        }
-        let earliest_rotation = {
-            let mut t = plan.retry_at.unwrap_or(now);
-            if let (Some(last), Some(min)) =
-                (plan.last_success, schedule.and_then(|s| s.min_interval))
-            {
-                t = t.max(crate::schedule::add(last, min));
-            }
-            t
-        };
-        let job = cands
-            .into_iter()
-            .map(|(t, j)| match j {
-                Job::Watch | Job::Settle => (t, j),
-                _ => (t.max(earliest_rotation), j),
+                Ok(())
             })
-            .min_by_key(|(t, _)| *t);
-        Next {
-            job,
-            silent_fp,
-            skip_fires,
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not record the plan");
         }
     }
 
-    /// Starts every job that is due; returns when the next one is.
-    async fn plan_and_start(&mut self) -> Option<DateTime<Utc>> {
+    /// Starts every job that is due by `now`.
+    fn start_due(&mut self, now: DateTime<Utc>) {
+        for (name, due) in self.agenda.take_due(now) {
+            // A portal whose job is still running is planned again when it finishes.
+            if !self.in_flight.contains(&name) {
+                self.start(name, due);
+            }
+        }
+    }
+
+    fn start(&mut self, name: String, due: Due) {
+        self.in_flight.insert(name.clone());
+        let engine = self.engine.clone();
+        let tx = self.done_tx.clone();
+        let fp = self.fps.get(&name).cloned().unwrap_or_default();
+        let (started, once) = (self.started, self.once);
+        tracing::info!(
+            portal = %name,
+            reason = due.reason.name(),
+            held = due.held.map(|h| h.describe()),
+            "due: {}",
+            due.reason.describe()
+        );
+        self.tracker.spawn(async move {
+            let done = run_job(&engine, &name, due, &fp, started, once).await;
+            if done.outcome != Outcome::Skipped(Skip::Stopping) {
+                rotation::alerts::check(&engine).await;
+            }
+            let _ = tx.send(done);
+        });
+    }
+
+    async fn finish(&mut self, done: Done) {
+        let Some(name) = done.portal else {
+            self.delivering = false;
+            self.refresh_pending().await;
+            return;
+        };
+        self.in_flight.remove(&name);
+        if done.outcome == Outcome::Failed {
+            self.failed += 1;
+        }
+        if !self.known.contains_key(&name) {
+            return; // removed by a reload meanwhile
+        }
         let now = Utc::now();
-        let mut next: Option<DateTime<Utc>> = None;
-        let mut to_start = Vec::new();
-        let mut silent = Vec::new();
-        let mut skipped = Vec::new();
-        let mut names: Vec<String> = self.plans.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            if self.in_flight.contains(&name) {
-                continue;
-            }
-            let Next {
-                job,
-                silent_fp,
-                skip_fires,
-            } = self.next_job(&name, &self.plans[&name], now);
-            if let Some(fp) = silent_fp {
-                silent.push((name.clone(), fp));
-            }
-            if skip_fires {
-                skipped.push(name.clone());
-            }
-            match job {
-                Some((t, job)) if t <= now => to_start.push((name, job)),
-                Some((t, _)) => {
-                    self.engine
-                        .metrics
-                        .next_rotation(&name, Some(t.timestamp()));
-                    next = Some(next.map_or(t, |n| n.min(t)));
+        // The job wrote what happened; read it back (this portal only). A dry run writes
+        // nothing: remember in memory what a real run would have.
+        let mut k = match &self.engine.store {
+            Some(store) => match rotation::known_of(store, &name).await {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!(portal = %name, error = %e, "reading the portal's state");
+                    self.known.get(&name).cloned().unwrap_or_default()
                 }
-                None => self.engine.metrics.next_rotation(&name, None),
+            },
+            None => {
+                let mut k = self.known.get(&name).cloned().unwrap_or_default();
+                match done.reason {
+                    Reason::Watch => k.seen_at = Some(now),
+                    _ if done.outcome == Outcome::WouldRotate => {
+                        k.entry_fp = self.fps.get(&name).cloned();
+                        k.last_fire_at = Some(now);
+                        k.last_success_at = Some(now);
+                    }
+                    _ => k.retry_at = Some(crate::schedule::add(now, rotation::backoff(0))),
+                }
+                k
+            }
+        };
+        if done.reason == Reason::Watch {
+            if done.outcome == Outcome::Failed {
+                let n = self.watch_failures.entry(name.clone()).or_insert(0);
+                *n += 1;
+                k.watch_retry_at = Some(crate::schedule::add(now, rotation::backoff(*n)));
+            } else {
+                self.watch_failures.remove(&name);
+                k.watch_retry_at = None;
             }
         }
-        let mut writes = Vec::new();
-        for (name, fp) in silent {
-            if let Some(p) = self.plans.get_mut(&name) {
-                p.entry_fp = Some(fp.clone());
-            }
-            writes.push((name, Some(fp), None));
+        if let Some(u) = done.unused {
+            self.engine.metrics.unused(&name, u);
         }
-        for name in skipped {
-            tracing::info!(portal = %name, "fire times missed while down are skipped (catch_up = false)");
-            if let Some(p) = self.plans.get_mut(&name) {
-                p.last_fire_at = Some(now);
-            }
-            writes.push((name, None, Some(now)));
+        self.known.insert(name.clone(), k);
+        if !self.once {
+            let writes: Vec<PlanWrite> = self.replan(&name).into_iter().collect();
+            self.persist(writes).await;
         }
-        self.persist_many(writes).await;
-        for (name, job) in to_start {
-            self.start(name, job);
+        self.refresh_pending().await;
+    }
+
+    /// Sets the pending-deliveries gauge from the spool.
+    async fn refresh_pending(&self) {
+        if let Some(store) = &self.engine.store
+            && let Ok(n) = store.call(|c| state::pending_count(c)).await
+        {
+            self.engine.metrics.pending.set(n);
         }
-        if let Some(t) = self.delivery_due().await {
-            next = Some(next.map_or(t, |n| n.min(t)));
-        }
-        next
     }
 
     /// Retries pending deliveries whose backoff has expired; returns when the next one is due.
@@ -520,7 +530,7 @@ impl Supervisor {
             .await
             .ok()
             .flatten()?;
-        let due_at = ms_to_time(Some(due))?;
+        let due_at = DateTime::from_timestamp_millis(due)?;
         if due_at > Utc::now() {
             return Some(due_at);
         }
@@ -546,140 +556,23 @@ impl Supervisor {
         let tx = self.done_tx.clone();
         self.tracker.spawn(async move {
             for p in portals {
+                if engine.is_stopping() {
+                    break;
+                }
                 match rotation::deliver_due(&engine, &p, now).await {
                     Ok((d, left)) => tracing::info!(portal = %p, delivered = d, pending = left, "retried pending deliveries"),
                     Err(e) => tracing::warn!(portal = %p, error = %e, "retrying deliveries failed"),
                 }
             }
             rotation::alerts::check(&engine).await;
-            let _ = tx.send(Done { portal: String::new(), job: Job::Watch, ok: true, unused: None });
-        });
-        None
-    }
-
-    fn start(&mut self, name: String, job: Job) {
-        self.in_flight.insert(name.clone());
-        let engine = self.engine.clone();
-        let permits = self.permits.clone();
-        let tx = self.done_tx.clone();
-        tracing::info!(portal = %name, reason = ?job, "due");
-        self.tracker.spawn(async move {
-            // The semaphore is never closed, so acquiring only waits.
-            let _permit = permits.acquire_owned().await;
-            let (ok, unused) = match &job {
-                Job::Watch => {
-                    let (w, unused) = rotation::drift::watch(&engine, &name).await;
-                    (w != rotation::drift::Watched::Failed, unused)
-                }
-                Job::Settle => {
-                    // Only a found set counts as a rotation done (it consumes the change
-                    // and fire times a rotation would); "still open" and "not applied"
-                    // leave the portal's plans as they were.
-                    match rotation::recover(&engine, &name).await {
-                        Ok(r) => (r.outcome.issued_a_set(), r.unused),
-                        Err(e) => {
-                            tracing::warn!(portal = %name, error = %e, "settling failed");
-                            (false, None)
-                        }
-                    }
-                }
-                _ => {
-                    let r = rotation::rotate(&engine, &name, false).await;
-                    // Only a set issued counts as done: a skip (stopping, min_interval) or a
-                    // failure leaves the portal due.
-                    (r.outcome.issued_a_set(), r.unused)
-                }
-            };
-            rotation::alerts::check(&engine).await;
             let _ = tx.send(Done {
-                portal: name,
-                job,
-                ok,
-                unused,
+                portal: None,
+                reason: Reason::Watch,
+                outcome: Outcome::Delivered,
+                unused: None,
             });
         });
-    }
-
-    async fn finish(&mut self, done: Done) {
-        if done.portal.is_empty() {
-            self.delivering = false;
-            return;
-        }
-        self.in_flight.remove(&done.portal);
-        let now = Utc::now();
-        let rows = self.rows().await.unwrap_or_default();
-        let settle_at = self.settle_times().await.remove(&done.portal);
-        let dry = self.engine.dry_run;
-        let Some(plan) = self.plans.get_mut(&done.portal) else {
-            return;
-        };
-        plan.settle_at = settle_at;
-        if let Some(row) = rows.iter().find(|r| r.name == done.portal) {
-            let fresh = Plan::from_row(row);
-            plan.last_success = fresh.last_success;
-            plan.retry_at = fresh.retry_at;
-            plan.seen_at = fresh.seen_at;
-        }
-        if dry {
-            // Nothing is stored in a dry run: remember in memory what a real run would have.
-            plan.seen_at = Some(now);
-            plan.retry_at = (!done.ok).then(|| crate::schedule::add(now, rotation::backoff(0)));
-        }
-        let mut fp_to_store = None;
-        let mut fire_to_store = None;
-        let job = match (&done.job, done.ok) {
-            // A settle that found the new set finished a rotation: it consumes the change
-            // and the fire times as that rotation would have.
-            (Job::Settle, true) => Job::Change(
-                self.engine
-                    .config
-                    .portals
-                    .get(&done.portal)
-                    .map(|pc| self.engine.entry_fingerprint(pc))
-                    .unwrap_or_default(),
-            ),
-            (j, _) => j.clone(),
-        };
-        let Some(plan) = self.plans.get_mut(&done.portal) else {
-            return;
-        };
-        match (&job, done.ok) {
-            (Job::Change(fp), true) => {
-                plan.entry_fp = Some(fp.clone());
-                fp_to_store = Some(fp.clone());
-                // A rotation also satisfies a fire time that came due meanwhile.
-                plan.last_fire_at = Some(now);
-                fire_to_store = Some(now);
-            }
-            (Job::Fire(t), true) => {
-                tracing::debug!(portal = %done.portal, fire = %t, "fire time handled");
-                // Every fire time up to now is consumed: a catch-up runs once.
-                plan.last_fire_at = Some(now);
-                fire_to_store = Some(now);
-            }
-            (Job::Watch, ok) => {
-                if ok {
-                    plan.watch_failures = 0;
-                    plan.watch_retry_at = None;
-                    if dry {
-                        plan.seen_at = Some(now);
-                    }
-                } else {
-                    plan.watch_failures += 1;
-                    plan.watch_retry_at = Some(crate::schedule::add(
-                        now,
-                        rotation::backoff(plan.watch_failures),
-                    ));
-                }
-            }
-            _ => {}
-        }
-        if let Some(u) = done.unused {
-            self.engine.metrics.unused(&done.portal, u);
-        }
-        if fp_to_store.is_some() || fire_to_store.is_some() {
-            self.persist(&done.portal, fp_to_store, fire_to_store).await;
-        }
+        None
     }
 
     async fn reload(&mut self) {
@@ -704,9 +597,10 @@ impl Supervisor {
             Ok(engine) => {
                 let n = engine.config.portals.len();
                 self.engine = engine;
-                if let Err(e) = self.load_plans().await {
+                if let Err(e) = self.load().await {
                     tracing::error!(error = %e, "reading the state after a reload");
                 }
+                self.replan_all().await;
                 self.engine.metrics.reload(true);
                 tracing::info!(
                     portals = n,
@@ -729,5 +623,68 @@ impl Supervisor {
             "{} portal(s)",
             self.engine.config.portals.len()
         )));
+    }
+}
+
+/// Runs one due job within the limits. Takes the portal's slot (its host's, then a global
+/// one) first; a stop while waiting leaves without a request.
+async fn run_job(
+    engine: &Engine,
+    name: &str,
+    due: Due,
+    fp: &str,
+    started: DateTime<Utc>,
+    once: bool,
+) -> Done {
+    let done = |outcome, unused| Done {
+        portal: Some(name.to_string()),
+        reason: due.reason,
+        outcome,
+        unused,
+    };
+    let Some(_slot) = engine.slot(name).await else {
+        return done(Outcome::Skipped(Skip::Stopping), None);
+    };
+    if due.reason.rotates()
+        && let (Some(store), Some(pc)) = (&engine.store, engine.config.portals.get(name))
+    {
+        // Right before it starts: still due? A `rotate` by hand, or another process, may
+        // have done it meanwhile.
+        if let Ok(k) = rotation::known_of(store, name).await {
+            let now = Utc::now();
+            let p = plan::plan(
+                &rotation::policy_of(&engine.config, pc, fp),
+                &k,
+                &plan::Now { now, started, once },
+            );
+            if !p.due.is_some_and(|d| d.at <= now && d.reason.rotates()) {
+                tracing::info!(portal = name, "no longer due: done meanwhile");
+                return done(Outcome::Skipped(Skip::NotDue), None);
+            }
+        }
+    }
+    match due.reason {
+        Reason::Settle => match rotation::recover(engine, name).await {
+            Ok(r) => done(r.outcome, r.unused),
+            Err(e) => {
+                tracing::warn!(portal = name, error = %e, "settling failed");
+                done(Outcome::Failed, None)
+            }
+        },
+        Reason::Watch => {
+            let (w, unused) = rotation::drift::watch(engine, name).await;
+            let outcome = match w {
+                Watched::Failed => Outcome::Failed,
+                Watched::Settling => Outcome::Settling,
+                Watched::Rotated => Outcome::Rotated,
+                Watched::Converged => Outcome::Resent,
+                Watched::Steady => Outcome::Delivered,
+            };
+            done(outcome, unused)
+        }
+        _ => {
+            let r = rotation::rotate(engine, name, false).await;
+            done(r.outcome, r.unused)
+        }
     }
 }

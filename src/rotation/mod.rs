@@ -33,6 +33,7 @@
 
 pub mod alerts;
 pub mod drift;
+pub mod limits;
 pub mod settle;
 
 use std::sync::Arc;
@@ -134,9 +135,11 @@ pub struct Engine {
     pub dry_run: bool,
     /// Counters and gauges, served by the daemon.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Set when the process is stopping: a rotation not yet at its intent does not start;
-    /// one past it finishes (PUT, seal, one delivery attempt).
-    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the process is stopping: a rotation not yet at its intent does not
+    /// start (nor preflight); one past it finishes (PUT, seal, one delivery attempt).
+    pub stopping: tokio_util::sync::CancellationToken,
+    /// Rotations in flight: in all, and per portal host.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// Building an engine failed.
@@ -163,18 +166,35 @@ impl Engine {
             Some(Store::open(&config.daemon.state_dir)?)
         };
         Ok(Self {
-            config,
             sinks,
             store,
             http,
             dry_run,
             metrics: Default::default(),
             stopping: Default::default(),
+            limits: limits::Limits::new(config.daemon.max_concurrent, config.daemon.max_per_host),
+            config,
         })
     }
 
-    fn is_stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    /// Whether the process is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Waits for a slot to rotate `portal` (its host's, then a global one); `None` when the
+    /// process starts stopping first.
+    pub async fn slot(&self, portal: &str) -> Option<limits::Slot> {
+        let host = self
+            .config
+            .portals
+            .get(portal)
+            .map(|pc| limits::host_of(&pc.url))
+            .unwrap_or_default();
+        tokio::select! {
+            slot = self.limits.acquire(&host) => (!self.is_stopping()).then_some(slot),
+            () = self.stopping.cancelled() => None,
+        }
     }
 
     fn store(&self) -> Result<&Store, StateError> {
@@ -208,13 +228,20 @@ impl Engine {
         let sinks = crate::sinks::build(&config)?;
         let http = HttpClient::new(config.daemon.http_timeout);
         Ok(Self {
-            config,
             sinks,
             store: self.store.clone(),
             http,
             dry_run: self.dry_run,
             metrics: self.metrics.clone(),
             stopping: self.stopping.clone(),
+            limits: if config.daemon.max_concurrent == self.config.daemon.max_concurrent
+                && config.daemon.max_per_host == self.config.daemon.max_per_host
+            {
+                self.limits.clone()
+            } else {
+                limits::Limits::new(config.daemon.max_concurrent, config.daemon.max_per_host)
+            },
+            config,
         })
     }
 
@@ -609,6 +636,14 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
     let report = match rotate_inner(engine, name, force).await {
         Ok(r) => r,
         Err(e) => {
+            if let (Some(pc), true) = (
+                engine.config.portals.get(name),
+                matches!(&e, RotationError::Api(a) if matches!(a.kind, crate::docspace::ApiErrorKind::RateLimited { .. })),
+            ) {
+                engine
+                    .limits
+                    .rate_limited(&limits::host_of(&pc.url), e.retry_after());
+            }
             if matches!(e, RotationError::Settling { .. }) {
                 tracing::warn!(portal = name, error = %e, "rotation not settled");
             } else {
@@ -621,6 +656,11 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
     engine.metrics.rotation(name, report.outcome.as_str());
     if let Some(u) = report.unused {
         engine.metrics.unused(name, u);
+    }
+    if report.outcome.issued_a_set()
+        && let Some(pc) = engine.config.portals.get(name)
+    {
+        engine.limits.succeeded(&limits::host_of(&pc.url));
     }
     report
 }
@@ -642,6 +682,14 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         (r.unused, r.total) = (Some(pf.unused), Some(pf.total));
         tracing::info!(portal = name, unused = pf.unused, total = pf.total, sinks = %pc.sinks.join(","), "dry run: would rotate");
         return Ok(r);
+    }
+    if engine.is_stopping() {
+        // Not a failure: nothing was sent, and the next start plans it again.
+        return Ok(Report::new(
+            name,
+            Outcome::Skipped(Skip::Stopping),
+            "not started: the process is stopping",
+        ));
     }
     let store = engine.store()?.clone();
     let _lock = store.lock_portal(name, LOCK_WAIT).await?;
@@ -851,6 +899,9 @@ async fn seal_and_deliver(
             let ids = state::seal(c, journal_id, &p, &fp, unused, total, &payloads)?;
             if let Some((account, entry)) = &pin {
                 state::pin_account(c, &p, account, entry)?;
+                // A rotation, by hand or by the daemon, counts for the schedule: it is the
+                // rotation for this entry, and it consumes every fire up to now.
+                state::record_schedule(c, &p, Some(entry), Some(now_ms()))?;
             }
             Ok((ids, payloads))
         })
@@ -1331,4 +1382,62 @@ pub async fn stranded_work(engine: &Engine) -> Result<Vec<String>, RotationError
         });
     }
     Ok(out)
+}
+
+/// The planner's view of a portal from its state row and its open intent (if any): the
+/// one conversion `status`, `check` and the daemon share.
+pub fn known_from(
+    row: Option<&state::PortalRow>,
+    open_intent: Option<&state::OpenJournal>,
+) -> crate::schedule::plan::Known {
+    let t = |ms: Option<i64>| ms.and_then(chrono::DateTime::from_timestamp_millis);
+    let settle_at = open_intent
+        .filter(|j| j.phase == state::Phase::Intent)
+        .map(|j| t(j.next_check_at).unwrap_or_else(Utc::now));
+    let Some(r) = row else {
+        return crate::schedule::plan::Known {
+            settle_at,
+            ..Default::default()
+        };
+    };
+    crate::schedule::plan::Known {
+        entry_fp: r.entry_fp.clone(),
+        last_fire_at: t(r.last_fire_at),
+        last_success_at: t(r.last_success_at),
+        retry_at: if r.last_result.as_deref() == Some("failed") {
+            t(r.retry_at)
+        } else {
+            None
+        },
+        seen_at: t(r.seen_at),
+        watch_retry_at: t(r.watch_retry_at),
+        settle_at,
+    }
+}
+
+/// [`known_from`] for one portal, read from the store.
+pub async fn known_of(
+    store: &Store,
+    name: &str,
+) -> Result<crate::schedule::plan::Known, StateError> {
+    let p = name.to_string();
+    let (row, open) = store
+        .call(move |c| Ok((state::portal_row(c, &p)?, state::open_journal(c, Some(&p))?)))
+        .await?;
+    let intent = open.iter().find(|j| j.phase == state::Phase::Intent);
+    Ok(known_from(row.as_ref(), intent))
+}
+
+/// A portal's policy for the planner; `entry_fp` is [`Engine::entry_fingerprint`].
+pub fn policy_of<'a>(
+    config: &'a Config,
+    pc: &'a PortalConfig,
+    entry_fp: &'a str,
+) -> crate::schedule::plan::Policy<'a> {
+    crate::schedule::plan::Policy {
+        name: &pc.name,
+        schedule: config.schedule_of(pc),
+        convergence: config.convergence_of(pc),
+        entry_fp,
+    }
 }

@@ -38,11 +38,11 @@ pub use journal::{
 };
 pub use portals::{
     PortalRow, add_history, pin_account, portal_row, portal_rows, record_drift, record_failure,
-    record_rotated, record_schedule, record_schedules, record_seen, record_settling,
+    record_plan, record_rotated, record_schedule, record_schedules, record_seen, record_settling,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,
-    next_delivery_due, pending, pending_rows, sink_sets,
+    next_delivery_due, pending, pending_count, pending_rows, sink_sets,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -50,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_alerts.sql"),
     include_str!("migrations/0003_open_journal_index.sql"),
     include_str!("migrations/0004_convergence.sql"),
+    include_str!("migrations/0005_agenda.sql"),
 ];
 const DB_FILE: &str = "state.sqlite";
 

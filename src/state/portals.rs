@@ -42,6 +42,12 @@ pub struct PortalRow {
     pub drift_at: Option<i64>,
     /// How often drift was found.
     pub drifts: i64,
+    /// When the planner last said it is next due.
+    pub next_due_at: Option<i64>,
+    /// And why.
+    pub next_reason: Option<String>,
+    /// After a failed watch read, not before then.
+    pub watch_retry_at: Option<i64>,
 }
 
 /// A rotation succeeded (its payloads may still be pending).
@@ -152,10 +158,34 @@ pub fn record_schedule(
     ensure_portal(c, portal)?;
     exec(
         c,
-        "UPDATE portals SET entry_fp = COALESCE(?2, entry_fp), last_fire_at = COALESCE(?3, last_fire_at) WHERE name = ?1",
+        // The last fire acted on only moves forward: a rotation consumes every fire up to
+        // its time, and nothing un-consumes one.
+        "UPDATE portals SET entry_fp = COALESCE(?2, entry_fp),
+                last_fire_at = CASE WHEN ?3 IS NULL THEN last_fire_at
+                                    WHEN last_fire_at IS NULL OR ?3 > last_fire_at THEN ?3
+                                    ELSE last_fire_at END
+         WHERE name = ?1",
         params![portal, entry_fp, last_fire_at],
     )
     .map_err(sql("recording the schedule state"))?;
+    Ok(())
+}
+
+/// Stores the planner's answer for a portal, and when a failed watch read may be retried.
+pub fn record_plan(
+    c: &Connection,
+    portal: &str,
+    next_due_at: Option<i64>,
+    reason: Option<&str>,
+    watch_retry_at: Option<i64>,
+) -> Result<(), StateError> {
+    ensure_portal(c, portal)?;
+    exec(
+        c,
+        "UPDATE portals SET next_due_at = ?2, next_reason = ?3, watch_retry_at = ?4 WHERE name = ?1",
+        params![portal, next_due_at, reason, watch_retry_at],
+    )
+    .map_err(sql("recording the plan"))?;
     Ok(())
 }
 
@@ -190,7 +220,7 @@ pub fn add_history(
 const PORTAL_COLUMNS: &str =
     "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at,
      set_fp, unused, total, seen_at, entry_fp, last_fire_at, account_id, account_entry_fp,
-     drift_at, drifts";
+     drift_at, drifts, next_due_at, next_reason, watch_retry_at";
 
 fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
     Ok(PortalRow {
@@ -211,6 +241,9 @@ fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
         account_entry_fp: r.get(14)?,
         drift_at: r.get(15)?,
         drifts: r.get(16)?,
+        next_due_at: r.get(17)?,
+        next_reason: r.get(18)?,
+        watch_retry_at: r.get(19)?,
     })
 }
 

@@ -124,6 +124,11 @@ pub fn delivery_failed(
     Ok(())
 }
 
+/// How many payloads wait for delivery.
+pub fn pending_count(c: &Connection) -> Result<i64, StateError> {
+    query_row(c, "SELECT COUNT(*) FROM spool", [], |r| r.get(0)).map_err(sql("counting the spool"))
+}
+
 /// The earliest time a pending delivery is due, if any.
 pub fn next_delivery_due(c: &Connection) -> Result<Option<i64>, StateError> {
     query_row(c, "SELECT MIN(next_attempt_at) FROM spool", [], |r| {

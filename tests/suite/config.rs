@@ -37,7 +37,9 @@ sinks = ["f"]
 fn the_base_config_is_valid() {
     let c = config::parse(BASE, Path::new("/x/config.toml"), false).unwrap();
     assert_eq!(c.portals["acme"].url.as_str(), "https://acme.example.com/");
-    assert_eq!(c.daemon.max_concurrent, 8);
+    assert_eq!(c.daemon.max_concurrent, 64);
+    assert_eq!(c.daemon.max_per_host, 8);
+    assert_eq!(c.daemon.stop_timeout, std::time::Duration::from_secs(10));
 }
 
 #[test]

@@ -1,0 +1,219 @@
+//! How many rotations run at once (SPEC §6): at most `max_concurrent` in all, at most
+//! `max_per_host` against one portal host (a URL's scheme, host and port). A 429 pauses its
+//! host for the `Retry-After` (clamped to an hour) and halves the host's limit, which grows
+//! back by one per success: the portal's limiter is shared by every account on it.
+//!
+//! A rotation takes its host's slot before a global one, so rotations queued for a busy or
+//! paused host never hold global slots that other hosts could use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::MAX_RETRY_AFTER;
+
+#[derive(Debug)]
+struct Host {
+    /// The limit now: `max_per_host`, lowered by 429s.
+    limit: usize,
+    in_flight: usize,
+    paused_until: Option<Instant>,
+}
+
+/// The limits of one process, shared by every rotation it runs.
+#[derive(Debug)]
+pub struct Limits {
+    global: Arc<Semaphore>,
+    per_host: usize,
+    // A std mutex: held only for a few field updates, never across an await.
+    hosts: Mutex<HashMap<String, Host>>,
+    freed: Notify,
+}
+
+/// Both slots of one rotation; released on drop.
+pub struct Slot {
+    limits: Arc<Limits>,
+    host: String,
+    _global: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut hosts = self.limits.lock();
+        if let Some(h) = hosts.get_mut(&self.host) {
+            h.in_flight = h.in_flight.saturating_sub(1);
+        }
+        drop(hosts);
+        self.limits.freed.notify_waiters();
+    }
+}
+
+/// The host part of a portal URL that limits count by.
+pub fn host_of(url: &url::Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+impl Limits {
+    /// Limits of `max_concurrent` in all and `per_host` per host.
+    pub fn new(max_concurrent: usize, per_host: usize) -> Arc<Self> {
+        Arc::new(Self {
+            global: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            per_host: per_host.max(1),
+            hosts: Mutex::default(),
+            freed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Host>> {
+        // The map holds counters only; a panic elsewhere cannot leave them inconsistent
+        // enough to matter more than a stuck scheduler would.
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a slot on `host`, then a global one.
+    pub async fn acquire(self: &Arc<Self>, host: &str) -> Slot {
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pause = {
+                let mut hosts = self.lock();
+                let h = hosts.entry(host.to_string()).or_insert(Host {
+                    limit: self.per_host,
+                    in_flight: 0,
+                    paused_until: None,
+                });
+                match h.paused_until {
+                    Some(p) if p > Instant::now() => Some(p),
+                    _ if h.in_flight < h.limit => {
+                        h.in_flight += 1;
+                        None
+                    }
+                    _ => Some(Instant::now() + Duration::from_secs(3600)),
+                }
+            };
+            match pause {
+                None => break,
+                // Woken by a freed slot, or by the end of the pause.
+                Some(until) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                }
+            }
+        }
+        // The semaphore is never closed, so acquiring can only wait.
+        let global = self
+            .global
+            .clone()
+            .acquire_owned()
+            .await
+            .unwrap_or_else(|_| unreachable!("the global semaphore is never closed"));
+        Slot {
+            limits: self.clone(),
+            host: host.to_string(),
+            _global: global,
+        }
+    }
+
+    /// The host answered 429: pause it and halve its limit.
+    pub fn rate_limited(&self, host: &str, retry_after: Option<Duration>) {
+        let pause = retry_after
+            .unwrap_or(Duration::from_secs(1))
+            .min(MAX_RETRY_AFTER);
+        let mut hosts = self.lock();
+        if let Some(h) = hosts.get_mut(host) {
+            h.limit = (h.limit / 2).max(1);
+            let until = Instant::now() + pause;
+            h.paused_until = Some(h.paused_until.map_or(until, |p| p.max(until)));
+            tracing::warn!(
+                host,
+                pause_s = pause.as_secs(),
+                limit = h.limit,
+                "the portal host is rate limiting: paused, concurrency lowered"
+            );
+        }
+    }
+
+    /// A rotation on `host` got through: its limit grows back by one.
+    pub fn succeeded(&self, host: &str) {
+        let mut hosts = self.lock();
+        if let Some(h) = hosts.get_mut(host)
+            && h.limit < self.per_host
+        {
+            h.limit += 1;
+        }
+        drop(hosts);
+        self.freed.notify_waiters();
+    }
+
+    /// The host's current limit (for tests and logs).
+    pub fn limit_of(&self, host: &str) -> usize {
+        self.lock().get(host).map_or(self.per_host, |h| h.limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// With the clock paused: never more than the limits in flight, and a 429 pauses its
+    /// host (no slot until the pause ends) and halves its limit, which recovers by one per
+    /// success.
+    #[tokio::test(start_paused = true)]
+    async fn slots_respect_both_limits_and_429_pauses_the_host() {
+        let limits = Limits::new(5, 2);
+        let (now_a, max_a) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let total = Arc::new(AtomicUsize::new(0));
+        let max_total = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..30 {
+            let host = format!("h{}", i % 4);
+            let (limits, now_a, max_a, total, max_total) = (
+                limits.clone(),
+                now_a.clone(),
+                max_a.clone(),
+                total.clone(),
+                max_total.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let _slot = limits.acquire(&host).await;
+                let t = total.fetch_add(1, Ordering::SeqCst) + 1;
+                max_total.fetch_max(t, Ordering::SeqCst);
+                if host == "h0" {
+                    let n = now_a.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_a.fetch_max(n, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if host == "h0" {
+                    now_a.fetch_sub(1, Ordering::SeqCst);
+                }
+                total.fetch_sub(1, Ordering::SeqCst);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(max_a.load(Ordering::SeqCst), 2, "per host");
+        assert_eq!(max_total.load(Ordering::SeqCst), 5, "in all");
+
+        limits.rate_limited("h0", Some(Duration::from_secs(30)));
+        assert_eq!(limits.limit_of("h0"), 1);
+        let start = Instant::now();
+        let slot = limits.acquire("h0").await;
+        assert!(start.elapsed() >= Duration::from_secs(30), "paused");
+        drop(slot);
+        limits.succeeded("h0");
+        assert_eq!(limits.limit_of("h0"), 2);
+        // A day-long Retry-After pauses for an hour at most, without overflow.
+        limits.rate_limited("h1", Some(Duration::from_secs(u64::MAX / 2)));
+        let start = Instant::now();
+        drop(limits.acquire("h1").await);
+        assert_eq!(start.elapsed().as_secs(), 3600);
+    }
+}
