@@ -96,13 +96,22 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
 async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
     let config: &Arc<Config> = &engine.config;
     let now = Utc::now();
+    // The planner's answer, as the daemon would give it (check reads no state: what it
+    // lists is what the schedule allows from now).
+    let fp = engine.entry_fingerprint(pc);
+    let next = crate::schedule::plan::upcoming_rotations(
+        &crate::rotation::policy_of(config, pc, &fp),
+        &crate::schedule::plan::Known::default(),
+        now,
+        3,
+    );
     let schedule = config.schedule_of(pc).map(|s| {
         json!({
             "name": pc.schedule,
             "cron": s.cron.expr(),
             "timezone": s.cron.timezone().name(),
             "jitter_s": crate::schedule::jitter_for(&pc.name, s.jitter).as_secs(),
-            "next": s.upcoming(&pc.name, now, 3).iter().map(|t| t.to_rfc3339()).collect::<Vec<_>>(),
+            "next": next.iter().map(|t| t.to_rfc3339()).collect::<Vec<_>>(),
             "min_interval_s": s.min_interval.map(|d| d.as_secs()),
             "rotate_when_unused_below": s.rotate_when_unused_below,
         })

@@ -57,20 +57,25 @@ pub async fn rotate(
         );
         b
     });
-    let limit = config.daemon.max_concurrent;
-    // Each rotation is its own task, so that they spread over the runtime's workers instead
-    // of all being polled by this one.
+    // Each rotation is its own task, so that they spread over the runtime's workers; each
+    // waits for its slot (its portal host's, then a global one: `max_per_host`,
+    // `max_concurrent`), so a slow or rate-limited host never holds up the others.
     let engine = std::sync::Arc::new(engine);
-    let mut stream = futures::stream::iter(names.iter().cloned())
+    let mut stream: futures::stream::FuturesUnordered<_> = names
+        .iter()
+        .cloned()
         .map(|n| {
             let (engine, name) = (engine.clone(), n.clone());
-            let task = tokio::spawn(async move { rotation::rotate(&engine, &n, force).await });
+            let task = tokio::spawn(async move {
+                let _slot = engine.slot(&n).await;
+                rotation::rotate(&engine, &n, force).await
+            });
             async move {
                 task.await
                     .unwrap_or_else(|e| Report::lost(&name, &e.to_string()))
             }
         })
-        .buffer_unordered(limit);
+        .collect();
     let mut done: Vec<Report> = Vec::with_capacity(names.len());
     while let Some(r) = stream.next().await {
         if let Some(b) = &bar {

@@ -42,6 +42,15 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         },
     };
     let now = Utc::now();
+    // Built once for the entry fingerprints (no network: building reads and checks keys);
+    // without them every portal would look changed, so status says nothing rather than that.
+    let sinks = match crate::sinks::build(&config) {
+        Ok(s) => s,
+        Err(issues) => {
+            super::print_issues("error", &issues);
+            return Exit::Config;
+        }
+    };
     let mut names: Vec<String> = config.portals.keys().cloned().collect();
     names.extend(
         rows.iter()
@@ -56,14 +65,24 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             .cloned()
             .unwrap_or_default();
         let pc = config.portals.get(name);
-        let next = pc
-            .and_then(|pc| config.schedule_of(pc))
-            .and_then(|s| s.next_fire(name, now))
-            .map(|t| t.timestamp_millis());
-        let next = match (next, row.retry_at.filter(|r| *r > now.timestamp_millis())) {
-            (Some(n), Some(r)) => Some(n.min(r)),
-            (n, r) => n.or(r),
-        };
+        // The planner's answer, the one the daemon acts on.
+        let intent = open
+            .iter()
+            .find(|j| &j.portal == name && j.phase == state::Phase::Intent);
+        let due = pc.and_then(|pc| {
+            let fp = crate::rotation::entry_fingerprint_of(&sinks, pc);
+            crate::schedule::plan::plan(
+                &crate::rotation::policy_of(&config, pc, &fp),
+                &crate::rotation::known_from(Some(&row), intent),
+                &crate::schedule::plan::Now {
+                    now,
+                    started: now,
+                    once: false,
+                },
+            )
+            .due
+        });
+        let next = due.map(|d| d.at.timestamp_millis());
         let mine: Vec<&PendingRow> = pending.iter().filter(|p| &p.portal == name).collect();
         let settling = open
             .iter()
@@ -84,6 +103,9 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             "last_error": row.last_error,
             "failures_in_a_row": row.failures,
             "next_due_at": next,
+            "next_reason": due.map(|d| d.reason.name()),
+            "next_reason_text": due.map(|d| d.reason.describe()),
+            "next_held_by": due.and_then(|d| d.held).map(|h| h.describe()),
             "unused": row.unused,
             "total": row.total,
             "codes_seen_at": row.seen_at,
@@ -123,7 +145,15 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             println!(
                 "  next due: {}",
                 match p["next_due_at"].as_i64() {
-                    Some(t) => fmt_ms(Some(t)),
+                    Some(t) => format!(
+                        "{} ({}{})",
+                        fmt_ms(Some(t)),
+                        p["next_reason_text"].as_str().unwrap_or_default(),
+                        p["next_held_by"]
+                            .as_str()
+                            .map(|h| format!(", {h}"))
+                            .unwrap_or_default()
+                    ),
                     None => "manual only".into(),
                 }
             );

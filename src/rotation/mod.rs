@@ -142,6 +142,20 @@ pub struct Engine {
     pub limits: Arc<limits::Limits>,
 }
 
+/// [`Engine::entry_fingerprint`] from built sinks.
+pub fn entry_fingerprint_of(sinks: &Sinks, pc: &PortalConfig) -> String {
+    use sha2::Digest;
+    let mut text = format!("url {}\nkey {}\n", pc.url, pc.api_key.value.describe());
+    for s in &pc.sinks {
+        let id = sinks
+            .get(s)
+            .map(|k| k.identity(&pc.name))
+            .unwrap_or_default();
+        text.push_str(&format!("sink {s} {id}\n"));
+    }
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
+}
+
 /// Building an engine failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -208,17 +222,7 @@ impl Engine {
     /// key reference, and each sink's target, recipients and keys. Not secret (it holds no
     /// secret values), so a plain SHA-256.
     pub fn entry_fingerprint(&self, pc: &PortalConfig) -> String {
-        use sha2::Digest;
-        let mut text = format!("url {}\nkey {}\n", pc.url, pc.api_key.value.describe());
-        for s in &pc.sinks {
-            let id = self
-                .sinks
-                .get(s)
-                .map(|k| k.identity(&pc.name))
-                .unwrap_or_default();
-            text.push_str(&format!("sink {s} {id}\n"));
-        }
-        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
+        entry_fingerprint_of(&self.sinks, pc)
     }
 
     /// An engine for a new config that shares this one's store, metrics and stop flag (a

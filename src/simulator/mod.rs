@@ -226,12 +226,16 @@ struct Account {
     linked_app: bool,
     codes: Vec<(String, bool)>,
     window: (Instant, u32),
+    /// Sets replaced through the API (PUTs applied, late ones included).
+    puts_applied: usize,
 }
 
 struct Inner {
     config: SimConfig,
     /// Sets changed outside the API (a person in the web UI).
     regenerated: usize,
+    /// Requests being served now, and the most at once, by method.
+    in_flight: HashMap<String, (usize, usize)>,
     by_key: HashMap<String, usize>,
     accounts: Vec<Account>,
     faults: VecDeque<Fault>,
@@ -265,6 +269,7 @@ impl Simulator {
         let inner = Arc::new(Mutex::new(Inner {
             config,
             regenerated: 0,
+            in_flight: HashMap::new(),
             by_key: HashMap::new(),
             accounts: Vec::new(),
             faults: VecDeque::new(),
@@ -334,6 +339,7 @@ impl Simulator {
             linked_app: spec.linked_app,
             codes,
             window: (Instant::now(), 0),
+            puts_applied: 0,
         });
         s.by_key.insert(key.clone(), idx);
         key
@@ -369,6 +375,17 @@ impl Simulator {
     /// web UI would: no API request, nothing in the log. Returns the new codes.
     pub fn regenerate(&self, key: &str) -> Vec<String> {
         regenerate(&mut self.lock(), key)
+    }
+
+    /// The most requests with this method that were ever served at once.
+    pub fn max_in_flight(&self, method: &str) -> usize {
+        self.lock().in_flight.get(method).map_or(0, |(_, max)| *max)
+    }
+
+    /// How many PUTs were applied to the set of the user with this key.
+    pub fn puts_applied(&self, key: &str) -> usize {
+        let s = self.lock();
+        s.by_key.get(key).map_or(0, |i| s.accounts[*i].puts_applied)
     }
 
     /// How many sets were regenerated outside the API.
@@ -578,6 +595,33 @@ fn apply_later(
     })
 }
 
+/// Counts a request in flight until dropped (also when its client goes away).
+struct InFlight {
+    inner: Arc<Mutex<Inner>>,
+    method: String,
+}
+
+impl InFlight {
+    fn new(inner: &Arc<Mutex<Inner>>, method: &Method) -> Self {
+        let mut s = lock(inner);
+        let e = s.in_flight.entry(method.to_string()).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+        Self {
+            inner: inner.clone(),
+            method: method.to_string(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(e) = lock(&self.inner).in_flight.get_mut(&self.method) {
+            e.0 = e.0.saturating_sub(1);
+        }
+    }
+}
+
 async fn handle(
     State(inner): State<Arc<Mutex<Inner>>>,
     method: Method,
@@ -586,6 +630,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
+    let _counted = (!path.starts_with("/__sim/")).then(|| InFlight::new(&inner, &method));
 
     // Faults that act before the request is processed.
     let (fault, latency) = {
@@ -904,6 +949,7 @@ fn route(
             }
             let codes = new_codes(&s.config);
             s.accounts[idx].codes = codes;
+            s.accounts[idx].puts_applied += 1;
             (
                 envelope(&base, path, method, codes_json(&s.accounts[idx].codes)),
                 true,
