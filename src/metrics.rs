@@ -333,3 +333,27 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_once_the_loop_is_past_its_planned_wake_up() {
+        let m = Metrics::default();
+        assert!(!m.healthy(HEALTH_GRACE), "not alive before the loop runs");
+        m.alive.store(true, Ordering::SeqCst);
+        m.planned_wake(None);
+        assert!(m.healthy(HEALTH_GRACE), "asleep until an event: fine");
+        let now = chrono::Utc::now();
+        m.planned_wake(Some(now + chrono::Duration::seconds(30)));
+        assert!(m.healthy(HEALTH_GRACE));
+        m.planned_wake(Some(now - chrono::Duration::seconds(3)));
+        assert!(m.healthy(HEALTH_GRACE), "a little late is within the grace");
+        m.planned_wake(Some(now - chrono::Duration::seconds(6)));
+        assert!(!m.healthy(HEALTH_GRACE), "stuck past its wake-up");
+        m.planned_wake(Some(now));
+        m.alive.store(false, Ordering::SeqCst);
+        assert!(!m.healthy(HEALTH_GRACE), "stopped");
+    }
+}

@@ -69,7 +69,12 @@ async fn sigterm_during_a_rotation_waits_for_a_safe_point_and_loses_nothing() {
     // The rotation that finished during the stop was recorded: a restart is not a change.
     let d = Daemon::start(&h, &[], &[]);
     assert!(d.wait_log("ready").await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        wait_quiet(&h, "acme", Duration::from_secs(3500)).await,
+        "nothing planned within the hour: {:?} {}",
+        planned(&h, "acme"),
+        d.log()
+    );
     assert_eq!(h.sim.rotations(), 1, "{}", d.log());
     d.term().await;
 }
@@ -173,10 +178,16 @@ async fn editing_one_portals_recipients_rotates_that_portal_only_and_invalid_edi
     let (code, _, log) = d.term().await;
     assert_eq!(code, Some(0), "{log}");
 
-    // A restart is not a change.
+    // A restart is not a change: every portal's next rotation is its schedule's fire.
     let d = Daemon::start(&h, &[], &[]);
     assert!(d.wait_log("ready").await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for p in h.keys.keys() {
+        assert!(
+            wait_quiet(&h, p, Duration::from_secs(3500)).await,
+            "{p}: {:?}",
+            planned(&h, p)
+        );
+    }
     assert_eq!(h.sim.rotations(), 4, "{}", d.log());
     d.term().await;
 }
@@ -193,7 +204,17 @@ async fn the_unused_code_watch_rotates_after_a_code_is_used() {
     );
     let d = Daemon::start(&h, &[], &[]);
     assert!(d.wait_log("ready").await);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The first watch read has been made and planned the next one: it did not rotate.
+    assert!(
+        wait_for(Duration::from_secs(10), || h.sim.count("GET") >= 1
+            && planned(&h, "acme").1.as_deref() == Some("watch")
+            && planned(&h, "acme")
+                .0
+                .is_some_and(|t| t > chrono::Utc::now().timestamp_millis()))
+        .await,
+        "{}",
+        d.log()
+    );
     assert_eq!(
         h.sim.rotations(),
         0,
@@ -249,17 +270,20 @@ async fn a_fire_missed_while_down_runs_once_at_start_only_with_catch_up() {
                 "{}",
                 d.log()
             );
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            assert_eq!(
-                h.sim.rotations(),
-                2,
-                "three missed fires run once: {}",
-                d.log()
-            );
-        } else {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            assert_eq!(h.sim.rotations(), 1, "no catch-up: {}", d.log());
         }
+        // Next: tomorrow's (or today's) 03:00, not another missed fire.
+        assert!(
+            wait_quiet(&h, "acme", Duration::from_secs(60)).await,
+            "{:?} {}",
+            planned(&h, "acme"),
+            d.log()
+        );
+        assert_eq!(
+            h.sim.rotations(),
+            if catch_up { 2 } else { 1 },
+            "three missed fires run once with catch_up, never without: {}",
+            d.log()
+        );
         d.term().await;
     }
 }
@@ -326,7 +350,13 @@ async fn min_interval_holds_scheduled_rotations_back() {
     );
     let d = Daemon::start(&h, &[], &[]);
     assert!(wait_for(Duration::from_secs(10), || h.sim.rotations() == 1).await);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The fires of the next hour are dropped: the next one planned is an hour away.
+    assert!(
+        wait_quiet(&h, "acme", Duration::from_secs(3500)).await,
+        "{:?} {}",
+        planned(&h, "acme"),
+        d.log()
+    );
     assert_eq!(h.sim.rotations(), 1, "{}", d.log());
     d.term().await;
 }

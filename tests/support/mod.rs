@@ -245,6 +245,33 @@ pub async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// What the daemon's planner stored for a portal: (next due, Unix ms; its reason).
+pub fn planned(h: &Harness, portal: &str) -> (Option<i64>, Option<String>) {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        h.path("state/state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return (None, None);
+    };
+    db.query_row(
+        "SELECT next_due_at, next_reason FROM portals WHERE name = ?1",
+        [portal],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap_or((None, None))
+}
+
+/// Waits until the daemon's plan for `portal` is due no sooner than `not_before` from now:
+/// then nothing happens to it until then (the planner's rules are unit-tested), which a
+/// test can so show without sleeping.
+pub async fn wait_quiet(h: &Harness, portal: &str, not_before: Duration) -> bool {
+    wait_for(Duration::from_secs(20), || {
+        let horizon = chrono::Utc::now().timestamp_millis() + not_before.as_millis() as i64;
+        planned(h, portal).0.is_some_and(|t| t >= horizon)
+    })
+    .await
+}
+
 /// Runs the command every 200 ms until it exits with `code`, for at most `limit` (a settle
 /// window to pass); true when it did.
 pub async fn wait_for_exit(h: &Harness, args: &[&str], code: i32, limit: Duration) -> bool {
