@@ -71,6 +71,10 @@ struct Supervisor {
     started: DateTime<Utc>,
     once: bool,
     failed: usize,
+    /// Plans to store, batched: every job finished in one turn of the loop shares a commit.
+    dirty: Vec<PlanWrite>,
+    /// The pending-deliveries gauge needs a fresh count.
+    count_pending: bool,
     tracker: TaskTracker,
     done_tx: mpsc::UnboundedSender<Done>,
 }
@@ -154,6 +158,8 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         started: Utc::now(),
         once,
         failed: 0,
+        dirty: Vec::new(),
+        count_pending: false,
         tracker: TaskTracker::new(),
         done_tx,
     };
@@ -163,7 +169,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
     }
     let planned = std::time::Instant::now();
     sup.replan_all().await;
-    tracing::debug!(
+    tracing::info!(
         portals = sup.known.len(),
         took_ms = planned.elapsed().as_millis() as u64,
         "planned"
@@ -232,9 +238,16 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(()) = reload_rx.recv() => sup.reload().await,
-            Some(done) = done_rx.recv() => sup.finish(done).await,
+            Some(done) = done_rx.recv() => {
+                sup.finish(done).await;
+                // Whatever else finished meanwhile shares this turn (and its commit).
+                while let Ok(more) = done_rx.try_recv() {
+                    sup.finish(more).await;
+                }
+            }
             () = sleep => {}
         }
+        sup.flush().await;
     }
 
     if !once {
@@ -261,6 +274,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
     while let Ok(done) = done_rx.try_recv() {
         sup.finish(done).await;
     }
+    sup.flush().await;
     metrics.alive.store(false, Ordering::SeqCst);
     notifier.flush().await;
     tracing::info!("stopped");
@@ -454,7 +468,7 @@ impl Supervisor {
     async fn finish(&mut self, done: Done) {
         let Some(name) = done.portal else {
             self.delivering = false;
-            self.refresh_pending().await;
+            self.count_pending = true;
             return;
         };
         self.in_flight.remove(&name);
@@ -503,11 +517,21 @@ impl Supervisor {
             self.engine.metrics.unused(&name, u);
         }
         self.known.insert(name.clone(), k);
-        if !self.once {
-            let writes: Vec<PlanWrite> = self.replan(&name).into_iter().collect();
-            self.persist(writes).await;
+        if !self.once
+            && let Some(w) = self.replan(&name)
+        {
+            self.dirty.push(w);
         }
-        self.refresh_pending().await;
+        self.count_pending = true;
+    }
+
+    /// Stores the plans of this turn in one commit, and counts the spool once.
+    async fn flush(&mut self) {
+        let writes = std::mem::take(&mut self.dirty);
+        self.persist(writes).await;
+        if std::mem::take(&mut self.count_pending) {
+            self.refresh_pending().await;
+        }
     }
 
     /// Sets the pending-deliveries gauge from the spool.

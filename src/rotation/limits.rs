@@ -10,16 +10,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::MAX_RETRY_AFTER;
 
+/// One host's slots. Its semaphore is fair (first come, first served), so a freed slot
+/// wakes one waiter, not all of them: thousands of queued rotations cost nothing while they
+/// wait. Lowering the limit forgets permits as they come back (`owed`); raising it adds one.
 #[derive(Debug)]
 struct Host {
+    slots: Arc<Semaphore>,
     /// The limit now: `max_per_host`, lowered by 429s.
     limit: usize,
-    in_flight: usize,
+    /// Permits to forget as they are released, after the limit was lowered.
+    owed: usize,
     paused_until: Option<Instant>,
 }
 
@@ -30,24 +35,25 @@ pub struct Limits {
     per_host: usize,
     // A std mutex: held only for a few field updates, never across an await.
     hosts: Mutex<HashMap<String, Host>>,
-    freed: Notify,
 }
 
 /// Both slots of one rotation; released on drop.
 pub struct Slot {
     limits: Arc<Limits>,
     host: String,
+    host_slot: Option<OwnedSemaphorePermit>,
     _global: OwnedSemaphorePermit,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut hosts = self.limits.lock();
-        if let Some(h) = hosts.get_mut(&self.host) {
-            h.in_flight = h.in_flight.saturating_sub(1);
+        if let (Some(h), Some(p)) = (hosts.get_mut(&self.host), self.host_slot.take())
+            && h.owed > 0
+        {
+            h.owed -= 1;
+            p.forget();
         }
-        drop(hosts);
-        self.limits.freed.notify_waiters();
     }
 }
 
@@ -63,7 +69,6 @@ impl Limits {
             global: Arc::new(Semaphore::new(max_concurrent.max(1))),
             per_host: per_host.max(1),
             hosts: Mutex::default(),
-            freed: Notify::new(),
         })
     }
 
@@ -73,49 +78,45 @@ impl Limits {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a slot on `host`, then a global one.
+    /// The host's semaphore and the end of its pause, if paused.
+    fn host(&self, host: &str) -> (Arc<Semaphore>, Option<Instant>) {
+        let mut hosts = self.lock();
+        let h = hosts.entry(host.to_string()).or_insert_with(|| Host {
+            slots: Arc::new(Semaphore::new(self.per_host)),
+            limit: self.per_host,
+            owed: 0,
+            paused_until: None,
+        });
+        let paused = h.paused_until.filter(|p| *p > Instant::now());
+        (h.slots.clone(), paused)
+    }
+
+    /// Waits for a slot on `host` (not while the host is paused), then a global one.
     pub async fn acquire(self: &Arc<Self>, host: &str) -> Slot {
-        loop {
-            let notified = self.freed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let pause = {
-                let mut hosts = self.lock();
-                let h = hosts.entry(host.to_string()).or_insert(Host {
-                    limit: self.per_host,
-                    in_flight: 0,
-                    paused_until: None,
-                });
-                match h.paused_until {
-                    Some(p) if p > Instant::now() => Some(p),
-                    _ if h.in_flight < h.limit => {
-                        h.in_flight += 1;
-                        None
-                    }
-                    _ => Some(Instant::now() + Duration::from_secs(3600)),
-                }
-            };
-            match pause {
-                None => break,
-                // Woken by a freed slot, or by the end of the pause.
-                Some(until) => {
-                    tokio::select! {
-                        () = &mut notified => {}
-                        () = tokio::time::sleep_until(until) => {}
-                    }
-                }
+        let host_slot = loop {
+            let (slots, paused) = self.host(host);
+            if let Some(until) = paused {
+                tokio::time::sleep_until(until).await;
+                continue;
             }
-        }
-        // The semaphore is never closed, so acquiring can only wait.
-        let global = self
-            .global
-            .clone()
-            .acquire_owned()
-            .await
-            .unwrap_or_else(|_| unreachable!("the global semaphore is never closed"));
+            // Never closed, so acquiring can only wait.
+            let Ok(permit) = slots.acquire_owned().await else {
+                continue;
+            };
+            // Paused while we waited: give the slot back and wait out the pause.
+            if self.host(host).1.is_some() {
+                drop(permit);
+                continue;
+            }
+            break permit;
+        };
+        let Ok(global) = self.global.clone().acquire_owned().await else {
+            unreachable!("the global semaphore is never closed")
+        };
         Slot {
             limits: self.clone(),
             host: host.to_string(),
+            host_slot: Some(host_slot),
             _global: global,
         }
     }
@@ -127,7 +128,17 @@ impl Limits {
             .min(MAX_RETRY_AFTER);
         let mut hosts = self.lock();
         if let Some(h) = hosts.get_mut(host) {
-            h.limit = (h.limit / 2).max(1);
+            let lower = (h.limit / 2).max(1);
+            let mut drop_n = h.limit - lower;
+            h.limit = lower;
+            // Forget the free permits at once; those in use as they come back.
+            while drop_n > 0
+                && let Ok(p) = h.slots.clone().try_acquire_owned()
+            {
+                p.forget();
+                drop_n -= 1;
+            }
+            h.owed += drop_n;
             let until = Instant::now() + pause;
             h.paused_until = Some(h.paused_until.map_or(until, |p| p.max(until)));
             tracing::warn!(
@@ -146,9 +157,12 @@ impl Limits {
             && h.limit < self.per_host
         {
             h.limit += 1;
+            if h.owed > 0 {
+                h.owed -= 1;
+            } else {
+                h.slots.add_permits(1);
+            }
         }
-        drop(hosts);
-        self.freed.notify_waiters();
     }
 
     /// The host's current limit (for tests and logs).
@@ -204,6 +218,17 @@ mod tests {
 
         limits.rate_limited("h0", Some(Duration::from_secs(30)));
         assert_eq!(limits.limit_of("h0"), 1);
+        // Lowered to one: while one slot is held, a second waits.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let one = limits.acquire("h0").await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), limits.acquire("h0"))
+                .await
+                .is_err(),
+            "the halved limit holds"
+        );
+        drop(one);
+        limits.rate_limited("h0", Some(Duration::from_secs(30)));
         let start = Instant::now();
         let slot = limits.acquire("h0").await;
         assert!(start.elapsed() >= Duration::from_secs(30), "paused");
@@ -215,5 +240,30 @@ mod tests {
         let start = Instant::now();
         drop(limits.acquire("h1").await);
         assert_eq!(start.elapsed().as_secs(), 3600);
+    }
+
+    /// Thousands of queued rotations: each freed slot wakes one waiter, so this stays fast.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_waiters_cost_little() {
+        let limits = Limits::new(64, 8);
+        let started = std::time::Instant::now();
+        let tasks: Vec<_> = (0..10_000)
+            .map(|i| {
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    let _slot = limits.acquire(&format!("h{}", i % 10)).await;
+                    tokio::task::yield_now().await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Quadratic wake-ups took seconds here; one wake per slot takes milliseconds.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
