@@ -31,6 +31,7 @@ pub enum Exit {
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> u8 {
     init_logging(&cli);
+    no_core_dumps();
     #[cfg(feature = "failpoints")]
     let _failpoints = setup_failpoints();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -105,6 +106,23 @@ fn init_logging(cli: &Cli) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
+}
+
+/// A core dump of this process would hold codes and API keys: the process forbids its own
+/// (RLIMIT_CORE 0, and not dumpable, which also keeps other users' debuggers out), whatever
+/// the unit or shell set. A failure is logged, not fatal: the unit's `LimitCORE=0` stands.
+pub fn no_core_dumps() {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, none) {
+        tracing::warn!(error = %e, "could not disable core dumps (RLIMIT_CORE)");
+    }
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "could not mark the process not dumpable");
+    }
 }
 
 #[cfg(feature = "failpoints")]

@@ -925,10 +925,12 @@ async fn seal_and_deliver(
     // with the journal's close in one commit. A crash before it delivers them again on the
     // next start (the same set, so the sinks end up the same).
     let mut outcomes = Vec::with_capacity(ids.len());
+    let mut plain_delivered = false;
     for (id, (sink_name, payload)) in ids.into_iter().zip(&payloads) {
         let sink = sink_of(engine, name, sink_name)?;
         let outcome = attempt_delivery(engine, name, sink, payload, 0).await;
         let ok = outcome.is_ok();
+        plain_delivered |= ok && !sink.encrypted();
         outcomes.push((id, outcome));
         if ok {
             fail_point("rotation::mid_delivery");
@@ -944,19 +946,22 @@ async fn seal_and_deliver(
         "delivery_pending"
     };
     let p = name.to_string();
-    store
-        .write(move |c| {
-            for (id, outcome) in &outcomes {
-                outcome.record(c, *id)?;
-            }
-            state::close_journal(c, journal_id, "done", None)?;
-            if rotated {
-                state::record_rotated(c, &p, result)
-            } else {
-                state::add_history(c, &p, "resent", result)
-            }
-        })
-        .await?;
+    let write = move |c: &rusqlite::Connection| {
+        for (id, outcome) in &outcomes {
+            outcome.record(c, *id)?;
+        }
+        state::close_journal(c, journal_id, "done", None)?;
+        if rotated {
+            state::record_rotated(c, &p, result)
+        } else {
+            state::add_history(c, &p, "resent", result)
+        }
+    };
+    if plain_delivered {
+        store.write_then_checkpoint(write).await?;
+    } else {
+        store.write(write).await?;
+    }
     let msg = match (rotated, pending) {
         (true, 0) => format!(
             "rotated: {total} new codes delivered to {}",
@@ -1056,7 +1061,13 @@ async fn deliver_portal(
         let outcome = attempt_delivery(engine, portal, sink, &e.payload, e.attempts).await;
         let ok = outcome.is_ok();
         let id = e.id;
-        store.write(move |c| outcome.record(c, id)).await?;
+        if ok && !sink.encrypted() {
+            store
+                .write_then_checkpoint(move |c| outcome.record(c, id))
+                .await?;
+        } else {
+            store.write(move |c| outcome.record(c, id)).await?;
+        }
         if ok {
             delivered += 1;
             fail_point("rotation::mid_delivery");

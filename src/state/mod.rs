@@ -142,7 +142,8 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 #[derive(Default)]
 struct WriteQueue {
-    jobs: Vec<WriteJob>,
+    /// Each job, and whether the WAL is to be checkpointed once its batch is committed.
+    jobs: Vec<(WriteJob, bool)>,
     /// A blocking task is draining the queue; new writes join its next batch.
     draining: bool,
 }
@@ -172,6 +173,11 @@ pub struct PortalLock {
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// The directory must belong to the user running us: one owned by another user is
+    /// refused (they could swap our files), and ours is tightened to 0700. The database and
+    /// lock files are never opened through a symbolic link, and their modes are set on the
+    /// opened file, not by path.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         if !dir.exists() {
             fs::DirBuilder::new()
@@ -180,54 +186,42 @@ impl Store {
                 .create(dir)
                 .map_err(io(dir, "creating"))?;
         }
-        let meta = fs::metadata(dir).map_err(io(dir, "reading metadata"))?;
-        if !meta.is_dir() {
-            return Err(StateError::Unsafe {
-                path: dir.into(),
-                reason: "is not a directory".into(),
-            });
-        }
-        if meta.permissions().mode() & 0o077 != 0 {
-            // Tighten a directory we created or own; refuse if that fails.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|_| {
-                StateError::Unsafe {
-                    path: dir.into(),
-                    reason: format!(
-                        "has mode {:o}; it must be 0700",
-                        meta.permissions().mode() & 0o7777
-                    ),
-                }
-            })?;
-        }
+        // The directory itself may be reached through a link (systemd's DynamicUser makes
+        // /var/lib/NAME one to /var/lib/private/NAME); what it leads to must be ours.
+        trusted_dir(dir, dir)?;
         let locks = dir.join("locks");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&locks)
-            .map_err(io(&locks, "creating"))?;
+        if !locks.exists() {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&locks)
+                .map_err(io(&locks, "creating"))?;
+        }
+        no_link(&locks)?;
+        trusted_dir(dir, &locks)?;
         // Setting WAL mode and migrating need the database to themselves; processes that
         // start together take turns here (the kernel drops the lock if one dies).
         let setup_path = dir.join("locks").join(".setup.lock");
-        let setup = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&setup_path)
-            .map_err(io(&setup_path, "opening the setup lock"))?;
+        let setup =
+            open_no_follow(&setup_path).map_err(io(&setup_path, "opening the setup lock"))?;
         setup
             .lock()
             .map_err(io(&setup_path, "taking the setup lock"))?;
         let db = dir.join(DB_FILE);
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&db)
-            .map_err(io(&db, "creating the database"))?;
-        fs::set_permissions(&db, fs::Permissions::from_mode(0o600))
+        for side in ["", "-wal", "-shm", "-journal"] {
+            no_link(&dir.join(format!("{DB_FILE}{side}")))?;
+        }
+        let file = open_no_follow(&db).map_err(io(&db, "creating the database"))?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(io(&db, "setting mode 0600"))?;
-        let mut conn = Connection::open(&db).map_err(sql("opening"))?;
+        drop(file);
+        let mut conn = Connection::open_with_flags(
+            &db,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        )
+        .map_err(sql("opening"))?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(sql("setting the busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -260,7 +254,9 @@ impl Store {
         }
         let conn = Connection::open_with_flags(
             &db,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
         .map_err(sql("opening read-only"))?;
         conn.busy_timeout(Duration::from_secs(30))
@@ -338,6 +334,26 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
     {
+        self.write_with(f, false).await
+    }
+
+    /// [`Store::write`], then a checkpoint that truncates the WAL: for a write that drops
+    /// plain text (a delivered plain-text payload). `secure_delete` zeroes the database's
+    /// pages, but the WAL still holds the frames the text was written in until a
+    /// checkpoint copies the latest pages back and truncates it.
+    pub async fn write_then_checkpoint<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+    {
+        self.write_with(f, true).await
+    }
+
+    async fn write_with<T, F>(&self, f: F, checkpoint: bool) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: WriteJob = Box::new(move |c: &Connection| match f(c) {
             Ok(v) => (
@@ -359,7 +375,7 @@ impl Store {
         });
         let start = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.jobs.push(job);
+            q.jobs.push((job, checkpoint));
             !std::mem::replace(&mut q.draining, true)
         };
         if start {
@@ -394,9 +410,10 @@ impl Store {
             };
             let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             let mut replies = Vec::with_capacity(jobs.len());
+            let checkpoint = jobs.iter().any(|(_, ck)| *ck);
             let committed = (|| -> Result<(), rusqlite::Error> {
                 exec(&c, "BEGIN IMMEDIATE", [])?;
-                for job in jobs {
+                for (job, _) in jobs {
                     exec(&c, "SAVEPOINT w", [])?;
                     let (ok, reply) = job(&c);
                     if !ok {
@@ -412,6 +429,18 @@ impl Store {
                 let _ = c.execute_batch("ROLLBACK");
                 format!("committing: {e}")
             });
+            if checkpoint && committed.is_ok() {
+                // Before anyone hears back: a caller that moves on finds no plain text left.
+                // A reader in another process can keep frames alive (SQLITE_BUSY); the next
+                // checkpoint, or the last connection's close, takes them then.
+                match c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                }) {
+                    Ok(0) => {}
+                    Ok(_) => tracing::debug!("the WAL checkpoint was blocked by a reader"),
+                    Err(e) => tracing::warn!(error = %e, "checkpointing the WAL"),
+                }
+            }
             drop(c);
             for reply in replies {
                 reply(committed.clone());
@@ -427,13 +456,7 @@ impl Store {
     ) -> Result<PortalLock, StateError> {
         let path = self.dir.join("locks").join(format!("{portal}.lock"));
         let deadline = tokio::time::Instant::now() + wait;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path, "opening the portal lock"))?;
+        let file = open_no_follow(&path).map_err(io(&path, "opening the portal lock"))?;
         let mut delay = Duration::from_millis(5);
         loop {
             match file.try_lock() {
@@ -451,6 +474,68 @@ impl Store {
             }
         }
     }
+}
+
+/// Creates or opens a file of ours (0600) without following a symbolic link at `path`.
+fn open_no_follow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Refuses a symbolic link at `path` (a planted link would redirect our writes).
+fn no_link(path: &Path) -> Result<(), StateError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(StateError::Unsafe {
+            path: path.to_path_buf(),
+            reason:
+                "is a symbolic link; the state's files are never opened through one (remove it)"
+                    .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `path` must be a directory owned by the user running us; a wider mode is tightened to
+/// 0700 (or the directory refused if that fails).
+fn trusted_dir(state: &Path, path: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(io(path, "reading metadata"))?;
+    if !meta.is_dir() {
+        return Err(StateError::Unsafe {
+            path: path.into(),
+            reason: "is not a directory".into(),
+        });
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(StateError::Unsafe {
+            path: path.into(),
+            reason: format!(
+                "belongs to uid {}, not to the user running tfa-rotator (uid {me}); another user could \
+                 replace the state's files. Run as its owner (see the README on commands run by hand), \
+                 or give it to this user. The state directory is {}",
+                meta.uid(),
+                state.display()
+            ),
+        });
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|_| {
+            StateError::Unsafe {
+                path: path.into(),
+                reason: format!(
+                    "has mode {:o}; it must be 0700",
+                    meta.permissions().mode() & 0o7777
+                ),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {

@@ -8,6 +8,7 @@ mod daemon;
 mod dry_run;
 mod email;
 mod file_sink;
+mod hardening;
 mod planner;
 mod protocol;
 mod secrets;

@@ -1,0 +1,143 @@
+//! Hardening against hostile local users and the leftovers of secrets at rest: the state
+//! directory's trust, symbolic links planted in it, core dumps, plain codes in the WAL.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use crate::support::*;
+
+async fn one_portal() -> Harness {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    h
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_database_link_is_refused_and_its_target_untouched() {
+    let h = one_portal().await;
+    std::fs::create_dir_all(h.path("state")).unwrap();
+    std::fs::set_permissions(h.path("state"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let target = h.path("victim");
+    std::fs::write(&target, "not yours").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&target, h.path("state/state.sqlite")).unwrap();
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644, "not chmod'ed");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "not yours");
+    assert_eq!(h.sim.count("PUT"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planted_lock_link_creates_nothing_and_open_locks_are_tightened() {
+    let h = one_portal().await;
+    // A first rotation makes the state; then someone loosens locks/ and plants a link.
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    std::fs::set_permissions(
+        h.path("state/locks"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::remove_file(h.path("state/locks/acme.lock")).unwrap();
+    let elsewhere = h.path("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, h.path("state/locks/acme.lock")).unwrap();
+    let out = h.run(&["rotate", "acme", "--force"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(!elsewhere.exists(), "no file made at the link's target");
+    let mode = std::fs::metadata(h.path("state/locks"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "locks/ tightened");
+    // Removing the link lets it work again.
+    std::fs::remove_file(h.path("state/locks/acme.lock")).unwrap();
+    assert_eq!(h.run(&["rotate", "acme", "--force"]).await.code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_directory_of_another_user_is_refused() {
+    let h = one_portal().await;
+    std::fs::create_dir(h.path("state")).unwrap();
+    // uid 65534 (nobody): another user owns it.
+    std::os::unix::fs::chown(h.path("state"), Some(65534), Some(65534)).unwrap();
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("belongs to uid 65534"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(h.sim.count("PUT"), 0);
+    // Ours but open to others: tightened.
+    std::os::unix::fs::chown(h.path("state"), Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(h.path("state"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    let mode = std::fs::metadata(h.path("state"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_process_forbids_its_own_core_dumps() {
+    let h = one_portal().await;
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(d.wait_log("ready").await, "{}", d.log());
+    let pid = d.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], &["0", "0"], "{core}");
+    d.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_code_remains_in_the_state_once_a_plain_payload_is_delivered() {
+    let h = one_portal().await;
+    // One-shot: rotate, then the files of the state directory hold none of the codes.
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    let codes = h.accepted("acme");
+    let bytes = h.state_bytes();
+    assert!(!bytes.is_empty());
+    for c in &codes {
+        assert!(
+            !contains(&bytes, c),
+            "a code is in the state after a one-shot rotate"
+        );
+    }
+    // The daemon: while it runs (its connection open), after it rotated.
+    edit_config(&h, |t| {
+        format!(
+            "[schedules.s]\ncron = \"@yearly\"\nwatch_every = \"off\"\n\n{}",
+            t.replace("sinks = [", "schedule = \"s\"\nsinks = [")
+        )
+    });
+    std::fs::remove_dir_all(h.path("state")).unwrap();
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || h.sim.rotations() == 2
+            && h.plain_sink("codes/acme.txt") == Some(h.accepted("acme")))
+        .await,
+        "{}",
+        d.log()
+    );
+    assert!(d.wait_log("rotated: 5").await, "{}", d.log());
+    let codes = h.accepted("acme");
+    let bytes = h.state_bytes();
+    for c in &codes {
+        assert!(
+            !contains(&bytes, c),
+            "a code is in the state while the daemon runs"
+        );
+    }
+    d.term().await;
+}
