@@ -3,15 +3,21 @@
 //! A write goes to a temporary file in the target's directory, created exclusively with the
 //! final mode and `O_NOFOLLOW`, fsync'd, renamed over the target, and the directory fsync'd:
 //! a reader sees the old file or the new one, never a mix, and after a crash the rename is
-//! durable. The target is never a symbolic link, and the directory must not be writable by
-//! others (who could swap the file).
+//! durable. The target is never a symbolic link. The directory is opened by
+//! [`super::trusted::open_dir`] (StrictModes: it and its ancestors owned by root or us, not
+//! writable by others) and every step goes through its descriptor (`openat`, `renameat`,
+//! `fsync`), so swapping a directory on the path cannot redirect the write. Temporary files
+//! a crash left (`.NAME.tmp-…`, whole code sets) are removed at the next delivery, which
+//! runs under the portal's lock, so no other process is writing one at that moment.
 
-use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, fchmod, fsync, openat, renameat, statat, unlinkat,
+};
 
 use super::{DeliveryError, SinkError};
 use crate::config::FileSinkConfig;
@@ -110,93 +116,117 @@ impl FileSink {
         }
     }
 
-    fn check_target(&self, target: &Path) -> Result<PathBuf, String> {
+    /// Opens the target's directory (trusted, see [`super::trusted`]) and checks the target
+    /// itself; returns the directory's descriptor, its resolved path and the file name.
+    fn open_target(&self, target: &Path) -> Result<(OwnedFd, PathBuf, String), String> {
         let dir = target
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        let meta = fs::metadata(&dir).map_err(|e| format!("directory {}: {e}", dir.display()))?;
-        if !meta.is_dir() {
-            return Err(format!("{} is not a directory", dir.display()));
-        }
-        if meta.mode() & 0o002 != 0 {
-            return Err(format!(
-                "directory {} is writable by others (mode {:04o}); another user could replace the file",
-                dir.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        match fs::symlink_metadata(target) {
-            Ok(m) if m.file_type().is_symlink() => Err(format!(
+            .unwrap_or(Path::new("."));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("{} names no file", target.display()))?;
+        let (fd, resolved) = super::trusted::open_dir(dir)?;
+        match statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => Err(format!(
                 "{} is a symbolic link; refusing to write through it",
                 target.display()
             )),
-            Ok(m) if !m.is_file() => Err(format!(
+            Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile => Err(format!(
                 "{} exists and is not a regular file",
                 target.display()
             )),
-            _ => Ok(dir),
+            _ => Ok((fd, resolved, name)),
         }
     }
 
-    fn temp_path(dir: &Path, target: &Path) -> PathBuf {
-        let base = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tag: u64 = rand::thread_rng().r#gen();
-        dir.join(format!(".{base}.tmp-{tag:016x}"))
+    /// The file this sink writes for `portal`, with its directory's links followed (to find
+    /// two portals that would write one file); `None` when the directory cannot be opened.
+    pub fn resolved_target(&self, portal: &str) -> Option<PathBuf> {
+        let target = self.target(portal);
+        let (_, dir, name) = self.open_target(&target).ok()?;
+        Some(dir.join(name))
     }
 
-    fn create_exclusive(&self, path: &Path) -> std::io::Result<fs::File> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(self.mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?;
+    fn temp_name(name: &str, kind: &str) -> String {
+        let tag: u64 = rand::thread_rng().r#gen();
+        format!(".{name}.{kind}-{tag:016x}")
+    }
+
+    fn create_exclusive(&self, dir: &OwnedFd, name: &str) -> std::io::Result<std::fs::File> {
+        let fd = openat(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(self.mode),
+        )?;
         // The umask may have narrowed the mode; set exactly what was configured.
-        f.set_permissions(fs::Permissions::from_mode(self.mode))?;
-        Ok(f)
+        fchmod(&fd, Mode::from_raw_mode(self.mode))?;
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// Removes the temporary files of this target that a crash left behind.
+    fn remove_leftovers(dir: &OwnedFd, name: &str) {
+        let prefix = format!(".{name}.tmp-");
+        let Ok(entries) = rustix::fs::Dir::read_from(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy();
+            if file.starts_with(&prefix) {
+                match unlinkat(dir, e.file_name(), AtFlags::empty()) {
+                    Ok(()) => {
+                        tracing::warn!(file = %file, "removed a temporary file a crash left behind")
+                    }
+                    Err(err) => {
+                        tracing::warn!(file = %file, error = %err, "could not remove a leftover temporary file")
+                    }
+                }
+            }
+        }
     }
 
     /// Proves the file can be written: checks the directory and target, then creates and
-    /// removes a temporary file beside the target.
+    /// removes a temporary file beside the target. Its name differs from a delivery's, so a
+    /// `check` running beside a delivery never removes the other's file.
     pub fn preflight(&self, portal: &str) -> Result<(), SinkError> {
         let target = self.target(portal);
         let err = |m: String| SinkError {
             sink: self.name.clone(),
             message: m,
         };
-        let dir = self.check_target(&target).map_err(err)?;
-        let tmp = Self::temp_path(&dir, &target);
-        self.create_exclusive(&tmp)
-            .map_err(|e| err(format!("creating a file in {}: {e}", dir.display())))?;
-        fs::remove_file(&tmp).map_err(|e| err(format!("removing {}: {e}", tmp.display())))?;
+        let (dir, resolved, name) = self.open_target(&target).map_err(err)?;
+        let probe = Self::temp_name(&name, "probe");
+        self.create_exclusive(&dir, &probe)
+            .map_err(|e| err(format!("creating a file in {}: {e}", resolved.display())))?;
+        unlinkat(&dir, probe.as_str(), AtFlags::empty())
+            .map_err(|e| err(format!("removing {probe} in {}: {e}", resolved.display())))?;
         Ok(())
     }
 
-    /// Writes the payload atomically over the target.
+    /// Writes the payload atomically over the target. The caller holds the portal's lock.
     pub fn deliver(&self, portal: &str, payload: &[u8]) -> Result<(), DeliveryError> {
         let target = self.target(portal);
-        let dir = self
-            .check_target(&target)
+        let (dir, _, name) = self
+            .open_target(&target)
             .map_err(DeliveryError::temporary)?;
-        let tmp = Self::temp_path(&dir, &target);
+        Self::remove_leftovers(&dir, &name);
+        let tmp = Self::temp_name(&name, "tmp");
         let write = || -> std::io::Result<()> {
-            let mut f = self.create_exclusive(&tmp)?;
+            let mut f = self.create_exclusive(&dir, &tmp)?;
             f.write_all(payload)?;
             f.sync_all()?;
             drop(f);
             fail::fail_point!("file_sink::before_rename", |_| Err(std::io::Error::other(
                 "failpoint before rename"
             )));
-            fs::rename(&tmp, &target)?;
-            fs::File::open(&dir)?.sync_all()
+            renameat(&dir, tmp.as_str(), &dir, name.as_str())?;
+            fsync(dir.as_fd())?;
+            Ok(())
         };
         write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
+            let _ = unlinkat(&dir, tmp.as_str(), AtFlags::empty());
             DeliveryError::temporary(format!("writing {}: {e}", target.display()))
         })
     }

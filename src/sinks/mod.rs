@@ -10,6 +10,7 @@
 
 pub mod email;
 pub mod file;
+pub mod trusted;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -309,6 +310,44 @@ fn load_pgp(
     out
 }
 
+/// Two portals never write one file: their targets are compared with the directories'
+/// links followed (`out/../out/x` and a linked directory are the same file). The config's
+/// own check compares the written paths; this one needs the file system, so it runs when the
+/// sinks are built. A directory that cannot be opened yet is left to the preflight.
+fn same_file_twice(
+    config: &Config,
+    sinks: &BTreeMap<String, Arc<Sink>>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    let mut seen: BTreeMap<std::path::PathBuf, (String, String)> = BTreeMap::new();
+    for pc in config.portals.values() {
+        for sink_name in &pc.sinks {
+            let Some(Sink::File(f)) = sinks.get(sink_name).map(|s| s.as_ref()) else {
+                continue;
+            };
+            let Some(resolved) = f.resolved_target(&pc.name) else {
+                continue;
+            };
+            match seen.get(&resolved) {
+                Some((p, s)) if p != &pc.name => issues.push(config.issue(
+                    None,
+                    format!("sinks.{sink_name}.path"),
+                    format!(
+                        "portals {p} (sink {s}) and {} (sink {sink_name}) would both write {}; \
+                         one portal's codes would overwrite the other's",
+                        pc.name,
+                        resolved.display()
+                    ),
+                )),
+                Some(_) => {}
+                None => {
+                    seen.insert(resolved, (pc.name.clone(), sink_name.clone()));
+                }
+            }
+        }
+    }
+}
+
 /// Builds every sink: reads and checks keys. Errors are placed like config errors.
 pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
@@ -363,6 +402,7 @@ pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
             by_name.insert(name.clone(), Arc::new(s));
         }
     }
+    same_file_twice(config, &by_name, &mut issues);
     if issues.is_empty() {
         Ok(Sinks { by_name })
     } else {

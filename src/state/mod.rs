@@ -190,11 +190,11 @@ impl Store {
         // /var/lib/NAME one to /var/lib/private/NAME); what it leads to must be ours.
         trusted_dir(dir, dir)?;
         let locks = dir.join("locks");
-        if !locks.exists() {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&locks)
-                .map_err(io(&locks, "creating"))?;
+        match fs::DirBuilder::new().mode(0o700).create(&locks) {
+            // Another process starting at the same moment may have made it.
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&locks, "creating")(e)),
         }
         no_link(&locks)?;
         trusted_dir(dir, &locks)?;

@@ -141,3 +141,130 @@ async fn no_code_remains_in_the_state_once_a_plain_payload_is_delivered() {
     }
     d.term().await;
 }
+
+fn two_portal_config(h: &Harness, a_path: &str, b_path: &str) {
+    let text = format!(
+        "[daemon]\nstate_dir = \"state\"\n\n[sinks.one]\ntype = \"file\"\npath = \"{a_path}\"\n\n[sinks.two]\ntype = \"file\"\npath = \"{b_path}\"\n\n\
+         [portals.acme]\nurl = \"{url}\"\napi_key = {{ file = \"keys/acme\" }}\nsinks = [\"one\"]\n\n\
+         [portals.beta]\nurl = \"{url}\"\napi_key = {{ file = \"keys/beta\" }}\nsinks = [\"two\"]\n",
+        url = h.sim.url()
+    );
+    write_private(&h.config(), &text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_portals_never_write_one_file_however_the_path_is_spelled() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.add_portal("beta");
+    std::os::unix::fs::symlink(h.path("codes"), h.path("linked")).unwrap();
+    for other in [
+        "codes/../codes/same.txt",
+        "linked/same.txt",
+        "./codes/same.txt",
+    ] {
+        two_portal_config(&h, "codes/same.txt", other);
+        let out = h.run(&["rotate", "--all"]).await;
+        assert_eq!(out.code, Some(78), "{other}: {}", out.all());
+        assert!(
+            out.stderr.contains("would both write"),
+            "{other}: {}",
+            out.stderr
+        );
+        assert_eq!(h.sim.count("PUT"), 0, "{other}");
+    }
+    two_portal_config(&h, "codes/a.txt", "linked/b.txt");
+    assert_eq!(h.run(&["rotate", "--all"]).await.code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_directory_others_could_change_is_refused() {
+    let h = one_portal().await;
+    for (mode, owner, want) in [
+        (0o770, 0, "writable by its group"),
+        (0o703, 0, "writable by others"),
+        (0o700, 65534, "owned by uid 65534"),
+    ] {
+        std::fs::set_permissions(h.path("codes"), std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(h.path("codes"), Some(owner), Some(owner)).unwrap();
+        let out = h.run(&["rotate", "acme", "--force"]).await;
+        assert_eq!(out.code, Some(1), "{mode:o}/{owner}: {}", out.all());
+        assert!(out.all().contains(want), "{mode:o}/{owner}: {}", out.all());
+    }
+    assert_eq!(
+        h.sim.count("PUT"),
+        0,
+        "refused by the preflight, before any PUT"
+    );
+    std::fs::set_permissions(h.path("codes"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(h.path("codes"), Some(0), Some(0)).unwrap();
+    // A temporary file a crash left (a whole code set) goes at the next delivery.
+    std::fs::write(h.path("codes/.acme.txt.tmp-00000000deadbeef"), "aaaa\n").unwrap();
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    assert!(!h.path("codes/.acme.txt.tmp-00000000deadbeef").exists());
+    assert_eq!(h.plain_sink("codes/acme.txt").unwrap(), h.accepted("acme"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swapping_an_ancestor_for_another_users_link_never_redirects_a_write() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    // codes live in base/mid/out; another user (uid 65534) has an identical tree.
+    let (base, attacker) = (h.path("base"), h.path("attacker"));
+    for d in [base.join("mid/out"), attacker.join("out")] {
+        std::fs::create_dir_all(&d).unwrap();
+    }
+    for d in [base.clone(), base.join("mid"), base.join("mid/out")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    for d in [attacker.clone(), attacker.join("out")] {
+        std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+    }
+    let text = format!(
+        "[daemon]\nstate_dir = \"state\"\n\n[sinks.plain]\ntype = \"file\"\npath = \"base/mid/out/{{portal}}.txt\"\n\n{}",
+        h.portals_toml(&["plain"])
+    );
+    write_private(&h.config(), &text);
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+
+    // The swapper: mid <-> a link to the attacker's tree, owned by the attacker.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, mid, real, attacker) = (
+            stop.clone(),
+            base.join("mid"),
+            base.join("mid.real"),
+            attacker.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::rename(&mid, &real).unwrap();
+                std::os::unix::fs::symlink(&attacker, &mid).unwrap();
+                std::os::unix::fs::lchown(&mid, Some(65534), Some(65534)).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                std::fs::remove_file(&mid).unwrap();
+                std::fs::rename(&real, &mid).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+        })
+    };
+    let mut ok = 0;
+    for _ in 0..60 {
+        if h.run(&["resend", "acme"]).await.code == Some(0) {
+            ok += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    let landed = std::fs::read_dir(attacker.join("out")).unwrap().count();
+    assert_eq!(
+        landed, 0,
+        "no write landed in the attacker's directory ({ok} of 60 succeeded)"
+    );
+    assert!(ok > 0, "some writes went through between swaps");
+    assert!(wait_for_exit(&h, &["deliver"], 0, Duration::from_secs(10)).await);
+    assert_eq!(
+        h.plain_sink("base/mid/out/acme.txt").unwrap(),
+        h.accepted("acme")
+    );
+}
