@@ -1,7 +1,9 @@
 //! OpenPGP public keys and encryption (rPGP, pure Rust).
 //!
-//! A key is used only after it is checked: it parses, its binding signatures verify, it is
-//! neither revoked nor expired, and it has a valid encryption-capable (sub)key. Messages are
+//! A key is used only after it is checked: every key of every armored block in its file
+//! parses, its binding signatures verify, it is neither revoked nor expired, it has a valid
+//! encryption-capable (sub)key, and its algorithms are strong enough (RSA of at least 2048
+//! bits; no DSA or ElGamal). A user ID with a revocation no longer covers its address. Messages are
 //! SEIPD v1 with AES-256, so GnuPG 2.2 and Thunderbird read them, encrypted to every
 //! recipient's key at once.
 
@@ -45,21 +47,72 @@ pub fn load_keys(path: &Path, now: SystemTime) -> Result<Vec<PgpKey>, String> {
             path.display()
         ));
     }
-    let (keys, _) = SignedPublicKey::from_string_many(&text).map_err(|e| {
-        format!(
-            "{}: not an ASCII-armored OpenPGP public key: {e}",
-            path.display()
-        )
-    })?;
     let mut out = Vec::new();
-    for key in keys {
-        let key = key.map_err(|e| format!("{}: the key does not parse: {e}", path.display()))?;
-        out.push(check_key(path, key, now)?);
+    // Armored blocks may follow one another: every one is parsed and checked, none dropped.
+    for block in armored_blocks(&text).map_err(|e| format!("{}: {e}", path.display()))? {
+        let (keys, _) = SignedPublicKey::from_string_many(block).map_err(|e| {
+            format!(
+                "{}: not an ASCII-armored OpenPGP public key: {e}",
+                path.display()
+            )
+        })?;
+        for key in keys {
+            let key =
+                key.map_err(|e| format!("{}: the key does not parse: {e}", path.display()))?;
+            out.push(check_key(path, key, now)?);
+        }
     }
     if out.is_empty() {
         return Err(format!("{}: holds no public key", path.display()));
     }
     Ok(out)
+}
+
+const BEGIN: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----";
+const END: &str = "-----END PGP PUBLIC KEY BLOCK-----";
+
+/// The armored public-key blocks of a file, in order; anything else but white space
+/// between or around them is an error (it could be a key that would silently be ignored).
+fn armored_blocks(text: &str) -> Result<Vec<&str>, String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(BEGIN) {
+        if !rest[..start].trim().is_empty() {
+            return Err("text outside the armored key blocks".into());
+        }
+        let end = rest[start..]
+            .find(END)
+            .map(|e| start + e + END.len())
+            .ok_or("an armored key block has no END line")?;
+        out.push(&rest[start..end]);
+        rest = &rest[end..];
+    }
+    if !rest.trim().is_empty() {
+        return Err(if out.is_empty() {
+            "not an ASCII-armored OpenPGP public key".into()
+        } else {
+            "text after the last armored key block".into()
+        });
+    }
+    Ok(out)
+}
+
+/// The smallest RSA modulus accepted.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// Refuses weak public-key algorithms: RSA below [`MIN_RSA_BITS`], DSA, ElGamal.
+fn strong_enough(params: &pgp::types::PublicParams, what: &str) -> Result<(), String> {
+    use pgp::types::PublicParams;
+    use rsa::traits::PublicKeyParts;
+    match params {
+        PublicParams::RSA(p) if p.key.n().bits() < MIN_RSA_BITS => Err(format!(
+            "the {what} is RSA of {} bits; at least {MIN_RSA_BITS} are required",
+            p.key.n().bits()
+        )),
+        PublicParams::DSA(_) => Err(format!("the {what} is DSA, which is refused")),
+        PublicParams::Elgamal(_) => Err(format!("the {what} is ElGamal, which is refused")),
+        _ => Ok(()),
+    }
 }
 
 fn latest(sigs: &[&Signature]) -> Option<Signature> {
@@ -85,6 +138,7 @@ fn can_encrypt(sig: &Signature) -> bool {
 fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKey, String> {
     let fingerprint = hex::encode(key.fingerprint().as_bytes()).to_uppercase();
     let ctx = |m: String| format!("{} (key {fingerprint}): {m}", path.display());
+    strong_enough(key.primary_key.public_params(), "primary key").map_err(ctx)?;
     key.verify_bindings()
         .map_err(|e| ctx(format!("a binding signature does not verify: {e}")))?;
     if !key.details.revocation_signatures.is_empty() {
@@ -108,10 +162,16 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
             chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
         )));
     }
+    // A user ID with a revocation no longer covers its address.
     let emails: Vec<String> = key
         .details
         .users
         .iter()
+        .filter(|u| {
+            !u.signatures
+                .iter()
+                .any(|s| s.typ() == Some(SignatureType::CertRevocation))
+        })
         .filter_map(|u| std::str::from_utf8(u.id.id()).ok())
         .filter_map(email_of)
         .collect();
@@ -126,6 +186,13 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
             }
             Err(r) => reasons.push(r),
         }
+    }
+    if let Some(i) = subkey {
+        strong_enough(
+            key.public_subkeys[i].key.public_params(),
+            "encryption subkey",
+        )
+        .map_err(ctx)?;
     }
     let primary_encrypts = key.primary_key.algorithm().can_encrypt() && can_encrypt(&primary_sig);
     if subkey.is_none() && !primary_encrypts {

@@ -268,3 +268,115 @@ async fn swapping_an_ancestor_for_another_users_link_never_redirects_a_write() {
         h.accepted("acme")
     );
 }
+
+/// A file sink encrypting to `keys`, checked offline.
+async fn check_pgp_file_sink(keys: &[&std::path::Path]) -> Output {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let list: Vec<String> = keys
+        .iter()
+        .map(|k| format!("\"{}\"", k.display()))
+        .collect();
+    h.write_config(
+        &format!(
+            "[sinks.sealed]\ntype = \"file\"\npath = \"codes/{{portal}}.asc\"\nencrypt = {{ pgp_keys = [{}] }}\n",
+            list.join(", ")
+        ),
+        &["sealed"],
+    );
+    h.run(&["check", "--offline"]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weak_keys_every_block_of_a_key_file_and_revoked_user_ids_are_checked() {
+    let good = gpg_keys();
+    let gpg = Gpg::new();
+    let dir = gpg.home.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    let weak = gpg.generate(
+        "Weak <weak@example.com>",
+        "rsa1024",
+        "default",
+        "never",
+        None,
+    );
+    let dsa = gpg.generate("Dsa <dsa@example.com>", "dsa2048", "default", "never", None);
+    gpg.add_subkey(&dsa, "elg2048", "encr");
+    let ann = gpg.generate("Ann <ann@example.com>", "ed25519", "default", "never", None);
+    gpg.add_subkey(&ann, "cv25519", "encr");
+    gpg.add_uid(&ann, "Ann Old <old@example.com>");
+    gpg.revoke_uid(&ann, "Ann Old <old@example.com>");
+    let (weak_p, dsa_p, ann_p) = (
+        dir.join("weak.asc"),
+        dir.join("dsa.asc"),
+        dir.join("ann.asc"),
+    );
+    gpg.export(&weak, &weak_p);
+    gpg.export(&dsa, &dsa_p);
+    gpg.export(&ann, &ann_p);
+    gpg.stop_agent();
+
+    for (key, why) in [
+        (&weak_p, "RSA of 1024 bits"),
+        (&dsa_p, "DSA, which is refused"),
+    ] {
+        let out = check_pgp_file_sink(&[key]).await;
+        assert_eq!(out.code, Some(78), "{why}: {}", out.all());
+        assert!(out.stderr.contains(why), "{}", out.stderr);
+    }
+    // Two armored blocks in one file: the second is checked too, not dropped.
+    let both = dir.join("both.asc");
+    let text =
+        std::fs::read_to_string(&good.ed).unwrap() + &std::fs::read_to_string(&weak_p).unwrap();
+    std::fs::write(&both, text).unwrap();
+    let out = check_pgp_file_sink(&[&both]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    assert!(out.stderr.contains("RSA of 1024 bits"), "{}", out.stderr);
+    // Text after the blocks is refused rather than ignored.
+    let trailing = dir.join("trailing.asc");
+    std::fs::write(
+        &trailing,
+        std::fs::read_to_string(&good.ed).unwrap() + "mQINBF…\n",
+    )
+    .unwrap();
+    let out = check_pgp_file_sink(&[&trailing]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    assert!(
+        out.stderr.contains("after the last armored key block"),
+        "{}",
+        out.stderr
+    );
+    // Two good keys in two blocks: both usable.
+    let two = dir.join("two.asc");
+    let text =
+        std::fs::read_to_string(&good.ed).unwrap() + &std::fs::read_to_string(&good.rsa).unwrap();
+    std::fs::write(&two, text).unwrap();
+    assert_eq!(check_pgp_file_sink(&[&two]).await.code, Some(0));
+
+    // A revoked user ID no longer covers its address; the live one still does.
+    let smtpd = crate::support::smtp::Smtpd::start(true);
+    for (to, ok) in [("old@example.com", false), ("ann@example.com", true)] {
+        let mut h = Harness::new().await;
+        h.add_portal("acme");
+        crate::suite::email::mail_config(
+            &h,
+            smtpd.addr.port(),
+            "starttls",
+            &smtpd.ca_pem,
+            &[to],
+            &[ann_p.as_path()],
+        );
+        let out = h.run(&["check", "--offline"]).await;
+        if ok {
+            assert_eq!(out.code, Some(0), "{to}: {}", out.all());
+        } else {
+            assert_eq!(out.code, Some(78), "{to}: {}", out.all());
+            assert!(
+                out.stderr
+                    .contains("no key in pgp_keys covers `old@example.com`"),
+                "{}",
+                out.stderr
+            );
+        }
+    }
+}

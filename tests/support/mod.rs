@@ -353,9 +353,23 @@ pub fn edit_config(h: &Harness, f: impl FnOnce(String) -> String) {
     std::fs::rename(&tmp, &path).unwrap();
 }
 
-/// GnuPG in a throwaway home directory.
+/// GnuPG in a throwaway home directory. Its agent is stopped when it is dropped, so a
+/// test leaves no `gpg-agent` running.
 pub struct Gpg {
     pub home: TempDir,
+    /// Used by many tests at once (the test keys): each use takes [`SHARED_GPG`] and stops
+    /// the agent after itself, since this home is never dropped.
+    shared: bool,
+}
+
+/// Serialises the uses of a shared GnuPG home, so one test never stops the agent while
+/// another is using it.
+static SHARED_GPG: Mutex<()> = Mutex::new(());
+
+impl Drop for Gpg {
+    fn drop(&mut self) {
+        self.stop_agent();
+    }
 }
 
 /// Test keys, generated once per test binary.
@@ -423,14 +437,25 @@ pub fn gpg_keys() -> &'static GpgKeys {
             gpg.export(fpr, &p);
             p
         };
+        let (ed_path, rsa_path) = (export(&ed, "ed.asc"), export(&rsa, "rsa.asc"));
+        let (expired, revoked, sign_only) = (
+            export(&expired, "expired.asc"),
+            export(&revoked, "revoked.asc"),
+            export(&sign_only, "sign-only.asc"),
+        );
+        // The shared home lives as long as the test binary, which never drops it: its agent
+        // is stopped after every use instead.
+        gpg.stop_agent();
+        let mut gpg = gpg;
+        gpg.shared = true;
         GpgKeys {
-            ed_fpr: ed.clone(),
-            rsa_fpr: rsa.clone(),
-            ed: export(&ed, "ed.asc"),
-            rsa: export(&rsa, "rsa.asc"),
-            expired: export(&expired, "expired.asc"),
-            revoked: export(&revoked, "revoked.asc"),
-            sign_only: export(&sign_only, "sign-only.asc"),
+            ed_fpr: ed,
+            rsa_fpr: rsa,
+            ed: ed_path,
+            rsa: rsa_path,
+            expired,
+            revoked,
+            sign_only,
             gpg,
         }
     })
@@ -443,7 +468,58 @@ impl Gpg {
             .tempdir()
             .unwrap();
         std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        Self { home }
+        Self {
+            home,
+            shared: false,
+        }
+    }
+
+    fn use_shared(&self) -> Option<std::sync::MutexGuard<'static, ()>> {
+        self.shared
+            .then(|| SHARED_GPG.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn done_with_shared(&self, guard: Option<std::sync::MutexGuard<'static, ()>>) {
+        if guard.is_some() {
+            self.stop_agent();
+        }
+    }
+
+    /// Stops the `gpg-agent` this home started, if any (the next gpg call starts one again).
+    pub fn stop_agent(&self) {
+        let _ = std::process::Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(self.home.path())
+            .args(["--kill", "all"])
+            .output();
+    }
+
+    /// Adds a user ID to a key.
+    pub fn add_uid(&self, fpr: &str, uid: &str) {
+        let st = self
+            .cmd()
+            .args(["--quick-add-uid", fpr, uid])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+
+    /// Revokes one user ID of a key.
+    pub fn revoke_uid(&self, fpr: &str, uid: &str) {
+        let st = self
+            .cmd()
+            .args(["--quick-revoke-uid", fpr, uid])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
     }
 
     fn cmd(&self) -> std::process::Command {
@@ -529,11 +605,13 @@ impl Gpg {
     pub fn only(&self, fpr: &str) -> Gpg {
         use std::io::Write;
         let other = Gpg::new();
+        let guard = self.use_shared();
         let secret = self
             .cmd()
             .args(["--armor", "--export-secret-keys", fpr])
             .output()
             .unwrap();
+        self.done_with_shared(guard);
         assert!(secret.status.success() && !secret.stdout.is_empty());
         let mut child = other
             .cmd()
@@ -566,6 +644,7 @@ impl Gpg {
     /// `gpg --decrypt`; Err with gpg's stderr on failure.
     pub fn decrypt(&self, data: &[u8]) -> Result<String, String> {
         use std::io::Write;
+        let guard = self.use_shared();
         let mut child = self
             .cmd()
             .arg("--decrypt")
@@ -576,6 +655,7 @@ impl Gpg {
             .unwrap();
         child.stdin.take().unwrap().write_all(data).unwrap();
         let out = child.wait_with_output().unwrap();
+        self.done_with_shared(guard);
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
