@@ -352,8 +352,76 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         std::fs::metadata(path)
             .map(|m| m.permissions().mode() & 0o004 != 0)
             .unwrap_or(true)
+            || acl_lets_others_read(path)
     };
     parse(&text, path, others_can_read)
+}
+
+/// Whether a POSIX ACL on `path` lets a named user or group read it: the mode shows the
+/// owner, the owning group and others, an ACL can add anyone.
+fn acl_lets_others_read(path: &Path) -> bool {
+    let mut buf = [0u8; 4096];
+    match rustix::fs::getxattr(path, "system.posix_acl_access", &mut buf[..]) {
+        Ok(n) => acl_grants_named_read(&buf[..n.min(buf.len())]),
+        Err(_) => false,
+    }
+}
+
+/// Parses the kernel's ACL blob (a version word, then 8-byte entries of tag, permissions and
+/// id, little-endian): a named user (tag 2) or group (8) entry with read, not masked off.
+fn acl_grants_named_read(blob: &[u8]) -> bool {
+    let Some(entries) = blob.get(4..) else {
+        return false;
+    };
+    let (mut named_read, mut mask) = (false, 0o7u16);
+    for e in entries.chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        match tag {
+            0x02 | 0x08 if perm & 0o4 != 0 => named_read = true,
+            0x10 => mask = perm,
+            _ => {}
+        }
+    }
+    named_read && mask & 0o4 != 0
+}
+
+#[cfg(test)]
+mod acl_tests {
+    use super::acl_grants_named_read;
+
+    fn entry(tag: u16, perm: u16, id: u32) -> Vec<u8> {
+        [tag.to_le_bytes(), perm.to_le_bytes()]
+            .concat()
+            .into_iter()
+            .chain(id.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn named_read_entries_count_unless_masked() {
+        let base = |extra: Vec<u8>, mask: u16| {
+            let mut b = 2u32.to_le_bytes().to_vec();
+            b.extend(entry(0x01, 6, u32::MAX));
+            b.extend(extra);
+            b.extend(entry(0x04, 0, u32::MAX));
+            b.extend(entry(0x10, mask, u32::MAX));
+            b.extend(entry(0x20, 0, u32::MAX));
+            b
+        };
+        assert!(acl_grants_named_read(&base(entry(0x02, 4, 1000), 4)));
+        assert!(acl_grants_named_read(&base(entry(0x08, 4, 100), 7)));
+        assert!(
+            !acl_grants_named_read(&base(entry(0x02, 4, 1000), 0)),
+            "masked off"
+        );
+        assert!(
+            !acl_grants_named_read(&base(entry(0x02, 2, 1000), 7)),
+            "write only"
+        );
+        assert!(!acl_grants_named_read(&base(Vec::new(), 7)));
+        assert!(!acl_grants_named_read(&[]));
+    }
 }
 
 /// Validates config text as if read from `path`. `others_can_read` is whether the file is

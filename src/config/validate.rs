@@ -117,7 +117,8 @@ impl Ctx<'_> {
                     &span,
                     key,
                     "a literal secret is refused because the config file is readable by other \
-                     users; make the file 0600/0640, or use { env = … }, { file = … } or \
+                     users (its mode, or an ACL entry for a named user or group); make the file \
+                     0600/0640 without such ACL entries, or use { env = … }, { file = … } or \
                      { credential = … }",
                 );
             } else {

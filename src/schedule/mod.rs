@@ -47,11 +47,22 @@ impl CronSchedule {
         let cron = parser
             .parse(trimmed)
             .map_err(|e| format!("`{expr}` is not a valid cron expression ({e}); {accepted}"))?;
-        Ok(Self {
+        let schedule = Self {
             expr: expr.to_string(),
             cron,
             tz,
-        })
+        };
+        // A valid expression can still name a day that never comes (30 February, 31 April):
+        // it would parse and never fire. Eight years cover every 29 February.
+        let now = Utc::now();
+        let horizon = add(now, Duration::from_secs(8 * 366 * 86_400));
+        match schedule.next_after(now) {
+            Some(t) if t <= horizon => Ok(schedule),
+            _ => Err(format!(
+                "`{expr}` never fires (no fire time within eight years): check its day of \
+                 month against its months, like 30 February or 31 April"
+            )),
+        }
     }
 
     /// The expression as written.
@@ -187,6 +198,17 @@ mod tests {
         assert!(CronSchedule::parse("0 3 * *", Tz::UTC).is_err());
         assert!(CronSchedule::parse("0 0 3 * * 1 2026", Tz::UTC).is_err());
         assert!(CronSchedule::parse("61 * * * *", Tz::UTC).is_err());
+    }
+
+    #[test]
+    fn an_expression_that_never_fires_is_refused() {
+        for never in ["0 0 30 2 *", "0 0 31 4 *", "0 0 31 2,4,6 *"] {
+            let e = CronSchedule::parse(never, Tz::UTC).unwrap_err();
+            assert!(e.contains("never fires"), "{never}: {e}");
+        }
+        for rare in ["0 0 29 2 *", "0 0 31 * *", "@yearly"] {
+            assert!(CronSchedule::parse(rare, Tz::UTC).is_ok(), "{rare}");
+        }
     }
 
     #[test]

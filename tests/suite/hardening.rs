@@ -380,3 +380,70 @@ async fn weak_keys_every_block_of_a_key_file_and_revoked_user_ids_are_checked() 
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_literal_secret_readable_through_an_acl_is_refused() {
+    let mut h = Harness::new().await;
+    let key = h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    let text = std::fs::read_to_string(h.config()).unwrap().replace(
+        "api_key = { file = \"keys/acme\" }",
+        &format!("api_key = \"{key}\""),
+    );
+    write_private(&h.config(), &text);
+    // 0600, no ACL: a warning, and it works.
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    // The same file with an ACL entry letting uid 65534 read it (as `setfacl -m u:65534:r`).
+    let entry = |tag: u16, perm: u16, id: u32| -> Vec<u8> {
+        let mut v = tag.to_le_bytes().to_vec();
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+        v
+    };
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01, 6, u32::MAX),
+        (0x02, 4, 65534),
+        (0x04, 0, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ] {
+        acl.extend(entry(tag, perm, id));
+    }
+    rustix::fs::setxattr(
+        h.config().as_path(),
+        "system.posix_acl_access",
+        &acl,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("the test file system takes POSIX ACLs");
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    assert!(out.stderr.contains("ACL entry"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_of_centuries_pauses_an_hour_at_most() {
+    let h = one_portal().await;
+    h.sim.inject(tfa_rotator::simulator::Fault::on_put(
+        tfa_rotator::simulator::FaultAction::RateLimited(9_200_000_000_000_000),
+    ));
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let db = rusqlite::Connection::open(h.path("state/state.sqlite")).unwrap();
+    let retry_at: i64 = db
+        .query_row(
+            "SELECT retry_at FROM portals WHERE name = 'acme'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(retry_at > now, "a retry time in the future: {retry_at}");
+    assert!(
+        retry_at <= now + 3_600_000,
+        "at most an hour away: {}",
+        retry_at - now
+    );
+}
