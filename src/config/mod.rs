@@ -386,44 +386,6 @@ fn acl_grants_named_read(blob: &[u8]) -> bool {
     named_read && mask & 0o4 != 0
 }
 
-#[cfg(test)]
-mod acl_tests {
-    use super::acl_grants_named_read;
-
-    fn entry(tag: u16, perm: u16, id: u32) -> Vec<u8> {
-        [tag.to_le_bytes(), perm.to_le_bytes()]
-            .concat()
-            .into_iter()
-            .chain(id.to_le_bytes())
-            .collect()
-    }
-
-    #[test]
-    fn named_read_entries_count_unless_masked() {
-        let base = |extra: Vec<u8>, mask: u16| {
-            let mut b = 2u32.to_le_bytes().to_vec();
-            b.extend(entry(0x01, 6, u32::MAX));
-            b.extend(extra);
-            b.extend(entry(0x04, 0, u32::MAX));
-            b.extend(entry(0x10, mask, u32::MAX));
-            b.extend(entry(0x20, 0, u32::MAX));
-            b
-        };
-        assert!(acl_grants_named_read(&base(entry(0x02, 4, 1000), 4)));
-        assert!(acl_grants_named_read(&base(entry(0x08, 4, 100), 7)));
-        assert!(
-            !acl_grants_named_read(&base(entry(0x02, 4, 1000), 0)),
-            "masked off"
-        );
-        assert!(
-            !acl_grants_named_read(&base(entry(0x02, 2, 1000), 7)),
-            "write only"
-        );
-        assert!(!acl_grants_named_read(&base(Vec::new(), 7)));
-        assert!(!acl_grants_named_read(&[]));
-    }
-}
-
 /// Validates config text as if read from `path`. `others_can_read` is whether the file is
 /// readable by other users, which decides whether literal secrets are refused.
 pub fn parse(text: &str, path: &Path, others_can_read: bool) -> Result<Config, ConfigErrors> {
@@ -488,5 +450,43 @@ impl ScheduleConfig {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod acl_tests {
+    use super::acl_grants_named_read;
+
+    fn entry(tag: u16, perm: u16, id: u32) -> Vec<u8> {
+        [tag.to_le_bytes(), perm.to_le_bytes()]
+            .concat()
+            .into_iter()
+            .chain(id.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn named_read_entries_count_unless_masked() {
+        let base = |extra: Vec<u8>, mask: u16| {
+            let mut b = 2u32.to_le_bytes().to_vec();
+            b.extend(entry(0x01, 6, u32::MAX));
+            b.extend(extra);
+            b.extend(entry(0x04, 0, u32::MAX));
+            b.extend(entry(0x10, mask, u32::MAX));
+            b.extend(entry(0x20, 0, u32::MAX));
+            b
+        };
+        assert!(acl_grants_named_read(&base(entry(0x02, 4, 1000), 4)));
+        assert!(acl_grants_named_read(&base(entry(0x08, 4, 100), 7)));
+        assert!(
+            !acl_grants_named_read(&base(entry(0x02, 4, 1000), 0)),
+            "masked off"
+        );
+        assert!(
+            !acl_grants_named_read(&base(entry(0x02, 2, 1000), 7)),
+            "write only"
+        );
+        assert!(!acl_grants_named_read(&base(Vec::new(), 7)));
+        assert!(!acl_grants_named_read(&[]));
     }
 }
