@@ -2,15 +2,19 @@
 //!
 //! Modules, in the direction dependencies point:
 //! - [`config`]: the TOML file → a typed, validated [`config::Config`] (no I/O beyond reading it).
-//! - [`schedule`]: cron in a time zone, jitter, `min_interval`.
+//! - [`schedule`]: cron in a time zone, jitter, and the planner: when a portal is next due and why.
 //! - [`docspace`]: the HTTP client of the DocSpace API, with one error kind per failure.
 //! - [`crypto`]: OpenPGP and age encryption, key checks, keyed fingerprints of code sets.
 //! - [`sinks`]: where codes go (file, email): preflight, seal, deliver.
 //! - [`state`]: the SQLite store: portals, the rotation journal, the spool, history, locks.
-//! - [`rotation`]: the protocol of SPEC §4 and recovery of what a crash left behind.
+//! - [`rotation`]: the protocol (preflight, intent, PUT verified by GET, seal, deliver), the
+//!   settling of unknown outcomes, drift, concurrency limits, and recovery after a crash.
 //! - [`simulator`]: a DocSpace-compatible server for tests, `simulate` and `demo`.
 //! - [`commands`]: one function per subcommand; [`cli`] defines the command line.
 //! - [`secret`]: redacting, zeroizing types for keys, passwords and codes.
+//! - [`daemon`]: the long-running loop on the planner ([`schedule::plan`]), its agenda, the
+//!   config watcher and systemd notifications; [`metrics`] serves what it counts.
+//! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, replayed by the tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,6 +24,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod docspace;
+pub mod fuzzing;
 pub mod metrics;
 pub mod rotation;
 pub mod schedule;

@@ -41,6 +41,11 @@ impl std::fmt::Debug for PgpKey {
 pub fn load_keys(path: &Path, now: SystemTime) -> Result<Vec<PgpKey>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: reading the key: {e}", path.display()))?;
+    parse_keys(&text, path, now)
+}
+
+/// [`load_keys`] on text read from `path` (fuzzed).
+pub fn parse_keys(text: &str, path: &Path, now: SystemTime) -> Result<Vec<PgpKey>, String> {
     if text.contains("PRIVATE KEY BLOCK") {
         return Err(format!(
             "{}: is a private key; give the public key only",
@@ -49,7 +54,7 @@ pub fn load_keys(path: &Path, now: SystemTime) -> Result<Vec<PgpKey>, String> {
     }
     let mut out = Vec::new();
     // Armored blocks may follow one another: every one is parsed and checked, none dropped.
-    for block in armored_blocks(&text).map_err(|e| format!("{}: {e}", path.display()))? {
+    for block in armored_blocks(text).map_err(|e| format!("{}: {e}", path.display()))? {
         let (keys, _) = SignedPublicKey::from_string_many(block).map_err(|e| {
             format!(
                 "{}: not an ASCII-armored OpenPGP public key: {e}",

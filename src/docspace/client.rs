@@ -264,32 +264,7 @@ impl Portal {
         }
 
         if status.is_success() {
-            let env: Envelope<T> = serde_json::from_slice(&body).map_err(|e| {
-                self.error(
-                    &method,
-                    path,
-                    code,
-                    ApiErrorKind::Malformed {
-                        detail: json_error(&e),
-                    },
-                )
-            })?;
-            if env.status == Some(1) {
-                let message = env.error.and_then(|e| e.message).map(|m| clip(&m));
-                // A 2xx carrying an error envelope: the portal speaks, but says nothing of
-                // whether a change was made, so it is not a refusal.
-                return Err(self.error(&method, path, code, ApiErrorKind::Server { message }));
-            }
-            return env.response.ok_or_else(|| {
-                self.error(
-                    &method,
-                    path,
-                    code,
-                    ApiErrorKind::Malformed {
-                        detail: "the envelope has no `response`".into(),
-                    },
-                )
-            });
+            return decode_envelope(&body).map_err(|kind| self.error(&method, path, code, kind));
         }
 
         let envelope = serde_json::from_slice::<ErrorEnvelope>(&body)
@@ -327,6 +302,30 @@ impl Portal {
         e.refused = refused;
         Err(e)
     }
+}
+
+/// The `response` of a 2xx answer's envelope. A 2xx carrying an error envelope (`status`
+/// 1) is a server error: the portal speaks, but says nothing of whether a change was made,
+/// so it is not a refusal.
+pub fn decode_envelope<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErrorKind> {
+    let env: Envelope<T> = serde_json::from_slice(body).map_err(|e| ApiErrorKind::Malformed {
+        detail: json_error(&e),
+    })?;
+    if env.status == Some(1) {
+        let message = env.error.and_then(|e| e.message).map(|m| clip(&m));
+        return Err(ApiErrorKind::Server { message });
+    }
+    env.response.ok_or_else(|| ApiErrorKind::Malformed {
+        detail: "the envelope has no `response`".into(),
+    })
+}
+
+/// A 2xx answer's body as a set of codes, checked as the client checks it (fuzzed).
+pub fn decode_codes(body: &[u8]) -> Result<CodeSet, ApiErrorKind> {
+    let raw: Vec<RawCode> = decode_envelope(body)?;
+    into_code_set(raw).map_err(|detail| ApiErrorKind::Malformed {
+        detail: format!("unusable codes: {detail}"),
+    })
 }
 
 /// A serde error described without quoting the input (which may hold codes).

@@ -91,7 +91,7 @@ pub fn escape_controls(s: &str) -> String {
 
 impl Account {
     /// The same account with every text field escaped ([`escape_controls`]).
-    pub(crate) fn escaped(self) -> Self {
+    pub fn escaped(self) -> Self {
         Self {
             id: escape_controls(&self.id),
             display_name: escape_controls(&self.display_name),

@@ -8,6 +8,7 @@ mod daemon;
 mod dry_run;
 mod email;
 mod file_sink;
+mod fuzz_corpus;
 mod hardening;
 mod planner;
 mod protocol;

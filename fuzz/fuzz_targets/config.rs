@@ -1,0 +1,6 @@
+//! Fuzz target: `tfa_rotator::fuzzing::config` must neither panic nor hang on any input.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    tfa_rotator::fuzzing::config(data);
+});
