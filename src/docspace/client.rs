@@ -304,9 +304,9 @@ impl Portal {
     }
 }
 
-/// The `response` of a 2xx answer's envelope. A 2xx carrying an error envelope (`status`
-/// 1) is a server error: the portal speaks, but says nothing of whether a change was made,
-/// so it is not a refusal.
+/// The `response` of a 2xx answer's envelope. A 2xx carrying an error envelope (its
+/// `status` is 1) is a server error: the portal speaks, but says nothing of whether a
+/// change was made, so it is not a refusal.
 pub fn decode_envelope<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErrorKind> {
     let env: Envelope<T> = serde_json::from_slice(body).map_err(|e| ApiErrorKind::Malformed {
         detail: json_error(&e),
