@@ -3,9 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+/// A fuzz target: its corpus directory and its entry point.
+type Target = (&'static str, fn(&[u8]));
+
 #[test]
 fn the_fuzz_corpus_replays_without_a_panic_or_a_hang() {
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [Target; 4] = [
         ("config", tfa_rotator::fuzzing::config),
         ("response", tfa_rotator::fuzzing::response),
         ("keys", tfa_rotator::fuzzing::keys),
