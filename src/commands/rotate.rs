@@ -99,13 +99,14 @@ pub async fn rotate(
     exit_of(&reports)
 }
 
+/// The config, loaded and validated, and an engine on it (not a dry run).
+fn config_and_engine(path: &Path) -> Result<crate::rotation::Engine, Exit> {
+    load_config(path).and_then(|c| engine(c, false))
+}
+
 /// `deliver`: settles open intents and retries every pending delivery now.
 pub async fn deliver(path: &Path, json: bool) -> Exit {
-    let config = match load_config(path) {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
-    let engine = match engine(config, false) {
+    let engine = match config_and_engine(path) {
         Ok(e) => e,
         Err(e) => return e,
     };
@@ -182,11 +183,7 @@ pub async fn settle(
 /// `forget PORTAL`: drops, on purpose, the open intents and pending payloads that the
 /// config no longer covers (a removed portal, or sinks it no longer lists).
 pub async fn forget(path: &Path, portal: String, json: bool) -> Exit {
-    let config = match load_config(path) {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
-    let engine = match engine(config, false) {
+    let engine = match config_and_engine(path) {
         Ok(e) => e,
         Err(e) => return e,
     };

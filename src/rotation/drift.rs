@@ -118,9 +118,9 @@ async fn watch_inner(
         return Ok((Watched::Steady, Some(unused)));
     };
     let lock = store.lock_portal(name, LOCK_WAIT).await?;
-    let r = super::recover_locked(engine, name).await?;
-    if r.outcome == Outcome::Settling {
-        return Ok((Watched::Settling, None));
+    match super::recover_unless_settling(engine, name).await {
+        Err(RotationError::Settling { .. }) => return Ok((Watched::Settling, None)),
+        other => drop(other?),
     }
     let portal = engine.portal(pc)?;
     let codes = portal.codes().await?;

@@ -707,14 +707,8 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         })
         .await?;
     if leftovers {
-        let r = recover_locked(engine, name).await?;
-        if r.outcome == Outcome::Settling {
-            // An intent is open: the portal is not rotated again until it is settled.
-            return Err(RotationError::Settling {
-                portal: name.to_string(),
-                why: r.message,
-            });
-        }
+        // An intent still open: the portal is not rotated again until it is settled.
+        recover_unless_settling(engine, name).await?;
     }
     let known = known(&store, name).await?;
 
@@ -1171,6 +1165,19 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
     Ok(report)
 }
 
+/// [`recover_locked`], with an intent that stays open turned into
+/// [`RotationError::Settling`]: what must not act on a portal whose outcome is unknown.
+async fn recover_unless_settling(engine: &Engine, name: &str) -> Result<Report, RotationError> {
+    let r = recover_locked(engine, name).await?;
+    if r.outcome == Outcome::Settling {
+        return Err(RotationError::Settling {
+            portal: name.to_string(),
+            why: r.message,
+        });
+    }
+    Ok(r)
+}
+
 /// Reads the current codes and delivers them again, without rotating (`resend`, and drift).
 pub async fn resend(engine: &Engine, name: &str) -> Report {
     let run = async {
@@ -1190,13 +1197,7 @@ pub async fn resend(engine: &Engine, name: &str) -> Report {
 async fn resend_locked(engine: &Engine, name: &str) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
     let store = engine.store()?.clone();
-    let r = recover_locked(engine, name).await?;
-    if r.outcome == Outcome::Settling {
-        return Err(RotationError::Settling {
-            portal: name.to_string(),
-            why: r.message,
-        });
-    }
+    recover_unless_settling(engine, name).await?;
     let known = known(&store, name).await?;
     // The set the preflight read is the one delivered: one GET, and no window in
     // which it could change between two reads.
