@@ -93,6 +93,13 @@ fn init_logging(cli: &Cli) {
             "{base},hyper=warn,reqwest=warn,rustls=warn,h2=warn"
         ))
     });
+    // The file watcher's library logs every inotify event at trace level: with the log
+    // written into the watched directory, each line it logs raises the next event (78 MB in
+    // 5 s). Its own lines are capped at warnings, whatever the filter asks.
+    let filter = match "notify=warn".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     // Under systemd the journal stamps each line; do not stamp twice.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
