@@ -1069,6 +1069,13 @@ async fn deliver_portal(
             pending += 1;
         }
     }
+    if delivered > 0 && pending == 0 {
+        // What `status` shows as the last result was "delivery pending": no longer.
+        let p = portal.to_string();
+        store
+            .write(move |c| state::deliveries_cleared(c, &p))
+            .await?;
+    }
     Ok((delivered, pending))
 }
 

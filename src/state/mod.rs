@@ -37,8 +37,9 @@ pub use journal::{
     settle_checked,
 };
 pub use portals::{
-    PortalRow, add_history, pin_account, portal_row, portal_rows, record_drift, record_failure,
-    record_plan, record_rotated, record_schedule, record_schedules, record_seen, record_settling,
+    PortalRow, add_history, deliveries_cleared, pin_account, portal_row, portal_rows, record_drift,
+    record_failure, record_plan, record_rotated, record_schedule, record_schedules, record_seen,
+    record_settling,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,

@@ -64,6 +64,18 @@ pub fn record_rotated(c: &Connection, portal: &str, result: &str) -> Result<(), 
     add_history(c, portal, "rotated", result)
 }
 
+/// Every pending delivery of a portal went through: a `delivery_pending` result becomes `ok`.
+pub fn deliveries_cleared(c: &Connection, portal: &str) -> Result<(), StateError> {
+    exec(
+        c,
+        "UPDATE portals SET last_result = 'ok' WHERE name = ?1 AND last_result = 'delivery_pending'
+           AND NOT EXISTS (SELECT 1 FROM spool WHERE portal = ?1)",
+        params![portal],
+    )
+    .map_err(sql("recording the deliveries cleared"))?;
+    Ok(())
+}
+
 /// Pins the account a portal's entry acts as (after a successful rotation).
 pub fn pin_account(
     c: &Connection,

@@ -193,5 +193,12 @@ async fn a_failed_delivery_stays_sealed_until_deliver_succeeds() {
         2
     );
     assert!(!h.state_bytes().is_empty());
+    assert_eq!(doc["portals"][0]["last_result"], "delivery_pending");
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    let doc: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
+    assert_eq!(
+        doc["portals"][0]["last_result"], "ok",
+        "status reflects the cleared delivery"
+    );
     assert_settled(&h, &id, &first, "failed delivery").await;
 }
