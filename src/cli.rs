@@ -7,7 +7,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Keeps the two-factor backup codes of ONLYOFFICE DocSpace accounts fresh.
 #[derive(Parser, Debug)]
-#[command(name = "tfa-rotator", version, about, propagate_version = true)]
+#[command(
+    name = "tfa-rotator",
+    version = env!("TFA_ROTATOR_VERSION_LINE"),
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// The config file.
     #[arg(

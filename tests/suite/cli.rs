@@ -138,3 +138,26 @@ async fn simulate_serves_a_portal_until_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn version_names_the_commit_and_the_features() {
+    let out = std::process::Command::new(crate::support::BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert!(
+        text.starts_with(&format!("tfa-rotator {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    assert!(text.contains(&format!("commit {head}")), "{text}");
+    // The tests are built with the failpoints feature.
+    assert!(text.contains("features: failpoints"), "{text}");
+}
