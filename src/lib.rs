@@ -11,7 +11,8 @@
 //!   settling of unknown outcomes, drift, concurrency limits, and recovery after a crash.
 //! - [`simulator`]: a DocSpace-compatible server for tests, `simulate` and `demo`.
 //! - [`commands`]: one function per subcommand; [`cli`] defines the command line.
-//! - [`secret`]: redacting, zeroizing types for keys, passwords and codes.
+//! - [`secret`]: redacting, zeroizing types for keys, passwords and codes; [`errors`]: an
+//!   error and its causes on one line, each said once.
 //! - [`daemon`]: the long-running loop on the planner ([`schedule::plan`]), its agenda, the
 //!   config watcher and systemd notifications; [`metrics`] serves what it counts.
 //! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, replayed by the tests.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod docspace;
+pub mod errors;
 pub mod fuzzing;
 pub mod metrics;
 pub mod rotation;

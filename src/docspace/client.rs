@@ -340,15 +340,7 @@ fn json_error(e: &serde_json::Error) -> String {
 }
 
 fn error_chain(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut out = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
+    crate::errors::chain(&e.without_url())
 }
 
 /// A message from the portal, at most 200 characters, control characters escaped.

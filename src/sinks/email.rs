@@ -138,16 +138,10 @@ impl Smtp {
     }
 }
 
-/// lettre's error with its sources, which say what really failed (TLS, refused, 5xx).
+/// lettre's error with its sources, which say what really failed (TLS, refused, 5xx),
+/// each once.
 fn smtp_error(e: &lettre::transport::smtp::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
+    crate::errors::chain(e)
 }
 
 /// A built email sink.
