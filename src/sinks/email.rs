@@ -60,6 +60,14 @@ impl Smtp {
             Some(p) => {
                 let pem =
                     std::fs::read(p).map_err(|e| format!("smtp.ca_file {}: {e}", p.display()))?;
+                // An empty file or one with only a key would "parse" and trust nothing.
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!(
+                        "smtp.ca_file {}: holds no certificate; accepted: one or more PEM \
+                         certificates (-----BEGIN CERTIFICATE-----)",
+                        p.display()
+                    ));
+                }
                 Certificate::from_pem(&pem).map_err(|e| {
                     format!("smtp.ca_file {}: not a PEM certificate: {e}", p.display())
                 })?;

@@ -454,3 +454,27 @@ async fn alerts_announce_a_failure_streak_once_and_a_pending_delivery_without_co
         "no key in an alert"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_file_without_a_certificate_is_a_config_error() {
+    let keys = gpg_keys();
+    let h = harness().await;
+    for (name, text) in [
+        ("empty.pem", ""),
+        (
+            "key-only.pem",
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        ),
+    ] {
+        let ca = h.path(name);
+        std::fs::write(&ca, text).unwrap();
+        mail_config(&h, 2525, "starttls", &ca, &["ed@example.com"], &[&keys.ed]);
+        let out = h.run(&["check", "--offline"]).await;
+        assert_eq!(out.code, Some(78), "{name}: {}", out.all());
+        assert!(
+            out.stderr.contains("holds no certificate"),
+            "{name}: {}",
+            out.stderr
+        );
+    }
+}
