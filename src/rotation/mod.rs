@@ -788,6 +788,12 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     };
     match settle::once(engine, &pf.portal, &intent).await? {
         settle::Settle::Found(set) => {
+            if put.is_err() {
+                tracing::warn!(
+                    portal = name,
+                    "the PUT took effect after all: the portal holds a new set"
+                );
+            }
             compare_put_answer(engine, name, &put, &set);
             drop(put);
             tracing::info!(
@@ -1122,6 +1128,11 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
                 fail_point("settle::before_get");
                 match settle::once(engine, &portal, &intent).await? {
                     settle::Settle::Found(set) => {
+                        tracing::warn!(
+                            portal = name,
+                            journal = j.id,
+                            "settled: the portal holds a new set, so the rotation happened"
+                        );
                         fail_point("settle::after_get");
                         let account = portal.account().await?;
                         report = seal_and_deliver(engine, pc, j.id, set, &account, true).await?;

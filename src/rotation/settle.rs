@@ -81,11 +81,12 @@ pub async fn once(
         Ok(set) => {
             let fp = store.fingerprinter().of_set(&set);
             if Some(fp.as_str()) != intent.before_fp.as_deref() {
-                tracing::warn!(
+                // The caller says what it means: a verified PUT, or a late one found.
+                tracing::debug!(
                     portal = %name,
                     journal = intent.id,
                     checks = intent.checks + 1,
-                    "the portal holds a new set: the rotation happened"
+                    "the portal holds a new set"
                 );
                 return Ok(Settle::Found(set));
             }
