@@ -38,6 +38,17 @@ impl CronSchedule {
             if fields != 5 && fields != 6 {
                 return Err(format!("`{expr}` has {fields} fields; {accepted}"));
             }
+            // An empty element of a list (`,`, `1,`, `,5`) gives croner an empty set: the
+            // expression never fires, and looking for its next time ran away (found by
+            // fuzzing: ", 2 06  * 7").
+            if let Some(f) = trimmed
+                .split_whitespace()
+                .find(|f| f.split(',').any(str::is_empty))
+            {
+                return Err(format!(
+                    "`{expr}`: the field `{f}` has an empty element in its list; {accepted}"
+                ));
+            }
         }
         let parser = CronParser::builder()
             .seconds(Seconds::Optional)
@@ -202,9 +213,25 @@ mod tests {
 
     #[test]
     fn an_expression_that_never_fires_is_refused() {
-        for never in ["0 0 30 2 *", "0 0 31 4 *", "0 0 31 2,4,6 *"] {
+        for never in [
+            "0 0 30 2 *",
+            "0 0 31 4 *",
+            "0 0 31 2,4,6 *",
+            // Found by fuzzing: an empty minute list, whose next time was searched forever.
+            ", 2 06  * 7 ",
+            "1, 2 * * *",
+            "0 ,3 * * *",
+        ] {
+            let started = std::time::Instant::now();
             let e = CronSchedule::parse(never, Tz::UTC).unwrap_err();
-            assert!(e.contains("never fires"), "{never}: {e}");
+            assert!(
+                e.contains("never fires") || e.contains("empty element"),
+                "{never}: {e}"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{never}"
+            );
         }
         for rare in ["0 0 29 2 *", "0 0 31 * *", "@yearly"] {
             assert!(CronSchedule::parse(rare, Tz::UTC).is_ok(), "{rare}");
