@@ -44,7 +44,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
     let now = Utc::now();
     // Built once for the entry fingerprints (no network: building reads and checks keys);
     // without them every portal would look changed, so status says nothing rather than that.
-    let sinks = match crate::sinks::build(&config) {
+    let sinks = match crate::sinks::build_with(&config, crate::sinks::Secrets::Skip) {
         Ok(s) => s,
         Err(issues) => {
             super::print_issues("error", &issues);

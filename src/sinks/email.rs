@@ -39,22 +39,19 @@ pub struct Smtp {
 }
 
 impl Smtp {
-    /// Builds from the config; reads the password and the CA file.
-    pub fn build(c: &SmtpConfig) -> Result<Self, String> {
+    /// Builds from the config and the password (resolved by the caller, which places its
+    /// errors; `None` without one, or when the caller reads no secret); reads the CA file.
+    pub fn build(c: &SmtpConfig, password: Option<SecretString>) -> Result<Self, String> {
         let from: Mailbox = c
             .from
             .parse()
             .map_err(|e| format!("smtp.from `{}`: {e}", c.from))?;
-        let credentials = match (&c.username, &c.password) {
-            (Some(u), Some(p)) => Some((
+        let credentials = c.username.as_ref().map(|u| {
+            (
                 u.clone(),
-                p.value
-                    .resolve()
-                    .map_err(|e| format!("smtp.password: {e}"))?,
-            )),
-            (Some(u), None) => Some((u.clone(), SecretString::from(""))),
-            _ => None,
-        };
+                password.unwrap_or_else(|| SecretString::from("")),
+            )
+        });
         let ca_pem = match &c.ca_file {
             None => None,
             Some(p) => {

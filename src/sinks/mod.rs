@@ -348,13 +348,39 @@ fn same_file_twice(
     }
 }
 
-/// Builds every sink: reads and checks keys. Errors are placed like config errors.
+/// Whether building reads secret values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Secrets {
+    /// Resolve them (every command that may connect).
+    Read,
+    /// Read none (`check --offline`, `status`): nothing built this way connects.
+    Skip,
+}
+
+/// Builds every sink: reads and checks keys, and the SMTP password. Errors are placed like
+/// config errors.
 pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
+    build_with(config, Secrets::Read)
+}
+
+/// [`build`], reading secret values or not.
+pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let mut by_name = BTreeMap::new();
+    let password = match (&config.smtp, secrets) {
+        (Some(c), Secrets::Read) => c.password.as_ref().and_then(|p| match p.value.resolve() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                issues.push(config.issue(Some(p.loc), "smtp.password", e));
+                None
+            }
+        }),
+        _ => None,
+    };
     let smtp = match &config.smtp {
         None => None,
-        Some(c) => match email::Smtp::build(c) {
+        Some(_) if !issues.is_empty() => None,
+        Some(c) => match email::Smtp::build(c, password) {
             Ok(s) => Some(Arc::new(s)),
             Err(e) => {
                 issues.push(config.issue(None, "smtp", e));

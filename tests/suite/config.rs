@@ -304,12 +304,15 @@ async fn check_exits_78_listing_every_error_with_its_place() {
             out.stderr
         );
     }
-    // A secret that cannot be resolved is a config error too, with its place.
+    // A secret that cannot be resolved is a config error too, with its place; offline
+    // reads no secret value (SPEC §2), so only the online check finds it.
     let mut h = Harness::new().await;
     h.add_portal("acme");
     h.write_config("", &["plain"]);
     std::fs::remove_file(h.path("keys/acme")).unwrap();
     let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(0), "offline reads no secret: {}", out.all());
+    let out = h.run(&["check"]).await;
     assert_eq!(out.code, Some(78), "{}", out.all());
     assert!(
         out.stderr.contains("portals.acme.api_key") && out.stderr.contains("keys/acme"),
@@ -359,4 +362,32 @@ async fn check_prints_the_plan_with_three_next_times_and_what_it_found() {
         "{}",
         out.stdout
     );
+}
+
+#[test]
+fn the_shipped_example_passes_check_offline_without_its_secrets() {
+    // No credentials directory, no environment: offline reads no secret value.
+    let out = std::process::Command::new(crate::support::BIN)
+        .args(["--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .args(["check", "--offline"])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("TFA_ROTATOR_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    // Online, each missing secret is reported once, with its line.
+    let out = std::process::Command::new(crate::support::BIN)
+        .args(["--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .arg("check")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("TFA_ROTATOR_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(err.matches("smtp.password").count(), 1, "{err}");
+    assert!(err.contains("example.toml:36:12: smtp.password"), "{err}");
 }
