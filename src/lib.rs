@@ -19,6 +19,25 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// `println!` that never panics: output to a closed pipe (`… | head -1`) is dropped, and the
+/// command goes on to its end quietly, so nothing it was doing is cut short.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that never panics on a closed stderr (see [`out!`]).
+#[macro_export]
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 pub mod cli;
 pub mod commands;
 pub mod config;

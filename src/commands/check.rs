@@ -45,7 +45,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         }
     }
     if !issues.is_empty() {
-        eprintln!(
+        crate::err!(
             "error: the configuration is invalid ({} error(s))",
             issues.len()
         );
@@ -88,7 +88,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
             "portals": plans,
             "failed": failed,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         print_text(&config, &plans, offline);
     }
@@ -191,7 +191,7 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
 }
 
 fn print_text(config: &Config, plans: &[Value], offline: bool) {
-    println!(
+    crate::out!(
         "config {}: valid ({} portal(s), {} sink(s), {} schedule(s))",
         config.path.display(),
         config.portals.len(),
@@ -199,14 +199,14 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
         config.schedules.len()
     );
     for p in plans {
-        println!(
+        crate::out!(
             "\nportal {} {}",
             p["portal"].as_str().unwrap_or_default(),
             p["url"].as_str().unwrap_or_default()
         );
         match p["schedule"].as_object() {
             Some(s) => {
-                println!(
+                crate::out!(
                     "  schedule {}: {} ({}), jitter {}s",
                     s["name"].as_str().unwrap_or_default(),
                     s["cron"].as_str().unwrap_or_default(),
@@ -217,12 +217,12 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
                     .as_array()
                     .map(|a| a.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
-                println!("  next rotations: {}", next.join(", "));
+                crate::out!("  next rotations: {}", next.join(", "));
             }
-            None => println!("  schedule: none (manual rotation only)"),
+            None => crate::out!("  schedule: none (manual rotation only)"),
         }
         for s in p["sinks"].as_array().into_iter().flatten() {
-            println!(
+            crate::out!(
                 "  sink {}: {}",
                 s["name"].as_str().unwrap_or_default(),
                 s["describe"].as_str().unwrap_or_default()
@@ -232,31 +232,32 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
             continue;
         }
         if let Some(a) = p["account"].as_object() {
-            println!(
+            crate::out!(
                 "  account: {} <{}>",
                 a["display_name"].as_str().unwrap_or_default(),
                 a["email"].as_str().unwrap_or_default()
             );
         }
         if let Some(c) = p["codes"].as_object() {
-            println!("  codes: {}/{} unused", c["unused"], c["total"]);
+            crate::out!("  codes: {}/{} unused", c["unused"], c["total"]);
         }
         if let Some(t) = p["tfa_app"].as_object() {
-            println!(
+            crate::out!(
                 "  TFA app method: enabled {}, available {}",
-                t["enabled"], t["available"]
+                t["enabled"],
+                t["available"]
             );
         }
         for n in p["notes"].as_array().into_iter().flatten() {
-            println!("  note: {}", n.as_str().unwrap_or_default());
+            crate::out!("  note: {}", n.as_str().unwrap_or_default());
         }
         match p["problems"].as_array() {
             Some(list) if !list.is_empty() => {
                 for e in list {
-                    println!("  FAILED: {}", e.as_str().unwrap_or_default());
+                    crate::out!("  FAILED: {}", e.as_str().unwrap_or_default());
                 }
             }
-            _ => println!("  preflight: ok"),
+            _ => crate::out!("  preflight: ok"),
         }
     }
 }

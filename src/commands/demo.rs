@@ -18,7 +18,7 @@ pub async fn run() -> Exit {
     match tour().await {
         Ok(()) => Exit::Ok,
         Err(e) => {
-            eprintln!("demo failed: {e}");
+            crate::err!("demo failed: {e}");
             Exit::Failed
         }
     }
@@ -42,7 +42,7 @@ async fn tour() -> Result<(), String> {
         .tempdir()
         .map_err(|e| e.to_string())?;
     let dir = tmp.path();
-    println!(
+    crate::out!(
         "1. Starting a simulated DocSpace portal (7 codes of 8 characters, to show any shape works)"
     );
     let sim = Simulator::start(SimConfig {
@@ -57,7 +57,7 @@ async fn tour() -> Result<(), String> {
         name: "Jane Demo".into(),
         ..UserSpec::new(email)
     });
-    println!("   portal at {} with one account, {email}", sim.url());
+    crate::out!("   portal at {} with one account, {email}", sim.url());
     let old: Vec<String> = sim.codes(&key).into_iter().map(|(c, _)| c).collect();
 
     let identity = age::x25519::Identity::generate();
@@ -86,16 +86,16 @@ sinks = ["vault"]
         url = sim.url()
     );
     write_private(&config_path, &config_text)?;
-    println!("2. Wrote a throwaway config: {}", config_path.display());
+    crate::out!("2. Wrote a throwaway config: {}", config_path.display());
     for line in config_text.lines() {
-        println!("   | {line}");
+        crate::out!("   | {line}");
     }
 
     let config = crate::config::load(&config_path).map_err(|e| e.to_string())?;
     let engine = Engine::new(Arc::new(config), false).map_err(|e| e.to_string())?;
-    println!("3. Rotating portal `demo`: preflight, intent, PUT, seal, deliver");
+    crate::out!("3. Rotating portal `demo`: preflight, intent, PUT, seal, deliver");
     let report = rotation::rotate(&engine, "demo", true).await;
-    println!("   {}", report.message);
+    crate::out!("   {}", report.message);
     if report.is_failure() {
         return Err("the rotation did not complete".into());
     }
@@ -103,7 +103,7 @@ sinks = ["vault"]
     let target = codes_dir.join("demo.txt.age");
     let sealed =
         std::fs::read(&target).map_err(|e| format!("reading {}: {e}", target.display()))?;
-    println!(
+    crate::out!(
         "4. The codes went to {} ({} bytes, age-encrypted, mode 0600)",
         target.display(),
         sealed.len()
@@ -116,39 +116,39 @@ sinks = ["vault"]
     reader
         .read_to_string(&mut plain)
         .map_err(|e| e.to_string())?;
-    println!(
+    crate::out!(
         "   decrypted with the demo's age identity ({}…):",
         &identity.to_string().expose_secret()[..20]
     );
     for line in plain.lines() {
-        println!("   | {line}");
+        crate::out!("   | {line}");
     }
     let delivered: Vec<&str> = plain
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .collect();
 
-    println!("5. Proving it against the portal");
+    crate::out!("5. Proving it against the portal");
     let current: Vec<String> = sim.codes(&key).into_iter().map(|(c, _)| c).collect();
     let same = delivered.len() == current.len()
         && delivered.iter().all(|c| current.iter().any(|k| k == c));
-    println!(
+    crate::out!(
         "   the file holds exactly the set the portal accepts now: {}",
         if same { "yes" } else { "NO" }
     );
     let first = delivered.first().copied().unwrap_or_default();
     let new_ok = sim.login(email, first);
-    println!(
+    crate::out!(
         "   login with the first delivered code: {}",
         if new_ok { "accepted" } else { "REFUSED" }
     );
     let old_ok = old.first().map(|c| sim.login(email, c)).unwrap_or(false);
-    println!(
+    crate::out!(
         "   login with a code from before the rotation: {}",
         if old_ok { "ACCEPTED" } else { "refused" }
     );
     let again = sim.login(email, first);
-    println!(
+    crate::out!(
         "   the same delivered code a second time: {}",
         if again {
             "ACCEPTED"
@@ -160,9 +160,9 @@ sinks = ["vault"]
     drop(engine);
     let path = dir.to_path_buf();
     tmp.close().map_err(|e| e.to_string())?;
-    println!("6. Removed {}; nothing is left behind.", path.display());
+    crate::out!("6. Removed {}; nothing is left behind.", path.display());
     if same && new_ok && !old_ok && !again {
-        println!(
+        crate::out!(
             "\nDemo complete. Next: write /etc/tfa-rotator/config.toml (see config/example.toml) and run `tfa-rotator check`."
         );
         Ok(())

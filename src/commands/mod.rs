@@ -40,7 +40,7 @@ pub fn main(cli: Cli) -> u8 {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
+            crate::err!("error: starting the async runtime: {e}");
             return Exit::Failed as u8;
         }
     };
@@ -102,9 +102,12 @@ fn init_logging(cli: &Cli) {
     };
     // Under systemd the journal stamps each line; do not stamp twice.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // A log line that cannot be written (stderr is a closed pipe) is dropped: the
+    // subscriber's own report of it would be an eprintln! that panics mid-rotation.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_target(false);
     let _ = match (cli.log_format, journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
@@ -147,7 +150,7 @@ fn setup_failpoints() -> fail::FailScenario<'static> {
 /// Prints config problems, one per line, on stderr.
 pub(crate) fn print_issues(prefix: &str, issues: &[ConfigIssue]) {
     for i in issues {
-        eprintln!("{prefix}: {i}");
+        crate::err!("{prefix}: {i}");
     }
 }
 
@@ -159,7 +162,7 @@ pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
             Ok(Arc::new(c))
         }
         Err(errors) => {
-            eprintln!("error: {errors}");
+            crate::err!("error: {errors}");
             Err(Exit::Config)
         }
     }
@@ -169,7 +172,7 @@ pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
 pub(crate) fn engine(config: Arc<Config>, dry_run: bool) -> Result<Engine, Exit> {
     Engine::new(config, dry_run).map_err(|e| match e {
         EngineError::Config(issues) => {
-            eprintln!(
+            crate::err!(
                 "error: the configuration is invalid ({} error(s))",
                 issues.len()
             );
@@ -177,7 +180,7 @@ pub(crate) fn engine(config: Arc<Config>, dry_run: bool) -> Result<Engine, Exit>
             Exit::Config
         }
         other => {
-            eprintln!("error: {other}");
+            crate::err!("error: {other}");
             Exit::Failed
         }
     })
@@ -187,10 +190,10 @@ pub(crate) fn engine(config: Arc<Config>, dry_run: bool) -> Result<Engine, Exit>
 pub(crate) fn print_reports(reports: &[Report], json: bool) {
     if json {
         let doc = serde_json::json!({ "portals": reports });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         for r in reports {
-            println!("{}: {}", r.portal, r.message);
+            crate::out!("{}: {}", r.portal, r.message);
         }
     }
 }

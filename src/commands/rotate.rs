@@ -24,14 +24,14 @@ pub async fn rotate(
     let names: Vec<String> = if all {
         config.portals.keys().cloned().collect()
     } else if portals.is_empty() {
-        eprintln!("error: name the portals to rotate, or use --all");
+        crate::err!("error: name the portals to rotate, or use --all");
         return Exit::Usage;
     } else {
         portals
     };
     if let Some(unknown) = names.iter().find(|n| !config.portals.contains_key(*n)) {
         let known: Vec<&str> = config.portals.keys().map(String::as_str).collect();
-        eprintln!(
+        crate::err!(
             "error: no portal named `{unknown}` in {}; configured: {}",
             path.display(),
             known.join(", ")
@@ -113,7 +113,7 @@ pub async fn deliver(path: &Path, json: bool) -> Exit {
     let reports = rotation::recover_all(&engine).await;
     rotation::alerts::check(&engine).await;
     if reports.is_empty() && !json {
-        println!("nothing pending");
+        crate::out!("nothing pending");
     }
     print_reports(&reports, json);
     exit_of(&reports)
@@ -126,7 +126,7 @@ pub async fn resend(path: &Path, portals: Vec<String>, json: bool) -> Exit {
         Err(e) => return e,
     };
     if let Some(unknown) = portals.iter().find(|n| !config.portals.contains_key(*n)) {
-        eprintln!("error: no portal named `{unknown}` in {}", path.display());
+        crate::err!("error: no portal named `{unknown}` in {}", path.display());
         return Exit::Usage;
     }
     let engine = match engine(config, false) {
@@ -155,7 +155,7 @@ pub async fn settle(
         Err(e) => return e,
     };
     if !abandon && !config.portals.contains_key(&portal) {
-        eprintln!(
+        crate::err!(
             "error: no portal named `{portal}` in {}; to drop the state of a removed portal, use `tfa-rotator forget {portal}`",
             path.display()
         );

@@ -14,7 +14,7 @@ pub async fn run(o: SimulateArgs) -> Exit {
         {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("error: {}: {e}", p.display());
+                crate::err!("error: {}: {e}", p.display());
                 return Exit::Config;
             }
         },
@@ -44,7 +44,7 @@ pub async fn run(o: SimulateArgs) -> Exit {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !ok {
-            eprintln!(
+            crate::err!(
                 "error: --key {}…: an API key is `sk-` and 64 lowercase hex digits",
                 &k.chars().take(6).collect::<String>()
             );
@@ -65,7 +65,7 @@ pub async fn run(o: SimulateArgs) -> Exit {
     let listener = match tokio::net::TcpListener::bind(o.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: listening on {}: {e}", o.listen);
+            crate::err!("error: listening on {}: {e}", o.listen);
             return Exit::Failed;
         }
     };
@@ -73,18 +73,18 @@ pub async fn run(o: SimulateArgs) -> Exit {
     let sim = match Simulator::start_on(listener, config, std::future::pending()).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::err!("error: {e}");
             return Exit::Failed;
         }
     };
-    println!("simulated DocSpace portal at {}", sim.url());
-    println!(
+    crate::out!("simulated DocSpace portal at {}", sim.url());
+    crate::out!(
         "request log: GET {0}__sim/log; faults: POST {0}__sim/fault; a set changed as in the web UI: POST {0}__sim/regenerate {{\"email\": \"…\"}}",
         sim.url()
     );
     // The simulator's keys are throwaway test keys, printed so they can be used.
     for (email, key) in emails.iter().zip(sim.keys()) {
-        println!("user {email} api_key {key}");
+        crate::out!("user {email} api_key {key}");
     }
     crate::shutdown_signal().await;
     sim.stop();

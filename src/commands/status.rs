@@ -17,7 +17,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
     let store = match Store::open_read_only(&config.daemon.state_dir) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::err!("error: {e}");
             return Exit::Failed;
         }
     };
@@ -36,7 +36,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::err!("error: {e}");
                 return Exit::Failed;
             }
         },
@@ -116,13 +116,13 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         }));
     }
     if json {
-        println!(
+        crate::out!(
             "{}",
             serde_json::to_string_pretty(&json!({"portals": out})).unwrap_or_default()
         );
     } else {
         for p in &out {
-            println!(
+            crate::out!(
                 "{}{}",
                 p["portal"].as_str().unwrap_or_default(),
                 if p["configured"] == json!(false) {
@@ -131,18 +131,18 @@ pub async fn run(path: &Path, json: bool) -> Exit {
                     ""
                 }
             );
-            println!(
+            crate::out!(
                 "  last rotation: {} ({})",
                 fmt_ms(p["last_success_at"].as_i64()),
                 p["last_result"].as_str().unwrap_or("none yet")
             );
             if let Some(e) = p["last_error"].as_str() {
-                println!(
+                crate::out!(
                     "  last error: {e} ({} failure(s) in a row)",
                     p["failures_in_a_row"]
                 );
             }
-            println!(
+            crate::out!(
                 "  next due: {}",
                 match p["next_due_at"].as_i64() {
                     Some(t) => format!(
@@ -158,21 +158,21 @@ pub async fn run(path: &Path, json: bool) -> Exit {
                 }
             );
             match (p["unused"].as_i64(), p["total"].as_i64()) {
-                (Some(u), Some(t)) => println!(
+                (Some(u), Some(t)) => crate::out!(
                     "  codes: {u}/{t} unused (seen {})",
                     fmt_ms(p["codes_seen_at"].as_i64())
                 ),
-                _ => println!("  codes: not read yet"),
+                _ => crate::out!("  codes: not read yet"),
             }
             if let Some(at) = p["drift_at"].as_i64() {
-                println!(
+                crate::out!(
                     "  drift: the portal's codes changed outside tfa-rotator {} time(s), last at {}",
                     p["drifts"],
                     fmt_ms(Some(at))
                 );
             }
             if p["settling"].is_object() {
-                println!(
+                crate::out!(
                     "  SETTLING: a rotation's outcome is unknown since {}; asked {} time(s), next at {} (`tfa-rotator settle {}`)",
                     fmt_ms(p["settling"]["since"].as_i64()),
                     p["settling"]["checks"],
@@ -184,7 +184,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
                 );
             }
             for d in p["pending_deliveries"].as_array().into_iter().flatten() {
-                println!(
+                crate::out!(
                     "  PENDING delivery to {} since {}, {} attempt(s){}{}",
                     d["sink"].as_str().unwrap_or_default(),
                     fmt_ms(d["created_at"].as_i64()),

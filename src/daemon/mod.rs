@@ -116,7 +116,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
                 tracing::info!(%addr, "metrics on /metrics, health on /healthz");
             }
             Err(e) => {
-                eprintln!("error: daemon.metrics: listening on {addr}: {e}");
+                crate::err!("error: daemon.metrics: listening on {addr}: {e}");
                 return Exit::Failed;
             }
         }
@@ -125,9 +125,9 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         match rotation::stranded_work(&engine).await {
             Ok(stranded) if !stranded.is_empty() => {
                 for s in &stranded {
-                    eprintln!("error: {}: {s}", path.display());
+                    crate::err!("error: {}: {s}", path.display());
                 }
-                eprintln!(
+                crate::err!(
                     "error: the configuration would drop work the state holds ({} problem(s)); nothing was started",
                     stranded.len()
                 );
@@ -135,7 +135,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
             }
             Ok(_) => {}
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::err!("error: {e}");
                 return Exit::Failed;
             }
         }
@@ -164,7 +164,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         done_tx,
     };
     if let Err(e) = sup.load().await {
-        eprintln!("error: {e}");
+        crate::err!("error: {e}");
         return Exit::Failed;
     }
     let planned = std::time::Instant::now();

@@ -1095,6 +1095,14 @@ pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationErro
 /// Settles open intents by one GET each (whatever their schedule) and delivers what is
 /// sealed. An intent that stays open makes the report's outcome `settling`.
 async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationError> {
+    recover_locked_why(engine, name).await.map(|(r, _)| r)
+}
+
+/// [`recover_locked`], and why an intent stays open, if one does.
+async fn recover_locked_why(
+    engine: &Engine,
+    name: &str,
+) -> Result<(Report, Option<String>), RotationError> {
     let store = engine.store()?.clone();
     let p = name.to_string();
     let open = store
@@ -1174,26 +1182,25 @@ async fn recover_locked(engine: &Engine, name: &str) -> Result<Report, RotationE
             report.delivered, report.pending
         );
     }
-    if let Some(why) = still_open {
+    if let Some(why) = &still_open {
         report.outcome = Outcome::Settling;
         report.message = format!(
             "the outcome of a rotation is being settled: {why}; `deliver` or the daemon asks again"
         );
     }
-    Ok(report)
+    Ok((report, still_open))
 }
 
 /// [`recover_locked`], with an intent that stays open turned into
 /// [`RotationError::Settling`]: what must not act on a portal whose outcome is unknown.
 async fn recover_unless_settling(engine: &Engine, name: &str) -> Result<Report, RotationError> {
-    let r = recover_locked(engine, name).await?;
-    if r.outcome == Outcome::Settling {
-        return Err(RotationError::Settling {
+    match recover_locked_why(engine, name).await? {
+        (_, Some(why)) => Err(RotationError::Settling {
             portal: name.to_string(),
-            why: r.message,
-        });
+            why,
+        }),
+        (r, None) => Ok(r),
     }
-    Ok(r)
 }
 
 /// Reads the current codes and delivers them again, without rotating (`resend`, and drift).

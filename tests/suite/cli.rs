@@ -161,3 +161,37 @@ fn version_names_the_commit_and_the_features() {
     // The tests are built with the failpoints feature.
     assert!(text.contains("features: failpoints"), "{text}");
 }
+
+/// `rotate -v … 2>&1 | head -1`: once the reader is gone, the command goes on quietly to its
+/// end (no panic, no exit 101), and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_pipe_ends_the_command_quietly_and_loses_nothing() {
+    use tokio::io::AsyncBufReadExt;
+    let mut h = crate::support::Harness::new().await;
+    for p in ["p1", "p2", "p3", "p4"] {
+        h.add_portal(p);
+    }
+    h.write_config("", &["plain"]);
+    let mut child = h.spawn(&["rotate", "--all", "-v"], &[]);
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let mut lines = tokio::io::BufReader::new(err).lines();
+    let first = lines.next_line().await.unwrap();
+    assert!(first.is_some(), "a first line arrived");
+    // `head -1` exits: both ends are closed.
+    drop(lines);
+    drop(out);
+    let status = child.wait().await.unwrap();
+    assert!(
+        matches!(status.code(), Some(0) | Some(1)),
+        "ended by itself, not by a panic: {status:?}"
+    );
+    let after = h.run(&["deliver"]).await;
+    assert_eq!(after.code, Some(0), "{}", after.all());
+    for p in ["p1", "p2", "p3", "p4"] {
+        assert_eq!(
+            h.plain_sink(&format!("codes/{p}.txt")),
+            Some(h.accepted(p)),
+            "{p}: every sink holds the accepted set"
+        );
+    }
+}
