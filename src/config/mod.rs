@@ -430,27 +430,6 @@ impl ScheduleConfig {
             .next_after(shifted)
             .map(|t| crate::schedule::add(t, j))
     }
-
-    /// The next `n` jittered fire times for `portal` after `after`.
-    pub fn upcoming(
-        &self,
-        portal: &str,
-        after: chrono::DateTime<chrono::Utc>,
-        n: usize,
-    ) -> Vec<chrono::DateTime<chrono::Utc>> {
-        let mut out = Vec::with_capacity(n);
-        let mut cursor = after;
-        while out.len() < n {
-            match self.next_fire(portal, cursor) {
-                Some(t) => {
-                    out.push(t);
-                    cursor = t;
-                }
-                None => break,
-            }
-        }
-        out
-    }
 }
 
 #[cfg(test)]

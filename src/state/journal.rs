@@ -163,20 +163,6 @@ pub fn settle_checked(
     Ok(())
 }
 
-/// Every open intent and when its next settle GET is due (`None`: at once), for the daemon.
-pub fn open_intents(c: &Connection) -> Result<Vec<(String, Option<i64>)>, StateError> {
-    let mut st = c
-        .prepare_cached(
-            "SELECT portal, next_check_at FROM journal WHERE phase = 'intent' ORDER BY id",
-        )
-        .map_err(sql("reading open intents"))?;
-    let rows = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(sql("reading open intents"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading open intents"))
-}
-
 /// The journal entry ends: `done` or `aborted`, with a note.
 pub fn close_journal(
     c: &Connection,

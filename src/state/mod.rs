@@ -33,13 +33,11 @@ mod spool;
 
 pub use alerts::{AlertDue, add_notice, alert_sent, alerts_due};
 pub use journal::{
-    OpenJournal, Phase, begin_intent, close_journal, open_intents, open_journal, seal,
-    settle_checked,
+    OpenJournal, Phase, begin_intent, close_journal, open_journal, seal, settle_checked,
 };
 pub use portals::{
     PortalRow, add_history, deliveries_cleared, pin_account, portal_row, portal_rows, record_drift,
-    record_failure, record_plan, record_rotated, record_schedule, record_schedules, record_seen,
-    record_settling,
+    record_failure, record_plan, record_rotated, record_schedule, record_seen, record_settling,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,

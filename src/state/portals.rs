@@ -201,18 +201,6 @@ pub fn record_plan(
     Ok(())
 }
 
-/// [`record_schedule`] for many portals.
-/// Call it through [`Store::write`] so that all rows share one commit.
-pub fn record_schedules(
-    c: &Connection,
-    rows: &[(String, Option<String>, Option<i64>)],
-) -> Result<(), StateError> {
-    for (portal, entry_fp, last_fire_at) in rows {
-        record_schedule(c, portal, entry_fp.as_deref(), *last_fire_at)?;
-    }
-    Ok(())
-}
-
 /// Appends to a portal's history.
 pub fn add_history(
     c: &Connection,
