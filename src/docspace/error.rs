@@ -4,6 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
+/// The longest pause a `Retry-After` imposes (the portal's daily limit asks for up to a day;
+/// past an hour we ask again, and it says so again if it must).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// A failed request to a portal.
 #[derive(Debug, thiserror::Error)]
 pub struct ApiError {
@@ -93,10 +97,13 @@ impl ApiError {
         self.refused
     }
 
-    /// The delay the portal asked for.
+    /// The delay the portal asked for, at most [`MAX_RETRY_AFTER`]: every caller (the
+    /// backoff, settling, the host's pause) reads it here, so none can overflow or wait a day.
     pub fn retry_after(&self) -> Option<Duration> {
         match self.kind {
-            ApiErrorKind::RateLimited { retry_after } => retry_after,
+            ApiErrorKind::RateLimited { retry_after } => {
+                retry_after.map(|d| d.min(MAX_RETRY_AFTER))
+            }
             _ => None,
         }
     }

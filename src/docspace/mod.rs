@@ -6,5 +6,5 @@ pub mod error;
 pub mod model;
 
 pub use client::{HttpClient, Portal};
-pub use error::{ApiError, ApiErrorKind};
+pub use error::{ApiError, ApiErrorKind, MAX_RETRY_AFTER};
 pub use model::{Account, ApiKeyInfo, BuildVersion, TfaMethod};

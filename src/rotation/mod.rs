@@ -615,7 +615,7 @@ async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
             .write(move |c| state::record_settling(c, &p, &msg))
             .await
     } else {
-        let wait = e.retry_after().unwrap_or_default().min(MAX_RETRY_AFTER);
+        let wait = e.retry_after().unwrap_or_default();
         store
             .write(move |c| {
                 let failures = state::portal_row(c, &p)?.map(|r| r.failures).unwrap_or(0);
@@ -630,9 +630,7 @@ async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
     }
 }
 
-/// The longest pause a `Retry-After` imposes on one portal (the portal's daily limit asks
-/// for up to a day; past an hour we ask again, and it says so again if it must).
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub use crate::docspace::MAX_RETRY_AFTER;
 
 /// Rotates one portal now, after settling what earlier processes left. `force` ignores
 /// `min_interval` and a changed account. In a dry run, does only the read-only steps.

@@ -12,8 +12,6 @@
 //! While an intent is open the portal is not rotated again. The schedule lives in the
 //! journal row (`checks`, `next_check_at`), so any process settles it where another left off.
 
-use std::time::Duration;
-
 use super::{Engine, RotationError};
 use crate::docspace::Portal;
 use crate::secret::CodeSet;
@@ -21,10 +19,6 @@ use crate::state::{self, now_ms};
 
 /// The settle GETs' offsets as fractions of the window: (numerator, denominator).
 const CHECKS: [(i64, i64); 6] = [(0, 1), (1, 30), (2, 15), (1, 3), (2, 3), (1, 1)];
-
-/// The longest a host paused by a 429 delays a settle GET (a `Retry-After` of a day is the
-/// portal's daily limit; the intent is re-checked within the hour all the same).
-const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
 /// The first scheduled settle GET strictly after `now` for an intent committed at
 /// `started_at` with a window of `window_ms`; `None` once the window has closed.
@@ -118,10 +112,8 @@ pub async fn once(
             )
         }
         Err(e) => {
-            let pause = e
-                .retry_after()
-                .map(|d| d.min(MAX_PAUSE))
-                .unwrap_or_default();
+            // Clamped to an hour by `retry_after`.
+            let pause = e.retry_after().unwrap_or_default();
             let scheduled = next_check(intent.started_at, intent.window_ms, now)
                 .unwrap_or_else(|| now + super::backoff(intent.checks).as_millis() as i64);
             (
