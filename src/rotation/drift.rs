@@ -126,13 +126,12 @@ async fn watch_inner(
     let codes = portal.codes().await?;
     let (unused, total) = (codes.unused(), codes.total());
     let fp = store.fingerprinter().of_set(&codes);
-    let p = name.to_string();
-    let (fp2, baselines) = (fp.clone(), {
-        let p = p.clone();
-        store.call(move |c| state::sink_sets(c, &p)).await?
-    });
-    store
-        .write(move |c| state::record_seen(c, &p, &fp2, unused, total))
+    let (p, seen) = (name.to_string(), fp.clone());
+    let baselines = store
+        .write(move |c| {
+            state::record_seen(c, &p, &seen, unused, total)?;
+            state::sink_sets(c, &p)
+        })
         .await?;
     engine.metrics.unused(name, unused);
     let drifted = drifted_sinks(pc, &baselines, &fp);
