@@ -99,7 +99,7 @@ impl World {
             .map(|m| {
                 let (_, parts) = split_mime(&m.data);
                 gpg_keys()
-                    .gpg
+                    .gpg()
                     .decrypt(parts[1].1.trim().as_bytes())
                     .expect("gpg decrypts the mail")
             })

@@ -164,7 +164,7 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
         ("ed25519/cv25519", &keys.ed_fpr),
         ("rsa3072", &keys.rsa_fpr),
     ] {
-        let alone = keys.gpg.only(fpr);
+        let alone = keys.only(fpr);
         let plain = alone
             .decrypt(armored.as_bytes())
             .unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -302,7 +302,7 @@ async fn smtp_gone_after_the_put_keeps_the_set_sealed_until_deliver() {
     let mails = smtpd.messages();
     assert_eq!(mails.len(), 1);
     let (_, parts) = split_mime(&mails[0].data);
-    let plain = keys.gpg.decrypt(parts[1].1.trim().as_bytes()).unwrap();
+    let plain = keys.gpg().decrypt(parts[1].1.trim().as_bytes()).unwrap();
     assert_eq!(mail_codes(&plain), h.accepted("acme"));
 }
 
@@ -427,7 +427,7 @@ async fn alerts_announce_a_failure_streak_once_and_a_pending_delivery_without_co
     for m in &mails {
         let (outer, parts) = split_mime(&m.data);
         assert!(outer.contains("Subject: [...]"));
-        texts.push(keys.gpg.decrypt(parts[1].1.trim().as_bytes()).unwrap());
+        texts.push(keys.gpg().decrypt(parts[1].1.trim().as_bytes()).unwrap());
     }
     assert!(
         texts[0].contains("beta: rotation failing (2 times in a row)"),

@@ -144,7 +144,7 @@ async fn pgp_encrypted_file_is_read_by_gnupg_for_ed25519_and_rsa_keys() {
             "{label}: ASCII armor"
         );
         let plain = keys
-            .gpg
+            .gpg()
             .decrypt(&sealed)
             .unwrap_or_else(|e| panic!("{label}: gpg failed: {e}"));
         let accepted = h.accepted("acme");

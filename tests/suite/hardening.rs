@@ -290,44 +290,22 @@ async fn check_pgp_file_sink(keys: &[&std::path::Path]) -> Output {
 #[tokio::test(flavor = "multi_thread")]
 async fn weak_keys_every_block_of_a_key_file_and_revoked_user_ids_are_checked() {
     let good = gpg_keys();
-    let gpg = Gpg::new();
-    let dir = gpg.home.path().join("out");
-    std::fs::create_dir(&dir).unwrap();
-    let weak = gpg.generate(
-        "Weak <weak@example.com>",
-        "rsa1024",
-        "default",
-        "never",
-        None,
-    );
-    let dsa = gpg.generate("Dsa <dsa@example.com>", "dsa2048", "default", "never", None);
-    gpg.add_subkey(&dsa, "elg2048", "encr");
-    let ann = gpg.generate("Ann <ann@example.com>", "ed25519", "default", "never", None);
-    gpg.add_subkey(&ann, "cv25519", "encr");
-    gpg.add_uid(&ann, "Ann Old <old@example.com>");
-    gpg.revoke_uid(&ann, "Ann Old <old@example.com>");
-    let (weak_p, dsa_p, ann_p) = (
-        dir.join("weak.asc"),
-        dir.join("dsa.asc"),
-        dir.join("ann.asc"),
-    );
-    gpg.export(&weak, &weak_p);
-    gpg.export(&dsa, &dsa_p);
-    gpg.export(&ann, &ann_p);
-    gpg.stop_agent();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path();
+    let (weak_p, dsa_p, ann_p) = (&good.weak, &good.dsa, &good.ann);
 
     for (key, why) in [
-        (&weak_p, "RSA of 1024 bits"),
-        (&dsa_p, "DSA, which is refused"),
+        (weak_p, "RSA of 1024 bits"),
+        (dsa_p, "DSA, which is refused"),
     ] {
-        let out = check_pgp_file_sink(&[key]).await;
+        let out = check_pgp_file_sink(&[key.as_path()]).await;
         assert_eq!(out.code, Some(78), "{why}: {}", out.all());
         assert!(out.stderr.contains(why), "{}", out.stderr);
     }
     // Two armored blocks in one file: the second is checked too, not dropped.
     let both = dir.join("both.asc");
     let text =
-        std::fs::read_to_string(&good.ed).unwrap() + &std::fs::read_to_string(&weak_p).unwrap();
+        std::fs::read_to_string(&good.ed).unwrap() + &std::fs::read_to_string(weak_p).unwrap();
     std::fs::write(&both, text).unwrap();
     let out = check_pgp_file_sink(&[&both]).await;
     assert_eq!(out.code, Some(78), "{}", out.all());

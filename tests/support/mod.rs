@@ -354,17 +354,10 @@ pub fn edit_config(h: &Harness, f: impl FnOnce(String) -> String) {
 }
 
 /// GnuPG in a throwaway home directory. Its agent is stopped when it is dropped, so a
-/// test leaves no `gpg-agent` running.
+/// test leaves no `gpg-agent` running, and the directory goes with it.
 pub struct Gpg {
     pub home: TempDir,
-    /// Used by many tests at once (the test keys): each use takes [`SHARED_GPG`] and stops
-    /// the agent after itself, since this home is never dropped.
-    shared: bool,
 }
-
-/// Serialises the uses of a shared GnuPG home, so one test never stops the agent while
-/// another is using it.
-static SHARED_GPG: Mutex<()> = Mutex::new(());
 
 impl Drop for Gpg {
     fn drop(&mut self) {
@@ -372,9 +365,8 @@ impl Drop for Gpg {
     }
 }
 
-/// Test keys, generated once per test binary.
+/// The checked-in test keys (`tests/keys`, TEST ONLY: their secret halves are public).
 pub struct GpgKeys {
-    pub gpg: Gpg,
     pub ed_fpr: String,
     pub rsa_fpr: String,
     /// ed25519 primary, cv25519 encryption subkey.
@@ -387,78 +379,63 @@ pub struct GpgKeys {
     pub revoked: PathBuf,
     /// Signing only, no encryption subkey.
     pub sign_only: PathBuf,
+    /// RSA-1024.
+    pub weak: PathBuf,
+    /// DSA-2048 with an ElGamal subkey.
+    pub dsa: PathBuf,
+    /// ed25519 whose user ID `old@example.com` is revoked (`ann@example.com` is not).
+    pub ann: PathBuf,
+}
+
+/// The directory of the checked-in test keys.
+pub fn keys_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
 }
 
 pub fn gpg_keys() -> &'static GpgKeys {
     static KEYS: OnceLock<GpgKeys> = OnceLock::new();
     KEYS.get_or_init(|| {
-        let gpg = Gpg::new();
-        let out = gpg.home.path().join("exported");
-        std::fs::create_dir(&out).unwrap();
-        let ed = gpg.generate(
-            "Ed Owner <ed@example.com>",
-            "future-default",
-            "default",
-            "never",
-            None,
-        );
-        let rsa = gpg.generate(
-            "Rsa Owner <rsa@example.com>",
-            "rsa3072",
-            "sign",
-            "never",
-            None,
-        );
-        gpg.add_subkey(&rsa, "rsa3072", "encr");
-        let expired = gpg.generate(
-            "Old Owner <old@example.com>",
-            "ed25519",
-            "default",
-            "1d",
-            Some("20200101T000000"),
-        );
-        let revoked = gpg.generate(
-            "Gone Owner <gone@example.com>",
-            "future-default",
-            "default",
-            "never",
-            None,
-        );
-        gpg.revoke(&revoked);
-        let sign_only = gpg.generate(
-            "Sign Owner <sign@example.com>",
-            "ed25519",
-            "sign",
-            "never",
-            None,
-        );
-        let export = |fpr: &str, name: &str| {
-            let p = out.join(name);
-            gpg.export(fpr, &p);
-            p
+        let dir = keys_dir();
+        let fprs = std::fs::read_to_string(dir.join("fingerprints")).unwrap();
+        let fpr = |name: &str| {
+            fprs.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("tests/keys/fingerprints names no `{name}`"))
+                .to_string()
         };
-        let (ed_path, rsa_path) = (export(&ed, "ed.asc"), export(&rsa, "rsa.asc"));
-        let (expired, revoked, sign_only) = (
-            export(&expired, "expired.asc"),
-            export(&revoked, "revoked.asc"),
-            export(&sign_only, "sign-only.asc"),
-        );
-        // The shared home lives as long as the test binary, which never drops it: its agent
-        // is stopped after every use instead.
-        gpg.stop_agent();
-        let mut gpg = gpg;
-        gpg.shared = true;
+        let file = |name: &str| dir.join(format!("{name}.asc"));
         GpgKeys {
-            ed_fpr: ed,
-            rsa_fpr: rsa,
-            ed: ed_path,
-            rsa: rsa_path,
-            expired,
-            revoked,
-            sign_only,
-            gpg,
+            ed_fpr: fpr("ed"),
+            rsa_fpr: fpr("rsa"),
+            ed: file("ed"),
+            rsa: file("rsa"),
+            expired: file("expired"),
+            revoked: file("revoked"),
+            sign_only: file("sign-only"),
+            weak: file("weak"),
+            dsa: file("dsa"),
+            ann: file("ann"),
         }
     })
+}
+
+impl GpgKeys {
+    /// A new GnuPG home holding both secret test keys.
+    pub fn gpg(&self) -> Gpg {
+        let g = Gpg::new();
+        g.import(&keys_dir().join("ed.secret.asc"));
+        g.import(&keys_dir().join("rsa.secret.asc"));
+        g
+    }
+
+    /// A new GnuPG home holding only the secret key `fpr`, to prove one recipient can
+    /// decrypt alone.
+    pub fn only(&self, fpr: &str) -> Gpg {
+        let name = if fpr == self.ed_fpr { "ed" } else { "rsa" };
+        let g = Gpg::new();
+        g.import(&keys_dir().join(format!("{name}.secret.asc")));
+        g
+    }
 }
 
 impl Gpg {
@@ -468,21 +445,7 @@ impl Gpg {
             .tempdir()
             .unwrap();
         std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        Self {
-            home,
-            shared: false,
-        }
-    }
-
-    fn use_shared(&self) -> Option<std::sync::MutexGuard<'static, ()>> {
-        self.shared
-            .then(|| SHARED_GPG.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn done_with_shared(&self, guard: Option<std::sync::MutexGuard<'static, ()>>) {
-        if guard.is_some() {
-            self.stop_agent();
-        }
+        Self { home }
     }
 
     /// Stops the `gpg-agent` this home started, if any (the next gpg call starts one again).
@@ -494,35 +457,7 @@ impl Gpg {
             .output();
     }
 
-    /// Adds a user ID to a key.
-    pub fn add_uid(&self, fpr: &str, uid: &str) {
-        let st = self
-            .cmd()
-            .args(["--quick-add-uid", fpr, uid])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
-
-    /// Revokes one user ID of a key.
-    pub fn revoke_uid(&self, fpr: &str, uid: &str) {
-        let st = self
-            .cmd()
-            .args(["--quick-revoke-uid", fpr, uid])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
-
-    fn cmd(&self) -> std::process::Command {
+    pub fn cmd(&self) -> std::process::Command {
         let mut c = std::process::Command::new("gpg");
         c.arg("--homedir").arg(self.home.path()).args([
             "--batch",
@@ -535,116 +470,20 @@ impl Gpg {
         c
     }
 
-    pub fn generate(
-        &self,
-        uid: &str,
-        algo: &str,
-        usage: &str,
-        expire: &str,
-        faked: Option<&str>,
-    ) -> String {
-        let mut c = self.cmd();
-        if let Some(t) = faked {
-            c.arg("--faked-system-time").arg(t);
-        }
-        let st = c
-            .args(["--quick-generate-key", uid, algo, usage, expire])
-            .output()
-            .unwrap();
+    /// Imports a key file.
+    pub fn import(&self, file: &Path) {
+        let st = self.cmd().arg("--import").arg(file).output().unwrap();
         assert!(
             st.status.success(),
-            "gpg key generation: {}",
+            "gpg --import {}: {}",
+            file.display(),
             String::from_utf8_lossy(&st.stderr)
         );
-        let list = self
-            .cmd()
-            .args(["--with-colons", "--list-keys", uid])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&list.stdout);
-        text.lines()
-            .find(|l| l.starts_with("fpr:"))
-            .and_then(|l| l.split(':').nth(9))
-            .unwrap()
-            .to_string()
-    }
-
-    pub fn add_subkey(&self, fpr: &str, algo: &str, usage: &str) {
-        let st = self
-            .cmd()
-            .args(["--quick-add-key", fpr, algo, usage, "never"])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "gpg add subkey: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
-
-    pub fn revoke(&self, fpr: &str) {
-        let rev = self
-            .home
-            .path()
-            .join("openpgp-revocs.d")
-            .join(format!("{fpr}.rev"));
-        let text = std::fs::read_to_string(&rev)
-            .unwrap()
-            .replace(":-----BEGIN", "-----BEGIN");
-        let fixed = self.home.path().join("rev.asc");
-        std::fs::write(&fixed, text).unwrap();
-        let st = self.cmd().arg("--import").arg(&fixed).output().unwrap();
-        assert!(
-            st.status.success(),
-            "gpg revoke: {}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-    }
-
-    /// A new home holding only this secret key, to prove one recipient can decrypt alone.
-    pub fn only(&self, fpr: &str) -> Gpg {
-        use std::io::Write;
-        let other = Gpg::new();
-        let guard = self.use_shared();
-        let secret = self
-            .cmd()
-            .args(["--armor", "--export-secret-keys", fpr])
-            .output()
-            .unwrap();
-        self.done_with_shared(guard);
-        assert!(secret.status.success() && !secret.stdout.is_empty());
-        let mut child = other
-            .cmd()
-            .arg("--import")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(&secret.stdout)
-            .unwrap();
-        assert!(child.wait().unwrap().success());
-        other
-    }
-
-    pub fn export(&self, fpr: &str, path: &Path) {
-        let st = self
-            .cmd()
-            .args(["--armor", "--export", fpr])
-            .output()
-            .unwrap();
-        assert!(st.status.success() && !st.stdout.is_empty());
-        std::fs::write(path, st.stdout).unwrap();
     }
 
     /// `gpg --decrypt`; Err with gpg's stderr on failure.
     pub fn decrypt(&self, data: &[u8]) -> Result<String, String> {
         use std::io::Write;
-        let guard = self.use_shared();
         let mut child = self
             .cmd()
             .arg("--decrypt")
@@ -655,7 +494,6 @@ impl Gpg {
             .unwrap();
         child.stdin.take().unwrap().write_all(data).unwrap();
         let out = child.wait_with_output().unwrap();
-        self.done_with_shared(guard);
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
