@@ -156,8 +156,10 @@ pub struct SmtpConfig {
     pub from: String,
     /// Extra CA file.
     pub ca_file: Option<PathBuf>,
-    /// Conversation timeout.
+    /// Bound of each step of a conversation (three times it bounds the whole).
     pub timeout: Duration,
+    /// Conversations with the server at once.
+    pub max_sessions: usize,
 }
 
 /// `[schedules.NAME]`.

@@ -46,8 +46,10 @@ pub struct RawSmtp {
     pub from: Spanned<String>,
     /// An extra CA certificate (PEM) to trust besides the system's.
     pub ca_file: Option<Spanned<String>>,
-    /// Timeout of one SMTP conversation; default 30s.
+    /// Bound of each SMTP step (three times it bounds a conversation); default 30s.
     pub timeout: Option<Spanned<String>>,
+    /// Conversations with the server at once; default 4.
+    pub max_sessions: Option<Spanned<i64>>,
 }
 
 /// `[schedules.NAME]`: when portals rotate.

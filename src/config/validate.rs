@@ -485,6 +485,21 @@ pub(super) fn validate(
                 cx.errors.push((0, issue));
             }
         let timeout = cx.duration(&r.timeout, "smtp.timeout", Duration::from_secs(30));
+        if timeout.is_zero()
+            && let Some(t) = &r.timeout
+        {
+            cx.err(&t.span(), "smtp.timeout", "must be longer than zero");
+        }
+        let max_sessions = match &r.max_sessions {
+            None => 4,
+            Some(n) => usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .unwrap_or_else(|| {
+                    cx.err(&n.span(), "smtp.max_sessions", format!("{} is out of range; accepted: 1 to 256", n.get_ref()));
+                    4
+                }),
+        };
         SmtpConfig {
             host: r.host.into_inner(),
             port,
@@ -494,6 +509,7 @@ pub(super) fn validate(
             from: r.from.into_inner(),
             ca_file: r.ca_file.map(|c| cx.path(c.get_ref())),
             timeout,
+            max_sessions,
         }
     });
 

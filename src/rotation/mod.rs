@@ -922,11 +922,23 @@ async fn seal_and_deliver(
     // The payloads are still in hand, so they are not read back; the outcomes are recorded
     // with the journal's close in one commit. A crash before it delivers them again on the
     // next start (the same set, so the sinks end up the same).
+    // The sinks are delivered at once, each on its own: a mail server that hangs (for up to
+    // three times its timeout) does not hold back the file sinks.
+    let sinks = pc
+        .sinks
+        .iter()
+        .map(|n| sink_of(engine, name, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let attempts = futures::future::join_all(
+        sinks
+            .iter()
+            .zip(&payloads)
+            .map(|(sink, (_, payload))| attempt_delivery(engine, name, sink, payload, 0)),
+    )
+    .await;
     let mut outcomes = Vec::with_capacity(ids.len());
     let mut plain_delivered = false;
-    for (id, (sink_name, payload)) in ids.into_iter().zip(&payloads) {
-        let sink = sink_of(engine, name, sink_name)?;
-        let outcome = attempt_delivery(engine, name, sink, payload, 0).await;
+    for ((id, sink), outcome) in ids.into_iter().zip(&sinks).zip(attempts) {
         let ok = outcome.is_ok();
         plain_delivered |= ok && !sink.encrypted();
         outcomes.push((id, outcome));
@@ -991,8 +1003,9 @@ async fn seal_and_deliver(
 /// What one delivery attempt did, to be recorded against its spool entry.
 enum Attempt {
     Delivered,
-    /// The error, when to try again, and whether the server refused for good.
-    Failed(String, i64, bool),
+    /// The error, when to try again, whether the server refused for good, and what is
+    /// left to deliver after a partial delivery.
+    Failed(String, i64, bool, Option<zeroize::Zeroizing<Vec<u8>>>),
 }
 
 impl Attempt {
@@ -1005,9 +1018,14 @@ impl Attempt {
     fn record(&self, c: &rusqlite::Connection, id: i64) -> Result<(), StateError> {
         match self {
             Attempt::Delivered => state::delivered(c, id),
-            Attempt::Failed(msg, next, permanent) => {
-                state::delivery_failed(c, id, msg, *next, *permanent)
-            }
+            Attempt::Failed(msg, next, permanent, rest) => state::delivery_failed(
+                c,
+                id,
+                msg,
+                *next,
+                *permanent,
+                rest.as_deref().map(|v| v.as_slice()),
+            ),
         }
     }
 }
@@ -1031,7 +1049,7 @@ async fn attempt_delivery(
             let permanent = !de.temporary;
             tracing::warn!(portal, sink = %sink.name(), error = %de, permanent, "delivery failed; the payload stays in the spool");
             let next = now_ms() + backoff(attempts).as_millis() as i64;
-            Attempt::Failed(de.message, next, permanent)
+            Attempt::Failed(de.message, next, permanent, de.rest)
         }
     }
 }
@@ -1050,16 +1068,24 @@ async fn deliver_portal(
         .call(move |c| state::pending(c, Some(&p), due_before))
         .await?;
     let (mut delivered, mut pending) = (0, 0);
-    for e in entries {
-        let Some(sink) = engine.sinks.get(&e.sink) else {
+    // Every sink at once, each on its own (see `seal_and_deliver`); recorded one by one after.
+    let attempts = futures::future::join_all(entries.iter().map(|e| async move {
+        let sink = engine.sinks.get(&e.sink)?;
+        Some((
+            sink.encrypted(),
+            attempt_delivery(engine, portal, sink, &e.payload, e.attempts).await,
+        ))
+    }))
+    .await;
+    for (e, attempt) in entries.iter().zip(attempts) {
+        let Some((encrypted, outcome)) = attempt else {
             tracing::warn!(portal, sink = %e.sink, "a sealed payload waits for a sink that is no longer configured; it is kept");
             pending += 1;
             continue;
         };
-        let outcome = attempt_delivery(engine, portal, sink, &e.payload, e.attempts).await;
         let ok = outcome.is_ok();
         let id = e.id;
-        if ok && !sink.encrypted() {
+        if ok && !encrypted {
             store
                 .write_then_checkpoint(move |c| outcome.record(c, id))
                 .await?;

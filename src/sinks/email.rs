@@ -16,10 +16,13 @@ use std::time::Duration;
 use lettre::address::Envelope;
 use lettre::message::header::{self, ContentType};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::{Address, Message};
 use rand::Rng;
+use tokio::sync::Semaphore;
 
 use super::{DeliveryError, SinkError};
 use crate::config::{SmtpConfig, SmtpSecurity};
@@ -27,6 +30,11 @@ use crate::crypto::pgp::{self, PgpKey};
 use crate::secret::{ExposeSecret, SecretString};
 
 /// The ready SMTP settings shared by every email sink.
+///
+/// Every conversation is driven step by step (connect and greeting, STARTTLS, AUTH, MAIL,
+/// each RCPT, DATA, the message, QUIT), each step bounded by `timeout` and the whole by three
+/// times it, so a server that accepts and never answers holds nothing longer than that. At
+/// most `max_sessions` conversations run at once; waiting for one is bounded by `timeout`.
 pub struct Smtp {
     host: String,
     port: u16,
@@ -36,7 +44,28 @@ pub struct Smtp {
     pub from: Mailbox,
     ca_pem: Option<Vec<u8>>,
     timeout: Duration,
+    sessions: Semaphore,
 }
+
+/// Why a conversation failed: what the server said (or did not), and whether it refused.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    /// A 5xx answer: retrying the same thing cannot help until someone acts.
+    permanent: bool,
+}
+
+impl Failure {
+    fn temporary(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+}
+
+/// Recipients the server refused at `RCPT TO`, with its answer.
+type Refused = Vec<(Address, Failure)>;
 
 impl Smtp {
     /// Builds from the config and the password (resolved by the caller, which places its
@@ -79,74 +108,214 @@ impl Smtp {
             from,
             ca_pem,
             timeout: c.timeout,
+            sessions: Semaphore::new(c.max_sessions),
         })
     }
 
-    fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, String> {
-        let tls = || -> Result<TlsParameters, String> {
-            let mut b = TlsParameters::builder(self.host.clone());
-            if let Some(pem) = &self.ca_pem {
-                b = b.add_root_certificate(Certificate::from_pem(pem).map_err(|e| e.to_string())?);
+    fn tls(&self) -> Result<TlsParameters, Failure> {
+        let mut b = TlsParameters::builder(self.host.clone());
+        if let Some(pem) = &self.ca_pem {
+            // Parsed once already by `build`.
+            let cert = Certificate::from_pem(pem)
+                .map_err(|e| Failure::temporary(format!("the CA file: {e}")))?;
+            b = b.add_root_certificate(cert);
+        }
+        b.build_rustls()
+            .map_err(|e| Failure::temporary(format!("TLS setup: {e}")))
+    }
+
+    /// One step of a conversation, bounded by `timeout`.
+    async fn step<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Failure {
+                message: format!("{what}: {}", crate::errors::chain(&e)),
+                permanent: e.is_permanent(),
+            }),
+            Err(_) => Err(Failure::temporary(format!(
+                "{what}: no answer within {} (smtp.timeout)",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
+    /// A whole conversation: a session slot, then `talk` under three times `timeout`. The
+    /// error names the server.
+    async fn conversation<T>(
+        &self,
+        talk: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        let at = |f: Failure| Failure {
+            message: format!("SMTP {}:{}: {}", self.host, self.port, f.message),
+            permanent: f.permanent,
+        };
+        let _session = match tokio::time::timeout(self.timeout, self.sessions.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            // The semaphore is never closed; a wait longer than `timeout` is retried later.
+            _ => {
+                return Err(at(Failure::temporary(
+                    "every session (smtp.max_sessions) stayed busy for smtp.timeout",
+                )));
             }
-            b.build_rustls().map_err(|e| format!("TLS setup: {e}"))
         };
-        let tls = match self.security {
-            SmtpSecurity::StartTls => Tls::Required(tls()?),
-            SmtpSecurity::Tls => Tls::Wrapper(tls()?),
-            SmtpSecurity::None => Tls::None,
+        match tokio::time::timeout(self.timeout * 3, talk).await {
+            Ok(r) => r.map_err(at),
+            Err(_) => Err(at(Failure::temporary(format!(
+                "the conversation took longer than {} (3 x smtp.timeout)",
+                humantime::format_duration(self.timeout * 3)
+            )))),
+        }
+    }
+
+    /// Connects, reads the greeting, secures the connection and logs in.
+    async fn open(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let hello = ClientId::default();
+        let implicit = match self.security {
+            SmtpSecurity::Tls => Some(self.tls()?),
+            _ => None,
         };
-        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(self.host.clone())
-            .port(self.port)
-            .tls(tls)
-            .timeout(Some(self.timeout));
+        let mut conn = self
+            .step(
+                "connecting (TCP, TLS and the greeting)",
+                AsyncSmtpConnection::connect_tokio1(
+                    (self.host.as_str(), self.port),
+                    Some(self.timeout),
+                    &hello,
+                    implicit,
+                    None,
+                ),
+            )
+            .await?;
+        if self.security == SmtpSecurity::StartTls {
+            if !conn.can_starttls() {
+                return Err(Failure {
+                    message: "the server does not offer STARTTLS (smtp.security = \"starttls\")"
+                        .into(),
+                    permanent: true,
+                });
+            }
+            let tls = self.tls()?;
+            self.step("STARTTLS", conn.starttls(tls, &hello)).await?;
+        }
         if let Some((user, pass)) = &self.credentials {
-            b = b.credentials(Credentials::new(
-                user.clone(),
-                pass.expose_secret().to_string(),
-            ));
+            let credentials = Credentials::new(user.clone(), pass.expose_secret().to_string());
+            self.step("AUTH", conn.auth(DEFAULT_MECHANISMS, &credentials))
+                .await?;
         }
-        Ok(b.build())
+        Ok(conn)
     }
 
-    /// Connects, negotiates TLS, authenticates and quits, without sending.
-    pub async fn preflight(&self) -> Result<(), String> {
-        let t = self.transport()?;
-        match t.test_connection().await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!(
-                "SMTP {}:{}: the server did not answer NOOP",
-                self.host, self.port
-            )),
-            Err(e) => Err(format!(
-                "SMTP {}:{}: {}",
-                self.host,
-                self.port,
-                smtp_error(&e)
-            )),
+    /// `MAIL FROM`, then `RCPT TO` for each of `to`: the recipients the server refused.
+    /// Fails when the sender is refused.
+    async fn envelope(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        to: &[Address],
+        body_8bit: bool,
+    ) -> Result<Refused, Failure> {
+        let mut params = Vec::new();
+        if body_8bit {
+            params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
-    }
-
-    /// Sends raw message bytes; 5xx is permanent, anything else temporary.
-    pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<(), DeliveryError> {
-        let t = self.transport().map_err(DeliveryError::temporary)?;
-        match t.send_raw(envelope, message).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let msg = format!("SMTP {}:{}: {}", self.host, self.port, smtp_error(&e));
-                if e.is_permanent() {
-                    Err(DeliveryError::permanent(msg))
-                } else {
-                    Err(DeliveryError::temporary(msg))
+        let from = self.from.email.clone();
+        self.step(
+            &format!("MAIL FROM <{from}>"),
+            conn.command(Mail::new(Some(from.clone()), params)),
+        )
+        .await
+        .map_err(|f| Failure {
+            message: if self.credentials.is_none() {
+                format!(
+                    "{} (does the server need AUTH? set smtp.username)",
+                    f.message
+                )
+            } else {
+                f.message
+            },
+            permanent: f.permanent,
+        })?;
+        let mut refused = Vec::new();
+        for a in to {
+            if let Err(mut f) = self
+                .step(
+                    &format!("RCPT TO <{a}>"),
+                    conn.command(Rcpt::new(a.clone(), vec![])),
+                )
+                .await
+            {
+                // Postfix refuses relaying without AUTH at RCPT, with 554 "Relay access denied".
+                let lower = f.message.to_ascii_lowercase();
+                if self.credentials.is_none()
+                    && (lower.contains("(554)")
+                        || lower.contains("(530)")
+                        || lower.contains("relay"))
+                {
+                    f.message
+                        .push_str(" (does the server need AUTH? set smtp.username)");
                 }
+                refused.push((a.clone(), f));
             }
         }
+        Ok(refused)
     }
-}
 
-/// lettre's error with its sources, which say what really failed (TLS, refused, 5xx),
-/// each once.
-fn smtp_error(e: &lettre::transport::smtp::Error) -> String {
-    crate::errors::chain(e)
+    /// Goes as far as the server's answer to `RCPT TO` for every recipient, then `RSET`
+    /// and `QUIT`: what the server would refuse is refused now, naming the address.
+    pub async fn preflight(&self, to: &[Address]) -> Result<(), String> {
+        self.conversation(async {
+            let mut conn = self.open().await?;
+            let refused = self.envelope(&mut conn, to, false).await?;
+            // Nothing was sent; a server that does not answer these is no reason to fail.
+            let _ = self.step("RSET", conn.command(Rset)).await;
+            let _ = self.step("QUIT", conn.quit()).await;
+            match refused.as_slice() {
+                [] => Ok(()),
+                _ => Err(Failure {
+                    permanent: refused.iter().all(|(_, f)| f.permanent),
+                    message: refused
+                        .iter()
+                        .map(|(a, f)| format!("recipient <{a}> would be refused: {}", f.message))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                }),
+            }
+        })
+        .await
+        .map_err(|f| f.message)
+    }
+
+    /// Sends raw message bytes to the envelope's recipients. Recipients the server refuses
+    /// do not stop the others: they come back, with its answer, for a later attempt.
+    async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<Refused, Failure> {
+        self.conversation(async {
+            let mut conn = self.open().await?;
+            let body_8bit =
+                !message.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime);
+            let refused = self.envelope(&mut conn, envelope.to(), body_8bit).await?;
+            if refused.len() == envelope.to().len() {
+                let _ = self.step("QUIT", conn.quit()).await;
+                return Err(Failure {
+                    permanent: refused.iter().all(|(_, f)| f.permanent),
+                    message: refused
+                        .iter()
+                        .map(|(a, f)| format!("recipient <{a}> refused: {}", f.message))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+            self.step("DATA", conn.command(Data)).await?;
+            self.step("sending the message", conn.message(message))
+                .await?;
+            // The server took the message; its answer to QUIT changes nothing.
+            let _ = self.step("QUIT", conn.quit()).await;
+            Ok(refused)
+        })
+        .await
+    }
 }
 
 /// A built email sink.
@@ -217,7 +386,8 @@ impl EmailSink {
 
     /// Proves the SMTP server can be reached, secured and logged into.
     pub async fn preflight(&self) -> Result<(), SinkError> {
-        self.smtp.preflight().await.map_err(|m| SinkError {
+        let to: Vec<Address> = self.to.iter().map(|m| m.email.clone()).collect();
+        self.smtp.preflight(&to).await.map_err(|m| SinkError {
             sink: self.name.clone(),
             message: m,
         })
@@ -230,8 +400,6 @@ impl EmailSink {
             message: m,
         };
         let now = chrono::Utc::now();
-        let date = now.to_rfc2822();
-        let to_list: Vec<String> = self.to.iter().map(ToString::to_string).collect();
         let message_id = format!(
             "<{}@tfa-rotator.invalid>",
             hex::encode(rand::thread_rng().r#gen::<[u8; 16]>())
@@ -258,14 +426,26 @@ impl EmailSink {
                     .collect::<lettre::message::Mailboxes>(),
             ))
             .header(header::Date::new(now.into()))
+            .header(header::MessageId::from(message_id.clone()))
             .body(letter.body.to_string());
         let mut inner_bytes = zeroize::Zeroizing::new(inner.formatted());
-        // lettre has no typed HP-Outer header; RFC 9788 puts one per outer field at the top.
-        let hp = format!(
-            "HP-Outer: Date: {date}\r\nHP-Outer: From: {}\r\nHP-Outer: To: {}\r\nHP-Outer: Message-ID: {message_id}\r\nHP-Outer: Subject: [...]\r\n",
-            self.smtp.from,
-            to_list.join(", ")
-        );
+        // RFC 9788 puts a copy of each outer field at the top, as `HP-Outer`; lettre has no
+        // such header, so the outer fields are formatted (and RFC 2047-encoded) by lettre and
+        // renamed.
+        let mut outer_fields = header::Headers::new();
+        outer_fields.set(header::Date::new(now.into()));
+        outer_fields.set(header::From::from(lettre::message::Mailboxes::from(
+            self.smtp.from.clone(),
+        )));
+        outer_fields.set(header::To::from(
+            self.to
+                .iter()
+                .cloned()
+                .collect::<lettre::message::Mailboxes>(),
+        ));
+        outer_fields.set(header::MessageId::from(message_id.clone()));
+        outer_fields.set(header::Subject::from("[...]".to_string()));
+        let hp = hp_outer(&outer_fields.to_string());
         let mut with_hp = zeroize::Zeroizing::new(hp.into_bytes());
         with_hp.extend_from_slice(&inner_bytes);
         inner_bytes.clear();
@@ -309,11 +489,52 @@ impl EmailSink {
         Ok(out)
     }
 
-    /// Sends a sealed payload.
+    /// Sends a sealed payload to the recipients its envelope still lists. When the server
+    /// refuses some and takes the message for the others, the error carries the payload
+    /// for the refused ones alone, so a retry sends nobody a duplicate.
     pub async fn deliver(&self, payload: &[u8]) -> Result<(), DeliveryError> {
         let (envelope, message) = split_payload(payload).map_err(DeliveryError::permanent)?;
-        self.smtp.send(&envelope, message).await
+        let refused = match self.smtp.send(&envelope, message).await {
+            Ok(refused) => refused,
+            Err(f) if f.permanent => return Err(DeliveryError::permanent(f.message)),
+            Err(f) => return Err(DeliveryError::temporary(f.message)),
+        };
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let to: Vec<Address> = refused.iter().map(|(a, _)| a.clone()).collect();
+        let rest = Envelope::new(envelope.from().cloned(), to)
+            .map_err(|e| DeliveryError::temporary(format!("envelope: {e}")))?;
+        let mut kept = zeroize::Zeroizing::new(envelope_line(&rest).into_bytes());
+        kept.extend_from_slice(message);
+        let delivered = envelope.to().len() - refused.len();
+        let error = DeliveryError {
+            temporary: refused.iter().any(|(_, f)| !f.permanent),
+            message: format!(
+                "delivered to {delivered} recipient(s); refused: {}",
+                refused
+                    .iter()
+                    .map(|(a, f)| format!("<{a}>: {}", f.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            rest: Some(kept),
+        };
+        Err(error)
     }
+}
+
+/// Formatted header fields renamed to `HP-Outer: NAME: value` (RFC 9788 §2.2); folded
+/// continuation lines stay continuation lines.
+fn hp_outer(fields: &str) -> String {
+    let mut out = String::with_capacity(fields.len() * 2);
+    for line in fields.split_inclusive("\r\n") {
+        if !line.starts_with([' ', '\t']) {
+            out.push_str("HP-Outer: ");
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// The first line of a spooled email: `TFA-ENVELOPE from to1,to2\r\n`.

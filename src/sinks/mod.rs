@@ -47,6 +47,9 @@ pub struct DeliveryError {
     pub temporary: bool,
     /// What failed.
     pub message: String,
+    /// A partial delivery (some mail recipients refused): what is left to deliver, which
+    /// replaces the spooled payload. `None`: the payload stays as it was.
+    pub rest: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl DeliveryError {
@@ -55,6 +58,7 @@ impl DeliveryError {
         Self {
             temporary: true,
             message: message.into(),
+            rest: None,
         }
     }
     /// A refusal that needs someone to act (the payload is kept; `deliver` retries it).
@@ -62,6 +66,7 @@ impl DeliveryError {
         Self {
             temporary: false,
             message: message.into(),
+            rest: None,
         }
     }
 }

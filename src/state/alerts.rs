@@ -108,7 +108,7 @@ pub fn alerts_due(
     let mut st = c
         .prepare_cached(
             "SELECT id, portal, sink, created_at, attempts, last_error FROM spool
-             WHERE created_at <= ?1 AND alerted_at IS NULL ORDER BY id",
+             WHERE (created_at <= ?1 OR permanent = 1) AND alerted_at IS NULL ORDER BY id",
         )
         .map_err(sql("reading the spool"))?;
     let rows = st

@@ -107,18 +107,22 @@ pub fn delivered(c: &Connection, entry_id: i64) -> Result<(), StateError> {
     Ok(())
 }
 
-/// A delivery failed; it is tried again at `next_attempt_at`.
+/// A delivery failed; it is tried again at `next_attempt_at`. `rest`: a partial delivery
+/// (some mail recipients took it), what is left to deliver replaces the payload. A
+/// permanent refusal is alerted at once (`alerted_at` is left for the alert to set).
 pub fn delivery_failed(
     c: &Connection,
     entry_id: i64,
     error: &str,
     next_attempt_at: i64,
     permanent: bool,
+    rest: Option<&[u8]>,
 ) -> Result<(), StateError> {
     exec(
         c,
-        "UPDATE spool SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, permanent = ?4 WHERE id = ?1",
-        params![entry_id, error, next_attempt_at, permanent],
+        "UPDATE spool SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, permanent = ?4,
+                          payload = COALESCE(?5, payload) WHERE id = ?1",
+        params![entry_id, error, next_attempt_at, permanent, rest],
     )
     .map_err(sql("recording a failed delivery"))?;
     Ok(())

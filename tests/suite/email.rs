@@ -182,11 +182,22 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
             plain.contains("Subject: New two-factor backup codes for acme"),
             "{label}: {plain}"
         );
+
+        assert!(plain.contains("HP-Outer: Subject: [...]"), "{label}");
         assert!(
-            plain.contains("From: TFA Rotator <rotator@example.com>"),
+            plain.contains("\nFrom: \"TFA Rotator\" <rotator@example.com>"),
+            "{label}: {plain}"
+        );
+        // RFC 9788: the Message-ID inside too, the same as outside.
+        let id = mid.trim_start_matches("Message-ID:").trim();
+        assert!(
+            plain.contains(&format!("\nMessage-ID: {id}")),
+            "{label}: {plain}"
+        );
+        assert!(
+            plain.contains(&format!("HP-Outer: Message-ID: {id}")),
             "{label}"
         );
-        assert!(plain.contains("HP-Outer: Subject: [...]"), "{label}");
         assert!(
             plain.contains("acme@example.com"),
             "{label}: the account is named"
@@ -319,7 +330,13 @@ async fn a_permanent_rejection_is_kept_marked_and_sent_by_deliver() {
         &["ed@example.com"],
         &[&keys.ed],
     );
-    smtpd.state.lock().unwrap().reject = true;
+    // The preflight's RCPT passes; the delivery's is refused.
+    smtpd
+        .state
+        .lock()
+        .unwrap()
+        .refuse
+        .insert("ed@example.com".into(), 1);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     let status = h.run(&["status"]).await;
@@ -328,9 +345,253 @@ async fn a_permanent_rejection_is_kept_marked_and_sent_by_deliver() {
         "{}",
         status.stdout
     );
-    smtpd.state.lock().unwrap().reject = false;
+    smtpd.state.lock().unwrap().refuse.clear();
     assert_eq!(h.run(&["deliver"]).await.code, Some(0));
     assert_eq!(smtpd.messages().len(), 1);
+}
+
+/// `check` and `rotate` against a server that accepts and never greets return within the
+/// step timeout plus a little; after a PUT, a server gone silent holds back neither the
+/// file sink nor the command, and `deliver` sends the sealed set once it speaks again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_greets_holds_nothing_past_its_timeout() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let proxy = Proxy::start(smtpd.addr).await;
+    let h = harness().await;
+    mail_config(
+        &h,
+        proxy.port,
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    edit_config(&h, |t| {
+        t.replace("timeout = \"5s\"", "timeout = \"1s\"")
+            .replace("sinks = [\"mail\"]", "sinks = [\"plain\", \"mail\"]")
+    });
+    proxy.go_silent_after(0);
+    for args in [&["check"][..], &["rotate", "acme"][..]] {
+        let started = std::time::Instant::now();
+        let out = h.run(args).await;
+        let took = started.elapsed();
+        assert_ne!(out.code, Some(0), "{args:?}: {}", out.all());
+        assert!(
+            out.all().contains("no answer within 1s"),
+            "{args:?}: {}",
+            out.all()
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "{args:?} took {took:?} against a 1s step timeout"
+        );
+    }
+    assert_eq!(h.sim.count("PUT"), 0, "refused before any PUT");
+
+    // The preflight gets through; the delivery meets silence.
+    proxy.go_silent_after(1);
+    let started = std::time::Instant::now();
+    let out = h.run(&["rotate", "acme"]).await;
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.all().contains("pending"), "{}", out.all());
+    assert!(took < Duration::from_secs(5), "rotate took {took:?}");
+    assert_eq!(h.sim.count("PUT"), 1);
+    let accepted = h.accepted("acme");
+    assert_eq!(
+        h.plain_sink("codes/acme.txt"),
+        Some(accepted.clone()),
+        "the file sink did not wait for the mail"
+    );
+    assert!(smtpd.messages().is_empty());
+
+    proxy.speak();
+    let out = h.run(&["deliver"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), 1);
+    let (_, parts) = split_mime(&mails[0].data);
+    let plain = keys.gpg().decrypt(parts[1].1.trim().as_bytes()).unwrap();
+    assert_eq!(mail_codes(&plain), accepted);
+}
+
+/// What the server would refuse (an unknown recipient, a sender without AUTH) is refused
+/// by `check` and by the rotation's preflight, naming it, before any PUT.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_refuses_an_unknown_recipient_and_a_missing_login_before_any_put() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let h = harness().await;
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com", "rsa@example.com"],
+        &[&keys.ed, &keys.rsa],
+    );
+    smtpd
+        .state
+        .lock()
+        .unwrap()
+        .refuse
+        .insert("rsa@example.com".into(), 0);
+    for args in [&["check"][..], &["rotate", "acme"][..]] {
+        let out = h.run(args).await;
+        assert_ne!(out.code, Some(0), "{args:?}: {}", out.all());
+        assert!(
+            out.all()
+                .contains("recipient <rsa@example.com> would be refused")
+                && out.all().contains("550"),
+            "{args:?}: {}",
+            out.all()
+        );
+        assert!(
+            !out.all().contains("<ed@example.com> would be refused"),
+            "{}",
+            out.all()
+        );
+    }
+    smtpd.state.lock().unwrap().refuse.clear();
+
+    // The server requires AUTH; the config has no username.
+    edit_config(&h, |t| {
+        t.lines()
+            .filter(|l| !l.starts_with("username") && !l.starts_with("password"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    for args in [&["check"][..], &["rotate", "acme"][..]] {
+        let out = h.run(args).await;
+        assert_ne!(out.code, Some(0), "{args:?}: {}", out.all());
+        assert!(
+            out.all().contains("MAIL FROM <rotator@example.com>")
+                && out.all().contains("permanent error (5")
+                && out.all().contains("set smtp.username"),
+            "{args:?}: {}",
+            out.all()
+        );
+    }
+    assert_eq!(h.sim.count("PUT"), 0);
+    assert!(smtpd.messages().is_empty());
+}
+
+/// One recipient refused at delivery: the others get the message, the refused one stays
+/// pending alone (and is alerted), and `deliver` later sends it to that one only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partly_refused_delivery_reaches_the_others_and_retries_only_the_refused() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let h = harness().await;
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com", "rsa@example.com"],
+        &[&keys.ed, &keys.rsa],
+    );
+    edit_config(&h, |t| {
+        format!(
+            "{t}\n[sinks.ops]\ntype = \"email\"\nto = [\"ed@example.com\"]\npgp_keys = [\"{}\"]\n\n[alerts]\nsinks = [\"ops\"]\n",
+            keys.ed.display()
+        )
+    });
+    smtpd
+        .state
+        .lock()
+        .unwrap()
+        .refuse
+        .insert("rsa@example.com".into(), 1);
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let accepted = h.accepted("acme");
+    let mails = smtpd.messages();
+    let codes_to = |m: &smtp::Mail| {
+        let (_, parts) = split_mime(&m.data);
+        let plain = keys.gpg().decrypt(parts[1].1.trim().as_bytes()).unwrap();
+        (m.to.clone(), plain)
+    };
+    let opened: Vec<(Vec<String>, String)> = mails.iter().map(codes_to).collect();
+    let sets: Vec<&(Vec<String>, String)> = opened
+        .iter()
+        .filter(|(_, p)| p.contains("New two-factor backup codes"))
+        .collect();
+    assert_eq!(sets.len(), 1, "{opened:?}");
+    assert_eq!(sets[0].0, vec!["ed@example.com".to_string()]);
+    assert_eq!(mail_codes(&sets[0].1), accepted);
+    let alert = opened
+        .iter()
+        .find(|(_, p)| p.contains("delivery to mail pending"))
+        .unwrap_or_else(|| panic!("an alert for the refused recipient: {opened:?}"));
+    assert!(alert.1.contains("rsa@example.com"), "{}", alert.1);
+    for c in &accepted {
+        assert!(!alert.1.contains(c.as_str()), "no code in an alert");
+    }
+    let status = h.run(&["status"]).await;
+    assert!(
+        status.stdout.contains("rsa@example.com"),
+        "{}",
+        status.stdout
+    );
+
+    smtpd.state.lock().unwrap().refuse.clear();
+    let before = smtpd.messages().len();
+    let out = h.run(&["deliver"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), before + 1, "one message, to the refused one");
+    let (to, plain) = codes_to(&mails[before]);
+    assert_eq!(
+        to,
+        vec!["rsa@example.com".to_string()],
+        "no duplicate to ed"
+    );
+    let alone = keys.only(&keys.rsa_fpr);
+    let (_, parts) = split_mime(&mails[before].data);
+    let rsa_plain = alone.decrypt(parts[1].1.trim().as_bytes()).unwrap();
+    assert_eq!(mail_codes(&rsa_plain), accepted);
+    assert_eq!(mail_codes(&plain), accepted);
+    let out = h.run(&["status"]).await;
+    assert!(!out.stdout.contains("pending"), "{}", out.stdout);
+}
+
+/// Non-ASCII in a header inside the encrypted part is RFC 2047-encoded, in the real fields
+/// and in their HP-Outer copies.
+#[tokio::test(flavor = "multi_thread")]
+async fn non_ascii_header_fields_inside_the_encryption_are_encoded() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let h = harness().await;
+    mail_config(
+        &h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&keys.ed],
+    );
+    edit_config(&h, |t| {
+        t.replace("from = \"TFA Rotator <", "from = \"Zoë Rötator <")
+    });
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let mails = smtpd.messages();
+    assert!(mails[0].data.is_ascii(), "the outer message is ASCII");
+    let (_, parts) = split_mime(&mails[0].data);
+    let plain = keys.gpg().decrypt(parts[1].1.trim().as_bytes()).unwrap();
+    let (headers, _) = plain.split_once("\r\n\r\n").unwrap();
+    assert!(headers.is_ascii(), "{headers}");
+    let hp_from = headers
+        .lines()
+        .find(|l| l.starts_with("HP-Outer: From: "))
+        .unwrap();
+    assert!(hp_from.contains("=?utf-8?"), "{hp_from}");
+    assert!(
+        headers.lines().any(|l| l.starts_with("From: =?utf-8?")),
+        "{headers}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! A real SMTP server on loopback (mailin-embedded, STARTTLS, AUTH PLAIN) with a throwaway
 //! CA, and a TCP proxy in front of it that a test can stop to make the server vanish.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,11 @@ pub struct SmtpState {
     pub logins: usize,
     /// Answer every RCPT with 550 (a permanent rejection).
     pub reject: bool,
+    /// Answer RCPT for this address with 550 once it was asked this many times before
+    /// (0: always; 1: after the preflight asked).
+    pub refuse: BTreeMap<String, usize>,
+    /// RCPT commands seen, by address.
+    pub rcpts: BTreeMap<String, usize>,
 }
 
 #[derive(Clone)]
@@ -37,8 +43,12 @@ struct H {
 }
 
 impl Handler for H {
-    fn rcpt(&mut self, _to: &str) -> Response {
-        if self.st.lock().unwrap().reject {
+    fn rcpt(&mut self, to: &str) -> Response {
+        let mut st = self.st.lock().unwrap();
+        let seen = st.rcpts.entry(to.to_string()).or_default();
+        let before = *seen;
+        *seen += 1;
+        if st.reject || st.refuse.get(to).is_some_and(|n| before >= *n) {
             response::NO_MAILBOX
         } else {
             response::OK
@@ -152,6 +162,9 @@ pub struct Proxy {
     pub port: u16,
     target: SocketAddr,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Connections still forwarded before the proxy starts holding new ones silently (a
+    /// server that accepts and never greets); `usize::MAX`: never.
+    forward: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Proxy {
@@ -162,6 +175,7 @@ impl Proxy {
             port,
             target,
             task: None,
+            forward: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
         };
         p.serve(listener);
         p
@@ -169,16 +183,38 @@ impl Proxy {
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let target = self.target;
+        let forward = self.forward.clone();
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
+                use std::sync::atomic::Ordering::SeqCst;
+                let pass = forward
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
                 conns.spawn(async move {
+                    if !pass {
+                        // Accepted, never answered: reads until the client gives up.
+                        let mut sink = tokio::io::sink();
+                        let _ = tokio::io::copy(&mut inbound, &mut sink).await;
+                        return;
+                    }
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
             }
         }));
+    }
+
+    /// From now on, forwards `n` more connections, then holds every new one without a word.
+    pub fn go_silent_after(&self, n: usize) {
+        self.forward.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forwards every new connection again.
+    pub fn speak(&self) {
+        self.forward
+            .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Closes the port: new connections are refused.
