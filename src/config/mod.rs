@@ -238,6 +238,30 @@ pub enum SinkKind {
     Email(EmailSinkConfig),
     /// A file written atomically.
     File(FileSinkConfig),
+    /// A hook: a program that gets the payload on its standard input.
+    Exec(ExecSinkConfig),
+}
+
+/// An exec sink.
+#[derive(Debug)]
+pub struct ExecSinkConfig {
+    /// The argv; `{portal}` is replaced by the portal's name.
+    pub command: Vec<String>,
+    /// The `env` table, in order of name.
+    pub env: Vec<(String, EnvValue)>,
+    /// How long the hook may run.
+    pub timeout: Duration,
+    /// How the payload is encrypted.
+    pub encrypt: FileEncryption,
+}
+
+/// A value of an exec sink's `env` table.
+#[derive(Debug, Clone)]
+pub enum EnvValue {
+    /// A plain string, as written.
+    Plain(String),
+    /// A secret reference, read at each delivery.
+    Secret(std::sync::Arc<SecretRef>),
 }
 
 /// An email sink.

@@ -83,7 +83,7 @@ pub struct RawSchedule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSink {
-    /// `"email"` or `"file"`.
+    /// `"email"`, `"file"` or `"exec"`.
     #[serde(rename = "type")]
     pub kind: Spanned<String>,
     /// email: recipient addresses.
@@ -92,10 +92,16 @@ pub struct RawSink {
     pub pgp_keys: Option<Spanned<Vec<Spanned<String>>>>,
     /// file: target path, `{portal}` replaced by the portal's name.
     pub path: Option<Spanned<String>>,
-    /// file: `{ age = [...] }` or `{ pgp_keys = [...] }`; absent means plain text.
+    /// file, exec: `{ age = [...] }` or `{ pgp_keys = [...] }`; absent means plain text.
     pub encrypt: Option<Spanned<RawEncrypt>>,
     /// file: octal mode, default "0600"; wider than 0640 is refused.
     pub mode: Option<Spanned<String>>,
+    /// exec: the argv, `{portal}` replaced by the portal's name.
+    pub command: Option<Spanned<Vec<Spanned<String>>>>,
+    /// exec: environment variables besides PATH, HOME and TFA_*: strings or secret references.
+    pub env: Option<Spanned<std::collections::BTreeMap<String, Spanned<SecretRef>>>>,
+    /// exec: how long the hook may run; default 30s.
+    pub timeout: Option<Spanned<String>>,
 }
 
 /// A file sink's encryption.

@@ -750,33 +750,7 @@ pub(super) fn validate(
                         cx.path(p.get_ref()).to_string_lossy().into_owned()
                     }
                 };
-                let encrypt = match &r.encrypt {
-                    None => FileEncryption::Plain,
-                    Some(e) => {
-                        let espan = e.span();
-                        match (&e.get_ref().age, &e.get_ref().pgp_keys) {
-                            (Some(age), None) if !age.is_empty() => {
-                                for rcp in age {
-                                    if let Err(m) = check_age_recipient(rcp.get_ref()) {
-                                        cx.err(&rcp.span(), &format!("{key}.encrypt.age"), m);
-                                    }
-                                }
-                                FileEncryption::Age(
-                                    age.iter().map(|r| r.get_ref().clone()).collect(),
-                                )
-                            }
-                            (None, Some(keys)) if !keys.is_empty() => FileEncryption::Pgp(
-                                keys.iter()
-                                    .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
-                                    .collect(),
-                            ),
-                            _ => {
-                                cx.err(&espan, &format!("{key}.encrypt"), "takes exactly one non-empty list; accepted: { age = [\"age1…\"] } or { pgp_keys = [\"key.asc\"] }");
-                                FileEncryption::Plain
-                            }
-                        }
-                    }
-                };
+                let encrypt = encryption(&mut cx, &key, &r.encrypt);
                 let mode = match &r.mode {
                     None => 0o600,
                     Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
@@ -790,11 +764,92 @@ pub(super) fn validate(
                     mode,
                 }))
             }
+            "exec" => {
+                for (present, span, field) in [
+                    (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
+                    (
+                        r.pgp_keys.is_some(),
+                        r.pgp_keys.as_ref().map(|s| s.span()),
+                        "pgp_keys",
+                    ),
+                    (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
+                    (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
+                ] {
+                    not_for(&mut cx, present, span, field, "exec");
+                }
+                let command: Vec<String> = match &r.command {
+                    None => {
+                        cx.err(&r.kind.span(), &format!("{key}.command"), "is missing; accepted: a list, the program then its arguments, where {portal} is the portal's name (no shell)");
+                        Vec::new()
+                    }
+                    Some(list) => {
+                        match list.get_ref().first() {
+                            None => cx.err(
+                                &list.span(),
+                                &format!("{key}.command"),
+                                "is empty; accepted: the program then its arguments",
+                            ),
+                            Some(p) if p.get_ref().trim().is_empty() => {
+                                cx.err(&p.span(), &format!("{key}.command"), "names no program")
+                            }
+                            Some(_) => {}
+                        }
+                        list.get_ref().iter().map(|a| a.get_ref().clone()).collect()
+                    }
+                };
+                let mut env = Vec::new();
+                if let Some(table) = r.env {
+                    for (name, value) in table.into_inner() {
+                        let span = value.span();
+                        let valid = !name.is_empty()
+                            && !name.starts_with(|c: char| c.is_ascii_digit())
+                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                        if !valid {
+                            cx.err(&span, &format!("{key}.env"), format!("`{name}` is not an environment variable name; accepted: letters, digits and _, not starting with a digit"));
+                            continue;
+                        }
+                        if name.starts_with("TFA_") {
+                            cx.err(&span, &format!("{key}.env.{name}"), "TFA_* are set by tfa-rotator (TFA_PORTAL, TFA_ACCOUNT, TFA_URL); accepted: another name");
+                            continue;
+                        }
+                        let value = match value.into_inner() {
+                            SecretRef::Literal(s) => EnvValue::Plain(
+                                crate::secret::ExposeSecret::expose_secret(&s).to_string(),
+                            ),
+                            other => EnvValue::Secret(std::sync::Arc::new(other.rebase(&cx.base))),
+                        };
+                        env.push((name, value));
+                    }
+                }
+                let timeout = cx.duration(
+                    &r.timeout,
+                    &format!("{key}.timeout"),
+                    Duration::from_secs(30),
+                );
+                if timeout.is_zero()
+                    && let Some(t) = &r.timeout
+                {
+                    cx.err(
+                        &t.span(),
+                        &format!("{key}.timeout"),
+                        "must be longer than zero",
+                    );
+                }
+                let encrypt = encryption(&mut cx, &key, &r.encrypt);
+                Some(SinkKind::Exec(ExecSinkConfig {
+                    command,
+                    env,
+                    timeout,
+                    encrypt,
+                }))
+            }
             other => {
                 cx.err(
                     &r.kind.span(),
                     &format!("{key}.type"),
-                    format!("`{other}` is not a sink type; accepted: \"email\", \"file\""),
+                    format!(
+                        "`{other}` is not a sink type; accepted: \"email\", \"file\", \"exec\""
+                    ),
                 );
                 None
             }
@@ -808,15 +863,13 @@ pub(super) fn validate(
     let alerts = raw_alerts.map(|r| {
         let names = cx.names(&r.sinks, "alerts.sinks", &declared_sinks, "sink");
         for (n, s) in names.iter().zip(r.sinks.get_ref()) {
-            if let Some(SinkConfig {
-                kind: SinkKind::File(_),
-                ..
-            }) = sink_map.get(n)
+            if let Some(SinkConfig { kind, .. }) = sink_map.get(n)
+                && !matches!(kind, SinkKind::Email(_))
             {
                 cx.err(
                     &s.span(),
                     "alerts.sinks",
-                    format!("`{n}` is a file sink; accepted: email sinks"),
+                    format!("`{n}` is not an email sink; accepted: email sinks"),
                 );
             }
         }
@@ -994,4 +1047,33 @@ pub(super) fn validate(
         portals: portal_map,
         warnings,
     })
+}
+
+/// A file or exec sink's `encrypt`: none (plain), `{ age = [...] }` or `{ pgp_keys = [...] }`.
+fn encryption(cx: &mut Ctx, key: &str, e: &Option<Spanned<RawEncrypt>>) -> FileEncryption {
+    match e {
+        None => FileEncryption::Plain,
+        Some(e) => {
+            let espan = e.span();
+            match (&e.get_ref().age, &e.get_ref().pgp_keys) {
+                (Some(age), None) if !age.is_empty() => {
+                    for rcp in age {
+                        if let Err(m) = check_age_recipient(rcp.get_ref()) {
+                            cx.err(&rcp.span(), &format!("{key}.encrypt.age"), m);
+                        }
+                    }
+                    FileEncryption::Age(age.iter().map(|r| r.get_ref().clone()).collect())
+                }
+                (None, Some(keys)) if !keys.is_empty() => FileEncryption::Pgp(
+                    keys.iter()
+                        .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+                        .collect(),
+                ),
+                _ => {
+                    cx.err(&espan, &format!("{key}.encrypt"), "takes exactly one non-empty list; accepted: { age = [\"age1…\"] } or { pgp_keys = [\"key.asc\"] }");
+                    FileEncryption::Plain
+                }
+            }
+        }
+    }
 }

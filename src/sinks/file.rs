@@ -34,6 +34,44 @@ pub enum FileCipher {
     Pgp(Vec<PgpKey>),
 }
 
+impl FileCipher {
+    /// Encrypts `text` (or not).
+    pub fn seal(&self, text: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            FileCipher::Plain => Ok(text.to_vec()),
+            FileCipher::Age(r) => r.encrypt(text),
+            FileCipher::Pgp(keys) => {
+                let refs: Vec<&PgpKey> = keys.iter().collect();
+                pgp::encrypt(&refs, text).map(String::into_bytes)
+            }
+        }
+    }
+
+    /// To whom it encrypts, for the entry fingerprint (no secrets).
+    pub fn identity(&self) -> String {
+        match self {
+            FileCipher::Plain => "plain".to_string(),
+            FileCipher::Age(r) => format!("age {}", r.written.join(",")),
+            FileCipher::Pgp(k) => format!(
+                "pgp {}",
+                k.iter()
+                    .map(|k| k.fingerprint.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+
+    /// How it encrypts, for `check`.
+    pub fn describe(&self) -> String {
+        match self {
+            FileCipher::Plain => "plain text".to_string(),
+            FileCipher::Age(_) => "age".to_string(),
+            FileCipher::Pgp(k) => format!("OpenPGP to {} key(s)", k.len()),
+        }
+    }
+}
+
 /// A built file sink.
 pub struct FileSink {
     /// Sink name.
@@ -66,54 +104,30 @@ impl FileSink {
 
     /// A description for `check`.
     pub fn describe(&self, portal: &str) -> String {
-        let how = match &self.cipher {
-            FileCipher::Plain => "plain text".to_string(),
-            FileCipher::Age(_) => "age".to_string(),
-            FileCipher::Pgp(k) => format!("OpenPGP to {} key(s)", k.len()),
-        };
         format!(
-            "file {} ({how}, mode {:04o})",
+            "file {} ({}, mode {:04o})",
             self.target(portal).display(),
+            self.cipher.describe(),
             self.mode
         )
     }
 
     /// What identifies where and to whom this sink writes for `portal` (no secrets).
     pub fn identity(&self, portal: &str) -> String {
-        let cipher = match &self.cipher {
-            FileCipher::Plain => "plain".to_string(),
-            FileCipher::Age(r) => format!("age {}", r.written.join(",")),
-            FileCipher::Pgp(k) => format!(
-                "pgp {}",
-                k.iter()
-                    .map(|k| k.fingerprint.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-        };
         format!(
-            "file {} mode {:o} {cipher}",
+            "file {} mode {:o} {}",
             self.target(portal).display(),
-            self.mode
+            self.mode,
+            self.cipher.identity()
         )
     }
 
     /// Encrypts the rendered text into the file's content.
     pub fn seal(&self, text: &[u8]) -> Result<Vec<u8>, SinkError> {
-        let err = |m: String| SinkError {
+        self.cipher.seal(text).map_err(|message| SinkError {
             sink: self.name.clone(),
-            message: m,
-        };
-        match &self.cipher {
-            FileCipher::Plain => Ok(text.to_vec()),
-            FileCipher::Age(r) => r.encrypt(text).map_err(err),
-            FileCipher::Pgp(keys) => {
-                let refs: Vec<&PgpKey> = keys.iter().collect();
-                pgp::encrypt(&refs, text)
-                    .map(String::into_bytes)
-                    .map_err(err)
-            }
-        }
+            message,
+        })
     }
 
     /// Opens the target's directory (trusted, see [`super::trusted`]) and checks the target

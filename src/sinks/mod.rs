@@ -9,6 +9,7 @@
 //! errors carry the config location of the key that failed.
 
 pub mod email;
+pub mod exec;
 pub mod file;
 pub mod trusted;
 
@@ -27,6 +28,7 @@ use crate::docspace::Account;
 use crate::secret::{CodeSet, ExposeSecret};
 
 pub use email::EmailSink;
+pub use exec::ExecSink;
 pub use file::FileSink;
 
 /// A sink could not be prepared or could not seal.
@@ -196,6 +198,8 @@ pub enum Sink {
     File(Arc<FileSink>),
     /// PGP/MIME email.
     Email(EmailSink),
+    /// A hook program.
+    Exec(ExecSink),
 }
 
 impl Sink {
@@ -204,6 +208,7 @@ impl Sink {
         match self {
             Sink::File(f) => &f.name,
             Sink::Email(e) => &e.name,
+            Sink::Exec(x) => &x.name,
         }
     }
 
@@ -212,6 +217,7 @@ impl Sink {
         match self {
             Sink::File(f) => f.encrypted(),
             Sink::Email(_) => true,
+            Sink::Exec(x) => x.encrypted(),
         }
     }
 
@@ -221,6 +227,7 @@ impl Sink {
         match self {
             Sink::File(f) => f.identity(portal),
             Sink::Email(e) => e.identity(),
+            Sink::Exec(x) => x.identity(portal),
         }
     }
 
@@ -229,6 +236,7 @@ impl Sink {
         match self {
             Sink::File(f) => f.describe(portal),
             Sink::Email(e) => e.describe(),
+            Sink::Exec(x) => x.describe(portal),
         }
     }
 
@@ -247,6 +255,7 @@ impl Sink {
                     })
             }
             Sink::Email(e) => e.preflight().await,
+            Sink::Exec(x) => x.preflight(),
         }
     }
 
@@ -258,6 +267,7 @@ impl Sink {
                 subject: d.subject(),
                 body: &d.render_mail(),
             }),
+            Sink::Exec(x) => x.seal(&d.account.email, d.url.as_str(), d.render().as_bytes()),
         }
     }
 
@@ -274,6 +284,7 @@ impl Sink {
                     .unwrap_or_else(|m| Err(DeliveryError::temporary(m)))
             }
             Sink::Email(e) => e.deliver(payload).await,
+            Sink::Exec(x) => x.deliver(portal, payload).await,
         }
     }
 }
@@ -394,25 +405,27 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
         },
     };
     for (name, sc) in &config.sinks {
+        let mut cipher_of = |encrypt: &FileEncryption| match encrypt {
+            FileEncryption::Plain => Some(file::FileCipher::Plain),
+            FileEncryption::Age(list) => match AgeRecipients::parse(list) {
+                Ok(r) => Some(file::FileCipher::Age(r)),
+                Err(e) => {
+                    issues.push(config.issue(None, format!("sinks.{name}.encrypt.age"), e));
+                    None
+                }
+            },
+            FileEncryption::Pgp(keys) => {
+                let before = issues.len();
+                let loaded = load_pgp(config, name, keys, &mut issues);
+                (issues.len() == before).then_some(file::FileCipher::Pgp(loaded))
+            }
+        };
         let sink = match &sc.kind {
             SinkKind::File(fc) => {
-                let cipher = match &fc.encrypt {
-                    FileEncryption::Plain => Some(file::FileCipher::Plain),
-                    FileEncryption::Age(list) => match AgeRecipients::parse(list) {
-                        Ok(r) => Some(file::FileCipher::Age(r)),
-                        Err(e) => {
-                            issues.push(config.issue(None, format!("sinks.{name}.encrypt.age"), e));
-                            None
-                        }
-                    },
-                    FileEncryption::Pgp(keys) => {
-                        let before = issues.len();
-                        let loaded = load_pgp(config, name, keys, &mut issues);
-                        (issues.len() == before).then_some(file::FileCipher::Pgp(loaded))
-                    }
-                };
-                cipher.map(|c| Sink::File(Arc::new(FileSink::new(name, fc, c))))
+                cipher_of(&fc.encrypt).map(|c| Sink::File(Arc::new(FileSink::new(name, fc, c))))
             }
+            SinkKind::Exec(xc) => cipher_of(&xc.encrypt)
+                .map(|c| Sink::Exec(ExecSink::new(name, xc, c, &config.daemon.state_dir))),
             SinkKind::Email(ec) => {
                 let before = issues.len();
                 let keys = load_pgp(config, name, &ec.pgp_keys, &mut issues);

@@ -7,6 +7,7 @@ mod crash;
 mod daemon;
 mod dry_run;
 mod email;
+mod exec_sink;
 mod file_sink;
 mod fuzz_corpus;
 mod hardening;

@@ -1,0 +1,477 @@
+//! The exec sink (SPEC §5): a hook into the operator's secret manager.
+//!
+//! `command` is an argv list (`{portal}` substituted; never a shell), the payload (plain, or
+//! encrypted like a file sink) goes to its standard input, and no code is ever in its
+//! arguments. Its environment is built, not inherited: `PATH`, `HOME` (the state directory
+//! unless `env` says otherwise), `TFA_PORTAL`, `TFA_ACCOUNT`, `TFA_URL`, and the sink's `env`
+//! table, whose secret references are read at each delivery and reach nothing else.
+//!
+//! The hook runs under a guard: this binary again (`__exec-guard`), made a child
+//! subreaper, so that every process the hook starts stays its descendant even after it
+//! leaves the hook's process group (`setsid`) or its parent dies. At the timeout, or when
+//! the tfa-rotator process that started it is gone, the guard kills that whole tree and
+//! exits 124. Exit 0 is delivered; anything else is a failed delivery, retried.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zeroize::Zeroizing;
+
+use super::file::FileCipher;
+use super::{DeliveryError, SinkError};
+use crate::config::{EnvValue, ExecSinkConfig};
+use crate::secret::ExposeSecret;
+
+/// The hidden subcommand that runs a hook under a guard.
+pub const GUARD: &str = "__exec-guard";
+/// The guard's exit status when the hook ran past its timeout (as coreutils' `timeout`).
+const TIMED_OUT: i32 = 124;
+/// The guard's exit status when the hook could not be started.
+const NOT_STARTED: i32 = 127;
+/// The most of the hook's standard error kept for the error message.
+const STDERR_KEPT: usize = 2048;
+/// A PATH for hooks when the process has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A built exec sink.
+pub struct ExecSink {
+    /// Sink name.
+    pub name: String,
+    command: Vec<String>,
+    env: Vec<(String, EnvValue)>,
+    timeout: Duration,
+    cipher: FileCipher,
+    home: PathBuf,
+    /// PATH as the hook sees it.
+    path: String,
+}
+
+/// What the payload says besides the bytes for the hook: the account and URL it was sealed
+/// for, so that a delivery retried after a restart gives the hook the same environment.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Header {
+    account: String,
+    url: String,
+}
+
+impl ExecSink {
+    /// A sink from its config; `home` is the state directory.
+    pub fn new(name: &str, c: &ExecSinkConfig, cipher: FileCipher, home: &Path) -> Self {
+        let path = c
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .and_then(|(_, v)| match v {
+                EnvValue::Plain(s) => Some(s.clone()),
+                EnvValue::Secret(_) => None,
+            })
+            .or_else(|| std::env::var("PATH").ok())
+            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        Self {
+            name: name.to_string(),
+            command: c.command.clone(),
+            env: c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            timeout: c.timeout,
+            cipher,
+            home: home.to_path_buf(),
+            path,
+        }
+    }
+
+    /// Whether the payload is encrypted.
+    pub fn encrypted(&self) -> bool {
+        !matches!(self.cipher, FileCipher::Plain)
+    }
+
+    /// The argv for `portal`.
+    fn argv(&self, portal: &str) -> Vec<String> {
+        self.command
+            .iter()
+            .map(|a| a.replace("{portal}", portal))
+            .collect()
+    }
+
+    /// What identifies what this sink runs for `portal` (no secret values).
+    pub fn identity(&self, portal: &str) -> String {
+        let env: Vec<String> = self
+            .env
+            .iter()
+            .map(|(k, v)| match v {
+                EnvValue::Plain(s) => format!("{k}={s}"),
+                EnvValue::Secret(r) => format!("{k}=<{}>", r.describe()),
+            })
+            .collect();
+        format!(
+            "exec {:?} env [{}] {}",
+            self.argv(portal),
+            env.join(","),
+            self.cipher.identity()
+        )
+    }
+
+    /// A description for `check`.
+    pub fn describe(&self, portal: &str) -> String {
+        format!(
+            "exec `{}` ({}, timeout {})",
+            self.argv(portal).join(" "),
+            self.cipher.describe(),
+            humantime::format_duration(self.timeout)
+        )
+    }
+
+    /// The program, found on the hook's PATH when it names no directory.
+    fn program(&self) -> Result<PathBuf, String> {
+        let prog = &self.command[0];
+        let candidates: Vec<PathBuf> = if prog.contains('/') {
+            vec![PathBuf::from(prog)]
+        } else {
+            self.path
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| Path::new(d).join(prog))
+                .collect()
+        };
+        for c in &candidates {
+            if let Ok(m) = std::fs::metadata(c)
+                && m.is_file()
+                && m.permissions().mode() & 0o111 != 0
+            {
+                return Ok(c.clone());
+            }
+        }
+        Err(if prog.contains('/') {
+            format!("`{prog}` is not an executable file")
+        } else {
+            format!("`{prog}` is not an executable file on PATH {}", self.path)
+        })
+    }
+
+    /// Proves the hook can run: the program exists and is executable, and every secret of
+    /// its `env` table can be read (and is dropped at once).
+    pub fn preflight(&self) -> Result<(), SinkError> {
+        let err = |message: String| SinkError {
+            sink: self.name.clone(),
+            message,
+        };
+        self.program().map_err(err)?;
+        for (k, v) in &self.env {
+            if let EnvValue::Secret(r) = v {
+                r.resolve().map_err(|e| err(format!("env {k}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The payload: a header line (account, URL), then the bytes for the hook's stdin.
+    pub fn seal(&self, account: &str, url: &str, plain: &[u8]) -> Result<Vec<u8>, SinkError> {
+        let header = serde_json::to_string(&Header {
+            account: account.to_string(),
+            url: url.to_string(),
+        })
+        .map_err(|e| SinkError {
+            sink: self.name.clone(),
+            message: format!("sealing: {e}"),
+        })?;
+        let body = self.cipher.seal(plain).map_err(|message| SinkError {
+            sink: self.name.clone(),
+            message,
+        })?;
+        let mut out = header.into_bytes();
+        out.push(b'\n');
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Runs the hook with the payload on its stdin.
+    pub async fn deliver(&self, portal: &str, payload: &[u8]) -> Result<(), DeliveryError> {
+        let newline = payload
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| DeliveryError::permanent("the sealed payload has no header line"))?;
+        let header: Header = serde_json::from_slice(&payload[..newline])
+            .map_err(|e| DeliveryError::permanent(format!("the sealed payload's header: {e}")))?;
+        let body = &payload[newline + 1..];
+        let program = self.program().map_err(DeliveryError::temporary)?;
+
+        let mut env: BTreeMap<String, Zeroizing<String>> = BTreeMap::new();
+        env.insert("PATH".into(), Zeroizing::new(self.path.clone()));
+        env.insert(
+            "HOME".into(),
+            Zeroizing::new(self.home.to_string_lossy().into_owned()),
+        );
+        env.insert("TFA_PORTAL".into(), Zeroizing::new(portal.to_string()));
+        env.insert("TFA_ACCOUNT".into(), Zeroizing::new(header.account));
+        env.insert("TFA_URL".into(), Zeroizing::new(header.url));
+        for (k, v) in &self.env {
+            let value = match v {
+                EnvValue::Plain(s) => s.clone(),
+                EnvValue::Secret(r) => r
+                    .resolve()
+                    .map_err(|e| DeliveryError::temporary(format!("env {k}: {e}")))?
+                    .expose_secret()
+                    .to_string(),
+            };
+            env.insert(k.clone(), Zeroizing::new(value));
+        }
+
+        let guard = std::env::current_exe()
+            .map_err(|e| DeliveryError::temporary(format!("finding our own binary: {e}")))?;
+        let argv = self.argv(portal);
+        let mut cmd = tokio::process::Command::new(guard);
+        cmd.arg(GUARD)
+            .arg(self.timeout.as_millis().to_string())
+            .arg(&program)
+            .args(&argv[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v.as_str())))
+            .current_dir(&self.home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| DeliveryError::temporary(format!("starting `{}`: {e}", argv.join(" "))))?;
+        drop(env);
+        let mut stdin = child.stdin.take();
+        let mut stderr = child.stderr.take();
+        let body = Zeroizing::new(body.to_vec());
+        let feed = async move {
+            if let Some(s) = stdin.as_mut() {
+                // A hook that does not read all of it closes the pipe: its exit says the rest.
+                let _ = s.write_all(&body).await;
+                let _ = s.shutdown().await;
+            }
+            drop(stdin);
+        };
+        let drain = async move {
+            let mut kept = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let room = STDERR_KEPT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+            kept
+        };
+        // The guard enforces the timeout itself; this bound only catches a guard that
+        // could not (it is then killed, and its own check of its parent ends the hook).
+        let backstop = self.timeout + Duration::from_secs(5);
+        let run = async {
+            let ((), kept) = tokio::join!(feed, drain);
+            (child.wait().await, kept)
+        };
+        let (status, kept) = match tokio::time::timeout(backstop, run).await {
+            Ok((Ok(status), kept)) => (status, kept),
+            Ok((Err(e), _)) => {
+                return Err(DeliveryError::temporary(format!(
+                    "waiting for the hook: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(DeliveryError::temporary(format!(
+                    "the hook's guard did not end within {}; killed",
+                    humantime::format_duration(backstop)
+                )));
+            }
+        };
+        let said = || -> String {
+            let text = redact(
+                &String::from_utf8_lossy(&kept),
+                body_codes(payload, newline),
+            );
+            let text = crate::docspace::model::escape_controls(text.trim());
+            if text.is_empty() {
+                String::new()
+            } else {
+                format!("; it said: {text}")
+            }
+        };
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(TIMED_OUT) => Err(DeliveryError::temporary(format!(
+                "`{}` ran past its timeout of {}; it and everything it started were killed{}",
+                argv.join(" "),
+                humantime::format_duration(self.timeout),
+                said()
+            ))),
+            Some(code) => Err(DeliveryError::temporary(format!(
+                "`{}` exited with status {code}{}",
+                argv.join(" "),
+                said()
+            ))),
+            None => Err(DeliveryError::temporary(format!(
+                "the guard of `{}` was killed by a signal",
+                argv.join(" ")
+            ))),
+        }
+    }
+}
+
+/// The code lines of a plain payload (to keep them out of the hook's echoed stderr).
+fn body_codes(payload: &[u8], newline: usize) -> Vec<String> {
+    String::from_utf8_lossy(&payload[newline + 1..])
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("-----"))
+        .filter(|l| l.len() <= 64 && !l.contains(' '))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `text` with every code replaced by `[code]`.
+fn redact(text: &str, codes: Vec<String>) -> String {
+    let mut out = text.to_string();
+    for c in codes {
+        out = out.replace(&c, "[code]");
+    }
+    out
+}
+
+/// The guard: `tfa-rotator __exec-guard TIMEOUT_MS PROGRAM ARGS…`. Runs the program in a
+/// process group of its own as a child subreaper; returns its exit status, or kills every
+/// descendant and returns 124 at the timeout or when our parent is gone.
+pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
+    let (Some(ms), Some(program)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: tfa-rotator {GUARD} TIMEOUT_MS PROGRAM [ARGS…]");
+        return 2;
+    };
+    let Some(timeout) = ms
+        .to_str()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_millis)
+    else {
+        eprintln!("{GUARD}: the timeout is not a number of milliseconds");
+        return 2;
+    };
+    let parent = rustix::process::getppid();
+    // Orphans of the hook's tree are reparented to us, not to init: nothing escapes.
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        eprintln!("{GUARD}: cannot become a child subreaper: {e}");
+        return NOT_STARTED;
+    }
+    let mut child = match std::process::Command::new(program)
+        .args(&args[2..])
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{GUARD}: starting {}: {e}", program.to_string_lossy());
+            return NOT_STARTED;
+        }
+    };
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                return status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        if started.elapsed() >= timeout || rustix::process::getppid() != parent {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_tree();
+    TIMED_OUT
+}
+
+/// Kills every descendant of this process (with the subreaper set, that is everything the
+/// hook started) and reaps them, until none is left.
+fn kill_tree() {
+    use rustix::process::{Pid, Signal, WaitOptions, kill_process, wait};
+    let me = rustix::process::getpid();
+    for _ in 0..500 {
+        let tree = descendants(me.as_raw_nonzero().get());
+        if tree.is_empty() {
+            break;
+        }
+        for pid in tree {
+            if let Some(p) = Pid::from_raw(pid) {
+                let _ = kill_process(p, Signal::KILL);
+            }
+        }
+        while let Ok(Some(_)) = wait(WaitOptions::NOHANG) {}
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    while let Ok(Some(_)) = wait(WaitOptions::NOHANG) {}
+}
+
+/// The live (not zombie) descendants of `root`, from `/proc`.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let mut stat = String::new();
+        let Ok(mut f) = std::fs::File::open(entry.path().join("stat")) else {
+            continue;
+        };
+        if f.read_to_string(&mut stat).is_err() {
+            continue;
+        }
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses; the last `)` ends it.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if state == "Z" {
+            continue;
+        }
+        if let Ok(ppid) = ppid.parse::<i32>() {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in parent_of.iter().filter(|(_, pp)| *pp == p) {
+            out.push(*child);
+            frontier.push(*child);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_echoed_by_a_hook_are_redacted() {
+        let payload = b"{\"account\":\"a\",\"url\":\"u\"}\n# header\nAbC123\nzz-9_q\n";
+        let codes = body_codes(payload, payload.iter().position(|b| *b == b'\n').unwrap());
+        assert_eq!(codes, vec!["AbC123", "zz-9_q"]);
+        assert_eq!(
+            redact("failed on AbC123 and zz-9_q", codes),
+            "failed on [code] and [code]"
+        );
+    }
+}
