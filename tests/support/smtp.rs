@@ -83,6 +83,26 @@ impl Handler for H {
     }
 }
 
+/// Writes a fresh test CA (`ca.pem`) and a certificate for localhost and 127.0.0.1 signed
+/// by it (`cert.pem`, `key.pem`) into `dir`.
+pub fn test_ca(dir: &std::path::Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "tfa-rotator test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), leaf_cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+}
+
 /// The SMTP server and its CA.
 pub struct Smtpd {
     pub addr: SocketAddr,
@@ -99,22 +119,8 @@ impl Smtpd {
         // binary links two (ring and aws-lc), so pick one.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "tfa-rotator test CA");
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        leaf.subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
         let p = |n: &str| dir.path().join(n);
-        std::fs::write(p("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(p("cert.pem"), leaf_cert.pem()).unwrap();
-        std::fs::write(p("key.pem"), leaf_key.serialize_pem()).unwrap();
+        test_ca(dir.path());
 
         let state = Arc::new(Mutex::new(SmtpState::default()));
         let handler = H {
