@@ -29,14 +29,22 @@ macro_rules! out {
     }};
 }
 
-/// `eprintln!` that never panics on a closed stderr (see [`out!`]).
+/// `eprintln!` that never panics on a closed stderr (see [`out!`]). Under journald
+/// (stderr is the journal's stream) each line is marked priority *err*, as a log line of
+/// level ERROR is.
 #[macro_export]
 macro_rules! err {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
+        let text = format!($($t)*);
+        let mut stderr = std::io::stderr().lock();
+        for line in text.lines() {
+            let _ = writeln!(stderr, "{}{line}", $crate::logging::priority_prefix(3));
+        }
     }};
 }
+
+pub mod logging;
 
 pub mod cli;
 pub mod commands;

@@ -7,7 +7,6 @@ mod rotate;
 mod simulate;
 mod status;
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -88,11 +87,14 @@ fn init_logging(cli: &Cli) {
         (false, 0) => "warn",
         _ => "error",
     };
-    let filter = EnvFilter::try_from_env("TFA_ROTATOR_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "{base},hyper=warn,reqwest=warn,rustls=warn,h2=warn"
-        ))
-    });
+    // RUST_LOG, as every tracing program reads it; TFA_ROTATOR_LOG, its older name, after.
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| EnvFilter::try_from_env("TFA_ROTATOR_LOG"))
+        .unwrap_or_else(|_| {
+            EnvFilter::new(format!(
+                "{base},hyper=warn,reqwest=warn,rustls=warn,h2=warn"
+            ))
+        });
     // The file watcher's library logs every inotify event at trace level: with the log
     // written into the watched directory, each line it logs raises the next event (78 MB in
     // 5 s). Its own lines are capped at warnings, whatever the filter asks.
@@ -100,8 +102,9 @@ fn init_logging(cli: &Cli) {
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,
     };
-    // Under systemd the journal stamps each line; do not stamp twice.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Under systemd the journal stamps each line (do not stamp twice) and reads its
+    // priority from a `<N>` prefix.
+    let journald = crate::logging::stderr_is_journal();
     // A log line that cannot be written (stderr is a closed pipe) is dropped: the
     // subscriber's own report of it would be an eprintln! that panics mid-rotation.
     let builder = tracing_subscriber::fmt()
@@ -111,10 +114,16 @@ fn init_logging(cli: &Cli) {
         .with_target(false);
     let _ = match (cli.log_format, journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),
-        (LogFormat::Text, false) => builder
-            .with_ansi(std::io::stderr().is_terminal())
+        (LogFormat::Text, true) => builder
+            .with_ansi(false)
+            .event_format(crate::logging::Priority(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_ansi(false),
+            ))
             .try_init(),
+        (LogFormat::Text, false) => builder.with_ansi(crate::logging::colour()).try_init(),
     };
 }
 

@@ -195,3 +195,77 @@ async fn a_closed_pipe_ends_the_command_quietly_and_loses_nothing() {
         );
     }
 }
+
+/// Runs the binary with stderr into a file; `journal`: `$JOURNAL_STREAM` names that file,
+/// as systemd does for a unit's stream, else it names another one.
+fn run_with_stderr_file(
+    h: &crate::support::Harness,
+    args: &[&str],
+    journal: bool,
+    env: &[(&str, &str)],
+) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let path = h.path("stderr.log");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = if journal {
+        file.metadata().unwrap()
+    } else {
+        std::fs::metadata(h.config()).unwrap()
+    };
+    let status = std::process::Command::new(crate::support::BIN)
+        .arg("--config")
+        .arg(h.config())
+        .args(args)
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env_remove("RUST_LOG")
+        .env_remove("TFA_ROTATOR_LOG")
+        .envs(env.iter().copied())
+        .current_dir(h.path(""))
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert!(status.code().is_some(), "{status:?}");
+    std::fs::read_to_string(&path).unwrap()
+}
+
+/// Under journald every line carries its priority (`journalctl -p err` finds errors);
+/// elsewhere lines are plain; RUST_LOG sets the filter.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_lines_carry_journald_priorities_only_on_the_journal_stream() {
+    let mut h = crate::support::Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    let text = run_with_stderr_file(&h, &["rotate", "acme", "-v"], true, &[]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<6>") && l.contains("rotated")),
+        "{text}"
+    );
+    assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
+
+    // A broken config: the errors at priority err.
+    let bogus = tfa_rotator::simulator::new_api_key();
+    crate::support::write_private(&h.path("keys/acme"), &format!("{bogus}\n"));
+    let text = run_with_stderr_file(&h, &["rotate", "acme"], true, &[]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<3>") && l.contains("unauthorized")),
+        "{text}"
+    );
+    // Not the journal's stream: no prefixes.
+    let text = run_with_stderr_file(&h, &["rotate", "acme", "-v"], false, &[]);
+    assert!(
+        !text.is_empty() && !text.contains("<3>") && !text.contains("<6>"),
+        "{text}"
+    );
+    // RUST_LOG is the filter: `error` hides the warnings and infos.
+    let text = run_with_stderr_file(
+        &h,
+        &["rotate", "acme", "-v"],
+        true,
+        &[("RUST_LOG", "error")],
+    );
+    assert!(text.lines().all(|l| l.starts_with("<3>")), "{text}");
+    assert!(!text.is_empty(), "{text}");
+}
