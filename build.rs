@@ -32,6 +32,11 @@ fn main() {
         std::env::var("CARGO_PKG_VERSION").unwrap_or_default(),
         if dirty { ", modified" } else { "" }
     );
+    println!(
+        "cargo:rustc-env=TFA_ROTATOR_COMMIT={commit}{}",
+        if dirty { "-modified" } else { "" }
+    );
+    println!("cargo:rustc-env=TFA_ROTATOR_FEATURES={features}");
     println!("cargo:rerun-if-changed=.git/HEAD");
     // A commit moves the branch HEAD names, not HEAD itself.
     if let Ok(head) = std::fs::read_to_string(".git/HEAD")

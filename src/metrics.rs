@@ -1,6 +1,7 @@
 //! Prometheus metrics (SPEC §6), through `prometheus-client`: rotations and deliveries by
 //! result, pending deliveries, last success, next rotation and unused codes per portal, and
-//! the last reload, drift, and PUT answers the verifying GET contradicted. Every name starts
+//! the last reload, drift, PUT answers the verifying GET contradicted, the build, rotation
+//! durations, and portals that cannot read their secrets. Every name starts
 //! with `tfa_rotator_`. Served on `/metrics` with `/healthz` when `daemon.metrics` is set.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Labels of a rotation outcome.
@@ -41,6 +43,17 @@ pub struct PutAnswerLabels {
     pub answer: String,
 }
 
+/// Labels of the build.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// Package version.
+    pub version: String,
+    /// Git commit (`-modified` when built from a changed tree).
+    pub commit: String,
+    /// Compiled features.
+    pub features: String,
+}
+
 /// A portal label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortalLabel {
@@ -63,6 +76,9 @@ pub struct Metrics {
     reload_time: Gauge,
     drift: Family<PortalLabel, Counter>,
     put_answers: Family<PutAnswerLabels, Counter>,
+    build_info: Family<BuildLabels, Gauge>,
+    rotation_seconds: Histogram,
+    secret_unreadable: Family<PortalLabel, Gauge>,
     /// Set while the scheduler loop lives (for `/healthz`).
     pub alive: AtomicBool,
     /// Unix milliseconds by which the scheduler's loop planned to wake (`u64::MAX`: not
@@ -86,6 +102,9 @@ impl Default for Metrics {
             reload_time: Gauge::default(),
             drift: Family::default(),
             put_answers: Family::default(),
+            build_info: Family::default(),
+            rotation_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            secret_unreadable: Family::default(),
             alive: AtomicBool::new(false),
             wake_by: AtomicU64::new(u64::MAX),
         };
@@ -144,6 +163,28 @@ impl Default for Metrics {
             "PUT answers that were not the set the verifying GET returned",
             m.put_answers.clone(),
         );
+        r.register(
+            "tfa_rotator_build_info",
+            "Always 1; the labels say which build runs",
+            m.build_info.clone(),
+        );
+        r.register(
+            "tfa_rotator_rotation_duration_seconds",
+            "Time of one rotation attempt, preflight to delivery",
+            m.rotation_seconds.clone(),
+        );
+        r.register(
+            "tfa_rotator_secret_unreadable",
+            "Whether a portal cannot read a secret it needs (1) or can (0), checked at start and reload",
+            m.secret_unreadable.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+                commit: env!("TFA_ROTATOR_COMMIT").into(),
+                features: env!("TFA_ROTATOR_FEATURES").into(),
+            })
+            .set(1);
         m.reload_ok.set(1);
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         m
@@ -166,6 +207,20 @@ impl Metrics {
                 })
                 .set(chrono::Utc::now().timestamp());
         }
+    }
+
+    /// A rotation attempt took this long.
+    pub fn rotation_took(&self, took: std::time::Duration) {
+        self.rotation_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Whether `portal` can read its secrets.
+    pub fn secret_unreadable(&self, portal: &str, unreadable: bool) {
+        self.secret_unreadable
+            .get_or_create(&PortalLabel {
+                portal: portal.into(),
+            })
+            .set(i64::from(unreadable));
     }
 
     /// A delivery attempt ended.

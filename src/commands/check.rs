@@ -60,6 +60,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         store: None,
         http,
         dry_run: true,
+        secrets: crate::sinks::Secrets::Read,
         metrics: Default::default(),
         stopping: Default::default(),
         limits: crate::rotation::limits::Limits::new(

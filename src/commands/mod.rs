@@ -179,7 +179,16 @@ pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
 
 /// Builds the engine; config problems found while building (keys) give exit 78.
 pub(crate) fn engine(config: Arc<Config>, dry_run: bool) -> Result<Engine, Exit> {
-    Engine::new(config, dry_run).map_err(|e| match e {
+    engine_with(config, dry_run, crate::sinks::Secrets::Read)
+}
+
+/// [`engine`], reading the sinks' secrets as `secrets` says.
+pub(crate) fn engine_with(
+    config: Arc<Config>,
+    dry_run: bool,
+    secrets: crate::sinks::Secrets,
+) -> Result<Engine, Exit> {
+    Engine::with_secrets(config, dry_run, secrets).map_err(|e| match e {
         EngineError::Config(issues) => {
             crate::err!(
                 "error: the configuration is invalid ({} error(s))",

@@ -96,10 +96,13 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         Ok(c) => c,
         Err(e) => return e,
     };
-    let engine = match crate::commands::engine(config.clone(), dry_run) {
-        Ok(e) => e,
-        Err(e) => return e,
-    };
+    // Secrets deferred: one portal's unreadable credential is reported now (error, STATUS=,
+    // metric) and fails that portal alone; the others keep working.
+    let engine =
+        match crate::commands::engine_with(config.clone(), dry_run, crate::sinks::Secrets::Defer) {
+            Ok(e) => e,
+            Err(e) => return e,
+        };
     let metrics = engine.metrics.clone();
     if let Some(addr) = config.daemon.metrics {
         match tokio::net::TcpListener::bind(addr).await {
@@ -195,9 +198,10 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
     let watchdog = sd_notify::watchdog_enabled();
     metrics.alive.store(true, Ordering::SeqCst);
     let status = format!(
-        "{} portal(s){}",
+        "{} portal(s){}{}",
         sup.engine.config.portals.len(),
-        if dry_run { ", dry run" } else { "" }
+        if dry_run { ", dry run" } else { "" },
+        unreadable_secrets(&sup.engine)
     );
     notifier.send(Note::Ready(status));
     tracing::info!(
@@ -644,9 +648,34 @@ impl Supervisor {
             }
         }
         self.notifier.send(Note::Ready(format!(
-            "{} portal(s)",
-            self.engine.config.portals.len()
+            "{} portal(s){}",
+            self.engine.config.portals.len(),
+            unreadable_secrets(&self.engine)
         )));
+    }
+}
+
+/// Reports every portal that cannot read a secret it needs: an error line each, the
+/// `tfa_rotator_secret_unreadable` gauge, and the tail of systemd's status line (empty
+/// when every secret reads).
+fn unreadable_secrets(engine: &Engine) -> String {
+    let bad = engine.unreadable_secrets();
+    for pc in engine.config.portals.values() {
+        let why = bad.iter().find(|(p, _)| p == &pc.name);
+        engine.metrics.secret_unreadable(&pc.name, why.is_some());
+        if let Some((_, why)) = why {
+            tracing::error!(portal = %pc.name, error = %why, "a secret cannot be read; this portal fails until it can (fix it, then reload)");
+        }
+    }
+    if bad.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = bad.iter().map(|(p, _)| p.as_str()).collect();
+        format!(
+            "; {} cannot read their secrets: {}",
+            bad.len(),
+            names.join(", ")
+        )
     }
 }
 

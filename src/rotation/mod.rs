@@ -133,6 +133,8 @@ pub struct Engine {
     pub http: HttpClient,
     /// Only read; never PUT, deliver or write the state.
     pub dry_run: bool,
+    /// How the sinks' secrets were read (kept for a reload).
+    pub secrets: crate::sinks::Secrets,
     /// Counters and gauges, served by the daemon.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Cancelled when the process is stopping: a rotation not yet at its intent does not
@@ -170,7 +172,17 @@ pub enum EngineError {
 impl Engine {
     /// Builds sinks, the HTTP client and opens the state (read-only for a dry run).
     pub fn new(config: Arc<Config>, dry_run: bool) -> Result<Self, EngineError> {
-        let sinks = crate::sinks::build(&config).map_err(EngineError::Config)?;
+        Self::with_secrets(config, dry_run, crate::sinks::Secrets::Read)
+    }
+
+    /// [`Engine::new`], reading the sinks' secrets as `secrets` says (the daemon defers:
+    /// an unreadable one fails only the portals that need it).
+    pub fn with_secrets(
+        config: Arc<Config>,
+        dry_run: bool,
+        secrets: crate::sinks::Secrets,
+    ) -> Result<Self, EngineError> {
+        let sinks = crate::sinks::build_with(&config, secrets).map_err(EngineError::Config)?;
         let http = HttpClient::new(config.daemon.http_timeout);
         // A dry run reads nothing from the state, and even a read-only SQLite open of a WAL
         // database creates its -wal and -shm files: so it does not open the state at all.
@@ -184,11 +196,36 @@ impl Engine {
             store,
             http,
             dry_run,
+            secrets,
             metrics: Default::default(),
             stopping: Default::default(),
             limits: limits::Limits::new(config.daemon.max_concurrent, config.daemon.max_per_host),
             config,
         })
+    }
+
+    /// Every portal that cannot read a secret it needs (its API key, the SMTP password of
+    /// an email sink, an exec sink's `env` secret), with what and why; each read value is
+    /// dropped at once.
+    pub fn unreadable_secrets(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for pc in self.config.portals.values() {
+            let mut why: Vec<String> = Vec::new();
+            if let Err(e) = pc.api_key.value.resolve() {
+                why.push(format!("api_key: {e}"));
+            }
+            for s in pc.sinks.iter().filter_map(|s| self.sinks.get(s)) {
+                if let Some(e) = s.unreadable_secret()
+                    && !why.contains(&e)
+                {
+                    why.push(e);
+                }
+            }
+            if !why.is_empty() {
+                out.push((pc.name.clone(), why.join("; ")));
+            }
+        }
+        out
     }
 
     /// Whether the process is stopping.
@@ -229,13 +266,14 @@ impl Engine {
     /// reload); its HTTP pool is new, since the timeout may have changed. Fails only on the
     /// config's keys and recipients.
     pub fn reconfigured(&self, config: Arc<Config>) -> Result<Self, Vec<ConfigIssue>> {
-        let sinks = crate::sinks::build(&config)?;
+        let sinks = crate::sinks::build_with(&config, self.secrets)?;
         let http = HttpClient::new(config.daemon.http_timeout);
         Ok(Self {
             sinks,
             store: self.store.clone(),
             http,
             dry_run: self.dry_run,
+            secrets: self.secrets,
             metrics: self.metrics.clone(),
             stopping: self.stopping.clone(),
             limits: if config.daemon.max_concurrent == self.config.daemon.max_concurrent
@@ -635,6 +673,7 @@ pub use crate::docspace::MAX_RETRY_AFTER;
 /// Rotates one portal now, after settling what earlier processes left. `force` ignores
 /// `min_interval` and a changed account. In a dry run, does only the read-only steps.
 pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
+    let started = std::time::Instant::now();
     let report = match rotate_inner(engine, name, force).await {
         Ok(r) => r,
         Err(e) => {
@@ -656,6 +695,9 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
         }
     };
     engine.metrics.rotation(name, report.outcome.as_str());
+    if !matches!(report.outcome, Outcome::Skipped(_)) {
+        engine.metrics.rotation_took(started.elapsed());
+    }
     if let Some(u) = report.unused {
         engine.metrics.unused(name, u);
     }

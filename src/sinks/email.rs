@@ -45,6 +45,9 @@ pub struct Smtp {
     ca_pem: Option<Vec<u8>>,
     timeout: Duration,
     sessions: Semaphore,
+    /// The password could not be read (built with `Secrets::Defer`): every conversation
+    /// fails with this, before connecting.
+    unreadable: Option<String>,
 }
 
 /// Why a conversation failed: what the server said (or did not), and whether it refused.
@@ -109,7 +112,19 @@ impl Smtp {
             ca_pem,
             timeout: c.timeout,
             sessions: Semaphore::new(c.max_sessions),
+            unreadable: None,
         })
+    }
+
+    /// Marks the password unreadable (`why`): conversations fail with it until a reload.
+    pub fn with_unreadable_password(mut self, why: Option<String>) -> Self {
+        self.unreadable = why;
+        self
+    }
+
+    /// Why the password could not be read, if it could not.
+    pub fn unreadable(&self) -> Option<&str> {
+        self.unreadable.as_deref()
     }
 
     fn tls(&self) -> Result<TlsParameters, Failure> {
@@ -173,6 +188,9 @@ impl Smtp {
 
     /// Connects, reads the greeting, secures the connection and logs in.
     async fn open(&self) -> Result<AsyncSmtpConnection, Failure> {
+        if let Some(why) = &self.unreadable {
+            return Err(Failure::temporary(why.clone()));
+        }
         let hello = ClientId::default();
         let implicit = match self.security {
             SmtpSecurity::Tls => Some(self.tls()?),
@@ -365,6 +383,11 @@ impl EmailSink {
             keys: used,
             smtp,
         })
+    }
+
+    /// Why the SMTP password could not be read, if it could not.
+    pub fn unreadable_secret(&self) -> Option<&str> {
+        self.smtp.unreadable()
     }
 
     /// What identifies to whom this sink sends (no secrets).

@@ -168,6 +168,17 @@ impl ExecSink {
         Ok(())
     }
 
+    /// The first `env` secret that cannot be read, with why.
+    pub fn unreadable_secret(&self) -> Option<String> {
+        self.env.iter().find_map(|(k, v)| match v {
+            EnvValue::Secret(r) => r
+                .resolve()
+                .err()
+                .map(|e| format!("sinks.{}.env.{k}: {e}", self.name)),
+            EnvValue::Plain(_) => None,
+        })
+    }
+
     /// The payload: a header line (account, URL), then the bytes for the hook's stdin.
     pub fn seal(&self, account: &str, url: &str, plain: &[u8]) -> Result<Vec<u8>, SinkError> {
         let header = serde_json::to_string(&Header {

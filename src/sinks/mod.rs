@@ -259,6 +259,15 @@ impl Sink {
         }
     }
 
+    /// A secret this sink needs that cannot be read now, with why.
+    pub fn unreadable_secret(&self) -> Option<String> {
+        match self {
+            Sink::File(_) => None,
+            Sink::Email(e) => e.unreadable_secret().map(str::to_string),
+            Sink::Exec(x) => x.unreadable_secret(),
+        }
+    }
+
     /// The bytes to deliver.
     pub fn seal(&self, d: &Delivery<'_>) -> Result<Vec<u8>, SinkError> {
         match self {
@@ -371,6 +380,9 @@ pub enum Secrets {
     Read,
     /// Read none (`check --offline`, `status`): nothing built this way connects.
     Skip,
+    /// Read them, but one that cannot be read fails only the sinks that need it, at their
+    /// preflight (the daemon: the other portals keep working).
+    Defer,
 }
 
 /// Builds every sink: reads and checks keys, and the SMTP password. Errors are placed like
@@ -383,21 +395,28 @@ pub fn build(config: &Config) -> Result<Sinks, Vec<ConfigIssue>> {
 pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let mut by_name = BTreeMap::new();
+    let mut unreadable = None;
     let password = match (&config.smtp, secrets) {
-        (Some(c), Secrets::Read) => c.password.as_ref().and_then(|p| match p.value.resolve() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                issues.push(config.issue(Some(p.loc), "smtp.password", e));
-                None
-            }
-        }),
+        (Some(c), Secrets::Read | Secrets::Defer) => {
+            c.password.as_ref().and_then(|p| match p.value.resolve() {
+                Ok(s) => Some(s),
+                Err(e) if secrets == Secrets::Defer => {
+                    unreadable = Some(format!("smtp.password: {e}"));
+                    None
+                }
+                Err(e) => {
+                    issues.push(config.issue(Some(p.loc), "smtp.password", e));
+                    None
+                }
+            })
+        }
         _ => None,
     };
     let smtp = match &config.smtp {
         None => None,
         Some(_) if !issues.is_empty() => None,
         Some(c) => match email::Smtp::build(c, password) {
-            Ok(s) => Some(Arc::new(s)),
+            Ok(s) => Some(Arc::new(s.with_unreadable_password(unreadable))),
             Err(e) => {
                 issues.push(config.issue(None, "smtp", e));
                 None

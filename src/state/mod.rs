@@ -515,10 +515,14 @@ fn trusted_dir(state: &Path, path: &Path) -> Result<(), StateError> {
         return Err(StateError::Unsafe {
             path: path.into(),
             reason: format!(
-                "belongs to uid {}, not to the user running tfa-rotator (uid {me}); another user could \
-                 replace the state's files. Run as its owner (see the README on commands run by hand), \
-                 or give it to this user. The state directory is {}",
-                meta.uid(),
+                "belongs to {}, not to the user running tfa-rotator ({}); another user could \
+                 replace the state's files, and files this command left would stop the service. \
+                 Run the command as the service does: `tfa-rotator-run ARGS…` (as root; it uses \
+                 the unit's user and credentials), or `sudo -u {} tfa-rotator ARGS…` when the \
+                 config reads no credential. The state directory is {}",
+                user_name(meta.uid()),
+                user_name(me),
+                user_name(meta.uid()),
                 state.display()
             ),
         });
@@ -535,6 +539,21 @@ fn trusted_dir(state: &Path, path: &Path) -> Result<(), StateError> {
         })?;
     }
     Ok(())
+}
+
+/// `name (uid N)` from /etc/passwd, or `uid N`.
+fn user_name(uid: u32) -> String {
+    let name = fs::read_to_string("/etc/passwd").ok().and_then(|p| {
+        p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid.to_string()).then(|| name.to_string())
+        })
+    });
+    match name {
+        Some(n) => format!("{n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {

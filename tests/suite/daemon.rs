@@ -514,3 +514,106 @@ async fn an_idle_daemon_sleeps() {
     assert!(n <= 5, "{n} context switches in 2 s of idling");
     d.term().await;
 }
+
+/// A credential the service cannot read is reported within moments of the start (an
+/// error line, STATUS=, the gauge), not at its portal's first rotation, and the other
+/// portals keep working; the build and rotation durations are in the metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_working() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.add_portal("beta");
+    h.write_config("", &["plain"]);
+    std::fs::remove_file(h.path("keys/beta")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
+    edit_config(&h, |t| {
+        t.replace(
+            "[daemon]\n",
+            &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
+        )
+    });
+    let sock_path = h.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let sock_str = sock_path.display().to_string();
+    let started = std::time::Instant::now();
+    let d = Daemon::start(&h, &[], &[("NOTIFY_SOCKET", &sock_str)]);
+    let mut buf = vec![0u8; 4096];
+    let ready = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+            .await
+            .expect("READY in time")
+            .unwrap();
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains("READY=1") {
+            break msg;
+        }
+    };
+    assert!(
+        ready.contains("STATUS=2 portal(s); 1 cannot read their secrets: beta"),
+        "{ready}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(d.wait_log("a secret cannot be read").await);
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("a secret cannot be read"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("beta") && line.contains("keys/beta"),
+        "{line}"
+    );
+
+    // acme, new to the daemon, rotates; beta fails on its own.
+    assert!(
+        wait_for(Duration::from_secs(10), || h
+            .plain_sink("codes/acme.txt")
+            .is_some())
+        .await
+    );
+    assert_eq!(h.plain_sink("codes/acme.txt"), Some(h.accepted("acme")));
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "tfa_rotator_secret_unreadable{portal=\"beta\"} 1",
+        "tfa_rotator_secret_unreadable{portal=\"acme\"} 0",
+        "tfa_rotator_build_info{version=\"",
+        "tfa_rotator_rotation_duration_seconds_count",
+    ] {
+        assert!(body.contains(needle), "{needle}: {body}");
+    }
+
+    // Fixed and reloaded: the gauge clears.
+    let key = h.keys["beta"].clone();
+    write_private(&h.path("keys/beta"), &format!("{key}\n"));
+    let pid = d.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body.contains("tfa_rotator_secret_unreadable{portal=\"beta\"} 0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -67,11 +67,17 @@ async fn a_state_directory_of_another_user_is_refused() {
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(
-        out.stderr.contains("belongs to uid 65534"),
-        "{}",
+        out.stderr.contains("belongs to nobody (uid 65534)")
+            && out.stderr.contains("tfa-rotator-run"),
+        "the owner, and the way to run as the service: {}",
         out.stderr
     );
     assert_eq!(h.sim.count("PUT"), 0);
+    assert_eq!(
+        std::fs::read_dir(h.path("state")).unwrap().count(),
+        0,
+        "nothing left in another user's state directory"
+    );
     // Ours but open to others: tightened.
     std::os::unix::fs::chown(h.path("state"), Some(0), Some(0)).unwrap();
     std::fs::set_permissions(h.path("state"), std::fs::Permissions::from_mode(0o755)).unwrap();
