@@ -133,6 +133,14 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// A tour: a simulated portal, a throwaway config, one rotation, proof the codes work.
     Demo,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `tfa-rotator man | man -l -`.
+    Man,
 }
 
 /// The flags of `simulate`.

@@ -73,6 +73,36 @@ async fn dispatch(cli: Cli) -> Exit {
         Command::Status { json } => status::run(&path, json).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo => demo::run().await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tfa-rotator", &mut buf);
+            write_stdout(&buf)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut buf) {
+                Ok(()) => write_stdout(&buf),
+                Err(e) => {
+                    crate::err!("error: rendering the manual page: {e}");
+                    Exit::Failed
+                }
+            }
+        }
+    }
+}
+
+/// Writes generated text to stdout; a closed stdout is not an error worth a panic.
+fn write_stdout(bytes: &[u8]) -> Exit {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Ok(()) => Exit::Ok,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Exit::Ok,
+        Err(e) => {
+            crate::err!("error: writing to stdout: {e}");
+            Exit::Failed
+        }
     }
 }
 

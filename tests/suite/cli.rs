@@ -269,3 +269,57 @@ async fn log_lines_carry_journald_priorities_only_on_the_journal_stream() {
     assert!(text.lines().all(|l| l.starts_with("<3>")), "{text}");
     assert!(!text.is_empty(), "{text}");
 }
+
+/// `completions SHELL` prints a script the shell loads; `man` a manual page that names
+/// every subcommand.
+#[test]
+fn completions_load_in_bash_and_the_man_page_lists_the_commands() {
+    let script = std::process::Command::new(crate::support::BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(script.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tfa-rotator.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p tfa-rotator",
+            path.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success() && String::from_utf8_lossy(&loaded.stdout).contains("tfa-rotator"),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let text = String::from_utf8_lossy(&script.stdout);
+    for sub in ["rotate", "deliver", "settle", "completions"] {
+        assert!(text.contains(sub), "{sub}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = std::process::Command::new(crate::support::BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+    let man = std::process::Command::new(crate::support::BIN)
+        .arg("man")
+        .output()
+        .unwrap();
+    assert!(man.status.success());
+    let roff = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        roff.starts_with(".ie") || roff.contains(".TH tfa-rotator 1"),
+        "{roff}"
+    );
+    for sub in ["run", "check", "rotate", "status", "man"] {
+        assert!(
+            roff.contains(&format!("tfa\\-rotator\\-{sub}")) || roff.contains(sub),
+            "{sub}"
+        );
+    }
+}
