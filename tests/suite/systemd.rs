@@ -12,7 +12,6 @@ fn the_unit_declares_what_the_daemon_relies_on() {
         "WatchdogSec=",
         "User=tfa-rotator",
         "StateDirectory=tfa-rotator tfa-rotator/codes",
-        "LoadCredential=",
         "RestartPreventExitStatus=78",
         "LimitCORE=0",
     ] {
