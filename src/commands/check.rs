@@ -8,7 +8,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Exit, load_config, print_issues};
+use super::{Exit, config_errors, load_config};
 use crate::config::{Config, PortalConfig};
 use crate::docspace::HttpClient;
 use crate::rotation::Engine;
@@ -45,12 +45,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         }
     }
     if !issues.is_empty() {
-        crate::err!(
-            "error: the configuration is invalid ({} error(s))",
-            issues.len()
-        );
-        print_issues("error", &issues);
-        return Exit::Config;
+        return config_errors(&issues);
     }
 
     let http = HttpClient::new(config.daemon.http_timeout);

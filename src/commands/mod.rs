@@ -51,6 +51,17 @@ pub fn main(cli: Cli) -> u8 {
 
 async fn dispatch(cli: Cli) -> Exit {
     let path = cli.config.clone();
+    let json = match &cli.command {
+        Command::Check { json, .. }
+        | Command::Rotate { json, .. }
+        | Command::Deliver { json }
+        | Command::Resend { json, .. }
+        | Command::Settle { json, .. }
+        | Command::Forget { json, .. }
+        | Command::Status { json } => *json,
+        _ => false,
+    };
+    let _ = JSON.set(json);
     match cli.command {
         Command::Run { dry_run, once } => crate::daemon_entry(&path, dry_run, once).await,
         Command::Check { offline, json } => check::run(&path, offline, json).await,
@@ -186,24 +197,60 @@ fn setup_failpoints() -> fail::FailScenario<'static> {
     scenario
 }
 
-/// Prints config problems, one per line, on stderr.
-pub(crate) fn print_issues(prefix: &str, issues: &[ConfigIssue]) {
+/// Whether the command asked for `--json`: then an invalid config is printed as JSON too.
+static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn json_output() -> bool {
+    JSON.get().copied().unwrap_or(false)
+}
+
+/// Prints config warnings, one per line, on stderr.
+pub(crate) fn print_warnings(issues: &[ConfigIssue]) {
     for i in issues {
-        crate::err!("{prefix}: {i}");
+        crate::err!("warning: {i}");
     }
 }
 
-/// Loads and validates the config; prints every error and gives exit 78 on failure.
+/// Reports an invalid configuration, every problem once, in the one format of every
+/// command: a line per problem (`error: FILE:LINE:COLUMN: KEY: what is wrong; accepted: …`)
+/// and a count, on stderr; with `--json`, also one JSON document on stdout. Exit 78.
+pub(crate) fn config_errors(issues: &[ConfigIssue]) -> Exit {
+    for i in issues {
+        crate::err!("error: {i}");
+    }
+    let n = issues.len();
+    crate::err!(
+        "error: the configuration is invalid ({n} error{})",
+        if n == 1 { "" } else { "s" }
+    );
+    if json_output() {
+        let errors: Vec<serde_json::Value> = issues
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "file": i.file.display().to_string(),
+                    "line": i.loc.map(|l| l.line),
+                    "column": i.loc.map(|l| l.column),
+                    "key": i.key,
+                    "message": i.message,
+                })
+            })
+            .collect();
+        let doc =
+            serde_json::json!({ "ok": false, "error": "invalid configuration", "errors": errors });
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    Exit::Config
+}
+
+/// Loads and validates the config; reports every error and gives exit 78 on failure.
 pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
     match config::load(path) {
         Ok(c) => {
-            print_issues("warning", &c.warnings);
+            print_warnings(&c.warnings);
             Ok(Arc::new(c))
         }
-        Err(errors) => {
-            crate::err!("error: {errors}");
-            Err(Exit::Config)
-        }
+        Err(errors) => Err(config_errors(&errors.errors)),
     }
 }
 
@@ -219,14 +266,7 @@ pub(crate) fn engine_with(
     secrets: crate::sinks::Secrets,
 ) -> Result<Engine, Exit> {
     Engine::with_secrets(config, dry_run, secrets).map_err(|e| match e {
-        EngineError::Config(issues) => {
-            crate::err!(
-                "error: the configuration is invalid ({} error(s))",
-                issues.len()
-            );
-            print_issues("error", &issues);
-            Exit::Config
-        }
+        EngineError::Config(issues) => config_errors(&issues),
         other => {
             crate::err!("error: {other}");
             Exit::Failed

@@ -46,10 +46,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
     // without them every portal would look changed, so status says nothing rather than that.
     let sinks = match crate::sinks::build_with(&config, crate::sinks::Secrets::Skip) {
         Ok(s) => s,
-        Err(issues) => {
-            super::print_issues("error", &issues);
-            return Exit::Config;
-        }
+        Err(issues) => return super::config_errors(&issues),
     };
     let mut names: Vec<String> = config.portals.keys().cloned().collect();
     names.extend(

@@ -71,14 +71,27 @@ impl Ctx<'_> {
         value: Spanned<DeValue<'_>>,
     ) -> Option<T> {
         let whole = value.span();
+        let mut inner = Vec::new();
+        key_spans(key, &value, &mut inner);
         match T::deserialize(ValueDeserializer::from(value)) {
             Ok(v) => Some(v),
             Err(e) => {
                 let span = e.span().unwrap_or(whole);
                 let msg = e.message().to_string();
-                let key = match backticked_field(&msg) {
-                    Some(field) => format!("{key}.{field}"),
-                    None => key.to_string(),
+                // The innermost key whose value holds the error (`daemon.state_dir` for a
+                // wrong type), else the field serde names (a missing one), else the table.
+                let innermost = inner
+                    .iter()
+                    .filter(|(_, s)| s.start <= span.start && span.end <= s.end)
+                    .min_by_key(|(_, s)| s.end - s.start)
+                    .map(|(k, _)| k.clone());
+                let key = match (innermost, backticked_field(&msg)) {
+                    (_, Some(field)) if msg.starts_with("missing field") => {
+                        format!("{key}.{field}")
+                    }
+                    (Some(k), _) => k,
+                    (None, Some(field)) => format!("{key}.{field}"),
+                    (None, None) => key.to_string(),
                 };
                 self.err(&span, &key, msg);
                 None
@@ -1047,6 +1060,17 @@ pub(super) fn validate(
         portals: portal_map,
         warnings,
     })
+}
+
+/// The dotted key and value span of every entry under `value` (tables, recursively).
+fn key_spans(prefix: &str, value: &Spanned<DeValue<'_>>, out: &mut Vec<(String, Range<usize>)>) {
+    if let DeValue::Table(table) = value.get_ref() {
+        for (k, v) in table {
+            let key = format!("{prefix}.{}", k.get_ref());
+            out.push((key.clone(), v.span()));
+            key_spans(&key, v, out);
+        }
+    }
 }
 
 /// A file or exec sink's `encrypt`: none (plain), `{ age = [...] }` or `{ pgp_keys = [...] }`.

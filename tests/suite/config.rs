@@ -244,7 +244,7 @@ fn names_types_and_durations_are_checked() {
     let e = one_error(&BASE.replace("[portals.acme]", "[portals.\"a cme\"]"));
     assert!(e.message.contains("lowercase"));
     let e = one_error(&format!("[daemon]\nmax_concurrent = \"many\"\n{BASE}"));
-    assert_eq!(e.key, "daemon");
+    assert_eq!(e.key, "daemon.max_concurrent");
     assert_eq!(e.loc.unwrap().line, 2);
     assert!(e.message.contains("invalid type"), "{}", e.message);
     let e = one_error(&format!("[daemon]\nhttp_timeout = \"30 parsecs\"\n{BASE}"));
@@ -390,4 +390,42 @@ fn the_shipped_example_passes_check_offline_without_its_secrets() {
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert_eq!(err.matches("smtp.password").count(), 1, "{err}");
     assert!(err.contains("example.toml:36:12: smtp.password"), "{err}");
+}
+
+/// `--json` on an invalid config prints its errors as one JSON document on stdout; text
+/// and JSON name the same place and key, and each error is said once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_config_with_json_prints_its_errors_as_json_once() {
+    let mut h = crate::support::Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    crate::support::edit_config(&h, |t| {
+        t.replace("state_dir = \"state\"", "state_dir = 5")
+            .replace("url = \"http://", "url = \"ftp://")
+    });
+    for args in [
+        &["check", "--offline", "--json"][..],
+        &["rotate", "--all", "--json"][..],
+        &["status", "--json"][..],
+    ] {
+        let out = h.run(args).await;
+        assert_eq!(out.code, Some(78), "{args:?}: {}", out.all());
+        let doc: serde_json::Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {}", out.stdout));
+        assert_eq!(doc["ok"], false);
+        let errors = doc["errors"].as_array().unwrap();
+        assert_eq!(errors.len(), 2, "{doc}");
+        assert_eq!(errors[0]["key"], "daemon.state_dir", "{doc}");
+        assert_eq!(errors[0]["line"], 2, "{doc}");
+        assert_eq!(errors[1]["key"], "portals.acme.url", "{doc}");
+        for e in errors {
+            let msg = e["message"].as_str().unwrap();
+            assert_eq!(
+                out.stderr.matches(msg).count(),
+                1,
+                "{args:?}: said once: {}",
+                out.stderr
+            );
+        }
+    }
 }
