@@ -295,9 +295,32 @@ pub(crate) fn exit_of(reports: &[Report]) -> Exit {
     }
 }
 
-/// Formats Unix milliseconds for people.
+/// The one time format of every output: RFC 3339, UTC, to the second.
+pub(crate) fn fmt_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Formats Unix milliseconds for people ([`fmt_time`]), `never` for none.
 pub(crate) fn fmt_ms(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .map(fmt_time)
         .unwrap_or_else(|| "never".into())
+}
+
+/// A time relative to `now`, rounded to what a person needs: `in 5h 59m`, `3m 10s ago`.
+pub(crate) fn fmt_relative(ms: i64, now: chrono::DateTime<chrono::Utc>) -> String {
+    let delta = ms - now.timestamp_millis();
+    let secs = (delta.unsigned_abs() + 500) / 1000;
+    // Above an hour, seconds are noise; above a day, minutes are.
+    let secs = match secs {
+        s if s >= 86_400 => s - s % 3600,
+        s if s >= 3600 => s - s % 60,
+        s => s,
+    };
+    let d = humantime::format_duration(std::time::Duration::from_secs(secs)).to_string();
+    match (secs, delta >= 0) {
+        (0, _) => "now".into(),
+        (_, true) => format!("in {d}"),
+        (_, false) => format!("{d} ago"),
+    }
 }

@@ -118,90 +118,135 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             serde_json::to_string_pretty(&json!({"portals": out})).unwrap_or_default()
         );
     } else {
-        for p in &out {
-            crate::out!(
-                "{}{}",
-                p["portal"].as_str().unwrap_or_default(),
-                if p["configured"] == json!(false) {
-                    " (no longer configured)"
-                } else {
-                    ""
-                }
-            );
-            crate::out!(
-                "  last rotation: {} ({})",
-                fmt_ms(p["last_success_at"].as_i64()),
-                p["last_result"].as_str().unwrap_or("none yet")
-            );
-            if let Some(e) = p["last_error"].as_str() {
-                crate::out!(
-                    "  last error: {e} ({} failure(s) in a row)",
-                    p["failures_in_a_row"]
-                );
-            }
-            crate::out!(
-                "  next due: {}",
-                match p["next_due_at"].as_i64() {
-                    Some(t) => format!(
-                        "{} ({}{})",
-                        fmt_ms(Some(t)),
-                        p["next_reason_text"].as_str().unwrap_or_default(),
-                        p["next_held_by"]
-                            .as_str()
-                            .map(|h| format!(", {h}"))
-                            .unwrap_or_default()
-                    ),
-                    None => "manual only".into(),
-                }
-            );
-            match (p["unused"].as_i64(), p["total"].as_i64()) {
-                (Some(u), Some(t)) => crate::out!(
-                    "  codes: {u}/{t} unused (seen {})",
-                    fmt_ms(p["codes_seen_at"].as_i64())
-                ),
-                _ => crate::out!("  codes: not read yet"),
-            }
-            if let Some(at) = p["drift_at"].as_i64() {
-                crate::out!(
-                    "  drift: the portal's codes changed outside tfa-rotator {} time(s), last at {}",
-                    p["drifts"],
-                    fmt_ms(Some(at))
-                );
-            }
-            if p["settling"].is_object() {
-                crate::out!(
-                    "  SETTLING: a rotation's outcome is unknown since {}; asked {} time(s), next at {} (`tfa-rotator settle {}`)",
-                    fmt_ms(p["settling"]["since"].as_i64()),
-                    p["settling"]["checks"],
-                    p["settling"]["next_check_at"]
-                        .as_i64()
-                        .map(|t| fmt_ms(Some(t)))
-                        .unwrap_or_else(|| "once asked".into()),
-                    p["portal"].as_str().unwrap_or_default()
-                );
-            }
-            for d in p["pending_deliveries"].as_array().into_iter().flatten() {
-                crate::out!(
-                    "  PENDING delivery to {} since {}, {} attempt(s){}{}",
-                    d["sink"].as_str().unwrap_or_default(),
-                    fmt_ms(d["created_at"].as_i64()),
-                    d["attempts"],
-                    if d["permanent"] == json!(true) {
-                        ", refused by the server (run `deliver` after fixing it)"
-                    } else {
-                        ""
-                    },
-                    d["last_error"]
-                        .as_str()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                );
-            }
-        }
+        print_table(&out, now);
     }
     if pending.is_empty() && !open.iter().any(|j| j.phase == state::Phase::Intent) {
         Exit::Ok
     } else {
         Exit::Failed
+    }
+}
+
+/// `status` for people: one row per portal (the last success and the last attempt with its
+/// own result, apart), then a line for each thing that needs attention. Times are RFC 3339
+/// UTC, with how far away they are.
+fn print_table(out: &[serde_json::Value], now: chrono::DateTime<Utc>) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let mut rows: Vec<[String; 6]> = vec![[
+        "PORTAL".into(),
+        "LAST SUCCESS".into(),
+        "LAST ATTEMPT".into(),
+        "NEXT".into(),
+        "CODES".into(),
+        "STATE".into(),
+    ]];
+    let mut notes: Vec<String> = Vec::new();
+    for p in out {
+        let name = s(&p["portal"]);
+        let attempt = match p["last_attempt_at"].as_i64() {
+            Some(t) => format!(
+                "{} {}",
+                fmt_ms(Some(t)),
+                p["last_result"].as_str().unwrap_or("?")
+            ),
+            None => "never".into(),
+        };
+        let next = match p["next_due_at"].as_i64() {
+            Some(t) => format!(
+                "{} {} ({})",
+                fmt_ms(Some(t)),
+                super::fmt_relative(t, now),
+                s(&p["next_reason"])
+            ),
+            None => "by hand only".into(),
+        };
+        let codes = match (p["unused"].as_i64(), p["total"].as_i64()) {
+            (Some(u), Some(t)) => format!("{u}/{t}"),
+            _ => "-".into(),
+        };
+        let pending = p["pending_deliveries"].as_array().map_or(0, |a| a.len());
+        let state = if p["configured"] == json!(false) {
+            "NOT CONFIGURED"
+        } else if p["settling"].is_object() {
+            "SETTLING"
+        } else if pending > 0 {
+            "PENDING"
+        } else if p["failures_in_a_row"].as_i64().unwrap_or(0) > 0 {
+            "FAILING"
+        } else {
+            "ok"
+        };
+        rows.push([
+            name.clone(),
+            fmt_ms(p["last_success_at"].as_i64()),
+            attempt,
+            next,
+            codes,
+            state.into(),
+        ]);
+        if let Some(e) = p["last_error"].as_str() {
+            notes.push(format!(
+                "{name}: last error ({} in a row): {e}",
+                p["failures_in_a_row"]
+            ));
+        }
+        if let Some(h) = p["next_held_by"].as_str() {
+            notes.push(format!("{name}: next rotation held: {h}"));
+        }
+        if let Some(at) = p["drift_at"].as_i64() {
+            notes.push(format!(
+                "{name}: drift: the portal's codes changed outside tfa-rotator {} time(s), last at {}",
+                p["drifts"],
+                fmt_ms(Some(at))
+            ));
+        }
+        if p["settling"].is_object() {
+            notes.push(format!(
+                "{name}: SETTLING: a rotation's outcome is unknown since {}; asked {} time(s), next {} (`tfa-rotator settle {name}`)",
+                fmt_ms(p["settling"]["since"].as_i64()),
+                p["settling"]["checks"],
+                p["settling"]["next_check_at"]
+                    .as_i64()
+                    .map(|t| format!("{} {}", fmt_ms(Some(t)), super::fmt_relative(t, now)))
+                    .unwrap_or_else(|| "once asked".into()),
+            ));
+        }
+        for d in p["pending_deliveries"].as_array().into_iter().flatten() {
+            notes.push(format!(
+                "{name}: PENDING delivery to {} since {}, {} attempt(s){}{}",
+                s(&d["sink"]),
+                fmt_ms(d["created_at"].as_i64()),
+                d["attempts"],
+                if d["permanent"] == json!(true) {
+                    ", refused by the server (run `deliver` after fixing it)"
+                } else {
+                    ""
+                },
+                d["last_error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let mut widths = [0usize; 6];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        crate::out!("{}", line.join("  ").trim_end());
+    }
+    if !notes.is_empty() {
+        crate::out!("");
+        for n in notes {
+            crate::out!("{n}");
+        }
     }
 }

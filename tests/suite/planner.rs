@@ -62,7 +62,11 @@ async fn a_portal_rotated_by_hand_is_not_rotated_again_by_the_daemon() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     let want: Vec<String> = (0..3)
-        .map(|i| (next_monday + chrono::Duration::days(7 * i)).to_rfc3339())
+        .map(|i| {
+            (next_monday + chrono::Duration::days(7 * i))
+                .format("%Y-%m-%dT%H:%M:%SZ")
+                .to_string()
+        })
         .collect();
     assert_eq!(next, want, "check's next three times, by value");
 }

@@ -352,7 +352,41 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
     assert!(p["next_due_at"].as_i64().unwrap() > chrono::Utc::now().timestamp_millis());
     assert!(p["pending_deliveries"].as_array().unwrap().is_empty());
     let text = h.run(&["status"]).await.stdout;
-    assert!(text.contains("codes: 5/5 unused"), "{text}");
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    for col in [
+        "PORTAL",
+        "LAST SUCCESS",
+        "LAST ATTEMPT",
+        "NEXT",
+        "CODES",
+        "STATE",
+    ] {
+        assert!(header.contains(col), "{text}");
+    }
+    let row = lines.next().unwrap();
+    let success = p["last_success_at"].as_i64().unwrap();
+    let at = chrono::DateTime::from_timestamp_millis(success)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    assert!(row.starts_with("acme") && row.contains("5/5"), "{text}");
+    assert!(row.contains(&format!("{at}  {at} ok")), "{text}");
+    assert!(row.contains(" in "), "a relative time: {text}");
+
+    // A failure after the success: the success keeps its time, the attempt shows its own
+    // result (not "<time of the success> (failed)").
+    let bogus = tfa_rotator::simulator::new_api_key();
+    write_private(&h.path("keys/acme"), &format!("{bogus}\n"));
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(1));
+    let text = h.run(&["status"]).await.stdout;
+    let row = text.lines().nth(1).unwrap();
+    assert!(row.contains(&format!("acme    {at}")), "{text}");
+    assert!(
+        row.contains(" failed ") && row.contains("FAILING"),
+        "{text}"
+    );
+    assert!(text.contains("acme: last error (1 in a row)"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
