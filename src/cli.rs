@@ -141,6 +141,8 @@ pub enum Command {
     },
     /// Print the manual page (roff) on stdout: `tfa-rotator man | man -l -`.
     Man,
+    /// Print the config file's JSON Schema on stdout (config/tfa-rotator.schema.json).
+    Schema,
 }
 
 /// The flags of `simulate`.

@@ -90,6 +90,7 @@ async fn dispatch(cli: Cli) -> Exit {
             clap_complete::generate(shell, &mut Cli::command(), "tfa-rotator", &mut buf);
             write_stdout(&buf)
         }
+        Command::Schema => write_stdout(crate::config::schema().as_bytes()),
         Command::Man => {
             use clap::CommandFactory;
             let mut buf = Vec::new();

@@ -4,6 +4,10 @@ use super::Exit;
 use crate::cli::SimulateArgs;
 use crate::simulator::{RateLimit, SimConfig, Simulator, UserSpec};
 
+/// The key of the simulator's default user (`config/simulate.key`): a throwaway that only a
+/// local simulator accepts, never a real DocSpace key.
+pub const DEMO_KEY: &str = "sk-00000000000000000000000000000000000000000000000000000000000de770";
+
 /// Runs `simulate`.
 pub async fn run(o: SimulateArgs) -> Exit {
     let mut config = match &o.portal_file {
@@ -60,7 +64,10 @@ pub async fn run(o: SimulateArgs) -> Exit {
             .push(UserSpec::new(&format!("generated{}@sim.test", i + 1)));
     }
     if config.users.is_empty() {
-        config.users.push(UserSpec::new("user1@sim.test"));
+        // The demo user, whose key config/simulate.toml reads: a rehearsal needs no setup.
+        let mut u = UserSpec::new("demo@sim.test");
+        u.key = DEMO_KEY.to_string();
+        config.users.push(u);
     }
     let listener = match tokio::net::TcpListener::bind(o.listen).await {
         Ok(l) => l,

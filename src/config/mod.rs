@@ -7,6 +7,7 @@
 //! Reading keys and secrets is the second stage (`sinks::build`, [`SecretRef::resolve`]).
 
 mod raw;
+pub use raw::schema;
 pub mod secret;
 mod validate;
 

@@ -65,8 +65,9 @@ impl SecretRef {
             SecretRef::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     format!(
-                        "credential {name}: $CREDENTIALS_DIRECTORY is not set \
-                         (use LoadCredential= in the systemd unit)"
+                        "credential {name}: $CREDENTIALS_DIRECTORY is not set: only the \
+                         service gets its credentials (LoadCredential= in its unit); run the \
+                         command as the service does, `tfa-rotator-run ARGS…`"
                     )
                 })?;
                 read_secret_file(&Path::new(&dir).join(name))?
@@ -135,5 +136,31 @@ impl<'de> serde::Deserialize<'de> for SecretRef {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl schemars::JsonSchema for SecretRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SecretRef".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let one = |key: &str, what: &str| {
+            serde_json::json!({
+                "type": "object",
+                "properties": { key: { "type": "string", "description": what } },
+                "required": [key],
+                "additionalProperties": false
+            })
+        };
+        schemars::json_schema!({
+            "description": "A secret: { env = \"NAME\" }, { file = \"PATH\" }, { credential = \"NAME\" } (systemd's $CREDENTIALS_DIRECTORY/NAME), or a literal string (warned about; refused when the file is readable by other users). In an exec sink's env table a string is a plain value.",
+            "oneOf": [
+                { "type": "string" },
+                one("env", "an environment variable's name"),
+                one("file", "a file whose first line is the secret; relative to the config file"),
+                one("credential", "a systemd credential's name (LoadCredential=)")
+            ]
+        })
     }
 }

@@ -389,7 +389,7 @@ fn the_shipped_example_passes_check_offline_without_its_secrets() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert_eq!(err.matches("smtp.password").count(), 1, "{err}");
-    assert!(err.contains("example.toml:36:12: smtp.password"), "{err}");
+    assert!(err.contains("example.toml:37:12: smtp.password"), "{err}");
 }
 
 /// `--json` on an invalid config prints its errors as one JSON document on stdout; text
@@ -428,4 +428,126 @@ async fn an_invalid_config_with_json_prints_its_errors_as_json_once() {
             );
         }
     }
+}
+
+/// The committed JSON Schema is the one the binary generates, every file in `config/`
+/// names it (`#:schema`, for taplo) and passes it, and it refuses what the config refuses.
+#[test]
+fn the_json_schema_is_current_and_every_config_file_passes_it() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let committed = std::fs::read_to_string(dir.join("tfa-rotator.schema.json")).unwrap();
+    let out = std::process::Command::new(crate::support::BIN)
+        .arg("schema")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        committed,
+        "config/tfa-rotator.schema.json is stale: tfa-rotator schema > config/tfa-rotator.schema.json"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&committed).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        seen += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("#:schema ./tfa-rotator.schema.json\n"),
+            "{} names the schema on its first line",
+            path.display()
+        );
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        let json = serde_json::to_value(&doc).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        // The same file with an unknown key and a wrong sink type is refused.
+        let mut bad = json.clone();
+        bad["daemon"]["state_dri"] = serde_json::json!("x");
+        assert!(!validator.is_valid(&bad), "{}: unknown key", path.display());
+        let mut bad = json.clone();
+        let sink = bad["sinks"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .next()
+            .unwrap()
+            .clone();
+        bad["sinks"][&sink]["type"] = serde_json::json!("carrier-pigeon");
+        assert!(!validator.is_valid(&bad), "{}: sink type", path.display());
+    }
+    assert!(seen >= 2, "example.toml and simulate.toml");
+}
+
+/// `config/simulate.toml` rotates against `tfa-rotator simulate` as shipped (only the
+/// port differs, to run beside other tests), and `config/example.toml` passes
+/// `check --offline` as shipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_configs_work_as_shipped() {
+    use tokio::io::AsyncBufReadExt;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(crate::support::BIN)
+        .arg("--config")
+        .arg(repo.join("config/example.toml"))
+        .args(["check", "--offline"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sim = tokio::process::Command::new(crate::support::BIN)
+        .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(sim.stdout.take().unwrap()).lines();
+    lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the simulator is up");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    let text = std::fs::read_to_string(repo.join("config/simulate.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    std::fs::write(dir.path().join("config/simulate.toml"), text).unwrap();
+    std::fs::copy(
+        repo.join("config/simulate.key"),
+        dir.path().join("config/simulate.key"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(crate::support::BIN)
+        .arg("--config")
+        .arg(dir.path().join("config/simulate.toml"))
+        .args(["rotate", "--all"])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let codes = crate::support::codes_in(
+        &std::fs::read_to_string(dir.path().join("target/simulate/demo.txt")).unwrap(),
+    );
+    assert_eq!(codes.len(), 5, "{codes:?}");
+    sim.kill().await.unwrap();
 }
