@@ -1,4 +1,4 @@
-//! The command line (SPEC §2), as clap definitions only.
+//! The command line, as clap definitions only.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §6), through `prometheus-client`: rotations and deliveries by
+//! Prometheus metrics, through `prometheus-client`: rotations and deliveries by
 //! result, pending deliveries, last success, next rotation and unused codes per portal, and
 //! the last reload, drift, PUT answers the verifying GET contradicted, the build, rotation
 //! durations, and portals that cannot read their secrets. Every name starts

@@ -14,7 +14,7 @@ use crate::cli::{Cli, Command, LogFormat};
 use crate::config::{self, Config, ConfigIssue};
 use crate::rotation::{Engine, EngineError, Report};
 
-/// Exit codes of SPEC §2.
+/// Exit codes (sysexits-style: 78 for a bad config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// Success.

@@ -1,4 +1,4 @@
-//! The configuration: one TOML file of portals, schedules and sinks (SPEC §3).
+//! The configuration: one TOML file of portals, schedules and sinks.
 //!
 //! Loading has two stages. [`load`] reads the file and turns it into a typed [`Config`]:
 //! syntax, types, unknown keys, names, references, cron, time zones, durations, URLs and
@@ -186,7 +186,7 @@ pub struct ScheduleConfig {
     pub settle_window: Duration,
 }
 
-/// What to do when a portal's set changed outside us (SPEC §4, drift).
+/// What to do when a portal's set changed outside us (drift).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnDrift {

@@ -635,238 +635,7 @@ pub(super) fn validate(
         if let Some(p) = &r.path {
             path_spans.insert(name.clone(), p.span());
         }
-        let key = format!("sinks.{name}");
-        let not_for =
-            |cx: &mut Ctx, present: bool, span: Option<Range<usize>>, field: &str, kind: &str| {
-                if present {
-                    cx.err(
-                        &span.unwrap_or(0..0),
-                        &format!("{key}.{field}"),
-                        format!("is not a key of a {kind} sink"),
-                    );
-                }
-            };
-        let kind = match r.kind.get_ref().as_str() {
-            "email" => {
-                not_for(
-                    &mut cx,
-                    r.path.is_some(),
-                    r.path.as_ref().map(|s| s.span()),
-                    "path",
-                    "email",
-                );
-                not_for(
-                    &mut cx,
-                    r.encrypt.is_some(),
-                    r.encrypt.as_ref().map(|s| s.span()),
-                    "encrypt",
-                    "email",
-                );
-                not_for(
-                    &mut cx,
-                    r.mode.is_some(),
-                    r.mode.as_ref().map(|s| s.span()),
-                    "mode",
-                    "email",
-                );
-                if !smtp_declared {
-                    cx.err(
-                        &r.kind.span(),
-                        &format!("{key}.type"),
-                        "an email sink needs an [smtp] table",
-                    );
-                }
-                let to: Vec<String> = match &r.to {
-                    None => {
-                        cx.err(
-                            &r.kind.span(),
-                            &format!("{key}.to"),
-                            "is missing; accepted: a list of addresses",
-                        );
-                        Vec::new()
-                    }
-                    Some(list) => {
-                        if list.get_ref().is_empty() {
-                            cx.err(
-                                &list.span(),
-                                &format!("{key}.to"),
-                                "is empty; accepted: at least one address",
-                            );
-                        }
-                        for a in list.get_ref() {
-                            if !valid_address(a.get_ref()) {
-                                cx.err(
-                                    &a.span(),
-                                    &format!("{key}.to"),
-                                    format!(
-                                        "`{}` is not a mail address; accepted: name@example.com",
-                                        a.get_ref()
-                                    ),
-                                );
-                            }
-                        }
-                        list.get_ref()
-                            .iter()
-                            .map(|a| a.get_ref().to_ascii_lowercase())
-                            .collect()
-                    }
-                };
-                let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
-                    None => {
-                        cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key");
-                        Vec::new()
-                    }
-                    Some(list) => {
-                        if list.get_ref().is_empty() {
-                            cx.err(
-                                &list.span(),
-                                &format!("{key}.pgp_keys"),
-                                "is empty; accepted: at least one key file",
-                            );
-                        }
-                        list.get_ref()
-                            .iter()
-                            .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
-                            .collect()
-                    }
-                };
-                Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
-            }
-            "file" => {
-                not_for(
-                    &mut cx,
-                    r.to.is_some(),
-                    r.to.as_ref().map(|s| s.span()),
-                    "to",
-                    "file",
-                );
-                not_for(
-                    &mut cx,
-                    r.pgp_keys.is_some(),
-                    r.pgp_keys.as_ref().map(|s| s.span()),
-                    "pgp_keys",
-                    "file (use encrypt = { pgp_keys = [...] })",
-                );
-                let path = match &r.path {
-                    None => {
-                        cx.err(&r.kind.span(), &format!("{key}.path"), "is missing; accepted: a file path, where {portal} is the portal's name");
-                        String::new()
-                    }
-                    Some(p) => {
-                        if p.get_ref().ends_with('/') || p.get_ref().is_empty() {
-                            cx.err(
-                                &p.span(),
-                                &format!("{key}.path"),
-                                "must name a file, not a directory",
-                            );
-                        }
-                        cx.path(p.get_ref()).to_string_lossy().into_owned()
-                    }
-                };
-                let encrypt = encryption(&mut cx, &key, &r.encrypt);
-                let mode = match &r.mode {
-                    None => 0o600,
-                    Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
-                        cx.err(&m.span(), &format!("{key}.mode"), e);
-                        0o600
-                    }),
-                };
-                Some(SinkKind::File(FileSinkConfig {
-                    path,
-                    encrypt,
-                    mode,
-                }))
-            }
-            "exec" => {
-                for (present, span, field) in [
-                    (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
-                    (
-                        r.pgp_keys.is_some(),
-                        r.pgp_keys.as_ref().map(|s| s.span()),
-                        "pgp_keys",
-                    ),
-                    (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
-                    (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
-                ] {
-                    not_for(&mut cx, present, span, field, "exec");
-                }
-                let command: Vec<String> = match &r.command {
-                    None => {
-                        cx.err(&r.kind.span(), &format!("{key}.command"), "is missing; accepted: a list, the program then its arguments, where {portal} is the portal's name (no shell)");
-                        Vec::new()
-                    }
-                    Some(list) => {
-                        match list.get_ref().first() {
-                            None => cx.err(
-                                &list.span(),
-                                &format!("{key}.command"),
-                                "is empty; accepted: the program then its arguments",
-                            ),
-                            Some(p) if p.get_ref().trim().is_empty() => {
-                                cx.err(&p.span(), &format!("{key}.command"), "names no program")
-                            }
-                            Some(_) => {}
-                        }
-                        list.get_ref().iter().map(|a| a.get_ref().clone()).collect()
-                    }
-                };
-                let mut env = Vec::new();
-                if let Some(table) = r.env {
-                    for (name, value) in table.into_inner() {
-                        let span = value.span();
-                        let valid = !name.is_empty()
-                            && !name.starts_with(|c: char| c.is_ascii_digit())
-                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                        if !valid {
-                            cx.err(&span, &format!("{key}.env"), format!("`{name}` is not an environment variable name; accepted: letters, digits and _, not starting with a digit"));
-                            continue;
-                        }
-                        if name.starts_with("TFA_") {
-                            cx.err(&span, &format!("{key}.env.{name}"), "TFA_* are set by tfa-rotator (TFA_PORTAL, TFA_ACCOUNT, TFA_URL); accepted: another name");
-                            continue;
-                        }
-                        let value = match value.into_inner() {
-                            SecretRef::Literal(s) => EnvValue::Plain(
-                                crate::secret::ExposeSecret::expose_secret(&s).to_string(),
-                            ),
-                            other => EnvValue::Secret(std::sync::Arc::new(other.rebase(&cx.base))),
-                        };
-                        env.push((name, value));
-                    }
-                }
-                let timeout = cx.duration(
-                    &r.timeout,
-                    &format!("{key}.timeout"),
-                    Duration::from_secs(30),
-                );
-                if timeout.is_zero()
-                    && let Some(t) = &r.timeout
-                {
-                    cx.err(
-                        &t.span(),
-                        &format!("{key}.timeout"),
-                        "must be longer than zero",
-                    );
-                }
-                let encrypt = encryption(&mut cx, &key, &r.encrypt);
-                Some(SinkKind::Exec(ExecSinkConfig {
-                    command,
-                    env,
-                    timeout,
-                    encrypt,
-                }))
-            }
-            other => {
-                cx.err(
-                    &r.kind.span(),
-                    &format!("{key}.type"),
-                    format!(
-                        "`{other}` is not a sink type; accepted: \"email\", \"file\", \"exec\""
-                    ),
-                );
-                None
-            }
-        };
+        let kind = sink_kind(&mut cx, &name, r, smtp_declared);
         if let Some(kind) = kind {
             sink_map.insert(name.clone(), SinkConfig { name, kind });
         }
@@ -1098,6 +867,245 @@ fn encryption(cx: &mut Ctx, key: &str, e: &Option<Spanned<RawEncrypt>>) -> FileE
                     FileEncryption::Plain
                 }
             }
+        }
+    }
+}
+
+/// One `[sinks.NAME]` entry: its type and that type's keys; a key of another type, or a
+/// problem, is recorded and may give `None`.
+fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Option<SinkKind> {
+    let key = format!("sinks.{name}");
+    let not_for =
+        |cx: &mut Ctx, present: bool, span: Option<Range<usize>>, field: &str, kind: &str| {
+            if present {
+                cx.err(
+                    &span.unwrap_or(0..0),
+                    &format!("{key}.{field}"),
+                    format!("is not a key of a {kind} sink"),
+                );
+            }
+        };
+    match r.kind.get_ref().as_str() {
+        "email" => {
+            not_for(
+                cx,
+                r.path.is_some(),
+                r.path.as_ref().map(|s| s.span()),
+                "path",
+                "email",
+            );
+            not_for(
+                cx,
+                r.encrypt.is_some(),
+                r.encrypt.as_ref().map(|s| s.span()),
+                "encrypt",
+                "email",
+            );
+            not_for(
+                cx,
+                r.mode.is_some(),
+                r.mode.as_ref().map(|s| s.span()),
+                "mode",
+                "email",
+            );
+            if !smtp_declared {
+                cx.err(
+                    &r.kind.span(),
+                    &format!("{key}.type"),
+                    "an email sink needs an [smtp] table",
+                );
+            }
+            let to: Vec<String> = match &r.to {
+                None => {
+                    cx.err(
+                        &r.kind.span(),
+                        &format!("{key}.to"),
+                        "is missing; accepted: a list of addresses",
+                    );
+                    Vec::new()
+                }
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        cx.err(
+                            &list.span(),
+                            &format!("{key}.to"),
+                            "is empty; accepted: at least one address",
+                        );
+                    }
+                    for a in list.get_ref() {
+                        if !valid_address(a.get_ref()) {
+                            cx.err(
+                                &a.span(),
+                                &format!("{key}.to"),
+                                format!(
+                                    "`{}` is not a mail address; accepted: name@example.com",
+                                    a.get_ref()
+                                ),
+                            );
+                        }
+                    }
+                    list.get_ref()
+                        .iter()
+                        .map(|a| a.get_ref().to_ascii_lowercase())
+                        .collect()
+                }
+            };
+            let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
+                None => {
+                    cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key");
+                    Vec::new()
+                }
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        cx.err(
+                            &list.span(),
+                            &format!("{key}.pgp_keys"),
+                            "is empty; accepted: at least one key file",
+                        );
+                    }
+                    list.get_ref()
+                        .iter()
+                        .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+                        .collect()
+                }
+            };
+            Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
+        }
+        "file" => {
+            not_for(
+                cx,
+                r.to.is_some(),
+                r.to.as_ref().map(|s| s.span()),
+                "to",
+                "file",
+            );
+            not_for(
+                cx,
+                r.pgp_keys.is_some(),
+                r.pgp_keys.as_ref().map(|s| s.span()),
+                "pgp_keys",
+                "file (use encrypt = { pgp_keys = [...] })",
+            );
+            let path = match &r.path {
+                None => {
+                    cx.err(
+                        &r.kind.span(),
+                        &format!("{key}.path"),
+                        "is missing; accepted: a file path, where {portal} is the portal's name",
+                    );
+                    String::new()
+                }
+                Some(p) => {
+                    if p.get_ref().ends_with('/') || p.get_ref().is_empty() {
+                        cx.err(
+                            &p.span(),
+                            &format!("{key}.path"),
+                            "must name a file, not a directory",
+                        );
+                    }
+                    cx.path(p.get_ref()).to_string_lossy().into_owned()
+                }
+            };
+            let encrypt = encryption(cx, &key, &r.encrypt);
+            let mode = match &r.mode {
+                None => 0o600,
+                Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
+                    cx.err(&m.span(), &format!("{key}.mode"), e);
+                    0o600
+                }),
+            };
+            Some(SinkKind::File(FileSinkConfig {
+                path,
+                encrypt,
+                mode,
+            }))
+        }
+        "exec" => {
+            for (present, span, field) in [
+                (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
+                (
+                    r.pgp_keys.is_some(),
+                    r.pgp_keys.as_ref().map(|s| s.span()),
+                    "pgp_keys",
+                ),
+                (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
+                (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
+            ] {
+                not_for(cx, present, span, field, "exec");
+            }
+            let command: Vec<String> = match &r.command {
+                None => {
+                    cx.err(&r.kind.span(), &format!("{key}.command"), "is missing; accepted: a list, the program then its arguments, where {portal} is the portal's name (no shell)");
+                    Vec::new()
+                }
+                Some(list) => {
+                    match list.get_ref().first() {
+                        None => cx.err(
+                            &list.span(),
+                            &format!("{key}.command"),
+                            "is empty; accepted: the program then its arguments",
+                        ),
+                        Some(p) if p.get_ref().trim().is_empty() => {
+                            cx.err(&p.span(), &format!("{key}.command"), "names no program")
+                        }
+                        Some(_) => {}
+                    }
+                    list.get_ref().iter().map(|a| a.get_ref().clone()).collect()
+                }
+            };
+            let mut env = Vec::new();
+            if let Some(table) = r.env {
+                for (name, value) in table.into_inner() {
+                    let span = value.span();
+                    let valid = !name.is_empty()
+                        && !name.starts_with(|c: char| c.is_ascii_digit())
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !valid {
+                        cx.err(&span, &format!("{key}.env"), format!("`{name}` is not an environment variable name; accepted: letters, digits and _, not starting with a digit"));
+                        continue;
+                    }
+                    if name.starts_with("TFA_") {
+                        cx.err(&span, &format!("{key}.env.{name}"), "TFA_* are set by tfa-rotator (TFA_PORTAL, TFA_ACCOUNT, TFA_URL); accepted: another name");
+                        continue;
+                    }
+                    let value = match value.into_inner() {
+                        SecretRef::Literal(s) => EnvValue::Plain(
+                            crate::secret::ExposeSecret::expose_secret(&s).to_string(),
+                        ),
+                        other => EnvValue::Secret(std::sync::Arc::new(other.rebase(&cx.base))),
+                    };
+                    env.push((name, value));
+                }
+            }
+            let timeout = cx.duration(
+                &r.timeout,
+                &format!("{key}.timeout"),
+                Duration::from_secs(30),
+            );
+            if timeout.is_zero()
+                && let Some(t) = &r.timeout
+            {
+                cx.err(
+                    &t.span(),
+                    &format!("{key}.timeout"),
+                    "must be longer than zero",
+                );
+            }
+            let encrypt = encryption(cx, &key, &r.encrypt);
+            Some(SinkKind::Exec(ExecSinkConfig {
+                command,
+                env,
+                timeout,
+                encrypt,
+            }))
+        }
+        other => {
+            cx.err(
+                &r.kind.span(),
+                &format!("{key}.type"),
+                format!("`{other}` is not a sink type; accepted: \"email\", \"file\", \"exec\""),
+            );
+            None
         }
     }
 }

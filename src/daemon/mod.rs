@@ -1,4 +1,4 @@
-//! The daemon (SPEC §6): asks the planner when each portal is next due and why, keeps the
+//! The daemon: asks the planner when each portal is next due and why, keeps the
 //! answers in an agenda (a priority queue), sleeps until the earliest, and runs what is due
 //! through the rotation protocol within the limits (`max_concurrent` in all, `max_per_host`
 //! per portal host, a host paused after a 429). It reloads its config on a file change or

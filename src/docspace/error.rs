@@ -91,7 +91,7 @@ impl ApiError {
         )
     }
 
-    /// True when a PUT that failed this way certainly did not change the set (SPEC §4); any
+    /// True when a PUT that failed this way certainly did not change the set; any
     /// other failure leaves its outcome unknown.
     pub fn is_refusal(&self) -> bool {
         self.refused

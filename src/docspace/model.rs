@@ -33,7 +33,7 @@ pub(crate) struct RawCode {
     pub code: SecretString,
 }
 
-/// Codes are data from the network (SPEC §4): a set is usable only with 1 to 100 codes,
+/// Codes are data from the network: a set is usable only with 1 to 100 codes,
 /// each 1 to 64 characters of `A-Za-z0-9-_`. Anything else is refused with a description
 /// that quotes no code.
 pub(crate) fn into_code_set(raw: Vec<RawCode>) -> Result<CodeSet, String> {

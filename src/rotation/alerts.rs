@@ -1,4 +1,4 @@
-//! Failure notices (SPEC §5 "alerts"): when a portal's rotation has failed `after_failures`
+//! Failure notices (`[alerts]`): when a portal's rotation has failed `after_failures`
 //! times in a row, a delivery has waited longer than `pending_longer_than`, a rotation's
 //! outcome has stayed unsettled for twice its settle window, drift was found, or a key acts
 //! as another account, an encrypted notice goes to the `[alerts]` email sinks: which

@@ -1,4 +1,4 @@
-//! Drift (SPEC §4): the portal's set changed without us, and the watch that finds it.
+//! Drift: the portal's set changed without us, and the watch that finds it.
 //!
 //! The baseline is, per portal and sink, the fingerprint of the newest set sealed for that
 //! sink, delivered or still pending (so a pending delivery is not drift). A GET showing

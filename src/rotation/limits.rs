@@ -1,4 +1,4 @@
-//! How many rotations run at once (SPEC §6): at most `max_concurrent` in all, at most
+//! How many rotations run at once: at most `max_concurrent` in all, at most
 //! `max_per_host` against one portal host (a URL's scheme, host and port). A 429 pauses its
 //! host for the `Retry-After` (clamped to an hour) and halves the host's limit, which grows
 //! back by one per success: the portal's limiter is shared by every account on it.

@@ -1,4 +1,4 @@
-//! The rotation of one portal (SPEC §4), and recovery of whatever a crash left behind.
+//! The rotation of one portal, and recovery of whatever a crash left behind.
 //!
 //! The guarantee: **no set of codes the portal issued is ever lost.** The codes a PUT returns
 //! are the only copy, so each step keeps the guarantee as follows:

@@ -1,4 +1,4 @@
-//! Settling a PUT of unknown outcome (SPEC §4).
+//! Settling a PUT of unknown outcome.
 //!
 //! A PUT that was not refused by the portal itself (no answer, a timeout, a reset, a 5xx, a
 //! gateway's 502/503/504, an unusable body) may still be applied: a proxy can pass it on

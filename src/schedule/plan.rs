@@ -1,4 +1,4 @@
-//! The planner (SPEC §6): when a portal is next due, and why. Pure: it reads a portal's
+//! The planner: when a portal is next due, and why. Pure: it reads a portal's
 //! policy, what the state knows of it and the time, and does no I/O, so `check`, `status`
 //! and the daemon ask the same function and always agree.
 //!
@@ -386,7 +386,7 @@ mod tests {
         }
     }
 
-    /// One row per rule of SPEC §6: (what, plan, expected due, expected reason, held).
+    /// One row per rule of the planner: (what, plan, expected due, expected reason, held).
     #[test]
     fn every_rule_has_its_reason() {
         let weekly = schedule("0 3 * * Mon", "UTC");

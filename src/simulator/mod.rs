@@ -1,4 +1,4 @@
-//! A DocSpace-compatible portal (SPEC §9), for tests, `simulate` and `demo`.
+//! A DocSpace-compatible portal, for tests, `simulate` and `demo`.
 //!
 //! It serves the endpoints of `docspace/API.md` with their real envelopes and errors: API
 //! keys and users, codes of configurable count and length, 401 for unknown keys, 403 for a

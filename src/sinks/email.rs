@@ -1,4 +1,4 @@
-//! The email sink (SPEC §5): PGP/MIME over SMTP that GnuPG and Thunderbird read.
+//! The email sink: PGP/MIME over SMTP that GnuPG and Thunderbird read.
 //!
 //! A message is RFC 3156 `multipart/encrypted; protocol="application/pgp-encrypted"`: a
 //! `Version: 1` part, then the ASCII-armored SEIPD v1 (AES-256) message, encrypted once to

@@ -1,4 +1,4 @@
-//! The exec sink (SPEC §5): a hook into the operator's secret manager.
+//! The exec sink: a hook into the operator's secret manager.
 //!
 //! `command` is an argv list (`{portal}` substituted; never a shell), the payload (plain, or
 //! encrypted like a file sink) goes to its standard input, and no code is ever in its

@@ -1,4 +1,4 @@
-//! The file sink (SPEC §5): codes written atomically to a file, optionally encrypted.
+//! The file sink: codes written atomically to a file, optionally encrypted.
 //!
 //! A write goes to a temporary file in the target's directory, created exclusively with the
 //! final mode and `O_NOFOLLOW`, fsync'd, renamed over the target, and the directory fsync'd:

@@ -1,4 +1,4 @@
-//! Where codes go (SPEC §5). Every sink does three things, in the order the rotation
+//! Where codes go. Every sink does three things, in the order the rotation
 //! protocol needs them:
 //! - `preflight`: proves delivery can work, with no side effect a reader could see;
 //! - `seal`: turns the new set into the exact bytes to deliver (encrypted where configured),

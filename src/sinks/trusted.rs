@@ -1,4 +1,4 @@
-//! Opening a sink's directory so that no other user can redirect a write (SPEC §5, as
+//! Opening a sink's directory so that no other user can redirect a write (as
 //! OpenSSH's StrictModes does it): the directory and each of its ancestors must be owned by
 //! root or the user running us and not be writable by group or others (a sticky ancestor
 //! like `/tmp` aside), and a symbolic link on the way is followed only when root or we own

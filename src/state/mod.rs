@@ -1,4 +1,4 @@
-//! The state store: one SQLite database in the state directory (SPEC §4, §6).
+//! The state store: one SQLite database in the state directory.
 //!
 //! It holds per portal the last attempt, result, fingerprint and unused count; the rotation
 //! journal; the spool of sealed payloads; a history; and the secret key of the fingerprints.
