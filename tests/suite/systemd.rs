@@ -12,6 +12,7 @@ fn the_unit_declares_what_the_daemon_relies_on() {
         "WatchdogSec=",
         "User=tfa-rotator",
         "StateDirectory=tfa-rotator tfa-rotator/codes",
+        "ConfigurationDirectory=tfa-rotator",
         "RestartPreventExitStatus=78",
         "LimitCORE=0",
     ] {

@@ -244,6 +244,9 @@ ct journalctl -u tfa-rotator -p err --no-pager | grep -q "a secret cannot be rea
     || fail "journalctl -p err shows no error for beta"
 log "journalctl -p err: $(ct journalctl -u tfa-rotator -p err --no-pager -o cat | grep -m1 'secret cannot be read')"
 
+# systemd applied ConfigurationDirectory=: still root's, the service's group, closed to others.
+[ "$(ct stat -c '%U:%G %a' /etc/tfa-rotator)" = "root:tfa-rotator 750" ] \
+    || fail "after start /etc/tfa-rotator is $(ct stat -c '%U:%G %a' /etc/tfa-rotator)"
 sink=/var/lib/tfa-rotator/codes/acme.txt
 for _ in $(seq 100); do ct test -s "$sink" && break; sleep 0.1; done
 ct test -s "$sink" || fail "no rotation into $sink"
