@@ -65,11 +65,7 @@ async fn help_and_version_work_and_bad_usage_is_2() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn simulate_serves_a_portal_until_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = tokio::process::Command::new(BIN)
         .args([

@@ -504,11 +504,7 @@ async fn the_shipped_configs_work_as_shipped() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let mut sim = tokio::process::Command::new(crate::support::BIN)
         .args(["simulate", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(std::process::Stdio::piped())

@@ -366,11 +366,7 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
     let mut h = Harness::new().await;
     h.add_portal("acme");
     h.write_config("", &["plain"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
     edit_config(&h, |t| {
         t.replace(
@@ -525,11 +521,7 @@ async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_wo
     h.add_portal("beta");
     h.write_config("", &["plain"]);
     std::fs::remove_file(h.path("keys/beta")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
     edit_config(&h, |t| {
         t.replace(

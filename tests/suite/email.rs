@@ -35,6 +35,18 @@ pub(crate) fn mail_config(
     h.write_config(&extra, &["mail"]);
 }
 
+/// The mail sink to ed@example.com (ed's key), through `smtpd` with STARTTLS.
+pub(crate) fn mail_to_ed(h: &Harness, smtpd: &Smtpd) {
+    mail_config(
+        h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com"],
+        &[&gpg_keys().ed],
+    );
+}
+
 async fn harness() -> Harness {
     let mut h = Harness::new().await;
     h.add_portal("acme");
@@ -211,17 +223,9 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn starttls_refused_by_the_server_is_a_clear_error_and_no_put() {
-    let keys = gpg_keys();
     let smtpd = Smtpd::start(false);
     let h = harness().await;
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com"],
-        &[&keys.ed],
-    );
+    mail_to_ed(&h, &smtpd);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(out.all().to_lowercase().contains("tls"), "{}", out.all());
@@ -233,11 +237,7 @@ async fn starttls_refused_by_the_server_is_a_clear_error_and_no_put() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_smtp_or_bad_password_at_preflight_means_no_rotation() {
     let keys = gpg_keys();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = crate::support::free_port();
     let smtpd = Smtpd::start(true);
     let h = harness().await;
     mail_config(
@@ -256,14 +256,7 @@ async fn unreachable_smtp_or_bad_password_at_preflight_means_no_rotation() {
         out.all()
     );
     assert_eq!(h.sim.count("PUT"), 0);
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com"],
-        &[&keys.ed],
-    );
+    mail_to_ed(&h, &smtpd);
     write_private(&h.path("smtp.pass"), "wrong\n");
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
@@ -319,17 +312,9 @@ async fn smtp_gone_after_the_put_keeps_the_set_sealed_until_deliver() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_permanent_rejection_is_kept_marked_and_sent_by_deliver() {
-    let keys = gpg_keys();
     let smtpd = Smtpd::start(true);
     let h = harness().await;
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com"],
-        &[&keys.ed],
-    );
+    mail_to_ed(&h, &smtpd);
     // The preflight's RCPT passes; the delivery's is refused.
     smtpd
         .state
@@ -564,14 +549,7 @@ async fn non_ascii_header_fields_inside_the_encryption_are_encoded() {
     let keys = gpg_keys();
     let smtpd = Smtpd::start(true);
     let h = harness().await;
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com"],
-        &[&keys.ed],
-    );
+    mail_to_ed(&h, &smtpd);
     edit_config(&h, |t| {
         t.replace("from = \"TFA Rotator <", "from = \"Zoë Rötator <")
     });
@@ -642,14 +620,7 @@ async fn alerts_announce_a_failure_streak_once_and_a_pending_delivery_without_co
     let mut h = Harness::new().await;
     h.add_portal("acme");
     h.add_portal("beta");
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com"],
-        &[&keys.ed],
-    );
+    mail_to_ed(&h, &smtpd);
     // Portals deliver to the plain file sink; the email sink only carries alerts.
     let path = h.config();
     let text = std::fs::read_to_string(&path)

@@ -213,11 +213,7 @@ async fn metrics_come_from_the_state_at_start_and_count_pending_deliveries() {
     h.add_portal("acme");
     h.write_config("", &["plain"]);
     assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     set_daemon(&h, &format!("metrics = \"127.0.0.1:{port}\""));
     // A delivery that keeps failing: one payload pending.
     let out = h

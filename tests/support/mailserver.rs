@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::free_port;
 use super::smtp::{PASSWORD, USER, test_ca};
 
 /// The addresses the server has a mailbox for.
@@ -26,14 +27,6 @@ pub struct MailServer {
     /// The test CA that signed the server's certificate.
     pub ca_pem: PathBuf,
     dovecot: Child,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn uid_of(user: &str) -> u32 {

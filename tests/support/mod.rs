@@ -345,6 +345,15 @@ impl Daemon {
     }
 }
 
+/// A loopback port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Replaces the config the way editors do: a new file renamed over the old one.
 pub fn edit_config(h: &Harness, f: impl FnOnce(String) -> String) {
     let path = h.config();
