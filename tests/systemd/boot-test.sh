@@ -203,6 +203,12 @@ put /etc/tfa-rotator/config.toml <<EOF
 type = "file"
 path = "/var/lib/tfa-rotator/codes/{portal}.txt"
 
+# A hook under the unit's sandbox (seccomp filter, ProtectProc=, ProtectSystem=strict):
+# its guard must still become a subreaper and see the hook's processes.
+[sinks.hook]
+type = "exec"
+command = ["/usr/bin/tee", "/var/lib/tfa-rotator/codes/{portal}.hook.txt"]
+
 [schedules.yearly]
 cron = "@yearly"
 
@@ -210,7 +216,7 @@ cron = "@yearly"
 url = "http://127.0.0.1:$port"
 api_key = { credential = "acme" }
 schedule = "yearly"
-sinks = ["codes"]
+sinks = ["codes", "hook"]
 
 [portals.beta]
 url = "http://127.0.0.1:$port"
@@ -254,7 +260,9 @@ ct test -s "$sink" || fail "no rotation into $sink"
 ct grep -v '^#' "$sink" | sort > "$work/got"
 codes "$acme_key" > "$work/want"
 cmp -s "$work/got" "$work/want" || fail "the sink does not hold the set the portal accepts"
-log "rotated into $sink (tfa-rotator, 0600), the set the portal accepts"
+ct grep -v '^#' /var/lib/tfa-rotator/codes/acme.hook.txt | sort | cmp -s - "$work/want" \
+    || fail "the exec sink's hook did not get the set: $(ct journalctl -u tfa-rotator --no-pager -o cat | grep -i hook | tail -3)"
+log "rotated into $sink (tfa-rotator, 0600) and through the exec hook: the set the portal accepts"
 
 # --- Reload. -------------------------------------------------------------------------------
 ct systemctl reload tfa-rotator || fail "systemctl reload"
@@ -276,7 +284,7 @@ log "by hand: root refused ($(echo "$out" | grep -o 'tfa-rotator-run ARGS' | hea
 
 # The service rotates again after it: a changed entry (a second sink) rotates acme.
 {
-    ct cat /etc/tfa-rotator/config.toml | sed 's/^sinks = \["codes"\]$/sinks = ["codes", "copy"]/'
+    ct cat /etc/tfa-rotator/config.toml | sed 's/^sinks = \["codes", "hook"\]$/sinks = ["codes", "hook", "copy"]/'
     printf '\n[sinks.copy]\ntype = "file"\npath = "/var/lib/tfa-rotator/codes/{portal}.copy.txt"\n'
 } > "$work/config.new"
 put /etc/tfa-rotator/config.toml < "$work/config.new"
