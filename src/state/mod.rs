@@ -28,6 +28,7 @@ use crate::crypto::Fingerprinter;
 
 mod alerts;
 mod journal;
+pub mod pg;
 mod portals;
 mod spool;
 

@@ -13,6 +13,7 @@ mod fuzz_corpus;
 mod hardening;
 mod mail_server;
 mod planner;
+mod postgres;
 mod protocol;
 mod secrets;
 mod systemd;

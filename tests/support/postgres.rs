@@ -1,0 +1,119 @@
+//! A real PostgreSQL for a test: `initdb` and `pg_ctl` as the `postgres` user (initdb
+//! refuses root) in a temporary directory, listening only on a Unix socket there. Stopped,
+//! and its directory removed, on drop. Needs the Debian package `postgresql`, which
+//! `.ci/run` installs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tempfile::TempDir;
+
+pub struct Postgres {
+    dir: TempDir,
+    bin: PathBuf,
+}
+
+fn bin_dir() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's server binaries (Debian package postgresql)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .expect("initdb under /usr/lib/postgresql/*/bin (Debian package postgresql)")
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tfa-pg-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let uid = passwd_uid("postgres");
+        std::os::unix::fs::chown(&data, Some(uid), None).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
+        let bin = bin_dir();
+        let as_postgres = |args: &[&str]| {
+            let out = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .output()
+                .expect("runuser");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let initdb = bin.join("initdb");
+        as_postgres(&[
+            initdb.to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+        ]);
+        let opts = format!(
+            "-c listen_addresses='' -k {} -c fsync=off -c synchronous_commit=on",
+            dir.path().display()
+        );
+        let pg_ctl = bin.join("pg_ctl");
+        as_postgres(&[
+            pg_ctl.to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            dir.path().join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        Self { dir, bin }
+    }
+
+    /// A libpq connection string to the server's `postgres` database.
+    pub fn url(&self) -> String {
+        format!(
+            "host={} user=postgres dbname=postgres",
+            self.dir.path().display()
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn passwd_uid(user: &str) -> u32 {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&user)).then(|| f[2].parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no user {user}: is the postgresql package installed?"))
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
