@@ -371,7 +371,7 @@ pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
         eprintln!("{GUARD}: cannot become a child subreaper: {e}");
         return NOT_STARTED;
     }
-    let mut child = match std::process::Command::new(program)
+    let child = match std::process::Command::new(program)
         .args(&args[2..])
         .process_group(0)
         .spawn()
@@ -382,22 +382,29 @@ pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
             return NOT_STARTED;
         }
     };
+    // The hook's exit arrives on a channel from a thread that waits for it, so the guard
+    // answers at once; the loop wakes every 200 ms only to see whether its parent is gone.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = tx.send(child.wait());
+    });
     let started = Instant::now();
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() || rustix::process::getppid() != parent {
+            break;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(Ok(status)) => {
                 use std::os::unix::process::ExitStatusExt;
                 return status
                     .code()
                     .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
             }
-            Ok(None) => {}
-            Err(_) => break,
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if started.elapsed() >= timeout || rustix::process::getppid() != parent {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
     kill_tree();
     TIMED_OUT
