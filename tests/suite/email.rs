@@ -710,3 +710,75 @@ async fn a_ca_file_without_a_certificate_is_a_config_error() {
         );
     }
 }
+
+/// A server that answers every step within `timeout`, but not the whole conversation
+/// within three times it. With
+/// `max_sessions = 1` a second conversation waits for the session at most `timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_conversation_is_cut_at_three_timeouts_and_sessions_are_bounded() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                // Greets at once and answers EHLO in 0.5 s (connecting: well within the
+                // 2 s step timeout), then takes 1.5 s for each command: MAIL, two RCPT
+                // and RSET end at 6.5 s, past the 6 s bound of a conversation.
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let _ = w.write_all(b"220 slow.example ESMTP\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let ehlo = line.to_ascii_uppercase().starts_with("EHLO");
+                    let step = Duration::from_millis(if ehlo { 500 } else { 1500 });
+                    tokio::time::sleep(step).await;
+                    let answer: &[u8] = if line.to_ascii_uppercase().starts_with("QUIT") {
+                        b"221 bye\r\n"
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if w.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let keys = gpg_keys();
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.add_portal("beta");
+    h.write_config(
+        &format!(
+            "[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\nfrom = \"rotator@example.com\"\ntimeout = \"2s\"\nmax_sessions = 1\n\n[sinks.mail]\ntype = \"email\"\nto = [\"ed@example.com\", \"rsa@example.com\"]\npgp_keys = [\"{}\", \"{}\"]\n",
+            keys.ed.display(),
+            keys.rsa.display()
+        ),
+        &["mail"],
+    );
+    let started = std::time::Instant::now();
+    let out = h.run(&["check"]).await;
+    let took = started.elapsed();
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.all()
+            .contains("the conversation took longer than 6s (3 x smtp.timeout)"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.all()
+            .contains("every session (smtp.max_sessions) stayed busy for smtp.timeout"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "check took {took:?}: bounded by 3 x 2 s, not by the server"
+    );
+    assert_eq!(h.sim.count("PUT"), 0);
+    server.abort();
+}
