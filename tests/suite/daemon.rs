@@ -7,6 +7,19 @@ use tfa_rotator::simulator::{Fault, FaultAction};
 
 use crate::support::*;
 
+/// A yearly schedule for every portal and the metrics listener on a free port (returned).
+fn yearly_with_metrics(h: &Harness) -> u16 {
+    let port = crate::support::free_port();
+    with_schedule(h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
+    edit_config(h, |t| {
+        t.replace(
+            "[daemon]\n",
+            &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
+        )
+    });
+    port
+}
+
 fn with_schedule(h: &Harness, schedule: &str, portals_schedule: &str) {
     edit_config(h, |t| {
         format!(
@@ -366,14 +379,7 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
     let mut h = Harness::new().await;
     h.add_portal("acme");
     h.write_config("", &["plain"]);
-    let port = crate::support::free_port();
-    with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
-    edit_config(&h, |t| {
-        t.replace(
-            "[daemon]\n",
-            &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
-        )
-    });
+    let port = yearly_with_metrics(&h);
     let sock_path = h.path("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
     let sock_str = sock_path.display().to_string();
@@ -521,14 +527,7 @@ async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_wo
     h.add_portal("beta");
     h.write_config("", &["plain"]);
     std::fs::remove_file(h.path("keys/beta")).unwrap();
-    let port = crate::support::free_port();
-    with_schedule(&h, "[schedules.yearly]\ncron = \"@yearly\"\n", "yearly");
-    edit_config(&h, |t| {
-        t.replace(
-            "[daemon]\n",
-            &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
-        )
-    });
+    let port = yearly_with_metrics(&h);
     let sock_path = h.path("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
     let sock_str = sock_path.display().to_string();

@@ -47,6 +47,19 @@ pub(crate) fn mail_to_ed(h: &Harness, smtpd: &Smtpd) {
     );
 }
 
+/// The mail sink to ed and rsa (their keys), through `smtpd` with STARTTLS.
+fn mail_to_ed_and_rsa(h: &Harness, smtpd: &Smtpd) {
+    let keys = gpg_keys();
+    mail_config(
+        h,
+        smtpd.addr.port(),
+        "starttls",
+        &smtpd.ca_pem,
+        &["ed@example.com", "rsa@example.com"],
+        &[&keys.ed, &keys.rsa],
+    );
+}
+
 async fn harness() -> Harness {
     let mut h = Harness::new().await;
     h.add_portal("acme");
@@ -96,14 +109,7 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
     let keys = gpg_keys();
     let smtpd = Smtpd::start(true);
     let h = harness().await;
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com", "rsa@example.com"],
-        &[&keys.ed, &keys.rsa],
-    );
+    mail_to_ed_and_rsa(&h, &smtpd);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     let mails = smtpd.messages();
@@ -405,17 +411,9 @@ async fn a_server_that_never_greets_holds_nothing_past_its_timeout() {
 /// by `check` and by the rotation's preflight, naming it, before any PUT.
 #[tokio::test(flavor = "multi_thread")]
 async fn check_refuses_an_unknown_recipient_and_a_missing_login_before_any_put() {
-    let keys = gpg_keys();
     let smtpd = Smtpd::start(true);
     let h = harness().await;
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com", "rsa@example.com"],
-        &[&keys.ed, &keys.rsa],
-    );
+    mail_to_ed_and_rsa(&h, &smtpd);
     smtpd
         .state
         .lock()
@@ -469,14 +467,7 @@ async fn a_partly_refused_delivery_reaches_the_others_and_retries_only_the_refus
     let keys = gpg_keys();
     let smtpd = Smtpd::start(true);
     let h = harness().await;
-    mail_config(
-        &h,
-        smtpd.addr.port(),
-        "starttls",
-        &smtpd.ca_pem,
-        &["ed@example.com", "rsa@example.com"],
-        &[&keys.ed, &keys.rsa],
-    );
+    mail_to_ed_and_rsa(&h, &smtpd);
     edit_config(&h, |t| {
         format!(
             "{t}\n[sinks.ops]\ntype = \"email\"\nto = [\"ed@example.com\"]\npgp_keys = [\"{}\"]\n\n[alerts]\nsinks = [\"ops\"]\n",
