@@ -42,7 +42,11 @@ pub struct Smtp {
     credentials: Option<(String, SecretString)>,
     /// The From mailbox.
     pub from: Mailbox,
-    ca_pem: Option<Vec<u8>>,
+    /// The extra CA of `ca_file`, parsed once by `build`.
+    ca: Option<Certificate>,
+    /// The TLS settings, made at the first conversation and kept: making them reads the
+    /// system's certificate store, which every conversation would otherwise do again.
+    tls: std::sync::OnceLock<Result<TlsParameters, String>>,
     timeout: Duration,
     sessions: Semaphore,
     /// The password could not be read (built with `Secrets::Defer`): every conversation
@@ -84,7 +88,7 @@ impl Smtp {
                 password.unwrap_or_else(|| SecretString::from("")),
             )
         });
-        let ca_pem = match &c.ca_file {
+        let ca = match &c.ca_file {
             None => None,
             Some(p) => {
                 let pem =
@@ -97,10 +101,9 @@ impl Smtp {
                         p.display()
                     ));
                 }
-                Certificate::from_pem(&pem).map_err(|e| {
+                Some(Certificate::from_pem(&pem).map_err(|e| {
                     format!("smtp.ca_file {}: not a PEM certificate: {e}", p.display())
-                })?;
-                Some(pem)
+                })?)
             }
         };
         Ok(Self {
@@ -109,7 +112,8 @@ impl Smtp {
             security: c.security,
             credentials,
             from,
-            ca_pem,
+            ca,
+            tls: std::sync::OnceLock::new(),
             timeout: c.timeout,
             sessions: Semaphore::new(c.max_sessions),
             unreadable: None,
@@ -128,15 +132,16 @@ impl Smtp {
     }
 
     fn tls(&self) -> Result<TlsParameters, Failure> {
-        let mut b = TlsParameters::builder(self.host.clone());
-        if let Some(pem) = &self.ca_pem {
-            // Parsed once already by `build`.
-            let cert = Certificate::from_pem(pem)
-                .map_err(|e| Failure::temporary(format!("the CA file: {e}")))?;
-            b = b.add_root_certificate(cert);
-        }
-        b.build_rustls()
-            .map_err(|e| Failure::temporary(format!("TLS setup: {e}")))
+        self.tls
+            .get_or_init(|| {
+                let mut b = TlsParameters::builder(self.host.clone());
+                if let Some(ca) = &self.ca {
+                    b = b.add_root_certificate(ca.clone());
+                }
+                b.build_rustls().map_err(|e| format!("TLS setup: {e}"))
+            })
+            .clone()
+            .map_err(Failure::temporary)
     }
 
     /// One step of a conversation, bounded by `timeout`.
