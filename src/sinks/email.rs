@@ -74,6 +74,19 @@ impl Failure {
 /// Recipients the server refused at `RCPT TO`, with its answer.
 type Refused = Vec<(Address, Failure)>;
 
+/// One failure for refused recipients, each named with the server's answer; permanent
+/// when every refusal is.
+fn refusal(refused: &Refused, how: &str) -> Failure {
+    Failure {
+        permanent: refused.iter().all(|(_, f)| f.permanent),
+        message: refused
+            .iter()
+            .map(|(a, f)| format!("recipient <{a}> {how}: {}", f.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
 impl Smtp {
     /// Builds from the config and the password (resolved by the caller, which places its
     /// errors; `None` without one, or when the caller reads no secret); reads the CA file.
@@ -295,16 +308,10 @@ impl Smtp {
             // Nothing was sent; a server that does not answer these is no reason to fail.
             let _ = self.step("RSET", conn.command(Rset)).await;
             let _ = self.step("QUIT", conn.quit()).await;
-            match refused.as_slice() {
-                [] => Ok(()),
-                _ => Err(Failure {
-                    permanent: refused.iter().all(|(_, f)| f.permanent),
-                    message: refused
-                        .iter()
-                        .map(|(a, f)| format!("recipient <{a}> would be refused: {}", f.message))
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                }),
+            if refused.is_empty() {
+                Ok(())
+            } else {
+                Err(refusal(&refused, "would be refused"))
             }
         })
         .await
@@ -321,14 +328,7 @@ impl Smtp {
             let refused = self.envelope(&mut conn, envelope.to(), body_8bit).await?;
             if refused.len() == envelope.to().len() {
                 let _ = self.step("QUIT", conn.quit()).await;
-                return Err(Failure {
-                    permanent: refused.iter().all(|(_, f)| f.permanent),
-                    message: refused
-                        .iter()
-                        .map(|(a, f)| format!("recipient <{a}> refused: {}", f.message))
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                });
+                return Err(refusal(&refused, "refused"));
             }
             self.step("DATA", conn.command(Data)).await?;
             self.step("sending the message", conn.message(message))
