@@ -112,6 +112,17 @@ impl Ctx<'_> {
         }
     }
 
+    /// [`Ctx::duration`] for a timeout: zero is refused (it would fail every attempt).
+    fn timeout(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let d = self.duration(v, key, default);
+        if d.is_zero()
+            && let Some(s) = v
+        {
+            self.err(&s.span(), key, "must be longer than zero");
+        }
+        d
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);
         if p.is_relative() {
@@ -436,16 +447,11 @@ pub(super) fn validate(
         "daemon.stop_timeout",
         Duration::from_secs(10),
     );
-    let http_timeout = cx.duration(
+    let http_timeout = cx.timeout(
         &rd.http_timeout,
         "daemon.http_timeout",
         Duration::from_secs(30),
     );
-    if http_timeout.is_zero()
-        && let Some(s) = &rd.http_timeout
-    {
-        cx.err(&s.span(), "daemon.http_timeout", "must be longer than zero");
-    }
     let daemon = DaemonConfig {
         state_dir,
         metrics,
@@ -497,12 +503,7 @@ pub(super) fn validate(
                 issue.loc = Some(p.loc);
                 cx.errors.push((0, issue));
             }
-        let timeout = cx.duration(&r.timeout, "smtp.timeout", Duration::from_secs(30));
-        if timeout.is_zero()
-            && let Some(t) = &r.timeout
-        {
-            cx.err(&t.span(), "smtp.timeout", "must be longer than zero");
-        }
+        let timeout = cx.timeout(&r.timeout, "smtp.timeout", Duration::from_secs(30));
         let max_sessions = match &r.max_sessions {
             None => 4,
             Some(n) => usize::try_from(*n.get_ref())
@@ -1077,20 +1078,11 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
                     env.push((name, value));
                 }
             }
-            let timeout = cx.duration(
+            let timeout = cx.timeout(
                 &r.timeout,
                 &format!("{key}.timeout"),
                 Duration::from_secs(30),
             );
-            if timeout.is_zero()
-                && let Some(t) = &r.timeout
-            {
-                cx.err(
-                    &t.span(),
-                    &format!("{key}.timeout"),
-                    "must be longer than zero",
-                );
-            }
             let encrypt = encryption(cx, &key, &r.encrypt);
             Some(SinkKind::Exec(ExecSinkConfig {
                 command,
