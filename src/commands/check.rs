@@ -109,7 +109,7 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
             "cron": s.cron.expr(),
             "timezone": s.cron.timezone().name(),
             "jitter_s": crate::schedule::jitter_for(&pc.name, s.jitter).as_secs(),
-            "next": next.iter().map(|t| super::fmt_time(*t)).collect::<Vec<_>>(),
+            "next": next.iter().map(|t| crate::schedule::fmt_utc(*t)).collect::<Vec<_>>(),
             "min_interval_s": s.min_interval.map(|d| d.as_secs()),
             "rotate_when_unused_below": s.rotate_when_unused_below,
         })

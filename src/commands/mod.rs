@@ -296,15 +296,10 @@ pub(crate) fn exit_of(reports: &[Report]) -> Exit {
     }
 }
 
-/// The one time format of every output: RFC 3339, UTC, to the second.
-pub(crate) fn fmt_time(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-/// Formats Unix milliseconds for people ([`fmt_time`]), `never` for none.
+/// Formats Unix milliseconds for people ([`crate::schedule::fmt_utc`]), `never` for none.
 pub(crate) fn fmt_ms(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map(fmt_time)
+        .map(crate::schedule::fmt_utc)
         .unwrap_or_else(|| "never".into())
 }
 

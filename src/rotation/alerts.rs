@@ -14,7 +14,7 @@ use crate::state::{self, AlertDue, now_ms};
 
 fn when(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .map(crate::schedule::fmt_utc)
         .unwrap_or_else(|| "an unknown time".into())
 }
 

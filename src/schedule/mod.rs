@@ -10,6 +10,12 @@
 
 pub mod plan;
 
+/// The one time format of every output (CLI, notices, file headers): RFC 3339, UTC, to the
+/// second.
+pub fn fmt_utc(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
 use std::str::FromStr;
 use std::time::Duration;
 

@@ -120,7 +120,7 @@ impl Delivery<'_> {
         let _ = writeln!(s, "# tfa-rotator backup codes");
         let _ = writeln!(s, "# portal: {} ({})", self.portal, self.url);
         let _ = writeln!(s, "# account: {who}");
-        let _ = writeln!(s, "# issued: {}", self.at.format("%Y-%m-%dT%H:%M:%SZ"));
+        let _ = writeln!(s, "# issued: {}", crate::schedule::fmt_utc(self.at));
         if self.rotated {
             let _ = writeln!(
                 s,
