@@ -405,12 +405,7 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
     assert!(wait_for(Duration::from_secs(10), || h.sim.rotations() == 1).await);
     assert!(d.wait_log("rotated").await);
 
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = crate::support::metrics(port).await;
     assert!(
         body.contains("tfa_rotator_rotations_total{portal=\"acme\",result=\"rotated\"} 1"),
         "{body}"
@@ -568,12 +563,7 @@ async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_wo
         .await
     );
     assert_eq!(h.plain_sink("codes/acme.txt"), Some(h.accepted("acme")));
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = crate::support::metrics(port).await;
     for needle in [
         "tfa_rotator_secret_unreadable{portal=\"beta\"} 1",
         "tfa_rotator_secret_unreadable{portal=\"acme\"} 0",
@@ -593,12 +583,7 @@ async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_wo
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = crate::support::metrics(port).await;
         if body.contains("tfa_rotator_secret_unreadable{portal=\"beta\"} 0") {
             break;
         }

@@ -229,12 +229,7 @@ async fn metrics_come_from_the_state_at_start_and_count_pending_deliveries() {
         &[("FAILPOINTS", "file_sink::before_rename=return")],
     );
     assert!(d.wait_log("ready").await, "{}", d.log());
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = crate::support::metrics(port).await;
     assert!(body.contains("tfa_rotator_pending_deliveries 1"), "{body}");
     assert!(
         body.contains("tfa_rotator_last_success_timestamp_seconds{portal=\"acme\"}"),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::free_port;
 use super::smtp::{PASSWORD, USER, test_ca};
+use super::{free_port, uid_of};
 
 /// The addresses the server has a mailbox for.
 pub const MAILBOXES: [&str; 2] = ["ed", "rsa"];
@@ -27,17 +27,6 @@ pub struct MailServer {
     /// The test CA that signed the server's certificate.
     pub ca_pem: PathBuf,
     dovecot: Child,
-}
-
-fn uid_of(user: &str) -> u32 {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    passwd
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&user)).then(|| f[2].parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no user {user}: is the postfix package installed?"))
 }
 
 impl MailServer {

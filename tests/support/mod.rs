@@ -346,6 +346,28 @@ impl Daemon {
     }
 }
 
+/// The uid of a system user a Debian package made (postfix, postgres), from /etc/passwd.
+pub fn uid_of(user: &str) -> u32 {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&user)).then(|| f[2].parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no user {user}: is its Debian package installed?"))
+}
+
+/// The text of a daemon's `/metrics`.
+pub async fn metrics(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A loopback port free at the moment of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

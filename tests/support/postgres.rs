@@ -36,7 +36,7 @@ impl Postgres {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        let uid = passwd_uid("postgres");
+        let uid = super::uid_of("postgres");
         std::os::unix::fs::chown(&data, Some(uid), None).unwrap();
         std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
         let bin = bin_dir();
@@ -93,17 +93,6 @@ impl Postgres {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
-}
-
-fn passwd_uid(user: &str) -> u32 {
-    std::fs::read_to_string("/etc/passwd")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&user)).then(|| f[2].parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no user {user}: is the postgresql package installed?"))
 }
 
 impl Drop for Postgres {
