@@ -13,7 +13,6 @@
 //! exits 124. Exit 0 is delivered; anything else is a failed delivery, retried.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -445,13 +444,9 @@ fn descendants(root: i32) -> Vec<i32> {
         else {
             continue;
         };
-        let mut stat = String::new();
-        let Ok(mut f) = std::fs::File::open(entry.path().join("stat")) else {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        if f.read_to_string(&mut stat).is_err() {
-            continue;
-        }
         // `pid (comm) state ppid …`: comm may hold spaces and parentheses; the last `)` ends it.
         let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
             continue;
