@@ -1,8 +1,7 @@
 //! Which alerts are due, and the marks that announce each one only once.
 
-use rusqlite::{Connection, params};
-
-use super::{StateError, exec, now_ms, sql};
+use super::StateError;
+use super::db::{Sql, vals};
 
 /// Something an alert should announce.
 #[derive(Debug, Clone)]
@@ -60,147 +59,119 @@ pub enum AlertDue {
 /// Queues a notice for `[alerts]` unless one of the same `kind` for the portal was queued
 /// at or after `once_since` (so a condition seen at every attempt is announced once).
 pub fn add_notice(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     kind: &str,
     subject: &str,
     body: &str,
     once_since: i64,
 ) -> Result<(), StateError> {
-    exec(
-        c,
+    c.exec(
+        "queueing a notice",
         "INSERT INTO notices (portal, kind, subject, body, created_at)
-         SELECT ?1, ?2, ?3, ?4, ?5
+         SELECT CAST(?1 AS TEXT), CAST(?2 AS TEXT), CAST(?3 AS TEXT), CAST(?4 AS TEXT), CAST(?5 AS BIGINT)
          WHERE NOT EXISTS (SELECT 1 FROM notices WHERE portal = ?1 AND kind = ?2 AND created_at >= ?6)",
-        params![portal, kind, subject, body, now_ms(), once_since],
-    )
-    .map_err(sql("queueing a notice"))?;
+        vals![portal, kind, subject, body, c.now()?, once_since],
+    )?;
     Ok(())
 }
 
 /// Streaks of at least `after_failures` and payloads older than `pending_before` that were
 /// not announced yet.
 pub fn alerts_due(
-    c: &Connection,
+    c: &dyn Sql,
     after_failures: i64,
     pending_before: i64,
 ) -> Result<Vec<AlertDue>, StateError> {
     let mut out = Vec::new();
-    let mut st = c
-        .prepare_cached(
-            "SELECT name, failures, COALESCE(failing_since, last_attempt_at, 0), COALESCE(last_error, '') FROM portals
-             WHERE failures >= ?1 AND streak_alerted = 0 ORDER BY name",
-        )
-        .map_err(sql("reading failure streaks"))?;
-    let rows = st
-        .query_map(params![after_failures], |r| {
-            Ok(AlertDue::Streak {
-                portal: r.get(0)?,
-                failures: r.get(1)?,
-                since: r.get(2)?,
-                error: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading failure streaks"))?;
-    for r in rows {
-        out.push(r.map_err(sql("reading failure streaks"))?);
+    for r in c.rows(
+        "reading failure streaks",
+        "SELECT name, failures, COALESCE(failing_since, last_attempt_at, 0), COALESCE(last_error, '') FROM portals
+         WHERE failures >= ?1 AND streak_alerted = 0 ORDER BY name",
+        vals![after_failures],
+    )? {
+        out.push(AlertDue::Streak {
+            portal: r.text(0)?,
+            failures: r.int(1)?,
+            since: r.int(2)?,
+            error: r.text(3)?,
+        });
     }
-    let mut st = c
-        .prepare_cached(
-            "SELECT id, portal, sink, created_at, attempts, last_error FROM spool
-             WHERE (created_at <= ?1 OR permanent = 1) AND alerted_at IS NULL ORDER BY id",
-        )
-        .map_err(sql("reading the spool"))?;
-    let rows = st
-        .query_map(params![pending_before], |r| {
-            Ok(AlertDue::Pending {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                sink: r.get(2)?,
-                since: r.get(3)?,
-                attempts: r.get(4)?,
-                error: r.get(5)?,
-            })
-        })
-        .map_err(sql("reading the spool"))?;
-    for r in rows {
-        out.push(r.map_err(sql("reading the spool"))?);
+    for r in c.rows(
+        "reading the spool",
+        "SELECT id, portal, sink, created_at, attempts, last_error FROM spool
+         WHERE (created_at <= ?1 OR permanent = 1) AND alerted_at IS NULL ORDER BY id",
+        vals![pending_before],
+    )? {
+        out.push(AlertDue::Pending {
+            id: r.int(0)?,
+            portal: r.text(1)?,
+            sink: r.text(2)?,
+            since: r.int(3)?,
+            attempts: r.int(4)?,
+            error: r.opt_text(5)?,
+        });
     }
-    let mut st = c
-        .prepare_cached(
-            "SELECT id, portal, started_at, checks FROM journal
-             WHERE phase = 'intent' AND alerted_at IS NULL
-               AND started_at + 2 * COALESCE(window_ms, 900000) <= ?1 ORDER BY id",
-        )
-        .map_err(sql("reading open intents"))?;
-    let rows = st
-        .query_map(params![now_ms()], |r| {
-            Ok(AlertDue::Unsettled {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                since: r.get(2)?,
-                checks: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading open intents"))?;
-    for r in rows {
-        out.push(r.map_err(sql("reading open intents"))?);
+    for r in c.rows(
+        "reading open intents",
+        "SELECT id, portal, started_at, checks FROM journal
+         WHERE phase = 'intent' AND alerted_at IS NULL
+           AND started_at + 2 * COALESCE(window_ms, 900000) <= ?1 ORDER BY id",
+        vals![c.now()?],
+    )? {
+        out.push(AlertDue::Unsettled {
+            id: r.int(0)?,
+            portal: r.text(1)?,
+            since: r.int(2)?,
+            checks: r.int(3)?,
+        });
     }
-    let mut st = c
-        .prepare_cached(
-            "SELECT id, portal, subject, body FROM notices WHERE sent_at IS NULL ORDER BY id",
-        )
-        .map_err(sql("reading notices"))?;
-    let rows = st
-        .query_map([], |r| {
-            Ok(AlertDue::Notice {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                subject: r.get(2)?,
-                body: r.get(3)?,
-            })
-        })
-        .map_err(sql("reading notices"))?;
-    for r in rows {
-        out.push(r.map_err(sql("reading notices"))?);
+    for r in c.rows(
+        "reading notices",
+        "SELECT id, portal, subject, body FROM notices WHERE sent_at IS NULL ORDER BY id",
+        vals![],
+    )? {
+        out.push(AlertDue::Notice {
+            id: r.int(0)?,
+            portal: r.text(1)?,
+            subject: r.text(2)?,
+            body: r.text(3)?,
+        });
     }
     Ok(out)
 }
 
 /// Records that an alert was sent, so it is not sent again.
-pub fn alert_sent(c: &Connection, due: &AlertDue) -> Result<(), StateError> {
+pub fn alert_sent(c: &dyn Sql, due: &AlertDue) -> Result<(), StateError> {
+    let now = c.now()?;
     match due {
         AlertDue::Streak { portal, .. } => {
-            exec(
-                c,
+            c.exec(
+                "recording an alert",
                 "UPDATE portals SET streak_alerted = 1 WHERE name = ?1",
-                params![portal],
-            )
-            .map_err(sql("recording an alert"))?;
+                vals![portal],
+            )?;
         }
         AlertDue::Pending { id, .. } => {
-            exec(
-                c,
+            c.exec(
+                "recording an alert",
                 "UPDATE spool SET alerted_at = ?2 WHERE id = ?1",
-                params![id, now_ms()],
-            )
-            .map_err(sql("recording an alert"))?;
+                vals![*id, now],
+            )?;
         }
         AlertDue::Unsettled { id, .. } => {
-            exec(
-                c,
+            c.exec(
+                "recording an alert",
                 "UPDATE journal SET alerted_at = ?2 WHERE id = ?1",
-                params![id, now_ms()],
-            )
-            .map_err(sql("recording an alert"))?;
+                vals![*id, now],
+            )?;
         }
         AlertDue::Notice { id, .. } => {
-            exec(
-                c,
+            c.exec(
+                "recording an alert",
                 "UPDATE notices SET sent_at = ?2 WHERE id = ?1",
-                params![id, now_ms()],
-            )
-            .map_err(sql("recording an alert"))?;
+                vals![*id, now],
+            )?;
         }
     }
     Ok(())

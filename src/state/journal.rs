@@ -1,9 +1,8 @@
 //! The rotation journal: an intent is committed before the PUT, becomes sealed with the
 //! payloads, and ends done or aborted.
 
-use rusqlite::{Connection, params};
-
-use super::{StateError, ensure_portal, exec, now_ms, sql};
+use super::db::{Sql, vals};
+use super::{StateError, ensure_portal};
 
 /// Where an unfinished journal entry stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,76 +32,88 @@ pub struct OpenJournal {
     pub checks: i64,
     /// When the next settle GET is due; absent until the first one.
     pub next_check_at: Option<i64>,
+    /// In a cluster: after this time (the database's clock) the instance that wrote the
+    /// intent sends no PUT for it; nobody settles it as not applied before then.
+    pub put_deadline: Option<i64>,
 }
 
 /// Records the start of a rotation, with the settle window that applies if its PUT's outcome
 /// turns out unknown. Fails if one is already open. Call it through [`Store::write`]: the
 /// commit (fsync'd) must precede the PUT.
 pub fn begin_intent(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     kind: &str,
     before_fp: Option<&str>,
     window_ms: i64,
 ) -> Result<i64, StateError> {
-    let now = now_ms();
     ensure_portal(c, portal)?;
-    exec(
-        c,
-        "INSERT INTO journal (portal, kind, phase, before_fp, started_at, updated_at, window_ms) VALUES (?1, ?2, 'intent', ?3, ?4, ?4, ?5)",
-        params![portal, kind, before_fp, now, window_ms],
-    )
-    .map_err(sql("recording the intent"))?;
-    let id = c.last_insert_rowid();
-    exec(
-        c,
+    // In a cluster this is the fence: no intent (so no PUT) unless our claim holds.
+    let deadline = c.license_put(portal)?;
+    let now = c.now()?;
+    let id = c
+        .row(
+            "recording the intent",
+            "INSERT INTO journal (portal, kind, phase, before_fp, started_at, updated_at, window_ms, put_deadline)
+             VALUES (?1, ?2, 'intent', ?3, ?4, ?4, ?5, ?6) RETURNING id",
+            vals![portal, kind, before_fp, now, window_ms, deadline],
+        )?
+        .map(|r| r.int(0))
+        .transpose()?
+        .unwrap_or_default();
+    c.exec(
+        "recording the attempt",
         "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
-        params![portal, now],
-    )
-    .map_err(sql("recording the attempt"))?;
+        vals![portal, now],
+    )?;
     Ok(id)
 }
 
 /// Intents and sealed rotations that no process finished.
-pub fn open_journal(c: &Connection, portal: Option<&str>) -> Result<Vec<OpenJournal>, StateError> {
+pub fn open_journal(c: &dyn Sql, portal: Option<&str>) -> Result<Vec<OpenJournal>, StateError> {
+    const COLUMNS: &str =
+        "SELECT id, portal, CASE WHEN phase = 'intent' THEN 1 ELSE 0 END, before_fp, started_at,
+                                  window_ms, checks, next_check_at, put_deadline FROM journal";
     // Two statements rather than `?1 IS NULL OR portal = ?1`, which would keep SQLite from
     // using the `journal_open` index.
-    let mut st = c
-        .prepare_cached(if portal.is_some() {
-            "SELECT id, portal, phase = 'intent', before_fp, started_at, window_ms, checks, next_check_at FROM journal
-             WHERE phase IN ('intent', 'sealed') AND portal = ?1 ORDER BY id"
-        } else {
-            "SELECT id, portal, phase = 'intent', before_fp, started_at, window_ms, checks, next_check_at FROM journal
-             WHERE phase IN ('intent', 'sealed') AND ?1 IS NULL ORDER BY id"
-        })
-        .map_err(sql("reading the journal"))?;
-    let rows = st
-        .query_map(params![portal], |r| {
+    let rows = match portal {
+        Some(p) => c.rows(
+            "reading the journal",
+            &format!("{COLUMNS} WHERE phase IN ('intent', 'sealed') AND portal = ?1 ORDER BY id"),
+            vals![p],
+        )?,
+        None => c.rows(
+            "reading the journal",
+            &format!("{COLUMNS} WHERE phase IN ('intent', 'sealed') ORDER BY id"),
+            vals![],
+        )?,
+    };
+    rows.iter()
+        .map(|r| {
             Ok(OpenJournal {
-                id: r.get(0)?,
-                portal: r.get(1)?,
-                phase: if r.get(2)? {
+                id: r.int(0)?,
+                portal: r.text(1)?,
+                phase: if r.flag(2)? {
                     Phase::Intent
                 } else {
                     Phase::Sealed
                 },
-                before_fp: r.get(3)?,
-                started_at: r.get(4)?,
-                window_ms: r.get(5)?,
-                checks: r.get(6)?,
-                next_check_at: r.get(7)?,
+                before_fp: r.opt_text(3)?,
+                started_at: r.int(4)?,
+                window_ms: r.opt_int(5)?,
+                checks: r.int(6)?,
+                next_check_at: r.opt_int(7)?,
+                put_deadline: r.opt_int(8)?,
             })
         })
-        .map_err(sql("reading the journal"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading the journal"))
+        .collect()
 }
 
 /// Stores every sealed payload of a set and marks the journal entry sealed; returns the
 /// payloads' spool ids, in order. Call it through [`Store::write`]: after that one commit,
 /// the set survives any crash.
 pub fn seal(
-    c: &Connection,
+    c: &dyn Sql,
     journal_id: i64,
     portal: &str,
     set_fp: &str,
@@ -110,71 +121,66 @@ pub fn seal(
     total: usize,
     payloads: &[(String, zeroize::Zeroizing<Vec<u8>>)],
 ) -> Result<Vec<i64>, StateError> {
-    let now = now_ms();
+    let now = c.now()?;
     ensure_portal(c, portal)?;
     let mut ids = Vec::with_capacity(payloads.len());
     for (sink, payload) in payloads {
-        exec(c,
-            "INSERT INTO spool (journal_id, portal, sink, set_fp, payload, created_at, next_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-            params![journal_id, portal, sink, set_fp, &payload[..], now],
-        )
-        .map_err(sql("spooling a payload"))?;
-        ids.push(c.last_insert_rowid());
+        let id = c
+            .row(
+                "spooling a payload",
+                "INSERT INTO spool (journal_id, portal, sink, set_fp, payload, created_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) RETURNING id",
+                vals![journal_id, portal, sink, set_fp, &payload[..], now],
+            )?
+            .map(|r| r.int(0))
+            .transpose()?
+            .unwrap_or_default();
+        ids.push(id);
     }
-    exec(
-        c,
+    c.exec(
+        "marking the journal sealed",
         "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
-        params![journal_id, set_fp, now],
-    )
-    .map_err(sql("marking the journal sealed"))?;
-    exec(
-        c,
+        vals![journal_id, set_fp, now],
+    )?;
+    c.exec(
+        "recording the new set",
         "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
-        params![portal, set_fp, unused as i64, total as i64, now],
-    )
-    .map_err(sql("recording the new set"))?;
+        vals![portal, set_fp, unused, total, now],
+    )?;
     // What each sink holds from now on (or will, once delivered): the baseline of drift.
     for (sink, _) in payloads {
-        exec(
-            c,
+        c.exec(
+            "recording the set a sink holds",
             "INSERT INTO sink_sets (portal, sink, set_fp, sealed_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (portal, sink) DO UPDATE SET set_fp = excluded.set_fp, sealed_at = excluded.sealed_at",
-            params![portal, sink, set_fp, now],
-        )
-        .map_err(sql("recording the set a sink holds"))?;
+            vals![portal, sink, set_fp, now],
+        )?;
     }
     Ok(ids)
 }
 
 /// A settle GET of an open intent found the old set before its window closed: count it and
 /// say when the next one is due.
-pub fn settle_checked(
-    c: &Connection,
-    journal_id: i64,
-    next_check_at: i64,
-) -> Result<(), StateError> {
-    exec(
-        c,
+pub fn settle_checked(c: &dyn Sql, journal_id: i64, next_check_at: i64) -> Result<(), StateError> {
+    c.exec(
+        "recording a settle check",
         "UPDATE journal SET checks = checks + 1, next_check_at = ?2, updated_at = ?3 WHERE id = ?1 AND phase = 'intent'",
-        params![journal_id, next_check_at, now_ms()],
-    )
-    .map_err(sql("recording a settle check"))?;
+        vals![journal_id, next_check_at, c.now()?],
+    )?;
     Ok(())
 }
 
 /// The journal entry ends: `done` or `aborted`, with a note.
 pub fn close_journal(
-    c: &Connection,
+    c: &dyn Sql,
     journal_id: i64,
     phase: &str,
     note: Option<&str>,
 ) -> Result<(), StateError> {
-    exec(
-        c,
+    c.exec(
+        "closing the journal entry",
         "UPDATE journal SET phase = ?2, note = ?3, updated_at = ?4 WHERE id = ?1",
-        params![journal_id, phase, note, now_ms()],
-    )
-    .map_err(sql("closing the journal entry"))?;
+        vals![journal_id, phase, note, c.now()?],
+    )?;
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! What the state knows of each portal: attempts, results, the set last seen, schedule state.
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{StateError, ensure_portal, exec, now_ms, query_row, sql};
+use super::db::{Row, Sql, vals};
+use super::{StateError, ensure_portal};
 
 /// What the state knows of a portal.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -51,169 +51,153 @@ pub struct PortalRow {
 }
 
 /// A rotation succeeded (its payloads may still be pending).
-pub fn record_rotated(c: &Connection, portal: &str, result: &str) -> Result<(), StateError> {
-    let now = now_ms();
+pub fn record_rotated(c: &dyn Sql, portal: &str, result: &str) -> Result<(), StateError> {
+    let now = c.now()?;
     ensure_portal(c, portal)?;
-    exec(
-        c,
+    c.exec(
+        "recording the rotation",
         "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0, retry_at = NULL,
                 failing_since = NULL, streak_alerted = 0 WHERE name = ?1",
-        params![portal, now, result],
-    )
-    .map_err(sql("recording the rotation"))?;
+        vals![portal, now, result],
+    )?;
     add_history(c, portal, "rotated", result)
 }
 
 /// Every pending delivery of a portal went through: a `delivery_pending` result becomes `ok`.
-pub fn deliveries_cleared(c: &Connection, portal: &str) -> Result<(), StateError> {
-    exec(
-        c,
+pub fn deliveries_cleared(c: &dyn Sql, portal: &str) -> Result<(), StateError> {
+    c.exec(
+        "recording the deliveries cleared",
         "UPDATE portals SET last_result = 'ok' WHERE name = ?1 AND last_result = 'delivery_pending'
            AND NOT EXISTS (SELECT 1 FROM spool WHERE portal = ?1)",
-        params![portal],
-    )
-    .map_err(sql("recording the deliveries cleared"))?;
+        vals![portal],
+    )?;
     Ok(())
 }
 
 /// Pins the account a portal's entry acts as (after a successful rotation).
 pub fn pin_account(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     account_id: &str,
     entry_fp: &str,
 ) -> Result<(), StateError> {
-    exec(
-        c,
+    c.exec(
+        "pinning the account",
         "UPDATE portals SET account_id = ?2, account_entry_fp = ?3 WHERE name = ?1",
-        params![portal, account_id, entry_fp],
-    )
-    .map_err(sql("pinning the account"))?;
+        vals![portal, account_id, entry_fp],
+    )?;
     Ok(())
 }
 
 /// The portal's set differs from what its sinks hold while no intent is open.
-pub fn record_drift(c: &Connection, portal: &str, detail: &str) -> Result<(), StateError> {
+pub fn record_drift(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
-    exec(
-        c,
+    c.exec(
+        "recording drift",
         "UPDATE portals SET drift_at = ?2, drifts = drifts + 1 WHERE name = ?1",
-        params![portal, now_ms()],
-    )
-    .map_err(sql("recording drift"))?;
+        vals![portal, c.now()?],
+    )?;
     add_history(c, portal, "drift", detail)
 }
 
 /// A rotation's PUT had an unknown outcome: its intent stays open and is settled later.
 /// Not a failure (no backoff, no streak): the portal is simply not rotated meanwhile.
-pub fn record_settling(c: &Connection, portal: &str, detail: &str) -> Result<(), StateError> {
+pub fn record_settling(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
-    exec(
-        c,
+    c.exec(
+        "recording a rotation being settled",
         "UPDATE portals SET last_result = 'settling', last_error = ?2 WHERE name = ?1",
-        params![portal, detail],
-    )
-    .map_err(sql("recording a rotation being settled"))?;
+        vals![portal, detail],
+    )?;
     add_history(c, portal, "settling", detail)
 }
 
 /// An attempt failed; returns the failures in a row.
 pub fn record_failure(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     error: &str,
     retry_at: Option<i64>,
 ) -> Result<i64, StateError> {
     ensure_portal(c, portal)?;
-    exec(
-        c,
+    c.exec(
+        "recording the failure",
         "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4,
                 failing_since = COALESCE(failing_since, ?2) WHERE name = ?1",
-        params![portal, now_ms(), error, retry_at],
-    )
-    .map_err(sql("recording the failure"))?;
+        vals![portal, c.now()?, error, retry_at],
+    )?;
     add_history(c, portal, "failed", error)?;
-    query_row(
-        c,
+    c.row(
+        "reading the failure count",
         "SELECT failures FROM portals WHERE name = ?1",
-        params![portal],
-        |r| r.get(0),
-    )
-    .map_err(sql("reading the failure count"))
+        vals![portal],
+    )?
+    .map_or(Ok(0), |r| r.int(0))
 }
 
 /// The codes were read: remember what was seen.
 pub fn record_seen(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     set_fp: &str,
     unused: usize,
     total: usize,
 ) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
-    exec(
-        c,
+    c.exec(
+        "recording the codes seen",
         "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
-        params![portal, set_fp, unused as i64, total as i64, now_ms()],
-    )
-    .map_err(sql("recording the codes seen"))?;
+        vals![portal, set_fp, unused, total, c.now()?],
+    )?;
     Ok(())
 }
 
 /// Stores the fingerprint of a portal's effective config entry and the last fire time acted on.
 pub fn record_schedule(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     entry_fp: Option<&str>,
     last_fire_at: Option<i64>,
 ) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
-    exec(
-        c,
-        // The last fire acted on only moves forward: a rotation consumes every fire up to
-        // its time, and nothing un-consumes one.
-        "UPDATE portals SET entry_fp = COALESCE(?2, entry_fp),
-                last_fire_at = CASE WHEN ?3 IS NULL THEN last_fire_at
-                                    WHEN last_fire_at IS NULL OR ?3 > last_fire_at THEN ?3
+    // The last fire acted on only moves forward: a rotation consumes every fire up to its
+    // time, and nothing un-consumes one.
+    c.exec(
+        "recording the schedule state",
+        "UPDATE portals SET entry_fp = COALESCE(CAST(?2 AS TEXT), entry_fp),
+                last_fire_at = CASE WHEN CAST(?3 AS BIGINT) IS NULL THEN last_fire_at
+                                    WHEN last_fire_at IS NULL OR CAST(?3 AS BIGINT) > last_fire_at THEN CAST(?3 AS BIGINT)
                                     ELSE last_fire_at END
          WHERE name = ?1",
-        params![portal, entry_fp, last_fire_at],
-    )
-    .map_err(sql("recording the schedule state"))?;
+        vals![portal, entry_fp, last_fire_at],
+    )?;
     Ok(())
 }
 
 /// Stores the planner's answer for a portal, and when a failed watch read may be retried.
 pub fn record_plan(
-    c: &Connection,
+    c: &dyn Sql,
     portal: &str,
     next_due_at: Option<i64>,
     reason: Option<&str>,
     watch_retry_at: Option<i64>,
 ) -> Result<(), StateError> {
     ensure_portal(c, portal)?;
-    exec(
-        c,
+    c.exec(
+        "recording the plan",
         "UPDATE portals SET next_due_at = ?2, next_reason = ?3, watch_retry_at = ?4 WHERE name = ?1",
-        params![portal, next_due_at, reason, watch_retry_at],
-    )
-    .map_err(sql("recording the plan"))?;
+        vals![portal, next_due_at, reason, watch_retry_at],
+    )?;
     Ok(())
 }
 
 /// Appends to a portal's history.
-pub fn add_history(
-    c: &Connection,
-    portal: &str,
-    event: &str,
-    detail: &str,
-) -> Result<(), StateError> {
-    exec(
-        c,
+pub fn add_history(c: &dyn Sql, portal: &str, event: &str, detail: &str) -> Result<(), StateError> {
+    c.exec(
+        "writing history",
         "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![portal, now_ms(), event, detail],
-    )
-    .map_err(sql("writing history"))?;
+        vals![portal, c.now()?, event, detail],
+    )?;
     Ok(())
 }
 
@@ -222,53 +206,51 @@ const PORTAL_COLUMNS: &str =
      set_fp, unused, total, seen_at, entry_fp, last_fire_at, account_id, account_entry_fp,
      drift_at, drifts, next_due_at, next_reason, watch_retry_at";
 
-fn portal_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PortalRow> {
+fn portal_from_row(r: &Row) -> Result<PortalRow, StateError> {
     Ok(PortalRow {
-        name: r.get(0)?,
-        last_attempt_at: r.get(1)?,
-        last_success_at: r.get(2)?,
-        last_result: r.get(3)?,
-        last_error: r.get(4)?,
-        failures: r.get(5)?,
-        retry_at: r.get(6)?,
-        set_fp: r.get(7)?,
-        unused: r.get(8)?,
-        total: r.get(9)?,
-        seen_at: r.get(10)?,
-        entry_fp: r.get(11)?,
-        last_fire_at: r.get(12)?,
-        account_id: r.get(13)?,
-        account_entry_fp: r.get(14)?,
-        drift_at: r.get(15)?,
-        drifts: r.get(16)?,
-        next_due_at: r.get(17)?,
-        next_reason: r.get(18)?,
-        watch_retry_at: r.get(19)?,
+        name: r.text(0)?,
+        last_attempt_at: r.opt_int(1)?,
+        last_success_at: r.opt_int(2)?,
+        last_result: r.opt_text(3)?,
+        last_error: r.opt_text(4)?,
+        failures: r.int(5)?,
+        retry_at: r.opt_int(6)?,
+        set_fp: r.opt_text(7)?,
+        unused: r.opt_int(8)?,
+        total: r.opt_int(9)?,
+        seen_at: r.opt_int(10)?,
+        entry_fp: r.opt_text(11)?,
+        last_fire_at: r.opt_int(12)?,
+        account_id: r.opt_text(13)?,
+        account_entry_fp: r.opt_text(14)?,
+        drift_at: r.opt_int(15)?,
+        drifts: r.int(16)?,
+        next_due_at: r.opt_int(17)?,
+        next_reason: r.opt_text(18)?,
+        watch_retry_at: r.opt_int(19)?,
     })
 }
 
 /// Every portal the state knows.
-pub fn portal_rows(c: &Connection) -> Result<Vec<PortalRow>, StateError> {
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {PORTAL_COLUMNS} FROM portals ORDER BY name"
-        ))
-        .map_err(sql("reading portals"))?;
-    let rows = st
-        .query_map([], portal_from_row)
-        .map_err(sql("reading portals"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(sql("reading portals"))
+pub fn portal_rows(c: &dyn Sql) -> Result<Vec<PortalRow>, StateError> {
+    c.rows(
+        "reading portals",
+        &format!("SELECT {PORTAL_COLUMNS} FROM portals ORDER BY name"),
+        vals![],
+    )?
+    .iter()
+    .map(portal_from_row)
+    .collect()
 }
 
 /// One portal's row, if the state knows it.
-pub fn portal_row(c: &Connection, portal: &str) -> Result<Option<PortalRow>, StateError> {
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {PORTAL_COLUMNS} FROM portals WHERE name = ?1"
-        ))
-        .map_err(sql("reading a portal"))?;
-    st.query_row(params![portal], portal_from_row)
-        .optional()
-        .map_err(sql("reading a portal"))
+pub fn portal_row(c: &dyn Sql, portal: &str) -> Result<Option<PortalRow>, StateError> {
+    c.row(
+        "reading a portal",
+        &format!("SELECT {PORTAL_COLUMNS} FROM portals WHERE name = ?1"),
+        vals![portal],
+    )?
+    .as_ref()
+    .map(portal_from_row)
+    .transpose()
 }
