@@ -123,6 +123,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the SQLite state (daemon.state_dir) into the empty PostgreSQL database of
+    /// [storage], keeping every pending payload and the fingerprint key.
+    MigrateState {
+        /// The target: `postgres` (the [storage] table must name it).
+        #[arg(long, value_parser = ["postgres"])]
+        to: String,
+    },
     /// Per portal: last rotation, next due time, unused codes, pending deliveries.
     Status {
         /// One JSON document on stdout.

@@ -83,6 +83,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
             "warnings": config.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
             "portals": plans,
             "failed": failed,
+            "storage": storage_json(&config),
         });
         crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
@@ -186,6 +187,22 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
     out
 }
 
+/// `[storage]` in `--json`: the backend, and for PostgreSQL the lease and PUT budget.
+fn storage_json(config: &Config) -> Value {
+    match &config.storage {
+        None => {
+            json!({"type": "sqlite", "state_dir": config.daemon.state_dir.display().to_string()})
+        }
+        Some(st) => json!({
+            "type": "postgres",
+            "url": st.url.value.describe(),
+            "lease_s": st.lease.as_secs(),
+            "put_budget_s": config.daemon.http_timeout.as_secs(),
+            "grace_s": crate::config::StorageConfig::GRACE.as_secs(),
+        }),
+    }
+}
+
 fn print_text(config: &Config, plans: &[Value], offline: bool) {
     crate::out!(
         "config {}: valid ({} portal(s), {} sink(s), {} schedule(s))",
@@ -194,6 +211,18 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
         config.sinks.len(),
         config.schedules.len()
     );
+    if let Some(st) = &config.storage {
+        crate::out!(
+            "storage: PostgreSQL ({}), lease {}, PUT budget {} (daemon.http_timeout) + grace {}: an intent needs a claim with more than {} left",
+            st.url.value.describe(),
+            humantime::format_duration(st.lease),
+            humantime::format_duration(config.daemon.http_timeout),
+            humantime::format_duration(crate::config::StorageConfig::GRACE),
+            humantime::format_duration(
+                config.daemon.http_timeout + crate::config::StorageConfig::GRACE
+            )
+        );
+    }
     for p in plans {
         crate::out!(
             "\nportal {} {}",

@@ -49,6 +49,59 @@ pub fn main(cli: Cli) -> u8 {
     exit as u8
 }
 
+/// `migrate-state --to postgres`: the SQLite state of `daemon.state_dir` into the empty
+/// database of `[storage]`, in one transaction. Stop every daemon first.
+async fn migrate_state(path: &std::path::Path) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let Some(storage) = &config.storage else {
+        crate::err!(
+            "error: {}: [storage] does not name a PostgreSQL database (type = \"postgres\", url = …); nothing was copied",
+            path.display()
+        );
+        return Exit::Config;
+    };
+    let dir = &config.daemon.state_dir;
+    // Opened (and upgraded) as SQLite first, so the copy reads the current schema; its
+    // flock-free read happens while no daemon should run (the operator stopped them).
+    if let Err(e) = crate::state::Store::open(dir) {
+        crate::err!("error: {e}");
+        return Exit::Failed;
+    }
+    let result = async {
+        let data = crate::state::migrate::read_sqlite(dir)?;
+        let pg = crate::state::pg::PgStore::open(storage, &config, false)
+            .await?
+            .ok_or_else(|| crate::state::StateError::Db {
+                action: "opening PostgreSQL",
+                detail: "no store".into(),
+            })?;
+        let copied = pg
+            .transaction(move |c| crate::state::migrate::write(c, data))
+            .await?;
+        Ok::<_, crate::state::StateError>(copied)
+    }
+    .await;
+    match result {
+        Ok(copied) => {
+            for (table, n) in copied {
+                crate::out!("{table}: {n} row(s)");
+            }
+            crate::out!(
+                "copied {} into PostgreSQL; the SQLite state is left as it was (remove it once the instances run on PostgreSQL)",
+                dir.display()
+            );
+            Exit::Ok
+        }
+        Err(e) => {
+            crate::err!("error: {e}; nothing was copied");
+            Exit::Failed
+        }
+    }
+}
+
 async fn dispatch(cli: Cli) -> Exit {
     let path = cli.config.clone();
     let json = match &cli.command {
@@ -82,6 +135,7 @@ async fn dispatch(cli: Cli) -> Exit {
         } => rotate::settle(&path, portal, abandon, reason, json).await,
         Command::Forget { portal, json } => rotate::forget(&path, portal, json).await,
         Command::Status { json } => status::run(&path, json).await,
+        Command::MigrateState { to: _ } => migrate_state(&path).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo => demo::run().await,
         Command::Completions { shell } => {

@@ -14,7 +14,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         Ok(c) => c,
         Err(e) => return e,
     };
-    let store = match Store::open_read_only(&config.daemon.state_dir) {
+    let store = match Store::open_configured_read_only(&config) {
         Ok(s) => s,
         Err(e) => {
             crate::err!("error: {e}");
@@ -36,6 +36,17 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         {
             Ok(r) => r,
             Err(e) => {
+                crate::err!("error: {e}");
+                return Exit::Failed;
+            }
+        },
+    };
+    // In a cluster: who holds which portal, and the instances.
+    let (leases, nodes) = match store.as_ref().and_then(|s| s.postgres()) {
+        None => (Vec::new(), None),
+        Some(pg) => match (pg.leases().await, pg.nodes().await) {
+            (Ok(l), Ok(n)) => (l, Some(n)),
+            (Err(e), _) | (_, Err(e)) => {
                 crate::err!("error: {e}");
                 return Exit::Failed;
             }
@@ -110,15 +121,36 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             "settling": settling,
             "drifts": row.drifts,
             "drift_at": row.drift_at,
+            "held_by": leases.iter().find(|l| &l.portal == name).map(|l| json!({
+                "instance": l.owner, "epoch": l.epoch, "lease_left_s": l.left_s,
+            })),
         }));
     }
     if json {
-        crate::out!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"portals": out})).unwrap_or_default()
-        );
+        let mut doc = json!({"portals": out});
+        if let Some(n) = &nodes {
+            doc["instances"] = json!(n);
+        }
+        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         print_table(&out, now);
+        if let Some(nodes) = &nodes {
+            crate::out!("");
+            crate::out!("INSTANCES (PostgreSQL)");
+            for n in nodes {
+                crate::out!(
+                    "{}  version {}  seen {}s ago{}",
+                    crate::docspace::model::escape_controls(&n.name),
+                    crate::docspace::model::escape_controls(&n.version),
+                    n.seen_s_ago,
+                    if n.newest_config {
+                        ""
+                    } else {
+                        "  OLDER CONFIG: does not act on changed entries"
+                    }
+                );
+            }
+        }
     }
     if pending.is_empty() && !open.iter().any(|j| j.phase == state::Phase::Intent) {
         Exit::Ok
@@ -188,6 +220,14 @@ fn print_table(out: &[serde_json::Value], now: chrono::DateTime<Utc>) {
             notes.push(format!(
                 "{name}: last error ({} in a row): {e}",
                 p["failures_in_a_row"]
+            ));
+        }
+        if let Some(i) = p["held_by"]["instance"].as_str() {
+            notes.push(format!(
+                "{name}: held by instance {} (epoch {}, lease {}s left)",
+                crate::docspace::model::escape_controls(i),
+                p["held_by"]["epoch"],
+                p["held_by"]["lease_left_s"]
             ));
         }
         if let Some(h) = p["next_held_by"].as_str() {

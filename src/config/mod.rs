@@ -106,6 +106,8 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkConfig>,
     /// `[alerts]`.
     pub alerts: Option<AlertsConfig>,
+    /// `[storage] type = "postgres"`: the shared database; `None`: SQLite in `state_dir`.
+    pub storage: Option<StorageConfig>,
     /// `[portals.*]` by name.
     pub portals: BTreeMap<String, PortalConfig>,
     /// Things that work but deserve attention (literal secrets).
@@ -274,6 +276,23 @@ pub struct EmailSinkConfig {
     pub pgp_keys: Vec<Located<PathBuf>>,
 }
 
+/// `[storage] type = "postgres"`: several instances share one PostgreSQL database.
+#[derive(Debug)]
+pub struct StorageConfig {
+    /// The connection string (a secret: it may hold a password).
+    pub url: Located<SecretRef>,
+    /// How long a claim lasts unrenewed.
+    pub lease: Duration,
+    /// This instance's name; default HOSTNAME:PID.
+    pub instance: Option<String>,
+}
+
+impl StorageConfig {
+    /// The grace added to the PUT budget: a claim must outlive budget + grace for an
+    /// intent, and a successor waits the deadline + grace out before settling.
+    pub const GRACE: Duration = Duration::from_secs(10);
+}
+
 /// A file sink.
 #[derive(Debug)]
 pub struct FileSinkConfig {
@@ -283,6 +302,8 @@ pub struct FileSinkConfig {
     pub encrypt: FileEncryption,
     /// Unix mode of the file.
     pub mode: u32,
+    /// Every instance of a cluster sees this path.
+    pub shared: bool,
 }
 
 impl FileSinkConfig {

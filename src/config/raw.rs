@@ -135,6 +135,31 @@ pub struct RawSink {
     /// exec: how long the hook may run; default 30s.
     #[schemars(with = "Option<String>")]
     pub timeout: Option<Spanned<String>>,
+    /// file: with `[storage] type = "postgres"`, true when every instance sees this path
+    /// (required there); default false.
+    #[schemars(with = "Option<bool>")]
+    pub shared: Option<Spanned<bool>>,
+}
+
+/// `[storage]`: where the state lives.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// `"sqlite"` (default, in `daemon.state_dir`) or `"postgres"` (several instances).
+    #[serde(rename = "type")]
+    #[schemars(with = "String", extend("enum" = ["sqlite", "postgres"]))]
+    pub kind: Spanned<String>,
+    /// postgres: a libpq connection string or `postgresql://` URL, as a secret reference
+    /// (it may hold a password).
+    #[schemars(with = "Option<SecretRef>")]
+    pub url: Option<Spanned<SecretRef>>,
+    /// postgres: how long a claim on a portal lasts unrenewed; default 60s; at least
+    /// 2 x (http_timeout + 10s).
+    #[schemars(with = "Option<String>")]
+    pub lease: Option<Spanned<String>>,
+    /// postgres: this instance's name in `status` and the leases; default HOSTNAME:PID.
+    #[schemars(with = "Option<String>")]
+    pub instance: Option<Spanned<String>>,
 }
 
 /// A file sink's encryption.
@@ -198,6 +223,8 @@ pub struct RawConfig {
     pub smtp: Option<RawSmtp>,
     /// Who hears about failures.
     pub alerts: Option<RawAlerts>,
+    /// Where the state lives.
+    pub storage: Option<RawStorage>,
     /// When portals rotate, by name.
     pub schedules: Option<std::collections::BTreeMap<String, RawSchedule>>,
     /// Where codes go, by name.

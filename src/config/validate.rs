@@ -15,7 +15,7 @@ use super::raw::*;
 use super::*;
 use crate::schedule::{self, CronSchedule};
 
-const TOP_LEVEL: &str = "daemon, smtp, schedules, sinks, alerts, portals";
+const TOP_LEVEL: &str = "daemon, smtp, schedules, sinks, alerts, storage, portals";
 
 struct Ctx<'a> {
     file: &'a Path,
@@ -325,6 +325,7 @@ pub(super) fn validate(
     let mut raw_daemon: Option<RawDaemon> = None;
     let mut raw_smtp: Option<(Range<usize>, Option<RawSmtp>)> = None;
     let mut raw_alerts: Option<RawAlerts> = None;
+    let mut raw_storage: Option<RawStorage> = None;
     let mut schedules: Vec<(String, RawSchedule)> = Vec::new();
     let mut sinks: Vec<(String, RawSink)> = Vec::new();
     let mut portals: Vec<(String, Range<usize>, RawPortal)> = Vec::new();
@@ -339,6 +340,7 @@ pub(super) fn validate(
                 raw_smtp = Some((span, cx.de("smtp", value)));
             }
             "alerts" => raw_alerts = cx.de("alerts", value),
+            "storage" => raw_storage = cx.de("storage", value),
             section @ ("schedules" | "sinks" | "portals") => {
                 let section: &'static str = match section {
                     "schedules" => "schedules",
@@ -809,6 +811,8 @@ pub(super) fn validate(
             );
         }
     }
+    // [storage]
+    let storage = raw_storage.and_then(|r| storage(&mut cx, r, &daemon, &sink_map, &path_spans));
     let Ctx {
         mut errors,
         warnings,
@@ -827,8 +831,105 @@ pub(super) fn validate(
         schedules: schedule_map,
         sinks: sink_map,
         alerts,
+        storage,
         portals: portal_map,
         warnings,
+    })
+}
+
+/// `[storage]`: SQLite (`None`) or PostgreSQL, with the cluster's rules: a lease long enough
+/// for two PUT budgets with their grace, and file sinks every instance sees.
+fn storage(
+    cx: &mut Ctx<'_>,
+    r: RawStorage,
+    daemon: &DaemonConfig,
+    sinks: &BTreeMap<String, SinkConfig>,
+    path_spans: &BTreeMap<String, Range<usize>>,
+) -> Option<StorageConfig> {
+    match r.kind.get_ref().as_str() {
+        "sqlite" => {
+            for (present, span, key) in [
+                (r.url.is_some(), r.url.as_ref().map(|u| u.span()), "url"),
+                (
+                    r.lease.is_some(),
+                    r.lease.as_ref().map(|u| u.span()),
+                    "lease",
+                ),
+                (
+                    r.instance.is_some(),
+                    r.instance.as_ref().map(|u| u.span()),
+                    "instance",
+                ),
+            ] {
+                if present {
+                    cx.err(
+                        &span.unwrap_or(0..0),
+                        &format!("storage.{key}"),
+                        "applies to type = \"postgres\" only; SQLite lives in daemon.state_dir",
+                    );
+                }
+            }
+            return None;
+        }
+        "postgres" => {}
+        other => {
+            cx.err(
+                &r.kind.span(),
+                "storage.type",
+                format!("`{other}` is not a storage type; accepted: \"sqlite\", \"postgres\""),
+            );
+            return None;
+        }
+    }
+    let Some(url) = r.url else {
+        cx.err(
+            &r.kind.span(),
+            "storage.url",
+            "is missing; accepted: a secret reference ({ env = … }, { file = … }, { credential = … }) holding a libpq connection string or postgresql:// URL",
+        );
+        return None;
+    };
+    let url = cx.secret(url, "storage.url");
+    let lease = cx.duration(&r.lease, "storage.lease", Duration::from_secs(60));
+    let min = 2 * (daemon.http_timeout + StorageConfig::GRACE);
+    if lease < min {
+        cx.err(
+            &r.lease.as_ref().map(|l| l.span()).unwrap_or(r.kind.span()),
+            "storage.lease",
+            format!(
+                "{} is too short: a claim must outlive a PUT budget (daemon.http_timeout, {}) and its grace (10s) twice over; accepted: at least {}",
+                humantime::format_duration(lease),
+                humantime::format_duration(daemon.http_timeout),
+                humantime::format_duration(min)
+            ),
+        );
+    }
+    let instance = r.instance.map(|i| {
+        let name = i.get_ref().clone();
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            cx.err(
+                &i.span(),
+                "storage.instance",
+                "accepted: 1 to 64 printable characters",
+            );
+        }
+        name
+    });
+    for (name, s) in sinks {
+        if let SinkKind::File(f) = &s.kind
+            && !f.shared
+        {
+            cx.err(
+                &path_spans.get(name).cloned().unwrap_or(0..0),
+                &format!("sinks.{name}.shared"),
+                "must be true with [storage] type = \"postgres\": any instance may deliver, so every instance must see this path (set shared = true once it is on shared storage)",
+            );
+        }
+    }
+    Some(StorageConfig {
+        url,
+        lease,
+        instance,
     })
 }
 
@@ -1019,6 +1120,7 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
                 path,
                 encrypt,
                 mode,
+                shared: r.shared.as_ref().is_some_and(|s| *s.get_ref()),
             }))
         }
         "exec" => {

@@ -75,6 +75,10 @@ struct Supervisor {
     dirty: Vec<PlanWrite>,
     /// The pending-deliveries gauge needs a fresh count.
     count_pending: bool,
+    /// In a cluster: portals another instance held at their turn, not tried before then.
+    held: HashMap<String, DateTime<Utc>>,
+    /// In a cluster: the config in force, for the instance's heartbeat.
+    running: Arc<std::sync::Mutex<Arc<config::Config>>>,
     tracker: TaskTracker,
     done_tx: mpsc::UnboundedSender<Done>,
 }
@@ -163,12 +167,24 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         failed: 0,
         dirty: Vec::new(),
         count_pending: false,
+        held: HashMap::new(),
+        running: Arc::new(std::sync::Mutex::new(config.clone())),
         tracker: TaskTracker::new(),
         done_tx,
     };
     if let Err(e) = sup.load().await {
         crate::err!("error: {e}");
         return Exit::Failed;
+    }
+    sup.check_generation().await;
+    if let Some(pg) = sup
+        .engine
+        .store
+        .as_ref()
+        .and_then(|s| s.postgres())
+        .cloned()
+    {
+        tokio::spawn(cluster_heartbeat(pg, sup.running.clone(), shutdown.clone()));
     }
     let planned = std::time::Instant::now();
     sup.replan_all().await;
@@ -198,10 +214,11 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
     let watchdog = sd_notify::watchdog_enabled();
     metrics.alive.store(true, Ordering::SeqCst);
     let status = format!(
-        "{} portal(s){}{}",
+        "{} portal(s){}{}{}",
         sup.engine.config.portals.len(),
         if dry_run { ", dry run" } else { "" },
-        unreadable_secrets(&sup.engine)
+        unreadable_secrets(&sup.engine),
+        stale_config_note()
     );
     notifier.send(Note::Ready(status));
     tracing::info!(
@@ -355,7 +372,7 @@ impl Supervisor {
         let fp = self.fps.get(name)?;
         let k = self.known.get_mut(name)?;
         let now = Utc::now();
-        let p = plan::plan(
+        let mut p = plan::plan(
             &rotation::policy_of(&self.engine.config, pc, fp),
             k,
             &plan::Now {
@@ -364,6 +381,9 @@ impl Supervisor {
                 once: self.once,
             },
         );
+        if let (Some(d), Some(h)) = (p.due.as_mut(), self.held.get(name)) {
+            d.at = d.at.max(*h);
+        }
         if let Some(fp) = &p.adopt_fp {
             k.entry_fp = Some(fp.clone());
         }
@@ -437,6 +457,18 @@ impl Supervisor {
         }
     }
 
+    /// In a cluster: whether this instance runs the newest config generation; an older one
+    /// does not act on changed entries (a rolling change cannot ping-pong), and says so.
+    async fn check_generation(&self) {
+        let Some(pg) = self.engine.store.as_ref().and_then(|s| s.postgres()) else {
+            return;
+        };
+        match pg.runs_newest_config(&self.engine.config).await {
+            Ok(newest) => set_newest(newest),
+            Err(e) => tracing::error!(error = %e, "reading the config generations"),
+        }
+    }
+
     /// Starts every job that is due by `now`.
     fn start_due(&mut self, now: DateTime<Utc>) {
         for (name, due) in self.agenda.take_due(now) {
@@ -478,6 +510,19 @@ impl Supervisor {
         self.in_flight.remove(&name);
         if done.outcome == Outcome::Failed {
             self.failed += 1;
+        }
+        if done.outcome == Outcome::Skipped(Skip::Held) {
+            // Its holder records what it did; look again once it has had the time to.
+            let lease = self
+                .engine
+                .config
+                .storage
+                .as_ref()
+                .map_or(Duration::from_secs(60), |s| s.lease);
+            self.held
+                .insert(name.clone(), crate::schedule::add(Utc::now(), lease / 3));
+        } else {
+            self.held.remove(&name);
         }
         if !self.known.contains_key(&name) {
             return; // removed by a reload meanwhile
@@ -625,6 +670,14 @@ impl Supervisor {
             Ok(engine) => {
                 let n = engine.config.portals.len();
                 self.engine = engine;
+                if let Some(pg) = self.engine.store.as_ref().and_then(|s| s.postgres())
+                    && let Err(e) = pg.register(&self.engine.config).await
+                {
+                    tracing::error!(error = %e, "registering the new config generation");
+                }
+                *self.running.lock().unwrap_or_else(|p| p.into_inner()) =
+                    self.engine.config.clone();
+                self.check_generation().await;
                 if let Err(e) = self.load().await {
                     tracing::error!(error = %e, "reading the state after a reload");
                 }
@@ -648,10 +701,65 @@ impl Supervisor {
             }
         }
         self.notifier.send(Note::Ready(format!(
-            "{} portal(s){}",
+            "{} portal(s){}{}",
             self.engine.config.portals.len(),
-            unreadable_secrets(&self.engine)
+            unreadable_secrets(&self.engine),
+            stale_config_note()
         )));
+    }
+}
+
+/// Records whether this instance runs the newest config generation; an error while not.
+fn set_newest(newest: bool) {
+    let was = rotation::RUNS_NEWEST_CONFIG.swap(newest, std::sync::atomic::Ordering::SeqCst);
+    if !newest {
+        if was {
+            tracing::error!(
+                "another instance runs a newer configuration: this one does not act on changed portal entries until it runs the same (deploy it, then reload)"
+            );
+        }
+    } else if !was {
+        tracing::info!("this instance runs the newest configuration again");
+    }
+}
+
+/// The tail of systemd's status line while the config is not the newest generation.
+fn stale_config_note() -> &'static str {
+    if rotation::RUNS_NEWEST_CONFIG.load(std::sync::atomic::Ordering::SeqCst) {
+        ""
+    } else {
+        "; an older config than another instance's: changed entries wait"
+    }
+}
+
+/// In a cluster, every lease/3: marks this instance alive and checks the config
+/// generation (another instance may have started with a newer one).
+async fn cluster_heartbeat(
+    pg: state::pg::PgStore,
+    running: Arc<std::sync::Mutex<Arc<config::Config>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (every, config) = {
+            let c = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            (
+                c.storage
+                    .as_ref()
+                    .map_or(Duration::from_secs(20), |s| s.lease / 3),
+                c,
+            )
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = pg.heartbeat().await {
+            tracing::warn!(error = %e, "marking this instance alive");
+        }
+        match pg.runs_newest_config(&config).await {
+            Ok(newest) => set_newest(newest),
+            Err(e) => tracing::warn!(error = %e, "reading the config generations"),
+        }
     }
 }
 
@@ -698,11 +806,14 @@ async fn run_job(
     let Some(_slot) = engine.slot(name).await else {
         return done(Outcome::Skipped(Skip::Stopping), None);
     };
+    let mut since = None;
     if due.reason.rotates()
         && let (Some(store), Some(pc)) = (&engine.store, engine.config.portals.get(name))
     {
         // Right before it starts: still due? A `rotate` by hand, or another process, may
-        // have done it meanwhile.
+        // have done it meanwhile. One that does it after this read is found by the
+        // rotation itself, under the portal's lock (`since`).
+        since = store.now().await.ok();
         if let Ok(k) = rotation::known_of(store, name).await {
             let now = Utc::now();
             let p = plan::plan(
@@ -736,7 +847,7 @@ async fn run_job(
             done(outcome, unused)
         }
         _ => {
-            let r = rotation::rotate(engine, name, false).await;
+            let r = rotation::rotate_since(engine, name, false, since).await;
             done(r.outcome, r.unused)
         }
     }

@@ -51,6 +51,8 @@ use crate::state::{self, StateError, Store, now_ms};
 
 /// How long a command waits for another process to release a portal.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
+/// The part of the PUT budget a PUT is not started in: the time to write it to the socket.
+const PUT_MARGIN: Duration = Duration::from_millis(500);
 
 /// A rotation or delivery step failed.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +191,7 @@ impl Engine {
         let store = if dry_run {
             None
         } else {
-            Some(Store::open(&config.daemon.state_dir)?)
+            Some(Store::open_configured(&config)?)
         };
         Ok(Self {
             sinks,
@@ -325,6 +327,9 @@ pub enum Skip {
     MinInterval,
     /// No longer due when its turn came (another process rotated it meanwhile).
     NotDue,
+    /// In a cluster: another instance holds the portal, or took it over (fenced) before
+    /// this one's PUT; that instance carries on.
+    Held,
 }
 
 /// What happened to one portal: typed, so that only what really happened is recorded as
@@ -673,9 +678,26 @@ pub use crate::docspace::MAX_RETRY_AFTER;
 /// Rotates one portal now, after settling what earlier processes left. `force` ignores
 /// `min_interval` and a changed account. In a dry run, does only the read-only steps.
 pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
+    rotate_since(engine, name, force, None).await
+}
+
+/// [`rotate`], skipped (unless `force`) when the portal was rotated at or after `since`
+/// (the state's clock): by another process while this one waited for the portal, or after
+/// the daemon planned it. `None`: since now.
+pub async fn rotate_since(engine: &Engine, name: &str, force: bool, since: Option<i64>) -> Report {
     let started = std::time::Instant::now();
-    let report = match rotate_inner(engine, name, force).await {
+    let report = match rotate_inner(engine, name, force, since).await {
         Ok(r) => r,
+        Err(RotationError::State(e @ (StateError::Busy { .. } | StateError::Fenced { .. })))
+            if engine
+                .store
+                .as_ref()
+                .is_some_and(|s| s.postgres().is_some()) =>
+        {
+            // Not a failure of the portal: another instance has it.
+            tracing::info!(portal = name, "{e}");
+            Report::new(name, Outcome::Skipped(Skip::Held), e.to_string())
+        }
         Err(e) => {
             if let (Some(pc), true) = (
                 engine.config.portals.get(name),
@@ -709,7 +731,12 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
     report
 }
 
-async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report, RotationError> {
+async fn rotate_inner(
+    engine: &Engine,
+    name: &str,
+    force: bool,
+    since: Option<i64>,
+) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
     if engine.dry_run {
         let pf = preflight(engine, pc, false, &Known::default(), force).await?;
@@ -736,6 +763,10 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         ));
     }
     let store = engine.store()?.clone();
+    let since = match since {
+        Some(t) => t,
+        None => store.now().await?,
+    };
     let _lock = store.lock_portal(name, LOCK_WAIT).await?;
     // One read tells whether an earlier process left work here; only a portal with
     // leftovers pays for recovery.
@@ -752,6 +783,22 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
     }
     let known = known(&store, name).await?;
 
+    if !force
+        && let Some(at) = known
+            .row
+            .as_ref()
+            .and_then(|r| r.last_success_at)
+            .filter(|at| *at >= since)
+    {
+        let msg = format!(
+            "skipped: rotated meanwhile by another process ({}); use --force to rotate again",
+            crate::schedule::fmt_utc(
+                chrono::DateTime::from_timestamp_millis(at).unwrap_or_default()
+            )
+        );
+        tracing::info!(portal = name, "rotated meanwhile by another process");
+        return Ok(Report::new(name, Outcome::Skipped(Skip::NotDue), msg));
+    }
     if !force {
         let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
         let last = known
@@ -794,9 +841,27 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
             state::begin_intent(c, &p, "rotate", fp.as_deref(), window_ms)
         })
         .await?;
+    let licensed = std::time::Instant::now();
     tracing::info!(portal = name, journal = journal_id, "intent recorded");
     fail_point("rotation::after_intent");
 
+    // A time-bounded PUT: past its budget after the intent, this process sends none (in a
+    // cluster another instance may have waited the deadline out and settled the intent).
+    // The intent stays open and is settled like any PUT of unknown outcome.
+    let budget = engine.config.daemon.http_timeout;
+    if store.postgres().is_some() && licensed.elapsed() + PUT_MARGIN >= budget {
+        tracing::error!(
+            portal = name,
+            journal = journal_id,
+            late_ms = licensed.elapsed().as_millis() as u64,
+            "the PUT's deadline passed before it was sent (the process stalled); no PUT was sent"
+        );
+        // The intent stays open; whoever holds the portal settles it.
+        return Err(RotationError::State(StateError::Fenced {
+            portal: name.to_string(),
+            why: "the PUT's deadline passed before it was sent".into(),
+        }));
+    }
     let put = pf.portal.new_codes().await;
     fail_point("rotation::after_put");
     if let Err(e) = &put
@@ -825,6 +890,7 @@ async fn rotate_inner(engine: &Engine, name: &str, force: bool) -> Result<Report
         started_at,
         window_ms,
         checks: 0,
+        put_deadline: None,
     };
     match settle::once(engine, &pf.portal, &intent).await? {
         settle::Settle::Found(set) => {
@@ -998,7 +1064,7 @@ async fn seal_and_deliver(
         "delivery_pending"
     };
     let p = name.to_string();
-    let write = move |c: &rusqlite::Connection| {
+    let write = move |c: &dyn state::db::Sql| {
         for (id, outcome) in &outcomes {
             outcome.record(c, *id)?;
         }
@@ -1057,7 +1123,7 @@ impl Attempt {
 
     /// Records it in the state: a delivered payload (and older ones of its sink) leave the
     /// spool; a failed one waits for its next attempt.
-    fn record(&self, c: &rusqlite::Connection, id: i64) -> Result<(), StateError> {
+    fn record(&self, c: &dyn state::db::Sql, id: i64) -> Result<(), StateError> {
         match self {
             Attempt::Delivered => state::delivered(c, id),
             Attempt::Failed(msg, next, permanent, rest) => state::delivery_failed(
@@ -1154,7 +1220,22 @@ async fn deliver_portal(
 /// Settles what earlier processes left for this portal, taking its lock.
 pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
-    let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+    // In a cluster, a portal another instance holds is that instance's to settle now.
+    let wait = if store.postgres().is_some() {
+        Duration::ZERO
+    } else {
+        LOCK_WAIT
+    };
+    let _lock = match store.lock_portal(name, wait).await {
+        Err(e @ StateError::Busy { .. }) if store.postgres().is_some() => {
+            return Ok(Report::new(
+                name,
+                Outcome::Skipped(Skip::Held),
+                e.to_string(),
+            ));
+        }
+        l => l?,
+    };
     recover_locked(engine, name).await
 }
 
@@ -1198,6 +1279,7 @@ async fn recover_locked_why(
                     started_at: j.started_at,
                     window_ms,
                     checks: j.checks,
+                    put_deadline: j.put_deadline,
                 };
                 fail_point("settle::before_get");
                 match settle::once(engine, &portal, &intent).await? {
@@ -1546,5 +1628,11 @@ pub fn policy_of<'a>(
         schedule: config.schedule_of(pc),
         convergence: config.convergence_of(pc),
         entry_fp,
+        follows_changes: RUNS_NEWEST_CONFIG.load(std::sync::atomic::Ordering::SeqCst),
     }
 }
+
+/// In a cluster: whether the config this process runs is the newest generation in the
+/// database (the daemon checks at start and each reload). One per process, like its config.
+pub static RUNS_NEWEST_CONFIG: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);

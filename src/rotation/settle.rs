@@ -42,6 +42,8 @@ pub struct Intent {
     pub window_ms: i64,
     /// GETs made so far.
     pub checks: i64,
+    /// In a cluster: the time after which its writer sends no PUT (the database's clock).
+    pub put_deadline: Option<i64>,
 }
 
 /// What one settle GET found.
@@ -70,7 +72,14 @@ pub async fn once(
     let name = portal.name().to_string();
     let got = portal.codes().await;
     let now = now_ms();
-    let end = intent.started_at.saturating_add(intent.window_ms);
+    // Not closed as not applied before the window has closed, nor (in a cluster) before the
+    // writer's PUT deadline and its grace have passed: its PUT can no longer be sent then.
+    let grace = crate::config::StorageConfig::GRACE.as_millis() as i64;
+    let end = intent.started_at.saturating_add(intent.window_ms).max(
+        intent
+            .put_deadline
+            .map_or(i64::MIN, |d| d.saturating_add(grace)),
+    );
     let (next_check_at, why) = match got {
         Ok(set) => {
             let fp = store.fingerprinter().of_set(&set);

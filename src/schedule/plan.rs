@@ -147,6 +147,10 @@ pub struct Policy<'a> {
     pub convergence: Convergence,
     /// The fingerprint of its entry now.
     pub entry_fp: &'a str,
+    /// False in a cluster for an instance that does not run the newest config: it neither
+    /// rotates for a changed (or new) entry nor adopts its fingerprint, so a rolling
+    /// config change cannot make two instances rotate a portal back and forth.
+    pub follows_changes: bool,
 }
 
 /// The moment of planning.
@@ -198,7 +202,7 @@ pub fn plan(p: &Policy<'_>, k: &Known, t: &Now) -> Plan {
     };
     let mut cands: Vec<Due> = Vec::with_capacity(3);
 
-    if k.entry_fp.as_deref() != Some(p.entry_fp) {
+    if k.entry_fp.as_deref() != Some(p.entry_fp) && p.follows_changes {
         match p.schedule {
             Some(s) if s.rotate_on_change => cands.push(Due {
                 at: now,
@@ -367,6 +371,7 @@ mod tests {
             schedule: s,
             convergence: NO_WATCH,
             entry_fp: "fp",
+            follows_changes: true,
         }
     }
 

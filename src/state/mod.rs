@@ -1,4 +1,5 @@
-//! The state store: one SQLite database in the state directory.
+//! The state store: one SQLite database in the state directory, or (several instances)
+//! one PostgreSQL database shared by them (`pg.rs`).
 //!
 //! It holds per portal the last attempt, result, fingerprint and unused count; the rotation
 //! journal; the spool of sealed payloads; a history; and the secret key of the fingerprints.
@@ -12,8 +13,9 @@
 //! Processes are serialised per portal by an exclusive `flock` on `locks/PORTAL.lock`: the
 //! kernel releases it when the process dies, so a crash never leaves a portal locked.
 //!
-//! The methods are synchronous; async callers go through [`Store::call`], which runs them on
-//! the blocking pool.
+//! The statements are synchronous functions on [`db::Sql`], written once for both
+//! databases; async callers go through [`Store::call`] and [`Store::write`], which run them
+//! on the blocking pool inside a transaction of whichever database the config names.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -27,7 +29,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::crypto::Fingerprinter;
 
 mod alerts;
+pub mod db;
 mod journal;
+pub mod migrate;
 pub mod pg;
 mod portals;
 mod spool;
@@ -51,6 +55,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_open_journal_index.sql"),
     include_str!("migrations/0004_convergence.sql"),
     include_str!("migrations/0005_agenda.sql"),
+    include_str!("migrations/0006_cluster.sql"),
 ];
 const DB_FILE: &str = "state.sqlite";
 
@@ -86,16 +91,37 @@ pub enum StateError {
         supported: usize,
     },
     /// Another process holds the portal.
-    #[error("portal {portal} is busy: another tfa-rotator process is working on it")]
+    #[error("portal {portal} is busy: {holder} is working on it")]
     Busy {
         /// The portal.
         portal: String,
+        /// Who: "another tfa-rotator process", or the instance named in the database.
+        holder: String,
     },
     /// A batched commit failed; every write in it failed with it.
     #[error("state database: {message}")]
     Commit {
         /// What failed, as SQLite said it.
         message: String,
+    },
+    /// A database other than SQLite refused, or answered what the schema does not expect.
+    #[error("state database: {action}: {detail}")]
+    Db {
+        /// What was being done.
+        action: &'static str,
+        /// What the database said.
+        detail: String,
+    },
+    /// In a cluster: this instance's claim on the portal lapsed or was taken over, so it
+    /// may not send a PUT for it.
+    #[error(
+        "portal {portal}: fenced: {why}; no PUT was sent (the instance that holds it now carries on)"
+    )]
+    Fenced {
+        /// The portal.
+        portal: String,
+        /// Why.
+        why: String,
     },
     /// The directory is unsafe.
     #[error("state directory {path}: {reason}")]
@@ -124,20 +150,29 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The state store. Cloning shares the connection.
+/// The state store. Cloning shares the connection (SQLite) or the pool (PostgreSQL).
 #[derive(Clone)]
 pub struct Store {
-    // A std mutex: the connection is only used inside `spawn_blocking`, never across an await.
-    conn: Arc<Mutex<Connection>>,
+    backend: Backend,
     dir: PathBuf,
     fingerprinter: Arc<Fingerprinter>,
     read_only: bool,
-    queue: Arc<Mutex<WriteQueue>>,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite {
+        // A std mutex: the connection is only used inside `spawn_blocking`, never across an
+        // await.
+        conn: Arc<Mutex<Connection>>,
+        queue: Arc<Mutex<WriteQueue>>,
+    },
+    Postgres(pg::PgStore),
 }
 
 /// A queued write: runs inside its savepoint, says whether it succeeded, and hands back
 /// how to answer its caller once the commit's outcome is known.
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+type WriteJob = Box<dyn FnOnce(&dyn db::Sql) -> (bool, Reply) + Send>;
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 #[derive(Default)]
@@ -166,9 +201,15 @@ impl Drop for DrainGuard {
     }
 }
 
-/// An exclusive hold on one portal; released on drop (or by the kernel if the process dies).
+/// An exclusive hold on one portal; released on drop (or by the kernel if the process dies;
+/// in a cluster, by the lease running out).
 pub struct PortalLock {
-    _file: File,
+    _hold: Hold,
+}
+
+enum Hold {
+    File(#[allow(dead_code)] File),
+    Claim(#[allow(dead_code)] pg::ClaimGuard),
 }
 
 impl Store {
@@ -237,11 +278,13 @@ impl Store {
         let key = fingerprint_key(&conn)?;
         drop(setup);
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Backend::Sqlite {
+                conn: Arc::new(Mutex::new(conn)),
+                queue: Default::default(),
+            },
             dir: dir.to_path_buf(),
             fingerprinter: Arc::new(Fingerprinter::new(&key)),
             read_only: false,
-            queue: Default::default(),
         })
     }
 
@@ -276,11 +319,13 @@ impl Store {
         }
         let key = fingerprint_key_read(&conn)?;
         Ok(Some(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Backend::Sqlite {
+                conn: Arc::new(Mutex::new(conn)),
+                queue: Default::default(),
+            },
             dir: dir.to_path_buf(),
             fingerprinter: Arc::new(Fingerprinter::new(&key)),
             read_only: true,
-            queue: Default::default(),
         }))
     }
 
@@ -299,16 +344,61 @@ impl Store {
         &self.fingerprinter
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Opens the store the config names: SQLite in `daemon.state_dir`, or the PostgreSQL
+    /// database of `[storage]` (which is migrated and registers this instance).
+    pub fn open_configured(config: &crate::config::Config) -> Result<Self, StateError> {
+        match &config.storage {
+            None => Self::open(&config.daemon.state_dir),
+            Some(st) => {
+                let pg = pg::PgStore::open_blocking(st, config)?;
+                Ok(Self::with_postgres(pg, &config.daemon.state_dir))
+            }
+        }
+    }
+
+    /// [`Store::open_read_only`] for the store the config names (PostgreSQL is read, not
+    /// migrated; `None` when it has no schema yet).
+    pub fn open_configured_read_only(
+        config: &crate::config::Config,
+    ) -> Result<Option<Self>, StateError> {
+        match &config.storage {
+            None => Self::open_read_only(&config.daemon.state_dir),
+            Some(st) => Ok(pg::PgStore::open_read_only_blocking(st, config)?
+                .map(|pg| Self::with_postgres(pg, &config.daemon.state_dir))),
+        }
+    }
+
+    fn with_postgres(pg: pg::PgStore, dir: &Path) -> Self {
+        Self {
+            fingerprinter: Arc::new(Fingerprinter::new(pg.fingerprint_key())),
+            read_only: pg.is_read_only(),
+            backend: Backend::Postgres(pg),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The PostgreSQL backend, when this store is one.
+    pub fn postgres(&self) -> Option<&pg::PgStore> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// Runs `f` on the blocking pool: with the connection (SQLite), or inside a read
+    /// transaction (PostgreSQL).
     pub async fn call<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+        F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let conn = match &self.backend {
+            Backend::Sqlite { conn, .. } => conn.clone(),
+            Backend::Postgres(pg) => return pg.transaction(f).await,
+        };
         let joined = tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c)
+            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&*c)
         })
         .await;
         match joined {
@@ -321,18 +411,19 @@ impl Store {
         }
     }
 
-    /// Runs `f` in an IMMEDIATE transaction on the blocking pool and returns once what it
-    /// wrote is committed and fsync'd, or not at all.
+    /// Runs `f` in a transaction on the blocking pool and returns once what it wrote is
+    /// committed and durable, or not at all.
     ///
-    /// Group commit: writes that arrive while a commit is being fsync'd are run together in
-    /// the next transaction, each inside its own savepoint (so one that fails leaves no
-    /// trace and does not undo the others), and committed with one fsync. No caller hears
-    /// back before its own commit is durable, so the protocol's ordering (intent before PUT,
-    /// seal before delivery) is exactly as with one transaction per write.
+    /// SQLite, group commit: writes that arrive while a commit is being fsync'd are run
+    /// together in the next IMMEDIATE transaction, each inside its own savepoint (so one
+    /// that fails leaves no trace and does not undo the others), and committed with one
+    /// fsync. No caller hears back before its own commit is durable, so the protocol's
+    /// ordering (intent before PUT, seal before delivery) is exactly as with one transaction
+    /// per write. PostgreSQL: one transaction per write (`synchronous_commit = on`).
     pub async fn write<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+        F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
     {
         self.write_with(f, false).await
     }
@@ -344,7 +435,7 @@ impl Store {
     pub async fn write_then_checkpoint<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+        F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
     {
         self.write_with(f, true).await
     }
@@ -352,10 +443,14 @@ impl Store {
     async fn write_with<T, F>(&self, f: F, checkpoint: bool) -> Result<T, StateError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StateError> + Send + 'static,
+        F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
     {
+        let (conn, queue) = match &self.backend {
+            Backend::Sqlite { conn, queue } => (conn.clone(), queue.clone()),
+            Backend::Postgres(pg) => return pg.transaction(f).await,
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: WriteJob = Box::new(move |c: &Connection| match f(c) {
+        let job: WriteJob = Box::new(move |c: &dyn db::Sql| match f(c) {
             Ok(v) => (
                 true,
                 Box::new(move |committed: Result<(), String>| {
@@ -374,19 +469,18 @@ impl Store {
             ),
         });
         let start = {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
             q.jobs.push((job, checkpoint));
             !std::mem::replace(&mut q.draining, true)
         };
         if start {
-            let this = self.clone();
             let guard = DrainGuard {
-                queue: self.queue.clone(),
+                queue: queue.clone(),
                 armed: true,
             };
             tokio::task::spawn_blocking(move || {
                 let mut guard = guard;
-                this.drain();
+                drain(&conn, &queue);
                 guard.armed = false;
             });
         }
@@ -397,70 +491,35 @@ impl Store {
         })
     }
 
-    /// Runs queued writes in batches until the queue is empty.
-    fn drain(&self) {
-        loop {
-            let jobs = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if q.jobs.is_empty() {
-                    q.draining = false;
-                    return;
-                }
-                std::mem::take(&mut q.jobs)
-            };
-            let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            let mut replies = Vec::with_capacity(jobs.len());
-            let checkpoint = jobs.iter().any(|(_, ck)| *ck);
-            let committed = (|| -> Result<(), rusqlite::Error> {
-                exec(&c, "BEGIN IMMEDIATE", [])?;
-                for (job, _) in jobs {
-                    exec(&c, "SAVEPOINT w", [])?;
-                    let (ok, reply) = job(&c);
-                    if !ok {
-                        exec(&c, "ROLLBACK TO w", [])?;
-                    }
-                    exec(&c, "RELEASE w", [])?;
-                    replies.push(reply);
-                }
-                exec(&c, "COMMIT", []).map(drop)
-            })();
-            let committed = committed.map_err(|e| {
-                // Leave the connection usable for the next batch.
-                let _ = c.execute_batch("ROLLBACK");
-                format!("committing: {e}")
-            });
-            if checkpoint && committed.is_ok() {
-                // Before anyone hears back: a caller that moves on finds no plain text left.
-                // A reader in another process can keep frames alive (SQLITE_BUSY); the next
-                // checkpoint, or the last connection's close, takes them then.
-                match c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                }) {
-                    Ok(0) => {}
-                    Ok(_) => tracing::debug!("the WAL checkpoint was blocked by a reader"),
-                    Err(e) => tracing::warn!(error = %e, "checkpointing the WAL"),
-                }
-            }
-            drop(c);
-            for reply in replies {
-                reply(committed.clone());
-            }
-        }
+    /// The state's clock (the database server's in a cluster).
+    pub async fn now(&self) -> Result<i64, StateError> {
+        self.call(|c| c.now()).await
     }
 
-    /// Takes the portal's lock, waiting up to `wait` for another process to let go.
+    /// Takes the portal's lock, waiting up to `wait` for another process to let go. In a
+    /// cluster the lock is a claim on the portal's row (a lease with a fencing epoch,
+    /// renewed while held): another instance's live claim makes it wait the same way.
     pub async fn lock_portal(
         &self,
         portal: &str,
         wait: Duration,
     ) -> Result<PortalLock, StateError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            return Ok(PortalLock {
+                _hold: Hold::Claim(pg.claim(portal, wait).await?),
+            });
+        }
         let path = self.dir.join("locks").join(format!("{portal}.lock"));
         let deadline = tokio::time::Instant::now() + wait;
         let file = open_no_follow(&path).map_err(io(&path, "opening the portal lock"))?;
         let mut delay = Duration::from_millis(5);
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(PortalLock { _file: file }),
+                Ok(()) => {
+                    return Ok(PortalLock {
+                        _hold: Hold::File(file),
+                    });
+                }
                 Err(fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(200));
@@ -468,10 +527,62 @@ impl Store {
                 Err(fs::TryLockError::WouldBlock) => {
                     return Err(StateError::Busy {
                         portal: portal.to_string(),
+                        holder: "another tfa-rotator process".into(),
                     });
                 }
                 Err(fs::TryLockError::Error(e)) => return Err(io(&path, "locking the portal")(e)),
             }
+        }
+    }
+}
+
+/// Runs queued SQLite writes in batches until the queue is empty.
+fn drain(conn: &Mutex<Connection>, queue: &Mutex<WriteQueue>) {
+    loop {
+        let jobs = {
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.jobs.is_empty() {
+                q.draining = false;
+                return;
+            }
+            std::mem::take(&mut q.jobs)
+        };
+        let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut replies = Vec::with_capacity(jobs.len());
+        let checkpoint = jobs.iter().any(|(_, ck)| *ck);
+        let committed = (|| -> Result<(), rusqlite::Error> {
+            c.execute_batch("BEGIN IMMEDIATE")?;
+            for (job, _) in jobs {
+                c.execute_batch("SAVEPOINT w")?;
+                let (ok, reply) = job(&*c);
+                if !ok {
+                    c.execute_batch("ROLLBACK TO w")?;
+                }
+                c.execute_batch("RELEASE w")?;
+                replies.push(reply);
+            }
+            c.execute_batch("COMMIT")
+        })();
+        let committed = committed.map_err(|e| {
+            // Leave the connection usable for the next batch.
+            let _ = c.execute_batch("ROLLBACK");
+            format!("committing: {e}")
+        });
+        if checkpoint && committed.is_ok() {
+            // Before anyone hears back: a caller that moves on finds no plain text left.
+            // A reader in another process can keep frames alive (SQLITE_BUSY); the next
+            // checkpoint, or the last connection's close, takes them then.
+            match c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(0) => {}
+                Ok(_) => tracing::debug!("the WAL checkpoint was blocked by a reader"),
+                Err(e) => tracing::warn!(error = %e, "checkpointing the WAL"),
+            }
+        }
+        drop(c);
+        for reply in replies {
+            reply(committed.clone());
         }
     }
 }
@@ -609,32 +720,12 @@ fn fingerprint_key(conn: &Connection) -> Result<Vec<u8>, StateError> {
     fingerprint_key_read(conn)
 }
 
-// ---- The statements, as plain functions on a connection. ----
-
-/// `execute` through the connection's statement cache: the protocol runs the same few
-/// statements for every portal, and parsing them each time was a visible share of a mass
-/// rotation's CPU.
-pub(crate) fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
-    c.prepare_cached(sql)?.execute(p)
-}
-
-/// `query_row` through the statement cache.
-pub(crate) fn query_row<T>(
-    c: &Connection,
-    sql: &str,
-    p: impl rusqlite::Params,
-    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    c.prepare_cached(sql)?.query_row(p, f)
-}
-
-pub(crate) fn ensure_portal(c: &Connection, portal: &str) -> Result<(), StateError> {
-    exec(
-        c,
-        "INSERT OR IGNORE INTO portals (name) VALUES (?1)",
-        params![portal],
-    )
-    .map_err(sql("adding a portal row"))?;
+pub(crate) fn ensure_portal(c: &dyn db::Sql, portal: &str) -> Result<(), StateError> {
+    c.exec(
+        "adding a portal row",
+        "INSERT INTO portals (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+        db::vals![portal],
+    )?;
     Ok(())
 }
 
@@ -717,14 +808,18 @@ mod tests {
             .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let c = store.conn.lock().unwrap();
+        let Backend::Sqlite { conn, .. } = &store.backend else {
+            unreachable!("opened as SQLite")
+        };
+        let c = conn.lock().unwrap();
+        let c = &*c;
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
-        assert_eq!(pending(&c, Some("acme"), None).unwrap().len(), 1);
+        assert_eq!(pending(c, Some("acme"), None).unwrap().len(), 1);
         assert_eq!(
-            alerts_due(&c, 1, i64::MAX).unwrap().len(),
+            alerts_due(c, 1, i64::MAX).unwrap().len(),
             1,
             "the new columns work on old rows"
         );
@@ -749,23 +844,27 @@ mod tests {
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let c = store.conn.lock().unwrap();
+        let Backend::Sqlite { conn, .. } = &store.backend else {
+            unreachable!("opened as SQLite")
+        };
+        let c = conn.lock().unwrap();
+        let c = &*c;
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
-        let acme = sink_sets(&c, "acme").unwrap();
+        let acme = sink_sets(c, "acme").unwrap();
         assert_eq!(acme.len(), 1);
         assert_eq!(
             acme["*"], "fp-acme-2",
             "the last set sealed, not an older one"
         );
-        let beta = sink_sets(&c, "beta").unwrap();
+        let beta = sink_sets(c, "beta").unwrap();
         assert_eq!(beta["*"], "fp-beta-2");
         assert_eq!(beta["mail"], "fp-beta-2", "the pending payload's set");
-        assert_eq!(pending(&c, Some("beta"), None).unwrap().len(), 1);
-        assert!(open_journal(&c, None).unwrap().is_empty());
-        let row = portal_row(&c, "acme").unwrap().unwrap();
+        assert_eq!(pending(c, Some("beta"), None).unwrap().len(), 1);
+        assert!(open_journal(c, None).unwrap().is_empty());
+        let row = portal_row(c, "acme").unwrap().unwrap();
         assert_eq!(row.entry_fp.as_deref(), Some("entry-acme"));
         assert_eq!((row.drifts, row.account_id), (0, None));
     }

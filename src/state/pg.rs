@@ -1,43 +1,39 @@
-//! Groundwork for several instances on one PostgreSQL: the coordinator's claims and the
-//! fenced journal (design note `scale-out.md`), against a real server. Not wired into the
-//! rotation or the daemon yet: `[storage] type = "postgres"` does not exist until it is.
+//! The state in PostgreSQL, for several instances (design note `scale-out.md`).
 //!
-//! The protocol, every time the server's `clock_timestamp()`:
-//! - **claim**: due portals whose lease is free or expired are taken with `FOR UPDATE SKIP
-//!   LOCKED`, so concurrent claimers never take the same row; each claim bumps the portal's
-//!   epoch, the fencing token.
-//! - **renew** and **release** only match the owner's own epoch: after a takeover they change
-//!   nothing and say so.
-//! - **fenced intent**: written only while the claim is live for the whole PUT budget and a
-//!   grace (`lease_until > now + budget + grace`), with `put_deadline = now + budget`; one
-//!   open intent per portal (a partial unique index).
-//! - **seal**: always stored, marked `fenced` when the claim's epoch moved on meanwhile.
-//! - **recovery**: another owner's open intent is settled only once its `put_deadline` plus
-//!   the grace has passed, so a stalled PUT can no longer land after the GET that settles it.
+//! The statements are the same as SQLite's (`db.rs`): this module runs them inside a
+//! transaction of `tokio-postgres` (a `deadpool-postgres` pool), and adds what a cluster
+//! needs, every time on the server's `clock_timestamp()` (one clock for all instances):
+//! - **claims**: [`PgStore::claim`] takes a portal whose lease is free or expired, bumping
+//!   its epoch (the fencing token); a task renews it every lease/3 while it is held, and it
+//!   is released when dropped. A claim another instance holds makes the caller wait or
+//!   say `busy`, naming that instance: commands by hand take the same claims as daemons.
+//! - **fenced intent**: `license_put` runs in the intent's transaction and locks the
+//!   portal's row: the intent is written only while the claim is ours (same epoch) and its
+//!   lease outlives the PUT budget plus a grace; it stores `put_deadline`, after which the
+//!   writer sends no PUT and before which (plus the grace) nobody settles it as not applied.
+//! - **seals** are always kept (`seal` has no fence): the set is the portal's truth.
+//! - **nodes** and **config generations**: each instance says who it is, when it was last
+//!   alive and which config it runs; an instance whose config is not the newest one does
+//!   not act on "changed" (a rolling change cannot ping-pong).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
-/// A PostgreSQL error, with what was being done and what the server said.
-#[derive(Debug, thiserror::Error)]
-#[error("PostgreSQL: {what}: {detail}")]
-pub struct PgError {
-    what: &'static str,
-    detail: String,
-}
+use super::StateError;
+use super::db::{Row, Sql, Val, to_dollar};
+use crate::config::{Config, StorageConfig};
 
-impl PgError {
-    /// The SQLSTATE the server answered, if it answered.
-    pub fn is_unique_violation(&self) -> bool {
-        self.detail.starts_with("23505")
-    }
-}
+/// The schema, one file per version; `schema_version` holds the last applied.
+const MIGRATIONS: &[&str] = &[include_str!("pg_migrations/0001_initial.sql")];
 
-fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
-    move |e| PgError {
-        what,
+fn pg(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
+    move |e| StateError::Db {
+        action,
         // tokio-postgres says only "db error" for an error the server sent: its code and
         // message are what matter.
         detail: match e.as_db_error() {
@@ -47,271 +43,698 @@ fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     }
 }
 
-/// A portal this instance holds: the fencing token is `epoch`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Claim {
-    /// Portal.
-    pub portal: String,
-    /// The epoch the claim made.
-    pub epoch: i64,
-}
-
-/// An open intent written under a claim.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Intent {
-    /// Journal row.
-    pub id: i64,
-    /// Portal.
-    pub portal: String,
-    /// The epoch it was written under.
-    pub epoch: i64,
-    /// Server time (Unix ms) after which no PUT may be sent for it.
-    pub put_deadline_ms: i64,
-}
-
-/// The coordinator: claims, heartbeats and the fenced journal on one PostgreSQL database.
-#[derive(Clone)]
-pub struct Coordinator {
-    pool: Pool,
-    /// This instance's name in `lease_owner`.
-    pub me: String,
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS portals (
-    name        TEXT PRIMARY KEY,
-    next_due_at TIMESTAMPTZ,
-    lease_owner TEXT,
-    lease_epoch BIGINT NOT NULL DEFAULT 0,
-    lease_until TIMESTAMPTZ
-);
-CREATE TABLE IF NOT EXISTS journal (
-    id           BIGSERIAL PRIMARY KEY,
-    portal       TEXT NOT NULL REFERENCES portals(name),
-    epoch        BIGINT NOT NULL,
-    phase        TEXT NOT NULL CHECK (phase IN ('intent', 'sealed', 'done', 'not_applied')),
-    started_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
-    put_deadline TIMESTAMPTZ NOT NULL,
-    set_fp       TEXT,
-    sealed_epoch BIGINT,
-    fenced       BOOLEAN
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_open_intent ON journal (portal) WHERE phase = 'intent';
-";
-
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-impl Coordinator {
-    /// Connects (a pool of `size`) to `url` (a libpq connection string) as `me`, and
-    /// creates the tables.
-    pub async fn connect(url: &str, me: &str, size: usize) -> Result<Self, PgError> {
-        let config: tokio_postgres::Config = url.parse().map_err(pg("parsing the URL"))?;
+/// Runs a future to its end from synchronous code on a runtime thread (opening the store
+/// happens while the engine is built, which is not async).
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| handle.block_on(f))
+}
+
+// ---- values ----
+
+impl ToSql for Val {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes_buf::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Val::Null => Ok(IsNull::Yes),
+            Val::Int(v) => match *ty {
+                Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+                Type::BOOL => (*v != 0).to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            Val::Text(v) => v.as_str().to_sql(ty, out),
+            Val::Blob(v) => v.as_slice().to_sql(ty, out),
+        }
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+    to_sql_checked!();
+}
+
+struct Out(Val);
+
+impl<'a> FromSql<'a> for Out {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Out(match *ty {
+            Type::INT8 => Val::Int(i64::from_sql(ty, raw)?),
+            Type::INT4 => Val::Int(i32::from_sql(ty, raw)?.into()),
+            Type::INT2 => Val::Int(i16::from_sql(ty, raw)?.into()),
+            Type::BOOL => Val::Int(bool::from_sql(ty, raw)?.into()),
+            Type::BYTEA => Val::Blob(<Vec<u8>>::from_sql(ty, raw)?),
+            Type::NUMERIC => {
+                return Err("a NUMERIC column; cast it to BIGINT".into());
+            }
+            _ => Val::Text(String::from_sql(ty, raw)?),
+        }))
+    }
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Out(Val::Null))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+fn params(v: &[Val]) -> Vec<&(dyn ToSql + Sync)> {
+    v.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+fn to_row(r: &tokio_postgres::Row) -> Result<Row, tokio_postgres::Error> {
+    (0..r.len())
+        .map(|i| r.try_get::<_, Out>(i).map(|o| o.0))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Row)
+}
+
+// ---- the store ----
+
+struct Shared {
+    pool: Pool,
+    me: String,
+    lease: Duration,
+    /// What one PUT may take (`daemon.http_timeout`).
+    put_budget: Duration,
+    /// Portals this process holds, with the epoch of its claim.
+    claims: Mutex<HashMap<String, i64>>,
+    key: Vec<u8>,
+    read_only: bool,
+}
+
+/// The PostgreSQL backend of [`super::Store`]. Cloning shares the pool.
+#[derive(Clone)]
+pub struct PgStore {
+    shared: Arc<Shared>,
+}
+
+/// Who holds a portal, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Lease {
+    /// Portal.
+    pub portal: String,
+    /// The instance.
+    pub owner: String,
+    /// Its fencing epoch.
+    pub epoch: i64,
+    /// Seconds the lease has left.
+    pub left_s: i64,
+}
+
+/// An instance of the cluster, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Node {
+    /// Its name.
+    pub name: String,
+    /// Version of tfa-rotator.
+    pub version: String,
+    /// Seconds since it was last alive.
+    pub seen_s_ago: i64,
+    /// Whether it runs the newest config generation.
+    pub newest_config: bool,
+}
+
+/// The default instance name: HOSTNAME:PID.
+pub fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+impl PgStore {
+    /// Connects, migrates and registers this instance, from synchronous code.
+    pub fn open_blocking(st: &StorageConfig, config: &Config) -> Result<Self, StateError> {
+        block(Self::open(st, config, false))?.ok_or_else(|| StateError::Db {
+            action: "opening PostgreSQL",
+            detail: "the database has no schema after the migration".into(),
+        })
+    }
+
+    /// Connects without migrating or registering; `None` when the database has no schema.
+    pub fn open_read_only_blocking(
+        st: &StorageConfig,
+        config: &Config,
+    ) -> Result<Option<Self>, StateError> {
+        block(Self::open(st, config, true))
+    }
+
+    /// Connects to `[storage] url`; unless `read_only`, migrates the schema (one instance
+    /// at a time) and stores the cluster's fingerprint key if it has none.
+    pub async fn open(
+        st: &StorageConfig,
+        config: &Config,
+        read_only: bool,
+    ) -> Result<Option<Self>, StateError> {
+        let url = st.url.value.resolve().map_err(|e| StateError::Db {
+            action: "reading storage.url",
+            detail: e,
+        })?;
+        let me = st.instance.clone().unwrap_or_else(default_instance);
+        let pool = Self::pool(secrecy::ExposeSecret::expose_secret(&url))?;
+        let mut client = get(&pool).await?;
+        if !read_only {
+            migrate(&mut client).await?;
+        } else if client
+            .query_opt("SELECT to_regclass('schema_version')::TEXT", &[])
+            .await
+            .map_err(pg("reading the schema version"))?
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let key: Option<Vec<u8>> = client
+            .query_opt("SELECT value FROM meta WHERE key = 'fingerprint_key'", &[])
+            .await
+            .map_err(pg("reading the fingerprint key"))?
+            .map(|r| r.get(0));
+        let key = match key {
+            Some(k) => k,
+            None if read_only => return Ok(None),
+            None => {
+                return Err(StateError::Db {
+                    action: "reading the fingerprint key",
+                    detail: "missing after the migration".into(),
+                });
+            }
+        };
+        drop(client);
+        let store = Self {
+            shared: Arc::new(Shared {
+                pool,
+                me,
+                lease: st.lease,
+                put_budget: config.daemon.http_timeout,
+                claims: Mutex::new(HashMap::new()),
+                key,
+                read_only,
+            }),
+        };
+        if !read_only {
+            store.register(config).await?;
+        }
+        Ok(Some(store))
+    }
+
+    fn pool(url: &str) -> Result<Pool, StateError> {
+        let config: tokio_postgres::Config = url.parse().map_err(pg("parsing storage.url"))?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let pool = Pool::builder(manager)
-            .max_size(size)
+        Pool::builder(manager)
+            .max_size(16)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
-            .map_err(|e| PgError {
-                what: "building the pool",
+            .map_err(|e| StateError::Db {
+                action: "building the connection pool",
                 detail: e.to_string(),
-            })?;
-        let c = Self {
-            pool,
-            me: me.to_string(),
-        };
-        c.client()
-            .await?
-            .batch_execute(SCHEMA)
-            .await
-            .map_err(pg("creating the tables"))?;
-        Ok(c)
+            })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
-        self.pool.get().await.map_err(|e| PgError {
-            what: "connecting",
-            detail: crate::errors::chain(&e),
+    /// The cluster's fingerprint key.
+    pub fn fingerprint_key(&self) -> &[u8] {
+        &self.shared.key
+    }
+
+    /// Whether this store refuses changes.
+    pub fn is_read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    /// This instance's name.
+    pub fn me(&self) -> &str {
+        &self.shared.me
+    }
+
+    /// Runs `f` inside one transaction on the blocking pool, committed before it returns.
+    pub async fn transaction<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
+    {
+        let mut client = get(&self.shared.pool).await?;
+        let shared = self.shared.clone();
+        let handle = tokio::runtime::Handle::current();
+        let joined = tokio::task::spawn_blocking(move || {
+            let tx = handle
+                .block_on(client.transaction())
+                .map_err(pg("starting a transaction"))?;
+            let out = f(&PgTx {
+                tx: &tx,
+                handle: &handle,
+                shared: &shared,
+            })?;
+            handle.block_on(tx.commit()).map_err(pg("committing"))?;
+            Ok(out)
+        })
+        .await;
+        joined.unwrap_or_else(|e| {
+            Err(StateError::Db {
+                action: "running a database task",
+                detail: e.to_string(),
+            })
         })
     }
 
-    /// Makes `portal` known, due `due_in` from now (server time).
-    pub async fn upsert_portal(&self, portal: &str, due_in: Duration) -> Result<(), PgError> {
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO portals (name, next_due_at)
-                 VALUES ($1, clock_timestamp() + $2::BIGINT * interval '1 millisecond')
-                 ON CONFLICT (name) DO UPDATE SET next_due_at = EXCLUDED.next_due_at",
-                &[&portal, &ms(due_in)],
-            )
-            .await
-            .map_err(pg("adding a portal"))?;
-        Ok(())
+    /// Claims `portal` for this process, waiting up to `wait` while another instance (or
+    /// another task of this one) holds it.
+    pub async fn claim(&self, portal: &str, wait: Duration) -> Result<ClaimGuard, StateError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let client = get(&self.shared.pool).await?;
+            client
+                .execute(
+                    "INSERT INTO portals (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+                    &[&portal],
+                )
+                .await
+                .map_err(pg("adding a portal row"))?;
+            let row = client
+                .query_opt(
+                    "UPDATE portals SET lease_owner = $2, lease_epoch = lease_epoch + 1,
+                            lease_until = clock_timestamp() + $3::BIGINT * interval '1 millisecond'
+                      WHERE name = $1 AND (lease_owner IS NULL OR lease_until < clock_timestamp())
+                     RETURNING lease_epoch",
+                    &[&portal, &self.shared.me, &ms(self.shared.lease)],
+                )
+                .await
+                .map_err(pg("claiming a portal"))?;
+            if let Some(r) = row {
+                let epoch: i64 = r.get(0);
+                return Ok(self.hold(portal, epoch));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let holder: Option<String> = client
+                    .query_opt(
+                        "SELECT lease_owner FROM portals WHERE name = $1",
+                        &[&portal],
+                    )
+                    .await
+                    .map_err(pg("reading a claim"))?
+                    .and_then(|r| r.get(0));
+                return Err(StateError::Busy {
+                    portal: portal.to_string(),
+                    holder: match holder {
+                        Some(h) if h == self.shared.me => "this instance".into(),
+                        Some(h) => format!("instance {h}"),
+                        None => "another instance".into(),
+                    },
+                });
+            }
+            drop(client);
+            tokio::time::sleep(delay.min(deadline - tokio::time::Instant::now())).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
     }
 
-    /// Claims up to `limit` due portals whose lease is free or expired, for `lease`.
-    pub async fn claim_due(&self, lease: Duration, limit: i64) -> Result<Vec<Claim>, PgError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "UPDATE portals p
-                    SET lease_owner = $1, lease_epoch = p.lease_epoch + 1,
-                        lease_until = clock_timestamp() + $2::BIGINT * interval '1 millisecond'
-                   FROM (SELECT name FROM portals
-                          WHERE next_due_at <= clock_timestamp()
-                            AND (lease_until IS NULL OR lease_until < clock_timestamp())
-                          ORDER BY next_due_at
-                          LIMIT $3
-                          FOR UPDATE SKIP LOCKED) due
-                  WHERE p.name = due.name
-                 RETURNING p.name, p.lease_epoch",
-                &[&self.me, &ms(lease), &limit],
-            )
-            .await
-            .map_err(pg("claiming due portals"))?;
-        Ok(rows
-            .iter()
-            .map(|r| Claim {
-                portal: r.get(0),
-                epoch: r.get(1),
-            })
-            .collect())
+    fn hold(&self, portal: &str, epoch: i64) -> ClaimGuard {
+        self.shared
+            .claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(portal.to_string(), epoch);
+        let lost = Arc::new(AtomicBool::new(false));
+        let (store, p, l) = (self.clone(), portal.to_string(), lost.clone());
+        let heartbeat = tokio::spawn(async move {
+            let every = store.shared.lease / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                match store.renew(&p, epoch).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(portal = %p, epoch, "the claim was lost: another instance took the portal over; no PUT will be sent under it");
+                        store.forget_claim(&p, epoch);
+                        l.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    // The lease outlives a few failed renewals; the fence stops a PUT if
+                    // it runs out.
+                    Err(e) => tracing::warn!(portal = %p, error = %e, "renewing a claim"),
+                }
+            }
+        });
+        ClaimGuard {
+            store: self.clone(),
+            portal: portal.to_string(),
+            epoch,
+            heartbeat,
+            lost,
+        }
     }
 
-    /// Extends a claim by `lease`; false when it was lost (expired and taken over).
-    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, PgError> {
-        let n = self
-            .client()
+    fn forget_claim(&self, portal: &str, epoch: i64) {
+        let mut claims = self.shared.claims.lock().unwrap_or_else(|p| p.into_inner());
+        if claims.get(portal) == Some(&epoch) {
+            claims.remove(portal);
+        }
+    }
+
+    async fn renew(&self, portal: &str, epoch: i64) -> Result<bool, StateError> {
+        let n = get(&self.shared.pool)
             .await?
             .execute(
                 "UPDATE portals SET lease_until = clock_timestamp() + $4::BIGINT * interval '1 millisecond'
                   WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
-                &[&claim.portal, &self.me, &claim.epoch, &ms(lease)],
+                &[&portal, &self.shared.me, &epoch, &ms(self.shared.lease)],
             )
             .await
             .map_err(pg("renewing a claim"))?;
         Ok(n == 1)
     }
 
-    /// Gives a claim back with the portal's next due time; false when it was lost.
-    pub async fn release(&self, claim: &Claim, next_due_in: Duration) -> Result<bool, PgError> {
-        let n = self
-            .client()
+    async fn release(&self, portal: &str, epoch: i64) -> Result<(), StateError> {
+        get(&self.shared.pool)
             .await?
             .execute(
-                "UPDATE portals SET lease_owner = NULL, lease_until = NULL,
-                        next_due_at = clock_timestamp() + $4::BIGINT * interval '1 millisecond'
+                "UPDATE portals SET lease_owner = NULL, lease_until = NULL
                   WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
-                &[&claim.portal, &self.me, &claim.epoch, &ms(next_due_in)],
+                &[&portal, &self.shared.me, &epoch],
             )
             .await
             .map_err(pg("releasing a claim"))?;
-        Ok(n == 1)
+        Ok(())
     }
 
-    /// Writes the intent that licenses one PUT, only while the claim stays live for the
-    /// PUT `budget` plus `grace`. `Ok(None)`: fenced (the claim is lost or about to lapse),
-    /// send no PUT. A second open intent for the portal is an error (the unique index).
-    pub async fn fenced_intent(
-        &self,
-        claim: &Claim,
-        budget: Duration,
-        grace: Duration,
-    ) -> Result<Option<Intent>, PgError> {
-        let row = self
-            .client()
+    /// Says this instance is alive and which config it runs (a new generation when no
+    /// instance ran it before).
+    pub async fn register(&self, config: &Config) -> Result<(), StateError> {
+        let fp = config_fingerprint(config);
+        let client = get(&self.shared.pool).await?;
+        client
+            .execute(
+                "INSERT INTO config_generations (config_fp, first_seen_at)
+                 VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT)
+                 ON CONFLICT (config_fp) DO NOTHING",
+                &[&fp],
+            )
+            .await
+            .map_err(pg("recording the config generation"))?;
+        client
+            .execute(
+                "INSERT INTO nodes (name, version, config_fp, started_at, seen_at)
+                 VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp())
+                 ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version,
+                        config_fp = EXCLUDED.config_fp, seen_at = EXCLUDED.seen_at",
+                &[&self.shared.me, &env!("CARGO_PKG_VERSION"), &fp],
+            )
+            .await
+            .map_err(pg("registering the instance"))?;
+        Ok(())
+    }
+
+    /// Marks this instance alive (the daemon, every lease/3).
+    pub async fn heartbeat(&self) -> Result<(), StateError> {
+        get(&self.shared.pool)
+            .await?
+            .execute(
+                "UPDATE nodes SET seen_at = clock_timestamp() WHERE name = $1",
+                &[&self.shared.me],
+            )
+            .await
+            .map_err(pg("marking the instance alive"))?;
+        Ok(())
+    }
+
+    /// Whether `config` is the newest config generation any instance started with; an
+    /// instance that runs an older one does not act on "changed".
+    pub async fn runs_newest_config(&self, config: &Config) -> Result<bool, StateError> {
+        let fp = config_fingerprint(config);
+        let newest: Option<String> = get(&self.shared.pool)
             .await?
             .query_opt(
-                "INSERT INTO journal (portal, epoch, phase, put_deadline)
-                 SELECT name, lease_epoch, 'intent', clock_timestamp() + $4::BIGINT * interval '1 millisecond'
-                   FROM portals
-                  WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
-                    AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
-                 RETURNING id, (extract(epoch FROM put_deadline) * 1000)::BIGINT",
-                &[
-                    &claim.portal,
-                    &self.me,
-                    &claim.epoch,
-                    &ms(budget),
-                    &ms(grace),
-                ],
+                "SELECT config_fp FROM config_generations ORDER BY first_seen_at DESC, config_fp LIMIT 1",
+                &[],
             )
             .await
-            .map_err(pg("writing a fenced intent"))?;
-        Ok(row.map(|r| Intent {
-            id: r.get(0),
-            portal: claim.portal.clone(),
-            epoch: claim.epoch,
-            put_deadline_ms: r.get(1),
-        }))
+            .map_err(pg("reading the config generations"))?
+            .map(|r| r.get(0));
+        Ok(newest.is_none_or(|n| n == fp))
     }
 
-    /// Seals the set a PUT (or a settling GET) returned. Always stored: the set is the
-    /// portal's truth whoever holds the claim now. Returns whether it was fenced (the
-    /// portal's epoch moved on since the intent), which asks for a reconcile.
-    pub async fn seal(&self, intent: &Intent, set_fp: &str) -> Result<bool, PgError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "UPDATE journal j
-                    SET phase = 'sealed', set_fp = $2, sealed_epoch = p.lease_epoch,
-                        fenced = (p.lease_epoch <> j.epoch)
-                   FROM portals p
-                  WHERE j.id = $1 AND p.name = j.portal
-                 RETURNING j.fenced",
-                &[&intent.id, &set_fp],
-            )
-            .await
-            .map_err(pg("sealing"))?;
-        Ok(row.get(0))
-    }
-
-    /// Open intents of `portal` written under another epoch whose PUT deadline plus
-    /// `grace` has passed: the ones a new owner may settle by GET now.
-    pub async fn settleable(&self, claim: &Claim, grace: Duration) -> Result<Vec<Intent>, PgError> {
-        let rows = self
-            .client()
+    /// Who holds which portal now.
+    pub async fn leases(&self) -> Result<Vec<Lease>, StateError> {
+        let rows = get(&self.shared.pool)
             .await?
             .query(
-                "SELECT id, portal, epoch, (extract(epoch FROM put_deadline) * 1000)::BIGINT
-                   FROM journal
-                  WHERE portal = $1 AND phase = 'intent' AND epoch <> $2
-                    AND put_deadline + $3::BIGINT * interval '1 millisecond' < clock_timestamp()",
-                &[&claim.portal, &claim.epoch, &ms(grace)],
+                "SELECT name, lease_owner, lease_epoch,
+                        (extract(epoch FROM lease_until - clock_timestamp()))::BIGINT
+                   FROM portals WHERE lease_owner IS NOT NULL AND lease_until > clock_timestamp()
+                  ORDER BY name",
+                &[],
             )
             .await
-            .map_err(pg("reading open intents"))?;
+            .map_err(pg("reading the claims"))?;
         Ok(rows
             .iter()
-            .map(|r| Intent {
-                id: r.get(0),
-                portal: r.get(1),
+            .map(|r| Lease {
+                portal: r.get(0),
+                owner: r.get(1),
                 epoch: r.get(2),
-                put_deadline_ms: r.get(3),
+                left_s: r.get(3),
             })
             .collect())
     }
 
-    /// The server's clock (Unix ms), the only clock the protocol reads.
-    pub async fn server_now_ms(&self) -> Result<i64, PgError> {
-        let row = self
-            .client()
+    /// The instances, newest first.
+    pub async fn nodes(&self) -> Result<Vec<Node>, StateError> {
+        let rows = get(&self.shared.pool)
             .await?
-            .query_one(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
+            .query(
+                "SELECT n.name, n.version, (extract(epoch FROM clock_timestamp() - n.seen_at))::BIGINT,
+                        n.config_fp = (SELECT config_fp FROM config_generations
+                                        ORDER BY first_seen_at DESC, config_fp LIMIT 1)
+                   FROM nodes n ORDER BY n.seen_at DESC",
                 &[],
             )
             .await
-            .map_err(pg("reading the server's clock"))?;
-        Ok(row.get(0))
+            .map_err(pg("reading the instances"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Node {
+                name: r.get(0),
+                version: r.get(1),
+                seen_s_ago: r.get(2),
+                newest_config: r.get::<_, Option<bool>>(3).unwrap_or(true),
+            })
+            .collect())
     }
+
+    /// A client of the pool, for `migrate-state` and the tests.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
+        get(&self.shared.pool).await
+    }
+}
+
+/// A fingerprint of the whole config file's text: what "the same config" means.
+pub fn config_fingerprint(config: &Config) -> String {
+    use sha2::Digest;
+    let text = std::fs::read(&config.path).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(&text)[..16])
+}
+
+async fn get(pool: &Pool) -> Result<deadpool_postgres::Object, StateError> {
+    pool.get().await.map_err(|e| StateError::Db {
+        action: "connecting to PostgreSQL",
+        detail: crate::errors::chain(&e),
+    })
+}
+
+/// Applies the migrations the database lacks, one instance at a time (a transaction-scoped
+/// advisory lock), and stores a fingerprint key if there is none.
+async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StateError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg("starting a migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock(7305811)", &[])
+        .await
+        .map_err(pg("taking the migration lock"))?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .await
+        .map_err(pg("creating schema_version"))?;
+    let version: i64 = tx
+        .query_opt("SELECT version FROM schema_version", &[])
+        .await
+        .map_err(pg("reading the schema version"))?
+        .map_or(0, |r| r.get(0));
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(StateError::TooNew {
+            found: version,
+            supported: MIGRATIONS.len(),
+        });
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.batch_execute(m)
+            .await
+            .map_err(pg("applying a migration"))?;
+        tx.execute("DELETE FROM schema_version", &[])
+            .await
+            .map_err(pg("recording the schema version"))?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&((i + 1) as i64)],
+        )
+        .await
+        .map_err(pg("recording the schema version"))?;
+    }
+    let mut key = vec![0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
+    // One key per cluster: the first instance's; everyone reads the winner.
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('fingerprint_key', $1) ON CONFLICT (key) DO NOTHING",
+        &[&key],
+    )
+    .await
+    .map_err(pg("storing the fingerprint key"))?;
+    tx.commit().await.map_err(pg("committing the migrations"))
+}
+
+/// A claim on a portal, renewed while held; released when dropped (the lease runs out if
+/// the process dies).
+pub struct ClaimGuard {
+    store: PgStore,
+    portal: String,
+    epoch: i64,
+    heartbeat: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
+
+impl ClaimGuard {
+    /// The claim's fencing epoch.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Whether a renewal found the claim taken over.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+        self.store.forget_claim(&self.portal, self.epoch);
+        let (store, portal, epoch) = (self.store.clone(), self.portal.clone(), self.epoch);
+        let release = async move {
+            if let Err(e) = store.release(&portal, epoch).await {
+                tracing::warn!(portal = %portal, error = %e, "releasing a claim (its lease runs out instead)");
+            }
+        };
+        // Released before the caller moves on, so a command that exits right after does
+        // not leave its portal held for a lease; a runtime that cannot block spawns it.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| {
+                    h.block_on(async {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), release).await;
+                    })
+                });
+            }
+            Ok(h) => {
+                h.spawn(release);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A transaction, as the state's statements see it.
+struct PgTx<'a> {
+    tx: &'a deadpool_postgres::Transaction<'a>,
+    handle: &'a tokio::runtime::Handle,
+    shared: &'a Shared,
+}
+
+impl Sql for PgTx<'_> {
+    fn exec(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<u64, StateError> {
+        let st = self
+            .handle
+            .block_on(self.tx.prepare_cached(&to_dollar(sql)))
+            .map_err(pg(action))?;
+        self.handle
+            .block_on(self.tx.execute(&st, &params(p)))
+            .map_err(pg(action))
+    }
+
+    fn rows(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<Vec<Row>, StateError> {
+        let st = self
+            .handle
+            .block_on(self.tx.prepare_cached(&to_dollar(sql)))
+            .map_err(pg(action))?;
+        let rows = self
+            .handle
+            .block_on(self.tx.query(&st, &params(p)))
+            .map_err(pg(action))?;
+        rows.iter().map(|r| to_row(r).map_err(pg(action))).collect()
+    }
+
+    fn now(&self) -> Result<i64, StateError> {
+        let r = self
+            .handle
+            .block_on(self.tx.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
+                &[],
+            ))
+            .map_err(pg("reading the server's clock"))?;
+        Ok(r.get(0))
+    }
+
+    fn license_put(&self, portal: &str) -> Result<Option<i64>, StateError> {
+        let fenced = |why: String| StateError::Fenced {
+            portal: portal.to_string(),
+            why,
+        };
+        let epoch = self
+            .shared
+            .claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(portal)
+            .copied()
+            .ok_or_else(|| fenced("this process holds no claim on it".into()))?;
+        let (budget, grace) = (ms(self.shared.put_budget), ms(StorageConfig::GRACE));
+        // FOR UPDATE: a takeover waits for this transaction, and then finds the lease ours.
+        let row = self
+            .handle
+            .block_on(self.tx.query_opt(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + $4::BIGINT
+                   FROM portals
+                  WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
+                    AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
+                  FOR UPDATE",
+                &[&portal, &self.shared.me, &epoch, &budget, &grace],
+            ))
+            .map_err(pg("checking the claim"))?;
+        match row {
+            Some(r) => Ok(Some(r.get(0))),
+            None => Err(fenced(format!(
+                "the claim (epoch {epoch}) lapsed or was taken over, or has less than the PUT budget and its grace ({}s) left",
+                (budget + grace) / 1000
+            ))),
+        }
+    }
+}
+
+/// Where `bytes` comes from for `ToSql` (re-exported by postgres-types).
+mod bytes_buf {
+    pub use tokio_postgres::types::private::BytesMut;
 }

@@ -70,7 +70,7 @@ fn unknown_key_names_line_column_key_and_accepted() {
     assert_eq!(top.key, "extra");
     assert!(
         top.message
-            .contains("daemon, smtp, schedules, sinks, alerts, portals")
+            .contains("daemon, smtp, schedules, sinks, alerts, storage, portals")
     );
 }
 

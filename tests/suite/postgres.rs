@@ -1,200 +1,476 @@
-//! The scale-out coordinator's SQL against a real PostgreSQL: claims never overlap, a
-//! stale epoch changes nothing, the intent is fenced by the live claim and the PUT budget,
-//! one open intent per portal, seals are never thrown away, and a new owner waits out the
-//! old intent's PUT deadline. Only the server's clock is read.
+//! Several instances on one real PostgreSQL (`[storage] type = "postgres"`): the state's
+//! statements behave the same on both backends (one conformance function run on each), the
+//! claims fence the intent, two daemons over 200 due portals send exactly one PUT each, a
+//! `rotate` by hand waits for the instance that holds the portal and sends no second PUT,
+//! a stalled instance sends no PUT after its deadline, and a SQLite state moves over.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tfa_rotator::state::pg::{Claim, Coordinator};
+use tfa_rotator::state::{self, StateError, Store};
 
 use crate::support::postgres::Postgres;
+use crate::support::{Daemon, Harness, write_private};
 
-const LEASE: Duration = Duration::from_secs(60);
-const BUDGET: Duration = Duration::from_secs(10);
-const GRACE: Duration = Duration::from_secs(2);
-
-async fn two(pg: &Postgres) -> (Coordinator, Coordinator) {
-    (
-        Coordinator::connect(&pg.url(), "node-a", 4).await.unwrap(),
-        Coordinator::connect(&pg.url(), "node-b", 4).await.unwrap(),
-    )
+/// A config for every added portal with a shared plain file sink on PostgreSQL.
+fn cluster_config(h: &Harness, pg: &Postgres, extra: &str) -> std::path::PathBuf {
+    cluster_config_with(h, pg, extra, 2)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_claims_over_200_due_portals_never_overlap() {
-    let pg = Postgres::start();
-    let (a, b) = two(&pg).await;
-    for i in 0..200 {
-        a.upsert_portal(&format!("p{i:03}"), Duration::ZERO)
-            .await
-            .unwrap();
-    }
-    // Both claim at once, in small batches, until nothing is left.
-    let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
-    let claim_all = |c: Coordinator| {
-        let start = start.clone();
-        async move {
-            start.wait().await;
-            let mut got = Vec::new();
-            loop {
-                let batch = c.claim_due(LEASE, 7).await.unwrap();
-                if batch.is_empty() {
-                    break got;
-                }
-                got.extend(batch);
-            }
-        }
-    };
-    let (ga, gb) = tokio::join!(
-        tokio::spawn(claim_all(a.clone())),
-        tokio::spawn(claim_all(b.clone()))
+/// [`cluster_config`] with this `http_timeout` (seconds), and the shortest lease it allows.
+fn cluster_config_with(
+    h: &Harness,
+    pg: &Postgres,
+    extra: &str,
+    http_timeout_s: u64,
+) -> std::path::PathBuf {
+    write_private(&h.path("pg.url"), &format!("{}\n", pg.url()));
+    let lease = 2 * (http_timeout_s + 10);
+    let text = format!(
+        "[daemon]\nstate_dir = \"state\"\nhttp_timeout = \"{http_timeout_s}s\"\n\n\
+         [storage]\ntype = \"postgres\"\nurl = {{ file = \"pg.url\" }}\nlease = \"{lease}s\"\n\n\
+         [sinks.plain]\ntype = \"file\"\npath = \"codes/{{portal}}.txt\"\nshared = true\n\n{extra}\n{}",
+        h.portals_toml(&["plain"])
     );
-    let (ga, gb) = (ga.unwrap(), gb.unwrap());
-    let sa: BTreeSet<String> = ga.iter().map(|c| c.portal.clone()).collect();
-    let sb: BTreeSet<String> = gb.iter().map(|c| c.portal.clone()).collect();
-    assert_eq!(sa.len(), ga.len(), "no portal twice for one node");
-    assert!(
-        sa.is_disjoint(&sb),
-        "no portal claimed by both: {:?}",
-        sa.intersection(&sb).collect::<Vec<_>>()
-    );
-    assert_eq!(sa.len() + sb.len(), 200, "every due portal claimed once");
-    eprintln!("claims: node-a {}, node-b {}", sa.len(), sb.len());
+    let path = h.config();
+    write_private(&path, &text);
+    path
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stale_epoch_renews_releases_and_writes_nothing() {
-    let pg = Postgres::start();
-    let (a, b) = two(&pg).await;
-    a.upsert_portal("acme", Duration::ZERO).await.unwrap();
-    let old = a.claim_due(Duration::from_millis(300), 10).await.unwrap();
-    assert_eq!(old.len(), 1);
-    let old = old[0].clone();
-    assert!(
-        b.claim_due(LEASE, 10).await.unwrap().is_empty(),
-        "a live lease is not taken"
-    );
-    // a stalls past its lease; b takes the portal over with a new epoch.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let new = b.claim_due(LEASE, 10).await.unwrap();
-    assert_eq!(
-        new,
-        vec![Claim {
-            portal: "acme".into(),
-            epoch: old.epoch + 1
-        }]
-    );
-    assert!(
-        !a.renew(&old, LEASE).await.unwrap(),
-        "renewal after a takeover: 0 rows"
-    );
-    assert!(
-        a.fenced_intent(&old, BUDGET, GRACE)
-            .await
-            .unwrap()
-            .is_none(),
-        "stale epoch: no intent"
-    );
-    assert!(
-        !a.release(&old, LEASE).await.unwrap(),
-        "release after a takeover: 0 rows"
-    );
-    assert!(
-        b.renew(&new[0], LEASE).await.unwrap(),
-        "the new owner's claim stands"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn the_intent_needs_the_claim_live_for_the_whole_put_budget() {
-    let pg = Postgres::start();
-    let (a, _) = two(&pg).await;
-    a.upsert_portal("acme", Duration::ZERO).await.unwrap();
-    // A lease shorter than budget + grace cannot license a PUT.
-    let short = a
-        .claim_due(Duration::from_secs(5), 1)
-        .await
-        .unwrap()
-        .remove(0);
-    assert!(
-        a.fenced_intent(&short, BUDGET, GRACE)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(a.renew(&short, LEASE).await.unwrap());
-    let before = a.server_now_ms().await.unwrap();
-    let intent = a
-        .fenced_intent(&short, BUDGET, GRACE)
-        .await
-        .unwrap()
-        .expect("licensed");
-    let after = a.server_now_ms().await.unwrap();
-    let budget = BUDGET.as_millis() as i64;
-    assert!(
-        (before + budget..=after + budget).contains(&intent.put_deadline_ms),
-        "put_deadline is the server's now + budget"
-    );
-    // One open intent per portal, whatever the epoch.
-    let err = a.fenced_intent(&short, BUDGET, GRACE).await.unwrap_err();
-    assert!(
-        err.is_unique_violation() && err.to_string().contains("one_open_intent"),
-        "{err}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_late_seal_is_kept_and_marked_fenced_and_the_new_owner_waits_the_deadline_out() {
-    let pg = Postgres::start();
-    let (a, b) = two(&pg).await;
-    a.upsert_portal("acme", Duration::ZERO).await.unwrap();
-    let lease = BUDGET + GRACE + Duration::from_millis(500);
-    let old = a.claim_due(lease, 1).await.unwrap().remove(0);
-    let short_budget = Duration::from_millis(300);
-    let intent = a
-        .fenced_intent(&old, short_budget, Duration::from_millis(100))
-        .await
-        .unwrap()
-        .expect("licensed");
-    // The lease lapses with the intent open (a stalled PUT); b takes over.
-    tokio::time::sleep(lease + Duration::from_millis(200)).await;
-    let new = b.claim_due(LEASE, 1).await.unwrap().remove(0);
-    assert_eq!(new.epoch, old.epoch + 1);
-    // The deadline has passed (300 ms + 100 ms grace, long ago): b may settle it.
-    let open = b
-        .settleable(&new, Duration::from_millis(100))
+/// The state's operations, as rotation and the daemon use them, on any backend.
+async fn conformance(store: Store) {
+    let lock = store
+        .lock_portal("acme", Duration::from_secs(1))
         .await
         .unwrap();
-    assert_eq!(open, vec![intent.clone()]);
-    // Not before its deadline plus the grace: with a grace longer than the time since.
-    let none = b.settleable(&new, Duration::from_secs(3600)).await.unwrap();
-    assert!(
-        none.is_empty(),
-        "an intent within its deadline is not settled"
+    let id = store
+        .write(|c| state::begin_intent(c, "acme", "rotate", Some("fp-old"), 5_000))
+        .await
+        .unwrap();
+    let second = store
+        .write(|c| state::begin_intent(c, "acme", "rotate", Some("fp-old"), 5_000))
+        .await;
+    assert!(second.is_err(), "a second open intent is refused");
+    let open = store
+        .call(|c| state::open_journal(c, Some("acme")))
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].phase, state::Phase::Intent);
+    assert_eq!(open[0].before_fp.as_deref(), Some("fp-old"));
+    assert_eq!(open[0].window_ms, Some(5_000));
+    let payloads = vec![
+        ("file".to_string(), zeroize::Zeroizing::new(b"one".to_vec())),
+        (
+            "mail".to_string(),
+            zeroize::Zeroizing::new(vec![0u8, 255, 7]),
+        ),
+    ];
+    let ids = store
+        .write(move |c| state::seal(c, id, "acme", "fp-new", 9, 10, &payloads))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    let pending = store
+        .call(|c| state::pending(c, Some("acme"), None))
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(
+        &pending[1].payload[..],
+        &[0u8, 255, 7],
+        "bytes kept exactly"
     );
-    // a's PUT answered late: its set is sealed anyway, marked fenced.
+    let sets = store.call(|c| state::sink_sets(c, "acme")).await.unwrap();
+    assert_eq!(sets["file"], "fp-new");
+    let first = ids[0];
+    store
+        .write(move |c| {
+            state::delivered(c, first)?;
+            state::delivery_failed(c, ids[1], "refused", 0, true, Some(b"rest"))?;
+            state::close_journal(c, id, "done", None)?;
+            state::record_rotated(c, "acme", "delivery_pending")
+        })
+        .await
+        .unwrap();
+    let pending = store
+        .call(|c| state::pending(c, None, Some(i64::MAX)))
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        &pending[0].payload[..],
+        b"rest",
+        "the rest replaced the payload"
+    );
+    let due = store.call(|c| state::alerts_due(c, 1, 0)).await.unwrap();
     assert!(
-        a.seal(&intent, "fp-late").await.unwrap(),
-        "sealed under a moved epoch: fenced"
+        due.iter()
+            .any(|d| matches!(d, state::AlertDue::Pending { sink, .. } if sink == "mail")),
+        "a permanent refusal is alerted at once: {due:?}"
+    );
+    // The last fire acted on only moves forward; failures count.
+    let n = store
+        .write(|c| {
+            state::record_schedule(c, "acme", Some("entry"), Some(2_000))?;
+            state::record_schedule(c, "acme", None, Some(1_000))?;
+            state::record_schedule(c, "acme", None, None)?;
+            state::record_failure(c, "acme", "boom", None)?;
+            state::record_failure(c, "acme", "boom", Some(5))
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let row = store
+        .call(|c| state::portal_row(c, "acme"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.last_fire_at, Some(2_000));
+    assert_eq!(row.entry_fp.as_deref(), Some("entry"));
+    assert_eq!((row.failures, row.retry_at), (2, Some(5)));
+    assert_eq!(row.set_fp.as_deref(), Some("fp-new"));
+    assert_eq!(
+        store.call(state::pending_count).await.unwrap(),
+        1,
+        "one payload left"
     );
     assert!(
-        b.settleable(&new, Duration::ZERO).await.unwrap().is_empty(),
-        "sealed, no longer open"
+        store
+            .call(state::next_delivery_due)
+            .await
+            .unwrap()
+            .is_some()
     );
+    assert!(
+        store
+            .call(|c| state::open_journal(c, None))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(lock);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_seal_under_the_live_claim_is_not_fenced() {
+async fn the_state_behaves_the_same_on_sqlite_and_postgres() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let sqlite = Store::open(&h.path("state")).unwrap();
+    conformance(sqlite).await;
     let pg = Postgres::start();
-    let (a, _) = two(&pg).await;
-    a.upsert_portal("acme", Duration::ZERO).await.unwrap();
-    let c = a.claim_due(LEASE, 1).await.unwrap().remove(0);
-    let i = a.fenced_intent(&c, BUDGET, GRACE).await.unwrap().unwrap();
-    assert!(!a.seal(&i, "fp").await.unwrap());
-    assert!(a.release(&c, Duration::from_secs(3600)).await.unwrap());
+    let path = cluster_config(&h, &pg, "");
+    let config = tfa_rotator::config::load(&path).unwrap();
+    let store = Store::open_configured(&config).unwrap();
+    assert!(store.postgres().is_some());
+    conformance(store).await;
+}
+
+/// The fence sits on the intent: a portal held by another instance is busy (naming it);
+/// a claim taken over is fenced, and so is a claim that cannot outlive the PUT budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_fences_the_intent() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pg = Postgres::start();
+    let path = cluster_config(&h, &pg, "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let named = |n: &str| {
+        let p = h.path(&format!("{n}.toml"));
+        write_private(
+            &p,
+            &text.replace(
+                "lease = \"24s\"",
+                &format!("lease = \"24s\"\ninstance = \"{n}\""),
+            ),
+        );
+        tfa_rotator::config::load(&p).unwrap()
+    };
+    let a = Store::open_configured(&named("node-a")).unwrap();
+    let b = Store::open_configured(&named("node-b")).unwrap();
+    let held = a.lock_portal("acme", Duration::ZERO).await.unwrap();
+    match b.lock_portal("acme", Duration::from_millis(300)).await {
+        Err(StateError::Busy { holder, .. }) => assert_eq!(holder, "instance node-a"),
+        other => panic!("expected busy, got {:?}", other.map(|_| ())),
+    }
+    // node-a stalls past its lease: expire it by hand; node-b takes the portal over.
+    let client = a.postgres().unwrap().client().await.unwrap();
+    client
+        .execute(
+            "UPDATE portals SET lease_until = clock_timestamp() - interval '1 second' WHERE name = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let taken = b.lock_portal("acme", Duration::ZERO).await.unwrap();
+    let stale = a
+        .write(|c| state::begin_intent(c, "acme", "rotate", None, 1_000))
+        .await;
     assert!(
-        a.claim_due(LEASE, 1).await.unwrap().is_empty(),
-        "not due again before its time"
+        matches!(stale, Err(StateError::Fenced { .. })),
+        "the old owner writes no intent: {stale:?}"
+    );
+    // A claim with less than the PUT budget and its grace left licenses no PUT either.
+    client
+        .execute(
+            "UPDATE portals SET lease_until = clock_timestamp() + interval '5 seconds' WHERE name = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let short = b
+        .write(|c| state::begin_intent(c, "acme", "rotate", None, 1_000))
+        .await;
+    assert!(matches!(short, Err(StateError::Fenced { .. })), "{short:?}");
+    client
+        .execute(
+            "UPDATE portals SET lease_until = clock_timestamp() + interval '60 seconds' WHERE name = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let id = b
+        .write(|c| state::begin_intent(c, "acme", "rotate", None, 1_000))
+        .await
+        .unwrap();
+    let open = b
+        .call(|c| state::open_journal(c, Some("acme")))
+        .await
+        .unwrap();
+    assert_eq!(open[0].id, id);
+    let deadline = open[0]
+        .put_deadline
+        .expect("a cluster intent has a PUT deadline");
+    let now = b.now().await.unwrap();
+    assert!(
+        (now..=now + 2_000).contains(&deadline),
+        "deadline = the server's now + http_timeout (2 s): {deadline} vs {now}"
+    );
+    drop((held, taken));
+}
+
+/// Two daemons, one PostgreSQL, 200 portals due at once: every account gets exactly one
+/// PUT, every sink holds the set the portal accepts, and both instances did some.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_over_200_due_portals_send_one_put_each() {
+    let mut h = Harness::new().await;
+    for i in 0..200 {
+        h.add_portal(&format!("p{i:03}"));
+    }
+    h.schedule = Some("yearly".into());
+    let pg = Postgres::start();
+    cluster_config(
+        &h,
+        &pg,
+        "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\n",
+    );
+    let started = std::time::Instant::now();
+    let (a, b) = tokio::join!(h.run(&["run", "--once"]), h.run(&["run", "--once"]));
+    let took = started.elapsed();
+    assert_eq!(a.code, Some(0), "{}", a.all());
+    assert_eq!(b.code, Some(0), "{}", b.all());
+    for (portal, key) in &h.keys {
+        assert_eq!(h.sim.puts_applied(key), 1, "{portal}: exactly one PUT");
+        assert_eq!(
+            h.plain_sink(&format!("codes/{portal}.txt")).as_deref(),
+            Some(&h.accepted(portal)[..]),
+            "{portal}: the sink holds the accepted set"
+        );
+    }
+    assert_eq!(h.sim.count("PUT"), 200);
+    let rotated =
+        |o: &crate::support::Output| o.all().matches("the portal issued a new set").count();
+    let (ra, rb) = (rotated(&a), rotated(&b));
+    eprintln!("two instances over 200 portals: {ra} + {rb} rotations in {took:?}");
+    assert_eq!(ra + rb, 200);
+    // Run again: nothing is due, nothing is sent.
+    let again = h.run(&["run", "--once"]).await;
+    assert_eq!(again.code, Some(0), "{}", again.all());
+    assert_eq!(h.sim.count("PUT"), 200, "no second rotation");
+}
+
+/// A `rotate` by hand while a daemon of another instance holds the portal waits for it,
+/// then sees the rotation done meanwhile and sends no second PUT; `status` names the holder.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_by_hand_waits_for_the_holder_and_sends_no_second_put() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.schedule = Some("yearly".into());
+    let pg = Postgres::start();
+    cluster_config_with(
+        &h,
+        &pg,
+        "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\n",
+        8,
+    );
+    // The PUT is applied, then answered 5 s later: the daemon holds the portal meanwhile.
+    h.sim.inject(tfa_rotator::simulator::Fault::on_put(
+        tfa_rotator::simulator::FaultAction::DelayAfterApplyMs(5_000),
+    ));
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || h.sim.count("PUT") == 1).await,
+        "{}",
+        d.log()
+    );
+    let status = h.run(&["status"]).await;
+    assert!(
+        status.stdout.contains("held by instance"),
+        "{}",
+        status.all()
+    );
+    assert!(
+        status.stdout.contains("INSTANCES (PostgreSQL)"),
+        "{}",
+        status.all()
+    );
+    let by_hand = h.run(&["rotate", "acme"]).await;
+    assert!(
+        by_hand
+            .all()
+            .contains("rotated meanwhile by another process"),
+        "{}",
+        by_hand.all()
+    );
+    assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 1, "no second PUT");
+    assert_eq!(
+        h.plain_sink("codes/acme.txt").as_deref(),
+        Some(&h.accepted("acme")[..])
+    );
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// An instance frozen (SIGSTOP) right after its intent for longer than its lease sends no
+/// PUT when it wakes: the other instance took the portal over, waited the PUT deadline
+/// out, settled the intent as not applied and rotated once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_instance_sends_no_put_after_its_deadline() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.schedule = Some("yearly".into());
+    let pg = Postgres::start();
+    cluster_config(
+        &h,
+        &pg,
+        "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\nsettle_window = \"1s\"\n",
+    );
+    // The failpoint holds the first instance right after its intent, long enough for the
+    // test to freeze it there.
+    let a = Daemon::start(
+        &h,
+        &[],
+        &[("FAILPOINTS", "rotation::after_intent=sleep(2000)")],
+    );
+    assert!(a.wait_log("intent recorded").await, "{}", a.log());
+    let pid = a.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let b = Daemon::start(&h, &[], &[]);
+    // b waits for the lease (24 s), then the deadline and its grace, then settles and
+    // rotates once.
+    assert!(
+        crate::support::wait_for(Duration::from_secs(60), || h.sim.count("PUT") == 1).await,
+        "{}",
+        b.log()
+    );
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || {
+            h.plain_sink("codes/acme.txt").as_deref() == Some(&h.accepted("acme")[..])
+        })
+        .await,
+        "{}",
+        b.log()
+    );
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert!(
+        a.wait_log("no PUT was sent").await,
+        "the woken instance sends no PUT: {}",
+        a.log()
+    );
+    assert_eq!(h.sim.count("PUT"), 1, "one PUT in all");
+    assert_eq!(
+        h.plain_sink("codes/acme.txt").as_deref(),
+        Some(&h.accepted("acme")[..])
+    );
+    for d in [a, b] {
+        let (code, _, log) = d.term().await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+}
+
+/// `migrate-state --to postgres` copies a SQLite state: the rotation history, the
+/// fingerprint key (no drift afterwards) and the id sequences (new rows do not collide).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sqlite_state_moves_to_postgres() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let pg = Postgres::start();
+    cluster_config(&h, &pg, "");
+    let out = h.run(&["migrate-state", "--to", "postgres"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(out.stdout.contains("journal: 1 row(s)"), "{}", out.all());
+    let again = h.run(&["migrate-state", "--to", "postgres"]).await;
+    assert_eq!(again.code, Some(1), "{}", again.all());
+    assert!(
+        again.all().contains("empty database only"),
+        "{}",
+        again.all()
+    );
+    let status = h.run(&["status", "--json"]).await;
+    let doc: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(
+        doc["portals"][0]["last_success_at"].is_i64(),
+        "{}",
+        status.stdout
+    );
+    // The same key: the set the sink holds matches, so a resend finds nothing to change,
+    // and a new rotation writes new journal and spool rows past the copied ids.
+    let out = h.run(&["rotate", "--force", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 2);
+    assert_eq!(
+        h.plain_sink("codes/acme.txt").as_deref(),
+        Some(&h.accepted("acme")[..])
+    );
+}
+
+/// The cluster's config rules: a lease too short for two PUT budgets with their grace,
+/// and a file sink not marked shared, are errors naming their keys.
+#[tokio::test]
+async fn the_cluster_rules_are_config_errors() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    write_private(&h.path("pg.url"), "host=/nonexistent\n");
+    let text = format!(
+        "[daemon]\nhttp_timeout = \"30s\"\n\n[storage]\ntype = \"postgres\"\nurl = {{ file = \"pg.url\" }}\nlease = \"60s\"\n\n\
+         [sinks.plain]\ntype = \"file\"\npath = \"codes/{{portal}}.txt\"\n\n{}",
+        h.portals_toml(&["plain"])
+    );
+    write_private(&h.config(), &text);
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    assert!(out.stderr.contains("storage.lease"), "{}", out.stderr);
+    assert!(out.stderr.contains("at least 1m 20s"), "{}", out.stderr);
+    assert!(out.stderr.contains("sinks.plain.shared"), "{}", out.stderr);
+    // Valid: `check` prints the PUT budget the lease must outlive.
+    let fixed = text
+        .replace("lease = \"60s\"", "lease = \"80s\"")
+        .replace("{portal}.txt\"\n", "{portal}.txt\"\nshared = true\n");
+    write_private(&h.config(), &fixed);
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("PUT budget 30s (daemon.http_timeout) + grace 10s"),
+        "{}",
+        out.stdout
     );
 }
