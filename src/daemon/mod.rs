@@ -806,6 +806,24 @@ async fn run_job(
     let Some(_slot) = engine.slot(name).await else {
         return done(Outcome::Skipped(Skip::Stopping), None);
     };
+    if matches!(due.reason, Reason::New | Reason::Changed)
+        && let Some(pg) = engine.store.as_ref().and_then(|s| s.postgres())
+    {
+        // In a cluster a changed entry is acted on only by an instance on the newest config
+        // generation; asked now, not at the last heartbeat, since another instance may
+        // have just started with a newer one.
+        match pg.runs_newest_config(&engine.config).await {
+            Ok(true) => set_newest(true),
+            Ok(false) => {
+                set_newest(false);
+                return done(Outcome::Skipped(Skip::NotDue), None);
+            }
+            Err(e) => {
+                tracing::warn!(portal = name, error = %e, "reading the config generations");
+                return done(Outcome::Failed, None);
+            }
+        }
+    }
     let mut since = None;
     if due.reason.rotates()
         && let (Some(store), Some(pc)) = (&engine.store, engine.config.portals.get(name))

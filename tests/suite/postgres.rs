@@ -13,17 +13,17 @@ use crate::support::{Daemon, Harness, write_private};
 
 /// A config for every added portal with a shared plain file sink on PostgreSQL.
 fn cluster_config(h: &Harness, pg: &Postgres, extra: &str) -> std::path::PathBuf {
-    cluster_config_with(h, pg, extra, 2)
+    cluster_config_with(h, &pg.url(), extra, 2)
 }
 
 /// [`cluster_config`] with this `http_timeout` (seconds), and the shortest lease it allows.
 fn cluster_config_with(
     h: &Harness,
-    pg: &Postgres,
+    url: &str,
     extra: &str,
     http_timeout_s: u64,
 ) -> std::path::PathBuf {
-    write_private(&h.path("pg.url"), &format!("{}\n", pg.url()));
+    write_private(&h.path("pg.url"), &format!("{url}\n"));
     let lease = 2 * (http_timeout_s + 10);
     let text = format!(
         "[daemon]\nstate_dir = \"state\"\nhttp_timeout = \"{http_timeout_s}s\"\n\n\
@@ -298,7 +298,7 @@ async fn rotate_by_hand_waits_for_the_holder_and_sends_no_second_put() {
     let pg = Postgres::start();
     cluster_config_with(
         &h,
-        &pg,
+        &pg.url(),
         "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\n",
         8,
     );
@@ -473,4 +473,210 @@ async fn the_cluster_rules_are_config_errors() {
         "{}",
         out.stdout
     );
+}
+
+/// One daemon is killed at each step of a rotation while another runs: the other takes the
+/// portal over once the lease lapses and finishes it. Exactly one PUT for the one due
+/// rotation, and the sink holds the set the portal accepts.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_a_daemon_at_every_step_loses_nothing_and_puts_once() {
+    let pg = Postgres::start();
+    let steps = [
+        "rotation::after_intent",
+        "rotation::after_put",
+        "rotation::after_seal",
+        "rotation::mid_delivery",
+        "rotation::before_done",
+    ];
+    let runs = steps.iter().enumerate().map(|(i, point)| {
+        let pg = &pg;
+        async move {
+            let url = pg.database(&format!("kill{i}")).await;
+            let mut h = Harness::new().await;
+            h.add_portal("acme");
+            h.schedule = Some("yearly".into());
+            cluster_config_with(
+                &h,
+                &url,
+                "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\nsettle_window = \"1s\"\n",
+                2,
+            );
+            let a = Daemon::start(&h, &[], &[("TFA_ROTATOR_ABORT_AT", point)]);
+            assert!(a.wait_log("due: new portal").await, "{point}: {}", a.log());
+            // The other instance starts while the first holds the portal.
+            let b = Daemon::start(&h, &[], &[]);
+            let mut a = a;
+            let status = tokio::time::timeout(Duration::from_secs(20), a.child.wait())
+                .await
+                .expect("killed at the failpoint")
+                .unwrap();
+            assert_eq!(status.code(), None, "{point}: killed: {}", a.log());
+            // Done when the state says so: nothing pending, nothing open (status exits 0),
+            // the last success recorded.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let out = h.run(&["status", "--json"]).await;
+                let doc: serde_json::Value =
+                    serde_json::from_str(&out.stdout).unwrap_or_default();
+                if out.code == Some(0) && doc["portals"][0]["last_success_at"].is_i64() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{point}: not finished: {}\nb: {}",
+                    out.stdout,
+                    b.log()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            assert_eq!(
+                h.plain_sink("codes/acme.txt").as_deref(),
+                Some(&h.accepted("acme")[..]),
+                "{point}"
+            );
+            let (code, _, log) = b.term().await;
+            assert_eq!(code, Some(0), "{point}: {log}");
+            assert_eq!(h.sim.count("PUT"), 1, "{point}: one PUT in all");
+            assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 1, "{point}");
+            let out = h.run(&["status", "--json"]).await;
+            let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            assert!(
+                doc["portals"][0]["pending_deliveries"]
+                    .as_array()
+                    .is_some_and(|a| a.is_empty()),
+                "{point}: nothing pending: {}",
+                out.stdout
+            );
+        }
+    });
+    futures::future::join_all(runs).await;
+}
+
+/// The portal holds a PUT past the lease of the instance that sent it and applies it then;
+/// that instance dies meanwhile. The other takes the portal over, its settle GETs find the
+/// late set and seal it: no second PUT, and the sink holds that set.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_applied_after_the_lease_is_sealed_by_the_other_instance() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.schedule = Some("yearly".into());
+    let pg = Postgres::start();
+    cluster_config(
+        &h,
+        &pg,
+        "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\nsettle_window = \"60s\"\n",
+    );
+    h.sim.inject(tfa_rotator::simulator::Fault::on_put(
+        tfa_rotator::simulator::FaultAction::ApplyAfterMs(30_000),
+    ));
+    let before = h.accepted("acme");
+    let mut a = Daemon::start(&h, &[], &[]);
+    assert!(a.wait_log("rotation not settled").await, "{}", a.log());
+    a.child.kill().await.unwrap();
+    let b = Daemon::start(&h, &[], &[]);
+    assert!(
+        crate::support::wait_for(Duration::from_secs(90), || {
+            h.plain_sink("codes/acme.txt")
+                .is_some_and(|s| s == h.accepted("acme") && s != before)
+        })
+        .await,
+        "b: {}",
+        b.log()
+    );
+    assert!(
+        b.log()
+            .contains("the portal holds a new set, so the rotation happened"),
+        "{}",
+        b.log()
+    );
+    // One change applied in all: a second PUT from b would have been applied at once.
+    assert_eq!(h.sim.rotations(), 1, "no second PUT");
+    assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 1);
+    let (code, _, log) = b.term().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// A rolling config change: the instance that gets the new config first rotates for the
+/// changed entry once; the one still on the old config does not rotate back (it says so),
+/// and once it runs the new config it finds nothing to do. Two PUTs in all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_config_change_does_not_ping_pong() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.schedule = Some("yearly".into());
+    std::fs::create_dir(h.path("codes2")).unwrap();
+    let pg = Postgres::start();
+    let old = std::fs::read_to_string(cluster_config(
+        &h,
+        &pg,
+        "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"1s\"\n\n\
+         [sinks.plain2]\ntype = \"file\"\npath = \"codes2/{portal}.txt\"\nshared = true\n",
+    ))
+    .unwrap();
+    let new = old.replace("sinks = [\"plain\"]", "sinks = [\"plain\", \"plain2\"]");
+    assert_ne!(old, new);
+    let (ca, cb) = (h.path("a.toml"), h.path("b.toml"));
+    write_private(&ca, &old);
+    write_private(&cb, &old);
+    let a = Daemon::start_with(&h, &ca, &[], &[]);
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || h.sim.count("PUT") == 1).await,
+        "{}",
+        a.log()
+    );
+    let b = Daemon::start_with(&h, &cb, &[], &[]);
+    assert!(b.wait_log("ready").await, "{}", b.log());
+    // a gets the new config: it rotates once for the changed entry.
+    write_private(&ca, &new);
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || h.sim.count("PUT") == 2).await,
+        "{}",
+        a.log()
+    );
+    // b, still on the old config, watches the portal every second (and so re-reads its
+    // row, which a changed): it neither rotates nor adopts, and says why.
+    assert!(
+        b.wait_log("another instance runs a newer configuration")
+            .await,
+        "{}",
+        b.log()
+    );
+    let watched = |log: &str| log.matches("due: watch read").count();
+    let seen = watched(&b.log());
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
+        "{}",
+        b.log()
+    );
+    assert_eq!(h.sim.count("PUT"), 2, "b did not rotate back: {}", b.log());
+    // b gets the new config too: nothing changed for it any more.
+    write_private(&cb, &new);
+    assert!(b.wait_log("configuration reloaded").await, "{}", b.log());
+    assert!(
+        b.wait_log("this instance runs the newest configuration again")
+            .await,
+        "{}",
+        b.log()
+    );
+    let seen = watched(&b.log());
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
+        "{}",
+        b.log()
+    );
+    assert_eq!(
+        h.sim.count("PUT"),
+        2,
+        "no ping-pong: {}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(
+        h.plain_sink("codes2/acme.txt").as_deref(),
+        Some(&h.accepted("acme")[..])
+    );
+    for d in [a, b] {
+        let (code, _, log) = d.term().await;
+        assert_eq!(code, Some(0), "{log}");
+    }
 }

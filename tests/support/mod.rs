@@ -153,8 +153,18 @@ impl Harness {
     }
 
     pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+        self.spawn_with(&self.config(), args, env)
+    }
+
+    /// [`Harness::spawn`] with another config file.
+    pub fn spawn_with(
+        &self,
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(BIN);
-        cmd.arg("--config").arg(self.config()).args(args);
+        cmd.arg("--config").arg(config).args(args);
         cmd.env_remove("TFA_ROTATOR_CONFIG")
             .env_remove("FAILPOINTS")
             .env_remove("TFA_ROTATOR_ABORT_AT");
@@ -299,9 +309,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(h, &h.config(), args, env)
+    }
+
+    /// [`Daemon::start`] with another config file.
+    pub fn start_with(h: &Harness, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut full = vec!["run"];
         full.extend_from_slice(args);
-        let mut child = h.spawn(&full, env);
+        let mut child = h.spawn_with(config, &full, env);
         let log = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().unwrap();
         let sink = log.clone();

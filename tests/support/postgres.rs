@@ -90,6 +90,24 @@ impl Postgres {
         )
     }
 
+    /// Creates database `name` and returns its connection string.
+    pub async fn database(&self, name: &str) -> String {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let task = tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        drop(client);
+        let _ = task.await;
+        format!(
+            "host={} user=postgres dbname={name}",
+            self.dir.path().display()
+        )
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
