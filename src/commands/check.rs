@@ -58,6 +58,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         secrets: crate::sinks::Secrets::Read,
         metrics: Default::default(),
         stopping: Default::default(),
+        in_daemon: false,
         limits: crate::rotation::limits::Limits::new(
             config.daemon.max_concurrent,
             config.daemon.max_per_host,

@@ -102,11 +102,12 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
     };
     // Secrets deferred: one portal's unreadable credential is reported now (error, STATUS=,
     // metric) and fails that portal alone; the others keep working.
-    let engine =
+    let mut engine =
         match crate::commands::engine_with(config.clone(), dry_run, crate::sinks::Secrets::Defer) {
             Ok(e) => e,
             Err(e) => return e,
         };
+    engine.in_daemon = true;
     let metrics = engine.metrics.clone();
     if let Some(addr) = config.daemon.metrics {
         match tokio::net::TcpListener::bind(addr).await {
@@ -326,11 +327,14 @@ impl Supervisor {
         };
         let rows: HashMap<&str, &state::PortalRow> =
             rows.iter().map(|r| (r.name.as_str(), r)).collect();
-        let intents: HashMap<&str, &state::OpenJournal> = open
-            .iter()
-            .filter(|j| j.phase == state::Phase::Intent)
-            .map(|j| (j.portal.as_str(), j))
-            .collect();
+        // Per portal its open intent, else its oldest sealed entry nobody finished.
+        let mut intents: HashMap<&str, &state::OpenJournal> = HashMap::new();
+        for j in &open {
+            let e = intents.entry(j.portal.as_str()).or_insert(j);
+            if j.phase == state::Phase::Intent {
+                *e = j;
+            }
+        }
         let mut known = HashMap::with_capacity(self.engine.config.portals.len());
         for name in self.engine.config.portals.keys() {
             let row = rows.get(name.as_str()).copied();
@@ -521,6 +525,12 @@ impl Supervisor {
                 .map_or(Duration::from_secs(60), |s| s.lease);
             self.held
                 .insert(name.clone(), crate::schedule::add(Utc::now(), lease / 3));
+        } else if done.reason == Reason::Settle && done.outcome == Outcome::Failed {
+            // Not at once again: an intent has its own schedule, a sealed entry does not.
+            self.held.insert(
+                name.clone(),
+                crate::schedule::add(Utc::now(), rotation::backoff(0)),
+            );
         } else {
             self.held.remove(&name);
         }

@@ -10,9 +10,10 @@
 
 use std::collections::HashMap;
 
-use super::{Engine, LOCK_WAIT, Outcome, Report, RotationError};
+use super::{Engine, Outcome, Report, RotationError};
 use crate::config::{OnDrift, PortalConfig};
 use crate::state;
+use crate::state::StateError;
 
 /// The sinks of `pc` whose baseline is not `fp`. A sink without a baseline (new, or never
 /// delivered) has nothing to compare and is not drift.
@@ -117,7 +118,16 @@ async fn watch_inner(
         tracing::info!(portal = name, unused, "dry run: watch read");
         return Ok((Watched::Steady, Some(unused)));
     };
-    let lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let lock = match store
+        .lock_portal(name, super::lock_wait(engine, &store))
+        .await
+    {
+        // Another instance holds it: it reads the portal itself.
+        Err(StateError::Busy { .. }) if store.postgres().is_some() => {
+            return Ok((Watched::Steady, None));
+        }
+        l => l?,
+    };
     match super::recover_unless_settling(engine, name).await {
         Err(RotationError::Settling { .. }) => return Ok((Watched::Settling, None)),
         other => drop(other?),

@@ -144,6 +144,9 @@ pub struct Engine {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Rotations in flight: in all, and per portal host.
     pub limits: Arc<limits::Limits>,
+    /// Run by the daemon (which, in a cluster, skips a portal another instance holds rather
+    /// than wait for it).
+    pub in_daemon: bool,
 }
 
 /// [`Engine::entry_fingerprint`] from built sinks.
@@ -202,6 +205,7 @@ impl Engine {
             metrics: Default::default(),
             stopping: Default::default(),
             limits: limits::Limits::new(config.daemon.max_concurrent, config.daemon.max_per_host),
+            in_daemon: false,
             config,
         })
     }
@@ -271,6 +275,7 @@ impl Engine {
         let sinks = crate::sinks::build_with(&config, self.secrets)?;
         let http = HttpClient::new(config.daemon.http_timeout);
         Ok(Self {
+            in_daemon: self.in_daemon,
             sinks,
             store: self.store.clone(),
             http,
@@ -767,7 +772,7 @@ async fn rotate_inner(
         Some(t) => t,
         None => store.now().await?,
     };
-    let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let _lock = store.lock_portal(name, lock_wait(engine, &store)).await?;
     // One read tells whether an earlier process left work here; only a portal with
     // leftovers pays for recovery.
     let p = name.to_string();
@@ -834,7 +839,7 @@ async fn rotate_inner(
     let window = engine.config.convergence_of(pc).settle_window;
     let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     let (p, fp, unused, total) = (name.to_string(), pf.before_fp.clone(), pf.unused, pf.total);
-    let started_at = now_ms();
+    let started_at = store.now().await?;
     let journal_id = store
         .write(move |c| {
             state::record_seen(c, &p, fp.as_deref().unwrap_or_default(), unused, total)?;
@@ -1217,6 +1222,17 @@ async fn deliver_portal(
     Ok((delivered, pending))
 }
 
+/// How long to wait for a portal another process holds. The daemon of a cluster does not
+/// wait: the holder is doing the work (like `SKIP LOCKED`, it moves on to a free portal and
+/// looks again later). Commands by hand, and SQLite, wait.
+pub(crate) fn lock_wait(engine: &Engine, store: &Store) -> Duration {
+    if engine.in_daemon && store.postgres().is_some() {
+        Duration::ZERO
+    } else {
+        LOCK_WAIT
+    }
+}
+
 /// Settles what earlier processes left for this portal, taking its lock.
 pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
@@ -1580,9 +1596,12 @@ pub fn known_from(
     open_intent: Option<&state::OpenJournal>,
 ) -> crate::schedule::plan::Known {
     let t = |ms: Option<i64>| ms.and_then(chrono::DateTime::from_timestamp_millis);
-    let settle_at = open_intent
-        .filter(|j| j.phase == state::Phase::Intent)
-        .map(|j| t(j.next_check_at).unwrap_or_else(Utc::now));
+    // An intent is settled on its schedule; a sealed entry nobody finished (its process
+    // died after the seal: in a cluster, another instance's) is finished now.
+    let settle_at = open_intent.map(|j| match j.phase {
+        state::Phase::Intent => t(j.next_check_at).unwrap_or_else(Utc::now),
+        state::Phase::Sealed => Utc::now(),
+    });
     let Some(r) = row else {
         return crate::schedule::plan::Known {
             settle_at,
@@ -1613,8 +1632,11 @@ pub async fn known_of(
     let (row, open) = store
         .call(move |c| Ok((state::portal_row(c, &p)?, state::open_journal(c, Some(&p))?)))
         .await?;
-    let intent = open.iter().find(|j| j.phase == state::Phase::Intent);
-    Ok(known_from(row.as_ref(), intent))
+    let open = open
+        .iter()
+        .find(|j| j.phase == state::Phase::Intent)
+        .or(open.first());
+    Ok(known_from(row.as_ref(), open))
 }
 
 /// A portal's policy for the planner; `entry_fp` is [`Engine::entry_fingerprint`].

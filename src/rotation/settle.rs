@@ -15,7 +15,7 @@
 use super::{Engine, RotationError};
 use crate::docspace::Portal;
 use crate::secret::CodeSet;
-use crate::state::{self, now_ms};
+use crate::state;
 
 /// The settle GETs' offsets as fractions of the window: (numerator, denominator).
 const CHECKS: [(i64, i64); 6] = [(0, 1), (1, 30), (2, 15), (1, 3), (2, 3), (1, 1)];
@@ -71,7 +71,8 @@ pub async fn once(
     let store = engine.store()?.clone();
     let name = portal.name().to_string();
     let got = portal.codes().await;
-    let now = now_ms();
+    // The state's clock: in a cluster the database server's, which wrote the deadline.
+    let now = store.now().await?;
     // Not closed as not applied before the window has closed, nor (in a cluster) before the
     // writer's PUT deadline and its grace have passed: its PUT can no longer be sent then.
     let grace = crate::config::StorageConfig::GRACE.as_millis() as i64;
