@@ -285,6 +285,8 @@ pub struct StorageConfig {
     pub lease: Duration,
     /// This instance's name; default HOSTNAME:PID.
     pub instance: Option<String>,
+    /// An extra CA to trust for TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl StorageConfig {

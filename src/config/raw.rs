@@ -160,6 +160,10 @@ pub struct RawStorage {
     /// postgres: this instance's name in `status` and the leases; default HOSTNAME:PID.
     #[schemars(with = "Option<String>")]
     pub instance: Option<Spanned<String>>,
+    /// postgres: an extra CA certificate (PEM) to trust besides the system's, for TLS
+    /// (`sslmode=require` in the url).
+    #[schemars(with = "Option<String>")]
+    pub ca_file: Option<Spanned<String>>,
 }
 
 /// A file sink's encryption.

@@ -926,10 +926,12 @@ fn storage(
             );
         }
     }
+    let ca_file = r.ca_file.map(|c| cx.path(c.get_ref()));
     Some(StorageConfig {
         url,
         lease,
         instance,
+        ca_file,
     })
 }
 

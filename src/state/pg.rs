@@ -201,7 +201,7 @@ impl PgStore {
             detail: e,
         })?;
         let me = st.instance.clone().unwrap_or_else(default_instance);
-        let pool = Self::pool(secrecy::ExposeSecret::expose_secret(&url))?;
+        let pool = Self::pool(secrecy::ExposeSecret::expose_secret(&url), st)?;
         let mut client = get(&pool).await?;
         if !read_only {
             migrate(&mut client).await?;
@@ -247,11 +247,16 @@ impl PgStore {
         Ok(Some(store))
     }
 
-    fn pool(url: &str) -> Result<Pool, StateError> {
-        let config: tokio_postgres::Config = url.parse().map_err(pg("parsing storage.url"))?;
+    fn pool(url: &str, st: &StorageConfig) -> Result<Pool, StateError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|_| StateError::Db {
+            action: "parsing storage.url",
+            // Not the parser's message: it may quote the string, password included.
+            detail: "not a libpq connection string (host=… user=… dbname=…) or postgresql:// URL"
+                .into(),
+        })?;
         let manager = Manager::from_config(
             config,
-            tokio_postgres::NoTls,
+            tls(st)?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -540,6 +545,47 @@ impl PgStore {
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
         get(&self.shared.pool).await
     }
+}
+
+/// TLS for TCP connections (the url's `sslmode`: `disable`, `prefer`, the default, which
+/// uses TLS when the server offers it, or `require`): rustls, verifying the server's
+/// certificate and name against the system's CAs and `[storage] ca_file`. A Unix socket
+/// uses no TLS.
+fn tls(st: &StorageConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StateError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let err = |detail: String| StateError::Db {
+        action: "setting up TLS for PostgreSQL",
+        detail,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    if let Some(ca) = &st.ca_file {
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| err(format!("storage.ca_file {}: {e}", ca.display())))?;
+        if certs.is_empty() {
+            return Err(err(format!(
+                "storage.ca_file {}: no PEM certificate in it",
+                ca.display()
+            )));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| err(format!("storage.ca_file {}: {e}", ca.display())))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// A fingerprint of the whole config file's text: what "the same config" means.

@@ -680,3 +680,46 @@ async fn a_rolling_config_change_does_not_ping_pong() {
         assert_eq!(code, Some(0), "{log}");
     }
 }
+
+/// Over TCP the connection is TLS (rustls), verified against `[storage] ca_file`: with the
+/// test CA it connects and the server reports an encrypted session; without it the
+/// certificate is refused and nothing is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_postgres_is_verified_against_the_ca_file() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pg = Postgres::start_with(true);
+    let path = cluster_config_with(&h, &pg.tls_url(), "", 2);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with_ca = text.replace(
+        "lease = \"24s\"",
+        &format!(
+            "lease = \"24s\"\nca_file = \"{}\"",
+            pg.path().join("ca.pem").display()
+        ),
+    );
+    write_private(&path, &with_ca);
+    let config = tfa_rotator::config::load(&path).unwrap();
+    let store = Store::open_configured(&config).unwrap();
+    let client = store.postgres().unwrap().client().await.unwrap();
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the session is encrypted");
+    drop(client);
+    conformance(store).await;
+    // Without the CA the server's certificate is not trusted.
+    write_private(&path, &text);
+    let out = h.run(&["status"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        out.stderr
+    );
+}

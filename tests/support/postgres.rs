@@ -1,5 +1,6 @@
 //! A real PostgreSQL for a test: `initdb` and `pg_ctl` as the `postgres` user (initdb
-//! refuses root) in a temporary directory, listening only on a Unix socket there. Stopped,
+//! refuses root) in a temporary directory, listening on a Unix socket there (and, with TLS,
+//! on a loopback port). Stopped,
 //! and its directory removed, on drop. Needs the Debian package `postgresql`, which
 //! `.ci/run` installs.
 
@@ -12,6 +13,8 @@ use tempfile::TempDir;
 pub struct Postgres {
     dir: TempDir,
     bin: PathBuf,
+    /// The loopback TCP port, when started with TLS.
+    port: Option<u16>,
 }
 
 fn bin_dir() -> PathBuf {
@@ -29,6 +32,12 @@ fn bin_dir() -> PathBuf {
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `tls`: also listening on a free loopback port with TLS (a certificate for
+    /// 127.0.0.1 signed by a fresh test CA, `ca.pem` in [`Postgres::path`]).
+    pub fn start_with(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tfa-pg-")
             .tempdir()
@@ -63,10 +72,27 @@ impl Postgres {
             "--auth=trust",
             "--no-sync",
         ]);
-        let opts = format!(
+        let mut opts = format!(
             "-c listen_addresses='' -k {} -c fsync=off -c synchronous_commit=on",
             dir.path().display()
         );
+        let mut port = None;
+        if tls {
+            super::smtp::test_ca(dir.path());
+            for f in ["cert.pem", "key.pem"] {
+                let p = dir.path().join(f);
+                std::os::unix::fs::chown(&p, Some(uid), None).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            let p = super::free_port();
+            opts = format!(
+                "-c listen_addresses=127.0.0.1 -p {p} -k {} -c fsync=off -c synchronous_commit=on \
+                 -c ssl=on -c ssl_cert_file={d}/cert.pem -c ssl_key_file={d}/key.pem",
+                dir.path().display(),
+                d = dir.path().display()
+            );
+            port = Some(p);
+        }
         let pg_ctl = bin.join("pg_ctl");
         as_postgres(&[
             pg_ctl.to_str().unwrap(),
@@ -79,7 +105,15 @@ impl Postgres {
             "-w",
             "start",
         ]);
-        Self { dir, bin }
+        Self { dir, bin, port }
+    }
+
+    /// A libpq connection string over TCP with TLS required (a server started with TLS).
+    pub fn tls_url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+            self.port.expect("started with TLS")
+        )
     }
 
     /// A libpq connection string to the server's `postgres` database.
