@@ -3,8 +3,8 @@
 //! figures measured in the same run, because the machines are shared and noisy.
 //!
 //! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3),
-//! `TFA_BENCH_ONLY` (a comma list of `mass`, `wan`, `start`, `stop`, `fds`, `idle`, `reload`,
-//! `micro`; default all).
+//! `TFA_BENCH_ONLY` (a comma list of `mass`, `wan`, `cluster`, `start`, `stop`, `fds`, `idle`,
+//! `reload`, `micro`; default all), `TFA_BENCH_CLUSTER_SIZE` (default 10000).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -15,6 +15,11 @@ use futures::StreamExt;
 use tfa_rotator::simulator::{SimConfig, Simulator, UserSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tfa-rotator");
+
+/// The tests' fixtures: a real PostgreSQL for the cluster table.
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -306,6 +311,9 @@ async fn main() {
     }
     if wanted("wan") {
         wan(runs).await;
+    }
+    if wanted("cluster") {
+        cluster(env_list("TFA_BENCH_CLUSTER_SIZE", &[10000])[0]).await;
     }
     if wanted("start") {
         start(&env_list("TFA_BENCH_START_SIZES", &[2000, 10000])).await;
@@ -926,4 +934,106 @@ async fn stop() {
     println!(
         "| requests after SIGTERM (at most 2 per rotation in flight; one host: 8 in flight) | {after} |"
     );
+}
+
+/// Several instances: `n` portals due at once (new, `@yearly`) on 10 simulated hosts, done by
+/// `run --once` of one daemon on SQLite, one on PostgreSQL, and two on one PostgreSQL at
+/// once; without and with 25 ms per answer. Checks from the journal that no account was
+/// rotated twice.
+async fn cluster(n: usize) {
+    const HOSTS: usize = 10;
+    let pg = support::postgres::Postgres::start();
+    println!(
+        "\n| several instances: {n} due portals, 10 hosts | latency | wall | acc/s | bound of the limits | daemons' CPU | rotated twice |\n| --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let mut db = 0;
+    for latency in ["0ms", "25ms"] {
+        for (label, instances, postgres) in [
+            ("SQLite, one daemon", 1, false),
+            ("PostgreSQL, one daemon", 1, true),
+            ("PostgreSQL, two daemons", 2, true),
+        ] {
+            let mut sims = Vec::new();
+            let mut portals = Vec::new();
+            for _ in 0..HOSTS {
+                let (child, url, keys) = simulate_process(n / HOSTS, latency).await;
+                portals.extend(keys.into_iter().map(|k| (url.clone(), k)));
+                sims.push(child);
+            }
+            let t_req = request_time(&portals[0].0, &portals[0].1, 10).await;
+            let dir = tempfile::tempdir().unwrap();
+            let mut extra = String::from(
+                "[schedules.s]\ncron = \"@yearly\"\nwatch_every = \"off\"\n",
+            );
+            if postgres {
+                db += 1;
+                let url = pg.database(&format!("bench{db}")).await;
+                private(&dir.path().join("pg.url"), &format!("{url}\n"));
+                extra.push_str(
+                    "\n[storage]\ntype = \"postgres\"\nurl = { file = \"pg.url\" }\n",
+                );
+            }
+            write_multi_config(dir.path(), &portals, &extra);
+            if postgres {
+                let cfg = dir.path().join("config.toml");
+                let text = std::fs::read_to_string(&cfg)
+                    .unwrap()
+                    .replace("path = \"codes/{portal}.txt\"\n", "path = \"codes/{portal}.txt\"\nshared = true\n");
+                private(&cfg, &text);
+            }
+            let started = Instant::now();
+            let runs: Vec<_> = (0..instances)
+                .map(|_| {
+                    let p = dir.path().to_path_buf();
+                    tokio::task::spawn_blocking(move || timed(&p, &["-q", "run", "--once"]))
+                })
+                .collect();
+            let mut cpu = 0.0;
+            for r in runs {
+                cpu += r.await.unwrap().1;
+            }
+            let wall = started.elapsed().as_secs_f64();
+            // Rotations per portal, from the journal.
+            let twice = if postgres {
+                let (client, conn) = tokio_postgres::connect(
+                    &std::fs::read_to_string(dir.path().join("pg.url")).unwrap(),
+                    tokio_postgres::NoTls,
+                )
+                .await
+                .unwrap();
+                let task = tokio::spawn(conn);
+                let done: i64 = client
+                    .query_one("SELECT COUNT(DISTINCT portal) FROM journal WHERE kind = 'rotate' AND phase = 'done'", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                let twice: i64 = client
+                    .query_one("SELECT COUNT(*) FROM (SELECT portal FROM journal WHERE kind = 'rotate' GROUP BY portal HAVING COUNT(*) > 1) t", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                drop(client);
+                let _ = task.await;
+                assert_eq!(done as usize, n, "{label}: every portal rotated");
+                twice
+            } else {
+                let c = rusqlite::Connection::open(dir.path().join("state/state.sqlite")).unwrap();
+                let done: i64 = c
+                    .query_row("SELECT COUNT(DISTINCT portal) FROM journal WHERE kind = 'rotate' AND phase = 'done'", [], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(done as usize, n, "{label}: every portal rotated");
+                c.query_row("SELECT COUNT(*) FROM (SELECT portal FROM journal WHERE kind = 'rotate' GROUP BY portal HAVING COUNT(*) > 1)", [], |r| r.get(0))
+                    .unwrap()
+            };
+            // The defaults: 64 rotations in flight per instance, 8 per host; 3 round trips.
+            let bound = instances as f64 * 64usize.min(8 * HOSTS) as f64 / (3.0 * t_req);
+            println!(
+                "| {label} | {latency} | {wall:.1} s | {:.0} | {bound:.0} | {cpu:.1} s | {twice} |",
+                n as f64 / wall
+            );
+            for mut s in sims {
+                let _ = s.kill().await;
+            }
+        }
+    }
 }

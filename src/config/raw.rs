@@ -153,8 +153,8 @@ pub struct RawStorage {
     /// (it may hold a password).
     #[schemars(with = "Option<SecretRef>")]
     pub url: Option<Spanned<SecretRef>>,
-    /// postgres: how long a claim on a portal lasts unrenewed; default 60s; at least
-    /// 2 x (http_timeout + 10s).
+    /// postgres: how long a claim on a portal lasts unrenewed; at least
+    /// 2 x (http_timeout + 10s), which is the default when longer than 60s.
     #[schemars(with = "Option<String>")]
     pub lease: Option<Spanned<String>>,
     /// postgres: this instance's name in `status` and the leases; default HOSTNAME:PID.

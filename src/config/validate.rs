@@ -890,8 +890,14 @@ fn storage(
         return None;
     };
     let url = cx.secret(url, "storage.url");
-    let lease = cx.duration(&r.lease, "storage.lease", Duration::from_secs(60));
+    // Default 60 s, or the least the PUT budget allows if that is longer (the default
+    // http_timeout of 30 s asks for 80 s).
     let min = 2 * (daemon.http_timeout + StorageConfig::GRACE);
+    let lease = cx.duration(
+        &r.lease,
+        "storage.lease",
+        Duration::from_secs(60).max(min),
+    );
     if lease < min {
         cx.err(
             &r.lease.as_ref().map(|l| l.span()).unwrap_or(r.kind.span()),

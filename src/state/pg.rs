@@ -254,13 +254,20 @@ impl PgStore {
             detail: "not a libpq connection string (host=… user=… dbname=…) or postgresql:// URL"
                 .into(),
         })?;
-        let manager = Manager::from_config(
-            config,
-            tls(st)?,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let mc = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // A Unix socket has no TLS (and no name to verify: the rustls connector refuses a
+        // path as a host name before connecting), so a config of sockets only gets none.
+        let unix_only = config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        let manager = if unix_only {
+            Manager::from_config(config, tokio_postgres::NoTls, mc())
+        } else {
+            Manager::from_config(config, tls(st)?, mc())
+        };
         Pool::builder(manager)
             .max_size(16)
             .wait_timeout(Some(Duration::from_secs(30)))
@@ -549,8 +556,7 @@ impl PgStore {
 
 /// TLS for TCP connections (the url's `sslmode`: `disable`, `prefer`, the default, which
 /// uses TLS when the server offers it, or `require`): rustls, verifying the server's
-/// certificate and name against the system's CAs and `[storage] ca_file`. A Unix socket
-/// uses no TLS.
+/// certificate and name against the system's CAs and `[storage] ca_file`.
 fn tls(st: &StorageConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StateError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
