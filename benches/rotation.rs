@@ -18,7 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tfa-rotator");
 
 /// The tests' fixtures: a real PostgreSQL for the cluster table.
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -180,6 +180,27 @@ fn proc_cpu_and_switches(pid: u32) -> (f64, u64) {
         }
     }
     (ticks / 100.0, cs)
+}
+
+/// CPU seconds of every PostgreSQL process so far: their own, and what the postmaster
+/// reaped of the backends that have exited.
+fn pg_cpu() -> f64 {
+    let mut ticks = 0.0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        ticks += f.get(11..15).map_or(0.0, |v| v.iter().sum());
+    }
+    ticks / 100.0
 }
 
 /// A `/proc/PID/status` memory line (`VmRSS`, `RssAnon`, `RssFile`) in KiB.
@@ -944,7 +965,7 @@ async fn cluster(n: usize) {
     const HOSTS: usize = 10;
     let pg = support::postgres::Postgres::start();
     println!(
-        "\n| several instances: {n} due portals, 10 hosts | latency | wall | acc/s | bound of the limits | daemons' CPU | rotated twice |\n| --- | --- | --- | --- | --- | --- | --- |"
+        "\n| several instances: {n} due portals, 10 hosts | latency | wall | acc/s | bound of the limits | CPU: daemons / PostgreSQL / simulators (of cores × wall) | rotated twice |\n| --- | --- | --- | --- | --- | --- | --- |"
     );
     let mut db = 0;
     for latency in ["0ms", "25ms"] {
@@ -981,6 +1002,7 @@ async fn cluster(n: usize) {
                     .replace("path = \"codes/{portal}.txt\"\n", "path = \"codes/{portal}.txt\"\nshared = true\n");
                 private(&cfg, &text);
             }
+            let pg_before = pg_cpu();
             let started = Instant::now();
             let runs: Vec<_> = (0..instances)
                 .map(|_| {
@@ -993,6 +1015,12 @@ async fn cluster(n: usize) {
                 cpu += r.await.unwrap().1;
             }
             let wall = started.elapsed().as_secs_f64();
+            let pg_used = pg_cpu() - pg_before;
+            let sims_used: f64 = sims
+                .iter()
+                .filter_map(|s| s.id())
+                .map(|pid| proc_cpu_and_switches(pid).0)
+                .sum();
             // Rotations per portal, from the journal.
             let twice = if postgres {
                 let (client, conn) = tokio_postgres::connect(
@@ -1027,9 +1055,11 @@ async fn cluster(n: usize) {
             };
             // The defaults: 64 rotations in flight per instance, 8 per host; 3 round trips.
             let bound = instances as f64 * 64usize.min(8 * HOSTS) as f64 / (3.0 * t_req);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             println!(
-                "| {label} | {latency} | {wall:.1} s | {:.0} | {bound:.0} | {cpu:.1} s | {twice} |",
-                n as f64 / wall
+                "| {label} | {latency} | {wall:.1} s | {:.0} | {bound:.0} | {cpu:.1} / {pg_used:.1} / {sims_used:.1} s (of {:.1}) | {twice} |",
+                n as f64 / wall,
+                cores * wall
             );
             for mut s in sims {
                 let _ = s.kill().await;

@@ -427,13 +427,16 @@ impl Supervisor {
     }
 
     /// Stores plans in one commit (nothing in a dry run).
-    async fn persist(&self, writes: Vec<PlanWrite>) {
+    async fn persist(&self, mut writes: Vec<PlanWrite>) {
         let Some(store) = self.engine.store.clone() else {
             return;
         };
         if writes.is_empty() {
             return;
         }
+        // In one order for every instance: two instances writing the same rows in orders of
+        // their own would deadlock each other in PostgreSQL.
+        writes.sort_by(|a, b| a.portal.cmp(&b.portal));
         let r = store
             .write(move |c| {
                 for w in &writes {

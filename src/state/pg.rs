@@ -311,6 +311,7 @@ impl PgStore {
                 tx: &tx,
                 handle: &handle,
                 shared: &shared,
+                now: std::cell::Cell::new(None),
             })?;
             handle.block_on(tx.commit()).map_err(pg("committing"))?;
             Ok(out)
@@ -714,6 +715,8 @@ struct PgTx<'a> {
     tx: &'a deadpool_postgres::Transaction<'a>,
     handle: &'a tokio::runtime::Handle,
     shared: &'a Shared,
+    /// The server's clock, read once per transaction (its statements share one time).
+    now: std::cell::Cell<Option<i64>>,
 }
 
 impl Sql for PgTx<'_> {
@@ -740,6 +743,9 @@ impl Sql for PgTx<'_> {
     }
 
     fn now(&self) -> Result<i64, StateError> {
+        if let Some(t) = self.now.get() {
+            return Ok(t);
+        }
         let r = self
             .handle
             .block_on(self.tx.query_one(
@@ -747,7 +753,9 @@ impl Sql for PgTx<'_> {
                 &[],
             ))
             .map_err(pg("reading the server's clock"))?;
-        Ok(r.get(0))
+        let t: i64 = r.get(0);
+        self.now.set(Some(t));
+        Ok(t)
     }
 
     fn license_put(&self, portal: &str) -> Result<Option<i64>, StateError> {
