@@ -983,23 +983,21 @@ async fn cluster(n: usize) {
             }
             let t_req = request_time(&portals[0].0, &portals[0].1, 10).await;
             let dir = tempfile::tempdir().unwrap();
-            let mut extra = String::from(
-                "[schedules.s]\ncron = \"@yearly\"\nwatch_every = \"off\"\n",
-            );
+            let mut extra =
+                String::from("[schedules.s]\ncron = \"@yearly\"\nwatch_every = \"off\"\n");
             if postgres {
                 db += 1;
                 let url = pg.database(&format!("bench{db}")).await;
                 private(&dir.path().join("pg.url"), &format!("{url}\n"));
-                extra.push_str(
-                    "\n[storage]\ntype = \"postgres\"\nurl = { file = \"pg.url\" }\n",
-                );
+                extra.push_str("\n[storage]\ntype = \"postgres\"\nurl = { file = \"pg.url\" }\n");
             }
             write_multi_config(dir.path(), &portals, &extra);
             if postgres {
                 let cfg = dir.path().join("config.toml");
-                let text = std::fs::read_to_string(&cfg)
-                    .unwrap()
-                    .replace("path = \"codes/{portal}.txt\"\n", "path = \"codes/{portal}.txt\"\nshared = true\n");
+                let text = std::fs::read_to_string(&cfg).unwrap().replace(
+                    "path = \"codes/{portal}.txt\"\n",
+                    "path = \"codes/{portal}.txt\"\nshared = true\n",
+                );
                 private(&cfg, &text);
             }
             let pg_before = pg_cpu();

@@ -893,11 +893,7 @@ fn storage(
     // Default 60 s, or the least the PUT budget allows if that is longer (the default
     // http_timeout of 30 s asks for 80 s).
     let min = 2 * (daemon.http_timeout + StorageConfig::GRACE);
-    let lease = cx.duration(
-        &r.lease,
-        "storage.lease",
-        Duration::from_secs(60).max(min),
-    );
+    let lease = cx.duration(&r.lease, "storage.lease", Duration::from_secs(60).max(min));
     if lease < min {
         cx.err(
             &r.lease.as_ref().map(|l| l.span()).unwrap_or(r.kind.span()),

@@ -471,7 +471,7 @@ impl Supervisor {
             return;
         };
         match pg.runs_newest_config(&self.engine.config).await {
-            Ok(newest) => set_newest(newest),
+            Ok(newest) => set_newest(pg, newest).await,
             Err(e) => tracing::error!(error = %e, "reading the config generations"),
         }
     }
@@ -542,8 +542,12 @@ impl Supervisor {
         }
         let now = Utc::now();
         // The job wrote what happened; read it back (this portal only). A dry run writes
-        // nothing: remember in memory what a real run would have.
+        // nothing: remember in memory what a real run would have. A portal another instance
+        // held was not touched: it is read again when its turn comes back.
         let mut k = match &self.engine.store {
+            _ if done.outcome == Outcome::Skipped(Skip::Held) => {
+                self.known.get(&name).cloned().unwrap_or_default()
+            }
             Some(store) => match rotation::known_of(store, &name).await {
                 Ok(k) => k,
                 Err(e) => {
@@ -722,14 +726,34 @@ impl Supervisor {
     }
 }
 
-/// Records whether this instance runs the newest config generation; an error while not.
-fn set_newest(newest: bool) {
+/// Records whether this instance runs the newest config generation; when it stops doing
+/// so: an error, and a notice for `[alerts]` (at most one a day per instance).
+async fn set_newest(pg: &state::pg::PgStore, newest: bool) {
     let was = rotation::RUNS_NEWEST_CONFIG.swap(newest, std::sync::atomic::Ordering::SeqCst);
     if !newest {
         if was {
             tracing::error!(
                 "another instance runs a newer configuration: this one does not act on changed portal entries until it runs the same (deploy it, then reload)"
             );
+            let me = pg.me().to_string();
+            let r = pg
+                .transaction(move |c| {
+                    let since = c.now()? - 86_400_000;
+                    state::add_notice(
+                        c,
+                        "*",
+                        "config",
+                        &format!("tfa-rotator: instance {me} runs an older configuration"),
+                        &format!(
+                            "The instance {me} started with, or still runs, a configuration file that differs from the newest one another instance of the cluster started with. Until it runs the same file it does not rotate portals whose entries changed (so that two instances cannot rotate a portal back and forth). Deploy the same configuration to every instance, then reload them. `tfa-rotator status` lists the instances and which run an older configuration."
+                        ),
+                        since,
+                    )
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "queueing the notice of an older configuration");
+            }
         }
     } else if !was {
         tracing::info!("this instance runs the newest configuration again");
@@ -770,7 +794,7 @@ async fn cluster_heartbeat(
             tracing::warn!(error = %e, "marking this instance alive");
         }
         match pg.runs_newest_config(&config).await {
-            Ok(newest) => set_newest(newest),
+            Ok(newest) => set_newest(&pg, newest).await,
             Err(e) => tracing::warn!(error = %e, "reading the config generations"),
         }
     }
@@ -826,13 +850,30 @@ async fn run_job(
         // generation; asked now, not at the last heartbeat, since another instance may
         // have just started with a newer one.
         match pg.runs_newest_config(&engine.config).await {
-            Ok(true) => set_newest(true),
+            Ok(true) => set_newest(pg, true).await,
             Ok(false) => {
-                set_newest(false);
+                set_newest(pg, false).await;
                 return done(Outcome::Skipped(Skip::NotDue), None);
             }
             Err(e) => {
                 tracing::warn!(portal = name, error = %e, "reading the config generations");
+                return done(Outcome::Failed, None);
+            }
+        }
+    }
+    // In a cluster the claim comes first: a portal another instance holds costs one
+    // statement and is looked at again later; one we hold is re-planned and rotated under it.
+    let mut held = None;
+    if due.reason.rotates()
+        && let Some(store) = engine.store.as_ref().filter(|s| s.postgres().is_some())
+    {
+        match store.lock_portal(name, Duration::ZERO).await {
+            Ok(l) => held = Some(l),
+            Err(state::StateError::Busy { .. }) => {
+                return done(Outcome::Skipped(Skip::Held), None);
+            }
+            Err(e) => {
+                tracing::warn!(portal = name, error = %e, "claiming the portal");
                 return done(Outcome::Failed, None);
             }
         }
@@ -878,7 +919,7 @@ async fn run_job(
             done(outcome, unused)
         }
         _ => {
-            let r = rotation::rotate_since(engine, name, false, since).await;
+            let r = rotation::rotate_held(engine, name, false, since, held).await;
             done(r.outcome, r.unused)
         }
     }

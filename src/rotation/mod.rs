@@ -690,8 +690,19 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
 /// (the state's clock): by another process while this one waited for the portal, or after
 /// the daemon planned it. `None`: since now.
 pub async fn rotate_since(engine: &Engine, name: &str, force: bool, since: Option<i64>) -> Report {
+    rotate_held(engine, name, force, since, None).await
+}
+
+/// [`rotate_since`] under a lock the caller already took (`None`: it takes one).
+pub async fn rotate_held(
+    engine: &Engine,
+    name: &str,
+    force: bool,
+    since: Option<i64>,
+    held: Option<state::PortalLock>,
+) -> Report {
     let started = std::time::Instant::now();
-    let report = match rotate_inner(engine, name, force, since).await {
+    let report = match rotate_inner(engine, name, force, since, held).await {
         Ok(r) => r,
         Err(RotationError::State(e @ (StateError::Busy { .. } | StateError::Fenced { .. })))
             if engine
@@ -741,6 +752,7 @@ async fn rotate_inner(
     name: &str,
     force: bool,
     since: Option<i64>,
+    held: Option<state::PortalLock>,
 ) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
     if engine.dry_run {
@@ -772,7 +784,10 @@ async fn rotate_inner(
         Some(t) => t,
         None => store.now().await?,
     };
-    let _lock = store.lock_portal(name, lock_wait(engine, &store)).await?;
+    let _lock = match held {
+        Some(l) => l,
+        None => store.lock_portal(name, lock_wait(engine, &store)).await?,
+    };
     // One read tells whether an earlier process left work here; only a portal with
     // leftovers pays for recovery.
     let p = name.to_string();

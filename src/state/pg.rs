@@ -332,36 +332,38 @@ impl PgStore {
         let mut delay = Duration::from_millis(20);
         loop {
             let client = get(&self.shared.pool).await?;
-            client
-                .execute(
-                    "INSERT INTO portals (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-                    &[&portal],
-                )
-                .await
-                .map_err(pg("adding a portal row"))?;
+            // One statement: the claim if the lease is free or expired, and otherwise who
+            // holds it (the CTE's update is not visible to the outer SELECT: it reads the
+            // row as it was), and whether the row exists at all.
             let row = client
-                .query_opt(
-                    "UPDATE portals SET lease_owner = $2, lease_epoch = lease_epoch + 1,
-                            lease_until = clock_timestamp() + $3::BIGINT * interval '1 millisecond'
-                      WHERE name = $1 AND (lease_owner IS NULL OR lease_until < clock_timestamp())
-                     RETURNING lease_epoch",
+                .query_one(
+                    "WITH claimed AS (
+                        UPDATE portals SET lease_owner = $2, lease_epoch = lease_epoch + 1,
+                               lease_until = clock_timestamp() + $3::BIGINT * interval '1 millisecond'
+                         WHERE name = $1 AND (lease_owner IS NULL OR lease_until < clock_timestamp())
+                        RETURNING lease_epoch)
+                     SELECT (SELECT lease_epoch FROM claimed),
+                            (SELECT lease_owner FROM portals WHERE name = $1),
+                            EXISTS (SELECT 1 FROM portals WHERE name = $1)",
                     &[&portal, &self.shared.me, &ms(self.shared.lease)],
                 )
                 .await
                 .map_err(pg("claiming a portal"))?;
-            if let Some(r) = row {
-                let epoch: i64 = r.get(0);
+            if let Some(epoch) = row.get::<_, Option<i64>>(0) {
                 return Ok(self.hold(portal, epoch));
             }
-            if tokio::time::Instant::now() >= deadline {
-                let holder: Option<String> = client
-                    .query_opt(
-                        "SELECT lease_owner FROM portals WHERE name = $1",
+            if !row.get::<_, bool>(2) {
+                client
+                    .execute(
+                        "INSERT INTO portals (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
                         &[&portal],
                     )
                     .await
-                    .map_err(pg("reading a claim"))?
-                    .and_then(|r| r.get(0));
+                    .map_err(pg("adding a portal row"))?;
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let holder: Option<String> = row.get(1);
                 return Err(StateError::Busy {
                     portal: portal.to_string(),
                     holder: match holder {

@@ -649,6 +649,19 @@ async fn a_rolling_config_change_does_not_ping_pong() {
         b.log()
     );
     assert_eq!(h.sim.count("PUT"), 2, "b did not rotate back: {}", b.log());
+    // b queued one notice for [alerts] saying so.
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    let notices: i64 = client
+        .query_one("SELECT COUNT(*) FROM notices WHERE kind = 'config'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(notices, 1, "one notice of the older configuration");
+    drop(client);
+    let _ = task.await;
     // b gets the new config too: nothing changed for it any more.
     write_private(&cb, &new);
     assert!(b.wait_log("configuration reloaded").await, "{}", b.log());
