@@ -885,8 +885,8 @@ async fn run_job(
         // Right before it starts: still due? A `rotate` by hand, or another process, may
         // have done it meanwhile. One that does it after this read is found by the
         // rotation itself, under the portal's lock (`since`).
-        since = store.now().await.ok();
-        if let Ok(k) = rotation::known_of(store, name).await {
+        if let Ok((k, read_at)) = rotation::known_and_now(store, name).await {
+            since = Some(read_at);
             let now = Utc::now();
             let p = plan::plan(
                 &rotation::policy_of(&engine.config, pc, fp),

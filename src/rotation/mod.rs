@@ -854,11 +854,12 @@ async fn rotate_inner(
     let window = engine.config.convergence_of(pc).settle_window;
     let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     let (p, fp, unused, total) = (name.to_string(), pf.before_fp.clone(), pf.unused, pf.total);
-    let started_at = store.now().await?;
-    let journal_id = store
+    // `started_at`: the intent's own time, on the state's clock (the settle window's start).
+    let (journal_id, started_at) = store
         .write(move |c| {
             state::record_seen(c, &p, fp.as_deref().unwrap_or_default(), unused, total)?;
-            state::begin_intent(c, &p, "rotate", fp.as_deref(), window_ms)
+            let id = state::begin_intent(c, &p, "rotate", fp.as_deref(), window_ms)?;
+            Ok((id, c.now()?))
         })
         .await?;
     let licensed = std::time::Instant::now();
@@ -1638,6 +1639,38 @@ pub fn known_from(
     }
 }
 
+/// [`known_of`], and the state's clock when it was read (one transaction).
+pub async fn known_and_now(
+    store: &Store,
+    name: &str,
+) -> Result<(crate::schedule::plan::Known, i64), StateError> {
+    let p = name.to_string();
+    let (row, open, now) = store
+        .call(move |c| {
+            // The clock first: whatever the reads miss was committed after it.
+            let now = c.now()?;
+            Ok((
+                state::portal_row(c, &p)?,
+                state::open_journal(c, Some(&p))?,
+                now,
+            ))
+        })
+        .await?;
+    Ok((known_from_open(row.as_ref(), &open), now))
+}
+
+/// [`known_from`] with the portal's open journal entries: its intent, else its oldest sealed one.
+fn known_from_open(
+    row: Option<&state::PortalRow>,
+    open: &[state::OpenJournal],
+) -> crate::schedule::plan::Known {
+    let first = open
+        .iter()
+        .find(|j| j.phase == state::Phase::Intent)
+        .or(open.first());
+    known_from(row, first)
+}
+
 /// [`known_from`] for one portal, read from the store.
 pub async fn known_of(
     store: &Store,
@@ -1647,11 +1680,7 @@ pub async fn known_of(
     let (row, open) = store
         .call(move |c| Ok((state::portal_row(c, &p)?, state::open_journal(c, Some(&p))?)))
         .await?;
-    let open = open
-        .iter()
-        .find(|j| j.phase == state::Phase::Intent)
-        .or(open.first());
-    Ok(known_from(row.as_ref(), open))
+    Ok(known_from_open(row.as_ref(), &open))
 }
 
 /// A portal's policy for the planner; `entry_fp` is [`Engine::entry_fingerprint`].

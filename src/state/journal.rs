@@ -2,7 +2,7 @@
 //! payloads, and ends done or aborted.
 
 use super::db::{Sql, vals};
-use super::{StateError, ensure_portal};
+use super::{StateError, update_portal};
 
 /// Where an unfinished journal entry stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,6 @@ pub fn begin_intent(
     before_fp: Option<&str>,
     window_ms: i64,
 ) -> Result<i64, StateError> {
-    ensure_portal(c, portal)?;
     // In a cluster this is the fence: no intent (so no PUT) unless our claim holds.
     let deadline = c.license_put(portal)?;
     let now = c.now()?;
@@ -61,7 +60,9 @@ pub fn begin_intent(
         .map(|r| r.int(0))
         .transpose()?
         .unwrap_or_default();
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the attempt",
         "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
         vals![portal, now],
@@ -122,7 +123,6 @@ pub fn seal(
     payloads: &[(String, zeroize::Zeroizing<Vec<u8>>)],
 ) -> Result<Vec<i64>, StateError> {
     let now = c.now()?;
-    ensure_portal(c, portal)?;
     let mut ids = Vec::with_capacity(payloads.len());
     for (sink, payload) in payloads {
         let id = c
@@ -142,7 +142,9 @@ pub fn seal(
         "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
         vals![journal_id, set_fp, now],
     )?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the new set",
         "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
         vals![portal, set_fp, unused, total, now],

@@ -720,6 +720,23 @@ fn fingerprint_key(conn: &Connection) -> Result<Vec<u8>, StateError> {
     fingerprint_key_read(conn)
 }
 
+/// Runs an `UPDATE portals … WHERE name = ?1`; a portal without a row gets one first. (Most
+/// updates find the row: adding it only when missing saves a statement per write, which in
+/// PostgreSQL is a round trip.)
+pub(crate) fn update_portal(
+    c: &dyn db::Sql,
+    portal: &str,
+    action: &'static str,
+    sql: &str,
+    params: &[db::Val],
+) -> Result<(), StateError> {
+    if c.exec(action, sql, params)? == 0 {
+        ensure_portal(c, portal)?;
+        c.exec(action, sql, params)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn ensure_portal(c: &dyn db::Sql, portal: &str) -> Result<(), StateError> {
     c.exec(
         "adding a portal row",

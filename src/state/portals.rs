@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::db::{Row, Sql, vals};
-use super::{StateError, ensure_portal};
+use super::{StateError, update_portal};
 
 /// What the state knows of a portal.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -53,8 +53,9 @@ pub struct PortalRow {
 /// A rotation succeeded (its payloads may still be pending).
 pub fn record_rotated(c: &dyn Sql, portal: &str, result: &str) -> Result<(), StateError> {
     let now = c.now()?;
-    ensure_portal(c, portal)?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the rotation",
         "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0, retry_at = NULL,
                 failing_since = NULL, streak_alerted = 0 WHERE name = ?1",
@@ -91,8 +92,9 @@ pub fn pin_account(
 
 /// The portal's set differs from what its sinks hold while no intent is open.
 pub fn record_drift(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording drift",
         "UPDATE portals SET drift_at = ?2, drifts = drifts + 1 WHERE name = ?1",
         vals![portal, c.now()?],
@@ -103,8 +105,9 @@ pub fn record_drift(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), State
 /// A rotation's PUT had an unknown outcome: its intent stays open and is settled later.
 /// Not a failure (no backoff, no streak): the portal is simply not rotated meanwhile.
 pub fn record_settling(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording a rotation being settled",
         "UPDATE portals SET last_result = 'settling', last_error = ?2 WHERE name = ?1",
         vals![portal, detail],
@@ -119,8 +122,9 @@ pub fn record_failure(
     error: &str,
     retry_at: Option<i64>,
 ) -> Result<i64, StateError> {
-    ensure_portal(c, portal)?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the failure",
         "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4,
                 failing_since = COALESCE(failing_since, ?2) WHERE name = ?1",
@@ -143,8 +147,9 @@ pub fn record_seen(
     unused: usize,
     total: usize,
 ) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the codes seen",
         "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
         vals![portal, set_fp, unused, total, c.now()?],
@@ -159,10 +164,11 @@ pub fn record_schedule(
     entry_fp: Option<&str>,
     last_fire_at: Option<i64>,
 ) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
     // The last fire acted on only moves forward: a rotation consumes every fire up to its
     // time, and nothing un-consumes one.
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the schedule state",
         "UPDATE portals SET entry_fp = COALESCE(CAST(?2 AS TEXT), entry_fp),
                 last_fire_at = CASE WHEN CAST(?3 AS BIGINT) IS NULL THEN last_fire_at
@@ -182,8 +188,9 @@ pub fn record_plan(
     reason: Option<&str>,
     watch_retry_at: Option<i64>,
 ) -> Result<(), StateError> {
-    ensure_portal(c, portal)?;
-    c.exec(
+    update_portal(
+        c,
+        portal,
         "recording the plan",
         "UPDATE portals SET next_due_at = ?2, next_reason = ?3, watch_retry_at = ?4 WHERE name = ?1",
         vals![portal, next_due_at, reason, watch_retry_at],
