@@ -112,6 +112,9 @@ pub struct Config {
     pub portals: BTreeMap<String, PortalConfig>,
     /// Things that work but deserve attention (literal secrets).
     pub warnings: Vec<ConfigIssue>,
+    /// A SHA-256 digest of the file's text as loaded (no secret: no key): what "the same
+    /// config" means between the instances of a cluster (its config generations).
+    pub text_fp: String,
 }
 
 /// `[daemon]`.

@@ -834,6 +834,10 @@ pub(super) fn validate(
         storage,
         portals: portal_map,
         warnings,
+        text_fp: {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
+        },
     })
 }
 

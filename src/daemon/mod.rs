@@ -327,13 +327,9 @@ impl Supervisor {
         };
         let rows: HashMap<&str, &state::PortalRow> =
             rows.iter().map(|r| (r.name.as_str(), r)).collect();
-        // Per portal its open intent, else its oldest sealed entry nobody finished.
-        let mut intents: HashMap<&str, &state::OpenJournal> = HashMap::new();
+        let mut by_portal: HashMap<&str, Vec<&state::OpenJournal>> = HashMap::new();
         for j in &open {
-            let e = intents.entry(j.portal.as_str()).or_insert(j);
-            if j.phase == state::Phase::Intent {
-                *e = j;
-            }
+            by_portal.entry(j.portal.as_str()).or_default().push(j);
         }
         let mut known = HashMap::with_capacity(self.engine.config.portals.len());
         for name in self.engine.config.portals.keys() {
@@ -341,7 +337,12 @@ impl Supervisor {
             // A portal kept across a reload keeps its in-memory view in a dry run.
             let k = match (self.engine.store.is_some(), self.known.remove(name)) {
                 (false, Some(k)) => k,
-                _ => rotation::known_from(row, intents.get(name.as_str()).copied()),
+                _ => rotation::known_from(
+                    row,
+                    by_portal
+                        .get(name.as_str())
+                        .and_then(|o| rotation::settled_by(o.iter().copied())),
+                ),
             };
             if let Some(r) = row {
                 self.engine

@@ -683,17 +683,13 @@ pub use crate::docspace::MAX_RETRY_AFTER;
 /// Rotates one portal now, after settling what earlier processes left. `force` ignores
 /// `min_interval` and a changed account. In a dry run, does only the read-only steps.
 pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
-    rotate_since(engine, name, force, None).await
+    rotate_held(engine, name, force, None, None).await
 }
 
-/// [`rotate`], skipped (unless `force`) when the portal was rotated at or after `since`
-/// (the state's clock): by another process while this one waited for the portal, or after
-/// the daemon planned it. `None`: since now.
-pub async fn rotate_since(engine: &Engine, name: &str, force: bool, since: Option<i64>) -> Report {
-    rotate_held(engine, name, force, since, None).await
-}
-
-/// [`rotate_since`] under a lock the caller already took (`None`: it takes one).
+/// [`rotate`] for the daemon: skipped (unless `force`) when the portal was rotated at or
+/// after `since` (the state's clock; `None`: when this call began), by another process
+/// while this one waited for the portal or after the daemon planned it; under `held`, a
+/// lock the caller already took (`None`: it takes one).
 pub async fn rotate_held(
     engine: &Engine,
     name: &str,
@@ -1659,16 +1655,27 @@ pub async fn known_and_now(
     Ok((known_from_open(row.as_ref(), &open), now))
 }
 
-/// [`known_from`] with the portal's open journal entries: its intent, else its oldest sealed one.
+/// [`known_from`] with the portal's open journal entries (oldest first).
 fn known_from_open(
     row: Option<&state::PortalRow>,
     open: &[state::OpenJournal],
 ) -> crate::schedule::plan::Known {
-    let first = open
-        .iter()
-        .find(|j| j.phase == state::Phase::Intent)
-        .or(open.first());
-    known_from(row, first)
+    known_from(row, settled_by(open.iter()))
+}
+
+/// Of a portal's open journal entries (oldest first), the one its plan settles: its intent,
+/// else its oldest sealed entry nobody finished.
+pub fn settled_by<'a>(
+    open: impl IntoIterator<Item = &'a state::OpenJournal>,
+) -> Option<&'a state::OpenJournal> {
+    let mut pick = None;
+    for j in open {
+        if j.phase == state::Phase::Intent {
+            return Some(j);
+        }
+        pick = pick.or(Some(j));
+    }
+    pick
 }
 
 /// [`known_from`] for one portal, read from the store.

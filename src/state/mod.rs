@@ -307,13 +307,7 @@ impl Store {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql("reading the schema version"))?;
-        let version = usize::try_from(version).unwrap_or(usize::MAX);
-        if version > MIGRATIONS.len() {
-            return Err(StateError::TooNew {
-                found: version,
-                supported: MIGRATIONS.len(),
-            });
-        }
+        let version = known_version(version, MIGRATIONS.len())?;
         if version == 0 {
             return Ok(None);
         }
@@ -668,6 +662,16 @@ fn user_name(uid: u32) -> String {
     }
 }
 
+/// The schema version a database holds, refused when it is newer than the `supported`
+/// migrations this binary knows (of either backend).
+pub(crate) fn known_version(found: i64, supported: usize) -> Result<usize, StateError> {
+    let found = usize::try_from(found).unwrap_or(usize::MAX);
+    if found > supported {
+        return Err(StateError::TooNew { found, supported });
+    }
+    Ok(found)
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     // IMMEDIATE: the version is read under the write lock, so two processes cannot both see
     // an old version and apply the same migration (the setup lock already serialises them;
@@ -678,13 +682,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     let version: i64 = tx
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sql("reading the schema version"))?;
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
-        return Err(StateError::TooNew {
-            found: version,
-            supported: MIGRATIONS.len(),
-        });
-    }
+    let version = known_version(version, MIGRATIONS.len())?;
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
         tx.execute_batch(m).map_err(sql("applying a migration"))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)

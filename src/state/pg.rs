@@ -17,7 +17,6 @@
 //!   not act on "changed" (a rolling change cannot ping-pong).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -385,8 +384,7 @@ impl PgStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(portal.to_string(), epoch);
-        let lost = Arc::new(AtomicBool::new(false));
-        let (store, p, l) = (self.clone(), portal.to_string(), lost.clone());
+        let (store, p) = (self.clone(), portal.to_string());
         let heartbeat = tokio::spawn(async move {
             let every = store.shared.lease / 3;
             loop {
@@ -395,8 +393,8 @@ impl PgStore {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::error!(portal = %p, epoch, "the claim was lost: another instance took the portal over; no PUT will be sent under it");
+                        // Out of the map, `license_put` refuses every intent under it.
                         store.forget_claim(&p, epoch);
-                        l.store(true, Ordering::SeqCst);
                         return;
                     }
                     // The lease outlives a few failed renewals; the fence stops a PUT if
@@ -410,7 +408,6 @@ impl PgStore {
             portal: portal.to_string(),
             epoch,
             heartbeat,
-            lost,
         }
     }
 
@@ -450,7 +447,7 @@ impl PgStore {
     /// Says this instance is alive and which config it runs (a new generation when no
     /// instance ran it before).
     pub async fn register(&self, config: &Config) -> Result<(), StateError> {
-        let fp = config_fingerprint(config);
+        let fp = &config.text_fp;
         let client = get(&self.shared.pool).await?;
         client
             .execute(
@@ -490,7 +487,7 @@ impl PgStore {
     /// Whether `config` is the newest config generation any instance started with; an
     /// instance that runs an older one does not act on "changed".
     pub async fn runs_newest_config(&self, config: &Config) -> Result<bool, StateError> {
-        let fp = config_fingerprint(config);
+        let fp = &config.text_fp;
         let newest: Option<String> = get(&self.shared.pool)
             .await?
             .query_opt(
@@ -500,7 +497,7 @@ impl PgStore {
             .await
             .map_err(pg("reading the config generations"))?
             .map(|r| r.get(0));
-        Ok(newest.is_none_or(|n| n == fp))
+        Ok(newest.is_none_or(|n| &n == fp))
     }
 
     /// Who holds which portal now.
@@ -551,7 +548,7 @@ impl PgStore {
             .collect())
     }
 
-    /// A client of the pool, for `migrate-state` and the tests.
+    /// A client of the pool, for the tests.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StateError> {
         get(&self.shared.pool).await
     }
@@ -597,13 +594,6 @@ fn tls(st: &StorageConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, S
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// A fingerprint of the whole config file's text: what "the same config" means.
-pub fn config_fingerprint(config: &Config) -> String {
-    use sha2::Digest;
-    let text = std::fs::read(&config.path).unwrap_or_default();
-    hex::encode(&sha2::Sha256::digest(&text)[..16])
-}
-
 async fn get(pool: &Pool) -> Result<deadpool_postgres::Object, StateError> {
     pool.get().await.map_err(|e| StateError::Db {
         action: "connecting to PostgreSQL",
@@ -629,13 +619,7 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StateErro
         .await
         .map_err(pg("reading the schema version"))?
         .map_or(0, |r| r.get(0));
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
-        return Err(StateError::TooNew {
-            found: version,
-            supported: MIGRATIONS.len(),
-        });
-    }
+    let version = super::known_version(version, MIGRATIONS.len())?;
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
         tx.batch_execute(m)
             .await
@@ -669,19 +653,6 @@ pub struct ClaimGuard {
     portal: String,
     epoch: i64,
     heartbeat: tokio::task::JoinHandle<()>,
-    lost: Arc<AtomicBool>,
-}
-
-impl ClaimGuard {
-    /// The claim's fencing epoch.
-    pub fn epoch(&self) -> i64 {
-        self.epoch
-    }
-
-    /// Whether a renewal found the claim taken over.
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
-    }
 }
 
 impl Drop for ClaimGuard {
