@@ -36,6 +36,23 @@ fn cluster_config_with(
     path
 }
 
+/// The plain file sink `rel` holds the set the simulator accepts for `portal`.
+fn assert_sink_accepted(h: &Harness, rel: &str, portal: &str) {
+    assert_eq!(
+        h.plain_sink(rel).as_deref(),
+        Some(&h.accepted(portal)[..]),
+        "{rel}"
+    );
+}
+
+/// SIGTERM to each daemon; each exits 0.
+async fn stop_clean<const N: usize>(daemons: [Daemon; N]) {
+    for d in daemons {
+        let (code, _, log) = d.term().await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+}
+
 /// The state's operations, as rotation and the daemon use them, on any backend.
 async fn conformance(store: Store) {
     let lock = store
@@ -292,10 +309,7 @@ async fn two_daemons_over_200_due_portals_send_one_put_each() {
     eprintln!("two daemons over 200 portals: {ra} + {rb} rotations in {took:?}");
     assert_eq!(ra + rb, 200);
     assert!(ra > 0 && rb > 0, "both instances rotated: {ra} + {rb}");
-    for d in [a, b] {
-        let (code, _, log) = d.term().await;
-        assert_eq!(code, Some(0), "{log}");
-    }
+    stop_clean([a, b]).await;
     assert_eq!(h.sim.count("PUT"), 200);
     // Again, as two `run --once` at once: nothing is due, nothing is sent.
     let (a, b) = tokio::join!(h.run(&["run", "--once"]), h.run(&["run", "--once"]));
@@ -348,12 +362,8 @@ async fn rotate_by_hand_waits_for_the_holder_and_sends_no_second_put() {
         by_hand.all()
     );
     assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 1, "no second PUT");
-    assert_eq!(
-        h.plain_sink("codes/acme.txt").as_deref(),
-        Some(&h.accepted("acme")[..])
-    );
-    let (code, _, log) = d.term().await;
-    assert_eq!(code, Some(0), "{log}");
+    assert_sink_accepted(&h, "codes/acme.txt", "acme");
+    stop_clean([d]).await;
 }
 
 /// An instance frozen (SIGSTOP) right after its intent for longer than its lease sends no
@@ -409,14 +419,8 @@ async fn a_frozen_instance_sends_no_put_after_its_deadline() {
         a.log()
     );
     assert_eq!(h.sim.count("PUT"), 1, "one PUT in all");
-    assert_eq!(
-        h.plain_sink("codes/acme.txt").as_deref(),
-        Some(&h.accepted("acme")[..])
-    );
-    for d in [a, b] {
-        let (code, _, log) = d.term().await;
-        assert_eq!(code, Some(0), "{log}");
-    }
+    assert_sink_accepted(&h, "codes/acme.txt", "acme");
+    stop_clean([a, b]).await;
 }
 
 /// `migrate-state --to postgres` copies a SQLite state: the rotation history, the
@@ -452,10 +456,7 @@ async fn a_sqlite_state_moves_to_postgres() {
     let out = h.run(&["rotate", "--force", "acme"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 2);
-    assert_eq!(
-        h.plain_sink("codes/acme.txt").as_deref(),
-        Some(&h.accepted("acme")[..])
-    );
+    assert_sink_accepted(&h, "codes/acme.txt", "acme");
 }
 
 /// The cluster's config rules: a lease too short for two PUT budgets with their grace,
@@ -700,14 +701,8 @@ async fn a_rolling_config_change_does_not_ping_pong() {
         a.log(),
         b.log()
     );
-    assert_eq!(
-        h.plain_sink("codes2/acme.txt").as_deref(),
-        Some(&h.accepted("acme")[..])
-    );
-    for d in [a, b] {
-        let (code, _, log) = d.term().await;
-        assert_eq!(code, Some(0), "{log}");
-    }
+    assert_sink_accepted(&h, "codes2/acme.txt", "acme");
+    stop_clean([a, b]).await;
 }
 
 /// Over TCP the connection is TLS (rustls), verified against `[storage] ca_file`: with the
