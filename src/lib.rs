@@ -61,6 +61,7 @@ pub mod secret;
 pub mod simulator;
 pub mod sinks;
 pub mod state;
+pub mod trust;
 
 /// Completes on SIGINT or SIGTERM (systemd stops services with SIGTERM).
 pub async fn shutdown_signal() {

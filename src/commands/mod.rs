@@ -31,6 +31,7 @@ pub enum Exit {
 pub fn main(cli: Cli) -> u8 {
     init_logging(&cli);
     no_core_dumps();
+    more_file_descriptors();
     #[cfg(feature = "failpoints")]
     let _failpoints = setup_failpoints();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -240,6 +241,24 @@ pub fn no_core_dumps() {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: idle connections of other local users
+/// to the metrics listener, many portals and the database together must not run a rotation
+/// out of descriptors (SPEC §6). Children get [`crate::sinks::exec::CHILD_NOFILE`] again
+/// (the exec guard sets it before it starts a hook).
+pub fn more_file_descriptors() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current != now.maximum {
+        let raised = Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "could not raise the soft limit of open files");
+        }
+    }
+}
+
 #[cfg(feature = "failpoints")]
 fn setup_failpoints() -> fail::FailScenario<'static> {
     let scenario = fail::FailScenario::setup();
@@ -300,7 +319,12 @@ pub(crate) fn config_errors(issues: &[ConfigIssue]) -> Exit {
 
 /// Loads and validates the config; reports every error and gives exit 78 on failure.
 pub(crate) fn load_config(path: &Path) -> Result<Arc<Config>, Exit> {
-    match config::load(path) {
+    load_config_with(path, config::Trust::Enforce)
+}
+
+/// [`load_config`], with trust violations handled as `trust` says.
+pub(crate) fn load_config_with(path: &Path, trust: config::Trust) -> Result<Arc<Config>, Exit> {
+    match config::load_with(path, trust) {
         Ok(c) => {
             print_warnings(&c.warnings);
             Ok(Arc::new(c))

@@ -6,7 +6,9 @@
 //! collected with its file, line, column and key, so an operator fixes them all in one pass.
 //! Reading keys and secrets is the second stage (`sinks::build`, [`SecretRef::resolve`]).
 
+mod inputs;
 mod raw;
+pub use inputs::{DEFAULT_PATH, find_program};
 pub use raw::schema;
 pub mod secret;
 mod validate;
@@ -161,7 +163,7 @@ pub struct SmtpConfig {
     /// From address.
     pub from: String,
     /// Extra CA file.
-    pub ca_file: Option<PathBuf>,
+    pub ca_file: Option<Located<PathBuf>>,
     /// Bound of each step of a conversation (three times it bounds the whole).
     pub timeout: Duration,
     /// Conversations with the server at once.
@@ -253,6 +255,12 @@ pub enum SinkKind {
 pub struct ExecSinkConfig {
     /// The argv; `{portal}` is replaced by the portal's name.
     pub command: Vec<String>,
+    /// Where `command` was written.
+    pub command_loc: Loc,
+    /// The program, resolved against the hook's `PATH` to an absolute path when the config
+    /// was loaded and checked by the trust rule (`None`: not found then; the preflight looks
+    /// again and says why).
+    pub program: Option<PathBuf>,
     /// The `env` table, in order of name.
     pub env: Vec<(String, EnvValue)>,
     /// How long the hook may run.
@@ -289,7 +297,7 @@ pub struct StorageConfig {
     /// This instance's name; default HOSTNAME:PID.
     pub instance: Option<String>,
     /// An extra CA to trust for TLS.
-    pub ca_file: Option<PathBuf>,
+    pub ca_file: Option<Located<PathBuf>>,
 }
 
 impl StorageConfig {
@@ -388,18 +396,42 @@ impl Config {
     }
 }
 
-/// Reads and validates a config file.
+/// What a load does with a file that fails the trust rule (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    /// An error: the config is not used (start, reload, `check`, every command).
+    Enforce,
+    /// A warning: `check --offline` runs nothing and reads no secret, and CI checkouts are
+    /// often writable by group or others.
+    Warn,
+}
+
+/// Reads and validates a config file, enforcing the trust rule on it and on every file it
+/// names.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let file_issue = |message: String| ConfigErrors {
-        errors: vec![ConfigIssue {
-            file: path.to_path_buf(),
-            loc: None,
-            key: String::new(),
-            message,
-        }],
+    load_with(path, Trust::Enforce)
+}
+
+/// [`load`], with trust violations handled as `trust` says.
+pub fn load_with(path: &Path, trust: Trust) -> Result<Config, ConfigErrors> {
+    let file_issue = |message: String| ConfigIssue {
+        file: path.to_path_buf(),
+        loc: None,
+        key: String::new(),
+        message,
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| file_issue(format!("reading the config file: {e}")))?;
+    let mut walker = crate::trust::Walker::new();
+    // The config itself first: a config another user can write is one they can add a hook
+    // to. A file that cannot be opened is reported by the read below.
+    let mut untrusted = match walker.file(path) {
+        Err(e) if !matches!(e.problem, crate::trust::Problem::Io(_)) => {
+            vec![file_issue(e.to_string())]
+        }
+        _ => Vec::new(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        errors: vec![file_issue(format!("reading the config file: {e}"))],
+    })?;
     let others_can_read = {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(path)
@@ -407,7 +439,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             .unwrap_or(true)
             || acl_lets_others_read(path)
     };
-    parse(&text, path, others_can_read)
+    let mut config = match parse(&text, path, others_can_read) {
+        Ok(c) => c,
+        Err(mut e) if trust == Trust::Enforce => {
+            untrusted.append(&mut e.errors);
+            return Err(ConfigErrors { errors: untrusted });
+        }
+        Err(e) => return Err(e),
+    };
+    untrusted.extend(inputs::check(&mut config, &mut walker));
+    match trust {
+        Trust::Enforce if !untrusted.is_empty() => Err(ConfigErrors { errors: untrusted }),
+        Trust::Enforce => Ok(config),
+        Trust::Warn => {
+            config.warnings.extend(untrusted);
+            Ok(config)
+        }
+    }
 }
 
 /// Whether a POSIX ACL on `path` lets a named user or group read it: the mode shows the

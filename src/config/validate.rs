@@ -206,11 +206,14 @@ fn backticked_field(msg: &str) -> Option<&str> {
     None
 }
 
+/// `[a-z0-9][a-z0-9_-]{0,63}`: a name lands in paths, argv (`{portal}`) and metrics labels,
+/// so it never starts with `-` (a hook would read `--force` as an option).
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    let b = name.as_bytes();
+    let lead = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    b.first().is_some_and(lead)
+        && b.len() <= 64
+        && b.iter().all(|c| lead(c) || *c == b'-' || *c == b'_')
 }
 
 /// A bare address `local@domain`, no display name.
@@ -361,7 +364,7 @@ pub(super) fn validate(
                     let name = name.get_ref().to_string();
                     let key = format!("{section}.{name}");
                     if !valid_name(&name) {
-                        cx.err(&nspan, &key, format!("`{name}` is not a valid name; accepted: lowercase letters, digits, `-` and `_`"));
+                        cx.err(&nspan, &key, format!("`{name}` is not a valid name; accepted: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter or digit"));
                     }
                     declared.entry(section).or_default().insert(name.clone());
                     let espan = entry.span();
@@ -523,7 +526,7 @@ pub(super) fn validate(
             username: r.username.map(Spanned::into_inner),
             password,
             from: r.from.into_inner(),
-            ca_file: r.ca_file.map(|c| cx.path(c.get_ref())),
+            ca_file: r.ca_file.map(|c| cx.located(cx.path(c.get_ref()), &c.span())),
             timeout,
             max_sessions,
         }
@@ -932,7 +935,9 @@ fn storage(
             );
         }
     }
-    let ca_file = r.ca_file.map(|c| cx.path(c.get_ref()));
+    let ca_file = r
+        .ca_file
+        .map(|c| cx.located(cx.path(c.get_ref()), &c.span()));
     Some(StorageConfig {
         url,
         lease,
@@ -1144,6 +1149,10 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
             ] {
                 not_for(cx, present, span, field, "exec");
             }
+            let command_loc = r
+                .command
+                .as_ref()
+                .map_or(cx.loc(r.kind.span().start), |c| cx.loc(c.span().start));
             let command: Vec<String> = match &r.command {
                 None => {
                     cx.err(&r.kind.span(), &format!("{key}.command"), "is missing; accepted: a list, the program then its arguments, where {portal} is the portal's name (no shell)");
@@ -1179,6 +1188,12 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
                         cx.err(&span, &format!("{key}.env.{name}"), "TFA_* are set by tfa-rotator (TFA_PORTAL, TFA_ACCOUNT, TFA_URL); accepted: another name");
                         continue;
                     }
+                    if let SecretRef::Literal(v) = value.get_ref()
+                        && crate::secret::ExposeSecret::expose_secret(v).contains('\0')
+                    {
+                        cx.err(&span, &format!("{key}.env.{name}"), "holds a NUL byte, which no environment can carry; accepted: text without NUL");
+                        continue;
+                    }
                     let value = match value.into_inner() {
                         SecretRef::Literal(s) => EnvValue::Plain(
                             crate::secret::ExposeSecret::expose_secret(&s).to_string(),
@@ -1196,6 +1211,8 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
             let encrypt = encryption(cx, &key, &r.encrypt);
             Some(SinkKind::Exec(ExecSinkConfig {
                 command,
+                command_loc,
+                program: None,
                 env,
                 timeout,
                 encrypt,

@@ -104,6 +104,7 @@ impl Smtp {
         let ca = match &c.ca_file {
             None => None,
             Some(p) => {
+                let p = &p.value;
                 let pem =
                     std::fs::read(p).map_err(|e| format!("smtp.ca_file {}: {e}", p.display()))?;
                 // An empty file or one with only a key would "parse" and trust nothing.

@@ -13,7 +13,6 @@
 //! exits 124. Exit 0 is delivered; anything else is a failed delivery, retried.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,10 +32,16 @@ pub const GUARD: &str = "__exec-guard";
 const TIMED_OUT: i32 = 124;
 /// The guard's exit status when the hook could not be started.
 const NOT_STARTED: i32 = 127;
-/// The most of the hook's standard error kept for the error message.
-const STDERR_KEPT: usize = 2048;
-/// A PATH for hooks when the process has none.
-const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// The most of the hook's standard error shown in the error message (after redaction).
+const STDERR_SHOWN: usize = 2048;
+/// The most of the hook's standard error read: redaction needs whole codes, so far more is
+/// read than shown, and a code cut at this bound is dropped with the rest of its line.
+const STDERR_READ: usize = 64 * 1024;
+/// The soft limit of open files a hook gets: the daemon raised its own to the hard limit,
+/// and many programs expect the usual one (`select` breaks above it).
+pub const CHILD_NOFILE: u64 = 1024;
+/// How long what a hook left running may live after it exited (SPEC §5).
+const LEFTOVER_GRACE: Duration = Duration::from_secs(1);
 
 /// A built exec sink.
 pub struct ExecSink {
@@ -49,6 +54,10 @@ pub struct ExecSink {
     home: PathBuf,
     /// PATH as the hook sees it.
     path: String,
+    /// The program as resolved and checked when the config was loaded.
+    program: Option<PathBuf>,
+    /// The config file's directory, for a relative program path.
+    base: PathBuf,
 }
 
 /// What the payload says besides the bytes for the hook: the account and URL it was sealed
@@ -61,18 +70,17 @@ struct Header {
 
 impl ExecSink {
     /// A sink from its config; `home` is the state directory.
-    pub fn new(name: &str, c: &ExecSinkConfig, cipher: FileCipher, home: &Path) -> Self {
-        let path = c
-            .env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .and_then(|(_, v)| match v {
-                EnvValue::Plain(s) => Some(s.clone()),
-                EnvValue::Secret(_) => None,
-            })
-            .or_else(|| std::env::var("PATH").ok())
-            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    pub fn new(
+        name: &str,
+        c: &ExecSinkConfig,
+        cipher: FileCipher,
+        home: &Path,
+        base: &Path,
+    ) -> Self {
+        let path = c.hook_path();
         Self {
+            program: c.program.clone(),
+            base: base.to_path_buf(),
             name: name.to_string(),
             command: c.command.clone(),
             env: c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -124,31 +132,23 @@ impl ExecSink {
         )
     }
 
-    /// The program, found on the hook's PATH when it names no directory.
+    /// The program to run: the absolute path resolved when the config was loaded; when it
+    /// was not found then (installed since), looked up again. Either way it must pass the
+    /// trust rule now (SPEC §3): a program another user can replace would get every set.
     fn program(&self) -> Result<PathBuf, String> {
         let prog = &self.command[0];
-        let candidates: Vec<PathBuf> = if prog.contains('/') {
-            vec![PathBuf::from(prog)]
-        } else {
-            self.path
-                .split(':')
-                .filter(|d| !d.is_empty())
-                .map(|d| Path::new(d).join(prog))
-                .collect()
-        };
-        for c in &candidates {
-            if let Ok(m) = std::fs::metadata(c)
-                && m.is_file()
-                && m.permissions().mode() & 0o111 != 0
-            {
-                return Ok(c.clone());
-            }
-        }
-        Err(if prog.contains('/') {
-            format!("`{prog}` is not an executable file")
-        } else {
-            format!("`{prog}` is not an executable file on PATH {}", self.path)
-        })
+        let found = self
+            .program
+            .clone()
+            .or_else(|| crate::config::find_program(prog, &self.path, &self.base))
+            .ok_or_else(|| {
+                if prog.contains('/') {
+                    format!("`{prog}` is not an executable file")
+                } else {
+                    format!("`{prog}` is not an executable file on PATH {}", self.path)
+                }
+            })?;
+        crate::trust::check_file(&found).map_err(|e| e.to_string())
     }
 
     /// Proves the hook can run: the program exists and is executable, and every secret of
@@ -230,8 +230,9 @@ impl ExecSink {
             env.insert(k.clone(), Zeroizing::new(value));
         }
 
-        let guard = std::env::current_exe()
-            .map_err(|e| DeliveryError::temporary(format!("finding our own binary: {e}")))?;
+        // The guard is this very binary, through the kernel's link to it: a package upgrade
+        // that replaced the file on disk cannot make a different binary the guard.
+        let guard = PathBuf::from("/proc/self/exe");
         let argv = self.argv(portal);
         let mut cmd = tokio::process::Command::new(guard);
         cmd.arg(GUARD)
@@ -261,14 +262,14 @@ impl ExecSink {
             drop(stdin);
         };
         let drain = async move {
-            let mut kept = Vec::new();
+            let mut kept = Zeroizing::new(Vec::new());
             if let Some(s) = stderr.as_mut() {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
+                let mut buf = Zeroizing::new([0u8; 4096]);
+                while let Ok(n) = s.read(&mut buf[..]).await {
                     if n == 0 {
                         break;
                     }
-                    let room = STDERR_KEPT.saturating_sub(kept.len());
+                    let room = STDERR_READ.saturating_sub(kept.len());
                     kept.extend_from_slice(&buf[..n.min(room)]);
                 }
             }
@@ -276,10 +277,27 @@ impl ExecSink {
         };
         // The guard enforces the timeout itself; this bound only catches a guard that
         // could not (it is then killed, and its own check of its parent ends the hook).
-        let backstop = self.timeout + Duration::from_secs(5);
+        let backstop = self.timeout + LEFTOVER_GRACE + Duration::from_secs(5);
+        // The guard's exit decides; its stderr is read meanwhile, but once it has exited the
+        // pipe is given only a moment more: the guard kills what the hook left behind before
+        // it exits, and a descendant that somehow kept the pipe open must not hold the
+        // delivery (nor make a delivered set count as failed, and be sent again).
         let run = async {
-            let ((), kept) = tokio::join!(feed, drain);
-            (child.wait().await, kept)
+            tokio::pin!(drain);
+            tokio::pin!(feed);
+            // Feeding stops mattering once the hook exits: something it left behind may
+            // hold its stdin open unread.
+            let mut fed = false;
+            let status = loop {
+                tokio::select! {
+                    () = &mut feed, if !fed => fed = true,
+                    status = child.wait() => break status,
+                }
+            };
+            let kept = tokio::time::timeout(Duration::from_millis(200), &mut drain)
+                .await
+                .unwrap_or_default();
+            (status, kept)
         };
         let (status, kept) = match tokio::time::timeout(backstop, run).await {
             Ok((Ok(status), kept)) => (status, kept),
@@ -296,10 +314,7 @@ impl ExecSink {
             }
         };
         let said = || -> String {
-            let text = redact(
-                &String::from_utf8_lossy(&kept),
-                body_codes(payload, newline),
-            );
+            let text = hook_said(&kept, body_codes(payload, newline));
             let text = crate::docspace::model::escape_controls(text.trim());
             if text.is_empty() {
                 String::new()
@@ -348,6 +363,28 @@ fn redact(text: &str, codes: Vec<String>) -> String {
     out
 }
 
+/// What a hook wrote on its standard error, fit to show: redacted first, then cut, so that
+/// no code nor any part of one survives (a cut before redaction can leave a code's prefix).
+/// When the read stopped at [`STDERR_READ`], the last, possibly cut, line is dropped.
+fn hook_said(raw: &[u8], codes: Vec<String>) -> String {
+    let raw = if raw.len() >= STDERR_READ {
+        raw.iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(&raw[..0], |i| &raw[..i])
+    } else {
+        raw
+    };
+    let text = redact(&String::from_utf8_lossy(raw), codes);
+    if text.len() <= STDERR_SHOWN {
+        return text;
+    }
+    let mut cut = STDERR_SHOWN;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
+}
+
 /// The guard: `tfa-rotator __exec-guard TIMEOUT_MS PROGRAM ARGS…`. Runs the program in a
 /// process group of its own as a child subreaper; returns its exit status, or kills every
 /// descendant and returns 124 at the timeout or when our parent is gone.
@@ -365,6 +402,21 @@ pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
         return 2;
     };
     let parent = rustix::process::getppid();
+    // The daemon raised its own soft limit of open files; a hook gets the usual one.
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let now = getrlimit(Resource::Nofile);
+        let soft = CHILD_NOFILE;
+        if now.current.is_none_or(|c| c > soft) {
+            let _ = setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(now.maximum.map_or(soft, |m| m.min(soft))),
+                    maximum: now.maximum,
+                },
+            );
+        }
+    }
     // Orphans of the hook's tree are reparented to us, not to init: nothing escapes.
     if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         eprintln!("{GUARD}: cannot become a child subreaper: {e}");
@@ -397,6 +449,10 @@ pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
         match rx.recv_timeout(left.min(Duration::from_millis(200))) {
             Ok(Ok(status)) => {
                 use std::os::unix::process::ExitStatusExt;
+                // The hook's exit status decides; what it left running (a `setsid` agent
+                // holding our stderr) gets a moment to finish, then dies with the guard's
+                // tree, so nothing it started outlives the delivery.
+                reap_leftovers(LEFTOVER_GRACE);
                 return status
                     .code()
                     .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
@@ -407,6 +463,21 @@ pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
     }
     kill_tree();
     TIMED_OUT
+}
+
+/// Waits up to `grace` for this process's remaining descendants to end by themselves
+/// (reaping them, since as the subreaper they are ours), then kills the rest.
+fn reap_leftovers(grace: Duration) {
+    use rustix::process::{WaitOptions, wait};
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let until = Instant::now() + grace;
+    // Polled: the descendants are not our children until their parent dies, so there is
+    // nothing to wait on; 20 ms steps keep a hook that leaves nothing behind at one look.
+    while !descendants(me).is_empty() && Instant::now() < until {
+        while let Ok(Some(_)) = wait(WaitOptions::NOHANG) {}
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_tree();
 }
 
 /// Kills every descendant of this process (with the subreaper set, that is everything the
@@ -486,5 +557,21 @@ mod tests {
             redact("failed on AbC123 and zz-9_q", codes),
             "failed on [code] and [code]"
         );
+    }
+
+    #[test]
+    fn a_code_at_the_cut_is_redacted_whole() {
+        let code = "AbC123zz".to_string();
+        let mut raw = "x".repeat(STDERR_SHOWN - 2).into_bytes();
+        raw.extend_from_slice(format!("{code}\n").as_bytes());
+        let said = hook_said(&raw, vec![code.clone()]);
+        assert!(!said.contains("xAb"), "{}", &said[said.len() - 10..]);
+        assert!(said.ends_with("x[c…"), "{}", &said[said.len() - 10..]);
+        // Cut by the read bound: the line it cut is dropped, not shown in part.
+        let mut raw = "y\n".repeat(STDERR_READ / 2 - 2).into_bytes();
+        raw.extend_from_slice(code.as_bytes());
+        raw.truncate(STDERR_READ - 4);
+        raw.resize(STDERR_READ, b'A');
+        assert!(!hook_said(&raw, vec![code]).contains("AbC"));
     }
 }

@@ -4,7 +4,7 @@
 //! final mode and `O_NOFOLLOW`, fsync'd, renamed over the target, and the directory fsync'd:
 //! a reader sees the old file or the new one, never a mix, and after a crash the rename is
 //! durable. The target is never a symbolic link. The directory is opened by
-//! [`super::trusted::open_dir`] (StrictModes: it and its ancestors owned by root or us, not
+//! [`crate::trust::open_dir`] (StrictModes: it and its ancestors owned by root or us, not
 //! writable by others) and every step goes through its descriptor (`openat`, `renameat`,
 //! `fsync`), so swapping a directory on the path cannot redirect the write. Temporary files
 //! a crash left (`.NAME.tmp-…`, whole code sets) are removed at the next delivery, which
@@ -130,7 +130,7 @@ impl FileSink {
         })
     }
 
-    /// Opens the target's directory (trusted, see [`super::trusted`]) and checks the target
+    /// Opens the target's directory (trusted, see [`crate::trust`]) and checks the target
     /// itself; returns the directory's descriptor, its resolved path and the file name.
     fn open_target(&self, target: &Path) -> Result<(OwnedFd, PathBuf, String), String> {
         let dir = target
@@ -141,7 +141,7 @@ impl FileSink {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| format!("{} names no file", target.display()))?;
-        let (fd, resolved) = super::trusted::open_dir(dir)?;
+        let (fd, resolved) = crate::trust::open_dir(dir).map_err(|e| e.to_string())?;
         match statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => Err(format!(
                 "{} is a symbolic link; refusing to write through it",

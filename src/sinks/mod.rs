@@ -11,10 +11,10 @@
 pub mod email;
 pub mod exec;
 pub mod file;
-pub mod trusted;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -443,8 +443,10 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
             SinkKind::File(fc) => {
                 cipher_of(&fc.encrypt).map(|c| Sink::File(Arc::new(FileSink::new(name, fc, c))))
             }
-            SinkKind::Exec(xc) => cipher_of(&xc.encrypt)
-                .map(|c| Sink::Exec(ExecSink::new(name, xc, c, &config.daemon.state_dir))),
+            SinkKind::Exec(xc) => cipher_of(&xc.encrypt).map(|c| {
+                let base = config.path.parent().unwrap_or(Path::new("."));
+                Sink::Exec(ExecSink::new(name, xc, c, &config.daemon.state_dir, base))
+            }),
             SinkKind::Email(ec) => {
                 let before = issues.len();
                 let keys = load_pgp(config, name, &ec.pgp_keys, &mut issues);

@@ -123,6 +123,10 @@ pub enum StateError {
         /// Why.
         why: String,
     },
+    /// The state directory, or a directory above it, fails the trust rule (SPEC §3): a
+    /// user who controls an ancestor could rename the state away and so lose pending sets.
+    #[error("state directory: {0}")]
+    Untrusted(#[from] crate::trust::TrustError),
     /// The directory is unsafe.
     #[error("state directory {path}: {reason}")]
     Unsafe {
@@ -230,6 +234,7 @@ impl Store {
         // The directory itself may be reached through a link (systemd's DynamicUser makes
         // /var/lib/NAME one to /var/lib/private/NAME); what it leads to must be ours.
         trusted_dir(dir, dir)?;
+        crate::trust::Walker::new().walk(dir, crate::trust::Leaf::Dir)?;
         let locks = dir.join("locks");
         match fs::DirBuilder::new().mode(0o700).create(&locks) {
             // Another process starting at the same moment may have made it.
@@ -295,6 +300,7 @@ impl Store {
         if !db.exists() {
             return Ok(None);
         }
+        crate::trust::Walker::new().walk(dir, crate::trust::Leaf::Dir)?;
         let conn = Connection::open_with_flags(
             &db,
             OpenFlags::SQLITE_OPEN_READ_ONLY

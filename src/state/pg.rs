@@ -568,7 +568,7 @@ fn tls(st: &StorageConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, S
     for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);
     }
-    if let Some(ca) = &st.ca_file {
+    if let Some(ca) = st.ca_file.as_ref().map(|c| &c.value) {
         let certs = CertificateDer::pem_file_iter(ca)
             .and_then(|i| i.collect::<Result<Vec<_>, _>>())
             .map_err(|e| err(format!("storage.ca_file {}: {e}", ca.display())))?;

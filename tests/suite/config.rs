@@ -369,7 +369,7 @@ fn the_shipped_example_passes_check_offline_without_its_secrets() {
     // No credentials directory, no environment: offline reads no secret value.
     let out = std::process::Command::new(crate::support::BIN)
         .args(["--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .arg(crate::support::shipped_config_dir().join("example.toml"))
         .args(["check", "--offline"])
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("TFA_ROTATOR_CONFIG")
@@ -380,7 +380,7 @@ fn the_shipped_example_passes_check_offline_without_its_secrets() {
     // Online, each missing secret is reported once, with its line.
     let out = std::process::Command::new(crate::support::BIN)
         .args(["--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .arg(crate::support::shipped_config_dir().join("example.toml"))
         .arg("check")
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("TFA_ROTATOR_CONFIG")
@@ -494,7 +494,7 @@ async fn the_shipped_configs_work_as_shipped() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(crate::support::BIN)
         .arg("--config")
-        .arg(repo.join("config/example.toml"))
+        .arg(crate::support::shipped_config_dir().join("example.toml"))
         .args(["check", "--offline"])
         .output()
         .unwrap();

@@ -298,3 +298,77 @@ async fn pass_insert_stores_the_codes_that_pass_show_returns() {
     );
     // `gpg` (dropped here) stops the agent that pass started in this home.
 }
+
+/// SPEC §5: the hook's exit status alone decides. A hook that exits 0 but leaves a `setsid`
+/// child holding its stderr is delivered once, at once, and the child is gone after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hook_that_exits_0_leaving_a_setsid_child_on_stderr_is_delivered_once() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let hook = script(
+        &h,
+        "hook.sh",
+        "dir=\"$(dirname \"$0\")\"\ncat > \"$dir/got\"\necho run >> \"$dir/runs\"\nsetsid sh -c 'exec sleep 3031' &\nexit 0\n",
+    );
+    exec_config(
+        &h,
+        &format!(
+            "[sinks.hook]\ntype = \"exec\"\ncommand = [\"{}\"]\ntimeout = \"20s\"\n",
+            hook.display()
+        ),
+    );
+    let started = Instant::now();
+    let out = h.run(&["rotate", "acme"]).await;
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(took < Duration::from_secs(3), "delivered in {took:?}");
+    assert_eq!(std::fs::read_to_string(h.path("runs")).unwrap(), "run\n");
+    assert_eq!(
+        codes_in(&std::fs::read_to_string(h.path("got")).unwrap()),
+        h.accepted("acme")
+    );
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("sleep 3031"))
+        .collect();
+    assert!(left.is_empty(), "the hook's leftover was killed: {left:?}");
+    let out = h.run(&["deliver"]).await;
+    assert!(out.stdout.contains("nothing pending"), "{}", out.all());
+    assert_eq!(std::fs::read_to_string(h.path("runs")).unwrap(), "run\n");
+}
+
+/// A failing hook that echoes a code right where its stderr is cut: no code, nor a prefix
+/// of one, reaches the error, the log or `status`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hooks_stderr_is_redacted_before_it_is_cut() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    // 2,046 bytes of filler, then the first code: a cut at 2,048 would keep its first two
+    // characters, a cut a little later more.
+    let hook = script(
+        &h,
+        "hook.sh",
+        "read -r first\nwhile read -r line; do case \"$line\" in '#'*|'') ;; *) code=\"$line\"; break;; esac; done\nprintf '%2046s' '' | tr ' ' x >&2\nprintf '%s and again %s\\n' \"$code\" \"$code\" >&2\nexit 3\n",
+    );
+    exec_config(
+        &h,
+        &format!(
+            "[sinks.hook]\ntype = \"exec\"\ncommand = [\"{}\"]\n",
+            hook.display()
+        ),
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let status = h.run(&["status", "--json"]).await;
+    let everything = format!("{}{}", out.all(), status.all());
+    assert!(everything.contains("exited with status 3"), "{everything}");
+    for c in h.accepted("acme") {
+        for n in 2..=c.len() {
+            let part = format!("x{}", &c[..n]);
+            assert!(!everything.contains(&part), "a prefix of a code: {part}");
+        }
+    }
+}

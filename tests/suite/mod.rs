@@ -17,3 +17,4 @@ mod postgres;
 mod protocol;
 mod secrets;
 mod systemd;
+mod trust;

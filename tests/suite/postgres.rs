@@ -715,12 +715,13 @@ async fn tls_to_postgres_is_verified_against_the_ca_file() {
     let pg = Postgres::start_with(true);
     let path = cluster_config_with(&h, &pg.tls_url(), "", 2);
     let text = std::fs::read_to_string(&path).unwrap();
+    // The CA is copied beside the config: the server's directory belongs to `postgres`, and
+    // a file the config names must pass the trust rule (SPEC §3).
+    let ca = path.with_file_name("ca.pem");
+    std::fs::copy(pg.path().join("ca.pem"), &ca).unwrap();
     let with_ca = text.replace(
         "lease = \"24s\"",
-        &format!(
-            "lease = \"24s\"\nca_file = \"{}\"",
-            pg.path().join("ca.pem").display()
-        ),
+        &format!("lease = \"24s\"\nca_file = \"{}\"", ca.display()),
     );
     write_private(&path, &with_ca);
     let config = tfa_rotator::config::load(&path).unwrap();

@@ -163,7 +163,26 @@ impl Harness {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> tokio::process::Child {
-        let mut cmd = tokio::process::Command::new(BIN);
+        self.spawn_under(&[], config, args, env)
+    }
+
+    /// [`Harness::spawn_with`] under a wrapper (`prlimit …`, `setpriv …`): the wrapper's argv,
+    /// then the binary and its arguments.
+    pub fn spawn_under(
+        &self,
+        wrapper: &[&str],
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        let mut cmd = match wrapper.split_first() {
+            None => tokio::process::Command::new(BIN),
+            Some((program, rest)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+        };
         cmd.arg("--config").arg(config).args(args);
         cmd.env_remove("TFA_ROTATOR_CONFIG")
             .env_remove("FAILPOINTS")
@@ -314,9 +333,20 @@ impl Daemon {
 
     /// [`Daemon::start`] with another config file.
     pub fn start_with(h: &Harness, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_under(h, &[], config, args, env)
+    }
+
+    /// [`Daemon::start_with`] under a wrapper ([`Harness::spawn_under`]).
+    pub fn start_under(
+        h: &Harness,
+        wrapper: &[&str],
+        config: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut full = vec!["run"];
         full.extend_from_slice(args);
-        let mut child = h.spawn_with(config, &full, env);
+        let mut child = h.spawn_under(wrapper, config, &full, env);
         let log = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -435,9 +465,59 @@ pub struct GpgKeys {
     pub ann: PathBuf,
 }
 
-/// The directory of the checked-in test keys.
+/// The checked-in test keys, copied once per test process into a directory of our own: a
+/// file the config names must pass the trust rule (SPEC §3), and the suite must not depend
+/// on who owns the checkout or its mode.
 pub fn keys_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        copy_tree(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys"),
+            &format!("keys-{}", std::process::id()),
+        )
+    })
+    .clone()
+}
+
+/// `config/` (the shipped example and its key), copied as [`keys_dir`] is.
+pub fn shipped_config_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        copy_tree(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config"),
+            &format!("config-{}", std::process::id()),
+        )
+    })
+    .clone()
+}
+
+/// Copies the files of `from` (one level of subdirectories) into a new 0700 directory
+/// `/tmp/tfa-fixtures/NAME`, each file 0644, and returns it; the directory of an earlier
+/// run of the same name is replaced.
+fn copy_tree(from: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::env::temp_dir().join("tfa-fixtures");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let to = root.join(name);
+    let _ = std::fs::remove_dir_all(&to);
+    fn copy(from: &Path, to: &Path, depth: usize) {
+        std::fs::create_dir(to).unwrap();
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            let (src, dst) = (e.path(), to.join(e.file_name()));
+            if src.is_dir() {
+                if depth > 0 {
+                    copy(&src, &dst, depth - 1);
+                }
+            } else {
+                std::fs::copy(&src, &dst).unwrap();
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+    }
+    copy(from, &to, 1);
+    to
 }
 
 pub fn gpg_keys() -> &'static GpgKeys {
