@@ -384,9 +384,165 @@ pub async fn serve(
                 }
             }),
         );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_bounded(listener, app, shutdown).await
+}
+
+/// Connections the listener serves at once (SPEC §6).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection with no request in progress for this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One served connection, as the accept loop sees it.
+struct Conn {
+    /// A request is in progress: never cut.
+    busy: std::sync::atomic::AtomicBool,
+    /// When it was accepted or last finished a request.
+    last: std::sync::Mutex<tokio::time::Instant>,
+    /// Asks it to close as soon as no request is in progress.
+    evict: tokio::sync::Notify,
+}
+
+impl Conn {
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        (!self.busy.load(Ordering::SeqCst))
+            .then(|| *self.last.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Completes once the connection may be dropped: idle for [`IDLE_TIMEOUT`], or evicted
+    /// while idle. Polled beside the connection, which is dropped when this wins.
+    async fn closable(&self) {
+        let mut evicted = false;
+        loop {
+            match self.idle_since() {
+                Some(_) if evicted => return,
+                Some(since) if since.elapsed() >= IDLE_TIMEOUT => return,
+                Some(since) => tokio::select! {
+                    () = tokio::time::sleep_until(since + IDLE_TIMEOUT) => {}
+                    () = self.evict.notified() => evicted = true,
+                },
+                // Busy: look again when the request ends (its end updates `last`), at the
+                // latest after a timeout's length.
+                None => tokio::select! {
+                    () = tokio::time::sleep(IDLE_TIMEOUT) => {}
+                    () = self.evict.notified() => evicted = true,
+                },
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` with bounded connections: at most [`MAX_CONNECTIONS`] at once
+/// (a new one beyond that closes the connection idle the longest; when every one is busy,
+/// the new one is closed instead), each closed after [`IDLE_TIMEOUT`] without a request in
+/// progress. So other local users holding idle connections cannot use up the daemon's file
+/// descriptors (a rotation needs some) nor keep `/healthz` from answering.
+async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use std::collections::HashMap;
+    let conns: Arc<Mutex<HashMap<u64, Arc<Conn>>>> = Default::default();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::pin!(shutdown);
+    let mut next_id = 0u64;
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of descriptors or a reset before accept: drop it and go on, never
+                // stop serving.
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let conn = Arc::new(Conn {
+            busy: false.into(),
+            last: tokio::time::Instant::now().into(),
+            evict: tokio::sync::Notify::new(),
+        });
+        {
+            let map = conns.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= MAX_CONNECTIONS {
+                let oldest = map
+                    .values()
+                    .filter_map(|c| c.idle_since().map(|t| (t, c)))
+                    .min_by_key(|(t, _)| *t);
+                match oldest {
+                    // `notify_one` keeps the permit if the task is not waiting right now.
+                    Some((_, c)) => c.evict.notify_one(),
+                    None => continue,
+                }
+            }
+        }
+        next_id += 1;
+        let id = next_id;
+        conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, conn.clone());
+        let service = Tracked {
+            inner: hyper_util::service::TowerToHyperService::new(app.clone()),
+            conn: conn.clone(),
+        };
+        let conns = conns.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(io, service);
+            tokio::pin!(served);
+            tokio::select! {
+                _ = served.as_mut() => {}
+                () = conn.closable() => {}
+                () = stop.cancelled() => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), served).await;
+                }
+            }
+            conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        });
+    }
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// The router as a hyper service that marks its connection busy while a request runs.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    conn: Arc<Conn>,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for Tracked<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: hyper::Request<B>) -> Self::Future {
+        self.conn.busy.store(true, Ordering::SeqCst);
+        let fut = self.inner.call(req);
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            let out = fut.await;
+            *conn.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+            conn.busy.store(false, Ordering::SeqCst);
+            out
+        })
+    }
 }
 
 #[cfg(test)]

@@ -593,3 +593,88 @@ async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_wo
     let (code, _, log) = d.term().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// SPEC §6: other local users holding 1,100 idle connections to the metrics listener (and
+/// reconnecting whenever one is closed) under a soft limit of 1,024 open files starve
+/// nothing: rotations go on and a `/healthz` probe answers 200 within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_metrics_connections_cannot_starve_rotations_or_healthz() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // This test process holds the attacker's 1,100 sockets itself.
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    let port = free_port();
+    with_schedule(&h, "[schedules.fast]\ncron = \"* * * * * *\"\n", "fast");
+    edit_config(&h, |t| {
+        t.replace(
+            "[daemon]\n",
+            &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
+        )
+    });
+    let d = Daemon::start_under(
+        &h,
+        &["prlimit", "--nofile=1024:20000", "--"],
+        &h.config(),
+        &[],
+        &[],
+    );
+    assert!(d.wait_log("metrics on /metrics").await, "{}", d.log());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut holders = Vec::new();
+    for _ in 0..1100 {
+        let stop = stop.clone();
+        holders.push(tokio::spawn(async move {
+            // Hold a connection open, idle; reopen it whenever the server closes it.
+            while !stop.is_cancelled() {
+                let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let mut buf = [0u8; 64];
+                tokio::select! {
+                    _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = h.sim.rotations();
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let r = probe
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .expect("/healthz answers within a second");
+        assert_eq!(r.status(), 200, "{}", d.log());
+        assert!(started.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || h.sim.rotations() >= before + 2).await,
+        "rotations go on: {}",
+        d.log()
+    );
+    stop.cancel();
+    for t in holders {
+        let _ = t.await;
+    }
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert_eq!(h.plain_sink("codes/acme.txt").unwrap(), h.accepted("acme"));
+}
