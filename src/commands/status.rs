@@ -21,15 +21,28 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             return Exit::Failed;
         }
     };
-    type Loaded = (Vec<PortalRow>, Vec<PendingRow>, Vec<state::OpenJournal>);
-    let (rows, pending, open): Loaded = match &store {
-        None => (Vec::new(), Vec::new(), Vec::new()),
+    type Loaded = (
+        Vec<PortalRow>,
+        Vec<PendingRow>,
+        Vec<state::OpenJournal>,
+        Vec<(String, i64)>,
+    );
+    let (rows, pending, open, recent_drifts): Loaded = match &store {
+        None => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
         Some(s) => match s
             .call(|c| {
+                let rows = state::portal_rows(c)?;
+                // Drift counts only where flapping may still hold (rarely any portal).
+                let recent = rows
+                    .iter()
+                    .filter(|r| r.flapping_since.is_some())
+                    .map(|r| Ok((r.name.clone(), state::recent_drifts(c, &r.name)?)))
+                    .collect::<Result<Vec<_>, state::StateError>>()?;
                 Ok((
-                    state::portal_rows(c)?,
+                    rows,
                     state::pending_rows(c)?,
                     state::open_journal(c, None)?,
+                    recent,
                 ))
             })
             .await
@@ -91,6 +104,12 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             .due
         });
         let next = due.map(|d| d.at.timestamp_millis());
+        let recent = recent_drifts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, n)| *n);
+        let flapping = state::still_flapping(row.flapping_since, recent, now.timestamp_millis());
+        let paused_until = row.paused_until.filter(|t| *t > now.timestamp_millis());
         let mine: Vec<&PendingRow> = pending.iter().filter(|p| &p.portal == name).collect();
         let settling = open
             .iter()
@@ -121,6 +140,9 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             "settling": settling,
             "drifts": row.drifts,
             "drift_at": row.drift_at,
+            "flapping": flapping,
+            "flapping_since": row.flapping_since.filter(|_| flapping),
+            "paused_until": paused_until,
             "held_by": leases.iter().find(|l| &l.portal == name).map(|l| json!({
                 "instance": l.owner, "epoch": l.epoch, "lease_left_s": l.left_s,
             })),
@@ -201,6 +223,8 @@ fn print_table(out: &[serde_json::Value], now: chrono::DateTime<Utc>) {
             "NOT CONFIGURED"
         } else if p["settling"].is_object() {
             "SETTLING"
+        } else if p["flapping"] == json!(true) {
+            "FLAPPING"
         } else if pending > 0 {
             "PENDING"
         } else if p["failures_in_a_row"].as_i64().unwrap_or(0) > 0 {
@@ -238,6 +262,20 @@ fn print_table(out: &[serde_json::Value], now: chrono::DateTime<Utc>) {
                 "{name}: drift: the portal's codes changed outside tfa-rotator {} time(s), last at {}",
                 p["drifts"],
                 fmt_ms(Some(at))
+            ));
+        }
+        if p["flapping"] == json!(true) {
+            notes.push(format!(
+                "{name}: FLAPPING since {}: its codes changed more than {} times within an hour; drift is logged, not acted on, until an hour passes with at most one change",
+                fmt_ms(p["flapping_since"].as_i64()),
+                state::DRIFT_ACTIONS
+            ));
+        }
+        if let Some(t) = p["paused_until"].as_i64() {
+            notes.push(format!(
+                "{name}: PAUSED by the portal (429 Too Many Requests) until {} ({})",
+                fmt_ms(Some(t)),
+                super::fmt_relative(t, now)
             ));
         }
         if p["settling"].is_object() {

@@ -915,7 +915,7 @@ async fn run_job(
                 Watched::Settling => Outcome::Settling,
                 Watched::Rotated => Outcome::Rotated,
                 Watched::Converged => Outcome::Resent,
-                Watched::Steady => Outcome::Delivered,
+                Watched::Steady | Watched::Flapping => Outcome::Delivered,
             };
             done(outcome, unused)
         }

@@ -34,20 +34,39 @@ pub fn drifted_sinks(
         .collect()
 }
 
-/// Records drift found by `by` (a preflight, the watch): log, metric, state, notice.
-pub async fn record(engine: &Engine, pc: &PortalConfig, sinks: &[String], by: &str) {
+/// Records drift found by `by` (a preflight, the watch): log, metric, state, notice; and
+/// decides whether it may be acted on (`acts`: the caller would resend or rotate because of
+/// it). At most [`state::DRIFT_ACTIONS`] actions a portal in a rolling hour, counted in the
+/// state (shared by the instances of a cluster): a portal whose set changes more often is
+/// flapping (two backends that disagree), and acting on each change would send a mail per
+/// read, or kill the owners' codes with a PUT per read. While it flaps, drift is counted and
+/// logged, and one notice goes out when it begins.
+pub async fn record(
+    engine: &Engine,
+    pc: &PortalConfig,
+    sinks: &[String],
+    by: &str,
+    acts: bool,
+) -> state::DriftVerdict {
     let name = pc.name.as_str();
-    tracing::warn!(
-        portal = name,
-        sinks = %sinks.join(","),
-        found_by = by,
-        "drift: the portal's codes changed outside tfa-rotator; its sinks hold a set it no longer accepts"
-    );
     engine.metrics.drift(name);
-    let Ok(store) = engine.store() else { return };
+    let Ok(store) = engine.store() else {
+        tracing::warn!(
+            portal = name,
+            sinks = %sinks.join(","),
+            found_by = by,
+            "drift: the portal's codes changed outside tfa-rotator; its sinks hold a set it no longer accepts"
+        );
+        return state::DriftVerdict::Noted;
+    };
     let action = match engine.config.convergence_of(pc).on_drift {
         OnDrift::Resend => "the current codes are delivered to every sink again",
         OnDrift::Rotate => "the portal is rotated",
+    };
+    let action = if acts {
+        action
+    } else {
+        "the rotation under way converges it"
     };
     let detail = format!("found by {by}; sinks {}; {action}", sinks.join(", "));
     let subject = format!("[tfa-rotator] {name}: codes changed outside tfa-rotator");
@@ -60,16 +79,56 @@ pub async fn record(engine: &Engine, pc: &PortalConfig, sinks: &[String], by: &s
         pc.url,
         sinks.join(", ")
     );
+    let flapping_subject = format!("[tfa-rotator] {name}: codes keep changing (flapping)");
+    let flapping_body = format!(
+        "The backup codes of portal {name} ({}) changed outside tfa-rotator more than {} times\n\
+         within an hour. tfa-rotator stops acting on it (no resend, no rotation) until an hour\n\
+         passes with at most one change; it goes on reading and logging.\n\n\
+         Two backends behind the portal's address that answer with different sets do this, as\n\
+         does someone regenerating the codes again and again. Find out which before you trust\n\
+         the codes the sinks hold.\n\n-- \ntfa-rotator\n",
+        pc.url,
+        state::DRIFT_ACTIONS
+    );
     let p = name.to_string();
     let r = store
         .write(move |c| {
-            state::record_drift(c, &p, &detail)?;
-            state::add_notice(c, &p, "drift", &subject, &body, state::now_ms())
+            let verdict = state::record_drift(c, &p, acts, &detail)?;
+            let now = state::now_ms();
+            match verdict {
+                state::DriftVerdict::Flapping { began: true } => {
+                    state::add_notice(c, &p, "flapping", &flapping_subject, &flapping_body, now)?
+                }
+                state::DriftVerdict::Flapping { began: false } => {}
+                _ => state::add_notice(c, &p, "drift", &subject, &body, now)?,
+            }
+            Ok(verdict)
         })
         .await;
-    if let Err(e) = r {
-        tracing::error!(portal = name, error = %e, "could not record drift");
+    let verdict = match r {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(portal = name, error = %e, "could not record drift; not acting on it");
+            return state::DriftVerdict::Flapping { began: false };
+        }
+    };
+    match verdict {
+        state::DriftVerdict::Flapping { began } => tracing::warn!(
+            portal = name,
+            sinks = %sinks.join(","),
+            found_by = by,
+            began,
+            "drift while the portal is flapping (its set changed more than {} times within an hour): not acted on",
+            state::DRIFT_ACTIONS
+        ),
+        _ => tracing::warn!(
+            portal = name,
+            sinks = %sinks.join(","),
+            found_by = by,
+            "drift: the portal's codes changed outside tfa-rotator; its sinks hold a set it no longer accepts"
+        ),
     }
+    verdict
 }
 
 /// What a watch read found.
@@ -85,6 +144,8 @@ pub enum Watched {
     Settling,
     /// The read or what followed failed.
     Failed,
+    /// Drift was found while the portal is flapping: recorded, not acted on.
+    Flapping,
 }
 
 /// The daemon's periodic read of a portal (`watch_every`): records what it saw, converges
@@ -137,16 +198,37 @@ async fn watch_inner(
     let (unused, total) = (codes.unused(), codes.total());
     let fp = store.fingerprinter().of_set(&codes);
     let (p, seen) = (name.to_string(), fp.clone());
-    let baselines = store
+    let (baselines, last_success) = store
         .write(move |c| {
             state::record_seen(c, &p, &seen, unused, total)?;
-            state::sink_sets(c, &p)
+            let last = state::portal_row(c, &p)?.and_then(|r| r.last_success_at);
+            Ok((state::sink_sets(c, &p)?, last))
         })
         .await?;
+    let min_interval = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
     engine.metrics.unused(name, unused);
     let drifted = drifted_sinks(pc, &baselines, &fp);
     if !drifted.is_empty() {
-        record(engine, pc, &drifted, "the watch").await;
+        if record(engine, pc, &drifted, "the watch", true).await != state::DriftVerdict::Act {
+            return Ok((Watched::Flapping, Some(unused)));
+        }
+        // Rotating kills the codes the owners hold: within `min_interval` of the last
+        // rotation, drift is resent instead, so a portal that drifts often is not rotated
+        // more often than its policy allows.
+        let on_drift = match (on_drift, last_success) {
+            (OnDrift::Rotate, Some(at))
+                if min_interval.is_some_and(|m| {
+                    state::now_ms() - at < i64::try_from(m.as_millis()).unwrap_or(i64::MAX)
+                }) =>
+            {
+                tracing::info!(
+                    portal = name,
+                    "drift within min_interval of the last rotation: resent, not rotated"
+                );
+                OnDrift::Resend
+            }
+            (o, _) => o,
+        };
         match on_drift {
             OnDrift::Resend => {
                 // The set just read is delivered: no second GET, no window.

@@ -564,7 +564,7 @@ async fn preflight(
     if let Some(fp) = &before_fp {
         let drifted = drift::drifted_sinks(pc, &known.sink_sets, fp);
         if !drifted.is_empty() {
-            drift::record(engine, pc, &drifted, "a preflight").await;
+            drift::record(engine, pc, &drifted, "a preflight", false).await;
         }
     }
     let (unused, total) = (codes.unused(), codes.total());

@@ -228,6 +228,8 @@ struct Account {
     window: (Instant, u32),
     /// Sets replaced through the API (PUTs applied, late ones included).
     puts_applied: usize,
+    /// Two backends that disagree: every other read of the codes answers this other set.
+    flapping: Option<(Vec<(String, bool)>, bool)>,
 }
 
 struct Inner {
@@ -340,6 +342,7 @@ impl Simulator {
             codes,
             window: (Instant::now(), 0),
             puts_applied: 0,
+            flapping: None,
         });
         s.by_key.insert(key.clone(), idx);
         key
@@ -375,6 +378,17 @@ impl Simulator {
     /// web UI would: no API request, nothing in the log. Returns the new codes.
     pub fn regenerate(&self, key: &str) -> Vec<String> {
         regenerate(&mut self.lock(), key)
+    }
+
+    /// Makes the portal flap for the user with this key, as two backends behind one address
+    /// that disagree would: every other read of the codes answers another set (fixed while
+    /// it flaps), the rest the real one. `false` ends it.
+    pub fn set_flapping(&self, key: &str, on: bool) {
+        let mut s = self.lock();
+        let other = new_codes(&s.config);
+        if let Some(&i) = s.by_key.get(key) {
+            s.accounts[i].flapping = on.then_some((other, false));
+        }
     }
 
     /// The most requests with this method that were ever served at once.
@@ -933,10 +947,15 @@ fn route(
             if !s.config.tfa_app_enabled || !s.accounts[idx].linked_app {
                 return (not_available(s), false);
             }
-            (
-                envelope(&base, path, method, codes_json(&s.accounts[idx].codes)),
-                false,
-            )
+            let acc = &mut s.accounts[idx];
+            let codes = match acc.flapping.as_mut() {
+                Some((other, turn)) => {
+                    *turn = !*turn;
+                    if *turn { &*other } else { &acc.codes }
+                }
+                None => &acc.codes,
+            };
+            (envelope(&base, path, method, codes_json(codes)), false)
         }
         (Method::PUT, "/api/2.0/settings/tfaappnewcodes") => {
             if !can("*:write") {

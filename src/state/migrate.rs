@@ -12,7 +12,7 @@ const TABLES: &[(&str, &str)] = &[
     ("meta", "key, value"),
     (
         "portals",
-        "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at, set_fp, unused, total, seen_at, entry_fp, last_fire_at, failing_since, streak_alerted, account_id, account_entry_fp, drift_at, drifts, next_due_at, next_reason, watch_retry_at",
+        "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at, set_fp, unused, total, seen_at, entry_fp, last_fire_at, failing_since, streak_alerted, account_id, account_entry_fp, drift_at, drifts, next_due_at, next_reason, watch_retry_at, flapping_since, paused_until",
     ),
     (
         "journal",
@@ -28,6 +28,7 @@ const TABLES: &[(&str, &str)] = &[
         "notices",
         "id, portal, kind, subject, body, created_at, sent_at",
     ),
+    ("drift_log", "portal, at, acted"),
 ];
 
 /// Rows copied per table.

@@ -41,8 +41,10 @@ pub use journal::{
     OpenJournal, Phase, begin_intent, close_journal, open_journal, seal, settle_checked,
 };
 pub use portals::{
-    PortalRow, add_history, deliveries_cleared, pin_account, portal_row, portal_rows, record_drift,
-    record_failure, record_plan, record_rotated, record_schedule, record_seen, record_settling,
+    DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, PortalRow, add_history, deliveries_cleared,
+    pin_account, portal_row, portal_rows, recent_drifts, record_drift, record_failure,
+    record_pause, record_plan, record_rotated, record_schedule, record_seen, record_settling,
+    still_flapping,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,
@@ -56,6 +58,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_convergence.sql"),
     include_str!("migrations/0005_agenda.sql"),
     include_str!("migrations/0006_cluster.sql"),
+    include_str!("migrations/0007_drift_limits.sql"),
 ];
 const DB_FILE: &str = "state.sqlite";
 

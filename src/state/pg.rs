@@ -28,7 +28,10 @@ use super::db::{Row, Sql, Val, to_dollar};
 use crate::config::{Config, StorageConfig};
 
 /// The schema, one file per version; `schema_version` holds the last applied.
-const MIGRATIONS: &[&str] = &[include_str!("pg_migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("pg_migrations/0001_initial.sql"),
+    include_str!("pg_migrations/0002_drift_limits.sql"),
+];
 
 fn pg(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
     move |e| StateError::Db {

@@ -48,6 +48,10 @@ pub struct PortalRow {
     pub next_reason: Option<String>,
     /// After a failed watch read, not before then.
     pub watch_retry_at: Option<i64>,
+    /// Since when its set changes more often than drift may be acted on (SPEC §6).
+    pub flapping_since: Option<i64>,
+    /// Its host answered 429: no request before then.
+    pub paused_until: Option<i64>,
 }
 
 /// A rotation succeeded (its payloads may still be pending).
@@ -90,16 +94,117 @@ pub fn pin_account(
     Ok(())
 }
 
-/// The portal's set differs from what its sinks hold while no intent is open.
-pub fn record_drift(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), StateError> {
+/// The rolling window drift actions are counted in.
+pub const DRIFT_WINDOW_MS: i64 = 3_600_000;
+/// Drift actions (resend or rotate) allowed per portal in [`DRIFT_WINDOW_MS`].
+pub const DRIFT_ACTIONS: i64 = 2;
+
+/// What may be done about drift just found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftVerdict {
+    /// Converge: resend or rotate, as `on_drift` says.
+    Act,
+    /// Found by a step that converges anyway (a rotation's preflight): only recorded.
+    Noted,
+    /// More drift than may be acted on: recorded, not acted on; `began` is true the first
+    /// time, when one notice goes out.
+    Flapping {
+        /// Flapping began with this drift.
+        began: bool,
+    },
+}
+
+/// Whether a portal whose `flapping_since` is `since` still flaps at `now`, with `recent`
+/// drifts found in the last window: FLAPPING clears after a rolling hour with at most one.
+pub fn still_flapping(since: Option<i64>, recent: i64, now: i64) -> bool {
+    since.is_some_and(|s| now - s < DRIFT_WINDOW_MS || recent > 1)
+}
+
+/// Drift found in the last window, per portal.
+pub fn recent_drifts(c: &dyn Sql, portal: &str) -> Result<i64, StateError> {
+    let now = c.now()?;
+    c.row(
+        "counting drift",
+        "SELECT COUNT(*) FROM drift_log WHERE portal = ?1 AND at > ?2",
+        vals![portal, now - DRIFT_WINDOW_MS],
+    )?
+    .map_or(Ok(0), |r| r.int(0))
+}
+
+/// The portal's set differs from what its sinks hold while no intent is open: records it
+/// and decides, in the same transaction (so instances of a cluster share the count), whether
+/// it may be acted on (`acts`: the caller would resend or rotate because of it).
+pub fn record_drift(
+    c: &dyn Sql,
+    portal: &str,
+    acts: bool,
+    detail: &str,
+) -> Result<DriftVerdict, StateError> {
+    let now = c.now()?;
+    c.exec(
+        "pruning drift",
+        "DELETE FROM drift_log WHERE portal = ?1 AND at <= ?2",
+        vals![portal, now - 2 * DRIFT_WINDOW_MS],
+    )?;
+    let count = |sql: &str| -> Result<i64, StateError> {
+        c.row("counting drift", sql, vals![portal, now - DRIFT_WINDOW_MS])?
+            .map_or(Ok(0), |r| r.int(0))
+    };
+    let recent = count("SELECT COUNT(*) FROM drift_log WHERE portal = ?1 AND at > ?2")?;
+    let acted =
+        count("SELECT COUNT(*) FROM drift_log WHERE portal = ?1 AND at > ?2 AND acted = 1")?;
+    let since = c
+        .row(
+            "reading flapping",
+            "SELECT flapping_since FROM portals WHERE name = ?1",
+            vals![portal],
+        )?
+        .map_or(Ok(None), |r| r.opt_int(0))?;
+    let flapping = still_flapping(since, recent, now);
+    let verdict = match (flapping, acts) {
+        (true, _) => DriftVerdict::Flapping { began: false },
+        (false, false) => DriftVerdict::Noted,
+        (false, true) if acted < DRIFT_ACTIONS => DriftVerdict::Act,
+        (false, true) => DriftVerdict::Flapping { began: true },
+    };
+    let flapping_since = match verdict {
+        DriftVerdict::Flapping { began: true } => Some(now),
+        DriftVerdict::Flapping { began: false } => since,
+        _ => None,
+    };
+    c.exec(
+        "recording drift",
+        "INSERT INTO drift_log (portal, at, acted) VALUES (?1, ?2, ?3)",
+        vals![portal, now, i64::from(verdict == DriftVerdict::Act)],
+    )?;
     update_portal(
         c,
         portal,
         "recording drift",
-        "UPDATE portals SET drift_at = ?2, drifts = drifts + 1 WHERE name = ?1",
-        vals![portal, c.now()?],
+        "UPDATE portals SET drift_at = ?2, drifts = drifts + 1, flapping_since = ?3 WHERE name = ?1",
+        vals![portal, now, flapping_since],
     )?;
-    add_history(c, portal, "drift", detail)
+    let detail = match verdict {
+        DriftVerdict::Flapping { began: true } => format!(
+            "{detail}; flapping: more than {DRIFT_ACTIONS} drift actions in an hour, so none is taken"
+        ),
+        DriftVerdict::Flapping { began: false } => format!("{detail}; flapping: no action"),
+        _ => detail.to_string(),
+    };
+    add_history(c, portal, "drift", &detail)?;
+    Ok(verdict)
+}
+
+/// A 429 paused the portal's host until `until` (Unix ms): kept, so `status` shows it and
+/// a restarted process honours it.
+pub fn record_pause(c: &dyn Sql, portal: &str, until: i64) -> Result<(), StateError> {
+    update_portal(
+        c,
+        portal,
+        "recording a 429 pause",
+        "UPDATE portals SET paused_until = ?2 WHERE name = ?1",
+        vals![portal, until],
+    )
 }
 
 /// A rotation's PUT had an unknown outcome: its intent stays open and is settled later.
@@ -211,7 +316,7 @@ pub fn add_history(c: &dyn Sql, portal: &str, event: &str, detail: &str) -> Resu
 const PORTAL_COLUMNS: &str =
     "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at,
      set_fp, unused, total, seen_at, entry_fp, last_fire_at, account_id, account_entry_fp,
-     drift_at, drifts, next_due_at, next_reason, watch_retry_at";
+     drift_at, drifts, next_due_at, next_reason, watch_retry_at, flapping_since, paused_until";
 
 fn portal_from_row(r: &Row) -> Result<PortalRow, StateError> {
     Ok(PortalRow {
@@ -235,6 +340,8 @@ fn portal_from_row(r: &Row) -> Result<PortalRow, StateError> {
         next_due_at: r.opt_int(17)?,
         next_reason: r.opt_text(18)?,
         watch_retry_at: r.opt_int(19)?,
+        flapping_since: r.opt_int(20)?,
+        paused_until: r.opt_int(21)?,
     })
 }
 
@@ -260,4 +367,19 @@ pub fn portal_row(c: &dyn Sql, portal: &str) -> Result<Option<PortalRow>, StateE
     .as_ref()
     .map(portal_from_row)
     .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flapping_clears_after_an_hour_with_at_most_one_drift() {
+        let h = DRIFT_WINDOW_MS;
+        assert!(!still_flapping(None, 9, 0), "never began");
+        assert!(still_flapping(Some(0), 0, h - 1), "within its first hour");
+        assert!(still_flapping(Some(0), 2, 5 * h), "still drifting often");
+        assert!(!still_flapping(Some(0), 1, h), "an hour with one drift");
+        assert!(!still_flapping(Some(0), 0, 3 * h), "quiet");
+    }
 }

@@ -506,3 +506,95 @@ async fn an_intent_open_for_twice_its_window_is_alerted_once() {
     let status = w.h.run(&["status"]).await;
     assert!(status.stdout.contains("SETTLING"), "{}", status.stdout);
 }
+
+/// The state's counts, read directly from the SQLite state.
+fn count(h: &Harness, sql: &str) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(
+        h.path("state/state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// SPEC §6: a portal whose set flips on every read (two backends that disagree), watched
+/// every second for 20 s, gets exactly 2 drift actions and 1 flapping notice (not a mail per
+/// read), and `status` says FLAPPING.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_portal_that_flips_on_every_read_is_flapping_after_two_drift_actions() {
+    let w = world(Policy {
+        watch_every: "1s",
+        ..QUIET
+    })
+    .await;
+    assert_eq!(w.h.run(&["rotate", "acme"]).await.code, Some(0));
+    w.h.sim.set_flapping(&w.key(), true);
+    let d = Daemon::start(&w.h, &[], &[]);
+    assert!(d.wait_log("ready").await, "{}", d.log());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        count(&w.h, "SELECT COUNT(*) FROM journal WHERE kind = 'resend'"),
+        2,
+        "exactly two drift actions: {log}"
+    );
+    assert_eq!(
+        count(&w.h, "SELECT COUNT(*) FROM notices WHERE kind = 'flapping'"),
+        1,
+        "one notice when flapping begins"
+    );
+    assert_eq!(
+        count(&w.h, "SELECT COUNT(*) FROM notices WHERE kind = 'drift'"),
+        2,
+        "a notice per drift acted on, none while flapping"
+    );
+    let drifts = count(&w.h, "SELECT drifts FROM portals WHERE name = 'acme'");
+    assert!(drifts >= 8, "every drift is still counted: {drifts}");
+    assert_eq!(w.h.sim.rotations(), 1, "no rotation");
+    let status = w.status().await;
+    assert_eq!(status["portals"][0]["flapping"], true, "{status}");
+    assert!(
+        status["portals"][0]["flapping_since"].is_number(),
+        "{status}"
+    );
+    let text = w.h.run(&["status"]).await.stdout;
+    assert!(text.contains("FLAPPING"), "{text}");
+    // Mail: the rotation's, two resends, and the notices (two drifts, one flapping): not
+    // a mail per read.
+    let mails = w.smtpd.messages().len();
+    assert!(mails <= 6, "{mails} mails");
+}
+
+/// SPEC §6: with `on_drift = "rotate"`, drift within `min_interval` of the last rotation is
+/// resent instead: no PUT beyond the policy's, and the sinks still converge.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_drift_rotate_within_min_interval_resends_instead() {
+    let w = world(Policy {
+        watch_every: "1s",
+        on_drift: "rotate",
+        ..QUIET
+    })
+    .await;
+    edit_config(&w.h, |t| {
+        t.replace(
+            "on_drift = \"rotate\"",
+            "on_drift = \"rotate\"\nmin_interval = \"1h\"",
+        )
+    });
+    assert_eq!(w.h.run(&["rotate", "acme"]).await.code, Some(0));
+    let ours = w.h.accepted("acme");
+    let d = Daemon::start(&w.h, &[], &[]);
+    assert!(d.wait_log("ready").await, "{}", d.log());
+    w.h.sim.regenerate(&w.key());
+    assert!(
+        wait_for(Duration::from_secs(20), || w.converged()).await,
+        "{}",
+        d.log()
+    );
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("resent, not rotated"), "{log}");
+    assert_eq!(w.h.sim.rotations(), 1, "no PUT within min_interval");
+    w.assert_converged(&ours, "drift within min_interval");
+}
