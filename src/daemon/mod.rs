@@ -130,6 +130,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         }
     }
     if !dry_run {
+        rotation::restore_pauses(&engine).await;
         match rotation::stranded_work(&engine).await {
             Ok(stranded) if !stranded.is_empty() => {
                 for s in &stranded {

@@ -157,6 +157,10 @@ pub async fn watch(engine: &Engine, name: &str) -> (Watched, Option<usize>) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(portal = name, error = %e, "the watch read failed");
+            if matches!(&e, RotationError::Api(a) if matches!(a.kind, crate::docspace::ApiErrorKind::RateLimited { .. }))
+            {
+                super::rate_limited(engine, name, e.retry_after()).await;
+            }
             (Watched::Failed, None)
         }
     }

@@ -653,6 +653,51 @@ fn sink_of<'e>(
     })
 }
 
+/// The portal answered 429: its host is paused in memory (for this process's requests) and
+/// the pause is kept with the portal in the state, so `status` shows it and a restarted
+/// process honours it.
+pub async fn rate_limited(engine: &Engine, name: &str, retry_after: Option<Duration>) {
+    let Some(pc) = engine.config.portals.get(name) else {
+        return;
+    };
+    engine
+        .limits
+        .rate_limited(&limits::host_of(&pc.url), retry_after);
+    let Ok(store) = engine.store() else { return };
+    let pause = retry_after
+        .unwrap_or(Duration::from_secs(1))
+        .min(MAX_RETRY_AFTER);
+    let until = now_ms().saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
+    let p = name.to_string();
+    if let Err(e) = store
+        .write(move |c| state::record_pause(c, &p, until))
+        .await
+    {
+        tracing::error!(portal = name, error = %e, "could not record the portal's 429 pause");
+    }
+}
+
+/// Pauses, in this process, the hosts of portals whose 429 pause the state still holds (a
+/// pause a process before this one was told).
+pub async fn restore_pauses(engine: &Engine) {
+    let Ok(store) = engine.store() else { return };
+    let Ok(rows) = store.call(state::portal_rows).await else {
+        return;
+    };
+    let now = now_ms();
+    for r in rows {
+        let (Some(until), Some(pc)) = (r.paused_until, engine.config.portals.get(&r.name)) else {
+            continue;
+        };
+        if until > now {
+            let left = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+            engine
+                .limits
+                .rate_limited(&limits::host_of(&pc.url), Some(left));
+        }
+    }
+}
+
 async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
     let Ok(store) = engine.store() else { return };
     let (p, msg) = (portal.to_string(), e.to_string());
@@ -711,13 +756,9 @@ pub async fn rotate_held(
             Report::new(name, Outcome::Skipped(Skip::Held), e.to_string())
         }
         Err(e) => {
-            if let (Some(pc), true) = (
-                engine.config.portals.get(name),
-                matches!(&e, RotationError::Api(a) if matches!(a.kind, crate::docspace::ApiErrorKind::RateLimited { .. })),
-            ) {
-                engine
-                    .limits
-                    .rate_limited(&limits::host_of(&pc.url), e.retry_after());
+            if matches!(&e, RotationError::Api(a) if matches!(a.kind, crate::docspace::ApiErrorKind::RateLimited { .. }))
+            {
+                rate_limited(engine, name, e.retry_after()).await;
             }
             if matches!(e, RotationError::Settling { .. }) {
                 tracing::warn!(portal = name, error = %e, "rotation not settled");
@@ -798,6 +839,23 @@ async fn rotate_inner(
         recover_unless_settling(engine, name).await?;
     }
     let known = known(&store, name).await?;
+
+    // A 429's pause outlives the process that was told: nothing is sent before it ends.
+    if let Some(until) = known
+        .row
+        .as_ref()
+        .and_then(|r| r.paused_until)
+        .filter(|t| *t > now_ms())
+    {
+        let msg = format!(
+            "not contacted: the portal answered 429 Too Many Requests and asked to wait until {}; the daemon resumes then, or run the command again after it",
+            crate::schedule::fmt_utc(
+                chrono::DateTime::from_timestamp_millis(until).unwrap_or_default()
+            )
+        );
+        tracing::warn!(portal = name, "{msg}");
+        return Ok(Report::new(name, Outcome::Failed, msg));
+    }
 
     if !force
         && let Some(at) = known
@@ -1632,6 +1690,7 @@ pub fn known_from(
         seen_at: t(r.seen_at),
         watch_retry_at: t(r.watch_retry_at),
         settle_at,
+        paused_until: t(r.paused_until),
     }
 }
 

@@ -94,6 +94,8 @@ pub enum Hold {
     RetryAfterFailure,
     /// `min_interval` after the last success.
     MinInterval,
+    /// The portal answered 429: nothing is sent before its `Retry-After` ends.
+    RateLimited,
 }
 
 impl Hold {
@@ -102,6 +104,7 @@ impl Hold {
         match self {
             Hold::RetryAfterFailure => "retry after a failure",
             Hold::MinInterval => "waiting for min_interval",
+            Hold::RateLimited => "paused by the portal (429 Retry-After)",
         }
     }
 }
@@ -134,6 +137,8 @@ pub struct Known {
     pub watch_retry_at: Option<DateTime<Utc>>,
     /// An intent is open: its next settle GET.
     pub settle_at: Option<DateTime<Utc>>,
+    /// The portal answered 429: no request before then (kept across restarts).
+    pub paused_until: Option<DateTime<Utc>>,
 }
 
 /// A portal's policy as the planner needs it.
@@ -290,6 +295,13 @@ pub fn plan(p: &Policy<'_>, k: &Known, t: &Now) -> Plan {
         {
             c.at = u;
             c.held = Some(Hold::MinInterval);
+        }
+    }
+    // A 429's pause holds every request to the portal: rotations, reads and settle GETs.
+    if let Some(p) = k.paused_until {
+        for c in cands.iter_mut().filter(|c| p > c.at) {
+            c.at = p;
+            c.held = Some(Hold::RateLimited);
         }
     }
     out.due = cands.into_iter().min_by_key(|c| (c.at, c.reason.rank()));

@@ -408,3 +408,39 @@ async fn a_read_only_key_is_refused_before_any_put() {
     let out = h.run(&["rotate", "acme", "--dry-run"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
 }
+
+/// SPEC §6: a 429's `Retry-After` (clamped to an hour) is kept with the portal: `status`
+/// shows it, and a later process sends nothing before it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_pause_is_kept_across_processes() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    h.sim
+        .inject(Fault::on_get_codes(FaultAction::RateLimited(7200)));
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let status: serde_json::Value =
+        serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
+    let p = &status["portals"][0];
+    let until = p["paused_until"].as_i64().expect("the pause is shown");
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(
+        (now + 3_500_000..=now + 3_600_000).contains(&until),
+        "clamped to an hour: {p}"
+    );
+    assert!(p["next_due_at"].as_i64().unwrap() >= until, "{p}");
+    assert_eq!(
+        p["next_held_by"], "paused by the portal (429 Retry-After)",
+        "{p}"
+    );
+    let text = h.run(&["status"]).await.stdout;
+    assert!(text.contains("PAUSED by the portal (429"), "{text}");
+    // A new process: nothing is sent to the portal.
+    let before = h.sim.log().len();
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.stdout.contains("not contacted"), "{}", out.all());
+    assert_eq!(h.sim.log().len(), before, "no request during the pause");
+    assert_eq!(h.sim.rotations(), 0);
+}
