@@ -55,11 +55,27 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         return config_errors(&issues);
     }
 
+    // The state, read-only. A PostgreSQL `[storage]` is connected to for real (address,
+    // authentication, TLS): a wrong password must fail `check`, not the first rotation.
+    let reader = if offline {
+        None
+    } else if config.storage.is_some() {
+        match crate::state::Store::open_configured_read_only(&config) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::err!("error: storage: {e}");
+                return Exit::Failed;
+            }
+        }
+    } else {
+        crate::rotation::open_reader(&config)
+    };
     let http = HttpClient::new(config.daemon.http_timeout);
     let engine = Engine {
         config: config.clone(),
         sinks,
         store: None,
+        reader,
         http,
         dry_run: true,
         secrets: crate::sinks::Secrets::Read,
@@ -103,12 +119,27 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
 async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
     let config: &Arc<Config> = &engine.config;
     let now = Utc::now();
-    // The planner's answer, as the daemon would give it (check reads no state: what it
-    // lists is what the schedule allows from now).
+    // The planner's answer, as the daemon would give it, from what the state knows (read
+    // only; nothing when offline or there is no state yet).
     let fp = engine.entry_fingerprint(pc);
+    let (row, sink_sets) = match engine.reader() {
+        Some(store) => {
+            let p = pc.name.clone();
+            store
+                .call(move |c| {
+                    Ok((
+                        crate::state::portal_row(c, &p)?,
+                        crate::state::sink_sets(c, &p)?,
+                    ))
+                })
+                .await
+                .unwrap_or_default()
+        }
+        None => Default::default(),
+    };
     let next = crate::schedule::plan::upcoming_rotations(
         &crate::rotation::policy_of(config, pc, &fp),
-        &crate::schedule::plan::Known::default(),
+        &crate::rotation::known_from(row.as_ref(), None),
         now,
         3,
     );
@@ -177,7 +208,22 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
                 Err(e) => notes.push(format!("could not read the portal's TFA settings: {e}")),
             }
             match codes {
-                Ok(c) => out["codes"] = json!({"unused": c.unused(), "total": c.total()}),
+                Ok(c) => {
+                    out["codes"] = json!({"unused": c.unused(), "total": c.total()});
+                    // Every GET compares (SPEC §6): sinks holding a set the portal no longer
+                    // accepts are reported here; `deliver` or the daemon converges them.
+                    if let Some(store) = engine.reader() {
+                        let fp = store.fingerprinter().of_set(&c);
+                        let drifted = crate::rotation::drift::drifted_sinks(pc, &sink_sets, &fp);
+                        if !drifted.is_empty() {
+                            out["drift"] = json!(drifted);
+                            problems.push(format!(
+                                "drift: sinks {} hold a set the portal no longer accepts; `tfa-rotator deliver` or the daemon converges them",
+                                drifted.join(", ")
+                            ));
+                        }
+                    }
+                }
                 Err(e) => problems.push(e.to_string()),
             }
         }

@@ -110,7 +110,11 @@ pub async fn deliver(path: &Path, json: bool) -> Exit {
         Ok(e) => e,
         Err(e) => return e,
     };
-    let reports = rotation::recover_all(&engine).await;
+    let mut reports = rotation::recover_all(&engine).await;
+    // Every portal just worked on, and every one whose intent was closed lately, is read
+    // once more: a PUT applied after all is drift, converged here (SPEC §6).
+    let worked: Vec<String> = reports.iter().map(|r| r.portal.clone()).collect();
+    reports.extend(rotation::drift::converge_recent(&engine, &worked).await);
     rotation::alerts::check(&engine).await;
     if reports.is_empty() && !json {
         crate::out!("nothing pending");

@@ -14,10 +14,18 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         Ok(c) => c,
         Err(e) => return e,
     };
+    // Read-only: `status` creates no file in the state directory (SPEC §6).
     let store = match Store::open_configured_read_only(&config) {
-        Ok(s) => s,
+        Ok(Some(s)) => Some(s),
+        Ok(None) => {
+            crate::err!(
+                "error: no state yet in {}: nothing has run here (start the daemon, or `tfa-rotator rotate`)",
+                config.daemon.state_dir.display()
+            );
+            return Exit::Failed;
+        }
         Err(e) => {
-            crate::err!("error: {e}");
+            crate::err!("error: the state cannot be read: {e}");
             return Exit::Failed;
         }
     };

@@ -129,6 +129,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
             }
         }
     }
+    let mut start_failures = 0;
     if !dry_run {
         rotation::restore_pauses(&engine).await;
         match rotation::stranded_work(&engine).await {
@@ -148,8 +149,24 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
                 return Exit::Failed;
             }
         }
-        for r in rotation::recover_all(&engine).await {
+        let mut reports = rotation::recover_all(&engine).await;
+        // What was just finished, and intents closed lately (a PUT may have been applied
+        // after all), are read for drift before anything is planned (SPEC §6).
+        let worked: Vec<String> = reports.iter().map(|r| r.portal.clone()).collect();
+        reports.extend(rotation::drift::converge_recent(&engine, &worked).await);
+        for r in &reports {
             tracing::info!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
+        }
+        start_failures = reports.iter().filter(|r| r.is_failure()).count();
+    } else {
+        // The same reads in a dry run, against the state opened read-only: what a real
+        // start would converge is reported.
+        let pending = rotation::portals_with_pending_work(&engine)
+            .await
+            .unwrap_or_default();
+        for r in rotation::drift::converge_recent(&engine, &pending).await {
+            tracing::warn!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
+            start_failures += usize::from(r.is_failure());
         }
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -166,7 +183,7 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         delivering: false,
         started: Utc::now(),
         once,
-        failed: 0,
+        failed: start_failures,
         dirty: Vec::new(),
         count_pending: false,
         held: HashMap::new(),
@@ -319,7 +336,8 @@ impl Supervisor {
             .values()
             .map(|pc| (pc.name.clone(), self.engine.entry_fingerprint(pc)))
             .collect();
-        let (rows, open) = match &self.engine.store {
+        // A dry run plans from the state read-only, so it says what a real run would do.
+        let (rows, open) = match self.engine.reader() {
             Some(s) => {
                 s.call(|c| Ok((state::portal_rows(c)?, state::open_journal(c, None)?)))
                     .await?

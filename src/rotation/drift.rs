@@ -153,7 +153,7 @@ pub enum Watched {
 /// Runs under the portal's lock, so it never takes another process's rotation in flight for
 /// drift. Returns what it did and the unused count.
 pub async fn watch(engine: &Engine, name: &str) -> (Watched, Option<usize>) {
-    match watch_inner(engine, name).await {
+    match watch_inner(engine, name, true).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(portal = name, error = %e, "the watch read failed");
@@ -166,9 +166,12 @@ pub async fn watch(engine: &Engine, name: &str) -> (Watched, Option<usize>) {
     }
 }
 
+/// One read that converges drift (`unused_rule`: and rotates on too few unused codes, as
+/// the watch does).
 async fn watch_inner(
     engine: &Engine,
     name: &str,
+    unused_rule: bool,
 ) -> Result<(Watched, Option<usize>), RotationError> {
     let pc = engine.portal_config(name)?;
     let below = engine
@@ -177,9 +180,36 @@ async fn watch_inner(
         .and_then(|s| s.rotate_when_unused_below);
     let on_drift = engine.config.convergence_of(pc).on_drift;
     let Some(store) = engine.store.clone() else {
-        // A dry run: read and say what would be done.
+        // A dry run: read, compare with what the state knows (read-only), and say what
+        // would be done.
         let codes = engine.portal(pc)?.codes().await?;
         let unused = codes.unused();
+        if let Some(reader) = engine.reader() {
+            let fp = reader.fingerprinter().of_set(&codes);
+            let p = name.to_string();
+            let (baselines, open) = reader
+                .call(move |c| Ok((state::sink_sets(c, &p)?, state::open_journal(c, Some(&p))?)))
+                .await?;
+            if !open.is_empty() {
+                // An open intent: a new set is being settled, not drift.
+                return Ok((Watched::Settling, Some(unused)));
+            }
+            let drifted = drifted_sinks(pc, &baselines, &fp);
+            if !drifted.is_empty() {
+                record(engine, pc, &drifted, "a dry run's watch", false).await;
+                return Err(RotationError::Other {
+                    portal: name.to_string(),
+                    message: format!(
+                        "dry run: drift: sinks {} hold a set the portal no longer accepts; a real run would {}",
+                        drifted.join(", "),
+                        match on_drift {
+                            OnDrift::Resend => "deliver the current codes to them again",
+                            OnDrift::Rotate => "rotate",
+                        }
+                    ),
+                });
+            }
+        }
         tracing::info!(portal = name, unused, "dry run: watch read");
         return Ok((Watched::Steady, Some(unused)));
     };
@@ -254,7 +284,7 @@ async fn watch_inner(
         }
     }
     drop(codes);
-    match below {
+    match below.filter(|_| unused_rule) {
         Some(below) if unused < below => {
             tracing::info!(
                 portal = name,
@@ -268,6 +298,84 @@ async fn watch_inner(
         }
         _ => Ok((Watched::Steady, Some(unused))),
     }
+}
+
+/// SPEC §6, drift that is never missed: reads (one GET each) the portals in `also` (those
+/// whose pending work a command just finished) and those with an intent closed by hand or
+/// as not applied within twice their settle window (a PUT may have been applied after all),
+/// and converges any drift by `on_drift`. Used by `deliver` and at the start of `run`.
+pub async fn converge_recent(engine: &Engine, also: &[String]) -> Vec<Report> {
+    // A dry run reads the state read-only and reports what it finds.
+    let Some(store) = engine.reader() else {
+        return Vec::new();
+    };
+    let longest = engine
+        .config
+        .portals
+        .values()
+        .map(|pc| engine.config.convergence_of(pc).settle_window)
+        .max()
+        .unwrap_or_default();
+    let since = state::now_ms() - 2 * i64::try_from(longest.as_millis()).unwrap_or(i64::MAX / 4);
+    let closed = match store.call(move |c| state::closed_since(c, since)).await {
+        Ok(c) => c,
+        Err(e) => return vec![Report::failed("*", &e.into())],
+    };
+    let now = state::now_ms();
+    let mut names: Vec<String> = closed
+        .into_iter()
+        .filter(|(p, at)| {
+            engine.config.portals.get(p).is_some_and(|pc| {
+                let w = engine.config.convergence_of(pc).settle_window;
+                now - at <= 2 * i64::try_from(w.as_millis()).unwrap_or(i64::MAX / 4)
+            })
+        })
+        .map(|(p, _)| p)
+        .chain(also.iter().cloned())
+        .filter(|p| engine.config.portals.contains_key(p))
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let report = match watch_inner(engine, &name, false).await {
+            Ok((Watched::Converged, unused)) => {
+                let mut r = Report::new(
+                    &name,
+                    Outcome::Resent,
+                    "drift: the portal's codes are not the set its sinks hold; the current codes were delivered to every sink",
+                );
+                r.unused = unused;
+                r
+            }
+            Ok((Watched::Rotated, unused)) => {
+                let mut r = Report::new(
+                    &name,
+                    Outcome::Rotated,
+                    "drift: the portal's codes are not the set its sinks hold; rotated (on_drift = \"rotate\")",
+                );
+                r.unused = unused;
+                r
+            }
+            Ok((Watched::Flapping, _)) => Report::new(
+                &name,
+                Outcome::Failed,
+                "drift while the portal is flapping: not acted on; its sinks may hold a set it no longer accepts",
+            ),
+            Ok((Watched::Failed, _)) => Report::new(
+                &name,
+                Outcome::Failed,
+                "drift was found but not converged (see the log)",
+            ),
+            Ok((Watched::Steady | Watched::Settling, _)) => continue,
+            Err(e) => {
+                tracing::warn!(portal = %name, error = %e, "the read for drift failed");
+                Report::failed(&name, &e)
+            }
+        };
+        out.push(report);
+    }
+    out
 }
 
 fn outcome_of(r: &Report) -> Watched {

@@ -129,8 +129,12 @@ pub struct Engine {
     pub config: Arc<Config>,
     /// Its sinks, built.
     pub sinks: Sinks,
-    /// The state store; absent in a dry run, which must not touch it.
+    /// The state store; absent in a dry run, which must not change it.
     pub store: Option<Store>,
+    /// In a dry run, the state opened read-only (it creates no file), so that a dry run sees
+    /// what the state knows (min_interval, drift, what is due) without changing it; `None`
+    /// when there is no state yet or it cannot be read.
+    pub reader: Option<Store>,
     /// The HTTP connection pool.
     pub http: HttpClient,
     /// Only read; never PUT, deliver or write the state.
@@ -163,6 +167,26 @@ pub fn entry_fingerprint_of(sinks: &Sinks, pc: &PortalConfig) -> String {
     hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
 }
 
+/// The state opened read-only for a dry run or `check` (SPEC §6): no state, or one this
+/// user cannot read, is said once, and then nothing is compared with it.
+pub fn open_reader(config: &Config) -> Option<Store> {
+    match Store::open_configured_read_only(config) {
+        Ok(Some(s)) => Some(s),
+        Ok(None) => {
+            tracing::warn!(
+                "no state yet: every portal is planned as new and no drift can be found"
+            );
+            None
+        }
+        Err(e) => {
+            crate::err!(
+                "warning: the state cannot be read ({e}): every portal is planned as new and no drift can be found"
+            );
+            None
+        }
+    }
+}
+
 /// Building an engine failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -189,16 +213,15 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let sinks = crate::sinks::build_with(&config, secrets).map_err(EngineError::Config)?;
         let http = HttpClient::new(config.daemon.http_timeout);
-        // A dry run reads nothing from the state, and even a read-only SQLite open of a WAL
-        // database creates its -wal and -shm files: so it does not open the state at all.
-        let store = if dry_run {
-            None
+        let (store, reader) = if dry_run {
+            (None, open_reader(&config))
         } else {
-            Some(Store::open_configured(&config)?)
+            (Some(Store::open_configured(&config)?), None)
         };
         Ok(Self {
             sinks,
             store,
+            reader,
             http,
             dry_run,
             secrets,
@@ -254,6 +277,11 @@ impl Engine {
         }
     }
 
+    /// The state to read from: the store, or in a dry run the read-only one.
+    pub fn reader(&self) -> Option<&Store> {
+        self.store.as_ref().or(self.reader.as_ref())
+    }
+
     fn store(&self) -> Result<&Store, StateError> {
         self.store.as_ref().ok_or_else(|| StateError::Unsafe {
             path: self.config.daemon.state_dir.clone(),
@@ -278,6 +306,7 @@ impl Engine {
             in_daemon: self.in_daemon,
             sinks,
             store: self.store.clone(),
+            reader: self.reader.clone(),
             http,
             dry_run: self.dry_run,
             secrets: self.secrets,
@@ -511,6 +540,8 @@ struct Preflight {
     /// The set read, kept only when asked (a resend delivers it); a rotation drops the old
     /// set's plain text at once.
     codes: Option<CodeSet>,
+    /// The sinks that hold a set the portal no longer accepts (drift), as the state says.
+    drifted: Vec<String>,
 }
 
 /// Step 1: reads the codes and the account, compares them with what the state knows
@@ -554,18 +585,16 @@ async fn preflight(
         }
         _ => {}
     }
-    let before_fp = engine
-        .store
-        .as_ref()
-        .map(|s| s.fingerprinter().of_set(&codes));
+    let before_fp = engine.reader().map(|s| s.fingerprinter().of_set(&codes));
     if let Some(row) = &known.row {
         check_account(engine, pc, row, &account, force).await?;
     }
-    if let Some(fp) = &before_fp {
-        let drifted = drift::drifted_sinks(pc, &known.sink_sets, fp);
-        if !drifted.is_empty() {
-            drift::record(engine, pc, &drifted, "a preflight", false).await;
-        }
+    let drifted = before_fp
+        .as_ref()
+        .map(|fp| drift::drifted_sinks(pc, &known.sink_sets, fp))
+        .unwrap_or_default();
+    if !drifted.is_empty() {
+        drift::record(engine, pc, &drifted, "a preflight", false).await;
     }
     let (unused, total) = (codes.unused(), codes.total());
     let codes = keep_codes.then_some(codes);
@@ -585,6 +614,7 @@ async fn preflight(
         unused,
         total,
         codes,
+        drifted,
     })
 }
 
@@ -784,6 +814,64 @@ pub async fn rotate_held(
     report
 }
 
+/// A dry run of [`rotate`]: what the state says (read-only: min_interval, the pinned
+/// account, drift) and every read-only step, nothing written.
+async fn dry_rotate(
+    engine: &Engine,
+    pc: &PortalConfig,
+    force: bool,
+) -> Result<Report, RotationError> {
+    let name = pc.name.as_str();
+    let known = match engine.reader() {
+        Some(store) => known(store, name).await?,
+        None => Known::default(),
+    };
+    if !force {
+        let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
+        let last = known
+            .row
+            .as_ref()
+            .and_then(|r| r.last_success_at)
+            .and_then(chrono::DateTime::from_timestamp_millis);
+        if let Some(wait) = crate::schedule::within_min_interval(last, min, Utc::now()) {
+            let msg = format!(
+                "dry run: would skip: rotated recently; min_interval allows the next rotation in {}s (use --force to override)",
+                wait.as_secs()
+            );
+            return Ok(Report::new(name, Outcome::Skipped(Skip::MinInterval), msg));
+        }
+    }
+    let pf = preflight(engine, pc, false, &known, force).await?;
+    let drift = if pf.drifted.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; DRIFT: sinks {} hold a set the portal no longer accepts (`deliver` or the daemon converges them)",
+            pf.drifted.join(", ")
+        )
+    };
+    let mut r = Report::new(
+        name,
+        if drift.is_empty() {
+            Outcome::WouldRotate
+        } else {
+            Outcome::Failed
+        },
+        format!(
+            "preflight passed: {} of {} codes unused; would rotate and deliver to {}{drift}",
+            pf.unused,
+            pf.total,
+            pc.sinks.join(", ")
+        ),
+    );
+    if !drift.is_empty() {
+        r.error_kind = Some("drift".into());
+    }
+    (r.unused, r.total) = (Some(pf.unused), Some(pf.total));
+    tracing::info!(portal = name, unused = pf.unused, total = pf.total, sinks = %pc.sinks.join(","), "dry run: would rotate");
+    Ok(r)
+}
+
 async fn rotate_inner(
     engine: &Engine,
     name: &str,
@@ -793,20 +881,7 @@ async fn rotate_inner(
 ) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
     if engine.dry_run {
-        let pf = preflight(engine, pc, false, &Known::default(), force).await?;
-        let mut r = Report::new(
-            name,
-            Outcome::WouldRotate,
-            format!(
-                "preflight passed: {} of {} codes unused; would rotate and deliver to {}",
-                pf.unused,
-                pf.total,
-                pc.sinks.join(", ")
-            ),
-        );
-        (r.unused, r.total) = (Some(pf.unused), Some(pf.total));
-        tracing::info!(portal = name, unused = pf.unused, total = pf.total, sinks = %pc.sinks.join(","), "dry run: would rotate");
-        return Ok(r);
+        return dry_rotate(engine, pc, force).await;
     }
     if engine.is_stopping() {
         // Not a failure: nothing was sent, and the next start plans it again.
@@ -1475,7 +1550,10 @@ async fn resend_locked(engine: &Engine, name: &str) -> Result<Report, RotationEr
 
 /// Every portal that has unfinished journal entries or pending payloads.
 pub async fn portals_with_pending_work(engine: &Engine) -> Result<Vec<String>, RotationError> {
-    let store = engine.store()?.clone();
+    let store = match engine.reader() {
+        Some(s) => s.clone(),
+        None => engine.store()?.clone(),
+    };
     let names = store
         .call(|c| {
             let mut names: Vec<String> = state::open_journal(c, None)?

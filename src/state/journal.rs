@@ -186,3 +186,16 @@ pub fn close_journal(
     )?;
     Ok(())
 }
+
+/// Portals with an intent closed by hand or as not applied (`aborted`) since `since` (Unix
+/// ms), with when: a PUT may still have been applied after all, so they are read for drift.
+pub fn closed_since(c: &dyn Sql, since: i64) -> Result<Vec<(String, i64)>, StateError> {
+    c.rows(
+        "reading closed intents",
+        "SELECT portal, MAX(updated_at) FROM journal WHERE phase = 'aborted' AND updated_at > ?1 GROUP BY portal",
+        vals![since],
+    )?
+    .iter()
+    .map(|r| Ok((r.text(0)?, r.int(1)?)))
+    .collect()
+}

@@ -38,7 +38,8 @@ mod spool;
 
 pub use alerts::{AlertDue, add_notice, alert_sent, alerts_due};
 pub use journal::{
-    OpenJournal, Phase, begin_intent, close_journal, open_journal, seal, settle_checked,
+    OpenJournal, Phase, begin_intent, close_journal, closed_since, open_journal, seal,
+    settle_checked,
 };
 pub use portals::{
     DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, PortalRow, add_history, deliveries_cleared,
@@ -164,6 +165,10 @@ pub struct Store {
     dir: PathBuf,
     fingerprinter: Arc<Fingerprinter>,
     read_only: bool,
+    /// A read-only open of a state without `-wal`/`-shm` (from an older version) reads it
+    /// `immutable`, which is safe only while no writer opens it: this shared lock on the
+    /// setup lock, which every writer takes exclusively to open, keeps them out meanwhile.
+    _readers_lock: Option<Arc<File>>,
 }
 
 #[derive(Clone)]
@@ -275,6 +280,14 @@ impl Store {
             .map_err(sql("setting the busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql("enabling WAL"))?;
+        // The WAL and its index outlive every writer, so that a read-only open (`check`,
+        // `status`, dry runs) finds them and never has to create a file (SPEC §6).
+        let mut persist: std::ffi::c_int = 1;
+        conn.file_control(
+            Some(rusqlite::MAIN_DB),
+            rusqlite::FileControl::PersistWal(&mut persist),
+        )
+        .map_err(sql("keeping the WAL persistent"))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql("setting synchronous=FULL"))?;
         conn.pragma_update(None, "secure_delete", "ON")
@@ -293,20 +306,58 @@ impl Store {
             dir: dir.to_path_buf(),
             fingerprinter: Arc::new(Fingerprinter::new(&key)),
             read_only: false,
+            _readers_lock: None,
         })
     }
 
     /// Opens an existing store without the right to change it (dry runs, `check`, `status`).
-    /// `None` when there is no store yet.
+    /// `None` when there is no store yet. It creates no file and changes none (SPEC §6):
+    /// the `-wal` and `-shm` files writers keep are opened read-only (`readonly_shm`: the WAL
+    /// index is then built in memory when no writer is there to keep it); a state without
+    /// them (written by an older version) is read `immutable` under a shared lock that
+    /// keeps writers from opening it meanwhile.
     pub fn open_read_only(dir: &Path) -> Result<Option<Self>, StateError> {
         let db = dir.join(DB_FILE);
         if !db.exists() {
             return Ok(None);
         }
         crate::trust::Walker::new().walk(dir, crate::trust::Leaf::Dir)?;
+        let has_wal = || {
+            ["-wal", "-shm"]
+                .iter()
+                .all(|side| dir.join(format!("{DB_FILE}{side}")).exists())
+        };
+        let mut readers_lock = None;
+        let uri = if has_wal() {
+            format!("{}?mode=ro&readonly_shm=1", sqlite_uri(&db))
+        } else {
+            let lock_path = dir.join("locks").join(".setup.lock");
+            match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&lock_path)
+            {
+                Ok(f) => {
+                    f.lock_shared()
+                        .map_err(io(&lock_path, "taking the setup lock shared"))?;
+                    readers_lock = Some(Arc::new(f));
+                }
+                // A state so old it has no setup lock: no writer of today left it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&lock_path, "opening the setup lock")(e)),
+            }
+            if has_wal() {
+                // A writer opened it between the two looks: read it as usual.
+                readers_lock = None;
+                format!("{}?mode=ro&readonly_shm=1", sqlite_uri(&db))
+            } else {
+                format!("{}?mode=ro&immutable=1", sqlite_uri(&db))
+            }
+        };
         let conn = Connection::open_with_flags(
-            &db,
+            &uri,
             OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
                 | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
@@ -320,6 +371,17 @@ impl Store {
         if version == 0 {
             return Ok(None);
         }
+        if version < MIGRATIONS.len() {
+            // Older than this binary: its statements would not find their columns; the
+            // next writer (the daemon, any command that acts) upgrades it.
+            return Err(StateError::Db {
+                action: "reading the state",
+                detail: format!(
+                    "its schema version {version} is older than this binary's {}: run a command that writes (the daemon, `deliver`) once to upgrade it",
+                    MIGRATIONS.len()
+                ),
+            });
+        }
         let key = fingerprint_key_read(&conn)?;
         Ok(Some(Self {
             backend: Backend::Sqlite {
@@ -329,6 +391,7 @@ impl Store {
             dir: dir.to_path_buf(),
             fingerprinter: Arc::new(Fingerprinter::new(&key)),
             read_only: true,
+            _readers_lock: readers_lock,
         }))
     }
 
@@ -377,6 +440,7 @@ impl Store {
             read_only: pg.is_read_only(),
             backend: Backend::Postgres(pg),
             dir: dir.to_path_buf(),
+            _readers_lock: None,
         }
     }
 
@@ -599,6 +663,22 @@ fn open_no_follow(path: &Path) -> std::io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// `path` as an SQLite `file:` URI: every byte but the unreserved ones and `/`
+/// percent-encoded, so a `?` or `#` in a directory name cannot add parameters.
+fn sqlite_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::from("file:");
+    for b in path.as_os_str().as_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                out.push(char::from(*b))
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// Refuses a symbolic link at `path` (a planted link would redirect our writes).

@@ -306,8 +306,15 @@ impl PgStore {
         let shared = self.shared.clone();
         let handle = tokio::runtime::Handle::current();
         let joined = tokio::task::spawn_blocking(move || {
+            // A read-only store (`check`, `status`, dry runs) reads in READ ONLY
+            // transactions: the database itself refuses any change.
             let tx = handle
-                .block_on(client.transaction())
+                .block_on(
+                    client
+                        .build_transaction()
+                        .read_only(shared.read_only)
+                        .start(),
+                )
                 .map_err(pg("starting a transaction"))?;
             let out = f(&PgTx {
                 tx: &tx,

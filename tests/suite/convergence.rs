@@ -598,3 +598,49 @@ async fn on_drift_rotate_within_min_interval_resends_instead() {
     assert_eq!(w.h.sim.rotations(), 1, "no PUT within min_interval");
     w.assert_converged(&ours, "drift within min_interval");
 }
+
+/// SPEC §6, drift never missed: after `settle --abandon`, the PUT is applied late. `check`
+/// and the dry runs report it (exit 1) while the sinks hold dead codes; `deliver`, and
+/// (the second time) `run --once`, converge every sink, with `watch_every = "off"`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_applied_after_an_abandon_is_found_by_deliver_and_run_once() {
+    let w = world(QUIET).await;
+    assert_eq!(w.h.run(&["rotate", "acme"]).await.code, Some(0));
+    for (round, converge) in [(1, &["deliver"][..]), (2, &["run", "--once"])] {
+        let ours = w.h.accepted("acme");
+        let puts = w.h.sim.puts_applied(&w.key());
+        w.h.sim
+            .inject(Fault::on_put(FaultAction::GatewayTimeoutThenApplyMs(1500)));
+        assert_eq!(w.h.run(&["rotate", "acme", "--force"]).await.code, Some(1));
+        let out =
+            w.h.run(&["settle", "acme", "--abandon", "--reason", "gave up"])
+                .await;
+        assert_eq!(out.code, Some(0), "{}", out.all());
+        assert!(
+            wait_for(Duration::from_secs(10), || w.h.sim.puts_applied(&w.key())
+                > puts)
+            .await,
+            "the late apply"
+        );
+        assert_eq!(
+            w.sinks()[0],
+            ours,
+            "round {round}: the sinks hold dead codes"
+        );
+        let out = w.h.run(&["check"]).await;
+        assert_eq!(out.code, Some(1), "round {round}: {}", out.all());
+        assert!(out.all().contains("drift"), "{}", out.all());
+        for dry in [
+            &["rotate", "acme", "--dry-run"][..],
+            &["run", "--once", "--dry-run"],
+        ] {
+            let out = w.h.run(dry).await;
+            assert_eq!(out.code, Some(1), "{dry:?}: {}", out.all());
+            assert!(out.all().contains("drift"), "{dry:?}: {}", out.all());
+        }
+        let out = w.h.run(converge).await;
+        assert_eq!(out.code, Some(0), "{converge:?}: {}", out.all());
+        w.assert_converged(&ours, converge[0]);
+        assert_eq!(w.h.run(&["check"]).await.code, Some(0));
+    }
+}

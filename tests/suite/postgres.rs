@@ -738,13 +738,47 @@ async fn tls_to_postgres_is_verified_against_the_ca_file() {
     assert!(ssl, "the session is encrypted");
     drop(client);
     conformance(store).await;
-    // Without the CA the server's certificate is not trusted.
+    // `check` connects for real: with the CA it passes.
+    let out = h.run(&["check"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    // Without the CA the server's certificate is not trusted, by `status` and `check` alike.
     write_private(&path, &text);
-    let out = h.run(&["status"]).await;
+    for args in [&["status"][..], &["check"]] {
+        let out = h.run(args).await;
+        assert_eq!(out.code, Some(1), "{args:?}: {}", out.all());
+        assert!(
+            out.stderr.to_lowercase().contains("certificate"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+}
+
+/// SPEC §2: `check` connects to the `[storage]` database (authentication included): a role
+/// the server refuses fails it, instead of the first rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_connects_to_postgres_and_fails_on_a_refused_login() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pg = Postgres::start();
+    let url = pg.database("tfa_check").await;
+    cluster_config_with(&h, &url, "", 2);
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    let out = h.run(&["check"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    cluster_config_with(&h, &url.replace("user=postgres", "user=nosuchrole"), "", 2);
+    let out = h.run(&["check"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(
-        out.stderr.to_lowercase().contains("certificate"),
+        out.stderr.contains("error: storage:") && out.stderr.contains("nosuchrole"),
         "{}",
         out.stderr
+    );
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(
+        out.code,
+        Some(0),
+        "offline makes no connection: {}",
+        out.all()
     );
 }
