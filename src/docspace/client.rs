@@ -11,7 +11,6 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode, header};
 use serde::de::DeserializeOwned;
 use url::Url;
-use zeroize::Zeroizing;
 
 use super::error::{ApiError, ApiErrorKind};
 use super::model::*;
@@ -254,20 +253,25 @@ impl Portal {
         if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
             return Err(self.error(&method, path, code, ApiErrorKind::TooLarge));
         }
-        // The body may hold codes: it is wiped when dropped.
-        let mut body = Zeroizing::new(Vec::new());
+        // The body may hold codes: read into a buffer that leaves no copy as it grows and
+        // is wiped when dropped (never `text()` or `json()`, whose buffers are not).
+        let mut body = crate::secret::SecretBuf::with_capacity(
+            resp.content_length()
+                .map_or(16 * 1024, |n| usize::try_from(n).unwrap_or(MAX_BODY)),
+        );
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(self.error(&method, path, code, ApiErrorKind::TooLarge));
             }
-            body.extend_from_slice(&chunk);
+            body.extend(&chunk);
         }
+        let body = body.as_slice();
 
         if status.is_success() {
-            return decode_envelope(&body).map_err(|kind| self.error(&method, path, code, kind));
+            return decode_envelope(body).map_err(|kind| self.error(&method, path, code, kind));
         }
 
-        let envelope = serde_json::from_slice::<ErrorEnvelope>(&body)
+        let envelope = serde_json::from_slice::<ErrorEnvelope>(body)
             .ok()
             .and_then(|e| e.error);
         // Who answered: the portal itself (its JSON error envelope, or the empty 401/402/403
@@ -350,4 +354,38 @@ fn clip(s: &str) -> String {
         out.push('…');
     }
     escape_controls(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulator::{SimConfig, Simulator, UserSpec};
+
+    /// The answer of a codes GET and of a PUT is read into a [`crate::secret::SecretBuf`]
+    /// (never `text()` or `json()`): the buffers it gave up, counted on this thread (a
+    /// current-thread runtime reads there), hold at least the whole body.
+    #[tokio::test(flavor = "current_thread")]
+    async fn answers_with_codes_are_read_into_wiped_buffers() {
+        let sim = Simulator::start(SimConfig::default()).await.unwrap();
+        let key = sim.add_user(UserSpec::new("acme@rotator.test"));
+        let portal = Portal::new(
+            &HttpClient::new(Duration::from_secs(5)),
+            "acme",
+            Url::parse(&format!("{}/", sim.url().trim_end_matches('/'))).unwrap(),
+            SecretString::from(key.clone()),
+        )
+        .unwrap();
+        let set = sim.codes(&key);
+        let before = crate::secret::wiped::total();
+        let got = portal.codes().await.unwrap();
+        assert_eq!(got.total(), set.len());
+        let codes_bytes: usize = set.iter().map(|(c, _)| c.len()).sum();
+        let read = crate::secret::wiped::total() - before;
+        assert!(read > codes_bytes, "{read} bytes wiped");
+        let before = crate::secret::wiped::total();
+        let new = portal.new_codes().await.unwrap();
+        assert!(new.total() > 0);
+        assert!(crate::secret::wiped::total() - before > codes_bytes);
+        sim.stop();
+    }
 }

@@ -814,6 +814,34 @@ pub async fn rotate_held(
     report
 }
 
+/// The report of a rotation `min_interval` holds back (unless `force`), or `None`.
+fn held_by_min_interval(
+    engine: &Engine,
+    pc: &PortalConfig,
+    known: &Known,
+    force: bool,
+) -> Option<Report> {
+    if force {
+        return None;
+    }
+    let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
+    let last = known
+        .row
+        .as_ref()
+        .and_then(|r| r.last_success_at)
+        .and_then(chrono::DateTime::from_timestamp_millis);
+    let wait = crate::schedule::within_min_interval(last, min, Utc::now())?;
+    let msg = format!(
+        "skipped: rotated recently; min_interval allows the next rotation in {}s (use --force to override)",
+        wait.as_secs()
+    );
+    Some(Report::new(
+        &pc.name,
+        Outcome::Skipped(Skip::MinInterval),
+        msg,
+    ))
+}
+
 /// A dry run of [`rotate`]: what the state says (read-only: min_interval, the pinned
 /// account, drift) and every read-only step, nothing written.
 async fn dry_rotate(
@@ -826,20 +854,11 @@ async fn dry_rotate(
         Some(store) => known(store, name).await?,
         None => Known::default(),
     };
-    if !force {
-        let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
-        let last = known
-            .row
-            .as_ref()
-            .and_then(|r| r.last_success_at)
-            .and_then(chrono::DateTime::from_timestamp_millis);
-        if let Some(wait) = crate::schedule::within_min_interval(last, min, Utc::now()) {
-            let msg = format!(
-                "dry run: would skip: rotated recently; min_interval allows the next rotation in {}s (use --force to override)",
-                wait.as_secs()
-            );
-            return Ok(Report::new(name, Outcome::Skipped(Skip::MinInterval), msg));
-        }
+    if let Some(r) = held_by_min_interval(engine, pc, &known, force) {
+        return Ok(Report {
+            message: r.message.replacen("skipped:", "dry run: would skip:", 1),
+            ..r
+        });
     }
     let pf = preflight(engine, pc, false, &known, force).await?;
     let drift = if pf.drifted.is_empty() {
@@ -948,25 +967,9 @@ async fn rotate_inner(
         tracing::info!(portal = name, "rotated meanwhile by another process");
         return Ok(Report::new(name, Outcome::Skipped(Skip::NotDue), msg));
     }
-    if !force {
-        let min = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
-        let last = known
-            .row
-            .as_ref()
-            .and_then(|r| r.last_success_at)
-            .and_then(chrono::DateTime::from_timestamp_millis);
-        if let Some(wait) = crate::schedule::within_min_interval(last, min, Utc::now()) {
-            let msg = format!(
-                "skipped: rotated recently; min_interval allows the next rotation in {}s (use --force to override)",
-                wait.as_secs()
-            );
-            tracing::info!(
-                portal = name,
-                wait_s = wait.as_secs(),
-                "skipped by min_interval"
-            );
-            return Ok(Report::new(name, Outcome::Skipped(Skip::MinInterval), msg));
-        }
+    if let Some(r) = held_by_min_interval(engine, pc, &known, force) {
+        tracing::info!(portal = name, "skipped by min_interval");
+        return Ok(r);
     }
 
     tracing::info!(portal = name, "preflight");

@@ -114,7 +114,8 @@ impl Delivery<'_> {
 
     /// The plain text every file sink encrypts: a short header, then one unused code per line.
     pub fn render(&self) -> Zeroizing<String> {
-        let mut s = Zeroizing::new(String::new());
+        // Grown without leaving copies of the codes behind, then moved into the String.
+        let mut s = crate::secret::SecretBuf::with_capacity(512 + 72 * self.codes.total());
         let who = self.who();
         // Writing to a String cannot fail.
         let _ = writeln!(s, "# tfa-rotator backup codes");
@@ -137,10 +138,11 @@ impl Delivery<'_> {
             let _ = writeln!(s, "# {used} code(s) already used are not listed.");
         }
         for c in self.unused_codes() {
-            s.push_str(c);
-            s.push('\n');
+            s.extend(c.as_bytes());
+            s.extend(b"\n");
         }
-        s
+        // Only text was written.
+        s.into_string().unwrap_or_default()
     }
 
     /// The subject of a mail carrying this set (it travels encrypted).
@@ -154,7 +156,7 @@ impl Delivery<'_> {
 
     /// The body of a mail carrying this set: who, where, when, then the codes.
     pub fn render_mail(&self) -> Zeroizing<String> {
-        let mut s = Zeroizing::new(String::new());
+        let mut s = crate::secret::SecretBuf::with_capacity(1024 + 72 * self.codes.total());
         let who = self.who();
         let what = if self.rotated { "New" } else { "The current" };
         let _ = writeln!(
@@ -176,9 +178,9 @@ impl Delivery<'_> {
             );
         }
         for c in self.unused_codes() {
-            s.push_str("    ");
-            s.push_str(c);
-            s.push('\n');
+            s.extend(b"    ");
+            s.extend(c.as_bytes());
+            s.extend(b"\n");
         }
         let used = self.used();
         if used > 0 {
@@ -188,7 +190,8 @@ impl Delivery<'_> {
             s,
             "\nKeep them somewhere safe and offline.\n-- \ntfa-rotator"
         );
-        s
+        // Only text was written.
+        s.into_string().unwrap_or_default()
     }
 }
 

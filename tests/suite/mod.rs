@@ -12,6 +12,7 @@ mod file_sink;
 mod fuzz_corpus;
 mod hardening;
 mod mail_server;
+mod memory;
 mod planner;
 mod postgres;
 mod protocol;
