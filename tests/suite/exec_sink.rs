@@ -321,7 +321,8 @@ async fn a_hook_that_exits_0_leaving_a_setsid_child_on_stderr_is_delivered_once(
     let out = h.run(&["rotate", "acme"]).await;
     let took = started.elapsed();
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(took < Duration::from_secs(3), "delivered in {took:?}");
+    eprintln!("rotated and delivered in {took:?}");
+    assert!(took < Duration::from_secs(2), "delivered in {took:?}");
     assert_eq!(std::fs::read_to_string(h.path("runs")).unwrap(), "run\n");
     assert_eq!(
         codes_in(&std::fs::read_to_string(h.path("got")).unwrap()),

@@ -198,6 +198,14 @@ log "systemd $(ct systemctl --version | head -1 | awk '{print $2}') is PID 1 (ma
 ct id tfa-rotator >/dev/null || fail "the package made no tfa-rotator user"
 [ "$(ct stat -c '%U:%G %a' /etc/tfa-rotator)" = "root:tfa-rotator 750" ] \
     || fail "/etc/tfa-rotator is $(ct stat -c '%U:%G %a' /etc/tfa-rotator)"
+# The packaged config as installed passes the trust rule (SPEC §3), as root and as the
+# service's user: check --offline reports a violation as a warning, so its text is read.
+for who in root tfa-rotator; do
+    out=$(ct runuser -u "$who" -- tfa-rotator --config /etc/tfa-rotator/config.toml check --offline 2>&1) \
+        || fail "check --offline of the packaged config as $who: $out"
+    case "$out" in *"another user could change"*) fail "a trust violation as $who: $out" ;; esac
+done
+log "the packaged config passes check --offline, trust rule included, as root and as tfa-rotator"
 put /etc/tfa-rotator/config.toml <<EOF
 [sinks.codes]
 type = "file"
