@@ -333,7 +333,9 @@ impl Simulator {
         };
         let idx = s.accounts.len();
         s.accounts.push(Account {
-            id: new_guid(),
+            // Derived from the e-mail, as a real account's id outlives a restart: the
+            // account pin (SPEC §4) must not see a restarted simulator as another account.
+            id: guid_of(&format!("account:{}", spec.email.to_ascii_lowercase())),
             email: spec.email,
             name: spec.name,
             key: key.clone(),
@@ -446,6 +448,17 @@ pub fn new_api_key() -> String {
 
 fn new_guid() -> String {
     let b: [u8; 16] = rand::thread_rng().r#gen();
+    format_guid(&b)
+}
+
+/// A GUID that is the same for the same `seed`, every run.
+fn guid_of(seed: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("tfa-rotator-simulator:{seed}").as_bytes());
+    format_guid(&d[..16])
+}
+
+fn format_guid(b: &[u8]) -> String {
     let h = hex::encode(b);
     format!(
         "{}-{}-{}-{}-{}",
@@ -800,6 +813,21 @@ fn take_fault(s: &mut Inner, method: &Method, path: &str) -> Option<FaultAction>
     Some(action)
 }
 
+/// The methods a path of the API takes; `None` for a path it does not serve.
+fn allowed_methods(p: &str) -> Option<&'static [Method]> {
+    const GET: &[Method] = &[Method::GET];
+    match p {
+        "/api/2.0/settings/version/build"
+        | "/api/2.0/people/@self"
+        | "/api/2.0/keys/@self"
+        | "/api/2.0/settings/tfaapp"
+        | "/api/2.0/settings/tfaappcodes" => Some(GET),
+        "/api/2.0/settings/tfaappnewcodes" => Some(&[Method::PUT]),
+        _ if p.starts_with("/api/2.0/authentication/") => Some(&[Method::POST]),
+        _ => None,
+    }
+}
+
 /// Routes one request; returns the answer and whether the codes were replaced.
 fn route(
     s: &mut Inner,
@@ -814,6 +842,26 @@ fn route(
     // Admin endpoints of the simulator itself (for `simulate` driven from outside).
     if let Some(admin) = p.strip_prefix("/__sim/") {
         return (admin_route(s, method, admin, body), false);
+    }
+
+    // A known path asked with another method: 405, with the methods it takes.
+    if let Some(allowed) = allowed_methods(p)
+        && !allowed.contains(method)
+    {
+        let mut r = error_envelope(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+            "System.Exception",
+        );
+        let list = allowed
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&list) {
+            r.headers_mut().insert(header::ALLOW, v);
+        }
+        return (r, false);
     }
 
     if method == Method::GET && p == "/api/2.0/settings/version/build" {
@@ -919,7 +967,7 @@ fn route(
         (Method::GET, "/api/2.0/keys/@self") => {
             let a = &s.accounts[idx];
             let info = json!({
-                "id": new_guid(), "name": "tfa-rotator", "keyPostfix": &a.key[a.key.len().saturating_sub(4)..],
+                "id": guid_of(&format!("key:{}", a.key)), "name": "tfa-rotator", "keyPostfix": &a.key[a.key.len().saturating_sub(4)..],
                 "permissions": a.scopes, "isActive": true, "createOn": "2026-01-01T00:00:00.0000000Z",
             });
             (envelope(&base, path, method, info), false)

@@ -389,3 +389,107 @@ async fn portal_text_is_escaped() {
     assert!(!a.display_name.contains('\n') && !a.display_name.contains('\u{1b}'));
     assert_eq!(a.display_name, "Eve\\u{a}INFO forged line\\u{1b}[31m");
 }
+
+/// SPEC §9: ids are stable (a key's id on every request, an account's from its e-mail,
+/// across a restart), and a known path asked with the wrong method answers 405.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_simulator_has_stable_ids_and_answers_405_for_a_wrong_method() {
+    let client = reqwest::Client::new();
+    let get = |sim: &Simulator, key: &str, path: &str| {
+        client
+            .get(format!(
+                "{}/api/2.0/{path}",
+                sim.url().trim_end_matches('/')
+            ))
+            .bearer_auth(key)
+            .send()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        // A new simulator each round: a restart.
+        let sim = Simulator::start(SimConfig::default()).await.unwrap();
+        let key = sim.add_user(UserSpec::new("Ann@rotator.test"));
+        let me: serde_json::Value = get(&sim, &key, "people/@self")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut key_ids = Vec::new();
+        for _ in 0..2 {
+            let k: serde_json::Value = get(&sim, &key, "keys/@self")
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            key_ids.push(k["response"]["id"].clone());
+        }
+        assert_eq!(key_ids[0], key_ids[1], "a key's id never changes");
+        ids.push(me["response"]["id"].clone());
+        let wrong = client
+            .delete(format!(
+                "{}/api/2.0/settings/tfaappcodes",
+                sim.url().trim_end_matches('/')
+            ))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 405);
+        assert_eq!(wrong.headers()["allow"], "GET");
+        let wrong = client
+            .get(format!(
+                "{}/api/2.0/settings/tfaappnewcodes",
+                sim.url().trim_end_matches('/')
+            ))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 405);
+        sim.stop();
+    }
+    assert!(ids[0].is_string(), "{ids:?}");
+    assert_eq!(ids[0], ids[1], "an account's id survives a restart");
+}
+
+/// The README's `--portal-file` example is a file the simulator takes.
+#[test]
+fn the_readme_portal_file_example_is_accepted() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("# simulated-portal.toml\n")
+        .expect("the README shows a portal file");
+    let text = &readme[start..start + readme[start..].find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portal.toml");
+    std::fs::write(&path, text).unwrap();
+    let port = crate::support::free_port();
+    let mut child = std::process::Command::new(crate::support::BIN)
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--portal-file",
+        ])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It serves (prints its first line) or fails at once with exit 78.
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !first.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
