@@ -146,8 +146,15 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff) on stdout: `tfa-rotator man | man -l -`.
-    Man,
+    /// Print a manual page (roff) on stdout: `tfa-rotator man check | man -l -`.
+    Man {
+        /// The page: a subcommand (`check`), `config` for tfa-rotator.toml(5),
+        /// `tfa-rotator-run` for tfa-rotator-run(8); none: tfa-rotator(1).
+        page: Option<String>,
+        /// List every page (file name, then what `man` takes), for packaging.
+        #[arg(long, conflicts_with = "page")]
+        list: bool,
+    },
     /// Print the config file's JSON Schema on stdout (config/tfa-rotator.schema.json).
     Schema,
 }

@@ -3,6 +3,7 @@
 
 mod check;
 mod demo;
+pub mod man;
 mod rotate;
 mod simulate;
 mod status;
@@ -146,17 +147,26 @@ async fn dispatch(cli: Cli) -> Exit {
             write_stdout(&buf)
         }
         Command::Schema => write_stdout(crate::config::schema().as_bytes()),
-        Command::Man => {
-            use clap::CommandFactory;
-            let mut buf = Vec::new();
-            match clap_mangen::Man::new(Cli::command()).render(&mut buf) {
-                Ok(()) => write_stdout(&buf),
-                Err(e) => {
-                    crate::err!("error: rendering the manual page: {e}");
-                    Exit::Failed
-                }
+        Command::Man { list: true, .. } => match man::pages() {
+            Ok(pages) => {
+                let text: String = pages
+                    .iter()
+                    .map(|p| format!("{}\t{}\n", p.file, p.arg))
+                    .collect();
+                write_stdout(text.as_bytes())
             }
-        }
+            Err(e) => {
+                crate::err!("error: rendering the manual pages: {e}");
+                Exit::Failed
+            }
+        },
+        Command::Man { page, .. } => match man::page(page.as_deref()) {
+            Ok(text) => write_stdout(&text),
+            Err(e) => {
+                crate::err!("error: {e}");
+                Exit::Usage
+            }
+        },
     }
 }
 

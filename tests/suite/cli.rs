@@ -124,7 +124,7 @@ async fn simulate_serves_a_portal_until_sigterm() {
         .unwrap();
     assert_eq!(log.as_array().unwrap().len(), 2);
     let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
+    crate::support::tool("kill", "procps")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
@@ -154,8 +154,13 @@ fn version_names_the_commit_and_the_features() {
         "{text}"
     );
     assert!(text.contains(&format!("commit {head}")), "{text}");
-    // The tests are built with the failpoints feature.
-    assert!(text.contains("features: failpoints"), "{text}");
+    // The features this test was built with (the binary is built with the same).
+    let features = if cfg!(feature = "failpoints") {
+        "features: failpoints"
+    } else {
+        "features: none"
+    };
+    assert!(text.contains(features), "{text}");
 }
 
 /// `rotate -v … 2>&1 | head -1`: once the reader is gone, the command goes on quietly to its

@@ -445,7 +445,7 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
 
     let pid = d.child.id().unwrap().to_string();
     got.clear();
-    std::process::Command::new("kill")
+    crate::support::tool("kill", "procps")
         .args(["-HUP", &pid])
         .status()
         .unwrap();
@@ -453,7 +453,7 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
     recv_until("READY=1", &mut got).await;
 
     got.clear();
-    std::process::Command::new("kill")
+    crate::support::tool("kill", "procps")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
@@ -577,7 +577,7 @@ async fn an_unreadable_secret_is_reported_at_start_and_the_other_portals_keep_wo
     let key = h.keys["beta"].clone();
     write_private(&h.path("keys/beta"), &format!("{key}\n"));
     let pid = d.child.id().unwrap().to_string();
-    std::process::Command::new("kill")
+    crate::support::tool("kill", "procps")
         .args(["-HUP", &pid])
         .status()
         .unwrap();

@@ -184,7 +184,7 @@ async fn a_hook_past_its_timeout_is_killed_with_every_process_it_started() {
         let pid = std::fs::read_to_string(h.path(f)).unwrap();
         assert!(!alive(&pid), "{f}: {} still runs", pid.trim());
     }
-    let hooks = std::process::Command::new("pgrep")
+    let hooks = crate::support::tool("pgrep", "procps")
         .args(["-f", &hook.display().to_string()])
         .output()
         .unwrap();
@@ -247,7 +247,7 @@ async fn pass_insert_stores_the_codes_that_pass_show_returns() {
     h.add_portal("acme");
     let store = h.path("password-store");
     let pass = |args: &[&str]| {
-        std::process::Command::new("pass")
+        crate::support::tool("pass", "pass")
             .args(args)
             .env("PASSWORD_STORE_DIR", &store)
             .env("GNUPGHOME", gpg.home.path())

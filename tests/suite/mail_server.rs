@@ -2,8 +2,6 @@
 //! Maildir), read the way recipients read it: GnuPG, Sequoia's `sq`, and notmuch showing
 //! the protected Subject.
 
-use std::process::Command;
-
 use crate::suite::email::{mail_codes, mail_config, split_mime};
 use crate::support::mailserver::MailServer;
 use crate::support::*;
@@ -13,7 +11,7 @@ fn sq_decrypt(key: &std::path::Path, armored: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let msg = dir.path().join("msg.asc");
     std::fs::write(&msg, armored).unwrap();
-    let out = Command::new("sq")
+    let out = crate::support::tool("sq", "sq")
         .arg("decrypt")
         .arg("--recipient-key")
         .arg(key)
@@ -75,7 +73,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     )
     .unwrap();
     let notmuch = |args: &[&str]| {
-        let out = Command::new("notmuch")
+        let out = crate::support::tool("notmuch", "notmuch")
             .args(args)
             .env("NOTMUCH_CONFIG", &nm_config)
             .env("GNUPGHOME", gpg.home.path())

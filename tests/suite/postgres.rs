@@ -369,6 +369,8 @@ async fn rotate_by_hand_waits_for_the_holder_and_sends_no_second_put() {
 /// An instance frozen (SIGSTOP) right after its intent for longer than its lease sends no
 /// PUT when it wakes: the other instance took the portal over, waited the PUT deadline
 /// out, settled the intent as not applied and rotated once.
+// Needs the crash points of the `failpoints` feature.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_instance_sends_no_put_after_its_deadline() {
     let mut h = Harness::new().await;
@@ -389,7 +391,7 @@ async fn a_frozen_instance_sends_no_put_after_its_deadline() {
     );
     assert!(a.wait_log("intent recorded").await, "{}", a.log());
     let pid = a.child.id().unwrap().to_string();
-    std::process::Command::new("kill")
+    crate::support::tool("kill", "procps")
         .args(["-STOP", &pid])
         .status()
         .unwrap();
@@ -409,7 +411,7 @@ async fn a_frozen_instance_sends_no_put_after_its_deadline() {
         "{}",
         b.log()
     );
-    std::process::Command::new("kill")
+    crate::support::tool("kill", "procps")
         .args(["-CONT", &pid])
         .status()
         .unwrap();
@@ -495,6 +497,8 @@ async fn the_cluster_rules_are_config_errors() {
 /// One daemon is killed at each step of a rotation while another runs: the other takes the
 /// portal over once the lease lapses and finishes it. Exactly one PUT for the one due
 /// rotation, and the sink holds the set the portal accepts.
+// Needs the crash points of the `failpoints` feature.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_a_daemon_at_every_step_loses_nothing_and_puts_once() {
     let pg = Postgres::start();

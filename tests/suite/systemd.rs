@@ -26,7 +26,7 @@ fn the_unit_declares_what_the_daemon_relies_on() {
 #[test]
 fn the_unit_exposure_is_at_most_1_5() {
     // `.ci/run` installs systemd; a missing tool is a failure, not a pass.
-    let out = std::process::Command::new("systemd-analyze")
+    let out = crate::support::tool("systemd-analyze", "systemd")
         .args(["security", "--offline=true", UNIT])
         .output()
         .expect("systemd-analyze (Debian package systemd) runs");

@@ -242,7 +242,7 @@ async fn names_starting_with_a_dash_and_nul_in_env_are_refused() {
 /// The binary as the unprivileged user 65534 (no passwd entry needed, no supplementary
 /// groups), on a world whose files it owns; 4242 is the attacker.
 fn as_nobody(h: &Harness, args: &[&str]) -> Output {
-    let out = std::process::Command::new("setpriv")
+    let out = crate::support::tool("setpriv", "util-linux")
         .args([
             "--reuid=65534",
             "--regid=65534",

@@ -7,7 +7,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -167,7 +167,7 @@ service auth {{
         )
         .unwrap();
 
-        let st = Command::new("postfix")
+        let st = crate::support::tool("postfix", "postfix")
             .arg("-c")
             .arg(d.join("postfix"))
             .arg("start")
@@ -181,7 +181,7 @@ service auth {{
             maillog()
         );
         // postfix start made spool/private; Dovecot puts its auth socket there.
-        let dovecot = Command::new("dovecot")
+        let dovecot = crate::support::tool("dovecot", "dovecot-core")
             .arg("-c")
             .arg(d.join("dovecot/dovecot.conf"))
             .arg("-F")
@@ -269,7 +269,7 @@ service auth {{
 
 impl Drop for MailServer {
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
+        let _ = crate::support::tool("postfix", "postfix")
             .arg("-c")
             .arg(self.dir.path().join("postfix"))
             .arg("stop")

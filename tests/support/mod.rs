@@ -19,6 +19,26 @@ use tfa_rotator::simulator::{SimConfig, Simulator, UserSpec};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tfa-rotator");
 
+/// A command for an outside tool the suite drives as a real peer; a missing tool fails the
+/// test naming the Debian package that brings it (`scripts/test` installs them all), never
+/// skipped and never as a bare "No such file or directory".
+pub fn tool(name: &str, package: &str) -> std::process::Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => std::process::Command::new(p),
+        None => panic!(
+            "`{name}` is not installed: the suite needs the Debian package `{package}` \
+             (`scripts/test` installs every tool it needs; or `apt-get install {package}`)"
+        ),
+    }
+}
+
 /// What a finished subprocess said.
 #[derive(Debug)]
 pub struct Output {
@@ -377,7 +397,7 @@ impl Daemon {
     pub async fn term(mut self) -> (Option<i32>, Duration, String) {
         let pid = self.child.id().unwrap().to_string();
         let started = std::time::Instant::now();
-        std::process::Command::new("kill")
+        crate::support::tool("kill", "procps")
             .args(["-TERM", &pid])
             .status()
             .unwrap();
@@ -578,7 +598,7 @@ impl Gpg {
 
     /// Stops the `gpg-agent` this home started, if any (the next gpg call starts one again).
     pub fn stop_agent(&self) {
-        let _ = std::process::Command::new("gpgconf")
+        let _ = crate::support::tool("gpgconf", "gnupg")
             .arg("--homedir")
             .arg(self.home.path())
             .args(["--kill", "all"])
@@ -586,7 +606,7 @@ impl Gpg {
     }
 
     pub fn cmd(&self) -> std::process::Command {
-        let mut c = std::process::Command::new("gpg");
+        let mut c = crate::support::tool("gpg", "gnupg");
         c.arg("--homedir").arg(self.home.path()).args([
             "--batch",
             "--yes",

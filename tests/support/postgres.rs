@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tempfile::TempDir;
 
@@ -50,7 +49,7 @@ impl Postgres {
         std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
         let bin = bin_dir();
         let as_postgres = |args: &[&str]| {
-            let out = Command::new("runuser")
+            let out = crate::support::tool("runuser", "util-linux")
                 .args(["-u", "postgres", "--"])
                 .args(args)
                 .output()
@@ -149,7 +148,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
+        let _ = crate::support::tool("runuser", "util-linux")
             .args(["-u", "postgres", "--"])
             .arg(self.bin.join("pg_ctl"))
             .arg("-D")

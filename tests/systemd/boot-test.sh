@@ -7,12 +7,16 @@
 #   reload; a command by hand the documented way (tfa-rotator-run), then another rotation by
 #   the service; a command as root refused without leaving files; exposure <= 1.5; a clean
 #   stop.
-# Needs root. Usage: tests/systemd/boot-test.sh PACKAGE.deb
+#   With a second package (the same, rebuilt with a newer version): an upgrade under the
+#   running service restarts it on the new binary, and it still rotates. Then the timer's
+#   service, started once, rotates a due portal.
+# Needs root. Usage: tests/systemd/boot-test.sh PACKAGE.deb [UPGRADE.deb]
 # Facts it relies on: ../shared/design/systemd-in-ci.md. Everything it makes is undone by
 # the trap: the container (poweroff, then SIGKILL), the simulator, the cgroup, the directory.
 set -euo pipefail
 
-deb=$(realpath "${1:?usage: boot-test.sh PACKAGE.deb}")
+deb=$(realpath "${1:?usage: boot-test.sh PACKAGE.deb [UPGRADE.deb]}")
+upgrade=${2:+$(realpath "$2")}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "boot-test: needs root" >&2; exit 1; }
 started=$(date +%s)
@@ -304,6 +308,36 @@ ct grep -v '^#' "$sink" | sort | cmp -s - "$work/want" || fail "the service's ro
 ct journalctl -u tfa-rotator --no-pager -o cat | grep -q "Permission denied" && fail "the service hit Permission denied"
 log "the service rotated again after the command by hand"
 
+# acme's entry changes (another sink): a portal due now, for the checks below.
+another_sink() { # another_sink NAME: adds a file sink NAME to acme's sinks
+    { ct cat /etc/tfa-rotator/config.toml | sed "s/^sinks = \\[\"codes\", \"hook\"/sinks = [\"codes\", \"hook\", \"$1\"/"
+      printf '\n[sinks.%s]\ntype = "file"\npath = "/var/lib/tfa-rotator/codes/{portal}.%s.txt"\n' "$1" "$1"
+    } > "$work/config.new"
+    put /etc/tfa-rotator/config.toml < "$work/config.new"
+}
+
+# --- An upgrade restarts the running service on the new binary, which still rotates. -------
+if [ -n "$upgrade" ]; then
+    # An image built for Docker forbids maintainer scripts to start or restart anything
+    # (policy-rc.d exits 101); a Debian host has none. Removed in the overlay only.
+    ct rm -f /usr/sbin/policy-rc.d
+    pid_before=$(ct systemctl show -P MainPID tfa-rotator)
+    put /var/tmp/upgrade.deb < "$upgrade"
+    ct dpkg -i /var/tmp/upgrade.deb > "$work/upgrade.log" 2>&1 || { cat "$work/upgrade.log"; fail "dpkg -i of the upgrade"; }
+    pid_after=$(ct systemctl show -P MainPID tfa-rotator)
+    [ "$(ct systemctl show -P ActiveState tfa-rotator)" = active ] || fail "not active after the upgrade"
+    { [ "$pid_after" != "$pid_before" ] && [ "$pid_after" != 0 ]; } \
+        || fail "the upgrade did not restart the service (MainPID $pid_before, then $pid_after)"
+    another_sink upgraded
+    ct systemctl reload tfa-rotator
+    for _ in $(seq 100); do ct test -s /var/lib/tfa-rotator/codes/acme.upgraded.txt && break; sleep 0.1; done
+    ct test -s /var/lib/tfa-rotator/codes/acme.upgraded.txt || fail "the upgraded service did not rotate"
+    codes "$acme_key" > "$work/want"
+    ct grep -v '^#' /var/lib/tfa-rotator/codes/acme.upgraded.txt | sort | cmp -s - "$work/want" \
+        || fail "after the upgrade the sink does not hold the set the portal accepts"
+    log "upgraded to $(ct dpkg-query -W -f '${Version}' tfa-rotator): MainPID $pid_before -> $pid_after, and it rotated"
+fi
+
 # --- Hardening, as systemd rates the running unit. -------------------------------------------
 exposure=$(ct systemd-analyze security tfa-rotator --no-pager 2>/dev/null | sed -n 's/.*Overall exposure level for tfa-rotator.service: \([0-9.]*\).*/\1/p')
 [ -n "$exposure" ] || fail "no exposure level"
@@ -315,4 +349,18 @@ ct systemctl stop tfa-rotator
 [ "$(ct systemctl show -P Result tfa-rotator)" = success ] || fail "stop: $(ct systemctl show -P Result tfa-rotator)"
 [ "$(ct systemctl show -P ExecMainStatus tfa-rotator)" = 0 ] || fail "exit status $(ct systemctl show -P ExecMainStatus tfa-rotator)"
 log "stopped cleanly"
+
+# --- The timer's service, started once, rotates a due portal (the daemon stopped). ----------
+ct systemctl is-enabled -q tfa-rotator-once.timer 2>/dev/null && fail "the package enabled the timer"
+ct mkdir -p /etc/systemd/system/tfa-rotator-once.service.d
+ct cp /etc/systemd/system/tfa-rotator.service.d/credentials.conf /etc/systemd/system/tfa-rotator-once.service.d/
+ct systemctl daemon-reload
+another_sink once
+ct systemctl start tfa-rotator-once.service || fail "tfa-rotator-once.service: $(ct journalctl -u tfa-rotator-once --no-pager -o cat | tail -5)"
+[ "$(ct systemctl show -P Result tfa-rotator-once)" = success ] || fail "tfa-rotator-once.service: $(ct systemctl show -P Result tfa-rotator-once)"
+ct test -s /var/lib/tfa-rotator/codes/acme.once.txt || fail "the timer's service did not rotate the due portal"
+codes "$acme_key" > "$work/want"
+ct grep -v '^#' /var/lib/tfa-rotator/codes/acme.once.txt | sort | cmp -s - "$work/want" \
+    || fail "the timer's rotation does not hold the set the portal accepts"
+log "the timer's service (run --once) rotated the due portal; $(ct systemctl show -P NextElapseUSecRealtime tfa-rotator-once.timer >/dev/null 2>&1 && echo 'the timer is installed, not enabled')"
 log "PASS in $(($(date +%s) - started)) s"
