@@ -294,6 +294,31 @@ ct grep -v '^#' "$sink" | sort | cmp -s - "$work/want" || fail "after the rotati
 [ -z "$(ct find /var/lib/tfa-rotator ! -user tfa-rotator)" ] || fail "a file not the service's: $(ct find /var/lib/tfa-rotator ! -user tfa-rotator)"
 log "by hand: root refused ($(echo "$out" | grep -o 'tfa-rotator-run ARGS' | head -1)), tfa-rotator-run rotated"
 
+# A command by hand runs in the service's sandbox: every property tfa-rotator-run copies has
+# the service's value in the transient unit it starts (a dry-run daemon, to look at it).
+ct env TFA_ROTATOR_RUN_UNIT=tfa-rotator-by-hand tfa-rotator-run run --dry-run > "$work/byhand-run.log" 2>&1 &
+byhand=$!
+for _ in $(seq 100); do
+    [ "$(ct systemctl show -P ActiveState tfa-rotator-by-hand 2>/dev/null)" = active ] && break
+    sleep 0.1
+done
+[ "$(ct systemctl show -P ActiveState tfa-rotator-by-hand)" = active ] || { cat "$work/byhand-run.log"; fail "tfa-rotator-run run --dry-run did not start"; }
+mismatch=""
+compared=0
+for p in $(ct tfa-rotator-run --print-properties); do
+    a=$(ct systemctl show -p "$p" --value tfa-rotator)
+    b=$(ct systemctl show -p "$p" --value tfa-rotator-by-hand)
+    # The one addition: who ran it (for the record of a decision taken by hand).
+    [ "$p" = Environment ] && b=$(printf '%s' "$b" | sed -E 's/ ?TFA_ROTATOR_INVOKED_BY=[^ ]*//; s/^ //')
+    [ "$a" = "$b" ] || mismatch="$mismatch
+  $p: service [$a], by hand [$b]"
+    compared=$((compared + 1))
+done
+ct systemctl stop tfa-rotator-by-hand
+wait "$byhand" || true
+[ -z "$mismatch" ] || fail "the command by hand runs outside the service's sandbox:$mismatch"
+log "by hand: the transient unit has the service's value for all $compared properties tfa-rotator-run copies"
+
 # The service rotates again after it: a changed entry (a second sink) rotates acme.
 {
     ct cat /etc/tfa-rotator/config.toml | sed 's/^sinks = \["codes", "hook"\]$/sinks = ["codes", "hook", "copy"]/'
