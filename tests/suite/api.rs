@@ -427,27 +427,22 @@ async fn the_simulator_has_stable_ids_and_answers_405_for_a_wrong_method() {
         }
         assert_eq!(key_ids[0], key_ids[1], "a key's id never changes");
         ids.push(me["response"]["id"].clone());
-        let wrong = client
-            .delete(format!(
-                "{}/api/2.0/settings/tfaappcodes",
-                sim.url().trim_end_matches('/')
-            ))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(wrong.status(), 405);
-        assert_eq!(wrong.headers()["allow"], "GET");
-        let wrong = client
-            .get(format!(
-                "{}/api/2.0/settings/tfaappnewcodes",
-                sim.url().trim_end_matches('/')
-            ))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(wrong.status(), 405);
+        for (method, path, allow) in [
+            (reqwest::Method::DELETE, "settings/tfaappcodes", "GET"),
+            (reqwest::Method::GET, "settings/tfaappnewcodes", "PUT"),
+        ] {
+            let wrong = client
+                .request(
+                    method,
+                    format!("{}/api/2.0/{path}", sim.url().trim_end_matches('/')),
+                )
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(wrong.status(), 405, "{path}");
+            assert_eq!(wrong.headers()["allow"], allow, "{path}");
+        }
         sim.stop();
     }
     assert!(ids[0].is_string(), "{ids:?}");

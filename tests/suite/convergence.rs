@@ -136,6 +136,17 @@ impl World {
         self.h.keys["acme"].clone()
     }
 
+    /// Regenerates the codes as a person in the web UI would, then waits until the daemon
+    /// `d` has converged every sink on the new set.
+    async fn regenerate_until_converged(&self, d: &Daemon) {
+        self.h.sim.regenerate(&self.key());
+        assert!(
+            wait_for(Duration::from_secs(20), || self.converged()).await,
+            "the daemon converges the drift: {}",
+            d.log()
+        );
+    }
+
     async fn status(&self) -> Value {
         serde_json::from_str(&self.h.run(&["status", "--json"]).await.stdout).unwrap()
     }
@@ -245,12 +256,7 @@ async fn codes_regenerated_in_the_web_ui_are_resent_by_the_daemon() {
     let ours = w.h.accepted("acme");
     let d = Daemon::start(&w.h, &[], &[]);
     assert!(d.wait_log("ready").await, "{}", d.log());
-    w.h.sim.regenerate(&w.key());
-    assert!(
-        wait_for(Duration::from_secs(20), || w.converged()).await,
-        "the watch finds the drift and resends: {}",
-        d.log()
-    );
+    w.regenerate_until_converged(&d).await;
     let (code, _, log) = d.term().await;
     assert_eq!(code, Some(0));
     assert!(log.contains("drift"), "{log}");
@@ -586,12 +592,7 @@ async fn on_drift_rotate_within_min_interval_resends_instead() {
     let ours = w.h.accepted("acme");
     let d = Daemon::start(&w.h, &[], &[]);
     assert!(d.wait_log("ready").await, "{}", d.log());
-    w.h.sim.regenerate(&w.key());
-    assert!(
-        wait_for(Duration::from_secs(20), || w.converged()).await,
-        "{}",
-        d.log()
-    );
+    w.regenerate_until_converged(&d).await;
     let (code, _, log) = d.term().await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("resent, not rotated"), "{log}");
