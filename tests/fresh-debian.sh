@@ -18,6 +18,13 @@ if [ ! -x "$root/usr/bin/apt-get" ]; then
     chroot "$root" apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates git
 fi
 
+# A network that reaches the registries through an intercepting proxy has a CA of its own
+# in the host's store: the fresh root trusts it too (a machine without one skips this).
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >/dev/null
+fi
+
 mounts=()
 bind() { # bind SRC DST [ro]
     mkdir -p "$root$2"
