@@ -244,13 +244,9 @@ impl Metrics {
             .set(n as i64);
     }
 
-    /// The next planned rotation.
+    /// The next planned rotation; none: the series is removed (a 0 would read as 1970).
     pub fn next_rotation(&self, portal: &str, unix_s: Option<i64>) {
-        self.next_rotation
-            .get_or_create(&PortalLabel {
-                portal: portal.into(),
-            })
-            .set(unix_s.unwrap_or(0));
+        set_or_remove(&self.next_rotation, portal, unix_s);
     }
 
     /// Drift was found.
@@ -272,13 +268,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The next planned read of a portal.
+    /// The next planned read of a portal; none: the series is removed.
     pub fn next_check(&self, portal: &str, unix_s: Option<i64>) {
-        self.next_check
-            .get_or_create(&PortalLabel {
-                portal: portal.into(),
-            })
-            .set(unix_s.unwrap_or(0));
+        set_or_remove(&self.next_check, portal, unix_s);
     }
 
     /// Per-portal series from the state at start, so they are right from the first scrape
@@ -299,11 +291,17 @@ impl Metrics {
         if let Some(u) = unused {
             self.unused.get_or_create(&label).set(u);
         }
-        if drifts > 0 {
-            let c = self.drift.get_or_create(&label);
-            if c.get() == 0 {
-                c.inc_by(u64::try_from(drifts).unwrap_or(0));
-            }
+        // Every portal's counters exist from the first scrape, at 0 when nothing happened
+        // yet, so that `rate()` and `increase()` see the first event.
+        let c = self.drift.get_or_create(&label);
+        if drifts > 0 && c.get() == 0 {
+            c.inc_by(u64::try_from(drifts).unwrap_or(0));
+        }
+        for answer in ["differs", "unusable"] {
+            let _created = self.put_answers.get_or_create(&PutAnswerLabels {
+                portal: portal.into(),
+                answer: answer.into(),
+            });
         }
     }
 
@@ -336,6 +334,21 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+}
+
+/// Sets a timestamp gauge, or removes its series when there is no time to show.
+fn set_or_remove(family: &Family<PortalLabel, Gauge>, portal: &str, unix_s: Option<i64>) {
+    let label = PortalLabel {
+        portal: portal.into(),
+    };
+    match unix_s {
+        Some(s) => {
+            family.get_or_create(&label).set(s);
+        }
+        None => {
+            family.remove(&label);
+        }
     }
 }
 

@@ -109,6 +109,8 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         };
     engine.in_daemon = true;
     let metrics = engine.metrics.clone();
+    // The config in force was loaded now: its time, not 0 (1970 to a dashboard).
+    metrics.reload(true);
     if let Some(addr) = config.daemon.metrics {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
@@ -363,11 +365,12 @@ impl Supervisor {
                         .and_then(|o| rotation::settled_by(o.iter().copied())),
                 ),
             };
-            if let Some(r) = row {
-                self.engine
-                    .metrics
-                    .restore(name, r.last_success_at, r.unused, r.drifts);
-            }
+            self.engine.metrics.restore(
+                name,
+                row.and_then(|r| r.last_success_at),
+                row.and_then(|r| r.unused),
+                row.map_or(0, |r| r.drifts),
+            );
             known.insert(name.clone(), k);
         }
         self.known = known;

@@ -1659,8 +1659,9 @@ pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError
     let configured = engine.config.portals.contains_key(name);
     let note = format!("forgotten by {}", operator());
     let p = name.to_string();
-    let (intents, payloads) = store
+    let (known, intents, payloads) = store
         .write(move |c| {
+            let known = configured || state::portal_row(c, &p)?.is_some();
             let mut intents = 0;
             if !configured {
                 for j in state::open_journal(c, Some(&p))? {
@@ -1677,9 +1678,22 @@ pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError
                     &format!("{note}: {intents} open intent(s), {payloads} pending payload(s)"),
                 )?;
             }
-            Ok((intents, payloads))
+            Ok((known, intents, payloads))
         })
         .await?;
+    if !known && intents + payloads == 0 {
+        return Err(RotationError::Other {
+            portal: name.to_string(),
+            message: "no such portal in the config or the state: nothing to forget".into(),
+        });
+    }
+    if intents + payloads == 0 {
+        return Ok(Report::new(
+            name,
+            Outcome::Forgotten,
+            "nothing to forget: no open intent or pending payload the config does not cover",
+        ));
+    }
     tracing::warn!(
         portal = name,
         intents,

@@ -324,3 +324,25 @@ fn completions_load_in_bash_and_the_man_page_lists_the_commands() {
         );
     }
 }
+
+/// `forget` refuses a portal neither the config nor the state knows, and says "nothing to
+/// forget" (without logging a drop) when there is nothing to drop.
+#[tokio::test(flavor = "multi_thread")]
+async fn forget_refuses_an_unknown_portal_and_says_when_there_is_nothing_to_forget() {
+    let mut h = crate::support::Harness::new().await;
+    h.add_portal("demo");
+    h.write_config("", &["plain"]);
+    assert_eq!(h.run(&["rotate", "demo"]).await.code, Some(0));
+    let out = h.run(&["forget", "nope"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.all().contains("nothing to forget"), "{}", out.all());
+    assert!(!out.all().contains("dropped on purpose"), "{}", out.all());
+    let out = h.run(&["forget", "demo"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("demo: nothing to forget"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stderr.contains("dropped on purpose"), "{}", out.stderr);
+}

@@ -428,6 +428,26 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
         body.contains("tfa_rotator_config_reload_success 1"),
         "{body}"
     );
+    // From the first scrape: no timestamp at 0 (1970 to a dashboard), every portal's
+    // counters present at 0.
+    for line in body.lines().filter(|l| l.contains("_timestamp_seconds")) {
+        assert!(!line.ends_with(" 0"), "{line}");
+    }
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("tfa_rotator_config_reload_timestamp_seconds ")),
+        "{body}"
+    );
+    assert!(
+        body.contains("tfa_rotator_drift_total{portal=\"acme\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "tfa_rotator_put_answers_untrusted_total{portal=\"acme\",answer=\"differs\"} 0"
+        ),
+        "{body}"
+    );
     let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
         .await
         .unwrap();
