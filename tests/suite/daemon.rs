@@ -442,6 +442,23 @@ async fn the_daemon_talks_sd_notify_and_serves_metrics() {
         body.contains("tfa_rotator_drift_total{portal=\"acme\"} 0"),
         "{body}"
     );
+    // The process collector, under Prometheus' standard names.
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {body}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let started = value("process_start_time_seconds");
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(
+        (now - 120.0..=now + 2.0).contains(&started),
+        "{started} vs {now}"
+    );
     assert!(
         body.contains(
             "tfa_rotator_put_answers_untrusted_total{portal=\"acme\",answer=\"differs\"} 0"
