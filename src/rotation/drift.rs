@@ -249,11 +249,11 @@ async fn watch_inner(
         // Rotating kills the codes the owners hold: within `min_interval` of the last
         // rotation, drift is resent instead, so a portal that drifts often is not rotated
         // more often than its policy allows.
-        let on_drift = match (on_drift, last_success) {
-            (OnDrift::Rotate, Some(at))
-                if min_interval.is_some_and(|m| {
-                    state::now_ms() - at < i64::try_from(m.as_millis()).unwrap_or(i64::MAX)
-                }) =>
+        let last = last_success.and_then(chrono::DateTime::from_timestamp_millis);
+        let on_drift = match on_drift {
+            OnDrift::Rotate
+                if crate::schedule::within_min_interval(last, min_interval, chrono::Utc::now())
+                    .is_some() =>
             {
                 tracing::info!(
                     portal = name,
@@ -261,7 +261,7 @@ async fn watch_inner(
                 );
                 OnDrift::Resend
             }
-            (o, _) => o,
+            o => o,
         };
         match on_drift {
             OnDrift::Resend => {
@@ -309,14 +309,13 @@ pub async fn converge_recent(engine: &Engine, also: &[String]) -> Vec<Report> {
     let Some(store) = engine.reader() else {
         return Vec::new();
     };
-    let longest = engine
-        .config
-        .portals
-        .values()
-        .map(|pc| engine.config.convergence_of(pc).settle_window)
-        .max()
-        .unwrap_or_default();
-    let since = state::now_ms() - 2 * i64::try_from(longest.as_millis()).unwrap_or(i64::MAX / 4);
+    // How far back a closed intent is read for: twice its portal's settle window, in ms.
+    let lookback = |pc: &PortalConfig| {
+        2 * i64::try_from(engine.config.convergence_of(pc).settle_window.as_millis())
+            .unwrap_or(i64::MAX / 4)
+    };
+    let longest = engine.config.portals.values().map(lookback).max();
+    let since = state::now_ms() - longest.unwrap_or_default();
     let closed = match store.call(move |c| state::closed_since(c, since)).await {
         Ok(c) => c,
         Err(e) => return vec![Report::failed("*", &e.into())],
@@ -325,34 +324,37 @@ pub async fn converge_recent(engine: &Engine, also: &[String]) -> Vec<Report> {
     let mut names: Vec<String> = closed
         .into_iter()
         .filter(|(p, at)| {
-            engine.config.portals.get(p).is_some_and(|pc| {
-                let w = engine.config.convergence_of(pc).settle_window;
-                now - at <= 2 * i64::try_from(w.as_millis()).unwrap_or(i64::MAX / 4)
-            })
+            engine
+                .config
+                .portals
+                .get(p)
+                .is_some_and(|pc| now - at <= lookback(pc))
         })
         .map(|(p, _)| p)
-        .chain(also.iter().cloned())
-        .filter(|p| engine.config.portals.contains_key(p))
+        .chain(
+            also.iter()
+                .filter(|p| engine.config.portals.contains_key(*p))
+                .cloned(),
+        )
         .collect();
     names.sort();
     names.dedup();
     let mut out = Vec::new();
     for name in names {
         let report = match watch_inner(engine, &name, false).await {
-            Ok((Watched::Converged, unused)) => {
+            Ok((w @ (Watched::Converged | Watched::Rotated), unused)) => {
+                let (outcome, done) = if w == Watched::Converged {
+                    (
+                        Outcome::Resent,
+                        "the current codes were delivered to every sink",
+                    )
+                } else {
+                    (Outcome::Rotated, "rotated (on_drift = \"rotate\")")
+                };
                 let mut r = Report::new(
                     &name,
-                    Outcome::Resent,
-                    "drift: the portal's codes are not the set its sinks hold; the current codes were delivered to every sink",
-                );
-                r.unused = unused;
-                r
-            }
-            Ok((Watched::Rotated, unused)) => {
-                let mut r = Report::new(
-                    &name,
-                    Outcome::Rotated,
-                    "drift: the portal's codes are not the set its sinks hold; rotated (on_drift = \"rotate\")",
+                    outcome,
+                    format!("drift: the portal's codes are not the set its sinks hold; {done}"),
                 );
                 r.unused = unused;
                 r

@@ -146,13 +146,14 @@ pub fn record_drift(
         "DELETE FROM drift_log WHERE portal = ?1 AND at <= ?2",
         vals![portal, now - 2 * DRIFT_WINDOW_MS],
     )?;
-    let count = |sql: &str| -> Result<i64, StateError> {
-        c.row("counting drift", sql, vals![portal, now - DRIFT_WINDOW_MS])?
-            .map_or(Ok(0), |r| r.int(0))
-    };
-    let recent = count("SELECT COUNT(*) FROM drift_log WHERE portal = ?1 AND at > ?2")?;
-    let acted =
-        count("SELECT COUNT(*) FROM drift_log WHERE portal = ?1 AND at > ?2 AND acted = 1")?;
+    let recent = recent_drifts(c, portal)?;
+    let acted = c
+        .row(
+            "counting drift actions",
+            "SELECT COUNT(*) FROM drift_log WHERE portal = ?1 AND at > ?2 AND acted = 1",
+            vals![portal, now - DRIFT_WINDOW_MS],
+        )?
+        .map_or(Ok(0), |r| r.int(0))?;
     let since = c
         .row(
             "reading flapping",
