@@ -1,4 +1,18 @@
-//! Errors for people: an error and its causes on one line, each cause said once.
+//! Errors for people: an error and its causes on one line, each cause said once; the
+//! process's exit codes.
+
+/// Exit codes (sysexits-style: 78 for a bad config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Success.
+    Ok = 0,
+    /// Something failed.
+    Failed = 1,
+    /// Wrong usage.
+    Usage = 2,
+    /// The configuration is invalid (`EX_CONFIG`).
+    Config = 78,
+}
 
 /// `error: cause: deeper cause`. Libraries often put their source's text into their own
 /// message too (lettre, hyper), so a cause whose text the line already holds is skipped:

@@ -1,20 +1,28 @@
 //! tfa-rotator keeps the two-factor backup codes of ONLYOFFICE DocSpace accounts fresh.
 //!
-//! Modules, in the direction dependencies point:
-//! - [`config`]: the TOML file → a typed, validated [`config::Config`] (no I/O beyond reading it).
-//! - [`schedule`]: cron in a time zone, jitter, and the planner: when a portal is next due and why.
+//! Modules, in the direction dependencies point (each uses only those above it):
+//! - [`secret`]: redacting, zeroizing types for keys, passwords and codes; [`errors`]: an
+//!   error and its causes on one line, each said once, and the exit codes; [`trust`]: the
+//!   walk that decides whether a path another local user could change may be read;
+//!   [`outcome`]: what happened to a portal, typed; [`metrics`]: what the daemon counts,
+//!   served on `/metrics` and `/healthz`.
+//! - [`config`]: the TOML file → a typed, validated [`config::Config`] (reading it and what
+//!   it names: keys, CA files, exec programs, each checked by [`trust`]).
+//! - [`schedule`]: cron in a time zone, jitter, and the planner: when a portal is next due
+//!   and why, from what it is given (policy, what the state knows, the clock).
 //! - [`docspace`]: the HTTP client of the DocSpace API, with one error kind per failure.
 //! - [`crypto`]: OpenPGP and age encryption, key checks, keyed fingerprints of code sets.
-//! - [`sinks`]: where codes go (file, email): preflight, seal, deliver.
-//! - [`state`]: the SQLite store: portals, the rotation journal, the spool, history, locks.
+//! - [`sinks`]: where codes go (file, email, exec): preflight, seal, deliver.
+//! - [`state`]: the store (SQLite, or PostgreSQL for a cluster): portals, the rotation
+//!   journal, the spool, history, notices, locks and claims; one set of statements for both.
+//! - [`coordinator`]: who may work on a portal now: this process alone (a `flock`) or a
+//!   cluster (claims, the PUT deadline, config generations, the instances' heartbeat).
 //! - [`rotation`]: the protocol (preflight, intent, PUT verified by GET, seal, deliver), the
 //!   settling of unknown outcomes, drift, concurrency limits, and recovery after a crash.
+//! - [`daemon`]: the long-running loop on the planner ([`schedule::plan`]), its agenda, the
+//!   config watcher and systemd notifications.
 //! - [`simulator`]: a DocSpace-compatible server for tests, `simulate` and `demo`.
 //! - [`commands`]: one function per subcommand; [`cli`] defines the command line.
-//! - [`secret`]: redacting, zeroizing types for keys, passwords and codes; [`errors`]: an
-//!   error and its causes on one line, each said once.
-//! - [`daemon`]: the long-running loop on the planner ([`schedule::plan`]), its agenda, the
-//!   config watcher and systemd notifications; [`metrics`] serves what it counts.
 //! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, replayed by the tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -49,12 +57,14 @@ pub mod logging;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod coordinator;
 pub mod crypto;
 pub mod daemon;
 pub mod docspace;
 pub mod errors;
 pub mod fuzzing;
 pub mod metrics;
+pub mod outcome;
 pub mod rotation;
 pub mod schedule;
 pub mod secret;
@@ -77,16 +87,4 @@ pub async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-/// `run`: the daemon.
-pub async fn daemon_entry(path: &std::path::Path, dry_run: bool, once: bool) -> commands::Exit {
-    let token = tokio_util::sync::CancellationToken::new();
-    let stop = token.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("SIGTERM or SIGINT received");
-        stop.cancel();
-    });
-    daemon::run(path, dry_run, once, token).await
 }

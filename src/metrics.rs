@@ -197,14 +197,14 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A rotation ended with `result`.
-    pub fn rotation(&self, portal: &str, result: &str) {
+    pub fn rotation(&self, portal: &str, outcome: crate::outcome::Outcome) {
         self.rotations
             .get_or_create(&ResultLabels {
                 portal: portal.into(),
-                result: result.into(),
+                result: outcome.as_str().into(),
             })
             .inc();
-        if result == "rotated" || result == "recovered" {
+        if outcome.issued_a_set() {
             self.last_success
                 .get_or_create(&PortalLabel {
                     portal: portal.into(),

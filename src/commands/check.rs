@@ -81,7 +81,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         secrets: crate::sinks::Secrets::Read,
         metrics: Default::default(),
         stopping: Default::default(),
-        in_daemon: false,
+        coordinator: crate::coordinator::Coordinator::new(None, crate::coordinator::Role::Command),
         limits: crate::rotation::limits::Limits::new(
             config.daemon.max_concurrent,
             config.daemon.max_per_host,
@@ -138,8 +138,8 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
         None => Default::default(),
     };
     let next = crate::schedule::plan::upcoming_rotations(
-        &crate::rotation::policy_of(config, pc, &fp),
-        &crate::rotation::known_from(row.as_ref(), None),
+        &crate::rotation::policy_of(config, pc, &fp, engine.coordinator.follows_changes()),
+        &crate::rotation::known_from(row.as_ref(), None, now),
         now,
         3,
     );
@@ -252,7 +252,7 @@ fn storage_json(config: &Config) -> Value {
             "url": st.url.value.describe(),
             "lease_s": st.lease.as_secs(),
             "put_budget_s": config.daemon.http_timeout.as_secs(),
-            "grace_s": crate::config::StorageConfig::GRACE.as_secs(),
+            "grace_s": st.grace.as_secs(),
         }),
     }
 }
@@ -271,10 +271,8 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
             st.url.value.describe(),
             humantime::format_duration(st.lease),
             humantime::format_duration(config.daemon.http_timeout),
-            humantime::format_duration(crate::config::StorageConfig::GRACE),
-            humantime::format_duration(
-                config.daemon.http_timeout + crate::config::StorageConfig::GRACE
-            )
+            humantime::format_duration(st.grace),
+            humantime::format_duration(config.daemon.http_timeout + st.grace)
         );
     }
     for p in plans {

@@ -15,18 +15,7 @@ use crate::cli::{Cli, Command, LogFormat};
 use crate::config::{self, Config, ConfigIssue};
 use crate::rotation::{Engine, EngineError, Report};
 
-/// Exit codes (sysexits-style: 78 for a bad config).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// Success.
-    Ok = 0,
-    /// Something failed.
-    Failed = 1,
-    /// Wrong usage.
-    Usage = 2,
-    /// The configuration is invalid (`EX_CONFIG`).
-    Config = 78,
-}
+pub use crate::errors::Exit;
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> u8 {
@@ -118,7 +107,7 @@ async fn dispatch(cli: Cli) -> Exit {
     };
     let _ = JSON.set(json);
     match cli.command {
-        Command::Run { dry_run, once } => crate::daemon_entry(&path, dry_run, once).await,
+        Command::Run { dry_run, once } => run_daemon(&path, dry_run, once).await,
         Command::Check { offline, json } => check::run(&path, offline, json).await,
         Command::Rotate {
             portals,
@@ -361,6 +350,31 @@ pub(crate) fn engine_with(
             Exit::Failed
         }
     })
+}
+
+/// `run`: loads the config, builds the engine (secrets deferred: one portal's unreadable
+/// credential is reported at start and fails that portal alone) and runs the daemon until
+/// SIGTERM or SIGINT.
+async fn run_daemon(path: &Path, dry_run: bool, once: bool) -> Exit {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let engine = match engine_with(config, dry_run, crate::sinks::Secrets::Defer) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let stop = token.clone();
+    let signals = tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        tracing::info!("SIGTERM or SIGINT received");
+        stop.cancel();
+    });
+    let exit = crate::daemon::run(engine, path, once, token).await;
+    signals.abort();
+    let _ = signals.await;
+    exit
 }
 
 /// Prints reports as text lines on stdout, or as one JSON document.

@@ -63,15 +63,15 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         },
     };
     // In a cluster: who holds which portal, and the instances.
-    let (leases, nodes) = match store.as_ref().and_then(|s| s.postgres()) {
-        None => (Vec::new(), None),
-        Some(pg) => match (pg.leases().await, pg.nodes().await) {
-            (Ok(l), Ok(n)) => (l, Some(n)),
-            (Err(e), _) | (_, Err(e)) => {
-                crate::err!("error: {e}");
-                return Exit::Failed;
-            }
-        },
+    let coordinator =
+        crate::coordinator::Coordinator::new(store.as_ref(), crate::coordinator::Role::Command);
+    let (leases, nodes) = match coordinator.cluster_view().await {
+        Ok(None) => (Vec::new(), None),
+        Ok(Some((l, n))) => (l, Some(n)),
+        Err(e) => {
+            crate::err!("error: {e}");
+            return Exit::Failed;
+        }
     };
     let now = Utc::now();
     // Built once for the entry fingerprints (no network: building reads and checks keys);
@@ -101,8 +101,8 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         let due = pc.and_then(|pc| {
             let fp = crate::rotation::entry_fingerprint_of(&sinks, pc);
             crate::schedule::plan::plan(
-                &crate::rotation::policy_of(&config, pc, &fp),
-                &crate::rotation::known_from(Some(&row), intent),
+                &crate::rotation::policy_of(&config, pc, &fp, coordinator.follows_changes()),
+                &crate::rotation::known_from(Some(&row), intent, now),
                 &crate::schedule::plan::Now {
                     now,
                     started: now,

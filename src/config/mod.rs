@@ -22,9 +22,10 @@ use std::time::Duration;
 use url::Url;
 
 pub use secret::SecretRef;
-pub(crate) use validate::{check_age_recipient, valid_address};
 
-use crate::schedule::CronSchedule;
+pub use crate::schedule::{
+    Convergence, DEFAULT_SETTLE_WINDOW, DEFAULT_WATCH_EVERY, OnDrift, ScheduleConfig,
+};
 
 /// Where in the config file something was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -170,66 +171,6 @@ pub struct SmtpConfig {
     pub max_sessions: usize,
 }
 
-/// `[schedules.NAME]`.
-#[derive(Debug, Clone)]
-pub struct ScheduleConfig {
-    /// The cron expression in its time zone.
-    pub cron: CronSchedule,
-    /// Maximum random delay.
-    pub jitter: Duration,
-    /// Run a missed fire time once at start.
-    pub catch_up: bool,
-    /// Rotate when the portal's entry changes.
-    pub rotate_on_change: bool,
-    /// Minimum time between two rotations of one portal.
-    pub min_interval: Option<Duration>,
-    /// Rotate when fewer unused codes remain.
-    pub rotate_when_unused_below: Option<usize>,
-    /// How often to read the portal (unused count, drift); `None` when `"off"`.
-    pub watch_every: Option<Duration>,
-    /// What to do when the portal's set changed outside us.
-    pub on_drift: OnDrift,
-    /// How long a PUT of unknown outcome is re-checked by GET.
-    pub settle_window: Duration,
-}
-
-/// What to do when a portal's set changed outside us (drift).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDrift {
-    /// Deliver the current set to every sink, as `resend` does.
-    Resend,
-    /// Rotate the portal.
-    Rotate,
-}
-
-/// The convergence policy of one portal: its schedule's, or the defaults for a portal
-/// without a schedule (which the daemon still watches for drift).
-#[derive(Debug, Clone, Copy)]
-pub struct Convergence {
-    /// How often to read the portal; `None`: never.
-    pub watch_every: Option<Duration>,
-    /// What drift triggers.
-    pub on_drift: OnDrift,
-    /// How long an unknown PUT is re-checked.
-    pub settle_window: Duration,
-}
-
-/// `watch_every` when not configured.
-pub const DEFAULT_WATCH_EVERY: Duration = Duration::from_secs(6 * 3600);
-/// `settle_window` when not configured.
-pub const DEFAULT_SETTLE_WINDOW: Duration = Duration::from_secs(15 * 60);
-
-impl Default for Convergence {
-    fn default() -> Self {
-        Self {
-            watch_every: Some(DEFAULT_WATCH_EVERY),
-            on_drift: OnDrift::Resend,
-            settle_window: DEFAULT_SETTLE_WINDOW,
-        }
-    }
-}
-
 /// `[sinks.NAME]`.
 #[derive(Debug)]
 pub struct SinkConfig {
@@ -294,6 +235,9 @@ pub struct StorageConfig {
     pub url: Located<SecretRef>,
     /// How long a claim lasts unrenewed.
     pub lease: Duration,
+    /// The grace added to the PUT budget: a claim must outlive budget + grace for an
+    /// intent, and a successor waits the deadline + grace out before settling.
+    pub grace: Duration,
     /// This instance's name; default HOSTNAME:PID.
     pub instance: Option<String>,
     /// An extra CA to trust for TLS.
@@ -301,9 +245,13 @@ pub struct StorageConfig {
 }
 
 impl StorageConfig {
-    /// The grace added to the PUT budget: a claim must outlive budget + grace for an
-    /// intent, and a successor waits the deadline + grace out before settling.
+    /// The default [`StorageConfig::grace`].
     pub const GRACE: Duration = Duration::from_secs(10);
+    /// The least grace accepted: a PUT written to the socket just before its deadline
+    /// reaches the portal well within it.
+    pub const MIN_GRACE: Duration = Duration::from_secs(1);
+    /// The most grace accepted (it delays every settle after a crash).
+    pub const MAX_GRACE: Duration = Duration::from_secs(60);
 }
 
 /// A file sink.
@@ -516,21 +464,6 @@ pub fn is_loopback_host(host: &str) -> bool {
     h.parse::<std::net::IpAddr>()
         .map(|ip| ip.is_loopback())
         .unwrap_or(false)
-}
-
-impl ScheduleConfig {
-    /// The first jittered fire time for `portal` strictly after `after`.
-    pub fn next_fire(
-        &self,
-        portal: &str,
-        after: chrono::DateTime<chrono::Utc>,
-    ) -> Option<chrono::DateTime<chrono::Utc>> {
-        let j = crate::schedule::jitter_for(portal, self.jitter);
-        let shifted = after - chrono::Duration::from_std(j).unwrap_or_default();
-        self.cron
-            .next_after(shifted)
-            .map(|t| crate::schedule::add(t, j))
-    }
 }
 
 #[cfg(test)]

@@ -157,6 +157,11 @@ pub struct RawStorage {
     /// 2 x (http_timeout + 10s), which is the default when longer than 60s.
     #[schemars(with = "Option<String>")]
     pub lease: Option<Spanned<String>>,
+    /// postgres: how long past a PUT's deadline another instance still waits before it
+    /// settles the intent as not applied (the PUT may still be on its way); 1s to 60s,
+    /// default 10s.
+    #[schemars(with = "Option<String>")]
+    pub grace: Option<Spanned<String>>,
     /// postgres: this instance's name in `status` and the leases; default HOSTNAME:PID.
     #[schemars(with = "Option<String>")]
     pub instance: Option<Spanned<String>>,

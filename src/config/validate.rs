@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -216,46 +215,13 @@ fn valid_name(name: &str) -> bool {
         && b.iter().all(|c| lead(c) || *c == b'-' || *c == b'_')
 }
 
-/// A bare address `local@domain`, no display name.
-pub(crate) fn valid_address(addr: &str) -> bool {
-    let mut parts = addr.split('@');
-    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
-        return false;
-    };
-    !local.is_empty()
-        && !domain.is_empty()
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !addr
-            .chars()
-            .any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
-}
-
 /// `Name <addr>` or a bare address.
 fn valid_mailbox(s: &str) -> bool {
     let s = s.trim();
     match (s.rfind('<'), s.ends_with('>')) {
-        (Some(i), true) => valid_address(&s[i + 1..s.len() - 1]),
-        (None, false) => valid_address(s),
+        (Some(i), true) => crate::crypto::valid_address(&s[i + 1..s.len() - 1]),
+        (None, false) => crate::crypto::valid_address(s),
         _ => false,
-    }
-}
-
-/// Checks an age recipient without keeping it (the sink parses it again when built).
-pub(crate) fn check_age_recipient(r: &str) -> Result<(), String> {
-    if r.starts_with("age1") {
-        age::x25519::Recipient::from_str(r)
-            .map(|_| ())
-            .map_err(|e| format!("`{r}` is not a valid age X25519 recipient: {e}"))
-    } else if r.starts_with("ssh-") {
-        age::ssh::Recipient::from_str(r)
-            .map(|_| ())
-            .map_err(|e| format!("`{r}` is not a usable SSH public key: {e:?}"))
-    } else {
-        Err(format!(
-            "`{r}` is not an age recipient; accepted: an X25519 recipient (age1…) or an SSH \
-             public key (ssh-ed25519 … or ssh-rsa …)"
-        ))
     }
 }
 
@@ -867,6 +833,11 @@ fn storage(
                     r.instance.as_ref().map(|u| u.span()),
                     "instance",
                 ),
+                (
+                    r.grace.is_some(),
+                    r.grace.as_ref().map(|u| u.span()),
+                    "grace",
+                ),
             ] {
                 if present {
                     cx.err(
@@ -899,16 +870,28 @@ fn storage(
     let url = cx.secret(url, "storage.url");
     // Default 60 s, or the least the PUT budget allows if that is longer (the default
     // http_timeout of 30 s asks for 80 s).
-    let min = 2 * (daemon.http_timeout + StorageConfig::GRACE);
+    let grace = cx.duration(&r.grace, "storage.grace", StorageConfig::GRACE);
+    if !(StorageConfig::MIN_GRACE..=StorageConfig::MAX_GRACE).contains(&grace) {
+        cx.err(
+            &r.grace.as_ref().map(|g| g.span()).unwrap_or(r.kind.span()),
+            "storage.grace",
+            format!(
+                "{} is out of range; accepted: 1s to 60s",
+                humantime::format_duration(grace)
+            ),
+        );
+    }
+    let min = 2 * (daemon.http_timeout + grace);
     let lease = cx.duration(&r.lease, "storage.lease", Duration::from_secs(60).max(min));
     if lease < min {
         cx.err(
             &r.lease.as_ref().map(|l| l.span()).unwrap_or(r.kind.span()),
             "storage.lease",
             format!(
-                "{} is too short: a claim must outlive a PUT budget (daemon.http_timeout, {}) and its grace (10s) twice over; accepted: at least {}",
+                "{} is too short: a claim must outlive a PUT budget (daemon.http_timeout, {}) and its grace (storage.grace, {}) twice over; accepted: at least {}",
                 humantime::format_duration(lease),
                 humantime::format_duration(daemon.http_timeout),
+                humantime::format_duration(grace),
                 humantime::format_duration(min)
             ),
         );
@@ -941,6 +924,7 @@ fn storage(
     Some(StorageConfig {
         url,
         lease,
+        grace,
         instance,
         ca_file,
     })
@@ -966,7 +950,7 @@ fn encryption(cx: &mut Ctx, key: &str, e: &Option<Spanned<RawEncrypt>>) -> FileE
             match (&e.get_ref().age, &e.get_ref().pgp_keys) {
                 (Some(age), None) if !age.is_empty() => {
                     for rcp in age {
-                        if let Err(m) = check_age_recipient(rcp.get_ref()) {
+                        if let Err(m) = crate::crypto::age::check_recipient(rcp.get_ref()) {
                             cx.err(&rcp.span(), &format!("{key}.encrypt.age"), m);
                         }
                     }
@@ -1048,7 +1032,7 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
                         );
                     }
                     for a in list.get_ref() {
-                        if !valid_address(a.get_ref()) {
+                        if !crate::crypto::valid_address(a.get_ref()) {
                             cx.err(
                                 &a.span(),
                                 &format!("{key}.to"),

@@ -15,7 +15,7 @@ impl AgeRecipients {
     pub fn parse(list: &[String]) -> Result<Self, String> {
         let mut recipients: Vec<Box<dyn age::Recipient + Send + Sync>> = Vec::new();
         for r in list {
-            crate::config::check_age_recipient(r)?;
+            check_recipient(r)?;
             if r.starts_with("age1") {
                 let rcp = age::x25519::Recipient::from_str(r)
                     .map_err(|e| format!("age recipient {r}: {e}"))?;
@@ -48,5 +48,23 @@ impl AgeRecipients {
         w.write_all(plaintext).map_err(|e| format!("age: {e}"))?;
         w.finish().map_err(|e| format!("age: {e}"))?;
         Ok(out)
+    }
+}
+
+/// Checks an age recipient without keeping it (the sink parses it again when built).
+pub fn check_recipient(r: &str) -> Result<(), String> {
+    if r.starts_with("age1") {
+        age::x25519::Recipient::from_str(r)
+            .map(|_| ())
+            .map_err(|e| format!("`{r}` is not a valid age X25519 recipient: {e}"))
+    } else if r.starts_with("ssh-") {
+        age::ssh::Recipient::from_str(r)
+            .map(|_| ())
+            .map_err(|e| format!("`{r}` is not a usable SSH public key: {e:?}"))
+    } else {
+        Err(format!(
+            "`{r}` is not an age recipient; accepted: an X25519 recipient (age1…) or an SSH \
+             public key (ssh-ed25519 … or ssh-rsa …)"
+        ))
     }
 }

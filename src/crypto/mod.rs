@@ -6,3 +6,18 @@ pub mod fingerprint;
 pub mod pgp;
 
 pub use fingerprint::Fingerprinter;
+
+/// A bare address `local@domain`, no display name.
+pub fn valid_address(addr: &str) -> bool {
+    let mut parts = addr.split('@');
+    let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !addr
+            .chars()
+            .any(|c| c.is_whitespace() || c == '<' || c == '>' || c == ',')
+}

@@ -255,7 +255,7 @@ fn email_of(uid: &str) -> Option<String> {
         (Some(a), Some(b)) if a < b => &uid[a + 1..b],
         _ => uid.trim(),
     };
-    crate::config::valid_address(addr).then(|| addr.to_ascii_lowercase())
+    super::valid_address(addr).then(|| addr.to_ascii_lowercase())
 }
 
 /// Encrypts to every key at once (one session key), ASCII-armored.

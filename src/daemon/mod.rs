@@ -35,18 +35,27 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::commands::{Exit, load_config};
 use crate::config;
+use crate::coordinator::Role;
+use crate::errors::Exit;
 use crate::rotation::{self, Engine, Outcome, Skip, drift::Watched};
 use crate::schedule::plan::{self, Due, Known, Reason};
 use crate::state;
 use agenda::Agenda;
 use notify::{Note, Notifier};
 
-/// A finished job.
+/// What a background job tells the loop when it ends.
+enum Event {
+    /// A portal's job (rotation, settle, watch) ended.
+    Job(Done),
+    /// A round of delivery retries ended.
+    DeliveriesRetried,
+}
+
+/// A finished portal job.
 struct Done {
-    /// The portal; `None` for a round of delivery retries.
-    portal: Option<String>,
+    /// The portal.
+    portal: String,
     /// Why it ran.
     reason: Reason,
     /// What happened.
@@ -80,7 +89,7 @@ struct Supervisor {
     /// In a cluster: the config in force, for the instance's heartbeat.
     running: Arc<std::sync::Mutex<Arc<config::Config>>>,
     tracker: TaskTracker,
-    done_tx: mpsc::UnboundedSender<Done>,
+    done_tx: mpsc::UnboundedSender<Event>,
 }
 
 /// What planning decided that the state should remember.
@@ -92,121 +101,39 @@ struct PlanWrite {
     watch_retry_at: Option<i64>,
 }
 
-/// Runs the daemon until `shutdown` is cancelled; with `once`, does what is due now and
-/// returns (`run --once`).
-pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationToken) -> Exit {
+/// Runs the daemon on `engine` (built from the config at `path`) until `shutdown` is
+/// cancelled; with `once`, does what is due now and returns (`run --once`).
+pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: CancellationToken) -> Exit {
     let started_at = std::time::Instant::now();
-    let config = match load_config(path) {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
-    // Secrets deferred: one portal's unreadable credential is reported now (error, STATUS=,
-    // metric) and fails that portal alone; the others keep working.
-    let mut engine =
-        match crate::commands::engine_with(config.clone(), dry_run, crate::sinks::Secrets::Defer) {
-            Ok(e) => e,
-            Err(e) => return e,
-        };
-    engine.in_daemon = true;
-    let metrics = engine.metrics.clone();
+    let mut engine = engine;
+    engine.coordinator = engine.coordinator.clone().with_role(Role::Daemon);
     // The config in force was loaded now: its time, not 0 (1970 to a dashboard).
-    metrics.reload(true);
-    if let Some(addr) = config.daemon.metrics {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                let stop = shutdown.clone();
-                let m = metrics.clone();
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        crate::metrics::serve(l, m, async move { stop.cancelled().await }).await
-                    {
-                        tracing::error!(error = %e, "the metrics listener stopped");
-                    }
-                });
-                tracing::info!(%addr, "metrics on /metrics, health on /healthz");
-            }
-            Err(e) => {
-                crate::err!("error: daemon.metrics: listening on {addr}: {e}");
-                return Exit::Failed;
-            }
-        }
+    engine.metrics.reload(true);
+    let mut background = Background::new(shutdown.child_token());
+    if let Err(exit) = background.serve_metrics(&engine).await {
+        return exit;
     }
-    let mut start_failures = 0;
-    if !dry_run {
-        rotation::restore_pauses(&engine).await;
-        match rotation::stranded_work(&engine).await {
-            Ok(stranded) if !stranded.is_empty() => {
-                for s in &stranded {
-                    crate::err!("error: {}: {s}", path.display());
-                }
-                crate::err!(
-                    "error: the configuration would drop work the state holds ({} problem(s)); nothing was started",
-                    stranded.len()
-                );
-                return Exit::Config;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                crate::err!("error: {e}");
-                return Exit::Failed;
-            }
+    let start_failures = match converge_at_start(&engine, path).await {
+        Ok(n) => n,
+        Err(exit) => {
+            background.stop().await;
+            return exit;
         }
-        let mut reports = rotation::recover_all(&engine).await;
-        // What was just finished, and intents closed lately (a PUT may have been applied
-        // after all), are read for drift before anything is planned (SPEC §6).
-        let worked: Vec<String> = reports.iter().map(|r| r.portal.clone()).collect();
-        reports.extend(rotation::drift::converge_recent(&engine, &worked).await);
-        for r in &reports {
-            tracing::info!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
-        }
-        start_failures = reports.iter().filter(|r| r.is_failure()).count();
-    } else {
-        // The same reads in a dry run, against the state opened read-only: what a real
-        // start would converge is reported.
-        let pending = rotation::portals_with_pending_work(&engine)
-            .await
-            .unwrap_or_default();
-        for r in rotation::drift::converge_recent(&engine, &pending).await {
-            tracing::warn!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
-            start_failures += usize::from(r.is_failure());
-        }
-    }
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let notifier = Notifier::start();
-    let mut sup = Supervisor {
-        path: path.to_path_buf(),
-        notifier: notifier.clone(),
-        engine,
-        known: HashMap::new(),
-        fps: HashMap::new(),
-        agenda: Agenda::default(),
-        in_flight: HashSet::new(),
-        watch_failures: HashMap::new(),
-        delivering: false,
-        started: Utc::now(),
-        once,
-        failed: start_failures,
-        dirty: Vec::new(),
-        count_pending: false,
-        held: HashMap::new(),
-        running: Arc::new(std::sync::Mutex::new(config.clone())),
-        tracker: TaskTracker::new(),
-        done_tx,
     };
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor::new(path, engine, once, start_failures, done_tx);
     if let Err(e) = sup.load().await {
         crate::err!("error: {e}");
+        background.stop().await;
         return Exit::Failed;
     }
     sup.check_generation().await;
-    if let Some(pg) = sup
-        .engine
-        .store
-        .as_ref()
-        .and_then(|s| s.postgres())
-        .cloned()
-    {
-        tokio::spawn(cluster_heartbeat(pg, sup.running.clone(), shutdown.clone()));
-    }
+    background.track(
+        "cluster heartbeat",
+        sup.engine
+            .coordinator
+            .spawn_heartbeat(sup.running.clone(), background.stop.clone()),
+    );
     let planned = std::time::Instant::now();
     sup.replan_all().await;
     tracing::info!(
@@ -214,120 +141,306 @@ pub async fn run(path: &Path, dry_run: bool, once: bool, shutdown: CancellationT
         took_ms = planned.elapsed().as_millis() as u64,
         "planned"
     );
+    let reload_rx = background.watch_config(path);
+    sup.announce_ready(started_at);
+    let done_rx = sup.main_loop(&shutdown, done_rx, reload_rx).await;
+    let exit = sup.stop(done_rx).await;
+    background.stop().await;
+    exit
+}
 
-    let (reload_tx, mut reload_rx) = mpsc::channel::<()>(4);
-    let _watcher = match watch::spawn(path, reload_tx.clone()) {
-        Ok(w) => Some(w),
+/// At start, before anything is planned: refuses a config that would strand work the state
+/// holds (exit 78), settles and delivers what earlier processes left, and converges the
+/// drift of what was just finished and of intents closed lately (a PUT may have been
+/// applied after all, SPEC §6). A dry run does the same reads against the state opened
+/// read-only and reports what a real start would converge. Returns how many failed.
+async fn converge_at_start(engine: &Engine, path: &Path) -> Result<usize, Exit> {
+    if engine.dry_run {
+        let pending = rotation::portals_with_pending_work(engine)
+            .await
+            .unwrap_or_default();
+        let mut failures = 0;
+        for r in rotation::drift::converge_recent(engine, &pending).await {
+            tracing::warn!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
+            failures += usize::from(r.is_failure());
+        }
+        return Ok(failures);
+    }
+    rotation::restore_pauses(engine).await;
+    match rotation::stranded_work(engine).await {
+        Ok(stranded) if !stranded.is_empty() => {
+            for s in &stranded {
+                crate::err!("error: {}: {s}", path.display());
+            }
+            crate::err!(
+                "error: the configuration would drop work the state holds ({} problem(s)); nothing was started",
+                stranded.len()
+            );
+            return Err(Exit::Config);
+        }
+        Ok(_) => {}
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
-            None
+            crate::err!("error: {e}");
+            return Err(Exit::Failed);
         }
-    };
-    let hup_tx = reload_tx.clone();
-    tokio::spawn(async move {
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            while hup.recv().await.is_some() {
-                let _ = hup_tx.send(()).await;
-            }
-        }
-    });
-    let watchdog = sd_notify::watchdog_enabled();
-    metrics.alive.store(true, Ordering::SeqCst);
-    let status = format!(
-        "{} portal(s){}{}{}",
-        sup.engine.config.portals.len(),
-        if dry_run { ", dry run" } else { "" },
-        unreadable_secrets(&sup.engine),
-        stale_config_note()
-    );
-    notifier.send(Note::Ready(status));
-    tracing::info!(
-        portals = sup.engine.config.portals.len(),
-        dry_run,
-        ready_ms = started_at.elapsed().as_millis() as u64,
-        "ready"
-    );
+    }
+    let mut reports = rotation::recover_all(engine).await;
+    let worked: Vec<String> = reports.iter().map(|r| r.portal.clone()).collect();
+    reports.extend(rotation::drift::converge_recent(engine, &worked).await);
+    for r in &reports {
+        tracing::info!(portal = %r.portal, outcome = r.outcome.as_str(), "{}", r.message);
+    }
+    Ok(reports.iter().filter(|r| r.is_failure()).count())
+}
 
-    let mut last_ping = std::time::Instant::now();
-    loop {
-        let now = Utc::now();
-        sup.start_due(now);
-        if once && sup.in_flight.is_empty() {
-            break;
+/// The daemon's tasks beside its loop (the metrics listener, the cluster heartbeat, the
+/// config watcher, SIGHUP): each one tracked, stopped and awaited at stop, so none outlives
+/// the daemon nor is cut short in the middle of a write.
+struct Background {
+    stop: CancellationToken,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    /// Kept alive while watching; dropped at stop, which ends the watch task.
+    watcher: Option<notify_watcher::RecommendedWatcher>,
+}
+
+use ::notify as notify_watcher;
+
+impl Background {
+    fn new(stop: CancellationToken) -> Self {
+        Self {
+            stop,
+            tasks: Vec::new(),
+            watcher: None,
         }
-        let next_delivery = if once { None } else { sup.delivery_due().await };
-        let next = match (sup.agenda.next_at(), next_delivery) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let mut wait = next.map(|t| plan::wait(Utc::now(), t));
-        if let Some(wd) = watchdog {
-            // Pinged from here, so a stuck loop stops pinging; never asleep past half.
-            if last_ping.elapsed() >= wd / 4 {
-                notifier.send(Note::Watchdog);
-                last_ping = std::time::Instant::now();
-            }
-            wait = Some(wait.map_or(wd / 2, |w| w.min(wd / 2)));
+    }
+
+    fn track(&mut self, name: &'static str, task: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(t) = task {
+            self.tasks.push((name, t));
         }
-        metrics.planned_wake(wait.map(|w| crate::schedule::add(Utc::now(), w)));
-        let sleep = async {
-            match wait {
-                Some(w) => tokio::time::sleep(w).await,
-                None => std::future::pending().await,
+    }
+
+    /// Listens on `daemon.metrics`, if set; a port that cannot be bound fails the start.
+    async fn serve_metrics(&mut self, engine: &Engine) -> Result<(), Exit> {
+        let Some(addr) = engine.config.daemon.metrics else {
+            return Ok(());
+        };
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                crate::err!("error: daemon.metrics: listening on {addr}: {e}");
+                return Err(Exit::Failed);
             }
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(()) = reload_rx.recv() => sup.reload().await,
-            Some(done) = done_rx.recv() => {
-                sup.finish(done).await;
-                // Whatever else finished meanwhile shares this turn (and its commit).
-                while let Ok(more) = done_rx.try_recv() {
-                    sup.finish(more).await;
+        let (stop, m) = (self.stop.clone(), engine.metrics.clone());
+        self.track(
+            "metrics listener",
+            Some(tokio::spawn(async move {
+                let stopped = async move { stop.cancelled().await };
+                if let Err(e) = crate::metrics::serve(listener, m, stopped).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
                 }
-            }
-            () = sleep => {}
-        }
-        sup.flush().await;
+            })),
+        );
+        tracing::info!(%addr, "metrics on /metrics, health on /healthz");
+        Ok(())
     }
 
-    if !once {
-        tracing::info!(
-            in_flight = sup.in_flight.len(),
-            "stopping: no new rotations; those past their intent get stop_timeout to seal"
+    /// Watches the config file and listens for SIGHUP; each says "reload" on the channel.
+    fn watch_config(&mut self, path: &Path) -> mpsc::Receiver<()> {
+        let (reload_tx, reload_rx) = mpsc::channel::<()>(4);
+        match watch::spawn(path, reload_tx.clone()) {
+            Ok((w, task)) => {
+                self.watcher = Some(w);
+                self.track("config watcher", Some(task));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP")
+            }
+        }
+        let stop = self.stop.clone();
+        self.track(
+            "SIGHUP listener",
+            Some(tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        got = hup.recv() => match got {
+                            Some(()) => { let _ = reload_tx.send(()).await; }
+                            None => return,
+                        },
+                    }
+                }
+            })),
         );
-        notifier.send(Note::Stopping);
+        reload_rx
     }
-    sup.engine.stopping.cancel();
-    sup.tracker.close();
-    let stop_timeout = sup.engine.config.daemon.stop_timeout;
-    if tokio::time::timeout(stop_timeout, sup.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            stop_timeout_s = stop_timeout.as_secs(),
-            "rotations still in flight at stop_timeout; a PUT without an answer stays an open intent, settled at the next start"
-        );
-    }
-    // Record what the last jobs did (a failed watch, the plan): nothing else is lost, since
-    // every rotation wrote its own outcome before it said so.
-    while let Ok(done) = done_rx.try_recv() {
-        sup.finish(done).await;
-    }
-    sup.flush().await;
-    metrics.alive.store(false, Ordering::SeqCst);
-    notifier.flush().await;
-    tracing::info!("stopped");
-    if once && sup.failed > 0 {
-        Exit::Failed
-    } else {
-        Exit::Ok
+
+    /// Stops every task and waits for each to end.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        drop(self.watcher.take());
+        for (name, task) in self.tasks {
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                tracing::error!(task = name, "a background task panicked");
+            }
+        }
     }
 }
 
 impl Supervisor {
+    fn new(
+        path: &Path,
+        engine: Engine,
+        once: bool,
+        failed: usize,
+        done_tx: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            notifier: Notifier::start(),
+            running: Arc::new(std::sync::Mutex::new(engine.config.clone())),
+            engine,
+            known: HashMap::new(),
+            fps: HashMap::new(),
+            agenda: Agenda::default(),
+            in_flight: HashSet::new(),
+            watch_failures: HashMap::new(),
+            delivering: false,
+            started: Utc::now(),
+            once,
+            failed,
+            dirty: Vec::new(),
+            count_pending: false,
+            held: HashMap::new(),
+            tracker: TaskTracker::new(),
+            done_tx,
+        }
+    }
+
+    /// Tells systemd (READY=1 and a status line) and the log that the daemon is ready.
+    fn announce_ready(&self, started_at: std::time::Instant) {
+        self.engine.metrics.alive.store(true, Ordering::SeqCst);
+        let dry_run = self.engine.dry_run;
+        let status = format!(
+            "{} portal(s){}{}{}",
+            self.engine.config.portals.len(),
+            if dry_run { ", dry run" } else { "" },
+            unreadable_secrets(&self.engine),
+            self.stale_config_note()
+        );
+        self.notifier.send(Note::Ready(status));
+        tracing::info!(
+            portals = self.engine.config.portals.len(),
+            dry_run,
+            ready_ms = started_at.elapsed().as_millis() as u64,
+            "ready"
+        );
+    }
+
+    /// The loop: starts what is due, sleeps until the next due time, a finished job, a
+    /// reload or the stop. Returns the job channel, for the jobs still running at stop.
+    async fn main_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        mut done_rx: mpsc::UnboundedReceiver<Event>,
+        mut reload_rx: mpsc::Receiver<()>,
+    ) -> mpsc::UnboundedReceiver<Event> {
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut last_ping = std::time::Instant::now();
+        loop {
+            self.start_due(Utc::now());
+            if self.once && self.in_flight.is_empty() {
+                break;
+            }
+            let next_delivery = if self.once {
+                None
+            } else {
+                self.delivery_due().await
+            };
+            let next = match (self.agenda.next_at(), next_delivery) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let mut wait = next.map(|t| plan::wait(Utc::now(), t));
+            if let Some(wd) = watchdog {
+                // Pinged from here, so a stuck loop stops pinging; never asleep past half.
+                if last_ping.elapsed() >= wd / 4 {
+                    self.notifier.send(Note::Watchdog);
+                    last_ping = std::time::Instant::now();
+                }
+                wait = Some(wait.map_or(wd / 2, |w| w.min(wd / 2)));
+            }
+            self.engine
+                .metrics
+                .planned_wake(wait.map(|w| crate::schedule::add(Utc::now(), w)));
+            let sleep = async {
+                match wait {
+                    Some(w) => tokio::time::sleep(w).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(()) = reload_rx.recv() => self.reload().await,
+                Some(done) = done_rx.recv() => {
+                    self.finish(done).await;
+                    // Whatever else finished meanwhile shares this turn (and its commit).
+                    while let Ok(more) = done_rx.try_recv() {
+                        self.finish(more).await;
+                    }
+                }
+                () = sleep => {}
+            }
+            self.flush().await;
+        }
+        done_rx
+    }
+
+    /// Stops: no new rotations; those in flight get `stop_timeout`; what the last jobs did
+    /// is recorded. Exit 1 for `--once` when a job failed.
+    async fn stop(&mut self, mut done_rx: mpsc::UnboundedReceiver<Event>) -> Exit {
+        if !self.once {
+            tracing::info!(
+                in_flight = self.in_flight.len(),
+                "stopping: no new rotations; those past their intent get stop_timeout to seal"
+            );
+            self.notifier.send(Note::Stopping);
+        }
+        self.engine.stopping.cancel();
+        self.tracker.close();
+        let stop_timeout = self.engine.config.daemon.stop_timeout;
+        if tokio::time::timeout(stop_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                stop_timeout_s = stop_timeout.as_secs(),
+                "rotations still in flight at stop_timeout; a PUT without an answer stays an open intent, settled at the next start"
+            );
+        }
+        // Record what the last jobs did (a failed watch, the plan): nothing else is lost,
+        // since every rotation wrote its own outcome before it said so.
+        while let Ok(done) = done_rx.try_recv() {
+            self.finish(done).await;
+        }
+        self.flush().await;
+        self.engine.metrics.alive.store(false, Ordering::SeqCst);
+        self.notifier.flush().await;
+        tracing::info!("stopped");
+        if self.once && self.failed > 0 {
+            Exit::Failed
+        } else {
+            Exit::Ok
+        }
+    }
+
     /// Reads what the state knows of every configured portal (one query for all), and fills
     /// the per-portal metrics from it, so they are right from the first scrape.
     async fn load(&mut self) -> Result<(), state::StateError> {
@@ -363,6 +476,7 @@ impl Supervisor {
                     by_portal
                         .get(name.as_str())
                         .and_then(|o| rotation::settled_by(o.iter().copied())),
+                    Utc::now(),
                 ),
             };
             self.engine.metrics.restore(
@@ -400,7 +514,12 @@ impl Supervisor {
         let k = self.known.get_mut(name)?;
         let now = Utc::now();
         let mut p = plan::plan(
-            &rotation::policy_of(&self.engine.config, pc, fp),
+            &rotation::policy_of(
+                &self.engine.config,
+                pc,
+                fp,
+                self.engine.coordinator.follows_changes(),
+            ),
             k,
             &plan::Now {
                 now,
@@ -426,7 +545,12 @@ impl Supervisor {
             Some(d) => {
                 metrics.next_check(name, Some(d.at.timestamp()));
                 let next_rotation = plan::upcoming_rotations(
-                    &rotation::policy_of(&self.engine.config, pc, fp),
+                    &rotation::policy_of(
+                        &self.engine.config,
+                        pc,
+                        fp,
+                        self.engine.coordinator.follows_changes(),
+                    ),
                     k,
                     now,
                     1,
@@ -490,12 +614,22 @@ impl Supervisor {
     /// In a cluster: whether this instance runs the newest config generation; an older one
     /// does not act on changed entries (a rolling change cannot ping-pong), and says so.
     async fn check_generation(&self) {
-        let Some(pg) = self.engine.store.as_ref().and_then(|s| s.postgres()) else {
-            return;
-        };
-        match pg.runs_newest_config(&self.engine.config).await {
-            Ok(newest) => set_newest(pg, newest).await,
-            Err(e) => tracing::error!(error = %e, "reading the config generations"),
+        if let Err(e) = self
+            .engine
+            .coordinator
+            .refresh_generation(&self.engine.config)
+            .await
+        {
+            tracing::error!(error = %e, "reading the config generations");
+        }
+    }
+
+    /// The tail of systemd's status line while the config is not the newest generation.
+    fn stale_config_note(&self) -> &'static str {
+        if self.engine.coordinator.follows_changes() {
+            ""
+        } else {
+            "; an older config than another instance's: changed entries wait"
         }
     }
 
@@ -527,16 +661,20 @@ impl Supervisor {
             if done.outcome != Outcome::Skipped(Skip::Stopping) {
                 rotation::alerts::check(&engine).await;
             }
-            let _ = tx.send(done);
+            let _ = tx.send(Event::Job(done));
         });
     }
 
-    async fn finish(&mut self, done: Done) {
-        let Some(name) = done.portal else {
-            self.delivering = false;
-            self.count_pending = true;
-            return;
+    async fn finish(&mut self, event: Event) {
+        let done = match event {
+            Event::Job(done) => done,
+            Event::DeliveriesRetried => {
+                self.delivering = false;
+                self.count_pending = true;
+                return;
+            }
         };
+        let name = done.portal;
         self.in_flight.remove(&name);
         if done.outcome == Outcome::Failed {
             self.failed += 1;
@@ -678,12 +816,7 @@ impl Supervisor {
                 }
             }
             rotation::alerts::check(&engine).await;
-            let _ = tx.send(Done {
-                portal: None,
-                reason: Reason::Watch,
-                outcome: Outcome::Delivered,
-                unused: None,
-            });
+            let _ = tx.send(Event::DeliveriesRetried);
         });
         None
     }
@@ -710,9 +843,7 @@ impl Supervisor {
             Ok(engine) => {
                 let n = engine.config.portals.len();
                 self.engine = engine;
-                if let Some(pg) = self.engine.store.as_ref().and_then(|s| s.postgres())
-                    && let Err(e) = pg.register(&self.engine.config).await
-                {
+                if let Err(e) = self.engine.coordinator.register(&self.engine.config).await {
                     tracing::error!(error = %e, "registering the new config generation");
                 }
                 *self.running.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -744,82 +875,8 @@ impl Supervisor {
             "{} portal(s){}{}",
             self.engine.config.portals.len(),
             unreadable_secrets(&self.engine),
-            stale_config_note()
+            self.stale_config_note()
         )));
-    }
-}
-
-/// Records whether this instance runs the newest config generation; when it stops doing
-/// so: an error, and a notice for `[alerts]` (at most one a day per instance).
-async fn set_newest(pg: &state::pg::PgStore, newest: bool) {
-    let was = rotation::RUNS_NEWEST_CONFIG.swap(newest, std::sync::atomic::Ordering::SeqCst);
-    if !newest {
-        if was {
-            tracing::error!(
-                "another instance runs a newer configuration: this one does not act on changed portal entries until it runs the same (deploy it, then reload)"
-            );
-            let me = pg.me().to_string();
-            let r = pg
-                .transaction(move |c| {
-                    let since = c.now()? - 86_400_000;
-                    state::add_notice(
-                        c,
-                        "*",
-                        "config",
-                        &format!("tfa-rotator: instance {me} runs an older configuration"),
-                        &format!(
-                            "The instance {me} started with, or still runs, a configuration file that differs from the newest one another instance of the cluster started with. Until it runs the same file it does not rotate portals whose entries changed (so that two instances cannot rotate a portal back and forth). Deploy the same configuration to every instance, then reload them. `tfa-rotator status` lists the instances and which run an older configuration."
-                        ),
-                        since,
-                    )
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "queueing the notice of an older configuration");
-            }
-        }
-    } else if !was {
-        tracing::info!("this instance runs the newest configuration again");
-    }
-}
-
-/// The tail of systemd's status line while the config is not the newest generation.
-fn stale_config_note() -> &'static str {
-    if rotation::RUNS_NEWEST_CONFIG.load(std::sync::atomic::Ordering::SeqCst) {
-        ""
-    } else {
-        "; an older config than another instance's: changed entries wait"
-    }
-}
-
-/// In a cluster, every lease/3: marks this instance alive and checks the config
-/// generation (another instance may have started with a newer one).
-async fn cluster_heartbeat(
-    pg: state::pg::PgStore,
-    running: Arc<std::sync::Mutex<Arc<config::Config>>>,
-    stop: CancellationToken,
-) {
-    loop {
-        let (every, config) = {
-            let c = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            (
-                c.storage
-                    .as_ref()
-                    .map_or(Duration::from_secs(20), |s| s.lease / 3),
-                c,
-            )
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        if let Err(e) = pg.heartbeat().await {
-            tracing::warn!(error = %e, "marking this instance alive");
-        }
-        match pg.runs_newest_config(&config).await {
-            Ok(newest) => set_newest(&pg, newest).await,
-            Err(e) => tracing::warn!(error = %e, "reading the config generations"),
-        }
     }
 }
 
@@ -858,7 +915,7 @@ async fn run_job(
     once: bool,
 ) -> Done {
     let done = |outcome, unused| Done {
-        portal: Some(name.to_string()),
+        portal: name.to_string(),
         reason: due.reason,
         outcome,
         unused,
@@ -866,18 +923,13 @@ async fn run_job(
     let Some(_slot) = engine.slot(name).await else {
         return done(Outcome::Skipped(Skip::Stopping), None);
     };
-    if matches!(due.reason, Reason::New | Reason::Changed)
-        && let Some(pg) = engine.store.as_ref().and_then(|s| s.postgres())
-    {
+    if matches!(due.reason, Reason::New | Reason::Changed) {
         // In a cluster a changed entry is acted on only by an instance on the newest config
         // generation; asked now, not at the last heartbeat, since another instance may
         // have just started with a newer one.
-        match pg.runs_newest_config(&engine.config).await {
-            Ok(true) => set_newest(pg, true).await,
-            Ok(false) => {
-                set_newest(pg, false).await;
-                return done(Outcome::Skipped(Skip::NotDue), None);
-            }
+        match engine.coordinator.refresh_generation(&engine.config).await {
+            Ok(true) => {}
+            Ok(false) => return done(Outcome::Skipped(Skip::NotDue), None),
             Err(e) => {
                 tracing::warn!(portal = name, error = %e, "reading the config generations");
                 return done(Outcome::Failed, None);
@@ -887,12 +939,10 @@ async fn run_job(
     // In a cluster the claim comes first: a portal another instance holds costs one
     // statement and is looked at again later; one we hold is re-planned and rotated under it.
     let mut held = None;
-    if due.reason.rotates()
-        && let Some(store) = engine.store.as_ref().filter(|s| s.postgres().is_some())
-    {
-        match store.lock_portal(name, Duration::ZERO).await {
-            Ok(l) => held = Some(l),
-            Err(state::StateError::Busy { .. }) => {
+    if due.reason.rotates() {
+        match engine.coordinator.claim_now(name).await {
+            Ok(l) => held = l,
+            Err(e) if engine.coordinator.held_elsewhere(&e) => {
                 return done(Outcome::Skipped(Skip::Held), None);
             }
             Err(e) => {
@@ -912,7 +962,7 @@ async fn run_job(
             since = Some(read_at);
             let now = Utc::now();
             let p = plan::plan(
-                &rotation::policy_of(&engine.config, pc, fp),
+                &rotation::policy_of(&engine.config, pc, fp, engine.coordinator.follows_changes()),
                 &k,
                 &plan::Now { now, started, once },
             );
@@ -937,7 +987,7 @@ async fn run_job(
                 Watched::Settling => Outcome::Settling,
                 Watched::Rotated => Outcome::Rotated,
                 Watched::Converged => Outcome::Resent,
-                Watched::Steady | Watched::Flapping => Outcome::Delivered,
+                Watched::Steady | Watched::Flapping => Outcome::Unchanged,
             };
             done(outcome, unused)
         }

@@ -29,8 +29,11 @@ fn concerns_config(p: &Path, name: &std::ffi::OsStr) -> bool {
 }
 
 /// Starts watching; `changed` receives `()` after each settled change of the content.
-/// The returned watcher must be kept alive.
-pub fn spawn(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+/// The returned watcher must be kept alive; the task ends once it is dropped.
+pub fn spawn(
+    path: &Path,
+    changed: mpsc::Sender<()>,
+) -> notify::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
     let path: PathBuf = path.to_path_buf();
     let dir = path
         .parent()
@@ -55,7 +58,7 @@ pub fn spawn(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<notify::R
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     let mut last = digest(&path);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: wait until no event arrives for DEBOUNCE.
             loop {
@@ -74,7 +77,7 @@ pub fn spawn(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<notify::R
             }
         }
     });
-    Ok(watcher)
+    Ok((watcher, task))
 }
 
 #[cfg(test)]

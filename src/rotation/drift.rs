@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use super::{Engine, Outcome, Report, RotationError};
 use crate::config::{OnDrift, PortalConfig};
 use crate::state;
-use crate::state::StateError;
 
 /// The sinks of `pc` whose baseline is not `fp`. A sink without a baseline (new, or never
 /// delivered) has nothing to compare and is not drift.
@@ -213,12 +212,9 @@ async fn watch_inner(
         tracing::info!(portal = name, unused, "dry run: watch read");
         return Ok((Watched::Steady, Some(unused)));
     };
-    let lock = match store
-        .lock_portal(name, super::lock_wait(engine, &store))
-        .await
-    {
+    let lock = match engine.coordinator.lock(name).await {
         // Another instance holds it: it reads the portal itself.
-        Err(StateError::Busy { .. }) if store.postgres().is_some() => {
+        Err(e) if engine.coordinator.held_elsewhere(&e) => {
             return Ok((Watched::Steady, None));
         }
         l => l?,

@@ -49,11 +49,6 @@ use crate::secret::CodeSet;
 use crate::sinks::{Delivery, SinkError, Sinks};
 use crate::state::{self, StateError, Store, now_ms};
 
-/// How long a command waits for another process to release a portal.
-const LOCK_WAIT: Duration = Duration::from_secs(120);
-/// The part of the PUT budget a PUT is not started in: the time to write it to the socket.
-const PUT_MARGIN: Duration = Duration::from_millis(500);
-
 /// A rotation or delivery step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
@@ -148,9 +143,8 @@ pub struct Engine {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Rotations in flight: in all, and per portal host.
     pub limits: Arc<limits::Limits>,
-    /// Run by the daemon (which, in a cluster, skips a portal another instance holds rather
-    /// than wait for it).
-    pub in_daemon: bool,
+    /// Who may work on a portal now: this process alone, or a cluster's claims.
+    pub coordinator: crate::coordinator::Coordinator,
 }
 
 /// [`Engine::entry_fingerprint`] from built sinks.
@@ -220,7 +214,6 @@ impl Engine {
         };
         Ok(Self {
             sinks,
-            store,
             reader,
             http,
             dry_run,
@@ -228,7 +221,11 @@ impl Engine {
             metrics: Default::default(),
             stopping: Default::default(),
             limits: limits::Limits::new(config.daemon.max_concurrent, config.daemon.max_per_host),
-            in_daemon: false,
+            coordinator: crate::coordinator::Coordinator::new(
+                store.as_ref(),
+                crate::coordinator::Role::Command,
+            ),
+            store,
             config,
         })
     }
@@ -303,7 +300,7 @@ impl Engine {
         let sinks = crate::sinks::build_with(&config, self.secrets)?;
         let http = HttpClient::new(config.daemon.http_timeout);
         Ok(Self {
-            in_daemon: self.in_daemon,
+            coordinator: self.coordinator.clone(),
             sinks,
             store: self.store.clone(),
             reader: self.reader.clone(),
@@ -352,74 +349,7 @@ impl Engine {
     }
 }
 
-/// Why a rotation was not attempted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
-    /// The process is stopping: nothing was sent, and the portal stays due.
-    Stopping,
-    /// `min_interval` has not passed since the last success.
-    MinInterval,
-    /// No longer due when its turn came (another process rotated it meanwhile).
-    NotDue,
-    /// In a cluster: another instance holds the portal, or took it over (fenced) before
-    /// this one's PUT; that instance carries on.
-    Held,
-}
-
-/// What happened to one portal: typed, so that only what really happened is recorded as
-/// done (a skip is never a success).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A new set was issued and sealed (its deliveries may still be pending).
-    Rotated,
-    /// An earlier process's rotation was finished (settled, or its payloads delivered).
-    Recovered,
-    /// The current set was delivered again.
-    Resent,
-    /// Pending payloads were delivered, or nothing was pending.
-    Delivered,
-    /// A dry run passed every read-only step.
-    WouldRotate,
-    /// A PUT's outcome is unknown; its intent stays open.
-    Settling,
-    /// Nothing was attempted.
-    Skipped(Skip),
-    /// An open intent was closed by hand.
-    Abandoned,
-    /// Pending work was dropped on purpose.
-    Forgotten,
-    /// Something failed (see the error kind).
-    Failed,
-}
-
-impl Outcome {
-    /// The name in reports, `--json` and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Rotated => "rotated",
-            Outcome::Recovered => "recovered",
-            Outcome::Resent => "resent",
-            Outcome::Delivered => "delivered",
-            Outcome::WouldRotate => "would_rotate",
-            Outcome::Settling => "settling",
-            Outcome::Skipped(_) => "skipped",
-            Outcome::Abandoned => "abandoned",
-            Outcome::Forgotten => "forgotten",
-            Outcome::Failed => "failed",
-        }
-    }
-
-    /// A new set reached the spool in this run (a rotation the schedule may count as done).
-    pub fn issued_a_set(self) -> bool {
-        matches!(self, Outcome::Rotated | Outcome::Recovered)
-    }
-}
-
-impl Serialize for Outcome {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
+pub use crate::outcome::{Outcome, Skip};
 
 /// What happened to one portal.
 #[derive(Debug, Clone, Serialize)]
@@ -775,12 +705,7 @@ pub async fn rotate_held(
     let started = std::time::Instant::now();
     let report = match rotate_inner(engine, name, force, since, held).await {
         Ok(r) => r,
-        Err(RotationError::State(e @ (StateError::Busy { .. } | StateError::Fenced { .. })))
-            if engine
-                .store
-                .as_ref()
-                .is_some_and(|s| s.postgres().is_some()) =>
-        {
+        Err(RotationError::State(e)) if engine.coordinator.held_elsewhere(&e) => {
             // Not a failure of the portal: another instance has it.
             tracing::info!(portal = name, "{e}");
             Report::new(name, Outcome::Skipped(Skip::Held), e.to_string())
@@ -799,7 +724,7 @@ pub async fn rotate_held(
             Report::failed(name, &e)
         }
     };
-    engine.metrics.rotation(name, report.outcome.as_str());
+    engine.metrics.rotation(name, report.outcome);
     if !matches!(report.outcome, Outcome::Skipped(_)) {
         engine.metrics.rotation_took(started.elapsed());
     }
@@ -917,7 +842,7 @@ async fn rotate_inner(
     };
     let _lock = match held {
         Some(l) => l,
-        None => store.lock_portal(name, lock_wait(engine, &store)).await?,
+        None => engine.coordinator.lock(name).await?,
     };
     // One read tells whether an earlier process left work here; only a portal with
     // leftovers pays for recovery.
@@ -1002,7 +927,7 @@ async fn rotate_inner(
     // cluster another instance may have waited the deadline out and settled the intent).
     // The intent stays open and is settled like any PUT of unknown outcome.
     let budget = engine.config.daemon.http_timeout;
-    if store.postgres().is_some() && licensed.elapsed() + PUT_MARGIN >= budget {
+    if engine.coordinator.put_too_late(licensed, budget) {
         tracing::error!(
             portal = name,
             journal = journal_id,
@@ -1370,28 +1295,10 @@ async fn deliver_portal(
     Ok((delivered, pending))
 }
 
-/// How long to wait for a portal another process holds. The daemon of a cluster does not
-/// wait: the holder is doing the work (like `SKIP LOCKED`, it moves on to a free portal and
-/// looks again later). Commands by hand, and SQLite, wait.
-pub(crate) fn lock_wait(engine: &Engine, store: &Store) -> Duration {
-    if engine.in_daemon && store.postgres().is_some() {
-        Duration::ZERO
-    } else {
-        LOCK_WAIT
-    }
-}
-
 /// Settles what earlier processes left for this portal, taking its lock.
 pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationError> {
-    let store = engine.store()?.clone();
-    // In a cluster, a portal another instance holds is that instance's to settle now.
-    let wait = if store.postgres().is_some() {
-        Duration::ZERO
-    } else {
-        LOCK_WAIT
-    };
-    let _lock = match store.lock_portal(name, wait).await {
-        Err(e @ StateError::Busy { .. }) if store.postgres().is_some() => {
+    let _lock = match engine.coordinator.lock_to_recover(name).await {
+        Err(e) if engine.coordinator.held_elsewhere(&e) => {
             return Ok(Report::new(
                 name,
                 Outcome::Skipped(Skip::Held),
@@ -1518,8 +1425,7 @@ async fn recover_unless_settling(engine: &Engine, name: &str) -> Result<Report, 
 /// Reads the current codes and delivers them again, without rotating (`resend`, and drift).
 pub async fn resend(engine: &Engine, name: &str) -> Report {
     let run = async {
-        let store = engine.store()?.clone();
-        let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+        let _lock = engine.coordinator.lock(name).await?;
         resend_locked(engine, name).await
     };
     match run.await {
@@ -1598,8 +1504,7 @@ pub async fn deliver_due(
     portal: &str,
     due_before: i64,
 ) -> Result<(usize, usize), RotationError> {
-    let store = engine.store()?.clone();
-    let _lock = store.lock_portal(portal, LOCK_WAIT).await?;
+    let _lock = engine.coordinator.lock(portal).await?;
     deliver_portal(engine, portal, Some(due_before)).await
 }
 
@@ -1620,7 +1525,7 @@ fn operator() -> String {
 /// For a key revoked mid-rotation, whose intent no GET can ever settle.
 pub async fn abandon(engine: &Engine, name: &str, why: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
-    let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let _lock = engine.coordinator.lock(name).await?;
     let note = format!("abandoned by {}: {}", operator(), why);
     let p = name.to_string();
     let closed = store
@@ -1649,7 +1554,7 @@ pub async fn abandon(engine: &Engine, name: &str, why: &str) -> Result<Report, R
 /// longer names: open intents and pending payloads. Recorded.
 pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
-    let _lock = store.lock_portal(name, LOCK_WAIT).await?;
+    let _lock = engine.coordinator.lock(name).await?;
     let keep: Vec<String> = engine
         .config
         .portals
@@ -1759,13 +1664,14 @@ pub async fn stranded_work(engine: &Engine) -> Result<Vec<String>, RotationError
 pub fn known_from(
     row: Option<&state::PortalRow>,
     open_intent: Option<&state::OpenJournal>,
+    now: chrono::DateTime<Utc>,
 ) -> crate::schedule::plan::Known {
     let t = |ms: Option<i64>| ms.and_then(chrono::DateTime::from_timestamp_millis);
     // An intent is settled on its schedule; a sealed entry nobody finished (its process
     // died after the seal: in a cluster, another instance's) is finished now.
     let settle_at = open_intent.map(|j| match j.phase {
-        state::Phase::Intent => t(j.next_check_at).unwrap_or_else(Utc::now),
-        state::Phase::Sealed => Utc::now(),
+        state::Phase::Intent => t(j.next_check_at).unwrap_or(now),
+        state::Phase::Sealed => now,
     });
     let Some(r) = row else {
         return crate::schedule::plan::Known {
@@ -1806,15 +1712,17 @@ pub async fn known_and_now(
             ))
         })
         .await?;
-    Ok((known_from_open(row.as_ref(), &open), now))
+    let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
+    Ok((known_from_open(row.as_ref(), &open, at), now))
 }
 
 /// [`known_from`] with the portal's open journal entries (oldest first).
 fn known_from_open(
     row: Option<&state::PortalRow>,
     open: &[state::OpenJournal],
+    now: chrono::DateTime<Utc>,
 ) -> crate::schedule::plan::Known {
-    known_from(row, settled_by(open.iter()))
+    known_from(row, settled_by(open.iter()), now)
 }
 
 /// Of a portal's open journal entries (oldest first), the one its plan settles: its intent,
@@ -1841,25 +1749,22 @@ pub async fn known_of(
     let (row, open) = store
         .call(move |c| Ok((state::portal_row(c, &p)?, state::open_journal(c, Some(&p))?)))
         .await?;
-    Ok(known_from_open(row.as_ref(), &open))
+    Ok(known_from_open(row.as_ref(), &open, Utc::now()))
 }
 
-/// A portal's policy for the planner; `entry_fp` is [`Engine::entry_fingerprint`].
+/// A portal's policy for the planner; `entry_fp` is [`Engine::entry_fingerprint`];
+/// `follows_changes` is the coordinator's ([`crate::coordinator::Coordinator::follows_changes`]).
 pub fn policy_of<'a>(
     config: &'a Config,
     pc: &'a PortalConfig,
     entry_fp: &'a str,
+    follows_changes: bool,
 ) -> crate::schedule::plan::Policy<'a> {
     crate::schedule::plan::Policy {
         name: &pc.name,
         schedule: config.schedule_of(pc),
         convergence: config.convergence_of(pc),
         entry_fp,
-        follows_changes: RUNS_NEWEST_CONFIG.load(std::sync::atomic::Ordering::SeqCst),
+        follows_changes,
     }
 }
-
-/// In a cluster: whether the config this process runs is the newest generation in the
-/// database (the daemon checks at start and each reload). One per process, like its config.
-pub static RUNS_NEWEST_CONFIG: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(true);

@@ -75,7 +75,11 @@ pub async fn once(
     let now = store.now().await?;
     // Not closed as not applied before the window has closed, nor (in a cluster) before the
     // writer's PUT deadline and its grace have passed: its PUT can no longer be sent then.
-    let grace = crate::config::StorageConfig::GRACE.as_millis() as i64;
+    let grace = engine
+        .config
+        .storage
+        .as_ref()
+        .map_or(0, |s| s.grace.as_millis() as i64);
     let end = intent.started_at.saturating_add(intent.window_ms).max(
         intent
             .put_deadline

@@ -167,6 +167,79 @@ pub fn within_min_interval(
     (now < next_allowed).then(|| (next_allowed - now).to_std().unwrap_or_default())
 }
 
+/// `[schedules.NAME]`.
+#[derive(Debug, Clone)]
+pub struct ScheduleConfig {
+    /// The cron expression in its time zone.
+    pub cron: CronSchedule,
+    /// Maximum random delay.
+    pub jitter: Duration,
+    /// Run a missed fire time once at start.
+    pub catch_up: bool,
+    /// Rotate when the portal's entry changes.
+    pub rotate_on_change: bool,
+    /// Minimum time between two rotations of one portal.
+    pub min_interval: Option<Duration>,
+    /// Rotate when fewer unused codes remain.
+    pub rotate_when_unused_below: Option<usize>,
+    /// How often to read the portal (unused count, drift); `None` when `"off"`.
+    pub watch_every: Option<Duration>,
+    /// What to do when the portal's set changed outside us.
+    pub on_drift: OnDrift,
+    /// How long a PUT of unknown outcome is re-checked by GET.
+    pub settle_window: Duration,
+}
+
+/// What to do when a portal's set changed outside us (drift).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDrift {
+    /// Deliver the current set to every sink, as `resend` does.
+    Resend,
+    /// Rotate the portal.
+    Rotate,
+}
+
+/// The convergence policy of one portal: its schedule's, or the defaults for a portal
+/// without a schedule (which the daemon still watches for drift).
+#[derive(Debug, Clone, Copy)]
+pub struct Convergence {
+    /// How often to read the portal; `None`: never.
+    pub watch_every: Option<Duration>,
+    /// What drift triggers.
+    pub on_drift: OnDrift,
+    /// How long an unknown PUT is re-checked.
+    pub settle_window: Duration,
+}
+
+/// `watch_every` when not configured.
+pub const DEFAULT_WATCH_EVERY: Duration = Duration::from_secs(6 * 3600);
+/// `settle_window` when not configured.
+pub const DEFAULT_SETTLE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+impl Default for Convergence {
+    fn default() -> Self {
+        Self {
+            watch_every: Some(DEFAULT_WATCH_EVERY),
+            on_drift: OnDrift::Resend,
+            settle_window: DEFAULT_SETTLE_WINDOW,
+        }
+    }
+}
+
+impl ScheduleConfig {
+    /// The first jittered fire time for `portal` strictly after `after`.
+    pub fn next_fire(
+        &self,
+        portal: &str,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let j = jitter_for(portal, self.jitter);
+        let shifted = after - chrono::Duration::from_std(j).unwrap_or_default();
+        self.cron.next_after(shifted).map(|t| add(t, j))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{Convergence, ScheduleConfig};
+use super::{Convergence, ScheduleConfig};
 
 /// Why a portal is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,7 +347,7 @@ pub fn wait(now: DateTime<Utc>, at: DateTime<Utc>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Convergence, OnDrift};
+    use crate::schedule::{Convergence, OnDrift};
     use crate::schedule::{CronSchedule, parse_timezone};
     use chrono::TimeZone;
 

@@ -126,6 +126,8 @@ struct Shared {
     pool: Pool,
     me: String,
     lease: Duration,
+    /// `[storage] grace`: past a PUT's deadline, before anyone settles its intent.
+    grace: Duration,
     /// What one PUT may take (`daemon.http_timeout`).
     put_budget: Duration,
     /// Portals this process holds, with the epoch of its claim.
@@ -237,6 +239,7 @@ impl PgStore {
                 pool,
                 me,
                 lease: st.lease,
+                grace: st.grace,
                 put_budget: config.daemon.http_timeout,
                 claims: Mutex::new(HashMap::new()),
                 key,
@@ -754,7 +757,7 @@ impl Sql for PgTx<'_> {
             .get(portal)
             .copied()
             .ok_or_else(|| fenced("this process holds no claim on it".into()))?;
-        let (budget, grace) = (ms(self.shared.put_budget), ms(StorageConfig::GRACE));
+        let (budget, grace) = (ms(self.shared.put_budget), ms(self.shared.grace));
         // FOR UPDATE: a takeover waits for this transaction, and then finds the lease ours.
         let row = self
             .handle

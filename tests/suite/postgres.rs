@@ -16,7 +16,9 @@ fn cluster_config(h: &Harness, pg: &Postgres, extra: &str) -> std::path::PathBuf
     cluster_config_with(h, &pg.url(), extra, 2)
 }
 
-/// [`cluster_config`] with this `http_timeout` (seconds), and the shortest lease it allows.
+/// [`cluster_config`] with this `http_timeout` (seconds), a grace of 1 s (`storage.grace`:
+/// the tests wait leases and graces out in seconds, not tens of seconds) and a short
+/// lease it allows (6 s at least: renewed every 2 s, a loaded machine still renews it).
 fn cluster_config_with(
     h: &Harness,
     url: &str,
@@ -24,10 +26,10 @@ fn cluster_config_with(
     http_timeout_s: u64,
 ) -> std::path::PathBuf {
     write_private(&h.path("pg.url"), &format!("{url}\n"));
-    let lease = 2 * (http_timeout_s + 10);
+    let lease = (2 * (http_timeout_s + 1)).max(6);
     let text = format!(
         "[daemon]\nstate_dir = \"state\"\nhttp_timeout = \"{http_timeout_s}s\"\n\n\
-         [storage]\ntype = \"postgres\"\nurl = {{ file = \"pg.url\" }}\nlease = \"{lease}s\"\n\n\
+         [storage]\ntype = \"postgres\"\nurl = {{ file = \"pg.url\" }}\nlease = \"{lease}s\"\ngrace = \"1s\"\n\n\
          [sinks.plain]\ntype = \"file\"\npath = \"codes/{{portal}}.txt\"\nshared = true\n\n{extra}\n{}",
         h.portals_toml(&["plain"])
     );
@@ -196,8 +198,8 @@ async fn a_claim_fences_the_intent() {
         write_private(
             &p,
             &text.replace(
-                "lease = \"24s\"",
-                &format!("lease = \"24s\"\ninstance = \"{n}\""),
+                "lease = \"6s\"",
+                &format!("lease = \"6s\"\ninstance = \"{n}\""),
             ),
         );
         tfa_rotator::config::load(&p).unwrap()
@@ -229,7 +231,7 @@ async fn a_claim_fences_the_intent() {
     // A claim with less than the PUT budget and its grace left licenses no PUT either.
     client
         .execute(
-            "UPDATE portals SET lease_until = clock_timestamp() + interval '5 seconds' WHERE name = 'acme'",
+            "UPDATE portals SET lease_until = clock_timestamp() + interval '2 seconds' WHERE name = 'acme'",
             &[],
         )
         .await
@@ -396,7 +398,7 @@ async fn a_frozen_instance_sends_no_put_after_its_deadline() {
         .status()
         .unwrap();
     let b = Daemon::start(&h, &[], &[]);
-    // b waits for the lease (24 s), then the deadline and its grace, then settles and
+    // b waits for the lease (6 s), then the deadline and its grace, then settles and
     // rotates once.
     assert!(
         crate::support::wait_for(Duration::from_secs(60), || h.sim.count("PUT") == 1).await,
@@ -588,7 +590,8 @@ async fn a_put_applied_after_the_lease_is_sealed_by_the_other_instance() {
         "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\nsettle_window = \"60s\"\n",
     );
     h.sim.inject(tfa_rotator::simulator::Fault::on_put(
-        tfa_rotator::simulator::FaultAction::ApplyAfterMs(30_000),
+        // Past the 6 s lease of the instance that sent it.
+        tfa_rotator::simulator::FaultAction::ApplyAfterMs(8_000),
     ));
     let before = h.accepted("acme");
     let mut a = Daemon::start(&h, &[], &[]);
@@ -724,8 +727,8 @@ async fn tls_to_postgres_is_verified_against_the_ca_file() {
     let ca = path.with_file_name("ca.pem");
     std::fs::copy(pg.path().join("ca.pem"), &ca).unwrap();
     let with_ca = text.replace(
-        "lease = \"24s\"",
-        &format!("lease = \"24s\"\nca_file = \"{}\"", ca.display()),
+        "lease = \"6s\"",
+        &format!("lease = \"6s\"\nca_file = \"{}\"", ca.display()),
     );
     write_private(&path, &with_ca);
     let config = tfa_rotator::config::load(&path).unwrap();
