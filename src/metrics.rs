@@ -228,8 +228,8 @@ impl Metrics {
     }
 
     /// A delivery attempt ended.
-    pub fn delivery(&self, portal: &str, sink: &str, ok: bool) {
-        let result = if ok { "delivered" } else { "failed" };
+    pub fn delivery(&self, portal: &str, sink: &str, result: crate::outcome::DeliveryResult) {
+        let result = result.as_str();
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 portal: portal.into(),

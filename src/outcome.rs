@@ -75,3 +75,22 @@ impl Serialize for Outcome {
         s.serialize_str(self.as_str())
     }
 }
+
+/// How one delivery attempt ended: the `result` label of `tfa_rotator_deliveries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryResult {
+    /// The sink took the payload.
+    Delivered,
+    /// It did not; the payload stays in the spool.
+    Failed,
+}
+
+impl DeliveryResult {
+    /// The label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryResult::Delivered => "delivered",
+            DeliveryResult::Failed => "failed",
+        }
+    }
+}

@@ -41,6 +41,8 @@ pub enum Problem {
     Link,
     /// Not what was expected there (a directory where a file was named, a socket, …).
     Kind(&'static str),
+    /// It does not exist.
+    Missing,
     /// It could not be opened or examined.
     Io(String),
 }
@@ -68,8 +70,20 @@ impl TrustError {
         }
     }
 
-    fn io(path: &Path, e: impl fmt::Display) -> Self {
-        Self::new(path, None, Problem::Io(e.to_string()))
+    fn io<E: fmt::Display + 'static>(path: &Path, e: E) -> Self {
+        let any = &e as &dyn std::any::Any;
+        let missing = any
+            .downcast_ref::<rustix::io::Errno>()
+            .is_some_and(|n| *n == rustix::io::Errno::NOENT)
+            || any
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+        let problem = if missing {
+            Problem::Missing
+        } else {
+            Problem::Io(e.to_string())
+        };
+        Self::new(path, None, problem)
     }
 
     /// What an operator does about it.
@@ -87,7 +101,9 @@ impl TrustError {
                 "replace the link by one root owns, or name its target in the config \
                  (`readlink -f {p}`)"
             ),
-            Problem::Kind(_) | Problem::Io(_) => "name a readable file the config means".into(),
+            Problem::Kind(_) | Problem::Missing | Problem::Io(_) => {
+                "name a readable file the config means".into()
+            }
         }
     }
 }
@@ -103,6 +119,7 @@ impl fmt::Display for TrustError {
             Problem::OthersWritable => "is writable by others".to_string(),
             Problem::Link => "is a symbolic link owned by another user".to_string(),
             Problem::Kind(k) => format!("is not {k}"),
+            Problem::Missing => "does not exist".to_string(),
             Problem::Io(e) => return write!(f, "{}: {e}", self.path.display()),
         };
         write!(f, "{} {what}", self.path.display())?;

@@ -73,9 +73,9 @@ impl Pass<'_> {
             Ok(_) => {}
             // Missing: the step that reads it reports that, in its own words.
             Err(TrustError {
-                problem: Problem::Io(ref e),
+                problem: Problem::Missing,
                 ..
-            }) if e.contains("No such file") => {}
+            }) => {}
             Err(e) => self.found.push((loc, key, e)),
         }
     }

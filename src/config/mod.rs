@@ -372,7 +372,12 @@ pub fn load_with(path: &Path, trust: Trust) -> Result<Config, ConfigErrors> {
     // The config itself first: a config another user can write is one they can add a hook
     // to. A file that cannot be opened is reported by the read below.
     let mut untrusted = match walker.file(path) {
-        Err(e) if !matches!(e.problem, crate::trust::Problem::Io(_)) => {
+        Err(e)
+            if !matches!(
+                e.problem,
+                crate::trust::Problem::Io(_) | crate::trust::Problem::Missing
+            ) =>
+        {
             vec![file_issue(e.to_string())]
         }
         _ => Vec::new(),

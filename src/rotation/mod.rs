@@ -948,7 +948,9 @@ async fn rotate_inner(
         // The portal itself said no: nothing changed, the intent ends here.
         let note = format!("the portal refused the PUT: {e}");
         store
-            .write(move |c| state::close_journal(c, journal_id, "aborted", Some(&note)))
+            .write(move |c| {
+                state::close_journal(c, journal_id, state::Closed::Aborted, Some(&note))
+            })
             .await?;
         return Err(put
             .err()
@@ -1137,20 +1139,20 @@ async fn seal_and_deliver(
     let pending = outcomes.len() - delivered;
     fail_point("rotation::before_done");
     let result = if pending == 0 {
-        "ok"
+        state::LastResult::Ok
     } else {
-        "delivery_pending"
+        state::LastResult::DeliveryPending
     };
     let p = name.to_string();
     let write = move |c: &dyn state::db::Sql| {
         for (id, outcome) in &outcomes {
             outcome.record(c, *id)?;
         }
-        state::close_journal(c, journal_id, "done", None)?;
+        state::close_journal(c, journal_id, state::Closed::Done, None)?;
         if rotated {
             state::record_rotated(c, &p, result)
         } else {
-            state::add_history(c, &p, "resent", result)
+            state::add_history(c, &p, "resent", result.as_str())
         }
     };
     if plain_delivered {
@@ -1189,9 +1191,12 @@ async fn seal_and_deliver(
 /// What one delivery attempt did, to be recorded against its spool entry.
 enum Attempt {
     Delivered,
-    /// The error, when to try again, whether the server refused for good, and what is
-    /// left to deliver after a partial delivery.
-    Failed(String, i64, bool, Option<zeroize::Zeroizing<Vec<u8>>>),
+    /// The sink's error (whether the server refused for good, what is left to deliver
+    /// after a partial delivery), and when to try again (Unix ms).
+    Failed {
+        error: crate::sinks::DeliveryError,
+        next_at: i64,
+    },
 }
 
 impl Attempt {
@@ -1204,13 +1209,13 @@ impl Attempt {
     fn record(&self, c: &dyn state::db::Sql, id: i64) -> Result<(), StateError> {
         match self {
             Attempt::Delivered => state::delivered(c, id),
-            Attempt::Failed(msg, next, permanent, rest) => state::delivery_failed(
+            Attempt::Failed { error, next_at } => state::delivery_failed(
                 c,
                 id,
-                msg,
-                *next,
-                *permanent,
-                rest.as_deref().map(|v| v.as_slice()),
+                &error.message,
+                *next_at,
+                !error.temporary,
+                error.rest.as_deref().map(|v| v.as_slice()),
             ),
         }
     }
@@ -1225,7 +1230,14 @@ async fn attempt_delivery(
     attempts: i64,
 ) -> Attempt {
     let result = sink.deliver(portal, payload).await;
-    engine.metrics.delivery(portal, sink.name(), result.is_ok());
+    engine.metrics.delivery(
+        portal,
+        sink.name(),
+        match result {
+            Ok(()) => crate::outcome::DeliveryResult::Delivered,
+            Err(_) => crate::outcome::DeliveryResult::Failed,
+        },
+    );
     match result {
         Ok(()) => {
             tracing::info!(portal, sink = %sink.name(), "delivered");
@@ -1234,8 +1246,10 @@ async fn attempt_delivery(
         Err(de) => {
             let permanent = !de.temporary;
             tracing::warn!(portal, sink = %sink.name(), error = %de, permanent, "delivery failed; the payload stays in the spool");
-            let next = now_ms() + backoff(attempts).as_millis() as i64;
-            Attempt::Failed(de.message, next, permanent, de.rest)
+            Attempt::Failed {
+                error: de,
+                next_at: now_ms() + backoff(attempts).as_millis() as i64,
+            }
         }
     }
 }
@@ -1378,15 +1392,20 @@ async fn recover_locked_why(
         let (p, result) = (
             name.to_string(),
             if pending == 0 {
-                "ok"
+                state::LastResult::Ok
             } else {
-                "delivery_pending"
+                state::LastResult::DeliveryPending
             },
         );
         store
             .write(move |c| {
                 for id in sealed {
-                    state::close_journal(c, id, "done", Some("finished after a restart"))?;
+                    state::close_journal(
+                        c,
+                        id,
+                        state::Closed::Done,
+                        Some("finished after a restart"),
+                    )?;
                 }
                 state::record_rotated(c, &p, result)
             })
@@ -1533,7 +1552,7 @@ pub async fn abandon(engine: &Engine, name: &str, why: &str) -> Result<Report, R
             let mut n = 0;
             for j in state::open_journal(c, Some(&p))? {
                 if j.phase == state::Phase::Intent {
-                    state::close_journal(c, j.id, "aborted", Some(&note))?;
+                    state::close_journal(c, j.id, state::Closed::Aborted, Some(&note))?;
                     state::add_history(c, &p, "abandoned", &note)?;
                     n += 1;
                 }
@@ -1570,7 +1589,7 @@ pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError
             let mut intents = 0;
             if !configured {
                 for j in state::open_journal(c, Some(&p))? {
-                    state::close_journal(c, j.id, "aborted", Some(&note))?;
+                    state::close_journal(c, j.id, state::Closed::Aborted, Some(&note))?;
                     intents += 1;
                 }
             }
@@ -1683,7 +1702,7 @@ pub fn known_from(
         entry_fp: r.entry_fp.clone(),
         last_fire_at: t(r.last_fire_at),
         last_success_at: t(r.last_success_at),
-        retry_at: if r.last_result.as_deref() == Some("failed") {
+        retry_at: if r.last_result == Some(state::LastResult::Failed) {
             t(r.retry_at)
         } else {
             None

@@ -108,7 +108,7 @@ pub async fn once(
                 let (p, before) = (name.clone(), intent.before_fp.clone());
                 store
                     .write(move |c| {
-                        state::close_journal(c, id, "aborted", Some(&note))?;
+                        state::close_journal(c, id, state::Closed::Aborted, Some(&note))?;
                         // Sinks that never received a set are taken to hold the one seen
                         // before the PUT: should the PUT still be applied, the new set is
                         // then drift, found and delivered, rather than a set nobody has.

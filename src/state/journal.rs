@@ -13,6 +13,26 @@ pub enum Phase {
     Sealed,
 }
 
+/// How a journal entry ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The set was sealed and delivered (or its delivery left to the spool).
+    Done,
+    /// No set came of it: the portal refused the PUT, the settle found the old set after
+    /// the window, or an operator closed it (`abandon`, `forget`).
+    Aborted,
+}
+
+impl Closed {
+    /// Its `phase` in the journal table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closed::Done => "done",
+            Closed::Aborted => "aborted",
+        }
+    }
+}
+
 /// A journal entry that is not finished.
 #[derive(Debug, Clone)]
 pub struct OpenJournal {
@@ -176,13 +196,13 @@ pub fn settle_checked(c: &dyn Sql, journal_id: i64, next_check_at: i64) -> Resul
 pub fn close_journal(
     c: &dyn Sql,
     journal_id: i64,
-    phase: &str,
+    closed: Closed,
     note: Option<&str>,
 ) -> Result<(), StateError> {
     c.exec(
         "closing the journal entry",
         "UPDATE journal SET phase = ?2, note = ?3, updated_at = ?4 WHERE id = ?1",
-        vals![journal_id, phase, note, c.now()?],
+        vals![journal_id, closed.as_str(), note, c.now()?],
     )?;
     Ok(())
 }
@@ -192,8 +212,8 @@ pub fn close_journal(
 pub fn closed_since(c: &dyn Sql, since: i64) -> Result<Vec<(String, i64)>, StateError> {
     c.rows(
         "reading closed intents",
-        "SELECT portal, MAX(updated_at) FROM journal WHERE phase = 'aborted' AND updated_at > ?1 GROUP BY portal",
-        vals![since],
+        "SELECT portal, MAX(updated_at) FROM journal WHERE phase = ?2 AND updated_at > ?1 GROUP BY portal",
+        vals![since, Closed::Aborted.as_str()],
     )?
     .iter()
     .map(|r| Ok((r.text(0)?, r.int(1)?)))

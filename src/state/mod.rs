@@ -38,14 +38,14 @@ mod spool;
 
 pub use alerts::{AlertDue, add_notice, alert_sent, alerts_due};
 pub use journal::{
-    OpenJournal, Phase, begin_intent, close_journal, closed_since, open_journal, seal,
+    Closed, OpenJournal, Phase, begin_intent, close_journal, closed_since, open_journal, seal,
     settle_checked,
 };
 pub use portals::{
-    DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, PortalRow, add_history, deliveries_cleared,
-    pin_account, portal_row, portal_rows, recent_drifts, record_drift, record_failure,
-    record_pause, record_plan, record_rotated, record_schedule, record_seen, record_settling,
-    still_flapping,
+    DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, LastResult, PortalRow, add_history,
+    deliveries_cleared, pin_account, portal_row, portal_rows, recent_drifts, record_drift,
+    record_failure, record_pause, record_plan, record_rotated, record_schedule, record_seen,
+    record_settling, still_flapping,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,

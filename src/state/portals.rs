@@ -14,8 +14,8 @@ pub struct PortalRow {
     pub last_attempt_at: Option<i64>,
     /// Last successful rotation.
     pub last_success_at: Option<i64>,
-    /// `ok`, `failed`, `delivery_pending`, …
-    pub last_result: Option<String>,
+    /// How its last attempt ended.
+    pub last_result: Option<LastResult>,
     /// The last error, without secrets.
     pub last_error: Option<String>,
     /// Failures in a row.
@@ -54,8 +54,50 @@ pub struct PortalRow {
     pub paused_until: Option<i64>,
 }
 
+/// How a portal's last attempt ended, as the state stores it (`last_result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LastResult {
+    /// Rotated, and every payload delivered.
+    Ok,
+    /// Rotated; a payload waits in the spool.
+    DeliveryPending,
+    /// A PUT's outcome is unknown; its intent is being settled.
+    Settling,
+    /// The attempt failed (see `last_error`).
+    Failed,
+}
+
+impl LastResult {
+    /// Its text in the state (and in `status --json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LastResult::Ok => "ok",
+            LastResult::DeliveryPending => "delivery_pending",
+            LastResult::Settling => "settling",
+            LastResult::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StateError> {
+        [
+            LastResult::Ok,
+            LastResult::DeliveryPending,
+            LastResult::Settling,
+            LastResult::Failed,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| StateError::Db {
+            action: "reading a portal",
+            detail: format!("unknown last_result {s:?}"),
+        })
+    }
+}
+
 /// A rotation succeeded (its payloads may still be pending).
-pub fn record_rotated(c: &dyn Sql, portal: &str, result: &str) -> Result<(), StateError> {
+pub fn record_rotated(c: &dyn Sql, portal: &str, result: LastResult) -> Result<(), StateError> {
+    let result = result.as_str();
     let now = c.now()?;
     update_portal(
         c,
@@ -72,9 +114,13 @@ pub fn record_rotated(c: &dyn Sql, portal: &str, result: &str) -> Result<(), Sta
 pub fn deliveries_cleared(c: &dyn Sql, portal: &str) -> Result<(), StateError> {
     c.exec(
         "recording the deliveries cleared",
-        "UPDATE portals SET last_result = 'ok' WHERE name = ?1 AND last_result = 'delivery_pending'
+        "UPDATE portals SET last_result = ?2 WHERE name = ?1 AND last_result = ?3
            AND NOT EXISTS (SELECT 1 FROM spool WHERE portal = ?1)",
-        vals![portal],
+        vals![
+            portal,
+            LastResult::Ok.as_str(),
+            LastResult::DeliveryPending.as_str()
+        ],
     )?;
     Ok(())
 }
@@ -215,8 +261,8 @@ pub fn record_settling(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), St
         c,
         portal,
         "recording a rotation being settled",
-        "UPDATE portals SET last_result = 'settling', last_error = ?2 WHERE name = ?1",
-        vals![portal, detail],
+        "UPDATE portals SET last_result = ?3, last_error = ?2 WHERE name = ?1",
+        vals![portal, detail, LastResult::Settling.as_str()],
     )?;
     add_history(c, portal, "settling", detail)
 }
@@ -232,9 +278,9 @@ pub fn record_failure(
         c,
         portal,
         "recording the failure",
-        "UPDATE portals SET last_attempt_at = ?2, last_result = 'failed', last_error = ?3, failures = failures + 1, retry_at = ?4,
+        "UPDATE portals SET last_attempt_at = ?2, last_result = ?5, last_error = ?3, failures = failures + 1, retry_at = ?4,
                 failing_since = COALESCE(failing_since, ?2) WHERE name = ?1",
-        vals![portal, c.now()?, error, retry_at],
+        vals![portal, c.now()?, error, retry_at, LastResult::Failed.as_str()],
     )?;
     add_history(c, portal, "failed", error)?;
     c.row(
@@ -324,7 +370,11 @@ fn portal_from_row(r: &Row) -> Result<PortalRow, StateError> {
         name: r.text(0)?,
         last_attempt_at: r.opt_int(1)?,
         last_success_at: r.opt_int(2)?,
-        last_result: r.opt_text(3)?,
+        last_result: r
+            .opt_text(3)?
+            .as_deref()
+            .map(LastResult::parse)
+            .transpose()?,
         last_error: r.opt_text(4)?,
         failures: r.int(5)?,
         retry_at: r.opt_int(6)?,

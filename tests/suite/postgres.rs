@@ -106,8 +106,8 @@ async fn conformance(store: Store) {
         .write(move |c| {
             state::delivered(c, first)?;
             state::delivery_failed(c, ids[1], "refused", 0, true, Some(b"rest"))?;
-            state::close_journal(c, id, "done", None)?;
-            state::record_rotated(c, "acme", "delivery_pending")
+            state::close_journal(c, id, state::Closed::Done, None)?;
+            state::record_rotated(c, "acme", state::LastResult::DeliveryPending)
         })
         .await
         .unwrap();
