@@ -173,44 +173,8 @@ async fn watch_inner(
     unused_rule: bool,
 ) -> Result<(Watched, Option<usize>), RotationError> {
     let pc = engine.portal_config(name)?;
-    let below = engine
-        .config
-        .schedule_of(pc)
-        .and_then(|s| s.rotate_when_unused_below);
-    let on_drift = engine.config.convergence_of(pc).on_drift;
     let Some(store) = engine.store.clone() else {
-        // A dry run: read, compare with what the state knows (read-only), and say what
-        // would be done.
-        let codes = engine.portal(pc)?.codes().await?;
-        let unused = codes.unused();
-        if let Some(reader) = engine.reader() {
-            let fp = reader.fingerprinter().of_set(&codes);
-            let p = name.to_string();
-            let (baselines, open) = reader
-                .call(move |c| Ok((state::sink_sets(c, &p)?, state::open_journal(c, Some(&p))?)))
-                .await?;
-            if !open.is_empty() {
-                // An open intent: a new set is being settled, not drift.
-                return Ok((Watched::Settling, Some(unused)));
-            }
-            let drifted = drifted_sinks(pc, &baselines, &fp);
-            if !drifted.is_empty() {
-                record(engine, pc, &drifted, "a dry run's watch", false).await;
-                return Err(RotationError::Other {
-                    portal: name.to_string(),
-                    message: format!(
-                        "dry run: drift: sinks {} hold a set the portal no longer accepts; a real run would {}",
-                        drifted.join(", "),
-                        match on_drift {
-                            OnDrift::Resend => "deliver the current codes to them again",
-                            OnDrift::Rotate => "rotate",
-                        }
-                    ),
-                });
-            }
-        }
-        tracing::info!(portal = name, unused, "dry run: watch read");
-        return Ok((Watched::Steady, Some(unused)));
+        return dry_watch(engine, pc).await;
     };
     let lock = match engine.coordinator.lock(name).await {
         // Another instance holds it: it reads the portal itself.
@@ -235,31 +199,13 @@ async fn watch_inner(
             Ok((state::sink_sets(c, &p)?, last))
         })
         .await?;
-    let min_interval = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
     engine.metrics.unused(name, unused);
     let drifted = drifted_sinks(pc, &baselines, &fp);
     if !drifted.is_empty() {
         if record(engine, pc, &drifted, "the watch", true).await != state::DriftVerdict::Act {
             return Ok((Watched::Flapping, Some(unused)));
         }
-        // Rotating kills the codes the owners hold: within `min_interval` of the last
-        // rotation, drift is resent instead, so a portal that drifts often is not rotated
-        // more often than its policy allows.
-        let last = last_success.and_then(chrono::DateTime::from_timestamp_millis);
-        let on_drift = match on_drift {
-            OnDrift::Rotate
-                if crate::schedule::within_min_interval(last, min_interval, chrono::Utc::now())
-                    .is_some() =>
-            {
-                tracing::info!(
-                    portal = name,
-                    "drift within min_interval of the last rotation: resent, not rotated"
-                );
-                OnDrift::Resend
-            }
-            o => o,
-        };
-        match on_drift {
+        return match drift_action(engine, pc, last_success) {
             OnDrift::Resend => {
                 // The set just read is delivered: no second GET, no window.
                 let account = portal.account().await?;
@@ -269,17 +215,20 @@ async fn watch_inner(
                     .await?;
                 super::fail_point("drift::before_resend");
                 let r = super::seal_and_deliver(engine, pc, id, codes, &account, false).await?;
-                return Ok((Watched::Converged, r.unused));
+                Ok((Watched::Converged, r.unused))
             }
             OnDrift::Rotate => {
-                drop(codes);
-                drop(lock);
+                drop((codes, lock));
                 let r = super::rotate(engine, name, true).await;
-                return Ok((outcome_of(&r), r.unused.or(Some(unused))));
+                Ok((outcome_of(&r), r.unused.or(Some(unused))))
             }
-        }
+        };
     }
     drop(codes);
+    let below = engine
+        .config
+        .schedule_of(pc)
+        .and_then(|s| s.rotate_when_unused_below);
     match below.filter(|_| unused_rule) {
         Some(below) if unused < below => {
             tracing::info!(
@@ -294,6 +243,67 @@ async fn watch_inner(
         }
         _ => Ok((Watched::Steady, Some(unused))),
     }
+}
+
+/// What drift found now triggers: `on_drift`, except that rotating kills the codes the
+/// owners hold, so within `min_interval` of the last rotation drift is resent instead (a
+/// portal that drifts often is not rotated more often than its policy allows).
+fn drift_action(engine: &Engine, pc: &PortalConfig, last_success: Option<i64>) -> OnDrift {
+    let on_drift = engine.config.convergence_of(pc).on_drift;
+    let min_interval = engine.config.schedule_of(pc).and_then(|s| s.min_interval);
+    let last = last_success.and_then(chrono::DateTime::from_timestamp_millis);
+    match on_drift {
+        OnDrift::Rotate
+            if crate::schedule::within_min_interval(last, min_interval, chrono::Utc::now())
+                .is_some() =>
+        {
+            tracing::info!(
+                portal = %pc.name,
+                "drift within min_interval of the last rotation: resent, not rotated"
+            );
+            OnDrift::Resend
+        }
+        o => o,
+    }
+}
+
+/// A dry run's watch: read, compare with what the state knows (read-only), and say what
+/// would be done.
+async fn dry_watch(
+    engine: &Engine,
+    pc: &PortalConfig,
+) -> Result<(Watched, Option<usize>), RotationError> {
+    let name = pc.name.as_str();
+    let codes = engine.portal(pc)?.codes().await?;
+    let unused = codes.unused();
+    if let Some(reader) = engine.reader() {
+        let fp = reader.fingerprinter().of_set(&codes);
+        let p = name.to_string();
+        let (baselines, open) = reader
+            .call(move |c| Ok((state::sink_sets(c, &p)?, state::open_journal(c, Some(&p))?)))
+            .await?;
+        if !open.is_empty() {
+            // An open intent: a new set is being settled, not drift.
+            return Ok((Watched::Settling, Some(unused)));
+        }
+        let drifted = drifted_sinks(pc, &baselines, &fp);
+        if !drifted.is_empty() {
+            record(engine, pc, &drifted, "a dry run's watch", false).await;
+            return Err(RotationError::Other {
+                portal: name.to_string(),
+                message: format!(
+                    "dry run: drift: sinks {} hold a set the portal no longer accepts; a real run would {}",
+                    drifted.join(", "),
+                    match engine.config.convergence_of(pc).on_drift {
+                        OnDrift::Resend => "deliver the current codes to them again",
+                        OnDrift::Rotate => "rotate",
+                    }
+                ),
+            });
+        }
+    }
+    tracing::info!(portal = name, unused, "dry run: watch read");
+    Ok((Watched::Steady, Some(unused)))
 }
 
 /// SPEC §6, drift that is never missed: reads (one GET each) the portals in `also` (those
