@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::{Exit, config_errors, load_config_with};
 use crate::config::{Config, PortalConfig};
@@ -88,7 +88,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         ),
     };
     let limit = config.daemon.max_concurrent;
-    let mut plans: Vec<Value> = futures::stream::iter(config.portals.values())
+    let mut plans: Vec<PortalCheck> = futures::stream::iter(config.portals.values())
         .map(|pc| {
             let engine = &engine;
             async move { plan(engine, pc, offline).await }
@@ -96,32 +96,145 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         .buffer_unordered(limit)
         .collect()
         .await;
-    plans.sort_by(|a, b| a["portal"].as_str().cmp(&b["portal"].as_str()));
-    let failed = plans.iter().filter(|p| p["ok"] == json!(false)).count();
-
+    plans.sort_by(|a, b| a.portal.cmp(&b.portal));
+    let failed = plans.iter().filter(|p| !p.ok).count();
+    let report = CheckReport {
+        config: config.path.display().to_string(),
+        valid: true,
+        offline,
+        warnings: config.warnings.iter().map(|w| w.to_string()).collect(),
+        portals: plans,
+        failed,
+        storage: StorageReport::of(&config),
+    };
     if json {
-        let doc = json!({
-            "config": config.path.display().to_string(),
-            "valid": true,
-            "offline": offline,
-            "warnings": config.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
-            "portals": plans,
-            "failed": failed,
-            "storage": storage_json(&config),
-        });
-        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
-        print_text(&config, &plans, offline);
+        print_text(&config, &report);
     }
     if failed > 0 { Exit::Failed } else { Exit::Ok }
 }
 
-async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
-    let config: &Arc<Config> = &engine.config;
-    let now = Utc::now();
-    // The planner's answer, as the daemon would give it, from what the state knows (read
-    // only; nothing when offline or there is no state yet).
-    let fp = engine.entry_fingerprint(pc);
+/// What `check` reports: the config is valid (an invalid one is reported as errors, exit
+/// 78), and each portal's plan and preflight.
+#[derive(Debug, Serialize)]
+struct CheckReport {
+    config: String,
+    valid: bool,
+    offline: bool,
+    warnings: Vec<String>,
+    portals: Vec<PortalCheck>,
+    failed: usize,
+    storage: StorageReport,
+}
+
+/// One portal: its schedule and sinks, and (online) what the portal and the sinks said.
+#[derive(Debug, Default, Serialize)]
+struct PortalCheck {
+    portal: String,
+    url: String,
+    schedule: Option<ScheduleReport>,
+    sinks: Vec<SinkReport>,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    docspace_version: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<AccountReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<KeyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tfa_app: Option<TfaAppReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    codes: Option<CodesReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drift: Option<Vec<String>>,
+    /// Online only: what fails the portal (exit 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<Vec<String>>,
+    /// Online only: what may need a look.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ScheduleReport {
+    name: Option<String>,
+    cron: String,
+    timezone: String,
+    jitter_s: u64,
+    next: Vec<String>,
+    min_interval_s: Option<u64>,
+    rotate_when_unused_below: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct SinkReport {
+    name: String,
+    describe: String,
+}
+
+#[derive(Debug, Serialize)]
+struct AccountReport {
+    display_name: String,
+    email: String,
+}
+
+#[derive(Debug, Serialize)]
+struct KeyReport {
+    name: String,
+    permissions: Vec<String>,
+    expires_at: Option<String>,
+    active: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct TfaAppReport {
+    enabled: Option<bool>,
+    available: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct CodesReport {
+    unused: usize,
+    total: usize,
+}
+
+/// `[storage]`: the backend, and for PostgreSQL the lease and PUT budget.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StorageReport {
+    Sqlite {
+        state_dir: String,
+    },
+    Postgres {
+        url: String,
+        lease_s: u64,
+        put_budget_s: u64,
+        grace_s: u64,
+    },
+}
+
+impl StorageReport {
+    fn of(config: &Config) -> Self {
+        match &config.storage {
+            None => StorageReport::Sqlite {
+                state_dir: config.daemon.state_dir.display().to_string(),
+            },
+            Some(st) => StorageReport::Postgres {
+                url: st.url.value.describe(),
+                lease_s: st.lease.as_secs(),
+                put_budget_s: config.daemon.http_timeout.as_secs(),
+                grace_s: st.grace.as_secs(),
+            },
+        }
+    }
+}
+
+/// A portal's plan (offline) and, online, its read-only preflight.
+async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> PortalCheck {
     let (row, sink_sets) = match engine.reader() {
         Some(store) => {
             let p = pc.name.clone();
@@ -137,38 +250,67 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
         }
         None => Default::default(),
     };
+    let mut out = PortalCheck {
+        portal: pc.name.clone(),
+        url: pc.url.as_str().to_string(),
+        schedule: schedule_report(engine, pc, row.as_ref()),
+        sinks: pc
+            .sinks
+            .iter()
+            .map(|s| SinkReport {
+                name: s.clone(),
+                describe: engine
+                    .sinks
+                    .get(s)
+                    .map(|k| k.describe(&pc.name))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        ok: true,
+        ..Default::default()
+    };
+    if !offline {
+        preflight(engine, pc, &sink_sets, &mut out).await;
+    }
+    out
+}
+
+/// The schedule, with the planner's next three rotations as the daemon would plan them
+/// from what the state knows (read only; nothing when offline or there is no state yet).
+fn schedule_report(
+    engine: &Engine,
+    pc: &PortalConfig,
+    row: Option<&crate::state::PortalRow>,
+) -> Option<ScheduleReport> {
+    let config: &Arc<Config> = &engine.config;
+    let s = config.schedule_of(pc)?;
+    let now = Utc::now();
+    let fp = engine.entry_fingerprint(pc);
     let next = crate::schedule::plan::upcoming_rotations(
         &crate::rotation::policy_of(config, pc, &fp, engine.coordinator.follows_changes()),
-        &crate::rotation::known_from(row.as_ref(), None, now),
+        &crate::rotation::known_from(row, None, now),
         now,
         3,
     );
-    let schedule = config.schedule_of(pc).map(|s| {
-        json!({
-            "name": pc.schedule,
-            "cron": s.cron.expr(),
-            "timezone": s.cron.timezone().name(),
-            "jitter_s": crate::schedule::jitter_for(&pc.name, s.jitter).as_secs(),
-            "next": next.iter().map(|t| crate::schedule::fmt_utc(*t)).collect::<Vec<_>>(),
-            "min_interval_s": s.min_interval.map(|d| d.as_secs()),
-            "rotate_when_unused_below": s.rotate_when_unused_below,
-        })
-    });
-    let sinks: Vec<Value> = pc
-        .sinks
-        .iter()
-        .map(|s| json!({"name": s, "describe": engine.sinks.get(s).map(|k| k.describe(&pc.name)).unwrap_or_default()}))
-        .collect();
-    let mut out = json!({
-        "portal": pc.name,
-        "url": pc.url.as_str(),
-        "schedule": schedule,
-        "sinks": sinks,
-        "ok": true,
-    });
-    if offline {
-        return out;
-    }
+    Some(ScheduleReport {
+        name: pc.schedule.clone(),
+        cron: s.cron.expr().to_string(),
+        timezone: s.cron.timezone().name().to_string(),
+        jitter_s: crate::schedule::jitter_for(&pc.name, s.jitter).as_secs(),
+        next: next.iter().map(|t| crate::schedule::fmt_utc(*t)).collect(),
+        min_interval_s: s.min_interval.map(|d| d.as_secs()),
+        rotate_when_unused_below: s.rotate_when_unused_below,
+    })
+}
+
+/// Online: reads the portal (version, account, key, TFA methods, codes; drift against
+/// what the state knows) and preflights every sink, read-only.
+async fn preflight(
+    engine: &Engine,
+    pc: &PortalConfig,
+    sink_sets: &std::collections::HashMap<String, String>,
+    out: &mut PortalCheck,
+) {
     let mut problems: Vec<String> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     match engine.portal(pc) {
@@ -182,45 +324,61 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
                 portal.codes()
             );
             if let Ok(v) = version {
-                out["docspace_version"] = json!(v.doc_space);
+                out.docspace_version = Some(v.doc_space);
             }
             match account {
-                Ok(a) => out["account"] = json!({"display_name": a.display_name, "email": a.email}),
+                Ok(a) => {
+                    out.account = Some(AccountReport {
+                        display_name: a.display_name,
+                        email: a.email,
+                    })
+                }
                 Err(e) => problems.push(e.to_string()),
             }
             match key {
                 Ok(k) => {
-                    out["key"] = json!({"name": k.name, "permissions": k.permissions, "expires_at": k.expires_at, "active": k.is_active});
                     if !k.can_write() {
                         notes.push(format!(
                             "the key's scopes ({}) may not allow rotating (needs *:write)",
                             k.permissions.join(", ")
                         ));
                     }
+                    out.key = Some(KeyReport {
+                        name: k.name,
+                        permissions: k.permissions,
+                        expires_at: k.expires_at,
+                        active: k.is_active,
+                    });
                 }
                 Err(e) => notes.push(format!("could not read the key's own details: {e}")),
             }
             match methods {
                 Ok(m) => {
                     let app = m.iter().find(|m| m.id == "app");
-                    out["tfa_app"] = json!({"enabled": app.map(|a| a.enabled), "available": app.map(|a| a.available)});
+                    out.tfa_app = Some(TfaAppReport {
+                        enabled: app.map(|a| a.enabled),
+                        available: app.map(|a| a.available),
+                    });
                 }
                 Err(e) => notes.push(format!("could not read the portal's TFA settings: {e}")),
             }
             match codes {
                 Ok(c) => {
-                    out["codes"] = json!({"unused": c.unused(), "total": c.total()});
+                    out.codes = Some(CodesReport {
+                        unused: c.unused(),
+                        total: c.total(),
+                    });
                     // Every GET compares (SPEC §6): sinks holding a set the portal no longer
                     // accepts are reported here; `deliver` or the daemon converges them.
                     if let Some(store) = engine.reader() {
                         let fp = store.fingerprinter().of_set(&c);
-                        let drifted = crate::rotation::drift::drifted_sinks(pc, &sink_sets, &fp);
+                        let drifted = crate::rotation::drift::drifted_sinks(pc, sink_sets, &fp);
                         if !drifted.is_empty() {
-                            out["drift"] = json!(drifted);
                             problems.push(format!(
                                 "drift: sinks {} hold a set the portal no longer accepts; `tfa-rotator deliver` or the daemon converges them",
                                 drifted.join(", ")
                             ));
+                            out.drift = Some(drifted);
                         }
                     }
                 }
@@ -235,29 +393,12 @@ async fn plan(engine: &Engine, pc: &PortalConfig, offline: bool) -> Value {
             problems.push(e.to_string());
         }
     }
-    out["ok"] = json!(problems.is_empty());
-    out["problems"] = json!(problems);
-    out["notes"] = json!(notes);
-    out
+    out.ok = problems.is_empty();
+    out.problems = Some(problems);
+    out.notes = Some(notes);
 }
 
-/// `[storage]` in `--json`: the backend, and for PostgreSQL the lease and PUT budget.
-fn storage_json(config: &Config) -> Value {
-    match &config.storage {
-        None => {
-            json!({"type": "sqlite", "state_dir": config.daemon.state_dir.display().to_string()})
-        }
-        Some(st) => json!({
-            "type": "postgres",
-            "url": st.url.value.describe(),
-            "lease_s": st.lease.as_secs(),
-            "put_budget_s": config.daemon.http_timeout.as_secs(),
-            "grace_s": st.grace.as_secs(),
-        }),
-    }
-}
-
-fn print_text(config: &Config, plans: &[Value], offline: bool) {
+fn print_text(config: &Config, report: &CheckReport) {
     crate::out!(
         "config {}: valid ({} portal(s), {} sink(s), {} schedule(s))",
         config.path.display(),
@@ -275,66 +416,55 @@ fn print_text(config: &Config, plans: &[Value], offline: bool) {
             humantime::format_duration(config.daemon.http_timeout + st.grace)
         );
     }
-    for p in plans {
+    for p in &report.portals {
+        print_portal(p, report.offline);
+    }
+}
+
+fn print_portal(p: &PortalCheck, offline: bool) {
+    crate::out!("\nportal {} {}", p.portal, p.url);
+    match &p.schedule {
+        Some(s) => {
+            crate::out!(
+                "  schedule {}: {} ({}), jitter {}s",
+                s.name.as_deref().unwrap_or_default(),
+                s.cron,
+                s.timezone,
+                s.jitter_s
+            );
+            crate::out!("  next rotations: {}", s.next.join(", "));
+        }
+        None => crate::out!("  schedule: none (manual rotation only)"),
+    }
+    for s in &p.sinks {
+        crate::out!("  sink {}: {}", s.name, s.describe);
+    }
+    if offline {
+        return;
+    }
+    if let Some(a) = &p.account {
+        crate::out!("  account: {} <{}>", a.display_name, a.email);
+    }
+    if let Some(c) = &p.codes {
+        crate::out!("  codes: {}/{} unused", c.unused, c.total);
+    }
+    if let Some(t) = &p.tfa_app {
+        let b = |v: Option<bool>| v.map_or("null".to_string(), |v| v.to_string());
         crate::out!(
-            "\nportal {} {}",
-            p["portal"].as_str().unwrap_or_default(),
-            p["url"].as_str().unwrap_or_default()
+            "  TFA app method: enabled {}, available {}",
+            b(t.enabled),
+            b(t.available)
         );
-        match p["schedule"].as_object() {
-            Some(s) => {
-                crate::out!(
-                    "  schedule {}: {} ({}), jitter {}s",
-                    s["name"].as_str().unwrap_or_default(),
-                    s["cron"].as_str().unwrap_or_default(),
-                    s["timezone"].as_str().unwrap_or_default(),
-                    s["jitter_s"]
-                );
-                let next: Vec<&str> = s["next"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_str).collect())
-                    .unwrap_or_default();
-                crate::out!("  next rotations: {}", next.join(", "));
+    }
+    for n in p.notes.iter().flatten() {
+        crate::out!("  note: {n}");
+    }
+    match &p.problems {
+        Some(list) if !list.is_empty() => {
+            for e in list {
+                crate::out!("  FAILED: {e}");
             }
-            None => crate::out!("  schedule: none (manual rotation only)"),
         }
-        for s in p["sinks"].as_array().into_iter().flatten() {
-            crate::out!(
-                "  sink {}: {}",
-                s["name"].as_str().unwrap_or_default(),
-                s["describe"].as_str().unwrap_or_default()
-            );
-        }
-        if offline {
-            continue;
-        }
-        if let Some(a) = p["account"].as_object() {
-            crate::out!(
-                "  account: {} <{}>",
-                a["display_name"].as_str().unwrap_or_default(),
-                a["email"].as_str().unwrap_or_default()
-            );
-        }
-        if let Some(c) = p["codes"].as_object() {
-            crate::out!("  codes: {}/{} unused", c["unused"], c["total"]);
-        }
-        if let Some(t) = p["tfa_app"].as_object() {
-            crate::out!(
-                "  TFA app method: enabled {}, available {}",
-                t["enabled"],
-                t["available"]
-            );
-        }
-        for n in p["notes"].as_array().into_iter().flatten() {
-            crate::out!("  note: {}", n.as_str().unwrap_or_default());
-        }
-        match p["problems"].as_array() {
-            Some(list) if !list.is_empty() => {
-                for e in list {
-                    crate::out!("  FAILED: {}", e.as_str().unwrap_or_default());
-                }
-            }
-            _ => crate::out!("  preflight: ok"),
-        }
+        _ => crate::out!("  preflight: ok"),
     }
 }

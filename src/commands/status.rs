@@ -1,12 +1,81 @@
 //! `status [--json]`: what the state knows, per portal. Read-only.
+//!
+//! Built as a typed report ([`StatusReport`]) first; `--json` serializes it, the table for
+//! people reads its fields.
 
 use std::path::Path;
 
-use chrono::Utc;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 use super::{Exit, fmt_ms, load_config};
-use crate::state::{self, PendingRow, PortalRow, Store};
+use crate::config::Config;
+use crate::coordinator::{Coordinator, Role};
+use crate::docspace::model::escape_controls;
+use crate::state::pg::{Lease, Node};
+use crate::state::{self, LastResult, OpenJournal, PendingRow, PortalRow, Store};
+
+/// What `status` reports.
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    portals: Vec<PortalStatus>,
+    /// In a cluster: the instances, newest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instances: Option<Vec<Node>>,
+}
+
+/// One portal, as the state knows it and as the planner would act on it.
+#[derive(Debug, Serialize)]
+struct PortalStatus {
+    portal: String,
+    configured: bool,
+    last_attempt_at: Option<i64>,
+    last_success_at: Option<i64>,
+    last_result: Option<LastResult>,
+    last_error: Option<String>,
+    failures_in_a_row: i64,
+    next_due_at: Option<i64>,
+    next_reason: Option<&'static str>,
+    next_reason_text: Option<String>,
+    next_held_by: Option<&'static str>,
+    unused: Option<i64>,
+    total: Option<i64>,
+    codes_seen_at: Option<i64>,
+    pending_deliveries: Vec<PendingRow>,
+    settling: Option<Settling>,
+    drifts: i64,
+    drift_at: Option<i64>,
+    flapping: bool,
+    flapping_since: Option<i64>,
+    paused_until: Option<i64>,
+    held_by: Option<HeldBy>,
+}
+
+/// An open intent: a rotation's outcome being settled.
+#[derive(Debug, Serialize)]
+struct Settling {
+    since: i64,
+    checks: i64,
+    next_check_at: Option<i64>,
+}
+
+/// In a cluster: the instance that holds the portal now.
+#[derive(Debug, Serialize)]
+struct HeldBy {
+    instance: String,
+    epoch: i64,
+    lease_left_s: i64,
+}
+
+/// What `status` reads from the state, in one transaction.
+#[derive(Default)]
+struct Loaded {
+    rows: Vec<PortalRow>,
+    pending: Vec<PendingRow>,
+    open: Vec<OpenJournal>,
+    /// Drift counts of the last hour, only where flapping may still hold.
+    recent_drifts: Vec<(String, i64)>,
+}
 
 /// Runs `status`.
 pub async fn run(path: &Path, json: bool) -> Exit {
@@ -14,58 +83,13 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         Ok(c) => c,
         Err(e) => return e,
     };
-    // Read-only: `status` creates no file in the state directory (SPEC §6).
-    let store = match Store::open_configured_read_only(&config) {
-        Ok(Some(s)) => Some(s),
-        Ok(None) => {
-            crate::err!(
-                "error: no state yet in {}: nothing has run here (start the daemon, or `tfa-rotator rotate`)",
-                config.daemon.state_dir.display()
-            );
-            return Exit::Failed;
-        }
-        Err(e) => {
-            crate::err!("error: the state cannot be read: {e}");
-            return Exit::Failed;
-        }
-    };
-    type Loaded = (
-        Vec<PortalRow>,
-        Vec<PendingRow>,
-        Vec<state::OpenJournal>,
-        Vec<(String, i64)>,
-    );
-    let (rows, pending, open, recent_drifts): Loaded = match &store {
-        None => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-        Some(s) => match s
-            .call(|c| {
-                let rows = state::portal_rows(c)?;
-                // Drift counts only where flapping may still hold (rarely any portal).
-                let recent = rows
-                    .iter()
-                    .filter(|r| r.flapping_since.is_some())
-                    .map(|r| Ok((r.name.clone(), state::recent_drifts(c, &r.name)?)))
-                    .collect::<Result<Vec<_>, state::StateError>>()?;
-                Ok((
-                    rows,
-                    state::pending_rows(c)?,
-                    state::open_journal(c, None)?,
-                    recent,
-                ))
-            })
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                crate::err!("error: {e}");
-                return Exit::Failed;
-            }
-        },
+    let (store, loaded) = match read_state(&config).await {
+        Ok(r) => r,
+        Err(exit) => return exit,
     };
     // In a cluster: who holds which portal, and the instances.
-    let coordinator =
-        crate::coordinator::Coordinator::new(store.as_ref(), crate::coordinator::Role::Command);
-    let (leases, nodes) = match coordinator.cluster_view().await {
+    let coordinator = Coordinator::new(Some(&store), Role::Command);
+    let (leases, instances) = match coordinator.cluster_view().await {
         Ok(None) => (Vec::new(), None),
         Ok(Some((l, n))) => (l, Some(n)),
         Err(e) => {
@@ -73,248 +97,332 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             return Exit::Failed;
         }
     };
-    let now = Utc::now();
     // Built once for the entry fingerprints (no network: building reads and checks keys);
     // without them every portal would look changed, so status says nothing rather than that.
     let sinks = match crate::sinks::build_with(&config, crate::sinks::Secrets::Skip) {
         Ok(s) => s,
         Err(issues) => return super::config_errors(&issues),
     };
-    let mut names: Vec<String> = config.portals.keys().cloned().collect();
-    names.extend(
-        rows.iter()
-            .map(|r| r.name.clone())
-            .filter(|n| !config.portals.contains_key(n)),
-    );
-    let mut out = Vec::new();
-    for name in &names {
-        let row = rows
-            .iter()
-            .find(|r| &r.name == name)
-            .cloned()
-            .unwrap_or_default();
-        let pc = config.portals.get(name);
-        // The planner's answer, the one the daemon acts on.
-        let intent = open
-            .iter()
-            .find(|j| &j.portal == name && j.phase == state::Phase::Intent);
-        let due = pc.and_then(|pc| {
-            let fp = crate::rotation::entry_fingerprint_of(&sinks, pc);
-            crate::schedule::plan::plan(
-                &crate::rotation::policy_of(&config, pc, &fp, coordinator.follows_changes()),
-                &crate::rotation::known_from(Some(&row), intent, now),
-                &crate::schedule::plan::Now {
-                    now,
-                    started: now,
-                    once: false,
-                },
-            )
-            .due
-        });
-        let next = due.map(|d| d.at.timestamp_millis());
-        let recent = recent_drifts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0, |(_, n)| *n);
-        let flapping = state::still_flapping(row.flapping_since, recent, now.timestamp_millis());
-        let paused_until = row.paused_until.filter(|t| *t > now.timestamp_millis());
-        let mine: Vec<&PendingRow> = pending.iter().filter(|p| &p.portal == name).collect();
-        let settling = open
-            .iter()
-            .find(|j| &j.portal == name && j.phase == state::Phase::Intent)
-            .map(|j| {
-                json!({
-                    "since": j.started_at,
-                    "checks": j.checks,
-                    "next_check_at": j.next_check_at,
-                })
-            });
-        out.push(json!({
-            "portal": name,
-            "configured": pc.is_some(),
-            "last_attempt_at": row.last_attempt_at,
-            "last_success_at": row.last_success_at,
-            "last_result": row.last_result,
-            "last_error": row.last_error,
-            "failures_in_a_row": row.failures,
-            "next_due_at": next,
-            "next_reason": due.map(|d| d.reason.name()),
-            "next_reason_text": due.map(|d| d.reason.describe()),
-            "next_held_by": due.and_then(|d| d.held).map(|h| h.describe()),
-            "unused": row.unused,
-            "total": row.total,
-            "codes_seen_at": row.seen_at,
-            "pending_deliveries": mine,
-            "settling": settling,
-            "drifts": row.drifts,
-            "drift_at": row.drift_at,
-            "flapping": flapping,
-            "flapping_since": row.flapping_since.filter(|_| flapping),
-            "paused_until": paused_until,
-            "held_by": leases.iter().find(|l| &l.portal == name).map(|l| json!({
-                "instance": l.owner, "epoch": l.epoch, "lease_left_s": l.left_s,
-            })),
-        }));
-    }
+    let now = Utc::now();
+    let view = View {
+        config: &config,
+        sinks: &sinks,
+        loaded: &loaded,
+        leases: &leases,
+        follows_changes: coordinator.follows_changes(),
+        now,
+    };
+    let report = StatusReport {
+        portals: view.portals(),
+        instances,
+    };
     if json {
-        let mut doc = json!({"portals": out});
-        if let Some(n) = &nodes {
-            doc["instances"] = json!(n);
-        }
-        crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        crate::out!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
-        print_table(&out, now);
-        if let Some(nodes) = &nodes {
-            crate::out!("");
-            crate::out!("INSTANCES (PostgreSQL)");
-            for n in nodes {
-                crate::out!(
-                    "{}  version {}  seen {}s ago{}",
-                    crate::docspace::model::escape_controls(&n.name),
-                    crate::docspace::model::escape_controls(&n.version),
-                    n.seen_s_ago,
-                    if n.newest_config {
-                        ""
-                    } else {
-                        "  OLDER CONFIG: does not act on changed entries"
-                    }
-                );
-            }
+        print_table(&report.portals, now);
+        if let Some(nodes) = &report.instances {
+            print_instances(nodes);
         }
     }
-    if pending.is_empty() && !open.iter().any(|j| j.phase == state::Phase::Intent) {
+    let settling = loaded.open.iter().any(|j| j.phase == state::Phase::Intent);
+    if loaded.pending.is_empty() && !settling {
         Exit::Ok
     } else {
         Exit::Failed
     }
 }
 
-/// `status` for people: one row per portal (the last success and the last attempt with its
-/// own result, apart), then a line for each thing that needs attention. Times are RFC 3339
-/// UTC, with how far away they are.
-fn print_table(out: &[serde_json::Value], now: chrono::DateTime<Utc>) {
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
-    let mut rows: Vec<[String; 6]> = vec![[
-        "PORTAL".into(),
-        "LAST SUCCESS".into(),
-        "LAST ATTEMPT".into(),
-        "NEXT".into(),
-        "CODES".into(),
-        "STATE".into(),
-    ]];
-    let mut notes: Vec<String> = Vec::new();
-    for p in out {
-        let name = s(&p["portal"]);
-        let attempt = match p["last_attempt_at"].as_i64() {
+/// Opens the state read-only (`status` creates no file in the state directory, SPEC §6)
+/// and reads it; no state yet, or one that cannot be read, is an error (exit 1).
+async fn read_state(config: &Config) -> Result<(Store, Loaded), Exit> {
+    let store = match Store::open_configured_read_only(config) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            crate::err!(
+                "error: no state yet in {}: nothing has run here (start the daemon, or `tfa-rotator rotate`)",
+                config.daemon.state_dir.display()
+            );
+            return Err(Exit::Failed);
+        }
+        Err(e) => {
+            crate::err!("error: the state cannot be read: {e}");
+            return Err(Exit::Failed);
+        }
+    };
+    let loaded = store
+        .call(|c| {
+            let rows = state::portal_rows(c)?;
+            let recent_drifts = rows
+                .iter()
+                .filter(|r| r.flapping_since.is_some())
+                .map(|r| Ok((r.name.clone(), state::recent_drifts(c, &r.name)?)))
+                .collect::<Result<Vec<_>, state::StateError>>()?;
+            Ok(Loaded {
+                rows,
+                pending: state::pending_rows(c)?,
+                open: state::open_journal(c, None)?,
+                recent_drifts,
+            })
+        })
+        .await;
+    match loaded {
+        Ok(l) => Ok((store, l)),
+        Err(e) => {
+            crate::err!("error: {e}");
+            Err(Exit::Failed)
+        }
+    }
+}
+
+/// What one `status` sees: the config, the state, the cluster, the time.
+struct View<'a> {
+    config: &'a Config,
+    sinks: &'a crate::sinks::Sinks,
+    loaded: &'a Loaded,
+    leases: &'a [Lease],
+    follows_changes: bool,
+    now: DateTime<Utc>,
+}
+
+impl View<'_> {
+    /// Every configured portal, then those only the state still knows.
+    fn portals(&self) -> Vec<PortalStatus> {
+        let mut names: Vec<&String> = self.config.portals.keys().collect();
+        names.extend(
+            self.loaded
+                .rows
+                .iter()
+                .map(|r| &r.name)
+                .filter(|n| !self.config.portals.contains_key(*n)),
+        );
+        names.into_iter().map(|n| self.portal(n)).collect()
+    }
+
+    fn portal(&self, name: &str) -> PortalStatus {
+        let loaded = self.loaded;
+        let row = loaded
+            .rows
+            .iter()
+            .find(|r| r.name == name)
+            .cloned()
+            .unwrap_or_default();
+        let now_ms = self.now.timestamp_millis();
+        let intent = loaded
+            .open
+            .iter()
+            .find(|j| j.portal == name && j.phase == state::Phase::Intent);
+        let due = self.due(name, &row, intent);
+        let recent = loaded
+            .recent_drifts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, n)| *n);
+        let flapping = state::still_flapping(row.flapping_since, recent, now_ms);
+        PortalStatus {
+            portal: name.to_string(),
+            configured: self.config.portals.contains_key(name),
+            last_attempt_at: row.last_attempt_at,
+            last_success_at: row.last_success_at,
+            last_result: row.last_result,
+            last_error: row.last_error,
+            failures_in_a_row: row.failures,
+            next_due_at: due.map(|d| d.at.timestamp_millis()),
+            next_reason: due.map(|d| d.reason.name()),
+            next_reason_text: due.map(|d| d.reason.describe()),
+            next_held_by: due.and_then(|d| d.held).map(|h| h.describe()),
+            unused: row.unused,
+            total: row.total,
+            codes_seen_at: row.seen_at,
+            pending_deliveries: loaded
+                .pending
+                .iter()
+                .filter(|p| p.portal == name)
+                .cloned()
+                .collect(),
+            settling: intent.map(|j| Settling {
+                since: j.started_at,
+                checks: j.checks,
+                next_check_at: j.next_check_at,
+            }),
+            drifts: row.drifts,
+            drift_at: row.drift_at,
+            flapping,
+            flapping_since: row.flapping_since.filter(|_| flapping),
+            paused_until: row.paused_until.filter(|t| *t > now_ms),
+            held_by: self
+                .leases
+                .iter()
+                .find(|l| l.portal == name)
+                .map(|l| HeldBy {
+                    instance: l.owner.clone(),
+                    epoch: l.epoch,
+                    lease_left_s: l.left_s,
+                }),
+        }
+    }
+
+    /// The planner's answer, the one the daemon acts on.
+    fn due(
+        &self,
+        name: &str,
+        row: &PortalRow,
+        intent: Option<&OpenJournal>,
+    ) -> Option<crate::schedule::plan::Due> {
+        let pc = self.config.portals.get(name)?;
+        let fp = crate::rotation::entry_fingerprint_of(self.sinks, pc);
+        crate::schedule::plan::plan(
+            &crate::rotation::policy_of(self.config, pc, &fp, self.follows_changes),
+            &crate::rotation::known_from(Some(row), intent, self.now),
+            &crate::schedule::plan::Now {
+                now: self.now,
+                started: self.now,
+                once: false,
+            },
+        )
+        .due
+    }
+}
+
+impl PortalStatus {
+    /// The STATE column: what needs attention first.
+    fn state(&self) -> &'static str {
+        if !self.configured {
+            "NOT CONFIGURED"
+        } else if self.settling.is_some() {
+            "SETTLING"
+        } else if self.flapping {
+            "FLAPPING"
+        } else if !self.pending_deliveries.is_empty() {
+            "PENDING"
+        } else if self.failures_in_a_row > 0 {
+            "FAILING"
+        } else {
+            "ok"
+        }
+    }
+
+    /// The table's cells.
+    fn cells(&self, now: DateTime<Utc>) -> [String; 6] {
+        let attempt = match self.last_attempt_at {
             Some(t) => format!(
                 "{} {}",
                 fmt_ms(Some(t)),
-                p["last_result"].as_str().unwrap_or("?")
+                self.last_result.map_or("?", LastResult::as_str)
             ),
             None => "never".into(),
         };
-        let next = match p["next_due_at"].as_i64() {
+        let next = match self.next_due_at {
             Some(t) => format!(
                 "{} {} ({})",
                 fmt_ms(Some(t)),
                 super::fmt_relative(t, now),
-                s(&p["next_reason"])
+                self.next_reason.unwrap_or_default()
             ),
             None => "by hand only".into(),
         };
-        let codes = match (p["unused"].as_i64(), p["total"].as_i64()) {
+        let codes = match (self.unused, self.total) {
             (Some(u), Some(t)) => format!("{u}/{t}"),
             _ => "-".into(),
         };
-        let pending = p["pending_deliveries"].as_array().map_or(0, |a| a.len());
-        let state = if p["configured"] == json!(false) {
-            "NOT CONFIGURED"
-        } else if p["settling"].is_object() {
-            "SETTLING"
-        } else if p["flapping"] == json!(true) {
-            "FLAPPING"
-        } else if pending > 0 {
-            "PENDING"
-        } else if p["failures_in_a_row"].as_i64().unwrap_or(0) > 0 {
-            "FAILING"
-        } else {
-            "ok"
-        };
-        rows.push([
-            name.clone(),
-            fmt_ms(p["last_success_at"].as_i64()),
+        [
+            self.portal.clone(),
+            fmt_ms(self.last_success_at),
             attempt,
             next,
             codes,
-            state.into(),
-        ]);
-        if let Some(e) = p["last_error"].as_str() {
-            notes.push(format!(
-                "{name}: last error ({} in a row): {e}",
-                p["failures_in_a_row"]
-            ));
+            self.state().into(),
+        ]
+    }
+
+    /// A line for each thing that needs attention.
+    fn notes(&self, now: DateTime<Utc>) -> Vec<String> {
+        let name = &self.portal;
+        let mut notes = Vec::new();
+        if let Some(e) = &self.last_error {
+            let n = self.failures_in_a_row;
+            notes.push(format!("{name}: last error ({n} in a row): {e}"));
         }
-        if let Some(i) = p["held_by"]["instance"].as_str() {
+        if let Some(h) = &self.held_by {
             notes.push(format!(
                 "{name}: held by instance {} (epoch {}, lease {}s left)",
-                crate::docspace::model::escape_controls(i),
-                p["held_by"]["epoch"],
-                p["held_by"]["lease_left_s"]
+                escape_controls(&h.instance),
+                h.epoch,
+                h.lease_left_s
             ));
         }
-        if let Some(h) = p["next_held_by"].as_str() {
+        if let Some(h) = self.next_held_by {
             notes.push(format!("{name}: next rotation held: {h}"));
         }
-        if let Some(at) = p["drift_at"].as_i64() {
+        if let Some(at) = self.drift_at {
             notes.push(format!(
                 "{name}: drift: the portal's codes changed outside tfa-rotator {} time(s), last at {}",
-                p["drifts"],
+                self.drifts,
                 fmt_ms(Some(at))
             ));
         }
-        if p["flapping"] == json!(true) {
+        if self.flapping {
             notes.push(format!(
                 "{name}: FLAPPING since {}: its codes changed more than {} times within an hour; drift is logged, not acted on, until an hour passes with at most one change",
-                fmt_ms(p["flapping_since"].as_i64()),
+                fmt_ms(self.flapping_since),
                 state::DRIFT_ACTIONS
             ));
         }
-        if let Some(t) = p["paused_until"].as_i64() {
+        if let Some(t) = self.paused_until {
             notes.push(format!(
                 "{name}: PAUSED by the portal (429 Too Many Requests) until {} ({})",
                 fmt_ms(Some(t)),
                 super::fmt_relative(t, now)
             ));
         }
-        if p["settling"].is_object() {
+        if let Some(s) = &self.settling {
+            let next = s
+                .next_check_at
+                .map(|t| format!("{} {}", fmt_ms(Some(t)), super::fmt_relative(t, now)))
+                .unwrap_or_else(|| "once asked".into());
             notes.push(format!(
-                "{name}: SETTLING: a rotation's outcome is unknown since {}; asked {} time(s), next {} (`tfa-rotator settle {name}`)",
-                fmt_ms(p["settling"]["since"].as_i64()),
-                p["settling"]["checks"],
-                p["settling"]["next_check_at"]
-                    .as_i64()
-                    .map(|t| format!("{} {}", fmt_ms(Some(t)), super::fmt_relative(t, now)))
-                    .unwrap_or_else(|| "once asked".into()),
+                "{name}: SETTLING: a rotation's outcome is unknown since {}; asked {} time(s), next {next} (`tfa-rotator settle {name}`)",
+                fmt_ms(Some(s.since)),
+                s.checks,
             ));
         }
-        for d in p["pending_deliveries"].as_array().into_iter().flatten() {
+        for d in &self.pending_deliveries {
             notes.push(format!(
                 "{name}: PENDING delivery to {} since {}, {} attempt(s){}{}",
-                s(&d["sink"]),
-                fmt_ms(d["created_at"].as_i64()),
-                d["attempts"],
-                if d["permanent"] == json!(true) {
+                d.sink,
+                fmt_ms(Some(d.created_at)),
+                d.attempts,
+                if d.permanent {
                     ", refused by the server (run `deliver` after fixing it)"
                 } else {
                     ""
                 },
-                d["last_error"]
-                    .as_str()
+                d.last_error
+                    .as_deref()
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
             ));
         }
+        notes
     }
+}
+
+/// `status` for people: one row per portal (the last success and the last attempt with its
+/// own result, apart), then a line for each thing that needs attention. Times are RFC 3339
+/// UTC, with how far away they are.
+fn print_table(portals: &[PortalStatus], now: DateTime<Utc>) {
+    let header = [
+        "PORTAL",
+        "LAST SUCCESS",
+        "LAST ATTEMPT",
+        "NEXT",
+        "CODES",
+        "STATE",
+    ];
+    let mut rows: Vec<[String; 6]> = vec![header.map(String::from)];
+    rows.extend(portals.iter().map(|p| p.cells(now)));
     let mut widths = [0usize; 6];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -329,10 +437,30 @@ fn print_table(out: &[serde_json::Value], now: chrono::DateTime<Utc>) {
             .collect();
         crate::out!("{}", line.join("  ").trim_end());
     }
+    let notes: Vec<String> = portals.iter().flat_map(|p| p.notes(now)).collect();
     if !notes.is_empty() {
         crate::out!("");
         for n in notes {
             crate::out!("{n}");
         }
+    }
+}
+
+/// In a cluster: the instances, and which run an older config.
+fn print_instances(nodes: &[Node]) {
+    crate::out!("");
+    crate::out!("INSTANCES (PostgreSQL)");
+    for n in nodes {
+        crate::out!(
+            "{}  version {}  seen {}s ago{}",
+            escape_controls(&n.name),
+            escape_controls(&n.version),
+            n.seen_s_ago,
+            if n.newest_config {
+                ""
+            } else {
+                "  OLDER CONFIG: does not act on changed entries"
+            }
+        );
     }
 }

@@ -107,6 +107,8 @@ pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: Cancellation
     let started_at = std::time::Instant::now();
     let mut engine = engine;
     engine.coordinator = engine.coordinator.clone().with_role(Role::Daemon);
+    // A SIGTERM stops new rotations at once, in every job, not only once the loop notices.
+    engine.stopping = shutdown.child_token();
     // The config in force was loaded now: its time, not 0 (1970 to a dashboard).
     engine.metrics.reload(true);
     let mut background = Background::new(shutdown.child_token());
