@@ -284,32 +284,105 @@ pub(super) fn validate(
         errors: Vec::new(),
         warnings: Vec::new(),
     };
-
     let (doc, syntax) = DeTable::parse_recoverable(text);
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
         cx.err(&span, "", format!("TOML syntax: {}", e.message()));
     }
+    let raw = sections(&mut cx, doc);
+    let empty = BTreeSet::new();
+    let declared_schedules = raw.declared.get("schedules").unwrap_or(&empty);
+    let declared_sinks = raw.declared.get("sinks").unwrap_or(&empty);
+    let daemon = daemon_section(&mut cx, raw.daemon.unwrap_or_default());
+    let smtp_declared = raw.smtp.is_some();
+    let smtp = raw
+        .smtp
+        .and_then(|(_, r)| r)
+        .map(|r| smtp_section(&mut cx, r));
+    let mut schedule_map = BTreeMap::new();
+    for (name, r) in raw.schedules {
+        if let Some(s) = schedule_entry(&mut cx, &name, r) {
+            schedule_map.insert(name, s);
+        }
+    }
+    let mut sink_map = BTreeMap::new();
+    let mut path_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    for (name, r) in raw.sinks {
+        if let Some(p) = &r.path {
+            path_spans.insert(name.clone(), p.span());
+        }
+        if let Some(kind) = sink_kind(&mut cx, &name, r, smtp_declared) {
+            sink_map.insert(name.clone(), SinkConfig { name, kind });
+        }
+    }
+    let alerts = raw
+        .alerts
+        .map(|r| alerts_section(&mut cx, r, declared_sinks, &sink_map));
+    let portals = portals_section(
+        &mut cx,
+        raw.portals,
+        declared_schedules,
+        declared_sinks,
+        &sink_map,
+        &path_spans,
+    );
+    let storage = raw
+        .storage
+        .and_then(|r| storage(&mut cx, r, &daemon, &sink_map, &path_spans));
+    let Ctx {
+        mut errors,
+        warnings,
+        ..
+    } = cx;
+    if !errors.is_empty() {
+        errors.sort_by_key(|(offset, _)| *offset);
+        return Err(ConfigErrors {
+            errors: errors.into_iter().map(|(_, e)| e).collect(),
+        });
+    }
+    Ok(Config {
+        path: file.to_path_buf(),
+        daemon,
+        smtp,
+        schedules: schedule_map,
+        sinks: sink_map,
+        alerts,
+        storage,
+        portals,
+        warnings,
+        text_fp: {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
+        },
+    })
+}
 
-    let mut raw_daemon: Option<RawDaemon> = None;
-    let mut raw_smtp: Option<(Range<usize>, Option<RawSmtp>)> = None;
-    let mut raw_alerts: Option<RawAlerts> = None;
-    let mut raw_storage: Option<RawStorage> = None;
-    let mut schedules: Vec<(String, RawSchedule)> = Vec::new();
-    let mut sinks: Vec<(String, RawSink)> = Vec::new();
-    let mut portals: Vec<(String, Range<usize>, RawPortal)> = Vec::new();
-    let mut declared: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+/// The top level's sections, deserialized one by one (a broken one does not hide the
+/// others), with every entry name declared under `[schedules]`, `[sinks]` and `[portals]`.
+#[derive(Default)]
+struct Sections {
+    daemon: Option<RawDaemon>,
+    smtp: Option<(Range<usize>, Option<RawSmtp>)>,
+    alerts: Option<RawAlerts>,
+    storage: Option<RawStorage>,
+    schedules: Vec<(String, RawSchedule)>,
+    sinks: Vec<(String, RawSink)>,
+    portals: Vec<(String, Range<usize>, RawPortal)>,
+    declared: BTreeMap<&'static str, BTreeSet<String>>,
+}
 
+fn sections(cx: &mut Ctx<'_>, doc: Spanned<DeTable<'_>>) -> Sections {
+    let mut out = Sections::default();
     for (key, value) in doc.into_inner() {
         let kspan = key.span();
         match key.get_ref().as_ref() {
-            "daemon" => raw_daemon = cx.de("daemon", value),
+            "daemon" => out.daemon = cx.de("daemon", value),
             "smtp" => {
                 let span = value.span();
-                raw_smtp = Some((span, cx.de("smtp", value)));
+                out.smtp = Some((span, cx.de("smtp", value)));
             }
-            "alerts" => raw_alerts = cx.de("alerts", value),
-            "storage" => raw_storage = cx.de("storage", value),
+            "alerts" => out.alerts = cx.de("alerts", value),
+            "storage" => out.storage = cx.de("storage", value),
             section @ ("schedules" | "sinks" | "portals") => {
                 let section: &'static str = match section {
                     "schedules" => "schedules",
@@ -325,33 +398,7 @@ pub(super) fn validate(
                     );
                     continue;
                 };
-                for (name, entry) in table {
-                    let nspan = name.span();
-                    let name = name.get_ref().to_string();
-                    let key = format!("{section}.{name}");
-                    if !valid_name(&name) {
-                        cx.err(&nspan, &key, format!("`{name}` is not a valid name; accepted: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter or digit"));
-                    }
-                    declared.entry(section).or_default().insert(name.clone());
-                    let espan = entry.span();
-                    match section {
-                        "schedules" => {
-                            if let Some(r) = cx.de(&key, entry) {
-                                schedules.push((name, r));
-                            }
-                        }
-                        "sinks" => {
-                            if let Some(r) = cx.de(&key, entry) {
-                                sinks.push((name, r));
-                            }
-                        }
-                        _ => {
-                            if let Some(r) = cx.de(&key, entry) {
-                                portals.push((name, espan, r));
-                            }
-                        }
-                    }
-                }
+                entries(cx, section, table, &mut out);
             }
             other => {
                 let other = other.to_string();
@@ -363,13 +410,45 @@ pub(super) fn validate(
             }
         }
     }
+    out
+}
 
-    let empty = BTreeSet::new();
-    let declared_schedules = declared.get("schedules").unwrap_or(&empty).clone();
-    let declared_sinks = declared.get("sinks").unwrap_or(&empty).clone();
+/// The named entries of one of `[schedules]`, `[sinks]`, `[portals]`.
+fn entries(cx: &mut Ctx<'_>, section: &'static str, table: DeTable<'_>, out: &mut Sections) {
+    for (name, entry) in table {
+        let nspan = name.span();
+        let name = name.get_ref().to_string();
+        let key = format!("{section}.{name}");
+        if !valid_name(&name) {
+            cx.err(&nspan, &key, format!("`{name}` is not a valid name; accepted: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter or digit"));
+        }
+        out.declared
+            .entry(section)
+            .or_default()
+            .insert(name.clone());
+        let espan = entry.span();
+        match section {
+            "schedules" => {
+                if let Some(r) = cx.de(&key, entry) {
+                    out.schedules.push((name, r));
+                }
+            }
+            "sinks" => {
+                if let Some(r) = cx.de(&key, entry) {
+                    out.sinks.push((name, r));
+                }
+            }
+            _ => {
+                if let Some(r) = cx.de(&key, entry) {
+                    out.portals.push((name, espan, r));
+                }
+            }
+        }
+    }
+}
 
-    // [daemon]
-    let rd = raw_daemon.unwrap_or_default();
+/// `[daemon]`.
+fn daemon_section(cx: &mut Ctx<'_>, rd: RawDaemon) -> DaemonConfig {
     let state_dir = match &rd.state_dir {
         Some(s) => cx.path(s.get_ref()),
         None => default_state_dir(),
@@ -423,304 +502,362 @@ pub(super) fn validate(
         "daemon.http_timeout",
         Duration::from_secs(30),
     );
-    let daemon = DaemonConfig {
+    DaemonConfig {
         state_dir,
         metrics,
         max_concurrent,
         max_per_host,
         stop_timeout,
         http_timeout,
-    };
+    }
+}
 
-    // [smtp]
-    let smtp_declared = raw_smtp.is_some();
-    let smtp = raw_smtp.and_then(|(_, r)| r).map(|r| {
-        let security = match r.security.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-            None | Some(("starttls", _)) => SmtpSecurity::StartTls,
-            Some(("tls", _)) => SmtpSecurity::Tls,
-            Some(("none", span)) => {
-                if !is_loopback_host(r.host.get_ref()) {
-                    cx.err(&span, "smtp.security", format!(
-                        "\"none\" sends mail unencrypted on the wire and is accepted only to a \
-                         loopback host, not `{}`; accepted: \"starttls\" or \"tls\"", r.host.get_ref()));
-                }
-                SmtpSecurity::None
-            }
-            Some((other, span)) => {
-                cx.err(&span, "smtp.security", format!("`{other}` is not a security mode; accepted: \"starttls\", \"tls\", \"none\""));
-                SmtpSecurity::StartTls
-            }
-        };
-        if r.host.get_ref().trim().is_empty() {
-            cx.err(&r.host.span(), "smtp.host", "is empty; accepted: a host name or address");
-        }
-        let default_port = match security { SmtpSecurity::StartTls => 587, SmtpSecurity::Tls => 465, SmtpSecurity::None => 25 };
-        let port = match &r.port {
-            None => default_port,
-            Some(p) => u16::try_from(*p.get_ref()).ok().filter(|p| *p > 0).unwrap_or_else(|| {
-                cx.err(&p.span(), "smtp.port", format!("{} is not a port; accepted: 1 to 65535", p.get_ref()));
-                default_port
-            }),
-        };
-        if !valid_mailbox(r.from.get_ref()) {
-            cx.err(&r.from.span(), "smtp.from", format!(
-                "`{}` is not a mail address; accepted: \"name@example.com\" or \"Name <name@example.com>\"", r.from.get_ref()));
-        }
-        let password = r.password.map(|p| cx.secret(p, "smtp.password"));
-        if password.is_some() && r.username.is_none()
-            && let Some(p) = &password {
-                let span = 0..0;
-                let mut issue = cx.issue(&span, "smtp.password", "is set but `username` is not; AUTH needs both".into());
-                issue.loc = Some(p.loc);
-                cx.errors.push((0, issue));
-            }
-        let timeout = cx.timeout(&r.timeout, "smtp.timeout", Duration::from_secs(30));
-        let max_sessions = match &r.max_sessions {
-            None => 4,
-            Some(n) => usize::try_from(*n.get_ref())
-                .ok()
-                .filter(|n| (1..=256).contains(n))
-                .unwrap_or_else(|| {
-                    cx.err(&n.span(), "smtp.max_sessions", format!("{} is out of range; accepted: 1 to 256", n.get_ref()));
-                    4
-                }),
-        };
-        SmtpConfig {
-            host: r.host.into_inner(),
-            port,
-            security,
-            username: r.username.map(Spanned::into_inner),
-            password,
-            from: r.from.into_inner(),
-            ca_file: r.ca_file.map(|c| cx.located(cx.path(c.get_ref()), &c.span())),
-            timeout,
-            max_sessions,
-        }
-    });
-
-    // [schedules.*]
-    let mut schedule_map = BTreeMap::new();
-    for (name, r) in schedules {
-        let key = format!("schedules.{name}");
-        let tz = match &r.timezone {
-            None => chrono_tz::Tz::UTC,
-            Some(t) => schedule::parse_timezone(t.get_ref()).unwrap_or_else(|e| {
-                cx.err(&t.span(), &format!("{key}.timezone"), e);
-                chrono_tz::Tz::UTC
-            }),
-        };
-        let cron = match CronSchedule::parse(r.cron.get_ref(), tz) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                cx.err(&r.cron.span(), &format!("{key}.cron"), e);
-                None
-            }
-        };
-        let jitter = cx.duration(&r.jitter, &format!("{key}.jitter"), Duration::ZERO);
-        let min_interval = r.min_interval.as_ref().map(|_| {
-            cx.duration(
-                &r.min_interval,
-                &format!("{key}.min_interval"),
-                Duration::ZERO,
-            )
-        });
-        let watch_every = match &r.watch_every {
-            Some(w) if w.get_ref().trim() == "off" => None,
-            w => {
-                let d = cx.duration(w, &format!("{key}.watch_every"), super::DEFAULT_WATCH_EVERY);
-                if d < Duration::from_secs(1)
-                    && let Some(w) = w
-                {
-                    cx.err(
-                        &w.span(),
-                        &format!("{key}.watch_every"),
-                        "must be at least 1s, or \"off\"",
-                    );
-                }
-                Some(d)
-            }
-        };
-        let on_drift = match r
-            .on_drift
-            .as_ref()
-            .map(|o| (o.get_ref().as_str(), o.span()))
-        {
-            None | Some(("resend", _)) => super::OnDrift::Resend,
-            Some(("rotate", _)) => super::OnDrift::Rotate,
-            Some((other, span)) => {
+/// `smtp.security`: "starttls" (the default), "tls", or "none" to a loopback host only.
+fn smtp_security(cx: &mut Ctx<'_>, r: &RawSmtp) -> SmtpSecurity {
+    match r
+        .security
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
+        None | Some(("starttls", _)) => SmtpSecurity::StartTls,
+        Some(("tls", _)) => SmtpSecurity::Tls,
+        Some(("none", span)) => {
+            if !is_loopback_host(r.host.get_ref()) {
                 cx.err(
                     &span,
-                    &format!("{key}.on_drift"),
-                    format!("`{other}` is not a drift policy; accepted: \"resend\" or \"rotate\""),
+                    "smtp.security",
+                    format!(
+                        "\"none\" sends mail unencrypted on the wire and is accepted only to a \
+                     loopback host, not `{}`; accepted: \"starttls\" or \"tls\"",
+                        r.host.get_ref()
+                    ),
                 );
-                super::OnDrift::Resend
             }
-        };
-        let settle_window = cx.duration(
-            &r.settle_window,
-            &format!("{key}.settle_window"),
-            super::DEFAULT_SETTLE_WINDOW,
-        );
-        if settle_window < Duration::from_secs(1)
-            && let Some(w) = &r.settle_window
-        {
-            cx.err(
-                &w.span(),
-                &format!("{key}.settle_window"),
-                "must be at least 1s",
-            );
+            SmtpSecurity::None
         }
-        let below = r.rotate_when_unused_below.as_ref().and_then(|n| {
-            if (1..=10_000).contains(n.get_ref()) {
-                Some(*n.get_ref() as usize)
-            } else {
+        Some((other, span)) => {
+            cx.err(
+                &span,
+                "smtp.security",
+                format!(
+                    "`{other}` is not a security mode; accepted: \"starttls\", \"tls\", \"none\""
+                ),
+            );
+            SmtpSecurity::StartTls
+        }
+    }
+}
+
+/// `[smtp]`.
+fn smtp_section(cx: &mut Ctx<'_>, r: RawSmtp) -> SmtpConfig {
+    let security = smtp_security(cx, &r);
+    if r.host.get_ref().trim().is_empty() {
+        cx.err(
+            &r.host.span(),
+            "smtp.host",
+            "is empty; accepted: a host name or address",
+        );
+    }
+    let default_port = match security {
+        SmtpSecurity::StartTls => 587,
+        SmtpSecurity::Tls => 465,
+        SmtpSecurity::None => 25,
+    };
+    let port = match &r.port {
+        None => default_port,
+        Some(p) => u16::try_from(*p.get_ref())
+            .ok()
+            .filter(|p| *p > 0)
+            .unwrap_or_else(|| {
+                cx.err(
+                    &p.span(),
+                    "smtp.port",
+                    format!("{} is not a port; accepted: 1 to 65535", p.get_ref()),
+                );
+                default_port
+            }),
+    };
+    if !valid_mailbox(r.from.get_ref()) {
+        cx.err(&r.from.span(), "smtp.from", format!(
+            "`{}` is not a mail address; accepted: \"name@example.com\" or \"Name <name@example.com>\"", r.from.get_ref()));
+    }
+    let password = r.password.map(|p| cx.secret(p, "smtp.password"));
+    if password.is_some()
+        && r.username.is_none()
+        && let Some(p) = &password
+    {
+        let span = 0..0;
+        let mut issue = cx.issue(
+            &span,
+            "smtp.password",
+            "is set but `username` is not; AUTH needs both".into(),
+        );
+        issue.loc = Some(p.loc);
+        cx.errors.push((0, issue));
+    }
+    let timeout = cx.timeout(&r.timeout, "smtp.timeout", Duration::from_secs(30));
+    let max_sessions = match &r.max_sessions {
+        None => 4,
+        Some(n) => usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| (1..=256).contains(n))
+            .unwrap_or_else(|| {
                 cx.err(
                     &n.span(),
-                    &format!("{key}.rotate_when_unused_below"),
-                    format!("{} is out of range; accepted: 1 to 10000", n.get_ref()),
+                    "smtp.max_sessions",
+                    format!("{} is out of range; accepted: 1 to 256", n.get_ref()),
                 );
-                None
+                4
+            }),
+    };
+    SmtpConfig {
+        host: r.host.into_inner(),
+        port,
+        security,
+        username: r.username.map(Spanned::into_inner),
+        password,
+        from: r.from.into_inner(),
+        ca_file: r
+            .ca_file
+            .map(|c| cx.located(cx.path(c.get_ref()), &c.span())),
+        timeout,
+        max_sessions,
+    }
+}
+
+/// `[schedules.NAME]`; `None` when its cron is unusable (reported).
+fn schedule_entry(cx: &mut Ctx<'_>, name: &str, r: RawSchedule) -> Option<ScheduleConfig> {
+    let key = format!("schedules.{name}");
+    let tz = match &r.timezone {
+        None => chrono_tz::Tz::UTC,
+        Some(t) => schedule::parse_timezone(t.get_ref()).unwrap_or_else(|e| {
+            cx.err(&t.span(), &format!("{key}.timezone"), e);
+            chrono_tz::Tz::UTC
+        }),
+    };
+    let cron = match CronSchedule::parse(r.cron.get_ref(), tz) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            cx.err(&r.cron.span(), &format!("{key}.cron"), e);
+            None
+        }
+    };
+    let jitter = cx.duration(&r.jitter, &format!("{key}.jitter"), Duration::ZERO);
+    let min_interval = r.min_interval.as_ref().map(|_| {
+        cx.duration(
+            &r.min_interval,
+            &format!("{key}.min_interval"),
+            Duration::ZERO,
+        )
+    });
+    let watch_every = match &r.watch_every {
+        Some(w) if w.get_ref().trim() == "off" => None,
+        w => {
+            let d = cx.duration(w, &format!("{key}.watch_every"), super::DEFAULT_WATCH_EVERY);
+            if d < Duration::from_secs(1)
+                && let Some(w) = w
+            {
+                cx.err(
+                    &w.span(),
+                    &format!("{key}.watch_every"),
+                    "must be at least 1s, or \"off\"",
+                );
             }
-        });
-        if let Some(cron) = cron {
-            schedule_map.insert(
-                name,
-                ScheduleConfig {
-                    cron,
-                    jitter,
-                    catch_up: r.catch_up.unwrap_or(true),
-                    rotate_on_change: r.rotate_on_change.unwrap_or(true),
-                    min_interval,
-                    rotate_when_unused_below: below,
-                    watch_every,
-                    on_drift,
-                    settle_window,
-                },
+            Some(d)
+        }
+    };
+    let on_drift = match r
+        .on_drift
+        .as_ref()
+        .map(|o| (o.get_ref().as_str(), o.span()))
+    {
+        None | Some(("resend", _)) => super::OnDrift::Resend,
+        Some(("rotate", _)) => super::OnDrift::Rotate,
+        Some((other, span)) => {
+            cx.err(
+                &span,
+                &format!("{key}.on_drift"),
+                format!("`{other}` is not a drift policy; accepted: \"resend\" or \"rotate\""),
+            );
+            super::OnDrift::Resend
+        }
+    };
+    let settle_window = cx.duration(
+        &r.settle_window,
+        &format!("{key}.settle_window"),
+        super::DEFAULT_SETTLE_WINDOW,
+    );
+    if settle_window < Duration::from_secs(1)
+        && let Some(w) = &r.settle_window
+    {
+        cx.err(
+            &w.span(),
+            &format!("{key}.settle_window"),
+            "must be at least 1s",
+        );
+    }
+    let below = r.rotate_when_unused_below.as_ref().and_then(|n| {
+        if (1..=10_000).contains(n.get_ref()) {
+            Some(*n.get_ref() as usize)
+        } else {
+            cx.err(
+                &n.span(),
+                &format!("{key}.rotate_when_unused_below"),
+                format!("{} is out of range; accepted: 1 to 10000", n.get_ref()),
+            );
+            None
+        }
+    });
+    Some(ScheduleConfig {
+        cron: cron?,
+        jitter,
+        catch_up: r.catch_up.unwrap_or(true),
+        rotate_on_change: r.rotate_on_change.unwrap_or(true),
+        min_interval,
+        rotate_when_unused_below: below,
+        watch_every,
+        on_drift,
+        settle_window,
+    })
+}
+
+/// `[alerts]`: its sinks must be email sinks.
+fn alerts_section(
+    cx: &mut Ctx<'_>,
+    r: RawAlerts,
+    declared_sinks: &BTreeSet<String>,
+    sink_map: &BTreeMap<String, SinkConfig>,
+) -> AlertsConfig {
+    let names = cx.names(&r.sinks, "alerts.sinks", declared_sinks, "sink");
+    for (n, s) in names.iter().zip(r.sinks.get_ref()) {
+        if let Some(SinkConfig { kind, .. }) = sink_map.get(n)
+            && !matches!(kind, SinkKind::Email(_))
+        {
+            cx.err(
+                &s.span(),
+                "alerts.sinks",
+                format!("`{n}` is not an email sink; accepted: email sinks"),
             );
         }
     }
-
-    // [sinks.*]
-    let mut sink_map = BTreeMap::new();
-    let mut path_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
-    for (name, r) in sinks {
-        if let Some(p) = &r.path {
-            path_spans.insert(name.clone(), p.span());
-        }
-        let kind = sink_kind(&mut cx, &name, r, smtp_declared);
-        if let Some(kind) = kind {
-            sink_map.insert(name.clone(), SinkConfig { name, kind });
-        }
-    }
-
-    // [alerts]
-    let alerts = raw_alerts.map(|r| {
-        let names = cx.names(&r.sinks, "alerts.sinks", &declared_sinks, "sink");
-        for (n, s) in names.iter().zip(r.sinks.get_ref()) {
-            if let Some(SinkConfig { kind, .. }) = sink_map.get(n)
-                && !matches!(kind, SinkKind::Email(_))
-            {
+    let after_failures = match &r.after_failures {
+        None => 3,
+        Some(n) => u32::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| *n >= 1)
+            .unwrap_or_else(|| {
                 cx.err(
-                    &s.span(),
-                    "alerts.sinks",
-                    format!("`{n}` is not an email sink; accepted: email sinks"),
+                    &n.span(),
+                    "alerts.after_failures",
+                    format!("{} is out of range; accepted: 1 or more", n.get_ref()),
                 );
+                3
+            }),
+    };
+    let pending_longer_than = cx.duration(
+        &r.pending_longer_than,
+        "alerts.pending_longer_than",
+        Duration::from_secs(3600),
+    );
+    AlertsConfig {
+        sinks: names,
+        after_failures,
+        pending_longer_than,
+    }
+}
+
+/// A portal's `url`: https (http only to a loopback host), without credentials, a query
+/// or a fragment, ending in `/`.
+fn portal_url(cx: &mut Ctx<'_>, key: &str, url: &Spanned<String>) -> Option<Url> {
+    match Url::parse(url.get_ref()) {
+        Err(e) => {
+            cx.err(
+                &url.span(),
+                &format!("{key}.url"),
+                format!(
+                    "`{}` is not a URL ({e}); accepted: https://portal.example.com",
+                    url.get_ref()
+                ),
+            );
+            None
+        }
+        Ok(u) => {
+            let host = u.host_str().unwrap_or_default().to_string();
+            let ok_scheme =
+                u.scheme() == "https" || (u.scheme() == "http" && is_loopback_host(&host));
+            if !ok_scheme {
+                cx.err(&url.span(), &format!("{key}.url"), format!("`{}` is not https; accepted: https://…, or http:// only to a loopback host", url.get_ref()));
+                None
+            } else if u.query().is_some()
+                || u.fragment().is_some()
+                || !u.username().is_empty()
+                || u.password().is_some()
+            {
+                cx.err(&url.span(), &format!("{key}.url"), "must not carry credentials, a query or a fragment; accepted: the portal's base URL");
+                None
+            } else {
+                let mut u = u;
+                if !u.path().ends_with('/') {
+                    let p = format!("{}/", u.path());
+                    u.set_path(&p);
+                }
+                Some(u)
             }
         }
-        let after_failures = match &r.after_failures {
-            None => 3,
-            Some(n) => u32::try_from(*n.get_ref())
-                .ok()
-                .filter(|n| *n >= 1)
-                .unwrap_or_else(|| {
-                    cx.err(
-                        &n.span(),
-                        "alerts.after_failures",
-                        format!("{} is out of range; accepted: 1 or more", n.get_ref()),
-                    );
-                    3
-                }),
-        };
-        let pending_longer_than = cx.duration(
-            &r.pending_longer_than,
-            "alerts.pending_longer_than",
-            Duration::from_secs(3600),
-        );
-        AlertsConfig {
-            sinks: names,
-            after_failures,
-            pending_longer_than,
-        }
-    });
+    }
+}
 
-    // [portals.*]
+/// A portal's `schedule`: a declared schedule's name.
+fn portal_schedule(
+    cx: &mut Ctx<'_>,
+    key: &str,
+    schedule: Option<&Spanned<String>>,
+    declared_schedules: &BTreeSet<String>,
+) -> Option<String> {
+    schedule.and_then(|s| {
+        if declared_schedules.contains(s.get_ref()) {
+            Some(s.get_ref().clone())
+        } else {
+            let known = declared_schedules
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            cx.err(
+                &s.span(),
+                &format!("{key}.schedule"),
+                format!(
+                    "no schedule named `{}`; defined: {}",
+                    s.get_ref(),
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known
+                    }
+                ),
+            );
+            None
+        }
+    })
+}
+
+/// `[portals.NAME]`, and the file sinks they share.
+fn portals_section(
+    cx: &mut Ctx<'_>,
+    portals: Vec<(String, Range<usize>, RawPortal)>,
+    declared_schedules: &BTreeSet<String>,
+    declared_sinks: &BTreeSet<String>,
+    sink_map: &BTreeMap<String, SinkConfig>,
+    path_spans: &BTreeMap<String, Range<usize>>,
+) -> BTreeMap<String, PortalConfig> {
     let mut portal_map = BTreeMap::new();
     let mut file_users: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut written: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for (name, espan, r) in portals {
+    for (name, _, r) in portals {
         let key = format!("portals.{name}");
-        let url = match Url::parse(r.url.get_ref()) {
-            Err(e) => {
-                cx.err(
-                    &r.url.span(),
-                    &format!("{key}.url"),
-                    format!(
-                        "`{}` is not a URL ({e}); accepted: https://portal.example.com",
-                        r.url.get_ref()
-                    ),
-                );
-                None
-            }
-            Ok(u) => {
-                let host = u.host_str().unwrap_or_default().to_string();
-                let ok_scheme =
-                    u.scheme() == "https" || (u.scheme() == "http" && is_loopback_host(&host));
-                if !ok_scheme {
-                    cx.err(&r.url.span(), &format!("{key}.url"), format!("`{}` is not https; accepted: https://…, or http:// only to a loopback host", r.url.get_ref()));
-                    None
-                } else if u.query().is_some()
-                    || u.fragment().is_some()
-                    || !u.username().is_empty()
-                    || u.password().is_some()
-                {
-                    cx.err(&r.url.span(), &format!("{key}.url"), "must not carry credentials, a query or a fragment; accepted: the portal's base URL");
-                    None
-                } else {
-                    let mut u = u;
-                    if !u.path().ends_with('/') {
-                        let p = format!("{}/", u.path());
-                        u.set_path(&p);
-                    }
-                    Some(u)
-                }
-            }
-        };
+        let url = portal_url(cx, &key, &r.url);
         let api_key = cx.secret(r.api_key, &format!("{key}.api_key"));
-        let schedule = r.schedule.as_ref().and_then(|s| {
-            if declared_schedules.contains(s.get_ref()) {
-                Some(s.get_ref().clone())
-            } else {
-                let known = declared_schedules
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                cx.err(
-                    &s.span(),
-                    &format!("{key}.schedule"),
-                    format!(
-                        "no schedule named `{}`; defined: {}",
-                        s.get_ref(),
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known
-                        }
-                    ),
-                );
-                None
-            }
-        });
+        let schedule = portal_schedule(cx, &key, r.schedule.as_ref(), declared_schedules);
         if r.sinks.get_ref().is_empty() {
             cx.err(
                 &r.sinks.span(),
@@ -728,7 +865,7 @@ pub(super) fn validate(
                 "is empty; accepted: at least one sink name",
             );
         }
-        let sink_names = cx.names(&r.sinks, &format!("{key}.sinks"), &declared_sinks, "sink");
+        let sink_names = cx.names(&r.sinks, &format!("{key}.sinks"), declared_sinks, "sink");
         for (sname, s) in sink_names.iter().zip(r.sinks.get_ref()) {
             if let Some(SinkConfig {
                 kind: SinkKind::File(f),
@@ -746,7 +883,6 @@ pub(super) fn validate(
                 }
             }
         }
-        let _ = espan;
         if let Some(url) = url {
             portal_map.insert(
                 name.clone(),
@@ -760,7 +896,18 @@ pub(super) fn validate(
             );
         }
     }
-    for (sink, users) in &file_users {
+    shared_paths_name_the_portal(cx, &file_users, sink_map, path_spans);
+    portal_map
+}
+
+/// A file sink several portals use must write each its own file: its path has `{portal}`.
+fn shared_paths_name_the_portal(
+    cx: &mut Ctx<'_>,
+    file_users: &BTreeMap<String, Vec<String>>,
+    sink_map: &BTreeMap<String, SinkConfig>,
+    path_spans: &BTreeMap<String, Range<usize>>,
+) {
+    for (sink, users) in file_users {
         let Some(SinkConfig {
             kind: SinkKind::File(f),
             ..
@@ -780,34 +927,6 @@ pub(super) fn validate(
             );
         }
     }
-    // [storage]
-    let storage = raw_storage.and_then(|r| storage(&mut cx, r, &daemon, &sink_map, &path_spans));
-    let Ctx {
-        mut errors,
-        warnings,
-        ..
-    } = cx;
-    if !errors.is_empty() {
-        errors.sort_by_key(|(offset, _)| *offset);
-        return Err(ConfigErrors {
-            errors: errors.into_iter().map(|(_, e)| e).collect(),
-        });
-    }
-    Ok(Config {
-        path: file.to_path_buf(),
-        daemon,
-        smtp,
-        schedules: schedule_map,
-        sinks: sink_map,
-        alerts,
-        storage,
-        portals: portal_map,
-        warnings,
-        text_fp: {
-            use sha2::Digest;
-            hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
-        },
-    })
 }
 
 /// `[storage]`: SQLite (`None`) or PostgreSQL, with the cluster's rules: a lease long enough
@@ -821,32 +940,7 @@ fn storage(
 ) -> Option<StorageConfig> {
     match r.kind.get_ref().as_str() {
         "sqlite" => {
-            for (present, span, key) in [
-                (r.url.is_some(), r.url.as_ref().map(|u| u.span()), "url"),
-                (
-                    r.lease.is_some(),
-                    r.lease.as_ref().map(|u| u.span()),
-                    "lease",
-                ),
-                (
-                    r.instance.is_some(),
-                    r.instance.as_ref().map(|u| u.span()),
-                    "instance",
-                ),
-                (
-                    r.grace.is_some(),
-                    r.grace.as_ref().map(|u| u.span()),
-                    "grace",
-                ),
-            ] {
-                if present {
-                    cx.err(
-                        &span.unwrap_or(0..0),
-                        &format!("storage.{key}"),
-                        "applies to type = \"postgres\" only; SQLite lives in daemon.state_dir",
-                    );
-                }
-            }
+            sqlite_storage(cx, &r);
             return None;
         }
         "postgres" => {}
@@ -907,6 +1001,56 @@ fn storage(
         }
         name
     });
+    file_sinks_are_shared(cx, sinks, path_spans);
+    let ca_file = r
+        .ca_file
+        .map(|c| cx.located(cx.path(c.get_ref()), &c.span()));
+    Some(StorageConfig {
+        url,
+        lease,
+        grace,
+        instance,
+        ca_file,
+    })
+}
+
+/// `[storage] type = "sqlite"`: the PostgreSQL keys do not apply.
+fn sqlite_storage(cx: &mut Ctx<'_>, r: &RawStorage) {
+    for (present, span, key) in [
+        (r.url.is_some(), r.url.as_ref().map(|u| u.span()), "url"),
+        (
+            r.lease.is_some(),
+            r.lease.as_ref().map(|u| u.span()),
+            "lease",
+        ),
+        (
+            r.instance.is_some(),
+            r.instance.as_ref().map(|u| u.span()),
+            "instance",
+        ),
+        (
+            r.grace.is_some(),
+            r.grace.as_ref().map(|u| u.span()),
+            "grace",
+        ),
+    ] {
+        if present {
+            cx.err(
+                &span.unwrap_or(0..0),
+                &format!("storage.{key}"),
+                "applies to type = \"postgres\" only; SQLite lives in daemon.state_dir",
+            );
+        }
+    }
+}
+
+/// With PostgreSQL any instance may deliver, so every file sink must be on storage every
+/// instance sees (`shared = true`).
+fn file_sinks_are_shared(
+    cx: &mut Ctx<'_>,
+    sinks: &BTreeMap<String, SinkConfig>,
+    path_spans: &BTreeMap<String, Range<usize>>,
+) {
     for (name, s) in sinks {
         if let SinkKind::File(f) = &s.kind
             && !f.shared
@@ -918,16 +1062,6 @@ fn storage(
             );
         }
     }
-    let ca_file = r
-        .ca_file
-        .map(|c| cx.located(cx.path(c.get_ref()), &c.span()));
-    Some(StorageConfig {
-        url,
-        lease,
-        grace,
-        instance,
-        ca_file,
-    })
 }
 
 /// The dotted key and value span of every entry under `value` (tables, recursively).
@@ -974,234 +1108,10 @@ fn encryption(cx: &mut Ctx, key: &str, e: &Option<Spanned<RawEncrypt>>) -> FileE
 /// problem, is recorded and may give `None`.
 fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Option<SinkKind> {
     let key = format!("sinks.{name}");
-    let not_for =
-        |cx: &mut Ctx, present: bool, span: Option<Range<usize>>, field: &str, kind: &str| {
-            if present {
-                cx.err(
-                    &span.unwrap_or(0..0),
-                    &format!("{key}.{field}"),
-                    format!("is not a key of a {kind} sink"),
-                );
-            }
-        };
     match r.kind.get_ref().as_str() {
-        "email" => {
-            not_for(
-                cx,
-                r.path.is_some(),
-                r.path.as_ref().map(|s| s.span()),
-                "path",
-                "email",
-            );
-            not_for(
-                cx,
-                r.encrypt.is_some(),
-                r.encrypt.as_ref().map(|s| s.span()),
-                "encrypt",
-                "email",
-            );
-            not_for(
-                cx,
-                r.mode.is_some(),
-                r.mode.as_ref().map(|s| s.span()),
-                "mode",
-                "email",
-            );
-            if !smtp_declared {
-                cx.err(
-                    &r.kind.span(),
-                    &format!("{key}.type"),
-                    "an email sink needs an [smtp] table",
-                );
-            }
-            let to: Vec<String> = match &r.to {
-                None => {
-                    cx.err(
-                        &r.kind.span(),
-                        &format!("{key}.to"),
-                        "is missing; accepted: a list of addresses",
-                    );
-                    Vec::new()
-                }
-                Some(list) => {
-                    if list.get_ref().is_empty() {
-                        cx.err(
-                            &list.span(),
-                            &format!("{key}.to"),
-                            "is empty; accepted: at least one address",
-                        );
-                    }
-                    for a in list.get_ref() {
-                        if !crate::crypto::valid_address(a.get_ref()) {
-                            cx.err(
-                                &a.span(),
-                                &format!("{key}.to"),
-                                format!(
-                                    "`{}` is not a mail address; accepted: name@example.com",
-                                    a.get_ref()
-                                ),
-                            );
-                        }
-                    }
-                    list.get_ref()
-                        .iter()
-                        .map(|a| a.get_ref().to_ascii_lowercase())
-                        .collect()
-                }
-            };
-            let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
-                None => {
-                    cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key");
-                    Vec::new()
-                }
-                Some(list) => {
-                    if list.get_ref().is_empty() {
-                        cx.err(
-                            &list.span(),
-                            &format!("{key}.pgp_keys"),
-                            "is empty; accepted: at least one key file",
-                        );
-                    }
-                    list.get_ref()
-                        .iter()
-                        .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
-                        .collect()
-                }
-            };
-            Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
-        }
-        "file" => {
-            not_for(
-                cx,
-                r.to.is_some(),
-                r.to.as_ref().map(|s| s.span()),
-                "to",
-                "file",
-            );
-            not_for(
-                cx,
-                r.pgp_keys.is_some(),
-                r.pgp_keys.as_ref().map(|s| s.span()),
-                "pgp_keys",
-                "file (use encrypt = { pgp_keys = [...] })",
-            );
-            let path = match &r.path {
-                None => {
-                    cx.err(
-                        &r.kind.span(),
-                        &format!("{key}.path"),
-                        "is missing; accepted: a file path, where {portal} is the portal's name",
-                    );
-                    String::new()
-                }
-                Some(p) => {
-                    if p.get_ref().ends_with('/') || p.get_ref().is_empty() {
-                        cx.err(
-                            &p.span(),
-                            &format!("{key}.path"),
-                            "must name a file, not a directory",
-                        );
-                    }
-                    cx.path(p.get_ref()).to_string_lossy().into_owned()
-                }
-            };
-            let encrypt = encryption(cx, &key, &r.encrypt);
-            let mode = match &r.mode {
-                None => 0o600,
-                Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
-                    cx.err(&m.span(), &format!("{key}.mode"), e);
-                    0o600
-                }),
-            };
-            Some(SinkKind::File(FileSinkConfig {
-                path,
-                encrypt,
-                mode,
-                shared: r.shared.as_ref().is_some_and(|s| *s.get_ref()),
-            }))
-        }
-        "exec" => {
-            for (present, span, field) in [
-                (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
-                (
-                    r.pgp_keys.is_some(),
-                    r.pgp_keys.as_ref().map(|s| s.span()),
-                    "pgp_keys",
-                ),
-                (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
-                (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
-            ] {
-                not_for(cx, present, span, field, "exec");
-            }
-            let command_loc = r
-                .command
-                .as_ref()
-                .map_or(cx.loc(r.kind.span().start), |c| cx.loc(c.span().start));
-            let command: Vec<String> = match &r.command {
-                None => {
-                    cx.err(&r.kind.span(), &format!("{key}.command"), "is missing; accepted: a list, the program then its arguments, where {portal} is the portal's name (no shell)");
-                    Vec::new()
-                }
-                Some(list) => {
-                    match list.get_ref().first() {
-                        None => cx.err(
-                            &list.span(),
-                            &format!("{key}.command"),
-                            "is empty; accepted: the program then its arguments",
-                        ),
-                        Some(p) if p.get_ref().trim().is_empty() => {
-                            cx.err(&p.span(), &format!("{key}.command"), "names no program")
-                        }
-                        Some(_) => {}
-                    }
-                    list.get_ref().iter().map(|a| a.get_ref().clone()).collect()
-                }
-            };
-            let mut env = Vec::new();
-            if let Some(table) = r.env {
-                for (name, value) in table.into_inner() {
-                    let span = value.span();
-                    let valid = !name.is_empty()
-                        && !name.starts_with(|c: char| c.is_ascii_digit())
-                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                    if !valid {
-                        cx.err(&span, &format!("{key}.env"), format!("`{name}` is not an environment variable name; accepted: letters, digits and _, not starting with a digit"));
-                        continue;
-                    }
-                    if name.starts_with("TFA_") {
-                        cx.err(&span, &format!("{key}.env.{name}"), "TFA_* are set by tfa-rotator (TFA_PORTAL, TFA_ACCOUNT, TFA_URL); accepted: another name");
-                        continue;
-                    }
-                    if let SecretRef::Literal(v) = value.get_ref()
-                        && crate::secret::ExposeSecret::expose_secret(v).contains('\0')
-                    {
-                        cx.err(&span, &format!("{key}.env.{name}"), "holds a NUL byte, which no environment can carry; accepted: text without NUL");
-                        continue;
-                    }
-                    let value = match value.into_inner() {
-                        SecretRef::Literal(s) => EnvValue::Plain(
-                            crate::secret::ExposeSecret::expose_secret(&s).to_string(),
-                        ),
-                        other => EnvValue::Secret(std::sync::Arc::new(other.rebase(&cx.base))),
-                    };
-                    env.push((name, value));
-                }
-            }
-            let timeout = cx.timeout(
-                &r.timeout,
-                &format!("{key}.timeout"),
-                Duration::from_secs(30),
-            );
-            let encrypt = encryption(cx, &key, &r.encrypt);
-            Some(SinkKind::Exec(ExecSinkConfig {
-                command,
-                command_loc,
-                program: None,
-                env,
-                timeout,
-                encrypt,
-            }))
-        }
+        "email" => email_sink(cx, &key, &r, smtp_declared),
+        "file" => file_sink(cx, &key, &r),
+        "exec" => exec_sink(cx, &key, r),
         other => {
             cx.err(
                 &r.kind.span(),
@@ -1211,4 +1121,263 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
             None
         }
     }
+}
+
+/// A key of another sink type than `kind`.
+fn not_for(
+    cx: &mut Ctx,
+    key: &str,
+    present: bool,
+    span: Option<Range<usize>>,
+    field: &str,
+    kind: &str,
+) {
+    if present {
+        cx.err(
+            &span.unwrap_or(0..0),
+            &format!("{key}.{field}"),
+            format!("is not a key of a {kind} sink"),
+        );
+    }
+}
+
+/// An email sink: `to` (valid addresses) and `pgp_keys`; needs `[smtp]`.
+fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Option<SinkKind> {
+    not_for(
+        cx,
+        key,
+        r.path.is_some(),
+        r.path.as_ref().map(|s| s.span()),
+        "path",
+        "email",
+    );
+    not_for(
+        cx,
+        key,
+        r.encrypt.is_some(),
+        r.encrypt.as_ref().map(|s| s.span()),
+        "encrypt",
+        "email",
+    );
+    not_for(
+        cx,
+        key,
+        r.mode.is_some(),
+        r.mode.as_ref().map(|s| s.span()),
+        "mode",
+        "email",
+    );
+    if !smtp_declared {
+        cx.err(
+            &r.kind.span(),
+            &format!("{key}.type"),
+            "an email sink needs an [smtp] table",
+        );
+    }
+    let to: Vec<String> = match &r.to {
+        None => {
+            cx.err(
+                &r.kind.span(),
+                &format!("{key}.to"),
+                "is missing; accepted: a list of addresses",
+            );
+            Vec::new()
+        }
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                cx.err(
+                    &list.span(),
+                    &format!("{key}.to"),
+                    "is empty; accepted: at least one address",
+                );
+            }
+            for a in list.get_ref() {
+                if !crate::crypto::valid_address(a.get_ref()) {
+                    cx.err(
+                        &a.span(),
+                        &format!("{key}.to"),
+                        format!(
+                            "`{}` is not a mail address; accepted: name@example.com",
+                            a.get_ref()
+                        ),
+                    );
+                }
+            }
+            list.get_ref()
+                .iter()
+                .map(|a| a.get_ref().to_ascii_lowercase())
+                .collect()
+        }
+    };
+    let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
+        None => {
+            cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key");
+            Vec::new()
+        }
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                cx.err(
+                    &list.span(),
+                    &format!("{key}.pgp_keys"),
+                    "is empty; accepted: at least one key file",
+                );
+            }
+            list.get_ref()
+                .iter()
+                .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+                .collect()
+        }
+    };
+    Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
+}
+
+/// A file sink: `path`, `encrypt`, `mode`, `shared`.
+fn file_sink(cx: &mut Ctx, key: &str, r: &RawSink) -> Option<SinkKind> {
+    not_for(
+        cx,
+        key,
+        r.to.is_some(),
+        r.to.as_ref().map(|s| s.span()),
+        "to",
+        "file",
+    );
+    not_for(
+        cx,
+        key,
+        r.pgp_keys.is_some(),
+        r.pgp_keys.as_ref().map(|s| s.span()),
+        "pgp_keys",
+        "file (use encrypt = { pgp_keys = [...] })",
+    );
+    let path = match &r.path {
+        None => {
+            cx.err(
+                &r.kind.span(),
+                &format!("{key}.path"),
+                "is missing; accepted: a file path, where {portal} is the portal's name",
+            );
+            String::new()
+        }
+        Some(p) => {
+            if p.get_ref().ends_with('/') || p.get_ref().is_empty() {
+                cx.err(
+                    &p.span(),
+                    &format!("{key}.path"),
+                    "must name a file, not a directory",
+                );
+            }
+            cx.path(p.get_ref()).to_string_lossy().into_owned()
+        }
+    };
+    let encrypt = encryption(cx, &key, &r.encrypt);
+    let mode = match &r.mode {
+        None => 0o600,
+        Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
+            cx.err(&m.span(), &format!("{key}.mode"), e);
+            0o600
+        }),
+    };
+    Some(SinkKind::File(FileSinkConfig {
+        path,
+        encrypt,
+        mode,
+        shared: r.shared.as_ref().is_some_and(|s| *s.get_ref()),
+    }))
+}
+
+/// An exec sink: `command` (no shell), `env`, `timeout`, `encrypt`.
+fn exec_sink(cx: &mut Ctx, key: &str, r: RawSink) -> Option<SinkKind> {
+    for (present, span, field) in [
+        (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
+        (
+            r.pgp_keys.is_some(),
+            r.pgp_keys.as_ref().map(|s| s.span()),
+            "pgp_keys",
+        ),
+        (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
+        (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
+    ] {
+        not_for(cx, key, present, span, field, "exec");
+    }
+    let command_loc = r
+        .command
+        .as_ref()
+        .map_or(cx.loc(r.kind.span().start), |c| cx.loc(c.span().start));
+    let command: Vec<String> = match &r.command {
+        None => {
+            cx.err(&r.kind.span(), &format!("{key}.command"), "is missing; accepted: a list, the program then its arguments, where {portal} is the portal's name (no shell)");
+            Vec::new()
+        }
+        Some(list) => {
+            match list.get_ref().first() {
+                None => cx.err(
+                    &list.span(),
+                    &format!("{key}.command"),
+                    "is empty; accepted: the program then its arguments",
+                ),
+                Some(p) if p.get_ref().trim().is_empty() => {
+                    cx.err(&p.span(), &format!("{key}.command"), "names no program")
+                }
+                Some(_) => {}
+            }
+            list.get_ref().iter().map(|a| a.get_ref().clone()).collect()
+        }
+    };
+    let env = r.env.map(|t| exec_env(cx, key, t)).unwrap_or_default();
+    let timeout = cx.timeout(
+        &r.timeout,
+        &format!("{key}.timeout"),
+        Duration::from_secs(30),
+    );
+    let encrypt = encryption(cx, &key, &r.encrypt);
+    Some(SinkKind::Exec(ExecSinkConfig {
+        command,
+        command_loc,
+        program: None,
+        env,
+        timeout,
+        encrypt,
+    }))
+}
+
+/// An exec sink's `env` table: names a hook may be given (not `TFA_*`), values without NUL;
+/// a secret reference stays a reference, read at each delivery.
+fn exec_env(
+    cx: &mut Ctx,
+    key: &str,
+    table: Spanned<BTreeMap<String, Spanned<SecretRef>>>,
+) -> Vec<(String, EnvValue)> {
+    let mut env = Vec::new();
+    for (name, value) in table.into_inner() {
+        let span = value.span();
+        let valid = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            cx.err(&span, &format!("{key}.env"), format!("`{name}` is not an environment variable name; accepted: letters, digits and _, not starting with a digit"));
+            continue;
+        }
+        if name.starts_with("TFA_") {
+            cx.err(&span, &format!("{key}.env.{name}"), "TFA_* are set by tfa-rotator (TFA_PORTAL, TFA_ACCOUNT, TFA_URL); accepted: another name");
+            continue;
+        }
+        if let SecretRef::Literal(v) = value.get_ref()
+            && crate::secret::ExposeSecret::expose_secret(v).contains('\0')
+        {
+            cx.err(
+                &span,
+                &format!("{key}.env.{name}"),
+                "holds a NUL byte, which no environment can carry; accepted: text without NUL",
+            );
+            continue;
+        }
+        let value = match value.into_inner() {
+            SecretRef::Literal(s) => {
+                EnvValue::Plain(crate::secret::ExposeSecret::expose_secret(&s).to_string())
+            }
+            other => EnvValue::Secret(std::sync::Arc::new(other.rebase(&cx.base))),
+        };
+        env.push((name, value));
+    }
+    env
 }
