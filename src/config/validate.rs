@@ -1269,7 +1269,7 @@ fn file_sink(cx: &mut Ctx, key: &str, r: &RawSink) -> Option<SinkKind> {
             cx.path(p.get_ref()).to_string_lossy().into_owned()
         }
     };
-    let encrypt = encryption(cx, &key, &r.encrypt);
+    let encrypt = encryption(cx, key, &r.encrypt);
     let mode = match &r.mode {
         None => 0o600,
         Some(m) => parse_mode(m.get_ref()).unwrap_or_else(|e| {
@@ -1329,7 +1329,7 @@ fn exec_sink(cx: &mut Ctx, key: &str, r: RawSink) -> Option<SinkKind> {
         &format!("{key}.timeout"),
         Duration::from_secs(30),
     );
-    let encrypt = encryption(cx, &key, &r.encrypt);
+    let encrypt = encryption(cx, key, &r.encrypt);
     Some(SinkKind::Exec(ExecSinkConfig {
         command,
         command_loc,
