@@ -27,34 +27,10 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         Ok(c) => c,
         Err(e) => return e,
     };
-    let mut issues = Vec::new();
-    // Offline, no secret value is read: CI can check a config whose secrets live only on the
-    // server. Public key files are still read and checked.
-    let secrets = if offline {
-        crate::sinks::Secrets::Skip
-    } else {
-        crate::sinks::Secrets::Read
-    };
-    let sinks = match crate::sinks::build_with(&config, secrets) {
+    let sinks = match sinks_and_secrets(&config, offline) {
         Ok(s) => s,
-        Err(mut i) => {
-            issues.append(&mut i);
-            Sinks::default()
-        }
+        Err(exit) => return exit,
     };
-    for pc in config.portals.values().filter(|_| !offline) {
-        if let Err(e) = pc.api_key.value.resolve() {
-            issues.push(config.issue(
-                Some(pc.api_key.loc),
-                format!("portals.{}.api_key", pc.name),
-                e,
-            ));
-        }
-    }
-    if !issues.is_empty() {
-        return config_errors(&issues);
-    }
-
     // The state, read-only. A PostgreSQL `[storage]` is connected to for real (address,
     // authentication, TLS): a wrong password must fail `check`, not the first rotation.
     let reader = if offline {
@@ -116,6 +92,39 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         print_text(&config, &report);
     }
     if failed > 0 { Exit::Failed } else { Exit::Ok }
+}
+
+/// Builds the sinks (keys read and checked) and, online, reads every secret once: what
+/// fails is a config error (exit 78), every one at once.
+fn sinks_and_secrets(config: &Config, offline: bool) -> Result<Sinks, Exit> {
+    let mut issues = Vec::new();
+    // Offline, no secret value is read: CI can check a config whose secrets live only on the
+    // server. Public key files are still read and checked.
+    let secrets = if offline {
+        crate::sinks::Secrets::Skip
+    } else {
+        crate::sinks::Secrets::Read
+    };
+    let sinks = match crate::sinks::build_with(config, secrets) {
+        Ok(s) => s,
+        Err(mut i) => {
+            issues.append(&mut i);
+            Sinks::default()
+        }
+    };
+    for pc in config.portals.values().filter(|_| !offline) {
+        if let Err(e) = pc.api_key.value.resolve() {
+            issues.push(config.issue(
+                Some(pc.api_key.loc),
+                format!("portals.{}.api_key", pc.name),
+                e,
+            ));
+        }
+    }
+    if !issues.is_empty() {
+        return Err(config_errors(&issues));
+    }
+    Ok(sinks)
 }
 
 /// What `check` reports: the config is valid (an invalid one is reported as errors, exit

@@ -36,6 +36,118 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// Step 2: a throwaway config in `dir` (an age-encrypted file sink in `codes/`), shown.
+fn write_config(
+    dir: &std::path::Path,
+    url: &str,
+    key: &str,
+    recipient: &str,
+) -> Result<std::path::PathBuf, String> {
+    let codes_dir = dir.join("codes");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&codes_dir)
+        .map_err(|e| e.to_string())?;
+    write_private(&dir.join("demo.key"), &format!("{key}\n"))?;
+    let config_path = dir.join("config.toml");
+    let config_text = format!(
+        r#"[daemon]
+state_dir = "state"
+
+[sinks.vault]
+type = "file"
+path = "codes/{{portal}}.txt.age"
+encrypt = {{ age = ["{recipient}"] }}
+
+[portals.demo]
+url = "{url}"
+api_key = {{ file = "demo.key" }}
+sinks = ["vault"]
+"#,
+        url = url
+    );
+    write_private(&config_path, &config_text)?;
+    crate::out!("2. Wrote a throwaway config: {}", config_path.display());
+    for line in config_text.lines() {
+        crate::out!("   | {line}");
+    }
+    Ok(config_path)
+}
+
+/// Step 4: the sealed file, decrypted with the demo's identity and shown; returns the
+/// delivered codes.
+fn read_delivered(
+    target: &std::path::Path,
+    identity: &age::x25519::Identity,
+) -> Result<Vec<String>, String> {
+    let sealed = std::fs::read(target).map_err(|e| format!("reading {}: {e}", target.display()))?;
+    crate::out!(
+        "4. The codes went to {} ({} bytes, age-encrypted, mode 0600)",
+        target.display(),
+        sealed.len()
+    );
+    let decryptor = age::Decryptor::new(&sealed[..]).map_err(|e| e.to_string())?;
+    let mut reader = decryptor
+        .decrypt(std::iter::once(identity as &dyn age::Identity))
+        .map_err(|e| e.to_string())?;
+    let mut plain = String::new();
+    reader
+        .read_to_string(&mut plain)
+        .map_err(|e| e.to_string())?;
+    crate::out!(
+        "   decrypted with the demo's age identity ({}…):",
+        &identity.to_string().expose_secret()[..20]
+    );
+    for line in plain.lines() {
+        crate::out!("   | {line}");
+    }
+    Ok(plain
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Step 5: the delivered set is the portal's, a delivered code logs in once, an old one
+/// not at all. Returns (same set, new code accepted, old code accepted, reuse accepted).
+fn prove(
+    sim: &Simulator,
+    key: &str,
+    email: &str,
+    old: &[String],
+    delivered: &[String],
+) -> (bool, bool, bool, bool) {
+    crate::out!("5. Proving it against the portal");
+    let current: Vec<String> = sim.codes(key).into_iter().map(|(c, _)| c).collect();
+    let same = delivered.len() == current.len()
+        && delivered.iter().all(|c| current.iter().any(|k| k == c));
+    crate::out!(
+        "   the file holds exactly the set the portal accepts now: {}",
+        if same { "yes" } else { "NO" }
+    );
+    let first = delivered.first().map(String::as_str).unwrap_or_default();
+    let new_ok = sim.login(email, first);
+    crate::out!(
+        "   login with the first delivered code: {}",
+        if new_ok { "accepted" } else { "REFUSED" }
+    );
+    let old_ok = old.first().map(|c| sim.login(email, c)).unwrap_or(false);
+    crate::out!(
+        "   login with a code from before the rotation: {}",
+        if old_ok { "ACCEPTED" } else { "refused" }
+    );
+    let again = sim.login(email, first);
+    crate::out!(
+        "   the same delivered code a second time: {}",
+        if again {
+            "ACCEPTED"
+        } else {
+            "refused (each code works once)"
+        }
+    );
+    (same, new_ok, old_ok, again)
+}
+
 async fn tour() -> Result<(), String> {
     let tmp = tempfile::Builder::new()
         .prefix("tfa-rotator-demo-")
@@ -63,34 +175,7 @@ async fn tour() -> Result<(), String> {
     let identity = age::x25519::Identity::generate();
     let recipient = identity.to_public().to_string();
     let codes_dir = dir.join("codes");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&codes_dir)
-        .map_err(|e| e.to_string())?;
-    write_private(&dir.join("demo.key"), &format!("{key}\n"))?;
-    let config_path = dir.join("config.toml");
-    let config_text = format!(
-        r#"[daemon]
-state_dir = "state"
-
-[sinks.vault]
-type = "file"
-path = "codes/{{portal}}.txt.age"
-encrypt = {{ age = ["{recipient}"] }}
-
-[portals.demo]
-url = "{url}"
-api_key = {{ file = "demo.key" }}
-sinks = ["vault"]
-"#,
-        url = sim.url()
-    );
-    write_private(&config_path, &config_text)?;
-    crate::out!("2. Wrote a throwaway config: {}", config_path.display());
-    for line in config_text.lines() {
-        crate::out!("   | {line}");
-    }
-
+    let config_path = write_config(dir, &sim.url(), &key, &recipient)?;
     let config = crate::config::load(&config_path).map_err(|e| e.to_string())?;
     let engine = Engine::new(Arc::new(config), false).map_err(|e| e.to_string())?;
     crate::out!("3. Rotating portal `demo`: preflight, intent, PUT, seal, deliver");
@@ -100,62 +185,8 @@ sinks = ["vault"]
         return Err("the rotation did not complete".into());
     }
 
-    let target = codes_dir.join("demo.txt.age");
-    let sealed =
-        std::fs::read(&target).map_err(|e| format!("reading {}: {e}", target.display()))?;
-    crate::out!(
-        "4. The codes went to {} ({} bytes, age-encrypted, mode 0600)",
-        target.display(),
-        sealed.len()
-    );
-    let decryptor = age::Decryptor::new(&sealed[..]).map_err(|e| e.to_string())?;
-    let mut reader = decryptor
-        .decrypt(std::iter::once(&identity as &dyn age::Identity))
-        .map_err(|e| e.to_string())?;
-    let mut plain = String::new();
-    reader
-        .read_to_string(&mut plain)
-        .map_err(|e| e.to_string())?;
-    crate::out!(
-        "   decrypted with the demo's age identity ({}…):",
-        &identity.to_string().expose_secret()[..20]
-    );
-    for line in plain.lines() {
-        crate::out!("   | {line}");
-    }
-    let delivered: Vec<&str> = plain
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .collect();
-
-    crate::out!("5. Proving it against the portal");
-    let current: Vec<String> = sim.codes(&key).into_iter().map(|(c, _)| c).collect();
-    let same = delivered.len() == current.len()
-        && delivered.iter().all(|c| current.iter().any(|k| k == c));
-    crate::out!(
-        "   the file holds exactly the set the portal accepts now: {}",
-        if same { "yes" } else { "NO" }
-    );
-    let first = delivered.first().copied().unwrap_or_default();
-    let new_ok = sim.login(email, first);
-    crate::out!(
-        "   login with the first delivered code: {}",
-        if new_ok { "accepted" } else { "REFUSED" }
-    );
-    let old_ok = old.first().map(|c| sim.login(email, c)).unwrap_or(false);
-    crate::out!(
-        "   login with a code from before the rotation: {}",
-        if old_ok { "ACCEPTED" } else { "refused" }
-    );
-    let again = sim.login(email, first);
-    crate::out!(
-        "   the same delivered code a second time: {}",
-        if again {
-            "ACCEPTED"
-        } else {
-            "refused (each code works once)"
-        }
-    );
+    let delivered = read_delivered(&codes_dir.join("demo.txt.age"), &identity)?;
+    let (same, new_ok, old_ok, again) = prove(&sim, &key, email, &old, &delivered);
     sim.stop();
     drop(engine);
     let path = dir.to_path_buf();

@@ -271,41 +271,52 @@ impl Portal {
             return decode_envelope(body).map_err(|kind| self.error(&method, path, code, kind));
         }
 
-        let envelope = serde_json::from_slice::<ErrorEnvelope>(body)
-            .ok()
-            .and_then(|e| e.error);
-        // Who answered: the portal itself (its JSON error envelope, or the empty 401/402/403
-        // and 429 it sends), or something between us (a proxy's HTML page). Only the portal's
-        // own 4xx proves that a request was refused. (Its 429 comes without a body, as API.md says.)
-        let refused = status.is_client_error()
-            && (envelope.is_some()
-                || (body.is_empty() && matches!(status.as_u16(), 401 | 402 | 403 | 429)));
-        let message = envelope.and_then(|e| e.message).map(|m| clip(&m));
-        let not_available = message.as_deref().is_some_and(|m| {
-            m.to_ascii_lowercase()
-                .contains("tfa application settings are not available")
-        });
-        let kind = match status {
-            s if s.is_redirection() => ApiErrorKind::Redirect { location },
-            StatusCode::UNAUTHORIZED => ApiErrorKind::Unauthorized,
-            StatusCode::PAYMENT_REQUIRED => ApiErrorKind::PaymentRequired,
-            StatusCode::FORBIDDEN
-            | StatusCode::METHOD_NOT_ALLOWED
-            | StatusCode::INTERNAL_SERVER_ERROR
-                if not_available =>
-            {
-                ApiErrorKind::TfaNotAvailable
-            }
-            StatusCode::FORBIDDEN => ApiErrorKind::Forbidden { message },
-            StatusCode::NOT_FOUND => ApiErrorKind::NotFound,
-            StatusCode::TOO_MANY_REQUESTS => ApiErrorKind::RateLimited { retry_after },
-            s if s.is_server_error() => ApiErrorKind::Server { message },
-            _ => ApiErrorKind::Client { message },
-        };
+        let (kind, refused) = classify(status, body, retry_after, location);
         let mut e = self.error(&method, path, code, kind);
         e.refused = refused;
         Err(e)
     }
+}
+
+/// What a non-2xx answer means, and whether the portal itself refused the request.
+fn classify(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    location: Option<String>,
+) -> (ApiErrorKind, bool) {
+    let envelope = serde_json::from_slice::<ErrorEnvelope>(body)
+        .ok()
+        .and_then(|e| e.error);
+    // Who answered: the portal itself (its JSON error envelope, or the empty 401/402/403
+    // and 429 it sends), or something between us (a proxy's HTML page). Only the portal's
+    // own 4xx proves that a request was refused. (Its 429 comes without a body, as API.md says.)
+    let refused = status.is_client_error()
+        && (envelope.is_some()
+            || (body.is_empty() && matches!(status.as_u16(), 401 | 402 | 403 | 429)));
+    let message = envelope.and_then(|e| e.message).map(|m| clip(&m));
+    let not_available = message.as_deref().is_some_and(|m| {
+        m.to_ascii_lowercase()
+            .contains("tfa application settings are not available")
+    });
+    let kind = match status {
+        s if s.is_redirection() => ApiErrorKind::Redirect { location },
+        StatusCode::UNAUTHORIZED => ApiErrorKind::Unauthorized,
+        StatusCode::PAYMENT_REQUIRED => ApiErrorKind::PaymentRequired,
+        StatusCode::FORBIDDEN
+        | StatusCode::METHOD_NOT_ALLOWED
+        | StatusCode::INTERNAL_SERVER_ERROR
+            if not_available =>
+        {
+            ApiErrorKind::TfaNotAvailable
+        }
+        StatusCode::FORBIDDEN => ApiErrorKind::Forbidden { message },
+        StatusCode::NOT_FOUND => ApiErrorKind::NotFound,
+        StatusCode::TOO_MANY_REQUESTS => ApiErrorKind::RateLimited { retry_after },
+        s if s.is_server_error() => ApiErrorKind::Server { message },
+        _ => ApiErrorKind::Client { message },
+    };
+    (kind, refused)
 }
 
 /// The `response` of a 2xx answer's envelope. A 2xx carrying an error envelope (its

@@ -730,23 +730,36 @@ async fn handle(
         let mut s = lock(&inner);
         route(&mut s, &method, &path, &headers, &body)
     };
+    answer(&inner, after, resp, applied, &method, &path).await
+}
+
+/// Answers a request the portal has processed (`applied`: it changed the codes), as the
+/// fault asked: at once, late, never, cut off, or with a wrong or broken body.
+async fn answer(
+    inner: &Mutex<Inner>,
+    after: After,
+    resp: Response,
+    applied: bool,
+    method: &Method,
+    path: &str,
+) -> Response {
     match after {
         After::Answer => {
-            record(&inner, &method, &path, resp.status().as_u16(), applied);
+            record(inner, method, path, resp.status().as_u16(), applied);
             resp
         }
         After::Late(ms) => {
-            record(&inner, &method, &path, resp.status().as_u16(), applied);
+            record(inner, method, path, resp.status().as_u16(), applied);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             resp
         }
         After::Hang => {
-            record(&inner, &method, &path, 0, applied);
+            record(inner, method, path, 0, applied);
             tokio::time::sleep(Duration::from_secs(3600)).await;
             resp
         }
         After::Reset => {
-            record(&inner, &method, &path, 0, applied);
+            record(inner, method, path, 0, applied);
             let stream = futures::stream::iter(vec![
                 Ok::<_, std::io::Error>(Bytes::from_static(b"{\"response\":[")),
                 Err(std::io::Error::new(
@@ -762,26 +775,26 @@ async fn handle(
             r
         }
         After::BadGateway => {
-            record(&inner, &method, &path, 502, applied);
+            record(inner, method, path, 502, applied);
             html(StatusCode::BAD_GATEWAY)
         }
         After::Malformed => {
-            record(&inner, &method, &path, 200, applied);
+            record(inner, method, path, 200, applied);
             json_response(StatusCode::OK, Value::String("<!-- not an envelope".into()))
                 .map(|_| Body::from("{\"response\": [ {\"isUsed\": fal"))
         }
         After::Empty => {
-            record(&inner, &method, &path, 200, applied);
-            let base = lock(&inner).base_url.clone();
-            envelope(&base, &path, &method, json!([]))
+            record(inner, method, path, 200, applied);
+            let base = lock(inner).base_url.clone();
+            envelope(&base, path, method, json!([]))
         }
         After::Wrong => {
-            record(&inner, &method, &path, 200, applied);
+            record(inner, method, path, 200, applied);
             let (base, other) = {
-                let s = lock(&inner);
+                let s = lock(inner);
                 (s.base_url.clone(), new_codes(&s.config))
             };
-            envelope(&base, &path, &method, codes_json(&other))
+            envelope(&base, path, method, codes_json(&other))
         }
     }
 }

@@ -208,7 +208,29 @@ impl ExecSink {
             .map_err(|e| DeliveryError::permanent(format!("the sealed payload's header: {e}")))?;
         let body = &payload[newline + 1..];
         let program = self.program().map_err(DeliveryError::temporary)?;
+        let env = self.hook_env(portal, header)?;
+        let argv = self.argv(portal);
+        let child = self.spawn_guarded(&program, &argv, env)?;
+        let (status, kept) = self.run_guarded(child, body).await?;
+        let said = || -> String {
+            let text = hook_said(&kept, body_codes(payload, newline));
+            let text = crate::docspace::model::escape_controls(text.trim());
+            if text.is_empty() {
+                String::new()
+            } else {
+                format!("; it said: {text}")
+            }
+        };
+        self.verdict(status, &argv, said)
+    }
 
+    /// The hook's whole environment: PATH, HOME, TFA_PORTAL, TFA_ACCOUNT, TFA_URL and what
+    /// the sink's `env` names (secrets read now); nothing else of ours.
+    fn hook_env(
+        &self,
+        portal: &str,
+        header: Header,
+    ) -> Result<BTreeMap<String, Zeroizing<String>>, DeliveryError> {
         let mut env: BTreeMap<String, Zeroizing<String>> = BTreeMap::new();
         env.insert("PATH".into(), Zeroizing::new(self.path.clone()));
         env.insert(
@@ -229,15 +251,23 @@ impl ExecSink {
             };
             env.insert(k.clone(), Zeroizing::new(value));
         }
+        Ok(env)
+    }
 
+    /// Starts the guard (which starts the hook) with `env` only.
+    fn spawn_guarded(
+        &self,
+        program: &Path,
+        argv: &[String],
+        env: BTreeMap<String, Zeroizing<String>>,
+    ) -> Result<tokio::process::Child, DeliveryError> {
         // The guard is this very binary, through the kernel's link to it: a package upgrade
         // that replaced the file on disk cannot make a different binary the guard.
         let guard = PathBuf::from("/proc/self/exe");
-        let argv = self.argv(portal);
         let mut cmd = tokio::process::Command::new(guard);
         cmd.arg(GUARD)
             .arg(self.timeout.as_millis().to_string())
-            .arg(&program)
+            .arg(program)
             .args(&argv[1..])
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k, v.as_str())))
@@ -246,10 +276,20 @@ impl ExecSink {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(|e| DeliveryError::temporary(format!("starting `{}`: {e}", argv.join(" "))))?;
         drop(env);
+        Ok(child)
+    }
+
+    /// Feeds the payload to the hook and keeps the start of its stderr, until the guard
+    /// exits (or the backstop passes).
+    async fn run_guarded(
+        &self,
+        mut child: tokio::process::Child,
+        body: &[u8],
+    ) -> Result<(std::process::ExitStatus, Zeroizing<Vec<u8>>), DeliveryError> {
         let mut stdin = child.stdin.take();
         let mut stderr = child.stderr.take();
         let body = Zeroizing::new(body.to_vec());
@@ -299,29 +339,26 @@ impl ExecSink {
                 .unwrap_or_default();
             (status, kept)
         };
-        let (status, kept) = match tokio::time::timeout(backstop, run).await {
-            Ok((Ok(status), kept)) => (status, kept),
-            Ok((Err(e), _)) => {
-                return Err(DeliveryError::temporary(format!(
-                    "waiting for the hook: {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(DeliveryError::temporary(format!(
-                    "the hook's guard did not end within {}; killed",
-                    humantime::format_duration(backstop)
-                )));
-            }
-        };
-        let said = || -> String {
-            let text = hook_said(&kept, body_codes(payload, newline));
-            let text = crate::docspace::model::escape_controls(text.trim());
-            if text.is_empty() {
-                String::new()
-            } else {
-                format!("; it said: {text}")
-            }
-        };
+        match tokio::time::timeout(backstop, run).await {
+            Ok((Ok(status), kept)) => Ok((status, kept)),
+            Ok((Err(e), _)) => Err(DeliveryError::temporary(format!(
+                "waiting for the hook: {e}"
+            ))),
+            Err(_) => Err(DeliveryError::temporary(format!(
+                "the hook's guard did not end within {}; killed",
+                humantime::format_duration(backstop)
+            ))),
+        }
+    }
+
+    /// The guard's exit status decides: 0 delivered; anything else is a temporary failure
+    /// with what the hook said.
+    fn verdict(
+        &self,
+        status: std::process::ExitStatus,
+        argv: &[String],
+        said: impl Fn() -> String,
+    ) -> Result<(), DeliveryError> {
         match status.code() {
             Some(0) => Ok(()),
             Some(TIMED_OUT) => Err(DeliveryError::temporary(format!(

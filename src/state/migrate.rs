@@ -7,35 +7,49 @@ use rusqlite::{Connection, OpenFlags};
 use super::StateError;
 use super::db::{Sql, Val};
 
-/// The tables copied, in an order that satisfies the references, with their columns.
-const TABLES: &[(&str, &str)] = &[
-    ("meta", "key, value"),
-    (
-        "portals",
-        "name, last_attempt_at, last_success_at, last_result, last_error, failures, retry_at, set_fp, unused, total, seen_at, entry_fp, last_fire_at, failing_since, streak_alerted, account_id, account_entry_fp, drift_at, drifts, next_due_at, next_reason, watch_retry_at, flapping_since, paused_until",
-    ),
-    (
-        "journal",
-        "id, portal, kind, phase, before_fp, after_fp, started_at, updated_at, note, window_ms, checks, next_check_at, alerted_at, put_deadline",
-    ),
-    (
-        "spool",
-        "id, journal_id, portal, sink, set_fp, payload, created_at, attempts, next_attempt_at, last_error, permanent, alerted_at",
-    ),
-    ("history", "id, portal, at, event, detail"),
-    ("sink_sets", "portal, sink, set_fp, sealed_at"),
-    (
-        "notices",
-        "id, portal, kind, subject, body, created_at, sent_at",
-    ),
-    ("drift_log", "portal, at, acted"),
+/// The tables copied, in an order that satisfies the references. Their columns are read
+/// from the SQLite schema itself, so a column a migration adds is copied without a list to
+/// keep in step; a table the schema has and this list lacks is refused, not dropped.
+pub const TABLES: &[&str] = &[
+    "meta",
+    "portals",
+    "journal",
+    "spool",
+    "history",
+    "sink_sets",
+    "notices",
+    "drift_log",
 ];
 
 /// Rows copied per table.
 pub type Copied = Vec<(&'static str, usize)>;
 
-/// Every row of every table, as read.
-pub type Tables = Vec<(&'static str, Vec<Vec<Val>>)>;
+/// Every row of every table, as read: the table, its columns, its rows.
+pub type Tables = Vec<(&'static str, Vec<String>, Vec<Vec<Val>>)>;
+
+/// The tables of a SQLite state's schema, but SQLite's own.
+pub fn sqlite_tables(c: &Connection) -> Result<Vec<String>, StateError> {
+    c.rows(
+        "reading the SQLite schema",
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        &[],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
+}
+
+/// The columns of a SQLite table, in their order.
+pub fn sqlite_columns(c: &Connection, table: &str) -> Result<Vec<String>, StateError> {
+    c.rows(
+        "reading the SQLite schema",
+        "SELECT name FROM pragma_table_info(?1) ORDER BY cid",
+        &[Val::Text(table.to_string())],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
+}
 
 /// Reads every row of the SQLite state in `dir` (which must be at the current schema:
 /// open it with [`super::Store::open`] first).
@@ -45,14 +59,24 @@ pub fn read_sqlite(dir: &std::path::Path) -> Result<Tables, StateError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )
     .map_err(super::sql("opening the SQLite state"))?;
+    if let Some(t) = sqlite_tables(&c)?
+        .into_iter()
+        .find(|t| !TABLES.contains(&t.as_str()))
+    {
+        return Err(StateError::Db {
+            action: "reading the SQLite state",
+            detail: format!("table {t} is not one this version copies; nothing was copied"),
+        });
+    }
     let mut out = Vec::new();
-    for (table, cols) in TABLES {
+    for table in TABLES {
+        let cols = sqlite_columns(&c, table)?;
         let rows = c.rows(
             "reading the SQLite state",
-            &format!("SELECT {cols} FROM {table}"),
+            &format!("SELECT {} FROM {table}", cols.join(", ")),
             &[],
         )?;
-        out.push((*table, rows.into_iter().map(|r| r.0).collect()));
+        out.push((*table, cols, rows.into_iter().map(|r| r.0).collect()));
     }
     Ok(out)
 }
@@ -80,19 +104,17 @@ pub fn write(c: &dyn Sql, data: Tables) -> Result<Copied, StateError> {
     // The key a fresh migration made gives way to the state's: it made the baselines.
     c.exec("replacing the fingerprint key", "DELETE FROM meta", &[])?;
     let mut copied = Vec::new();
-    for (table, rows) in data {
-        let cols = TABLES
-            .iter()
-            .find(|(t, _)| *t == table)
-            .map(|(_, c)| *c)
-            .unwrap_or_default();
-        let n = cols.split(',').count();
-        let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-        let sql = format!("INSERT INTO {table} ({cols}) VALUES ({})", marks.join(", "));
+    for (table, cols, rows) in data {
+        let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "INSERT INTO {table} ({}) VALUES ({})",
+            cols.join(", "),
+            marks.join(", ")
+        );
         for row in &rows {
             c.exec("copying a row", &sql, row)?;
         }
-        if cols.starts_with("id,") {
+        if cols.first().is_some_and(|c| c == "id") {
             c.exec(
                 "moving the id sequence",
                 &format!(

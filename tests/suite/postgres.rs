@@ -789,3 +789,199 @@ async fn check_connects_to_postgres_and_fails_on_a_refused_login() {
         out.all()
     );
 }
+
+/// A table's shape, for comparing the two backends: columns with a type family, the
+/// primary key, and each index's columns (and whether it is unique or partial).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Shape {
+    columns: std::collections::BTreeMap<String, &'static str>,
+    primary_key: Vec<String>,
+    indexes: std::collections::BTreeMap<String, String>,
+}
+
+/// SQLite's and PostgreSQL's names of a column type, as one family.
+fn type_family(t: &str) -> &'static str {
+    match t.to_ascii_lowercase().as_str() {
+        "integer" | "bigint" | "bigserial" | "int" => "integer",
+        "text" | "character varying" => "text",
+        "blob" | "bytea" => "bytes",
+        "timestamp with time zone" => "timestamp",
+        "boolean" => "boolean",
+        other => panic!("a column type neither backend should use: {other}"),
+    }
+}
+
+fn sqlite_shapes(path: &std::path::Path) -> std::collections::BTreeMap<String, Shape> {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for table in tfa_rotator::state::migrate::sqlite_tables(&c).unwrap() {
+        let mut shape = Shape::default();
+        let mut st = c
+            .prepare("SELECT name, type, pk FROM pragma_table_info(?1) ORDER BY pk, cid")
+            .unwrap();
+        let cols = st
+            .query_map([&table], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .unwrap();
+        for col in cols {
+            let (name, ty, pk) = col.unwrap();
+            if pk > 0 {
+                shape.primary_key.push(name.clone());
+            }
+            shape.columns.insert(name, type_family(&ty));
+        }
+        let mut st = c
+            .prepare(
+                "SELECT name, \"unique\", partial FROM pragma_index_list(?1) WHERE origin = 'c'",
+            )
+            .unwrap();
+        let idx: Vec<(String, bool, bool)> = st
+            .query_map([&table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for (name, unique, partial) in idx {
+            let mut st = c
+                .prepare("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")
+                .unwrap();
+            let cols: Vec<String> = st
+                .query_map([&name], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            shape.indexes.insert(
+                name,
+                format!(
+                    "{}({}){}",
+                    if unique { "unique " } else { "" },
+                    cols.join(", "),
+                    if partial { " partial" } else { "" }
+                ),
+            );
+        }
+        out.insert(table, shape);
+    }
+    out
+}
+
+async fn postgres_shapes(url: &str) -> std::collections::BTreeMap<String, Shape> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(conn);
+    let mut out = std::collections::BTreeMap::new();
+    let tables = client
+        .query(
+            "SELECT table_name::TEXT FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for t in tables {
+        let table: String = t.get(0);
+        let mut shape = Shape::default();
+        for r in client
+            .query(
+                "SELECT column_name::TEXT, data_type::TEXT FROM information_schema.columns
+                  WHERE table_schema = 'public' AND table_name = $1",
+                &[&table],
+            )
+            .await
+            .unwrap()
+        {
+            shape
+                .columns
+                .insert(r.get(0), type_family(&r.get::<_, String>(1)));
+        }
+        shape.primary_key = client
+            .query(
+                "SELECT a.attname::TEXT FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                  WHERE i.indrelid = $1::TEXT::regclass AND i.indisprimary
+                  ORDER BY array_position(i.indkey::INT2[], a.attnum)",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for r in client
+            .query(
+                "SELECT c.relname::TEXT, i.indisunique, i.indpred IS NOT NULL,
+                        array(SELECT a.attname::TEXT FROM unnest(i.indkey) WITH ORDINALITY k(n, o)
+                               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+                              ORDER BY k.o)
+                   FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                  WHERE i.indrelid = $1::TEXT::regclass AND NOT i.indisprimary
+                    AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+                &[&table],
+            )
+            .await
+            .unwrap()
+        {
+            let (name, unique, partial, cols): (String, bool, bool, Vec<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            shape.indexes.insert(
+                name,
+                format!(
+                    "{}({}){}",
+                    if unique { "unique " } else { "" },
+                    cols.join(", "),
+                    if partial { " partial" } else { "" }
+                ),
+            );
+        }
+        out.insert(table, shape);
+    }
+    drop(client);
+    let _ = task.await;
+    out
+}
+
+/// One schema on two backends: after their migrations, SQLite and PostgreSQL have the
+/// same tables, columns (by name and type family), primary keys and indexes, but for what
+/// only a cluster has (named here, with why); and `migrate-state` copies every table of
+/// the SQLite schema, every column (read from the schema itself).
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_and_postgres_have_one_schema_and_migrate_state_copies_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let sqlite = sqlite_shapes(&dir.path().join("state.sqlite"));
+    let pg = Postgres::start();
+    let h = Harness::new().await;
+    let path = cluster_config(&h, &pg, "");
+    drop(Store::open_configured(&tfa_rotator::config::load(&path).unwrap()).unwrap());
+    let mut postgres = postgres_shapes(&pg.url()).await;
+    // Only a cluster has these: its instances, its config generations (SQLite keeps its
+    // schema version in `PRAGMA user_version`), and the claims on each portal.
+    for t in ["nodes", "config_generations", "schema_version"] {
+        assert!(postgres.remove(t).is_some(), "{t}");
+    }
+    let portals = postgres.get_mut("portals").unwrap();
+    for c in ["lease_owner", "lease_epoch", "lease_until"] {
+        assert!(portals.columns.remove(c).is_some(), "portals.{c}");
+    }
+    let sqlite_names: Vec<&String> = sqlite.keys().collect();
+    let postgres_names: Vec<&String> = postgres.keys().collect();
+    assert_eq!(sqlite_names, postgres_names, "the same tables");
+    for (table, shape) in &sqlite {
+        assert_eq!(shape, &postgres[table], "table {table}");
+    }
+    let mut copied: Vec<&str> = tfa_rotator::state::migrate::TABLES.to_vec();
+    copied.sort_unstable();
+    assert_eq!(
+        sqlite_names, copied,
+        "migrate-state copies every table of the schema"
+    );
+}
