@@ -472,6 +472,9 @@ pub fn guard_main(args: &[std::ffi::OsString]) -> i32 {
     };
     // The hook's exit arrives on a channel from a thread that waits for it, so the guard
     // answers at once; the loop wakes every 200 ms only to see whether its parent is gone.
+    // Polled, not PR_SET_PDEATHSIG: that signal fires when the *thread* that started us
+    // exits, and the daemon starts hooks from tokio's worker threads, which come and go;
+    // the guard would kill a hook its parent still waits for.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut child = child;

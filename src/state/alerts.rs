@@ -114,9 +114,11 @@ pub fn alerts_due(
     }
     for r in c.rows(
         "reading open intents",
+        // `started_at <= ?1` (implied by the window's test) lets the partial index
+        // `journal_unalerted_intents` answer it, whatever the journal's length.
         "SELECT id, portal, started_at, checks FROM journal
-         WHERE phase = 'intent' AND alerted_at IS NULL
-           AND started_at + 2 * COALESCE(window_ms, 900000) <= ?1 ORDER BY id",
+         WHERE phase = 'intent' AND alerted_at IS NULL AND started_at <= ?1
+           AND started_at + 2 * COALESCE(window_ms, 900000) <= ?1 ORDER BY started_at, id",
         vals![c.now()?],
     )? {
         out.push(AlertDue::Unsettled {

@@ -60,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_agenda.sql"),
     include_str!("migrations/0006_cluster.sql"),
     include_str!("migrations/0007_drift_limits.sql"),
+    include_str!("migrations/0008_alert_indexes.sql"),
 ];
 const DB_FILE: &str = "state.sqlite";
 
@@ -625,6 +626,9 @@ fn drain(conn: &Mutex<Connection>, queue: &Mutex<WriteQueue>) {
                 if !ok {
                     c.execute_batch("ROLLBACK TO w")?;
                 }
+                // ROLLBACK TO undoes the job's writes but leaves its savepoint open;
+                // RELEASE closes it either way, so the next job's savepoint is not nested
+                // inside this one (and a later ROLLBACK TO cannot reach back into it).
                 c.execute_batch("RELEASE w")?;
                 replies.push(reply);
             }

@@ -31,6 +31,7 @@ use crate::config::{Config, StorageConfig};
 const MIGRATIONS: &[&str] = &[
     include_str!("pg_migrations/0001_initial.sql"),
     include_str!("pg_migrations/0002_drift_limits.sql"),
+    include_str!("pg_migrations/0003_alert_indexes.sql"),
 ];
 
 fn pg(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
