@@ -62,6 +62,8 @@ struct Done {
     outcome: Outcome,
     /// Unused codes seen.
     unused: Option<usize>,
+    /// What the job left in the state, when it says (no read-back then).
+    after: Option<rotation::StateAfter>,
 }
 
 struct Supervisor {
@@ -711,6 +713,12 @@ impl Supervisor {
             _ if done.outcome == Outcome::Skipped(Skip::Held) => {
                 self.known.get(&name).cloned().unwrap_or_default()
             }
+            // The job said what it wrote: planned from that, no read-back.
+            Some(_) if done.after.is_some() => {
+                let after = done.after.as_ref().map(|a| (a.row.as_ref(), &a.open[..]));
+                let (row, open) = after.unwrap_or_default();
+                rotation::known_from(row, rotation::settled_by(open), now)
+            }
             Some(store) => match rotation::known_of(store, &name).await {
                 Ok(k) => k,
                 Err(e) => {
@@ -921,6 +929,7 @@ async fn run_job(
         reason: due.reason,
         outcome,
         unused,
+        after: None,
     };
     let Some(_slot) = engine.slot(name).await else {
         return done(Outcome::Skipped(Skip::Stopping), None);
@@ -995,7 +1004,10 @@ async fn run_job(
         }
         _ => {
             let r = rotation::rotate_held(engine, name, false, since, held).await;
-            done(r.outcome, r.unused)
+            Done {
+                after: r.after,
+                ..done(r.outcome, r.unused)
+            }
         }
     }
 }

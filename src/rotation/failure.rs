@@ -48,14 +48,24 @@ pub async fn restore_pauses(engine: &Engine) {
     }
 }
 
-pub(super) async fn record_failure(engine: &Engine, portal: &str, e: &RotationError) {
-    let Ok(store) = engine.store() else { return };
+/// Records a failed (or settling) attempt; returns what it left in the state.
+pub(super) async fn record_failure(
+    engine: &Engine,
+    portal: &str,
+    e: &RotationError,
+) -> Option<StateAfter> {
+    let Ok(store) = engine.store() else {
+        return None;
+    };
     let (p, msg) = (portal.to_string(), e.to_string());
     let r = if matches!(e, RotationError::Settling { .. }) {
         // Not a failure of the portal: no backoff, no streak. The intent's own schedule
         // says when it is asked again.
         store
-            .write(move |c| state::record_settling(c, &p, &msg))
+            .write(move |c| {
+                state::record_settling(c, &p, &msg)?;
+                StateAfter::read(c, &p)
+            })
             .await
     } else {
         let wait = e.retry_after().unwrap_or_default();
@@ -64,11 +74,11 @@ pub(super) async fn record_failure(engine: &Engine, portal: &str, e: &RotationEr
                 let failures = state::portal_row(c, &p)?.map(|r| r.failures).unwrap_or(0);
                 let retry_at =
                     now_ms().saturating_add(backoff(failures).max(wait).as_millis() as i64);
-                state::record_failure(c, &p, &msg, Some(retry_at)).map(drop)
+                state::record_failure(c, &p, &msg, Some(retry_at))?;
+                StateAfter::read(c, &p)
             })
             .await
     };
-    if let Err(se) = r {
-        tracing::error!(portal, error = %se, "could not record a failure");
-    }
+    r.map_err(|se| tracing::error!(portal, error = %se, "could not record a failure"))
+        .ok()
 }

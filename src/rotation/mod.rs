@@ -60,7 +60,7 @@ use recovery::recover_unless_settling;
 pub use recovery::{
     abandon, forget, portals_with_pending_work, recover, recover_all, resend, stranded_work,
 };
-pub use report::{Report, backoff};
+pub use report::{Report, StateAfter, backoff};
 pub use seal::deliver_due;
 use seal::{deliver_portal, seal_and_deliver};
 
@@ -189,8 +189,10 @@ pub async fn rotate_held(
             } else {
                 tracing::error!(portal = name, error = %e, "rotation failed");
             }
-            record_failure(engine, name, &e).await;
-            Report::failed(name, &e)
+            let after = record_failure(engine, name, &e).await;
+            let mut r = Report::failed(name, &e);
+            r.after = after;
+            r
         }
     };
     engine.metrics.rotation(name, report.outcome);

@@ -21,6 +21,30 @@ pub struct Report {
     pub pending: usize,
     /// The error kind, for failures (`unauthorized`, `sink`, …).
     pub error_kind: Option<String>,
+    /// What the job left in the state for this portal, read in its last write's own
+    /// transaction: the daemon plans from it instead of reading the row back. `None` when
+    /// the job wrote nothing of the kind (a skip, a dry run).
+    #[serde(skip)]
+    pub after: Option<StateAfter>,
+}
+
+/// A portal's row and its open journal entries, as a job's last write left them.
+#[derive(Debug, Clone)]
+pub struct StateAfter {
+    /// The portal's row.
+    pub row: Option<state::PortalRow>,
+    /// Its open journal entries, oldest first.
+    pub open: Vec<state::OpenJournal>,
+}
+
+impl StateAfter {
+    /// Reads both, inside the caller's transaction.
+    pub(super) fn read(c: &dyn state::db::Sql, portal: &str) -> Result<Self, StateError> {
+        Ok(Self {
+            row: state::portal_row(c, portal)?,
+            open: state::open_journal(c, Some(portal))?,
+        })
+    }
 }
 
 impl Report {
@@ -34,6 +58,7 @@ impl Report {
             delivered: 0,
             pending: 0,
             error_kind: None,
+            after: None,
         }
     }
 

@@ -151,17 +151,18 @@ async fn deliver_sealed(
         }
         state::close_journal(c, journal_id, state::Closed::Done, None)?;
         if rotated {
-            state::record_rotated(c, &p, result)
+            state::record_rotated(c, &p, result)?;
         } else {
-            state::add_history(c, &p, "resent", result.as_str())
+            state::add_history(c, &p, "resent", result.as_str())?;
         }
+        StateAfter::read(c, &p)
     };
     // A plain payload delivered leaves its text in the WAL's frames until a checkpoint.
-    if plain_delivered {
-        store.write_then_checkpoint(write).await?;
+    let after = if plain_delivered {
+        store.write_then_checkpoint(write).await?
     } else {
-        store.write(write).await?;
-    }
+        store.write(write).await?
+    };
     let msg = delivered_message(pc, rotated, pending, unused, total);
     tracing::info!(portal = name, delivered, pending, "{msg}");
     let outcome = if rotated {
@@ -171,6 +172,7 @@ async fn deliver_sealed(
     };
     let mut r = Report::new(name, outcome, msg);
     (r.unused, r.total, r.delivered, r.pending) = (Some(unused), Some(total), delivered, pending);
+    r.after = Some(after);
     Ok(r)
 }
 
