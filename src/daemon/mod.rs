@@ -47,7 +47,7 @@ use notify::{Note, Notifier};
 /// What a background job tells the loop when it ends.
 enum Event {
     /// A portal's job (rotation, settle, watch) ended.
-    Job(Done),
+    Job(Box<Done>),
     /// A round of delivery retries ended.
     DeliveriesRetried,
 }
@@ -665,13 +665,13 @@ impl Supervisor {
             if done.outcome != Outcome::Skipped(Skip::Stopping) {
                 rotation::alerts::check(&engine).await;
             }
-            let _ = tx.send(Event::Job(done));
+            let _ = tx.send(Event::Job(Box::new(done)));
         });
     }
 
     async fn finish(&mut self, event: Event) {
         let done = match event {
-            Event::Job(done) => done,
+            Event::Job(done) => *done,
             Event::DeliveriesRetried => {
                 self.delivering = false;
                 self.count_pending = true;

@@ -129,6 +129,8 @@ struct Shared {
     lease: Duration,
     /// `[storage] grace`: past a PUT's deadline, before anyone settles its intent.
     grace: Duration,
+    /// Each statement's text with `$N` placeholders, computed once per statement.
+    dollars: Mutex<HashMap<String, Arc<str>>>,
     /// What one PUT may take (`daemon.http_timeout`).
     put_budget: Duration,
     /// Portals this process holds, with the epoch of its claim.
@@ -175,6 +177,20 @@ pub fn default_instance() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     format!("{host}:{}", std::process::id())
+}
+
+impl Shared {
+    /// `sql` with `$N` placeholders (the state's statements are written with `?N`),
+    /// computed once per statement text.
+    fn dollar(&self, sql: &str) -> Arc<str> {
+        let mut cache = self.dollars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = cache.get(sql) {
+            return d.clone();
+        }
+        let d: Arc<str> = to_dollar(sql).into();
+        cache.insert(sql.to_string(), d.clone());
+        d
+    }
 }
 
 impl PgStore {
@@ -241,6 +257,7 @@ impl PgStore {
                 me,
                 lease: st.lease,
                 grace: st.grace,
+                dollars: Mutex::new(HashMap::new()),
                 put_budget: config.daemon.http_timeout,
                 claims: Mutex::new(HashMap::new()),
                 key,
@@ -708,23 +725,25 @@ struct PgTx<'a> {
 
 impl Sql for PgTx<'_> {
     fn exec(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<u64, StateError> {
-        let st = self
-            .handle
-            .block_on(self.tx.prepare_cached(&to_dollar(sql)))
-            .map_err(pg(action))?;
+        let sql = self.shared.dollar(sql);
+        // One hop into the runtime per statement: the prepared statement (cached on the
+        // connection) and its execution together.
         self.handle
-            .block_on(self.tx.execute(&st, &params(p)))
+            .block_on(async {
+                let st = self.tx.prepare_cached(&sql).await?;
+                self.tx.execute(&st, &params(p)).await
+            })
             .map_err(pg(action))
     }
 
     fn rows(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<Vec<Row>, StateError> {
-        let st = self
-            .handle
-            .block_on(self.tx.prepare_cached(&to_dollar(sql)))
-            .map_err(pg(action))?;
+        let sql = self.shared.dollar(sql);
         let rows = self
             .handle
-            .block_on(self.tx.query(&st, &params(p)))
+            .block_on(async {
+                let st = self.tx.prepare_cached(&sql).await?;
+                self.tx.query(&st, &params(p)).await
+            })
             .map_err(pg(action))?;
         rows.iter().map(|r| to_row(r).map_err(pg(action))).collect()
     }
