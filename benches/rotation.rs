@@ -852,64 +852,87 @@ async fn wan(runs: usize) {
 }
 
 /// CPU of the daemon's first start over `n` new portals (until all are rotated), against
-/// `rotate --all -q` over the same number, both against the in-process simulator. The
-/// daemon is measured at its default log level (about eight lines per rotation) and with
-/// `-q` like the `rotate` it is compared with.
+/// `rotate --all -q` over the same number, both against the in-process simulator, without
+/// and with `[alerts]` (checked after every job). The daemon is measured at its default log
+/// level (about eight lines per rotation) and with `-q` like the `rotate` it is compared
+/// with. CPU per rotation (ms) is what should not grow with the number of portals.
 async fn start(sizes: &[usize]) {
     println!(
-        "\n| first start over new portals | daemon CPU (-q / default log) | `rotate --all -q` CPU | daemon -q / rotate | planning |\n| --- | --- | --- | --- | --- |"
+        "\n| first start over new portals | daemon CPU (-q / default log) | `rotate --all -q` CPU | per rotation: daemon -q / rotate | daemon -q / rotate | planning |\n| --- | --- | --- | --- | --- | --- |"
     );
     let schedule =
         "[schedules.s]\ncron = \"0 3 1 1 *\"\ncatch_up = false\nwatch_every = \"off\"\n\n";
-    for &n in sizes {
-        let sim = Simulator::start(SimConfig::default()).await.unwrap();
-        let mut run = 0;
-        let mut fresh = |sim: &Simulator| {
-            run += 1;
-            let keys: Vec<String> = (0..n)
-                .map(|i| sim.add_user(UserSpec::new(&format!("r{run}u{i}@bench.test"))))
-                .collect();
-            let dir = tempfile::tempdir().unwrap();
-            write_config(dir.path(), &sim.url(), &keys, Some(schedule));
-            dir
-        };
-        let mut cpu = Vec::new();
-        let mut planning = String::from("n/a");
-        for options in [&["-q"][..], &[][..]] {
-            let dir = fresh(&sim);
-            let base = sim.rotations();
-            let (mut child, _sock, _) = start_daemon_with(dir.path(), options).await;
-            let pid = child.id().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while sim.rotations() < base + n && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            cpu.push(proc_cpu_and_switches(pid).0);
-            let _ = child.kill().await;
-            let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-            if let Some(ms) = log
-                .lines()
-                .find(|l| l.contains("planned"))
-                .and_then(|l| l.split("took_ms=").nth(1))
-                .and_then(|v| v.split_whitespace().next())
-            {
-                planning = ms.to_string();
-            }
+    // `[alerts]` to an email sink (a test key; no failure, so nothing is ever sent).
+    let alerts = "[smtp]\nhost = \"127.0.0.1\"\nport = 2525\nsecurity = \"none\"\nfrom = \"tfa@bench.test\"\n\n\
+        [sinks.ops]\ntype = \"email\"\nto = [\"ed@example.com\"]\npgp_keys = [\"ops.asc\"]\n\n\
+        [alerts]\nsinks = [\"ops\"]\n\n";
+    let key =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/ed.asc")).unwrap();
+    for with_alerts in [false, true] {
+        for &n in sizes {
+            start_one(n, schedule, with_alerts.then_some((alerts, key.as_str()))).await;
         }
-        let dir = fresh(&sim);
-        let p = dir.path().to_path_buf();
-        let (_, rot_cpu) =
-            tokio::task::spawn_blocking(move || timed(&p, &["-q", "rotate", "--all"]))
-                .await
-                .unwrap();
-        println!(
-            "| {n} portals | {:.2} / {:.2} s | {rot_cpu:.2} s | {:.2}× | {planning} ms |",
-            cpu[0],
-            cpu[1],
-            cpu[0] / rot_cpu
-        );
-        sim.stop();
     }
+}
+
+async fn start_one(n: usize, schedule: &str, alerts: Option<(&str, &str)>) {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let mut run = 0;
+    let mut fresh = |sim: &Simulator| {
+        run += 1;
+        let keys: Vec<String> = (0..n)
+            .map(|i| sim.add_user(UserSpec::new(&format!("r{run}u{i}@bench.test"))))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let extra = match alerts {
+            Some((a, key)) => {
+                private(&dir.path().join("ops.asc"), key);
+                format!("{a}{schedule}")
+            }
+            None => schedule.to_string(),
+        };
+        write_config(dir.path(), &sim.url(), &keys, Some(&extra));
+        dir
+    };
+    let mut cpu = Vec::new();
+    let mut planning = String::from("n/a");
+    for options in [&["-q"][..], &[][..]] {
+        let dir = fresh(&sim);
+        let base = sim.rotations();
+        let (mut child, _sock, _) = start_daemon_with(dir.path(), options).await;
+        let pid = child.id().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while sim.rotations() < base + n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cpu.push(proc_cpu_and_switches(pid).0);
+        let _ = child.kill().await;
+        let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+        if let Some(ms) = log
+            .lines()
+            .find(|l| l.contains("planned"))
+            .and_then(|l| l.split("took_ms=").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+        {
+            planning = ms.to_string();
+        }
+    }
+    let dir = fresh(&sim);
+    let p = dir.path().to_path_buf();
+    let (_, rot_cpu) = tokio::task::spawn_blocking(move || timed(&p, &["-q", "rotate", "--all"]))
+        .await
+        .unwrap();
+    let per = |s: f64| s * 1000.0 / n as f64;
+    println!(
+        "| {n} portals{} | {:.2} / {:.2} s | {rot_cpu:.2} s | {:.2} / {:.2} ms | {:.2}× | {planning} ms |",
+        if alerts.is_some() { ", [alerts]" } else { "" },
+        cpu[0],
+        cpu[1],
+        per(cpu[0]),
+        per(rot_cpu),
+        cpu[0] / rot_cpu
+    );
+    sim.stop();
 }
 
 /// SIGTERM to a daemon with 1,000 due portals across the internet (25 ms per answer).

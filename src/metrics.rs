@@ -263,11 +263,11 @@ impl Metrics {
     }
 
     /// A PUT answer was not the set the GET returned (`differs`) or not a set (`unusable`).
-    pub fn put_answer(&self, portal: &str, answer: &str) {
+    pub fn put_answer(&self, portal: &str, answer: crate::outcome::PutAnswer) {
         self.put_answers
             .get_or_create(&PutAnswerLabels {
                 portal: portal.into(),
-                answer: answer.into(),
+                answer: answer.as_str().into(),
             })
             .inc();
     }
@@ -301,10 +301,13 @@ impl Metrics {
         if drifts > 0 && c.get() == 0 {
             c.inc_by(u64::try_from(drifts).unwrap_or(0));
         }
-        for answer in ["differs", "unusable"] {
+        for answer in [
+            crate::outcome::PutAnswer::Differs,
+            crate::outcome::PutAnswer::Unusable,
+        ] {
             let _created = self.put_answers.get_or_create(&PutAnswerLabels {
                 portal: portal.into(),
-                answer: answer.into(),
+                answer: answer.as_str().into(),
             });
         }
     }

@@ -94,3 +94,23 @@ impl DeliveryResult {
         }
     }
 }
+
+/// A PUT's answer that was not trusted: the `answer` label of
+/// `tfa_rotator_put_answers_untrusted` (the GET's set is delivered either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutAnswer {
+    /// It named another set than the portal holds.
+    Differs,
+    /// It could not be read as a set.
+    Unusable,
+}
+
+impl PutAnswer {
+    /// The label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PutAnswer::Differs => "differs",
+            PutAnswer::Unusable => "unusable",
+        }
+    }
+}

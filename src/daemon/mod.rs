@@ -5,9 +5,10 @@
 //! SIGHUP.
 //!
 //! The rules live in [`crate::schedule::plan`]; this module only feeds them events and runs
-//! what they return. An event re-plans only the portal it touches: a finished job reads that
-//! portal's row again (the job wrote what happened), so a start over 10,000 portals costs
-//! one plan each, not one per finished job. Right before a rotation starts, the portal's row
+//! what they return. An event re-plans only the portal it touches: a finished job hands
+//! back the portal's row as its last write left it (read in that write's transaction; a job
+//! that does not, a watch or a settle, has the row read again), so a start over 10,000
+//! portals costs one plan each, not one per finished job. Right before a rotation starts, the portal's row
 //! is read and planned once more, so a `rotate` by hand meanwhile is never repeated. The
 //! planner's answers are stored with each portal (`next_due_at`, `next_reason`).
 //!

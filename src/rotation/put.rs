@@ -226,14 +226,18 @@ async fn verify(
             match &put {
                 // The PUT answered with a set, yet the portal holds the old one.
                 Ok(_) => {
-                    engine.metrics.put_answer(name, "differs");
+                    engine
+                        .metrics
+                        .put_answer(name, crate::outcome::PutAnswer::Differs);
                     tracing::warn!(
                         portal = name,
                         "the PUT answered with a set the portal does not hold; not delivered"
                     );
                 }
                 Err(e) if matches!(e.kind, crate::docspace::ApiErrorKind::Malformed { .. }) => {
-                    engine.metrics.put_answer(name, "unusable");
+                    engine
+                        .metrics
+                        .put_answer(name, crate::outcome::PutAnswer::Unusable);
                 }
                 Err(_) => {}
             }
@@ -258,7 +262,9 @@ pub(super) fn compare_put_answer(
         Ok(answer) => {
             let f = store.fingerprinter();
             if f.of_set(answer) != f.of_set(got) {
-                engine.metrics.put_answer(name, "differs");
+                engine
+                    .metrics
+                    .put_answer(name, crate::outcome::PutAnswer::Differs);
                 tracing::warn!(
                     portal = name,
                     "the PUT answered with another set than the portal holds; the portal's set is delivered"
@@ -266,7 +272,9 @@ pub(super) fn compare_put_answer(
             }
         }
         Err(e) if matches!(e.kind, crate::docspace::ApiErrorKind::Malformed { .. }) => {
-            engine.metrics.put_answer(name, "unusable");
+            engine
+                .metrics
+                .put_answer(name, crate::outcome::PutAnswer::Unusable);
             tracing::warn!(portal = name, error = %e, "the PUT's answer was unusable; the portal's set is delivered");
         }
         Err(_) => {}
