@@ -119,7 +119,7 @@ impl fmt::Display for TrustError {
             Problem::OthersWritable => "is writable by others".to_string(),
             Problem::Link => "is a symbolic link owned by another user".to_string(),
             Problem::Kind(k) => format!("is not {k}"),
-            Problem::Missing => "does not exist".to_string(),
+            Problem::Missing => return write!(f, "{}: does not exist", self.path.display()),
             Problem::Io(e) => return write!(f, "{}: {e}", self.path.display()),
         };
         write!(f, "{} {what}", self.path.display())?;
@@ -382,6 +382,21 @@ mod tests {
 
     fn mode(p: &Path, m: u32) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    /// A missing file is `Missing` (the step that reads it says so in its own words), not
+    /// an error text to be matched.
+    #[test]
+    fn a_missing_file_is_missing() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().canonicalize().unwrap();
+        mode(&base, 0o700);
+        let e = Walker::new().file(&base.join("nope")).unwrap_err();
+        assert_eq!(e.problem, Problem::Missing, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("{}: does not exist", base.join("nope").display())
+        );
     }
 
     #[test]

@@ -434,3 +434,25 @@ mod tests {
         assert!(!still_flapping(Some(0), 0, 3 * h), "quiet");
     }
 }
+
+#[cfg(test)]
+mod last_result_tests {
+    use super::LastResult;
+
+    /// The stored text is the state's format (states written by earlier versions hold it)
+    /// and `status --json`'s: both are pinned here, and they are one.
+    #[test]
+    fn last_result_texts_are_the_state_format_and_the_json() {
+        for (r, text) in [
+            (LastResult::Ok, "ok"),
+            (LastResult::DeliveryPending, "delivery_pending"),
+            (LastResult::Settling, "settling"),
+            (LastResult::Failed, "failed"),
+        ] {
+            assert_eq!(r.as_str(), text);
+            assert_eq!(LastResult::parse(text).unwrap(), r);
+            assert_eq!(serde_json::to_value(r).unwrap(), text);
+        }
+        assert!(LastResult::parse("pending").is_err());
+    }
+}

@@ -311,6 +311,14 @@ async fn two_daemons_over_200_due_portals_send_one_put_each() {
     eprintln!("two daemons over 200 portals: {ra} + {rb} rotations in {took:?}");
     assert_eq!(ra + rb, 200);
     assert!(ra > 0 && rb > 0, "both instances rotated: {ra} + {rb}");
+    // A portal the other instance held was skipped, not failed: no claim error, no
+    // failed rotation in either log.
+    for log in [a.log(), b.log()] {
+        assert!(
+            !log.contains("claiming the portal") && !log.contains("rotation failed"),
+            "{log}"
+        );
+    }
     stop_clean([a, b]).await;
     assert_eq!(h.sim.count("PUT"), 200);
     // Again, as two `run --once` at once: nothing is due, nothing is sent.
