@@ -66,19 +66,26 @@ async fn ready(
     force: bool,
 ) -> Result<Result<Known, Report>, RotationError> {
     let name = pc.name.as_str();
-    // One read tells whether an earlier process left work here; only a portal with
-    // leftovers pays for recovery.
+    // One read tells whether an earlier process left work here (only a portal with
+    // leftovers pays for recovery, and reads again after it) and what the state knows.
     let p = name.to_string();
-    let leftovers = store
+    let (leftovers, seen) = store
         .call(move |c| {
-            Ok(!state::open_journal(c, Some(&p))?.is_empty()
-                || !state::pending(c, Some(&p), None)?.is_empty())
+            let leftovers = !state::open_journal(c, Some(&p))?.is_empty()
+                || !state::pending(c, Some(&p), None)?.is_empty();
+            let known = Known {
+                row: state::portal_row(c, &p)?,
+                sink_sets: state::sink_sets(c, &p)?,
+            };
+            Ok((leftovers, known))
         })
         .await?;
-    if leftovers {
+    let known = if leftovers {
         recover_unless_settling(engine, name).await?;
-    }
-    let known = known(store, name).await?;
+        known(store, name).await?
+    } else {
+        seen
+    };
     let row = known.row.as_ref();
     let at = |ms: i64| {
         crate::schedule::fmt_utc(chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default())

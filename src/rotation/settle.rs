@@ -71,6 +71,20 @@ pub async fn once(
     let store = engine.store()?.clone();
     let name = portal.name().to_string();
     let got = portal.codes().await;
+    // A new set settles it whatever the time (the usual answer right after a PUT): the
+    // state's clock is read only when the answer is the old set or none.
+    if let Ok(set) = &got
+        && Some(store.fingerprinter().of_set(set).as_str()) != intent.before_fp.as_deref()
+    {
+        // The caller says what it means: a verified PUT, or a late one found.
+        tracing::debug!(
+            portal = %name,
+            journal = intent.id,
+            checks = intent.checks + 1,
+            "the portal holds a new set"
+        );
+        return got.map(Settle::Found).map_err(RotationError::Api);
+    }
     // The state's clock: in a cluster the database server's, which wrote the deadline.
     let now = store.now().await?;
     // Not closed as not applied before the window has closed, nor (in a cluster) before the
@@ -86,18 +100,8 @@ pub async fn once(
             .map_or(i64::MIN, |d| d.saturating_add(grace)),
     );
     let (next_check_at, why) = match got {
-        Ok(set) => {
-            let fp = store.fingerprinter().of_set(&set);
-            if Some(fp.as_str()) != intent.before_fp.as_deref() {
-                // The caller says what it means: a verified PUT, or a late one found.
-                tracing::debug!(
-                    portal = %name,
-                    journal = intent.id,
-                    checks = intent.checks + 1,
-                    "the portal holds a new set"
-                );
-                return Ok(Settle::Found(set));
-            }
+        // The old set (a new one returned above).
+        Ok(_) => {
             if now >= end {
                 let note = format!(
                     "the PUT did not take effect: the portal still held the old set when the settle window had closed ({} check(s))",

@@ -807,6 +807,16 @@ struct Shape {
     indexes: std::collections::BTreeMap<String, String>,
 }
 
+/// An index as both backends are compared on: unique or not, its columns, partial or not.
+fn index_text(unique: bool, cols: &[String], partial: bool) -> String {
+    format!(
+        "{}({}){}",
+        if unique { "unique " } else { "" },
+        cols.join(", "),
+        if partial { " partial" } else { "" }
+    )
+}
+
 /// SQLite's and PostgreSQL's names of a column type, as one family.
 fn type_family(t: &str) -> &'static str {
     match t.to_ascii_lowercase().as_str() {
@@ -862,15 +872,9 @@ fn sqlite_shapes(path: &std::path::Path) -> std::collections::BTreeMap<String, S
                 .unwrap()
                 .map(Result::unwrap)
                 .collect();
-            shape.indexes.insert(
-                name,
-                format!(
-                    "{}({}){}",
-                    if unique { "unique " } else { "" },
-                    cols.join(", "),
-                    if partial { " partial" } else { "" }
-                ),
-            );
+            shape
+                .indexes
+                .insert(name, index_text(unique, &cols, partial));
         }
         out.insert(table, shape);
     }
@@ -935,15 +939,9 @@ async fn postgres_shapes(url: &str) -> std::collections::BTreeMap<String, Shape>
         {
             let (name, unique, partial, cols): (String, bool, bool, Vec<String>) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
-            shape.indexes.insert(
-                name,
-                format!(
-                    "{}({}){}",
-                    if unique { "unique " } else { "" },
-                    cols.join(", "),
-                    if partial { " partial" } else { "" }
-                ),
-            );
+            shape
+                .indexes
+                .insert(name, index_text(unique, &cols, partial));
         }
         out.insert(table, shape);
     }
