@@ -986,9 +986,21 @@ async fn stop() {
 /// rotated twice.
 async fn cluster(n: usize) {
     const HOSTS: usize = 10;
-    let pg = support::postgres::Postgres::start();
+    let pg = support::postgres::Postgres::start_with_statement_stats();
+    {
+        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let task = tokio::spawn(conn);
+        client
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .unwrap();
+        drop(client);
+        let _ = task.await;
+    }
     println!(
-        "\n| several instances: {n} due portals, 10 hosts | latency | wall | acc/s | bound of the limits | CPU: daemons / PostgreSQL / simulators (of cores × wall) | rotated twice |\n| --- | --- | --- | --- | --- | --- | --- |"
+        "\n| several instances: {n} due portals, 10 hosts | latency | wall | acc/s | bound of the limits | CPU: daemons / PostgreSQL / simulators (of cores × wall) | per rotation: daemon / server CPU, statements | rotated twice |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     let mut db = 0;
     for latency in ["0ms", "25ms"] {
@@ -1042,7 +1054,9 @@ async fn cluster(n: usize) {
                 .filter_map(|s| s.id())
                 .map(|pid| proc_cpu_and_switches(pid).0)
                 .sum();
-            // Rotations per portal, from the journal.
+            // Rotations per portal, from the journal; statements, from pg_stat_statements
+            // (every statement the bench's database ran, BEGIN and COMMIT included).
+            let mut statements = None;
             let twice = if postgres {
                 let (client, conn) = tokio_postgres::connect(
                     &std::fs::read_to_string(dir.path().join("pg.url")).unwrap(),
@@ -1056,6 +1070,23 @@ async fn cluster(n: usize) {
                     .await
                     .unwrap()
                     .get(0);
+                // The view is in the `postgres` database, where the extension was made.
+                let (admin, admin_conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let admin_task = tokio::spawn(admin_conn);
+                let calls: i64 = admin
+                    .query_one(
+                        "SELECT COALESCE(SUM(calls), 0)::BIGINT FROM pg_stat_statements s
+                           JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1",
+                        &[&format!("bench{db}")],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                drop(admin);
+                let _ = admin_task.await;
+                statements = Some(calls as f64 / n as f64);
                 let twice: i64 = client
                     .query_one("SELECT COUNT(*) FROM (SELECT portal FROM journal WHERE kind = 'rotate' GROUP BY portal HAVING COUNT(*) > 1) t", &[])
                     .await
@@ -1077,10 +1108,14 @@ async fn cluster(n: usize) {
             // The defaults: 64 rotations in flight per instance, 8 per host; 3 round trips.
             let bound = instances as f64 * 64usize.min(8 * HOSTS) as f64 / (3.0 * t_req);
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let per = |s: f64| s * 1000.0 / n as f64;
             println!(
-                "| {label} | {latency} | {wall:.1} s | {:.0} | {bound:.0} | {cpu:.1} / {pg_used:.1} / {sims_used:.1} s (of {:.1}) | {twice} |",
+                "| {label} | {latency} | {wall:.1} s | {:.0} | {bound:.0} | {cpu:.1} / {pg_used:.1} / {sims_used:.1} s (of {:.1}) | {:.1} / {:.1} ms, {} | {twice} |",
                 n as f64 / wall,
-                cores * wall
+                cores * wall,
+                per(cpu),
+                per(pg_used),
+                statements.map_or("–".to_string(), |s| format!("{s:.1}"))
             );
             for mut s in sims {
                 let _ = s.kill().await;

@@ -37,6 +37,20 @@ impl Postgres {
     /// With `tls`: also listening on a free loopback port with TLS (a certificate for
     /// 127.0.0.1 signed by a fresh test CA, `ca.pem` in [`Postgres::path`]).
     pub fn start_with(tls: bool) -> Self {
+        Self::start_full(tls, "")
+    }
+
+    /// With `pg_stat_statements` loaded (the bench counts statements per rotation with it;
+    /// `CREATE EXTENSION pg_stat_statements` in a database to read it there).
+    #[allow(dead_code)]
+    pub fn start_with_statement_stats() -> Self {
+        Self::start_full(
+            false,
+            " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all",
+        )
+    }
+
+    fn start_full(tls: bool, extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tfa-pg-")
             .tempdir()
@@ -92,6 +106,7 @@ impl Postgres {
             );
             port = Some(p);
         }
+        opts.push_str(extra);
         let pg_ctl = bin.join("pg_ctl");
         as_postgres(&[
             pg_ctl.to_str().unwrap(),
