@@ -85,8 +85,11 @@ struct Supervisor {
     failed: usize,
     /// Plans to store, batched: every job finished in one turn of the loop shares a commit.
     dirty: Vec<PlanWrite>,
-    /// The pending-deliveries gauge needs a fresh count.
+    /// The spool needs counting again (after a round of delivery retries).
     count_pending: bool,
+    /// Payloads waiting per portal: counted at start, on reload and after delivery rounds,
+    /// and otherwise kept from what each job says it left.
+    pending: HashMap<String, i64>,
     /// In a cluster: portals another instance held at their turn, not tried before then.
     held: HashMap<String, DateTime<Utc>>,
     /// In a cluster: the config in force, for the instance's heartbeat.
@@ -323,6 +326,7 @@ impl Supervisor {
             failed,
             dirty: Vec::new(),
             count_pending: false,
+            pending: HashMap::new(),
             held: HashMap::new(),
             tracker: TaskTracker::new(),
             done_tx,
@@ -714,19 +718,28 @@ impl Supervisor {
             _ if done.outcome == Outcome::Skipped(Skip::Held) => {
                 self.known.get(&name).cloned().unwrap_or_default()
             }
-            // The job said what it wrote: planned from that, no read-back.
-            Some(_) if done.after.is_some() => {
-                let after = done.after.as_ref().map(|a| (a.row.as_ref(), &a.open[..]));
-                let (row, open) = after.unwrap_or_default();
-                rotation::known_from(row, rotation::settled_by(open), now)
-            }
-            Some(store) => match rotation::known_of(store, &name).await {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::error!(portal = %name, error = %e, "reading the portal's state");
-                    self.known.get(&name).cloned().unwrap_or_default()
+            // The job said what it wrote: planned from that, no read-back. A job that does
+            // not say (a watch, a settle) has it read again, this portal only.
+            Some(store) => {
+                let after = match done.after {
+                    Some(a) => Ok(a),
+                    None => {
+                        let p = name.clone();
+                        store.call(move |c| rotation::StateAfter::read(c, &p)).await
+                    }
+                };
+                match after {
+                    Ok(a) => {
+                        self.set_pending(&name, a.pending);
+                        rotation::known_from(a.row.as_ref(), rotation::settled_by(&a.open), now)
+                    }
+                    Err(e) => {
+                        tracing::error!(portal = %name, error = %e, "reading the portal's state");
+                        self.count_pending = true;
+                        self.known.get(&name).cloned().unwrap_or_default()
+                    }
                 }
-            },
+            }
             None => {
                 let mut k = self.known.get(&name).cloned().unwrap_or_default();
                 match done.reason {
@@ -760,7 +773,16 @@ impl Supervisor {
         {
             self.dirty.push(w);
         }
-        self.count_pending = true;
+    }
+
+    /// Records what waits in the spool for `portal` and sets the gauge to the sum.
+    fn set_pending(&mut self, portal: &str, n: i64) {
+        if n > 0 {
+            self.pending.insert(portal.to_string(), n);
+        } else {
+            self.pending.remove(portal);
+        }
+        self.engine.metrics.pending.set(self.pending.values().sum());
     }
 
     /// Stores the plans of this turn in one commit, and counts the spool once.
@@ -772,12 +794,13 @@ impl Supervisor {
         }
     }
 
-    /// Sets the pending-deliveries gauge from the spool.
-    async fn refresh_pending(&self) {
+    /// Counts the spool per portal and sets the pending-deliveries gauge.
+    async fn refresh_pending(&mut self) {
         if let Some(store) = &self.engine.store
-            && let Ok(n) = store.call(|c| state::pending_count(c)).await
+            && let Ok(counts) = store.call(|c| state::pending_by_portal(c)).await
         {
-            self.engine.metrics.pending.set(n);
+            self.pending = counts.into_iter().collect();
+            self.engine.metrics.pending.set(self.pending.values().sum());
         }
     }
 

@@ -35,14 +35,17 @@ pub struct StateAfter {
     pub row: Option<state::PortalRow>,
     /// Its open journal entries, oldest first.
     pub open: Vec<state::OpenJournal>,
+    /// Its payloads waiting in the spool.
+    pub pending: i64,
 }
 
 impl StateAfter {
-    /// Reads both, inside the caller's transaction.
-    pub(super) fn read(c: &dyn state::db::Sql, portal: &str) -> Result<Self, StateError> {
+    /// Reads them, inside the caller's transaction.
+    pub fn read(c: &dyn state::db::Sql, portal: &str) -> Result<Self, StateError> {
         Ok(Self {
             row: state::portal_row(c, portal)?,
             open: state::open_journal(c, Some(portal))?,
+            pending: state::pending_count_of(c, portal)?,
         })
     }
 }

@@ -132,6 +132,28 @@ pub fn pending_count(c: &dyn Sql) -> Result<i64, StateError> {
         .map_or(Ok(0), |r| r.int(0))
 }
 
+/// Payloads waiting, per portal.
+pub fn pending_by_portal(c: &dyn Sql) -> Result<Vec<(String, i64)>, StateError> {
+    c.rows(
+        "counting the spool",
+        "SELECT portal, COUNT(*) FROM spool GROUP BY portal",
+        vals![],
+    )?
+    .iter()
+    .map(|r| Ok((r.text(0)?, r.int(1)?)))
+    .collect()
+}
+
+/// Payloads waiting for one portal (by the `spool_by_target` index).
+pub fn pending_count_of(c: &dyn Sql, portal: &str) -> Result<i64, StateError> {
+    c.row(
+        "counting the spool",
+        "SELECT COUNT(*) FROM spool WHERE portal = ?1",
+        vals![portal],
+    )?
+    .map_or(Ok(0), |r| r.int(0))
+}
+
 /// The earliest time a pending delivery is due, if any.
 pub fn next_delivery_due(c: &dyn Sql) -> Result<Option<i64>, StateError> {
     c.row(
