@@ -84,18 +84,6 @@ pub fn settled_by<'a>(
     pick
 }
 
-/// [`known_from`] for one portal, read from the store.
-pub async fn known_of(
-    store: &Store,
-    name: &str,
-) -> Result<crate::schedule::plan::Known, StateError> {
-    let p = name.to_string();
-    let (row, open) = store
-        .call(move |c| Ok((state::portal_row(c, &p)?, state::open_journal(c, Some(&p))?)))
-        .await?;
-    Ok(known_from_open(row.as_ref(), &open, Utc::now()))
-}
-
 /// A portal's policy for the planner; `entry_fp` is [`Engine::entry_fingerprint`];
 /// `follows_changes` is the coordinator's ([`crate::coordinator::Coordinator::follows_changes`]).
 pub fn policy_of<'a>(

@@ -53,7 +53,7 @@ pub mod settle;
 pub use engine::{Engine, EngineError, entry_fingerprint_of, open_reader};
 use failure::record_failure;
 pub use failure::{rate_limited, restore_pauses};
-pub use known::{known_and_now, known_from, known_of, policy_of, settled_by};
+pub use known::{known_and_now, known_from, policy_of, settled_by};
 use preflight::{dry_rotate, held_by_min_interval, known, preflight, sink_of};
 use put::rotate_inner;
 use recovery::recover_unless_settling;

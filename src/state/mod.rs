@@ -49,8 +49,7 @@ pub use portals::{
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,
-    next_delivery_due, pending, pending_by_portal, pending_count, pending_count_of, pending_rows,
-    sink_sets,
+    next_delivery_due, pending, pending_by_portal, pending_count_of, pending_rows, sink_sets,
 };
 
 const MIGRATIONS: &[&str] = &[

@@ -126,12 +126,6 @@ pub fn delivery_failed(
     Ok(())
 }
 
-/// How many payloads wait for delivery.
-pub fn pending_count(c: &dyn Sql) -> Result<i64, StateError> {
-    c.row("counting the spool", "SELECT COUNT(*) FROM spool", vals![])?
-        .map_or(Ok(0), |r| r.int(0))
-}
-
 /// Payloads waiting, per portal.
 pub fn pending_by_portal(c: &dyn Sql) -> Result<Vec<(String, i64)>, StateError> {
     c.rows(
