@@ -3,6 +3,7 @@
 //! Built as a typed report ([`StatusReport`]) first; `--json` serializes it, the table for
 //! people reads its fields.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -107,6 +108,7 @@ pub async fn run(path: &Path, json: bool) -> Exit {
     let view = View {
         config: &config,
         sinks: &sinks,
+        rows: loaded.rows.iter().map(|r| (r.name.as_str(), r)).collect(),
         loaded: &loaded,
         leases: &leases,
         follows_changes: coordinator.follows_changes(),
@@ -182,6 +184,8 @@ struct View<'a> {
     config: &'a Config,
     sinks: &'a crate::sinks::Sinks,
     loaded: &'a Loaded,
+    /// `loaded.rows` by portal: one lookup per portal, not a scan (10,000 portals).
+    rows: HashMap<&'a str, &'a PortalRow>,
     leases: &'a [Lease],
     follows_changes: bool,
     now: DateTime<Utc>,
@@ -203,12 +207,10 @@ impl View<'_> {
 
     fn portal(&self, name: &str) -> PortalStatus {
         let loaded = self.loaded;
-        let row = loaded
+        let row = self
             .rows
-            .iter()
-            .find(|r| r.name == name)
-            .cloned()
-            .unwrap_or_default();
+            .get(name)
+            .map_or_else(Default::default, |r| (*r).clone());
         let now_ms = self.now.timestamp_millis();
         let intent = loaded
             .open
