@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ::notify as notify_watcher;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -210,8 +211,6 @@ struct Background {
     /// Kept alive while watching; dropped at stop, which ends the watch task.
     watcher: Option<notify_watcher::RecommendedWatcher>,
 }
-
-use ::notify as notify_watcher;
 
 impl Background {
     fn new(stop: CancellationToken) -> Self {
