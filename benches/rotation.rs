@@ -4,7 +4,8 @@
 //!
 //! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3),
 //! `TFA_BENCH_ONLY` (a comma list of `mass`, `wan`, `cluster`, `start`, `stop`, `fds`, `idle`,
-//! `reload`, `micro`; default all), `TFA_BENCH_CLUSTER_SIZE` (default 10000).
+//! `reload`, `micro`; default all), `TFA_BENCH_CLUSTER_SIZE` (default 10000),
+//! `TFA_BENCH_START_SIZES` (default `1000,10000`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -337,7 +338,7 @@ async fn main() {
         cluster(env_list("TFA_BENCH_CLUSTER_SIZE", &[10000])[0]).await;
     }
     if wanted("start") {
-        start(&env_list("TFA_BENCH_START_SIZES", &[2000, 10000])).await;
+        start(&env_list("TFA_BENCH_START_SIZES", &[1000, 10000])).await;
     }
     if wanted("stop") {
         stop().await;
