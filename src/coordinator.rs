@@ -248,13 +248,15 @@ mod tests {
         assert!(c.lock("p").await.is_err());
         assert!(c.claim_now("p").await.unwrap().is_none());
         assert!(c.cluster_view().await.unwrap().is_none());
+        // Alone, every config is the newest generation.
         let config = crate::config::parse(
-            "[portals.p]\nurl = \"https://docspace.rotator.test\"\napi_key = { env = \"K\" }\nsinks = []\n",
+            "[sinks.f]\ntype = \"file\"\npath = \"/var/lib/t/{portal}.txt\"\n\n\
+             [portals.p]\nurl = \"https://docspace.rotator.test\"\napi_key = { env = \"K\" }\nsinks = [\"f\"]\n",
             std::path::Path::new("t.toml"),
             false,
-        );
-        if let Ok(config) = config {
-            assert!(c.refresh_generation(&config).await.unwrap());
-        }
+        )
+        .unwrap();
+        assert!(c.refresh_generation(&config).await.unwrap());
+        assert!(c.follows_changes());
     }
 }
