@@ -5,7 +5,8 @@
 //! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3),
 //! `TFA_BENCH_ONLY` (a comma list of `mass`, `wan`, `cluster`, `start`, `stop`, `fds`, `idle`,
 //! `reload`, `micro`; default all), `TFA_BENCH_CLUSTER_SIZE` (default 10000),
-//! `TFA_BENCH_START_SIZES` (default `1000,10000`).
+//! `TFA_BENCH_START_SIZES` (default `1000,10000`), `TFA_BENCH_STATEMENTS` (set: the cluster
+//! table also lists PostgreSQL's 40 most frequent statements, calls per rotation).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -1085,6 +1086,28 @@ async fn cluster(n: usize) {
                     .await
                     .unwrap()
                     .get(0);
+                // TFA_BENCH_STATEMENTS=1: which statements, how often per rotation.
+                if std::env::var_os("TFA_BENCH_STATEMENTS").is_some() {
+                    for r in admin
+                        .query(
+                            "SELECT s.calls, s.total_exec_time, s.query FROM pg_stat_statements s
+                               JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1
+                              ORDER BY s.calls DESC LIMIT 40",
+                            &[&format!("bench{db}")],
+                        )
+                        .await
+                        .unwrap()
+                    {
+                        let (calls, ms, q): (i64, f64, String) = (r.get(0), r.get(1), r.get(2));
+                        let q: String = q.split_whitespace().collect::<Vec<_>>().join(" ");
+                        println!(
+                            "  {:>6.2}/rotation {:>8.1} ms  {}",
+                            calls as f64 / n as f64,
+                            ms,
+                            q.chars().take(150).collect::<String>()
+                        );
+                    }
+                }
                 drop(admin);
                 let _ = admin_task.await;
                 statements = Some(calls as f64 / n as f64);
