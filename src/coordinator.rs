@@ -141,6 +141,25 @@ impl Coordinator {
         Ok(newest)
     }
 
+    /// [`Self::refresh_generation`] from what a claim read when it was taken (the same
+    /// statement, so no second one): a claim that has no view of the generations (alone)
+    /// asks the database.
+    pub async fn generation_at_claim(
+        &self,
+        lock: Option<&state::PortalLock>,
+        config: &Config,
+    ) -> Result<bool, StateError> {
+        let (Some(pg), Some(Some(newest))) = (
+            &self.cluster,
+            lock.map(state::PortalLock::generation_at_claim),
+        ) else {
+            return self.refresh_generation(config).await;
+        };
+        let newest = crate::state::pg::is_newest(newest, config);
+        self.set_newest(pg, newest).await;
+        Ok(newest)
+    }
+
     async fn set_newest(&self, pg: &PgStore, newest: bool) {
         let was = self.newest.swap(newest, Ordering::SeqCst);
         if newest {

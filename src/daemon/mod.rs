@@ -957,19 +957,6 @@ async fn run_job(
     let Some(_slot) = engine.slot(name).await else {
         return done(Outcome::Skipped(Skip::Stopping), None);
     };
-    if matches!(due.reason, Reason::New | Reason::Changed) {
-        // In a cluster a changed entry is acted on only by an instance on the newest config
-        // generation; asked now, not at the last heartbeat, since another instance may
-        // have just started with a newer one.
-        match engine.coordinator.refresh_generation(&engine.config).await {
-            Ok(true) => {}
-            Ok(false) => return done(Outcome::Skipped(Skip::NotDue), None),
-            Err(e) => {
-                tracing::warn!(portal = name, error = %e, "reading the config generations");
-                return done(Outcome::Failed, None);
-            }
-        }
-    }
     // In a cluster the claim comes first: a portal another instance holds costs one
     // statement and is looked at again later; one we hold is re-planned and rotated under it.
     let mut held = None;
@@ -985,15 +972,32 @@ async fn run_job(
             }
         }
     }
-    let mut since = None;
+    if matches!(due.reason, Reason::New | Reason::Changed) {
+        // In a cluster a changed entry is acted on only by an instance on the newest config
+        // generation; asked now (the claim read it), not at the last heartbeat, since
+        // another instance may have just started with a newer one.
+        match engine
+            .coordinator
+            .generation_at_claim(held.as_ref(), &engine.config)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return done(Outcome::Skipped(Skip::NotDue), None),
+            Err(e) => {
+                tracing::warn!(portal = name, error = %e, "reading the config generations");
+                return done(Outcome::Failed, None);
+            }
+        }
+    }
+    let mut begin = None;
     if due.reason.rotates()
         && let (Some(store), Some(pc)) = (&engine.store, engine.config.portals.get(name))
     {
         // Right before it starts: still due? A `rotate` by hand, or another process, may
         // have done it meanwhile. One that does it after this read is found by the
-        // rotation itself, under the portal's lock (`since`).
-        if let Ok((k, read_at)) = rotation::known_and_now(store, name).await {
-            since = Some(read_at);
+        // rotation itself, under the portal's lock (the snapshot's clock is its `since`).
+        if let Ok((k, snapshot)) = rotation::known_and_now(store, name).await {
+            begin = Some(snapshot);
             let now = Utc::now();
             let p = plan::plan(
                 &rotation::policy_of(&engine.config, pc, fp, engine.coordinator.follows_changes()),
@@ -1026,7 +1030,7 @@ async fn run_job(
             done(outcome, unused)
         }
         _ => {
-            let r = rotation::rotate_held(engine, name, false, since, held).await;
+            let r = rotation::rotate_held(engine, name, false, begin, held).await;
             Done {
                 after: r.after,
                 ..done(r.outcome, r.unused)

@@ -39,25 +39,49 @@ pub fn known_from(
     }
 }
 
-/// [`known_of`], and the state's clock when it was read (one transaction).
+/// What the daemon read of a portal right before rotating it (one transaction): the
+/// state's clock then, which is the rotation's `since`, and what the rotation reads first.
+/// Read under the portal's claim, it is still true when the rotation starts, which then
+/// does not read it again.
+pub struct Snapshot {
+    /// The state's clock when it was read.
+    pub now: i64,
+    pub(super) leftovers: bool,
+    pub(super) known: preflight::Known,
+}
+
+/// The planner's view of `name`, and the [`Snapshot`] it was made from (one transaction).
 pub async fn known_and_now(
     store: &Store,
     name: &str,
-) -> Result<(crate::schedule::plan::Known, i64), StateError> {
+) -> Result<(crate::schedule::plan::Known, Snapshot), StateError> {
     let p = name.to_string();
-    let (row, open, now) = store
+    let (open, snapshot) = store
         .call(move |c| {
             // The clock first: whatever the reads miss was committed after it.
             let now = c.now()?;
+            let row = state::portal_row(c, &p)?;
+            let open = state::open_journal(c, Some(&p))?;
+            let leftovers = !open.is_empty() || state::pending_count_of(c, &p)? > 0;
+            let known = preflight::Known {
+                row,
+                sink_sets: state::sink_sets(c, &p)?,
+            };
             Ok((
-                state::portal_row(c, &p)?,
-                state::open_journal(c, Some(&p))?,
-                now,
+                open,
+                Snapshot {
+                    now,
+                    leftovers,
+                    known,
+                },
             ))
         })
         .await?;
-    let at = chrono::DateTime::from_timestamp_millis(now).unwrap_or_else(Utc::now);
-    Ok((known_from_open(row.as_ref(), &open, at), now))
+    let at = chrono::DateTime::from_timestamp_millis(snapshot.now).unwrap_or_else(Utc::now);
+    Ok((
+        known_from_open(snapshot.known.row.as_ref(), &open, at),
+        snapshot,
+    ))
 }
 
 /// [`known_from`] with the portal's open journal entries (oldest first).

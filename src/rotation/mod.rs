@@ -53,7 +53,7 @@ pub mod settle;
 pub use engine::{Engine, EngineError, entry_fingerprint_of, open_reader};
 use failure::record_failure;
 pub use failure::{rate_limited, restore_pauses};
-pub use known::{known_and_now, known_from, policy_of, settled_by};
+pub use known::{Snapshot, known_and_now, known_from, policy_of, settled_by};
 use preflight::{dry_rotate, held_by_min_interval, known, preflight, sink_of};
 use put::rotate_inner;
 use recovery::recover_unless_settling;
@@ -161,18 +161,19 @@ pub async fn rotate(engine: &Engine, name: &str, force: bool) -> Report {
 }
 
 /// [`rotate`] for the daemon: skipped (unless `force`) when the portal was rotated at or
-/// after `since` (the state's clock; `None`: when this call began), by another process
-/// while this one waited for the portal or after the daemon planned it; under `held`, a
-/// lock the caller already took (`None`: it takes one).
+/// after `begin.now` (the state's clock; no snapshot: when this call began), by another
+/// process while this one waited for the portal or after the daemon planned it; under
+/// `held`, a lock the caller already took (`None`: it takes one), and then what `begin`
+/// read (under that lock) is not read again.
 pub async fn rotate_held(
     engine: &Engine,
     name: &str,
     force: bool,
-    since: Option<i64>,
+    begin: Option<Snapshot>,
     held: Option<state::PortalLock>,
 ) -> Report {
     let started = std::time::Instant::now();
-    let report = match rotate_inner(engine, name, force, since, held).await {
+    let report = match rotate_inner(engine, name, force, begin, held).await {
         Ok(r) => r,
         Err(RotationError::State(e)) if engine.coordinator.held_elsewhere(&e) => {
             // Not a failure of the portal: another instance has it.

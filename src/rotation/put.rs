@@ -12,7 +12,7 @@ pub(super) async fn rotate_inner(
     engine: &Engine,
     name: &str,
     force: bool,
-    since: Option<i64>,
+    begin: Option<Snapshot>,
     held: Option<state::PortalLock>,
 ) -> Result<Report, RotationError> {
     let pc = engine.portal_config(name)?;
@@ -23,15 +23,17 @@ pub(super) async fn rotate_inner(
         return Ok(not_started(name));
     }
     let store = engine.store()?.clone();
-    let since = match since {
-        Some(t) => t,
-        None => store.now().await?,
+    let (since, seen) = match begin {
+        // Read under the lock the caller holds: still what the state says.
+        Some(s) if held.is_some() => (s.now, Some(s)),
+        Some(s) => (s.now, None),
+        None => (store.now().await?, None),
     };
     let _lock = match held {
         Some(l) => l,
         None => engine.coordinator.lock(name).await?,
     };
-    let known = match ready(engine, pc, &store, since, force).await? {
+    let known = match ready(engine, pc, &store, since, force, seen).await? {
         Ok(known) => known,
         Err(held_back) => return Ok(held_back),
     };
@@ -64,22 +66,29 @@ async fn ready(
     store: &Store,
     since: i64,
     force: bool,
+    seen: Option<Snapshot>,
 ) -> Result<Result<Known, Report>, RotationError> {
     let name = pc.name.as_str();
     // One read tells whether an earlier process left work here (only a portal with
-    // leftovers pays for recovery, and reads again after it) and what the state knows.
-    let p = name.to_string();
-    let (leftovers, seen) = store
-        .call(move |c| {
-            let leftovers = !state::open_journal(c, Some(&p))?.is_empty()
-                || !state::pending(c, Some(&p), None)?.is_empty();
-            let known = Known {
-                row: state::portal_row(c, &p)?,
-                sink_sets: state::sink_sets(c, &p)?,
-            };
-            Ok((leftovers, known))
-        })
-        .await?;
+    // leftovers pays for recovery, and reads again after it) and what the state knows;
+    // the caller may have read it already, under the lock.
+    let (leftovers, seen) = match seen {
+        Some(s) => (s.leftovers, s.known),
+        None => {
+            let p = name.to_string();
+            store
+                .call(move |c| {
+                    let leftovers = !state::open_journal(c, Some(&p))?.is_empty()
+                        || state::pending_count_of(c, &p)? > 0;
+                    let known = Known {
+                        row: state::portal_row(c, &p)?,
+                        sink_sets: state::sink_sets(c, &p)?,
+                    };
+                    Ok((leftovers, known))
+                })
+                .await?
+        }
+    };
     let known = if leftovers {
         recover_unless_settling(engine, name).await?;
         known(store, name).await?
@@ -127,8 +136,7 @@ async fn write_intent(
     let (p, fp, unused, total) = (pc.name.clone(), pf.before_fp.clone(), pf.unused, pf.total);
     let (id, started_at) = store
         .write(move |c| {
-            state::record_seen(c, &p, fp.as_deref().unwrap_or_default(), unused, total)?;
-            let id = state::begin_intent(c, &p, "rotate", fp.as_deref(), window_ms)?;
+            let id = state::begin_rotation(c, &p, fp.as_deref(), (unused, total), window_ms)?;
             Ok((id, c.now()?))
         })
         .await?;

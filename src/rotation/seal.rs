@@ -65,13 +65,24 @@ async fn seal_set(
     let pin = rotated.then(|| (account.id.clone(), engine.entry_fingerprint(pc)));
     let (ids, payloads) = store
         .write(move |c| {
-            let ids = state::seal(c, journal_id, &p, &set_fp, unused, total, &payloads)?;
-            if let Some((account, entry)) = &pin {
-                state::pin_account(c, &p, account, entry)?;
-                // A rotation, by hand or by the daemon, counts for the schedule: it is the
-                // rotation for this entry, and it consumes every fire up to now.
-                state::record_schedule(c, &p, Some(entry), Some(now_ms()))?;
-            }
+            // A rotation, by hand or by the daemon, pins the account and counts for the
+            // schedule: it is the rotation for this entry, and it consumes every fire up
+            // to now.
+            let pin = pin.as_ref().map(|(account, entry)| state::Pin {
+                account_id: account,
+                entry_fp: entry,
+                fires_to: now_ms(),
+            });
+            let ids = state::seal_pinned(
+                c,
+                journal_id,
+                &p,
+                &set_fp,
+                unused,
+                total,
+                &payloads,
+                pin.as_ref(),
+            )?;
             Ok((ids, payloads))
         })
         .await?;

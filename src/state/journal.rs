@@ -67,6 +67,36 @@ pub fn begin_intent(
     before_fp: Option<&str>,
     window_ms: i64,
 ) -> Result<i64, StateError> {
+    begin(c, portal, kind, before_fp, window_ms, None)
+}
+
+/// A rotation's intent, with what its preflight saw (the set `before_fp` of `unused` of
+/// `total` codes, as [`super::record_seen`] records it) in the same statement as the attempt.
+pub fn begin_rotation(
+    c: &dyn Sql,
+    portal: &str,
+    before_fp: Option<&str>,
+    (unused, total): (usize, usize),
+    window_ms: i64,
+) -> Result<i64, StateError> {
+    begin(
+        c,
+        portal,
+        "rotate",
+        before_fp,
+        window_ms,
+        Some((unused, total)),
+    )
+}
+
+fn begin(
+    c: &dyn Sql,
+    portal: &str,
+    kind: &str,
+    before_fp: Option<&str>,
+    window_ms: i64,
+    seen: Option<(usize, usize)>,
+) -> Result<i64, StateError> {
     // In a cluster this is the fence: no intent (so no PUT) unless our claim holds.
     let deadline = c.license_put(portal)?;
     let now = c.now()?;
@@ -80,13 +110,23 @@ pub fn begin_intent(
         .map(|r| r.int(0))
         .transpose()?
         .unwrap_or_default();
-    update_portal(
-        c,
-        portal,
-        "recording the attempt",
-        "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
-        vals![portal, now],
-    )?;
+    match seen {
+        None => update_portal(
+            c,
+            portal,
+            "recording the attempt",
+            "UPDATE portals SET last_attempt_at = ?2 WHERE name = ?1",
+            vals![portal, now],
+        )?,
+        Some((unused, total)) => update_portal(
+            c,
+            portal,
+            "recording the attempt",
+            "UPDATE portals SET last_attempt_at = ?2, set_fp = ?3, unused = ?4, total = ?5, seen_at = ?2
+              WHERE name = ?1",
+            vals![portal, now, before_fp.unwrap_or_default(), unused, total],
+        )?,
+    }
     Ok(id)
 }
 
@@ -142,6 +182,33 @@ pub fn seal(
     total: usize,
     payloads: &[(String, zeroize::Zeroizing<Vec<u8>>)],
 ) -> Result<Vec<i64>, StateError> {
+    seal_pinned(c, journal_id, portal, set_fp, unused, total, payloads, None)
+}
+
+/// What a rotation's seal also records of the portal: the account its entry acts as (see
+/// [`super::pin_account`]), and that it was the rotation for the entry and consumed every
+/// fire up to `fires_to` (see [`super::record_schedule`]).
+pub struct Pin<'a> {
+    /// The account the portal's key acts as.
+    pub account_id: &'a str,
+    /// The fingerprint of the portal's effective config entry.
+    pub entry_fp: &'a str,
+    /// The last fire acted on (Unix ms); it only moves forward.
+    pub fires_to: i64,
+}
+
+/// [`seal`], and a rotation's [`Pin`] in the same statement as the new set.
+#[allow(clippy::too_many_arguments)]
+pub fn seal_pinned(
+    c: &dyn Sql,
+    journal_id: i64,
+    portal: &str,
+    set_fp: &str,
+    unused: usize,
+    total: usize,
+    payloads: &[(String, zeroize::Zeroizing<Vec<u8>>)],
+    pin: Option<&Pin>,
+) -> Result<Vec<i64>, StateError> {
     let now = c.now()?;
     let mut ids = Vec::with_capacity(payloads.len());
     for (sink, payload) in payloads {
@@ -162,12 +229,29 @@ pub fn seal(
         "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
         vals![journal_id, set_fp, now],
     )?;
+    // The last fire acted on only moves forward, as in `record_schedule`.
     update_portal(
         c,
         portal,
         "recording the new set",
-        "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5 WHERE name = ?1",
-        vals![portal, set_fp, unused, total, now],
+        "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5,
+                account_id = COALESCE(CAST(?6 AS TEXT), account_id),
+                account_entry_fp = COALESCE(CAST(?7 AS TEXT), account_entry_fp),
+                entry_fp = COALESCE(CAST(?7 AS TEXT), entry_fp),
+                last_fire_at = CASE WHEN CAST(?8 AS BIGINT) IS NULL THEN last_fire_at
+                                    WHEN last_fire_at IS NULL OR CAST(?8 AS BIGINT) > last_fire_at THEN CAST(?8 AS BIGINT)
+                                    ELSE last_fire_at END
+          WHERE name = ?1",
+        vals![
+            portal,
+            set_fp,
+            unused,
+            total,
+            now,
+            pin.map(|p| p.account_id),
+            pin.map(|p| p.entry_fp),
+            pin.map(|p| p.fires_to)
+        ],
     )?;
     // What each sink holds from now on (or will, once delivered): the baseline of drift.
     for (sink, _) in payloads {

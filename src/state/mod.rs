@@ -38,8 +38,8 @@ mod spool;
 
 pub use alerts::{AlertDue, add_notice, alert_sent, alerts_due};
 pub use journal::{
-    Closed, OpenJournal, Phase, begin_intent, close_journal, closed_since, open_journal, seal,
-    settle_checked,
+    Closed, OpenJournal, Phase, Pin, begin_intent, begin_rotation, close_journal, closed_since,
+    open_journal, seal, seal_pinned, settle_checked,
 };
 pub use portals::{
     DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, LastResult, PortalRow, add_history,
@@ -222,7 +222,19 @@ pub struct PortalLock {
 
 enum Hold {
     File(#[allow(dead_code)] File),
-    Claim(#[allow(dead_code)] pg::ClaimGuard),
+    Claim(pg::ClaimGuard),
+}
+
+impl PortalLock {
+    /// A cluster claim's view of the config generations when it was taken: `Some(newest)`,
+    /// `newest` being the newest generation recorded then (`None` when there is none yet);
+    /// `None` for a lock of a single instance, which has no generations.
+    pub fn generation_at_claim(&self) -> Option<Option<&str>> {
+        match &self._hold {
+            Hold::File(_) => None,
+            Hold::Claim(c) => Some(c.newest_generation()),
+        }
+    }
 }
 
 impl Store {

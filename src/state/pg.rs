@@ -365,8 +365,10 @@ impl PgStore {
             // One statement: the claim if the lease is free or expired, and otherwise who
             // holds it (the CTE's update is not visible to the outer SELECT: it reads the
             // row as it was), and whether the row exists at all.
-            let row = client
-                .query_one(
+            // The newest config generation comes with it: the daemon asks before acting on
+            // a changed entry, and a claim is what it takes first.
+            let st = client
+                .prepare_cached(
                     "WITH claimed AS (
                         UPDATE portals SET lease_owner = $2, lease_epoch = lease_epoch + 1,
                                lease_until = clock_timestamp() + $3::BIGINT * interval '1 millisecond'
@@ -374,13 +376,20 @@ impl PgStore {
                         RETURNING lease_epoch)
                      SELECT (SELECT lease_epoch FROM claimed),
                             (SELECT lease_owner FROM portals WHERE name = $1),
-                            EXISTS (SELECT 1 FROM portals WHERE name = $1)",
-                    &[&portal, &self.shared.me, &ms(self.shared.lease)],
+                            EXISTS (SELECT 1 FROM portals WHERE name = $1),
+                            (SELECT config_fp FROM config_generations
+                              ORDER BY first_seen_at DESC, config_fp LIMIT 1)",
                 )
                 .await
                 .map_err(pg("claiming a portal"))?;
+            let row = client
+                .query_one(&st, &[&portal, &self.shared.me, &ms(self.shared.lease)])
+                .await
+                .map_err(pg("claiming a portal"))?;
             if let Some(epoch) = row.get::<_, Option<i64>>(0) {
-                return Ok(self.hold(portal, epoch));
+                let mut guard = self.hold(portal, epoch);
+                guard.newest_generation = row.get(3);
+                return Ok(guard);
             }
             if !row.get::<_, bool>(2) {
                 client
@@ -439,6 +448,7 @@ impl PgStore {
             portal: portal.to_string(),
             epoch,
             heartbeat,
+            newest_generation: None,
         }
     }
 
@@ -450,28 +460,26 @@ impl PgStore {
     }
 
     async fn renew(&self, portal: &str, epoch: i64) -> Result<bool, StateError> {
-        let n = get(&self.shared.pool)
-            .await?
-            .execute(
-                "UPDATE portals SET lease_until = clock_timestamp() + $4::BIGINT * interval '1 millisecond'
-                  WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
-                &[&portal, &self.shared.me, &epoch, &ms(self.shared.lease)],
-            )
-            .await
-            .map_err(pg("renewing a claim"))?;
+        let n = execute_cached(
+            &self.shared.pool,
+            "renewing a claim",
+            "UPDATE portals SET lease_until = clock_timestamp() + $4::BIGINT * interval '1 millisecond'
+              WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
+            &[&portal, &self.shared.me, &epoch, &ms(self.shared.lease)],
+        )
+        .await?;
         Ok(n == 1)
     }
 
     async fn release(&self, portal: &str, epoch: i64) -> Result<(), StateError> {
-        get(&self.shared.pool)
-            .await?
-            .execute(
-                "UPDATE portals SET lease_owner = NULL, lease_until = NULL
-                  WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
-                &[&portal, &self.shared.me, &epoch],
-            )
-            .await
-            .map_err(pg("releasing a claim"))?;
+        execute_cached(
+            &self.shared.pool,
+            "releasing a claim",
+            "UPDATE portals SET lease_owner = NULL, lease_until = NULL
+              WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
+            &[&portal, &self.shared.me, &epoch],
+        )
+        .await?;
         Ok(())
     }
 
@@ -504,31 +512,32 @@ impl PgStore {
 
     /// Marks this instance alive (the daemon, every lease/3).
     pub async fn heartbeat(&self) -> Result<(), StateError> {
-        get(&self.shared.pool)
-            .await?
-            .execute(
-                "UPDATE nodes SET seen_at = clock_timestamp() WHERE name = $1",
-                &[&self.shared.me],
-            )
-            .await
-            .map_err(pg("marking the instance alive"))?;
+        execute_cached(
+            &self.shared.pool,
+            "marking the instance alive",
+            "UPDATE nodes SET seen_at = clock_timestamp() WHERE name = $1",
+            &[&self.shared.me],
+        )
+        .await?;
         Ok(())
     }
 
     /// Whether `config` is the newest config generation any instance started with; an
     /// instance that runs an older one does not act on "changed".
     pub async fn runs_newest_config(&self, config: &Config) -> Result<bool, StateError> {
-        let fp = &config.text_fp;
-        let newest: Option<String> = get(&self.shared.pool)
-            .await?
-            .query_opt(
+        let client = get(&self.shared.pool).await?;
+        let st = client
+            .prepare_cached(
                 "SELECT config_fp FROM config_generations ORDER BY first_seen_at DESC, config_fp LIMIT 1",
-                &[],
             )
+            .await
+            .map_err(pg("reading the config generations"))?;
+        let newest: Option<String> = client
+            .query_opt(&st, &[])
             .await
             .map_err(pg("reading the config generations"))?
             .map(|r| r.get(0));
-        Ok(newest.is_none_or(|n| &n == fp))
+        Ok(is_newest(newest.as_deref(), config))
     }
 
     /// Who holds which portal now.
@@ -625,6 +634,25 @@ fn tls(st: &StorageConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, S
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Whether `config` is the newest generation, `newest` being the newest one recorded
+/// (none yet: it is).
+pub fn is_newest(newest: Option<&str>, config: &Config) -> bool {
+    newest.is_none_or(|n| n == config.text_fp)
+}
+
+/// One statement outside a transaction, prepared once per connection (the claims, their
+/// renewals and releases, the heartbeat: each runs thousands of times).
+async fn execute_cached(
+    pool: &Pool,
+    action: &'static str,
+    sql: &str,
+    p: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StateError> {
+    let client = get(pool).await?;
+    let st = client.prepare_cached(sql).await.map_err(pg(action))?;
+    client.execute(&st, p).await.map_err(pg(action))
+}
+
 async fn get(pool: &Pool) -> Result<deadpool_postgres::Object, StateError> {
     pool.get().await.map_err(|e| StateError::Db {
         action: "connecting to PostgreSQL",
@@ -684,6 +712,15 @@ pub struct ClaimGuard {
     portal: String,
     epoch: i64,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// The newest config generation recorded when the claim was taken.
+    newest_generation: Option<String>,
+}
+
+impl ClaimGuard {
+    /// The newest config generation recorded when the claim was taken (`None`: none yet).
+    pub fn newest_generation(&self) -> Option<&str> {
+        self.newest_generation.as_deref()
+    }
 }
 
 impl Drop for ClaimGuard {
@@ -754,10 +791,13 @@ impl Sql for PgTx<'_> {
         }
         let r = self
             .handle
-            .block_on(self.tx.query_one(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
-                &[],
-            ))
+            .block_on(async {
+                let st = self
+                    .tx
+                    .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT")
+                    .await?;
+                self.tx.query_one(&st, &[]).await
+            })
             .map_err(pg("reading the server's clock"))?;
         let t: i64 = r.get(0);
         self.now.set(Some(t));
@@ -779,19 +819,34 @@ impl Sql for PgTx<'_> {
             .ok_or_else(|| fenced("this process holds no claim on it".into()))?;
         let (budget, grace) = (ms(self.shared.put_budget), ms(self.shared.grace));
         // FOR UPDATE: a takeover waits for this transaction, and then finds the lease ours.
+        // The server's clock comes with it: a transaction that has not read it yet (the
+        // intent's, which licenses first) needs no statement of its own for it.
         let row = self
             .handle
-            .block_on(self.tx.query_opt(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + $4::BIGINT
-                   FROM portals
-                  WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
-                    AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
-                  FOR UPDATE",
-                &[&portal, &self.shared.me, &epoch, &budget, &grace],
-            ))
+            .block_on(async {
+                let st = self
+                    .tx
+                    .prepare_cached(
+                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+                           FROM portals
+                          WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
+                            AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
+                          FOR UPDATE",
+                    )
+                    .await?;
+                self.tx
+                    .query_opt(&st, &[&portal, &self.shared.me, &epoch, &budget, &grace])
+                    .await
+            })
             .map_err(pg("checking the claim"))?;
         match row {
-            Some(r) => Ok(Some(r.get(0))),
+            Some(r) => {
+                let now: i64 = r.get(0);
+                if self.now.get().is_none() {
+                    self.now.set(Some(now));
+                }
+                Ok(Some(now + budget))
+            }
             None => Err(fenced(format!(
                 "the claim (epoch {epoch}) lapsed or was taken over, or has less than the PUT budget and its grace ({}s) left",
                 (budget + grace) / 1000

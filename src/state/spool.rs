@@ -76,24 +76,27 @@ pub fn pending(
 /// A payload arrived: drop it and every older one for the same portal and sink (through
 /// [`Store::write`]).
 pub fn delivered(c: &dyn Sql, entry_id: i64) -> Result<(), StateError> {
-    let Some(r) = c.row(
-        "finding the delivered payload",
-        "SELECT portal, sink, created_at FROM spool WHERE id = ?1",
+    // One statement finds the entry and drops it with the older ones of its sink.
+    let dropped = c.rows(
+        "dropping delivered payloads",
+        "DELETE FROM spool
+          WHERE portal = (SELECT portal FROM spool WHERE id = ?1)
+            AND sink = (SELECT sink FROM spool WHERE id = ?1)
+            AND id <= ?1
+         RETURNING id, portal, sink, created_at",
         vals![entry_id],
-    )?
+    )?;
+    let Some(r) = dropped
+        .iter()
+        .find(|r| r.int(0).is_ok_and(|id| id == entry_id))
     else {
         return Err(super::StateError::Db {
             action: "finding the delivered payload",
             detail: format!("spool row {entry_id} is gone"),
         });
     };
-    let (portal, sink, created) = (r.text(0)?, r.text(1)?, r.int(2)?);
+    let (portal, sink, created) = (r.text(1)?, r.text(2)?, r.int(3)?);
     let now = c.now()?;
-    c.exec(
-        "dropping delivered payloads",
-        "DELETE FROM spool WHERE portal = ?1 AND sink = ?2 AND id <= ?3",
-        vals![&portal, &sink, entry_id],
-    )?;
     c.exec(
         "recording the delivery",
         "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, 'delivered', ?3)",

@@ -419,11 +419,7 @@ async fn removing_a_portal_with_pending_work_is_refused_until_forget() {
         d.log()
     );
     // The refusal is two log lines; the second may follow the first a moment later.
-    assert!(
-        d.wait_log("old one stays in force").await,
-        "{}",
-        d.log()
-    );
+    assert!(d.wait_log("old one stays in force").await, "{}", d.log());
     d.term().await;
 
     // `forget` drops them on purpose, recorded; then the config without acme starts.
