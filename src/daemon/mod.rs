@@ -595,21 +595,23 @@ impl Supervisor {
         let r = store
             .write(move |c| {
                 for w in &writes {
+                    let (due_at, reason) = (
+                        w.due.map(|d| d.at.timestamp_millis()),
+                        w.due.map(|d| d.reason.name()),
+                    );
                     if w.adopt_fp.is_some() || w.consume_fires_to.is_some() {
-                        state::record_schedule(
+                        state::record_plan_and_schedule(
                             c,
                             &w.portal,
                             w.adopt_fp.as_deref(),
                             w.consume_fires_to,
+                            due_at,
+                            reason,
+                            w.watch_retry_at,
                         )?;
+                    } else {
+                        state::record_plan(c, &w.portal, due_at, reason, w.watch_retry_at)?;
                     }
-                    state::record_plan(
-                        c,
-                        &w.portal,
-                        w.due.map(|d| d.at.timestamp_millis()),
-                        w.due.map(|d| d.reason.name()),
-                        w.watch_retry_at,
-                    )?;
                 }
                 Ok(())
             })

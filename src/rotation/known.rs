@@ -60,9 +60,9 @@ pub async fn known_and_now(
         .call(move |c| {
             // The clock first: whatever the reads miss was committed after it.
             let now = c.now()?;
-            let row = state::portal_row(c, &p)?;
+            let (row, pending) = state::portal_row_and_pending(c, &p)?;
             let open = state::open_journal(c, Some(&p))?;
-            let leftovers = !open.is_empty() || state::pending_count_of(c, &p)? > 0;
+            let leftovers = !open.is_empty() || pending > 0;
             let known = preflight::Known {
                 row,
                 sink_sets: state::sink_sets(c, &p)?,

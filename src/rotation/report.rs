@@ -42,10 +42,11 @@ pub struct StateAfter {
 impl StateAfter {
     /// Reads them, inside the caller's transaction.
     pub fn read(c: &dyn state::db::Sql, portal: &str) -> Result<Self, StateError> {
+        let (row, pending) = state::portal_row_and_pending(c, portal)?;
         Ok(Self {
-            row: state::portal_row(c, portal)?,
+            row,
             open: state::open_journal(c, Some(portal))?,
-            pending: state::pending_count_of(c, portal)?,
+            pending,
         })
     }
 }

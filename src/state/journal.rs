@@ -185,9 +185,10 @@ pub fn seal(
     seal_pinned(c, journal_id, portal, set_fp, unused, total, payloads, None)
 }
 
-/// What a rotation's seal also records of the portal: the account its entry acts as (see
-/// [`super::pin_account`]), and that it was the rotation for the entry and consumed every
-/// fire up to `fires_to` (see [`super::record_schedule`]).
+/// What a rotation's seal also records of the portal: the account its entry acts as (a
+/// later rotation with another account's key is refused unless forced), and that it was
+/// the rotation for the entry and consumed every fire up to `fires_to` (see
+/// [`super::record_schedule`]).
 pub struct Pin<'a> {
     /// The account the portal's key acts as.
     pub account_id: &'a str,
@@ -229,28 +230,27 @@ pub fn seal_pinned(
         "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
         vals![journal_id, set_fp, now],
     )?;
-    // The last fire acted on only moves forward, as in `record_schedule`.
     update_portal(
         c,
         portal,
         "recording the new set",
-        "UPDATE portals SET set_fp = ?2, unused = ?3, total = ?4, seen_at = ?5,
-                account_id = COALESCE(CAST(?6 AS TEXT), account_id),
-                account_entry_fp = COALESCE(CAST(?7 AS TEXT), account_entry_fp),
-                entry_fp = COALESCE(CAST(?7 AS TEXT), entry_fp),
-                last_fire_at = CASE WHEN CAST(?8 AS BIGINT) IS NULL THEN last_fire_at
-                                    WHEN last_fire_at IS NULL OR CAST(?8 AS BIGINT) > last_fire_at THEN CAST(?8 AS BIGINT)
-                                    ELSE last_fire_at END
-          WHERE name = ?1",
+        concat!(
+            "UPDATE portals SET ",
+            super::portals::schedule_assignments!(),
+            ", set_fp = ?4, unused = ?5, total = ?6, seen_at = ?7,
+               account_id = COALESCE(CAST(?8 AS TEXT), account_id),
+               account_entry_fp = COALESCE(CAST(?2 AS TEXT), account_entry_fp)
+             WHERE name = ?1"
+        ),
         vals![
             portal,
+            pin.map(|p| p.entry_fp),
+            pin.map(|p| p.fires_to),
             set_fp,
             unused,
             total,
             now,
-            pin.map(|p| p.account_id),
-            pin.map(|p| p.entry_fp),
-            pin.map(|p| p.fires_to)
+            pin.map(|p| p.account_id)
         ],
     )?;
     // What each sink holds from now on (or will, once delivered): the baseline of drift.

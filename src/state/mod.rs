@@ -43,9 +43,9 @@ pub use journal::{
 };
 pub use portals::{
     DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, LastResult, PortalRow, add_history,
-    deliveries_cleared, pin_account, portal_row, portal_rows, recent_drifts, record_drift,
-    record_failure, record_pause, record_plan, record_rotated, record_schedule, record_seen,
-    record_settling, still_flapping,
+    deliveries_cleared, portal_row, portal_row_and_pending, portal_rows, recent_drifts,
+    record_drift, record_failure, record_pause, record_plan, record_plan_and_schedule,
+    record_rotated, record_schedule, record_seen, record_settling, still_flapping,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,

@@ -5,6 +5,19 @@ use serde::Serialize;
 use super::db::{Row, Sql, vals};
 use super::{StateError, update_portal};
 
+/// The assignments that record a portal's schedule state, with the entry's fingerprint in
+/// `?2` (kept when NULL) and the last fire acted on in `?3`, which only moves forward: a
+/// rotation consumes every fire up to its time, and nothing un-consumes one.
+macro_rules! schedule_assignments {
+    () => {
+        "entry_fp = COALESCE(CAST(?2 AS TEXT), entry_fp),
+         last_fire_at = CASE WHEN CAST(?3 AS BIGINT) IS NULL THEN last_fire_at
+                             WHEN last_fire_at IS NULL OR CAST(?3 AS BIGINT) > last_fire_at THEN CAST(?3 AS BIGINT)
+                             ELSE last_fire_at END"
+    };
+}
+pub(crate) use schedule_assignments;
+
 /// What the state knows of a portal.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PortalRow {
@@ -121,21 +134,6 @@ pub fn deliveries_cleared(c: &dyn Sql, portal: &str) -> Result<(), StateError> {
             LastResult::Ok.as_str(),
             LastResult::DeliveryPending.as_str()
         ],
-    )?;
-    Ok(())
-}
-
-/// Pins the account a portal's entry acts as (after a successful rotation).
-pub fn pin_account(
-    c: &dyn Sql,
-    portal: &str,
-    account_id: &str,
-    entry_fp: &str,
-) -> Result<(), StateError> {
-    c.exec(
-        "pinning the account",
-        "UPDATE portals SET account_id = ?2, account_entry_fp = ?3 WHERE name = ?1",
-        vals![portal, account_id, entry_fp],
     )?;
     Ok(())
 }
@@ -316,17 +314,15 @@ pub fn record_schedule(
     entry_fp: Option<&str>,
     last_fire_at: Option<i64>,
 ) -> Result<(), StateError> {
-    // The last fire acted on only moves forward: a rotation consumes every fire up to its
-    // time, and nothing un-consumes one.
     update_portal(
         c,
         portal,
         "recording the schedule state",
-        "UPDATE portals SET entry_fp = COALESCE(CAST(?2 AS TEXT), entry_fp),
-                last_fire_at = CASE WHEN CAST(?3 AS BIGINT) IS NULL THEN last_fire_at
-                                    WHEN last_fire_at IS NULL OR CAST(?3 AS BIGINT) > last_fire_at THEN CAST(?3 AS BIGINT)
-                                    ELSE last_fire_at END
-         WHERE name = ?1",
+        concat!(
+            "UPDATE portals SET ",
+            schedule_assignments!(),
+            " WHERE name = ?1"
+        ),
         vals![portal, entry_fp, last_fire_at],
     )?;
     Ok(())
@@ -346,6 +342,38 @@ pub fn record_plan(
         "recording the plan",
         "UPDATE portals SET next_due_at = ?2, next_reason = ?3, watch_retry_at = ?4 WHERE name = ?1",
         vals![portal, next_due_at, reason, watch_retry_at],
+    )?;
+    Ok(())
+}
+
+/// [`record_schedule`] and [`record_plan`] in one statement (the daemon's plans at start,
+/// where every new portal adopts its entry).
+pub fn record_plan_and_schedule(
+    c: &dyn Sql,
+    portal: &str,
+    entry_fp: Option<&str>,
+    last_fire_at: Option<i64>,
+    next_due_at: Option<i64>,
+    reason: Option<&str>,
+    watch_retry_at: Option<i64>,
+) -> Result<(), StateError> {
+    update_portal(
+        c,
+        portal,
+        "recording the plan",
+        concat!(
+            "UPDATE portals SET ",
+            schedule_assignments!(),
+            ", next_due_at = ?4, next_reason = ?5, watch_retry_at = ?6 WHERE name = ?1"
+        ),
+        vals![
+            portal,
+            entry_fp,
+            last_fire_at,
+            next_due_at,
+            reason,
+            watch_retry_at
+        ],
     )?;
     Ok(())
 }
@@ -418,6 +446,28 @@ pub fn portal_row(c: &dyn Sql, portal: &str) -> Result<Option<PortalRow>, StateE
     .as_ref()
     .map(portal_from_row)
     .transpose()
+}
+
+/// [`portal_row`], and how many of its payloads wait in the spool (one statement).
+pub fn portal_row_and_pending(
+    c: &dyn Sql,
+    portal: &str,
+) -> Result<(Option<PortalRow>, i64), StateError> {
+    // The column after PORTAL_COLUMNS.
+    let pending = PORTAL_COLUMNS.split(',').count();
+    match c.row(
+        "reading a portal",
+        &format!(
+            "SELECT {PORTAL_COLUMNS}, (SELECT COUNT(*) FROM spool WHERE portal = ?1)
+               FROM portals WHERE name = ?1"
+        ),
+        vals![portal],
+    )? {
+        Some(r) => Ok((Some(portal_from_row(&r)?), r.int(pending)?)),
+        // No row, and so no rotation yet; a payload of a portal without one is
+        // counted all the same.
+        None => Ok((None, super::pending_count_of(c, portal)?)),
+    }
 }
 
 #[cfg(test)]
