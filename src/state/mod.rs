@@ -566,7 +566,7 @@ impl Store {
         }
         rx.await.unwrap_or_else(|_| {
             Err(StateError::Commit {
-                message: "the write was dropped before it ran (the process is stopping)".into(),
+                message: "the write did not complete: it panicked (rolled back), or the process is stopping".into(),
             })
         })
     }
@@ -634,7 +634,17 @@ fn drain(conn: &Mutex<Connection>, queue: &Mutex<WriteQueue>) {
             c.execute_batch("BEGIN IMMEDIATE")?;
             for (job, _) in jobs {
                 c.execute_batch("SAVEPOINT w")?;
-                let (ok, reply) = job(&*c);
+                // A job that panics (a bug) is undone like one that failed, and its caller
+                // hears of it (its reply is gone with it); the others in the batch are
+                // committed, and the connection is not left inside the transaction.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&*c)));
+                let (ok, reply) = match ran {
+                    Ok((ok, reply)) => (ok, Some(reply)),
+                    Err(_) => {
+                        tracing::error!("a write to the state panicked; it was rolled back");
+                        (false, None)
+                    }
+                };
                 if !ok {
                     c.execute_batch("ROLLBACK TO w")?;
                 }
@@ -642,7 +652,7 @@ fn drain(conn: &Mutex<Connection>, queue: &Mutex<WriteQueue>) {
                 // RELEASE closes it either way, so the next job's savepoint is not nested
                 // inside this one (and a later ROLLBACK TO cannot reach back into it).
                 c.execute_batch("RELEASE w")?;
-                replies.push(reply);
+                replies.extend(reply);
             }
             c.execute_batch("COMMIT")
         })();

@@ -323,28 +323,53 @@ impl PgStore {
         T: Send + 'static,
         F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
     {
-        let mut client = get(&self.shared.pool).await?;
+        let client = get(&self.shared.pool).await?;
         let shared = self.shared.clone();
         let handle = tokio::runtime::Handle::current();
         let joined = tokio::task::spawn_blocking(move || {
+            let mut open = InTransaction(Some(client));
+            let client = open.client()?;
+            // The transaction begins and reads the server's clock in one round trip (a
+            // simple query of two statements; the BEGIN keeps the block open after it).
             // A read-only store (`check`, `status`, dry runs) reads in READ ONLY
             // transactions: the database itself refuses any change.
-            let tx = handle
-                .block_on(
-                    client
-                        .build_transaction()
-                        .read_only(shared.read_only)
-                        .start(),
-                )
+            let begin = if shared.read_only {
+                "START TRANSACTION READ ONLY; SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
+            } else {
+                "START TRANSACTION READ WRITE; SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
+            };
+            let started = handle
+                .block_on(client.simple_query(begin))
                 .map_err(pg("starting a transaction"))?;
+            let now = started.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    r.get(0).and_then(|t| t.parse::<i64>().ok())
+                }
+                _ => None,
+            });
             let out = f(&PgTx {
-                tx: &tx,
+                client,
                 handle: &handle,
                 shared: &shared,
-                now: std::cell::Cell::new(None),
-            })?;
-            handle.block_on(tx.commit()).map_err(pg("committing"))?;
-            Ok(out)
+                now: std::cell::Cell::new(now),
+            });
+            let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            let ended = handle.block_on(client.batch_execute(end));
+            match (out, ended) {
+                (Ok(v), Ok(())) => {
+                    open.ended();
+                    Ok(v)
+                }
+                (Ok(_), Err(e)) => Err(pg("committing")(e)),
+                // The closure's error is the one to report, whether or not the rollback
+                // went through (if it did not, the connection is closed).
+                (Err(e), r) => {
+                    if r.is_ok() {
+                        open.ended();
+                    }
+                    Err(e)
+                }
+            }
         })
         .await;
         joined.unwrap_or_else(|e| {
@@ -751,9 +776,37 @@ impl Drop for ClaimGuard {
     }
 }
 
+/// A pooled connection inside a transaction begun by hand (see [`PgStore::transaction`]).
+/// One dropped before its COMMIT or ROLLBACK went through (an error on the way, a panic)
+/// leaves the pool and is closed, which rolls the transaction back: no later task inherits
+/// it.
+struct InTransaction(Option<deadpool_postgres::Object>);
+
+impl InTransaction {
+    fn client(&self) -> Result<&deadpool_postgres::Object, StateError> {
+        self.0.as_ref().ok_or(StateError::Db {
+            action: "starting a transaction",
+            detail: "the connection is gone".into(),
+        })
+    }
+
+    /// The transaction ended: the connection goes back to the pool.
+    fn ended(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
 /// A transaction, as the state's statements see it.
 struct PgTx<'a> {
-    tx: &'a deadpool_postgres::Transaction<'a>,
+    client: &'a deadpool_postgres::Object,
     handle: &'a tokio::runtime::Handle,
     shared: &'a Shared,
     /// The server's clock, read once per transaction (its statements share one time).
@@ -767,8 +820,8 @@ impl Sql for PgTx<'_> {
         // connection) and its execution together.
         self.handle
             .block_on(async {
-                let st = self.tx.prepare_cached(&sql).await?;
-                self.tx.execute(&st, &params(p)).await
+                let st = self.client.prepare_cached(&sql).await?;
+                self.client.execute(&st, &params(p)).await
             })
             .map_err(pg(action))
     }
@@ -778,8 +831,8 @@ impl Sql for PgTx<'_> {
         let rows = self
             .handle
             .block_on(async {
-                let st = self.tx.prepare_cached(&sql).await?;
-                self.tx.query(&st, &params(p)).await
+                let st = self.client.prepare_cached(&sql).await?;
+                self.client.query(&st, &params(p)).await
             })
             .map_err(pg(action))?;
         rows.iter().map(|r| to_row(r).map_err(pg(action))).collect()
@@ -793,10 +846,10 @@ impl Sql for PgTx<'_> {
             .handle
             .block_on(async {
                 let st = self
-                    .tx
+                    .client
                     .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT")
                     .await?;
-                self.tx.query_one(&st, &[]).await
+                self.client.query_one(&st, &[]).await
             })
             .map_err(pg("reading the server's clock"))?;
         let t: i64 = r.get(0);
@@ -825,7 +878,7 @@ impl Sql for PgTx<'_> {
             .handle
             .block_on(async {
                 let st = self
-                    .tx
+                    .client
                     .prepare_cached(
                         "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
                            FROM portals
@@ -834,7 +887,7 @@ impl Sql for PgTx<'_> {
                           FOR UPDATE",
                     )
                     .await?;
-                self.tx
+                self.client
                     .query_opt(&st, &[&portal, &self.shared.me, &epoch, &budget, &grace])
                     .await
             })

@@ -169,6 +169,156 @@ async fn conformance(store: Store) {
             .is_empty()
     );
     drop(lock);
+    merged_writes(&store).await;
+    failed_transactions_leave_nothing(&store).await;
+}
+
+/// The statements a rotation merged: the attempt with the set seen, the seal with the
+/// pinned account and the schedule, the plan with the schedule, a row with its spool count.
+async fn merged_writes(store: &Store) {
+    let lock = store
+        .lock_portal("beta", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let id = store
+        .write(|c| state::begin_rotation(c, "beta", Some("fp-0"), (7, 10), 5_000))
+        .await
+        .unwrap();
+    let row = store
+        .call(|c| state::portal_row(c, "beta"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (row.set_fp.as_deref(), row.unused, row.total),
+        (Some("fp-0"), Some(7), Some(10))
+    );
+    assert!(row.seen_at.is_some() && row.seen_at == row.last_attempt_at);
+    let payloads = vec![("file".to_string(), zeroize::Zeroizing::new(b"x".to_vec()))];
+    store
+        .write(move |c| {
+            state::record_schedule(c, "beta", Some("old-entry"), Some(9_000))?;
+            let pin = state::Pin {
+                account_id: "account-1",
+                entry_fp: "entry-1",
+                fires_to: 5_000,
+            };
+            state::seal_pinned(c, id, "beta", "fp-1", 10, 10, &payloads, Some(&pin))
+        })
+        .await
+        .unwrap();
+    let (row, pending) = store
+        .call(|c| state::portal_row_and_pending(c, "beta"))
+        .await
+        .unwrap();
+    let row = row.unwrap();
+    assert_eq!(pending, 1);
+    assert_eq!(
+        (row.set_fp.as_deref(), row.unused, row.total),
+        (Some("fp-1"), Some(10), Some(10))
+    );
+    assert_eq!(row.account_id.as_deref(), Some("account-1"));
+    assert_eq!(row.account_entry_fp.as_deref(), Some("entry-1"));
+    assert_eq!(row.entry_fp.as_deref(), Some("entry-1"));
+    assert_eq!(
+        row.last_fire_at,
+        Some(9_000),
+        "the last fire never moves back"
+    );
+    store
+        .write(|c| {
+            state::record_plan_and_schedule(
+                c,
+                "beta",
+                None,
+                Some(12_000),
+                Some(20_000),
+                Some("cron"),
+                None,
+            )?;
+            // A portal without a row yet: added.
+            state::record_plan_and_schedule(c, "gamma", Some("e"), None, None, None, Some(3))
+        })
+        .await
+        .unwrap();
+    let (row, _) = store
+        .call(|c| state::portal_row_and_pending(c, "beta"))
+        .await
+        .unwrap();
+    let row = row.unwrap();
+    assert_eq!(
+        row.entry_fp.as_deref(),
+        Some("entry-1"),
+        "kept when none is given"
+    );
+    assert_eq!(
+        (row.last_fire_at, row.next_due_at),
+        (Some(12_000), Some(20_000))
+    );
+    let (gamma, pending) = store
+        .call(|c| state::portal_row_and_pending(c, "gamma"))
+        .await
+        .unwrap();
+    let gamma = gamma.unwrap();
+    assert_eq!(
+        (gamma.entry_fp.as_deref(), gamma.watch_retry_at, pending),
+        (Some("e"), Some(3), 0)
+    );
+    let (none, pending) = store
+        .call(|c| state::portal_row_and_pending(c, "nobody"))
+        .await
+        .unwrap();
+    assert!(none.is_none() && pending == 0);
+    drop(lock);
+}
+
+/// A transaction whose closure fails, or panics, writes nothing, and the next one starts
+/// clean (on PostgreSQL, not inside what the failed one left open).
+async fn failed_transactions_leave_nothing(store: &Store) {
+    let failed = store
+        .write(|c| {
+            state::record_failure(c, "delta", "one", None)?;
+            Err::<(), _>(StateError::Db {
+                action: "testing",
+                detail: "refused on purpose".into(),
+            })
+        })
+        .await;
+    assert!(
+        matches!(
+            failed,
+            Err(StateError::Db {
+                action: "testing",
+                ..
+            })
+        ),
+        "{failed:?}"
+    );
+    let panicked = store
+        .write(|c| -> Result<(), StateError> {
+            state::record_failure(c, "delta", "two", None)?;
+            panic!("a bug in a closure");
+        })
+        .await;
+    assert!(panicked.is_err());
+    // Each of a few transactions after it (the pool hands out its connections again).
+    for _ in 0..4 {
+        let row = store.call(|c| state::portal_row(c, "delta")).await.unwrap();
+        assert!(row.is_none(), "neither failed transaction wrote: {row:?}");
+    }
+    store
+        .write(|c| state::record_failure(c, "delta", "three", None))
+        .await
+        .unwrap();
+    let row = store
+        .call(|c| state::portal_row(c, "delta"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (row.failures, row.last_error.as_deref()),
+        (1, Some("three"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
