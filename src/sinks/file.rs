@@ -7,12 +7,19 @@
 //! [`crate::trust::open_dir`] (StrictModes: it and its ancestors owned by root or us, not
 //! writable by others) and every step goes through its descriptor (`openat`, `renameat`,
 //! `fsync`), so swapping a directory on the path cannot redirect the write. Temporary files
-//! a crash left (`.NAME.tmp-…`, whole code sets) are removed at the next delivery, which
-//! runs under the portal's lock, so no other process is writing one at that moment.
+//! a crash left (`.NAME.tmp-…`, whole code sets) are removed at the next delivery of their
+//! target, which runs under the portal's lock, so no other process is writing one at that
+//! moment. Finding them reads the directory, which in a directory of 10,000 portals' files
+//! is 10,000 entries: it is read once per [`RESCAN`] per directory, not at every delivery,
+//! and what it found waits for the delivery of its target (one that another process left
+//! after the read is found by the next read).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rustix::fs::{
@@ -79,6 +86,17 @@ pub struct FileSink {
     config_path: String,
     mode: u32,
     cipher: FileCipher,
+    /// What the last read of each directory (by device and inode) found.
+    leftovers: Mutex<HashMap<(u64, u64), Leftovers>>,
+}
+
+/// How often a directory is read again for temporary files a crash left.
+pub const RESCAN: Duration = Duration::from_secs(3600);
+
+/// The temporary files a read of a directory found, by the name of their target.
+struct Leftovers {
+    read_at: Instant,
+    by_target: HashMap<String, Vec<std::ffi::OsString>>,
 }
 
 impl FileSink {
@@ -89,6 +107,7 @@ impl FileSink {
             config_path: config.path.clone(),
             mode: config.mode,
             cipher,
+            leftovers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -180,22 +199,36 @@ impl FileSink {
         Ok(std::fs::File::from(fd))
     }
 
-    /// Removes the temporary files of this target that a crash left behind.
-    fn remove_leftovers(dir: &OwnedFd, name: &str) {
-        let prefix = format!(".{name}.tmp-");
-        let Ok(entries) = rustix::fs::Dir::read_from(dir) else {
+    /// Removes the temporary files of this target that a crash left behind (the caller
+    /// holds the portal's lock: none of them is being written now).
+    fn remove_leftovers(&self, dir: &OwnedFd, name: &str) {
+        let Ok(st) = rustix::fs::fstat(dir) else {
             return;
         };
-        for e in entries.flatten() {
-            let file = e.file_name().to_string_lossy();
-            if file.starts_with(&prefix) {
-                match unlinkat(dir, e.file_name(), AtFlags::empty()) {
-                    Ok(()) => {
-                        tracing::warn!(file = %file, "removed a temporary file a crash left behind")
-                    }
-                    Err(err) => {
-                        tracing::warn!(file = %file, error = %err, "could not remove a leftover temporary file")
-                    }
+        let key = (st.st_dev, st.st_ino);
+        let found = {
+            let mut cache = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
+            let stale = cache
+                .get(&key)
+                .is_none_or(|l| l.read_at.elapsed() >= RESCAN);
+            if stale {
+                cache.insert(key, read_leftovers(dir));
+            }
+            cache
+                .get_mut(&key)
+                .and_then(|l| l.by_target.remove(name))
+                .unwrap_or_default()
+        };
+        for file in found {
+            let shown = file.to_string_lossy();
+            match unlinkat(dir, file.as_os_str(), AtFlags::empty()) {
+                Ok(()) => {
+                    tracing::warn!(file = %shown, "removed a temporary file a crash left behind")
+                }
+                // Renamed into place by the process that was writing it when it was found.
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(err) => {
+                    tracing::warn!(file = %shown, error = %err, "could not remove a leftover temporary file")
                 }
             }
         }
@@ -225,7 +258,7 @@ impl FileSink {
         let (dir, _, name) = self
             .open_target(&target)
             .map_err(DeliveryError::temporary)?;
-        Self::remove_leftovers(&dir, &name);
+        self.remove_leftovers(&dir, &name);
         let tmp = Self::temp_name(&name, "tmp");
         let write = || -> std::io::Result<()> {
             let mut f = self.create_exclusive(&dir, &tmp)?;
@@ -243,5 +276,116 @@ impl FileSink {
             let _ = unlinkat(&dir, tmp.as_str(), AtFlags::empty());
             DeliveryError::temporary(format!("writing {}: {e}", target.display()))
         })
+    }
+}
+
+/// Reads `dir` for temporary files of deliveries (`.NAME.tmp-` and 16 hex digits), by the
+/// name of their target.
+fn read_leftovers(dir: &OwnedFd) -> Leftovers {
+    let mut by_target: HashMap<String, Vec<std::ffi::OsString>> = HashMap::new();
+    if let Ok(entries) = rustix::fs::Dir::read_from(dir) {
+        for e in entries.flatten() {
+            let raw = e.file_name().to_bytes();
+            if let Some(target) = leftover_target(&String::from_utf8_lossy(raw)) {
+                use std::os::unix::ffi::OsStrExt;
+                by_target
+                    .entry(target.to_string())
+                    .or_default()
+                    .push(std::ffi::OsStr::from_bytes(raw).to_os_string());
+            }
+        }
+    }
+    Leftovers {
+        read_at: Instant::now(),
+        by_target,
+    }
+}
+
+/// The target a delivery's temporary file `.NAME.tmp-XXXXXXXXXXXXXXXX` was for.
+fn leftover_target(file: &str) -> Option<&str> {
+    let rest = file.strip_prefix('.')?;
+    let (target, tag) = rest.rsplit_once(".tmp-")?;
+    (!target.is_empty() && tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::config::FileEncryption;
+
+    #[test]
+    fn a_leftover_is_named_after_its_target_and_a_16_digit_tag() {
+        assert_eq!(
+            leftover_target(".acme.txt.tmp-00000000deadbeef"),
+            Some("acme.txt")
+        );
+        assert_eq!(
+            leftover_target(".a.tmp-b.tmp-0123456789abcdef"),
+            Some("a.tmp-b")
+        );
+        for not in [
+            "acme.txt.tmp-00000000deadbeef",    // not hidden
+            ".acme.txt.tmp-deadbeef",           // short tag
+            ".acme.txt.tmp-00000000deadbeeg",   // not hex
+            ".acme.txt.probe-00000000deadbeef", // a check's probe
+            "..tmp-00000000deadbeef",           // no target
+        ] {
+            assert_eq!(leftover_target(not), None, "{not}");
+        }
+    }
+
+    /// One read of the directory serves every target in it: a leftover it found is removed
+    /// when its own target is delivered, later, and none of another target is touched.
+    #[test]
+    fn one_read_of_a_directory_finds_the_leftovers_of_every_target() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let sink = FileSink::new(
+            "plain",
+            &FileSinkConfig {
+                path: format!("{}/{{portal}}.txt", dir.path().display()),
+                encrypt: FileEncryption::Plain,
+                mode: 0o600,
+                shared: false,
+            },
+            FileCipher::Plain,
+        );
+        let left_b = dir.path().join(".b.txt.tmp-00000000deadbeef");
+        std::fs::write(&left_b, "old codes\n").unwrap();
+        sink.deliver("a", b"codes of a\n").unwrap();
+        assert!(left_b.exists(), "another target's leftover is not touched");
+        // Made after the read: found by the next read, not now.
+        let late_b = dir.path().join(".b.txt.tmp-0000000000c0ffee");
+        std::fs::write(&late_b, "old codes\n").unwrap();
+        sink.deliver("b", b"codes of b\n").unwrap();
+        assert!(
+            !left_b.exists(),
+            "found by the first read, removed at b's delivery"
+        );
+        assert!(late_b.exists(), "the directory was read once");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b.txt")).unwrap(),
+            "codes of b\n"
+        );
+        // A read older than RESCAN is done again.
+        let key = {
+            let st = std::fs::metadata(dir.path()).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            (st.dev(), st.ino())
+        };
+        {
+            let mut cache = sink.leftovers.lock().unwrap();
+            let read = cache.get_mut(&key).unwrap();
+            match read.read_at.checked_sub(RESCAN) {
+                Some(t) => read.read_at = t,
+                // A machine up for less than RESCAN: no Instant that old exists.
+                None => drop(cache.remove(&key)),
+            }
+        }
+        sink.deliver("b", b"codes of b\n").unwrap();
+        assert!(!late_b.exists(), "found by the read after RESCAN");
     }
 }
