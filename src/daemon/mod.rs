@@ -102,6 +102,9 @@ struct Supervisor {
 /// What planning decided that the state should remember.
 struct PlanWrite {
     portal: String,
+    /// No entry was recorded for it yet (a new portal, most likely without a row: one is
+    /// added first, rather than after an update that found none).
+    fresh: bool,
     adopt_fp: Option<String>,
     consume_fires_to: Option<i64>,
     due: Option<Due>,
@@ -538,6 +541,7 @@ impl Supervisor {
         if let (Some(d), Some(h)) = (p.due.as_mut(), self.held.get(name)) {
             d.at = d.at.max(*h);
         }
+        let fresh = k.entry_fp.is_none();
         if let Some(fp) = &p.adopt_fp {
             k.entry_fp = Some(fp.clone());
         }
@@ -572,6 +576,7 @@ impl Supervisor {
         }
         let write = PlanWrite {
             portal: name.to_string(),
+            fresh,
             adopt_fp: p.adopt_fp,
             consume_fires_to: p.consume_fires_to.map(|t| t.timestamp_millis()),
             due: p.due,
@@ -599,6 +604,9 @@ impl Supervisor {
                         w.due.map(|d| d.at.timestamp_millis()),
                         w.due.map(|d| d.reason.name()),
                     );
+                    if w.fresh {
+                        state::ensure_portal(c, &w.portal)?;
+                    }
                     if w.adopt_fp.is_some() || w.consume_fires_to.is_some() {
                         state::record_plan_and_schedule(
                             c,

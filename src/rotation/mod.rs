@@ -62,7 +62,7 @@ pub use recovery::{
 };
 pub use report::{Report, StateAfter, backoff};
 pub use seal::deliver_due;
-use seal::{deliver_portal, seal_and_deliver};
+use seal::{deliver_portal, seal_and_deliver, seal_and_deliver_last};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -225,8 +225,7 @@ async fn verify(
                 total = set.total(),
                 "the portal issued a new set"
             );
-            let mut report =
-                seal_and_deliver(engine, pc, intent.id, set, &pf.account, true).await?;
+            let mut report = seal_and_deliver_last(engine, pc, intent.id, set, &pf.account).await?;
             report.outcome = Outcome::Rotated;
             Ok(report)
         }

@@ -15,7 +15,20 @@ pub(super) async fn seal_and_deliver(
     rotated: bool,
 ) -> Result<Report, RotationError> {
     let sealed = seal_set(engine, pc, journal_id, set, account, rotated).await?;
-    deliver_sealed(engine, pc, journal_id, sealed, rotated).await
+    deliver_sealed(engine, pc, journal_id, sealed, rotated, false).await
+}
+
+/// [`seal_and_deliver`] as a rotation's last step: its last write also ends the portal's
+/// claim in a cluster (nothing follows under it).
+pub(super) async fn seal_and_deliver_last(
+    engine: &Engine,
+    pc: &PortalConfig,
+    journal_id: i64,
+    set: CodeSet,
+    account: &Account,
+) -> Result<Report, RotationError> {
+    let sealed = seal_set(engine, pc, journal_id, set, account, true).await?;
+    deliver_sealed(engine, pc, journal_id, sealed, true, true).await
 }
 
 /// A set sealed into the spool: its payloads, still in hand, and their spool ids.
@@ -115,6 +128,7 @@ async fn deliver_sealed(
     journal_id: i64,
     sealed: Sealed,
     rotated: bool,
+    release: bool,
 ) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
     let name = pc.name.as_str();
@@ -165,6 +179,9 @@ async fn deliver_sealed(
             state::record_rotated(c, &p, result)?;
         } else {
             state::add_history(c, &p, "resent", result.as_str())?;
+        }
+        if release {
+            c.release_claim(&p)?;
         }
         StateAfter::read(c, &p)
     };

@@ -146,6 +146,14 @@ pub trait Sql {
     /// budget and a grace; otherwise [`StateError::Fenced`].
     fn license_put(&self, portal: &str) -> Result<Option<i64>, StateError>;
 
+    /// Ends this process's claim on `portal` when the transaction commits (its last write
+    /// under the claim: one statement fewer than a release of its own after it). SQLite:
+    /// nothing (the portal's `flock` is released when its lock is dropped).
+    fn release_claim(&self, portal: &str) -> Result<(), StateError> {
+        let _ = portal;
+        Ok(())
+    }
+
     /// The first row of a query, if any.
     fn row(
         &self,
@@ -154,6 +162,47 @@ pub trait Sql {
         params: &[Val],
     ) -> Result<Option<Row>, StateError> {
         Ok(self.rows(action, sql, params)?.into_iter().next())
+    }
+}
+
+/// A connection lent to reads ([`super::Store::call`]): a statement that writes, or an
+/// intent, is refused (a bug: writes belong in [`super::Store::write`], which commits them
+/// together).
+pub struct ReadOnly<'a>(pub &'a dyn Sql);
+
+impl Sql for ReadOnly<'_> {
+    fn exec(&self, action: &'static str, _: &str, _: &[Val]) -> Result<u64, StateError> {
+        Err(StateError::Db {
+            action,
+            detail: "a write among reads (a bug: it belongs in Store::write)".into(),
+        })
+    }
+
+    fn rows(
+        &self,
+        action: &'static str,
+        sql: &str,
+        params: &[Val],
+    ) -> Result<Vec<Row>, StateError> {
+        self.0.rows(action, sql, params)
+    }
+
+    fn now(&self) -> Result<i64, StateError> {
+        self.0.now()
+    }
+
+    fn license_put(&self, portal: &str) -> Result<Option<i64>, StateError> {
+        Err(StateError::Fenced {
+            portal: portal.to_string(),
+            why: "an intent among reads (a bug)".into(),
+        })
+    }
+
+    fn release_claim(&self, portal: &str) -> Result<(), StateError> {
+        Err(StateError::Db {
+            action: "releasing a claim",
+            detail: format!("{portal}: a release among reads (a bug)"),
+        })
     }
 }
 

@@ -465,8 +465,9 @@ impl Store {
         }
     }
 
-    /// Runs `f` on the blocking pool: with the connection (SQLite), or inside a read
-    /// transaction (PostgreSQL).
+    /// Runs the reads `f` makes on the blocking pool, each statement seeing what was
+    /// committed when it began: with the connection (SQLite), or on one connection without
+    /// a transaction (PostgreSQL, where a write is refused; see [`pg::PgStore::read`]).
     pub async fn call<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
@@ -474,11 +475,11 @@ impl Store {
     {
         let conn = match &self.backend {
             Backend::Sqlite { conn, .. } => conn.clone(),
-            Backend::Postgres(pg) => return pg.transaction(f).await,
+            Backend::Postgres(pg) => return pg.read(f).await,
         };
         let joined = tokio::task::spawn_blocking(move || {
             let c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&*c)
+            f(&db::ReadOnly(&*c))
         })
         .await;
         match joined {
@@ -850,7 +851,8 @@ pub(crate) fn update_portal(
     Ok(())
 }
 
-pub(crate) fn ensure_portal(c: &dyn db::Sql, portal: &str) -> Result<(), StateError> {
+/// Adds a row for `portal` unless it has one.
+pub fn ensure_portal(c: &dyn db::Sql, portal: &str) -> Result<(), StateError> {
     c.exec(
         "adding a portal row",
         "INSERT INTO portals (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",

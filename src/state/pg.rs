@@ -182,6 +182,16 @@ pub fn default_instance() -> String {
 impl Shared {
     /// `sql` with `$N` placeholders (the state's statements are written with `?N`),
     /// computed once per statement text.
+    /// Takes `portal`'s claim of `epoch` out of the map; whether it was there.
+    fn forget_claim(&self, portal: &str, epoch: i64) -> bool {
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let held = claims.get(portal) == Some(&epoch);
+        if held {
+            claims.remove(portal);
+        }
+        held
+    }
+
     fn dollar(&self, sql: &str) -> Arc<str> {
         let mut cache = self.dollars.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = cache.get(sql) {
@@ -317,6 +327,40 @@ impl PgStore {
         &self.shared.me
     }
 
+    /// Runs the reads `f` makes on one connection on the blocking pool, without a
+    /// transaction: under READ COMMITTED each statement of a transaction took a snapshot of
+    /// its own anyway, so BEGIN and COMMIT bought nothing but two statements. A statement
+    /// that writes is refused. A read-only store reads in READ ONLY transactions, which the
+    /// database itself keeps from writing.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
+    {
+        if self.shared.read_only {
+            return self.transaction(f).await;
+        }
+        let client = get(&self.shared.pool).await?;
+        let shared = self.shared.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            f(&super::db::ReadOnly(&PgTx {
+                client: &client,
+                handle: &handle,
+                shared: &shared,
+                now: std::cell::Cell::new(None),
+                released: Default::default(),
+            }))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StateError::Db {
+                action: "running a database task",
+                detail: e.to_string(),
+            })
+        })
+    }
+
     /// Runs `f` inside one transaction on the blocking pool, committed before it returns.
     pub async fn transaction<T, F>(&self, f: F) -> Result<T, StateError>
     where
@@ -347,17 +391,23 @@ impl PgStore {
                 }
                 _ => None,
             });
-            let out = f(&PgTx {
+            let tx = PgTx {
                 client,
                 handle: &handle,
                 shared: &shared,
                 now: std::cell::Cell::new(now),
-            });
+                released: Default::default(),
+            };
+            let out = f(&tx);
+            let released = tx.released.take();
             let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
             let ended = handle.block_on(client.batch_execute(end));
             match (out, ended) {
                 (Ok(v), Ok(())) => {
                     open.ended();
+                    for (portal, epoch) in released {
+                        shared.forget_claim(&portal, epoch);
+                    }
                     Ok(v)
                 }
                 (Ok(_), Err(e)) => Err(pg("committing")(e)),
@@ -456,10 +506,12 @@ impl PgStore {
                 tokio::time::sleep(every).await;
                 match store.renew(&p, epoch).await {
                     Ok(true) => {}
+                    // Out of the map, `license_put` refuses every intent under it. Not in
+                    // it any more: the job released it with its last write meanwhile.
                     Ok(false) => {
-                        tracing::error!(portal = %p, epoch, "the claim was lost: another instance took the portal over; no PUT will be sent under it");
-                        // Out of the map, `license_put` refuses every intent under it.
-                        store.forget_claim(&p, epoch);
+                        if store.forget_claim(&p, epoch) {
+                            tracing::error!(portal = %p, epoch, "the claim was lost: another instance took the portal over; no PUT will be sent under it");
+                        }
                         return;
                     }
                     // The lease outlives a few failed renewals; the fence stops a PUT if
@@ -477,11 +529,9 @@ impl PgStore {
         }
     }
 
-    fn forget_claim(&self, portal: &str, epoch: i64) {
-        let mut claims = self.shared.claims.lock().unwrap_or_else(|p| p.into_inner());
-        if claims.get(portal) == Some(&epoch) {
-            claims.remove(portal);
-        }
+    /// Takes the claim out of the map; whether it was there (not yet released, not lost).
+    fn forget_claim(&self, portal: &str, epoch: i64) -> bool {
+        self.shared.forget_claim(portal, epoch)
     }
 
     async fn renew(&self, portal: &str, epoch: i64) -> Result<bool, StateError> {
@@ -751,7 +801,10 @@ impl ClaimGuard {
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
         self.heartbeat.abort();
-        self.store.forget_claim(&self.portal, self.epoch);
+        // Released already (with the job's last write), or lost: nothing to release.
+        if !self.store.forget_claim(&self.portal, self.epoch) {
+            return;
+        }
         let (store, portal, epoch) = (self.store.clone(), self.portal.clone(), self.epoch);
         let release = async move {
             if let Err(e) = store.release(&portal, epoch).await {
@@ -811,6 +864,8 @@ struct PgTx<'a> {
     shared: &'a Shared,
     /// The server's clock, read once per transaction (its statements share one time).
     now: std::cell::Cell<Option<i64>>,
+    /// Claims this transaction releases: out of the map once it committed.
+    released: std::cell::RefCell<Vec<(String, i64)>>,
 }
 
 impl Sql for PgTx<'_> {
@@ -855,6 +910,27 @@ impl Sql for PgTx<'_> {
         let t: i64 = r.get(0);
         self.now.set(Some(t));
         Ok(t)
+    }
+
+    fn release_claim(&self, portal: &str) -> Result<(), StateError> {
+        let epoch = self
+            .shared
+            .claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(portal)
+            .copied();
+        let Some(epoch) = epoch else {
+            return Ok(());
+        };
+        self.exec(
+            "releasing a claim",
+            "UPDATE portals SET lease_owner = NULL, lease_until = NULL
+              WHERE name = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+            &[portal.into(), self.shared.me.as_str().into(), epoch.into()],
+        )?;
+        self.released.borrow_mut().push((portal.to_string(), epoch));
+        Ok(())
     }
 
     fn license_put(&self, portal: &str) -> Result<Option<i64>, StateError> {

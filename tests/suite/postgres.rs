@@ -301,6 +301,14 @@ async fn failed_transactions_leave_nothing(store: &Store) {
         })
         .await;
     assert!(panicked.is_err());
+    // Reads are lent the connection without a transaction: a write among them is refused.
+    let among_reads = store
+        .call(|c| state::record_failure(c, "delta", "four", None))
+        .await;
+    assert!(
+        matches!(&among_reads, Err(StateError::Db { detail, .. }) if detail.contains("a write among reads")),
+        "{among_reads:?}"
+    );
     // Each of a few transactions after it (the pool hands out its connections again).
     for _ in 0..4 {
         let row = store.call(|c| state::portal_row(c, "delta")).await.unwrap();
@@ -524,6 +532,18 @@ async fn rotate_by_hand_waits_for_the_holder_and_sends_no_second_put() {
     );
     assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 1, "no second PUT");
     assert_sink_accepted(&h, "codes/acme.txt", "acme");
+    // Each rotation ended its claim with its last write: nobody holds the portal, and the
+    // claim's renewal, racing that write, took it for no loss.
+    let config = tfa_rotator::config::load(&h.config()).unwrap();
+    let store = Store::open_configured(&config).unwrap();
+    let client = store.postgres().unwrap().client().await.unwrap();
+    let owner: Option<String> = client
+        .query_one("SELECT lease_owner FROM portals WHERE name = 'acme'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, None, "{}", d.log());
+    assert!(!d.log().contains("the claim was lost"), "{}", d.log());
     stop_clean([d]).await;
 }
 
