@@ -1006,7 +1006,7 @@ async fn run_job(
         // Right before it starts: still due? A `rotate` by hand, or another process, may
         // have done it meanwhile. One that does it after this read is found by the
         // rotation itself, under the portal's lock (the snapshot's clock is its `since`).
-        if let Ok((k, snapshot)) = rotation::known_and_now(store, name).await {
+        if let Ok((k, snapshot)) = rotation::known_and_now(store, name, held.as_ref()).await {
             begin = Some(snapshot);
             let now = Utc::now();
             let p = plan::plan(

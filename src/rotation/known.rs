@@ -50,16 +50,24 @@ pub struct Snapshot {
     pub(super) known: preflight::Known,
 }
 
-/// The planner's view of `name`, and the [`Snapshot`] it was made from (one transaction).
+/// The planner's view of `name`, and the [`Snapshot`] it was made from. `held`: the lock
+/// the caller holds, whose claim's time (in a cluster) serves as the snapshot's clock.
 pub async fn known_and_now(
     store: &Store,
     name: &str,
+    held: Option<&state::PortalLock>,
 ) -> Result<(crate::schedule::plan::Known, Snapshot), StateError> {
     let p = name.to_string();
+    let claimed_at = held.and_then(state::PortalLock::claimed_at);
     let (open, snapshot) = store
         .call(move |c| {
-            // The clock first: whatever the reads miss was committed after it.
-            let now = c.now()?;
+            // The clock first: whatever the reads miss was committed after it. Under a
+            // claim, the claim's time is such a clock (nothing of the portal's changes
+            // while we hold it).
+            let now = match claimed_at {
+                Some(t) => t,
+                None => c.now()?,
+            };
             let (row, pending) = state::portal_row_and_pending(c, &p)?;
             let open = state::open_journal(c, Some(&p))?;
             let leftovers = !open.is_empty() || pending > 0;

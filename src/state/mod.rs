@@ -31,6 +31,7 @@ use crate::crypto::Fingerprinter;
 mod alerts;
 pub mod db;
 mod journal;
+mod lanes;
 pub mod migrate;
 pub mod pg;
 mod portals;
@@ -233,6 +234,15 @@ impl PortalLock {
         match &self._hold {
             Hold::File(_) => None,
             Hold::Claim(c) => Some(c.newest_generation()),
+        }
+    }
+
+    /// A cluster claim's time on the state's clock (the server's), when it was taken;
+    /// `None` for a lock of a single instance.
+    pub fn claimed_at(&self) -> Option<i64> {
+        match &self._hold {
+            Hold::File(_) => None,
+            Hold::Claim(c) => Some(c.claimed_at()),
         }
     }
 }

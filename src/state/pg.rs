@@ -34,7 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("pg_migrations/0003_alert_indexes.sql"),
 ];
 
-fn pg(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
+pub(super) fn pg(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
     move |e| StateError::Db {
         action,
         // tokio-postgres says only "db error" for an error the server sent: its code and
@@ -137,7 +137,13 @@ struct Shared {
     claims: Mutex<HashMap<String, i64>>,
     key: Vec<u8>,
     read_only: bool,
+    /// Where transactions run.
+    lanes: super::lanes::Lanes,
 }
+
+/// Transactions one process runs at once (each lane is a thread and a connection, made at
+/// the lane's first transaction).
+const LANES: usize = 8;
 
 /// The PostgreSQL backend of [`super::Store`]. Cloning shares the pool.
 #[derive(Clone)]
@@ -232,7 +238,7 @@ impl PgStore {
             detail: e,
         })?;
         let me = st.instance.clone().unwrap_or_else(default_instance);
-        let pool = Self::pool(secrecy::ExposeSecret::expose_secret(&url), st)?;
+        let (pool, connect) = Self::pool(secrecy::ExposeSecret::expose_secret(&url), st)?;
         let mut client = get(&pool).await?;
         if !read_only {
             migrate(&mut client).await?;
@@ -272,6 +278,7 @@ impl PgStore {
                 claims: Mutex::new(HashMap::new()),
                 key,
                 read_only,
+                lanes: super::lanes::Lanes::start(LANES, connect)?,
             }),
         };
         if !read_only {
@@ -280,7 +287,9 @@ impl PgStore {
         Ok(Some(store))
     }
 
-    fn pool(url: &str, st: &StorageConfig) -> Result<Pool, StateError> {
+    /// The pool for statements outside transactions (claims, renewals, the heartbeat),
+    /// and how a lane connects.
+    fn pool(url: &str, st: &StorageConfig) -> Result<(Pool, super::lanes::Connect), StateError> {
         let config: tokio_postgres::Config = url.parse().map_err(|_| StateError::Db {
             action: "parsing storage.url",
             // Not the parser's message: it may quote the string, password included.
@@ -296,20 +305,25 @@ impl PgStore {
             .get_hosts()
             .iter()
             .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
-        let manager = if unix_only {
-            Manager::from_config(config, tokio_postgres::NoTls, mc())
-        } else {
-            Manager::from_config(config, tls(st)?, mc())
+        let tls = if unix_only { None } else { Some(tls(st)?) };
+        let connect = super::lanes::Connect {
+            config: config.clone(),
+            tls: tls.clone(),
         };
-        Pool::builder(manager)
-            .max_size(16)
+        let manager = match tls {
+            None => Manager::from_config(config, tokio_postgres::NoTls, mc()),
+            Some(tls) => Manager::from_config(config, tls, mc()),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(8)
             .wait_timeout(Some(Duration::from_secs(30)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StateError::Db {
                 action: "building the connection pool",
                 detail: e.to_string(),
-            })
+            })?;
+        Ok((pool, connect))
     }
 
     /// The cluster's fingerprint key.
@@ -327,10 +341,10 @@ impl PgStore {
         &self.shared.me
     }
 
-    /// Runs the reads `f` makes on one connection on the blocking pool, without a
-    /// transaction: under READ COMMITTED each statement of a transaction took a snapshot of
-    /// its own anyway, so BEGIN and COMMIT bought nothing but two statements. A statement
-    /// that writes is refused. A read-only store reads in READ ONLY transactions, which the
+    /// Runs the reads `f` makes on a lane (see [`super::lanes`]), without a transaction:
+    /// under READ COMMITTED each statement of a transaction took a snapshot of its own
+    /// anyway, so BEGIN and COMMIT bought nothing but two statements. A statement that
+    /// writes is refused. A read-only store reads in READ ONLY transactions, which the
     /// database itself keeps from writing.
     pub async fn read<T, F>(&self, f: F) -> Result<T, StateError>
     where
@@ -340,39 +354,27 @@ impl PgStore {
         if self.shared.read_only {
             return self.transaction(f).await;
         }
-        let client = get(&self.shared.pool).await?;
         let shared = self.shared.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            f(&super::db::ReadOnly(&PgTx {
-                client: &client,
-                handle: &handle,
+        self.on_lane(move |lane| {
+            let tx = PgTx {
+                lane: std::cell::RefCell::new(lane),
                 shared: &shared,
                 now: std::cell::Cell::new(None),
                 released: Default::default(),
-            }))
+            };
+            f(&super::db::ReadOnly(&tx))
         })
         .await
-        .unwrap_or_else(|e| {
-            Err(StateError::Db {
-                action: "running a database task",
-                detail: e.to_string(),
-            })
-        })
     }
 
-    /// Runs `f` inside one transaction on the blocking pool, committed before it returns.
+    /// Runs `f` inside one transaction on a lane, committed before it returns.
     pub async fn transaction<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
     {
-        let client = get(&self.shared.pool).await?;
         let shared = self.shared.clone();
-        let handle = tokio::runtime::Handle::current();
-        let joined = tokio::task::spawn_blocking(move || {
-            let mut open = InTransaction(Some(client));
-            let client = open.client()?;
+        self.on_lane(move |lane| {
             // The transaction begins and reads the server's clock in one round trip (a
             // simple query of two statements; the BEGIN keeps the block open after it).
             // A read-only store (`check`, `status`, dry runs) reads in READ ONLY
@@ -382,9 +384,7 @@ impl PgStore {
             } else {
                 "START TRANSACTION READ WRITE; SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
             };
-            let started = handle
-                .block_on(client.simple_query(begin))
-                .map_err(pg("starting a transaction"))?;
+            let started = lane.simple("starting a transaction", begin)?;
             let now = started.iter().find_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(r) => {
                     r.get(0).and_then(|t| t.parse::<i64>().ok())
@@ -392,40 +392,58 @@ impl PgStore {
                 _ => None,
             });
             let tx = PgTx {
-                client,
-                handle: &handle,
+                lane: std::cell::RefCell::new(&mut *lane),
                 shared: &shared,
                 now: std::cell::Cell::new(now),
                 released: Default::default(),
             };
-            let out = f(&tx);
+            // A closure that panics (a bug) is reported like one that failed; the
+            // connection it left inside the transaction is closed below.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&tx)))
+                .unwrap_or_else(|_| {
+                    Err(StateError::Db {
+                        action: "running a database task",
+                        detail: "it panicked; the transaction was rolled back".into(),
+                    })
+                });
             let released = tx.released.take();
+            drop(tx);
             let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
-            let ended = handle.block_on(client.batch_execute(end));
+            let ended = lane.simple("committing", end);
+            if ended.is_err() {
+                // Whatever the transaction left open dies with the connection.
+                lane.drop_connection();
+            }
             match (out, ended) {
-                (Ok(v), Ok(())) => {
-                    open.ended();
+                (Ok(v), Ok(_)) => {
                     for (portal, epoch) in released {
                         shared.forget_claim(&portal, epoch);
                     }
                     Ok(v)
                 }
-                (Ok(_), Err(e)) => Err(pg("committing")(e)),
+                (Ok(_), Err(e)) => Err(e),
                 // The closure's error is the one to report, whether or not the rollback
-                // went through (if it did not, the connection is closed).
-                (Err(e), r) => {
-                    if r.is_ok() {
-                        open.ended();
-                    }
-                    Err(e)
-                }
+                // went through.
+                (Err(e), _) => Err(e),
             }
         })
-        .await;
-        joined.unwrap_or_else(|e| {
+        .await
+    }
+
+    /// Runs `job` on a lane and waits for its answer.
+    async fn on_lane<T, J>(&self, job: J) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        J: FnOnce(&mut super::lanes::Lane) -> Result<T, StateError> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.lanes.send(Box::new(move |lane| {
+            let _ = tx.send(job(lane));
+        }))?;
+        rx.await.unwrap_or_else(|_| {
             Err(StateError::Db {
                 action: "running a database task",
-                detail: e.to_string(),
+                detail: "the database task ended without an answer (it panicked)".into(),
             })
         })
     }
@@ -453,7 +471,8 @@ impl PgStore {
                             (SELECT lease_owner FROM portals WHERE name = $1),
                             EXISTS (SELECT 1 FROM portals WHERE name = $1),
                             (SELECT config_fp FROM config_generations
-                              ORDER BY first_seen_at DESC, config_fp LIMIT 1)",
+                              ORDER BY first_seen_at DESC, config_fp LIMIT 1),
+                            (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
                 )
                 .await
                 .map_err(pg("claiming a portal"))?;
@@ -464,6 +483,7 @@ impl PgStore {
             if let Some(epoch) = row.get::<_, Option<i64>>(0) {
                 let mut guard = self.hold(portal, epoch);
                 guard.newest_generation = row.get(3);
+                guard.claimed_at = row.get(4);
                 return Ok(guard);
             }
             if !row.get::<_, bool>(2) {
@@ -526,6 +546,7 @@ impl PgStore {
             epoch,
             heartbeat,
             newest_generation: None,
+            claimed_at: 0,
         }
     }
 
@@ -789,12 +810,19 @@ pub struct ClaimGuard {
     heartbeat: tokio::task::JoinHandle<()>,
     /// The newest config generation recorded when the claim was taken.
     newest_generation: Option<String>,
+    /// The server's clock when the claim was taken (Unix ms).
+    claimed_at: i64,
 }
 
 impl ClaimGuard {
     /// The newest config generation recorded when the claim was taken (`None`: none yet).
     pub fn newest_generation(&self) -> Option<&str> {
         self.newest_generation.as_deref()
+    }
+
+    /// The server's clock when the claim was taken (Unix ms).
+    pub fn claimed_at(&self) -> i64 {
+        self.claimed_at
     }
 }
 
@@ -829,38 +857,9 @@ impl Drop for ClaimGuard {
     }
 }
 
-/// A pooled connection inside a transaction begun by hand (see [`PgStore::transaction`]).
-/// One dropped before its COMMIT or ROLLBACK went through (an error on the way, a panic)
-/// leaves the pool and is closed, which rolls the transaction back: no later task inherits
-/// it.
-struct InTransaction(Option<deadpool_postgres::Object>);
-
-impl InTransaction {
-    fn client(&self) -> Result<&deadpool_postgres::Object, StateError> {
-        self.0.as_ref().ok_or(StateError::Db {
-            action: "starting a transaction",
-            detail: "the connection is gone".into(),
-        })
-    }
-
-    /// The transaction ended: the connection goes back to the pool.
-    fn ended(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for InTransaction {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            drop(deadpool_postgres::Object::take(c));
-        }
-    }
-}
-
-/// A transaction, as the state's statements see it.
+/// A transaction (or reads without one), as the state's statements see it.
 struct PgTx<'a> {
-    client: &'a deadpool_postgres::Object,
-    handle: &'a tokio::runtime::Handle,
+    lane: std::cell::RefCell<&'a mut super::lanes::Lane>,
     shared: &'a Shared,
     /// The server's clock, read once per transaction (its statements share one time).
     now: std::cell::Cell<Option<i64>>,
@@ -871,25 +870,12 @@ struct PgTx<'a> {
 impl Sql for PgTx<'_> {
     fn exec(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<u64, StateError> {
         let sql = self.shared.dollar(sql);
-        // One hop into the runtime per statement: the prepared statement (cached on the
-        // connection) and its execution together.
-        self.handle
-            .block_on(async {
-                let st = self.client.prepare_cached(&sql).await?;
-                self.client.execute(&st, &params(p)).await
-            })
-            .map_err(pg(action))
+        self.lane.borrow_mut().execute(action, &sql, &params(p))
     }
 
     fn rows(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<Vec<Row>, StateError> {
         let sql = self.shared.dollar(sql);
-        let rows = self
-            .handle
-            .block_on(async {
-                let st = self.client.prepare_cached(&sql).await?;
-                self.client.query(&st, &params(p)).await
-            })
-            .map_err(pg(action))?;
+        let rows = self.lane.borrow_mut().query(action, &sql, &params(p))?;
         rows.iter().map(|r| to_row(r).map_err(pg(action))).collect()
     }
 
@@ -897,17 +883,22 @@ impl Sql for PgTx<'_> {
         if let Some(t) = self.now.get() {
             return Ok(t);
         }
-        let r = self
-            .handle
-            .block_on(async {
-                let st = self
-                    .client
-                    .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT")
-                    .await?;
-                self.client.query_one(&st, &[]).await
-            })
-            .map_err(pg("reading the server's clock"))?;
-        let t: i64 = r.get(0);
+        let sql = self
+            .shared
+            .dollar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT");
+        let rows = self
+            .lane
+            .borrow_mut()
+            .query("reading the server's clock", &sql, &[])?;
+        let t: i64 = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(pg("reading the server's clock"))?
+            .ok_or(StateError::Db {
+                action: "reading the server's clock",
+                detail: "no row".into(),
+            })?;
         self.now.set(Some(t));
         Ok(t)
     }
@@ -950,27 +941,22 @@ impl Sql for PgTx<'_> {
         // FOR UPDATE: a takeover waits for this transaction, and then finds the lease ours.
         // The server's clock comes with it: a transaction that has not read it yet (the
         // intent's, which licenses first) needs no statement of its own for it.
-        let row = self
-            .handle
-            .block_on(async {
-                let st = self
-                    .client
-                    .prepare_cached(
-                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
-                           FROM portals
-                          WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
-                            AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
-                          FOR UPDATE",
-                    )
-                    .await?;
-                self.client
-                    .query_opt(&st, &[&portal, &self.shared.me, &epoch, &budget, &grace])
-                    .await
-            })
-            .map_err(pg("checking the claim"))?;
+        let sql = self.shared.dollar(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+               FROM portals
+              WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
+                AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
+              FOR UPDATE",
+        );
+        let rows = self.lane.borrow_mut().query(
+            "checking the claim",
+            &sql,
+            &[&portal, &self.shared.me, &epoch, &budget, &grace],
+        )?;
+        let row = rows.first();
         match row {
             Some(r) => {
-                let now: i64 = r.get(0);
+                let now: i64 = r.try_get(0).map_err(pg("checking the claim"))?;
                 if self.now.get().is_none() {
                     self.now.set(Some(now));
                 }

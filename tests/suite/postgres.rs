@@ -309,8 +309,14 @@ async fn failed_transactions_leave_nothing(store: &Store) {
         matches!(&among_reads, Err(StateError::Db { detail, .. }) if detail.contains("a write among reads")),
         "{among_reads:?}"
     );
+    // A read that panics is an error too; the connections live on (on PostgreSQL, more
+    // reads than it has lanes follow).
+    let panicked_read = store
+        .call(|_| -> Result<(), StateError> { panic!("a bug in a read") })
+        .await;
+    assert!(panicked_read.is_err());
     // Each of a few transactions after it (the pool hands out its connections again).
-    for _ in 0..4 {
+    for _ in 0..12 {
         let row = store.call(|c| state::portal_row(c, "delta")).await.unwrap();
         assert!(row.is_none(), "neither failed transaction wrote: {row:?}");
     }
