@@ -141,6 +141,10 @@ struct Shared {
     lanes: super::lanes::Lanes,
 }
 
+/// Ends a claim (the portal, this instance, the claim's epoch).
+const RELEASE: &str = "UPDATE portals SET lease_owner = NULL, lease_until = NULL
+                        WHERE name = ?1 AND lease_owner = ?2 AND lease_epoch = ?3";
+
 /// Transactions one process runs at once (each lane is a thread and a connection, made at
 /// the lane's first transaction).
 const LANES: usize = 8;
@@ -188,6 +192,15 @@ pub fn default_instance() -> String {
 impl Shared {
     /// `sql` with `$N` placeholders (the state's statements are written with `?N`),
     /// computed once per statement text.
+    /// The epoch of this process's claim on `portal`, if it holds one.
+    fn epoch_of(&self, portal: &str) -> Option<i64> {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(portal)
+            .copied()
+    }
+
     /// Takes `portal`'s claim of `epoch` out of the map; whether it was there.
     fn forget_claim(&self, portal: &str, epoch: i64) -> bool {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
@@ -571,8 +584,7 @@ impl PgStore {
         execute_cached(
             &self.shared.pool,
             "releasing a claim",
-            "UPDATE portals SET lease_owner = NULL, lease_until = NULL
-              WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3",
+            &self.shared.dollar(RELEASE),
             &[&portal, &self.shared.me, &epoch],
         )
         .await?;
@@ -904,20 +916,12 @@ impl Sql for PgTx<'_> {
     }
 
     fn release_claim(&self, portal: &str) -> Result<(), StateError> {
-        let epoch = self
-            .shared
-            .claims
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(portal)
-            .copied();
-        let Some(epoch) = epoch else {
+        let Some(epoch) = self.shared.epoch_of(portal) else {
             return Ok(());
         };
         self.exec(
             "releasing a claim",
-            "UPDATE portals SET lease_owner = NULL, lease_until = NULL
-              WHERE name = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+            RELEASE,
             &[portal.into(), self.shared.me.as_str().into(), epoch.into()],
         )?;
         self.released.borrow_mut().push((portal.to_string(), epoch));
@@ -931,11 +935,7 @@ impl Sql for PgTx<'_> {
         };
         let epoch = self
             .shared
-            .claims
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(portal)
-            .copied()
+            .epoch_of(portal)
             .ok_or_else(|| fenced("this process holds no claim on it".into()))?;
         let (budget, grace) = (ms(self.shared.put_budget), ms(self.shared.grace));
         // FOR UPDATE: a takeover waits for this transaction, and then finds the lease ours.
