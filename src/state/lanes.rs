@@ -10,7 +10,8 @@
 //! write and a read on that thread's socket.
 //!
 //! Lanes end when the store is dropped (their queue closes); a lane whose connection broke
-//! connects again at its next transaction.
+//! (or was closed by the server while the lane waited) connects again at its next
+//! transaction.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, mpsc};
@@ -94,6 +95,7 @@ fn run(rx: Arc<Mutex<mpsc::Receiver<Job>>>, connect: Connect) {
             Ok(job) => job,
             Err(_) => return, // the store is gone
         };
+        lane.catch_up();
         // A job that panics (a bug) loses its answer (its caller hears of it) and its
         // connection, not the lane.
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut lane))).is_err() {
@@ -178,6 +180,20 @@ impl Conn {
 }
 
 impl Lane {
+    /// Lets the connection's task handle what arrived while the lane waited (it runs only
+    /// inside this thread's `block_on`): a connection the server closed meanwhile (a
+    /// restart, an idle timeout) is then seen closed, and the job connects again instead of
+    /// failing on it. A few scheduler turns, each polling the socket without waiting.
+    fn catch_up(&mut self) {
+        if self.conn.client.is_some() {
+            self.rt.block_on(async {
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+    }
+
     /// Closes the connection (a transaction that did not end cleanly): the server rolls
     /// back whatever it left open, and the next transaction connects again.
     pub fn drop_connection(&mut self) {

@@ -397,7 +397,15 @@ impl PgStore {
             } else {
                 "START TRANSACTION READ WRITE; SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
             };
-            let started = lane.simple("starting a transaction", begin)?;
+            let started = match lane.simple("starting a transaction", begin) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Half begun (the BEGIN went through, its clock read did not) or broken:
+                    // the next transaction must not start inside what is left.
+                    lane.drop_connection();
+                    return Err(e);
+                }
+            };
             let now = started.iter().find_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(r) => {
                     r.get(0).and_then(|t| t.parse::<i64>().ok())

@@ -349,6 +349,76 @@ async fn the_state_behaves_the_same_on_sqlite_and_postgres() {
     conformance(store).await;
 }
 
+/// Connections the server closed while they waited (a restart, an administrator's
+/// `pg_terminate_backend`) cost no failed transaction: each is seen closed and replaced.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_closed_by_the_server_are_replaced_without_a_failure() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pg = Postgres::start();
+    let path = cluster_config(&h, &pg, "");
+    let config = tfa_rotator::config::load(&path).unwrap();
+    let store = Store::open_configured(&config).unwrap();
+    // Enough reads and writes that every lane has connected.
+    for i in 0..24 {
+        store
+            .write(move |c| state::record_failure(c, "acme", &format!("{i}"), None))
+            .await
+            .unwrap();
+        store.call(|c| state::portal_row(c, "acme")).await.unwrap();
+    }
+    let (admin, admin_conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let admin_task = tokio::spawn(admin_conn);
+    let killed: i64 = admin
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        killed >= 2,
+        "the store's connections were there to close: {killed}"
+    );
+    let gone = async {
+        for _ in 0..100 {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND backend_type = 'client backend'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(gone.await, "the server closed them");
+    for i in 0..24 {
+        store
+            .write(move |c| state::record_failure(c, "acme", &format!("after {i}"), None))
+            .await
+            .unwrap_or_else(|e| panic!("write {i} after the connections were closed: {e}"));
+        store
+            .call(|c| state::portal_row(c, "acme"))
+            .await
+            .unwrap_or_else(|e| panic!("read {i} after the connections were closed: {e}"));
+    }
+    drop(admin);
+    let _ = admin_task.await;
+}
+
 /// The fence sits on the intent: a portal held by another instance is busy (naming it);
 /// a claim taken over is fenced, and so is a claim that cannot outlive the PUT budget.
 #[tokio::test(flavor = "multi_thread")]
