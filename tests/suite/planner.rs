@@ -37,14 +37,18 @@ async fn a_portal_rotated_by_hand_is_not_rotated_again_by_the_daemon() {
     let out = h.run(&["run", "--once"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert_eq!(h.sim.count("PUT"), 1, "{}", out.all());
-    // status and check say the same: the next Monday's fire.
+    // status and check say the same: the next Monday's fire (today's, on a Monday before
+    // 03:00 UTC).
     let next_monday = {
         let now = chrono::Utc::now();
-        let mut d = now.date_naive().succ_opt().unwrap();
-        while chrono::Datelike::weekday(&d) != chrono::Weekday::Mon {
+        let mut d = now.date_naive();
+        loop {
+            let fire = d.and_hms_opt(3, 0, 0).unwrap().and_utc();
+            if chrono::Datelike::weekday(&d) == chrono::Weekday::Mon && fire > now {
+                break fire;
+            }
             d = d.succ_opt().unwrap();
         }
-        d.and_hms_opt(3, 0, 0).unwrap().and_utc()
     };
     let status: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
     assert_eq!(
