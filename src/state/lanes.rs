@@ -161,21 +161,22 @@ impl Conn {
         sql: &Arc<str>,
     ) -> Result<(&tokio_postgres::Client, Statement), StateError> {
         self.connected(rt)?;
-        if !self.statements.contains_key(sql) {
-            let st = rt
-                .block_on(self.connected(rt)?.prepare(sql))
-                .map_err(pg(action))?;
-            self.statements.insert(sql.clone(), st);
-        }
-        let st = self.statements.get(sql).cloned();
-        let client = self.connected(rt)?;
-        match st {
-            Some(st) => Ok((client, st)),
-            None => Err(StateError::Db {
-                action,
-                detail: "a statement prepared just now is gone".into(),
-            }),
-        }
+        let Self {
+            client, statements, ..
+        } = self;
+        let client = client.as_ref().ok_or(StateError::Db {
+            action,
+            detail: "no connection".into(),
+        })?;
+        let st = match statements.get(sql) {
+            Some(st) => st.clone(),
+            None => {
+                let st = rt.block_on(client.prepare(sql)).map_err(pg(action))?;
+                statements.insert(sql.clone(), st.clone());
+                st
+            }
+        };
+        Ok((client, st))
     }
 }
 
