@@ -50,6 +50,28 @@ pub struct Snapshot {
     pub(super) known: preflight::Known,
 }
 
+impl Snapshot {
+    /// Reads what a rotation of `portal` reads first, `now` being the clock taken before
+    /// the reads; and the portal's open journal entries (oldest first).
+    pub(super) fn read(
+        c: &dyn state::db::Sql,
+        portal: &str,
+        now: i64,
+    ) -> Result<(Vec<state::OpenJournal>, Self), StateError> {
+        let (row, pending) = state::portal_row_and_pending(c, portal)?;
+        let open = state::open_journal(c, Some(portal))?;
+        let snapshot = Snapshot {
+            now,
+            leftovers: !open.is_empty() || pending > 0,
+            known: preflight::Known {
+                row,
+                sink_sets: state::sink_sets(c, portal)?,
+            },
+        };
+        Ok((open, snapshot))
+    }
+}
+
 /// The planner's view of `name`, and the [`Snapshot`] it was made from. `held`: the lock
 /// the caller holds, whose claim's time (in a cluster) serves as the snapshot's clock.
 pub async fn known_and_now(
@@ -68,21 +90,7 @@ pub async fn known_and_now(
                 Some(t) => t,
                 None => c.now()?,
             };
-            let (row, pending) = state::portal_row_and_pending(c, &p)?;
-            let open = state::open_journal(c, Some(&p))?;
-            let leftovers = !open.is_empty() || pending > 0;
-            let known = preflight::Known {
-                row,
-                sink_sets: state::sink_sets(c, &p)?,
-            };
-            Ok((
-                open,
-                Snapshot {
-                    now,
-                    leftovers,
-                    known,
-                },
-            ))
+            Snapshot::read(c, &p, now)
         })
         .await?;
     let at = chrono::DateTime::from_timestamp_millis(snapshot.now).unwrap_or_else(Utc::now);

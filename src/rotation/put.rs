@@ -72,23 +72,18 @@ async fn ready(
     // One read tells whether an earlier process left work here (only a portal with
     // leftovers pays for recovery, and reads again after it) and what the state knows;
     // the caller may have read it already, under the lock.
-    let (leftovers, seen) = match seen {
-        Some(s) => (s.leftovers, s.known),
+    let seen = match seen {
+        Some(s) => s,
         None => {
             let p = name.to_string();
-            store
-                .call(move |c| {
-                    let leftovers = !state::open_journal(c, Some(&p))?.is_empty()
-                        || state::pending_count_of(c, &p)? > 0;
-                    let known = Known {
-                        row: state::portal_row(c, &p)?,
-                        sink_sets: state::sink_sets(c, &p)?,
-                    };
-                    Ok((leftovers, known))
-                })
-                .await?
+            store.call(move |c| Snapshot::read(c, &p, since)).await?.1
         }
     };
+    let Snapshot {
+        leftovers,
+        known: seen,
+        ..
+    } = seen;
     let known = if leftovers {
         recover_unless_settling(engine, name).await?;
         known(store, name).await?
