@@ -34,6 +34,14 @@ const MIGRATIONS: &[&str] = &[
     include_str!("pg_migrations/0003_alert_indexes.sql"),
 ];
 
+/// The server's clock in Unix milliseconds, as SQL (every time the state stores in a
+/// cluster is the server's).
+macro_rules! server_ms {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
+    };
+}
+
 pub(super) fn pg(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
     move |e| StateError::Db {
         action,
@@ -393,9 +401,9 @@ impl PgStore {
             // A read-only store (`check`, `status`, dry runs) reads in READ ONLY
             // transactions: the database itself refuses any change.
             let begin = if shared.read_only {
-                "START TRANSACTION READ ONLY; SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
+                concat!("START TRANSACTION READ ONLY; SELECT ", server_ms!())
             } else {
-                "START TRANSACTION READ WRITE; SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
+                concat!("START TRANSACTION READ WRITE; SELECT ", server_ms!())
             };
             let started = match lane.simple("starting a transaction", begin) {
                 Ok(m) => m,
@@ -482,7 +490,7 @@ impl PgStore {
             // The newest config generation comes with it: the daemon asks before acting on
             // a changed entry, and a claim is what it takes first.
             let st = client
-                .prepare_cached(
+                .prepare_cached(concat!(
                     "WITH claimed AS (
                         UPDATE portals SET lease_owner = $2, lease_epoch = lease_epoch + 1,
                                lease_until = clock_timestamp() + $3::BIGINT * interval '1 millisecond'
@@ -493,8 +501,9 @@ impl PgStore {
                             EXISTS (SELECT 1 FROM portals WHERE name = $1),
                             (SELECT config_fp FROM config_generations
                               ORDER BY first_seen_at DESC, config_fp LIMIT 1),
-                            (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
-                )
+                            ",
+                    server_ms!()
+                ))
                 .await
                 .map_err(pg("claiming a portal"))?;
             let row = client
@@ -606,9 +615,11 @@ impl PgStore {
         let client = get(&self.shared.pool).await?;
         client
             .execute(
-                "INSERT INTO config_generations (config_fp, first_seen_at)
-                 VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT)
-                 ON CONFLICT (config_fp) DO NOTHING",
+                concat!(
+                    "INSERT INTO config_generations (config_fp, first_seen_at) VALUES ($1, ",
+                    server_ms!(),
+                    ") ON CONFLICT (config_fp) DO NOTHING"
+                ),
                 &[&fp],
             )
             .await
@@ -903,9 +914,7 @@ impl Sql for PgTx<'_> {
         if let Some(t) = self.now.get() {
             return Ok(t);
         }
-        let sql = self
-            .shared
-            .dollar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT");
+        let sql = self.shared.dollar(concat!("SELECT ", server_ms!()));
         let rows = self
             .lane
             .borrow_mut()
@@ -949,13 +958,14 @@ impl Sql for PgTx<'_> {
         // FOR UPDATE: a takeover waits for this transaction, and then finds the lease ours.
         // The server's clock comes with it: a transaction that has not read it yet (the
         // intent's, which licenses first) needs no statement of its own for it.
-        let sql = self.shared.dollar(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
-               FROM portals
+        let sql = self.shared.dollar(concat!(
+            "SELECT ",
+            server_ms!(),
+            " FROM portals
               WHERE name = $1 AND lease_owner = $2 AND lease_epoch = $3
                 AND lease_until > clock_timestamp() + ($4::BIGINT + $5::BIGINT) * interval '1 millisecond'
               FOR UPDATE",
-        );
+        ));
         let rows = self.lane.borrow_mut().query(
             "checking the claim",
             &sql,
