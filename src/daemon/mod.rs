@@ -22,6 +22,7 @@
 //! Nothing is recorded as done that did not happen, so a portal that was due stays due.
 
 pub mod agenda;
+pub mod alerts;
 pub mod notify;
 pub mod watch;
 
@@ -44,6 +45,7 @@ use crate::rotation::{self, Engine, Outcome, Skip, drift::Watched};
 use crate::schedule::plan::{self, Due, Known, Reason};
 use crate::state;
 use agenda::Agenda;
+use alerts::AlertChecks;
 use notify::{Note, Notifier};
 
 /// What a background job tells the loop when it ends.
@@ -97,6 +99,8 @@ struct Supervisor {
     running: Arc<std::sync::Mutex<Arc<config::Config>>>,
     tracker: TaskTracker,
     done_tx: mpsc::UnboundedSender<Event>,
+    /// Asks the background for a look at due `[alerts]` notices.
+    alerts: AlertChecks,
 }
 
 /// What planning decided that the state should remember.
@@ -133,7 +137,8 @@ pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: Cancellation
         }
     };
     let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let mut sup = Supervisor::new(path, engine, once, start_failures, done_tx);
+    let alerts = background.check_alerts();
+    let mut sup = Supervisor::new(path, engine, once, start_failures, done_tx, alerts);
     if let Err(e) = sup.load().await {
         crate::err!("error: {e}");
         background.stop().await;
@@ -256,6 +261,14 @@ impl Background {
         Ok(())
     }
 
+    /// Starts the task that looks for due `[alerts]` notices when asked; it looks a last
+    /// time at stop, after the jobs.
+    fn check_alerts(&mut self) -> AlertChecks {
+        let (checks, task) = AlertChecks::spawn(self.stop.clone());
+        self.track("alert checks", Some(task));
+        checks
+    }
+
     /// Watches the config file and listens for SIGHUP; each says "reload" on the channel.
     fn watch_config(&mut self, path: &Path) -> mpsc::Receiver<()> {
         let (reload_tx, reload_rx) = mpsc::channel::<()>(4);
@@ -311,6 +324,7 @@ impl Supervisor {
         once: bool,
         failed: usize,
         done_tx: mpsc::UnboundedSender<Event>,
+        alerts: AlertChecks,
     ) -> Self {
         Self {
             path: path.to_path_buf(),
@@ -332,6 +346,7 @@ impl Supervisor {
             held: HashMap::new(),
             tracker: TaskTracker::new(),
             done_tx,
+            alerts,
         }
     }
 
@@ -667,6 +682,7 @@ impl Supervisor {
         let tx = self.done_tx.clone();
         let fp = self.fps.get(&name).cloned().unwrap_or_default();
         let (started, once) = (self.started, self.once);
+        let alerts = self.alerts.clone();
         tracing::info!(
             portal = %name,
             reason = due.reason.name(),
@@ -677,7 +693,7 @@ impl Supervisor {
         self.tracker.spawn(async move {
             let done = run_job(&engine, &name, due, &fp, started, once).await;
             if done.outcome != Outcome::Skipped(Skip::Stopping) {
-                rotation::alerts::check(&engine).await;
+                alerts.request(&engine);
             }
             let _ = tx.send(Event::Job(Box::new(done)));
         });
@@ -848,6 +864,7 @@ impl Supervisor {
         self.delivering = true;
         let engine = self.engine.clone();
         let tx = self.done_tx.clone();
+        let alerts = self.alerts.clone();
         self.tracker.spawn(async move {
             for p in portals {
                 if engine.is_stopping() {
@@ -858,7 +875,7 @@ impl Supervisor {
                     Err(e) => tracing::warn!(portal = %p, error = %e, "retrying deliveries failed"),
                 }
             }
-            rotation::alerts::check(&engine).await;
+            alerts.request(&engine);
             let _ = tx.send(Event::DeliveriesRetried);
         });
         None
