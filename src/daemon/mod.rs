@@ -614,14 +614,17 @@ impl Supervisor {
         writes.sort_by(|a, b| a.portal.cmp(&b.portal));
         let r = store
             .write(move |c| {
+                let fresh: Vec<&str> = writes
+                    .iter()
+                    .filter(|w| w.fresh)
+                    .map(|w| w.portal.as_str())
+                    .collect();
+                state::ensure_portals(c, &fresh)?;
                 for w in &writes {
                     let (due_at, reason) = (
                         w.due.map(|d| d.at.timestamp_millis()),
                         w.due.map(|d| d.reason.name()),
                     );
-                    if w.fresh {
-                        state::ensure_portal(c, &w.portal)?;
-                    }
                     if w.adopt_fp.is_some() || w.consume_fires_to.is_some() {
                         state::record_plan_and_schedule(
                             c,

@@ -58,15 +58,16 @@ impl Snapshot {
         portal: &str,
         now: i64,
     ) -> Result<(Vec<state::OpenJournal>, Self), StateError> {
-        let (row, pending) = state::portal_row_and_pending(c, portal)?;
-        let open = state::open_journal(c, Some(portal))?;
+        let state::Outlook {
+            row,
+            pending,
+            open,
+            sink_sets,
+        } = state::outlook(c, portal, true)?;
         let snapshot = Snapshot {
             now,
             leftovers: !open.is_empty() || pending > 0,
-            known: preflight::Known {
-                row,
-                sink_sets: state::sink_sets(c, portal)?,
-            },
+            known: preflight::Known { row, sink_sets },
         };
         Ok((open, snapshot))
     }

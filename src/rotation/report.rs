@@ -42,12 +42,10 @@ pub struct StateAfter {
 impl StateAfter {
     /// Reads them, inside the caller's transaction.
     pub fn read(c: &dyn state::db::Sql, portal: &str) -> Result<Self, StateError> {
-        let (row, pending) = state::portal_row_and_pending(c, portal)?;
-        Ok(Self {
-            row,
-            open: state::open_journal(c, Some(portal))?,
-            pending,
-        })
+        let state::Outlook {
+            row, pending, open, ..
+        } = state::outlook(c, portal, false)?;
+        Ok(Self { row, open, pending })
     }
 }
 

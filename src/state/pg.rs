@@ -484,21 +484,24 @@ impl PgStore {
         let mut delay = Duration::from_millis(20);
         loop {
             let client = get(&self.shared.pool).await?;
-            // One statement: the claim if the lease is free or expired, and otherwise who
-            // holds it (the CTE's update is not visible to the outer SELECT: it reads the
-            // row as it was), and whether the row exists at all.
+            // One statement: the claim if the lease is free or expired (a portal without a
+            // row yet gets one, claimed), and otherwise who holds it (the CTE's write is not
+            // visible to the outer SELECT: it reads the row as it was).
             // The newest config generation comes with it: the daemon asks before acting on
             // a changed entry, and a claim is what it takes first.
             let st = client
                 .prepare_cached(concat!(
                     "WITH claimed AS (
-                        UPDATE portals SET lease_owner = $2, lease_epoch = lease_epoch + 1,
-                               lease_until = clock_timestamp() + $3::BIGINT * interval '1 millisecond'
-                         WHERE name = $1 AND (lease_owner IS NULL OR lease_until < clock_timestamp())
+                        INSERT INTO portals (name, lease_owner, lease_epoch, lease_until)
+                        VALUES ($1, $2, 1, clock_timestamp() + $3::BIGINT * interval '1 millisecond')
+                        ON CONFLICT (name) DO UPDATE
+                           SET lease_owner = excluded.lease_owner,
+                               lease_epoch = portals.lease_epoch + 1,
+                               lease_until = excluded.lease_until
+                         WHERE portals.lease_owner IS NULL OR portals.lease_until < clock_timestamp()
                         RETURNING lease_epoch)
                      SELECT (SELECT lease_epoch FROM claimed),
                             (SELECT lease_owner FROM portals WHERE name = $1),
-                            EXISTS (SELECT 1 FROM portals WHERE name = $1),
                             (SELECT config_fp FROM config_generations
                               ORDER BY first_seen_at DESC, config_fp LIMIT 1),
                             ",
@@ -512,19 +515,9 @@ impl PgStore {
                 .map_err(pg("claiming a portal"))?;
             if let Some(epoch) = row.get::<_, Option<i64>>(0) {
                 let mut guard = self.hold(portal, epoch);
-                guard.newest_generation = row.get(3);
-                guard.claimed_at = row.get(4);
+                guard.newest_generation = row.get(2);
+                guard.claimed_at = row.get(3);
                 return Ok(guard);
-            }
-            if !row.get::<_, bool>(2) {
-                client
-                    .execute(
-                        "INSERT INTO portals (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-                        &[&portal],
-                    )
-                    .await
-                    .map_err(pg("adding a portal row"))?;
-                continue;
             }
             if tokio::time::Instant::now() >= deadline {
                 let holder: Option<String> = row.get(1);

@@ -448,26 +448,61 @@ pub fn portal_row(c: &dyn Sql, portal: &str) -> Result<Option<PortalRow>, StateE
     .transpose()
 }
 
-/// [`portal_row`], and how many of its payloads wait in the spool (one statement).
-pub fn portal_row_and_pending(
-    c: &dyn Sql,
-    portal: &str,
-) -> Result<(Option<PortalRow>, i64), StateError> {
-    // The column after PORTAL_COLUMNS.
-    let pending = PORTAL_COLUMNS.split(',').count();
-    match c.row(
+/// What a rotation reads first, and a finished job last, of one portal: its row, and how
+/// many payloads, open journal entries and sink sets it has, in one statement; the open
+/// entries and the sink sets themselves only when there are some (a portal in steady
+/// state has no open entry; a new one has no sink set either).
+pub struct Outlook {
+    /// The portal's row, if it has one.
+    pub row: Option<PortalRow>,
+    /// Its payloads waiting in the spool.
+    pub pending: i64,
+    /// Its open journal entries, oldest first.
+    pub open: Vec<super::OpenJournal>,
+    /// The set each sink holds (empty unless asked for).
+    pub sink_sets: std::collections::HashMap<String, String>,
+}
+
+/// Reads the [`Outlook`] of `portal`. `with_sink_sets`: the sink sets are wanted (a
+/// rotation's baseline of drift), not only their number.
+pub fn outlook(c: &dyn Sql, portal: &str, with_sink_sets: bool) -> Result<Outlook, StateError> {
+    // The columns after PORTAL_COLUMNS.
+    let more = PORTAL_COLUMNS.split(',').count();
+    let (row, pending, open, sets) = match c.row(
         "reading a portal",
+        // `phase IN ('intent', 'sealed')` as the `journal_open` index has it.
         &format!(
-            "SELECT {PORTAL_COLUMNS}, (SELECT COUNT(*) FROM spool WHERE portal = ?1)
+            "SELECT {PORTAL_COLUMNS}, (SELECT COUNT(*) FROM spool WHERE portal = ?1),
+                    (SELECT COUNT(*) FROM journal WHERE phase IN ('intent', 'sealed') AND portal = ?1),
+                    (SELECT COUNT(*) FROM sink_sets WHERE portal = ?1)
                FROM portals WHERE name = ?1"
         ),
         vals![portal],
     )? {
-        Some(r) => Ok((Some(portal_from_row(&r)?), r.int(pending)?)),
-        // No row, and so no rotation yet; a payload of a portal without one is
-        // counted all the same.
-        None => Ok((None, super::pending_count_of(c, portal)?)),
-    }
+        Some(r) => (
+            Some(portal_from_row(&r)?),
+            r.int(more)?,
+            r.int(more + 1)?,
+            r.int(more + 2)?,
+        ),
+        // No row: no rotation yet, but what another path left (a payload, an entry) is
+        // read all the same.
+        None => (None, super::pending_count_of(c, portal)?, 1, 1),
+    };
+    Ok(Outlook {
+        row,
+        pending,
+        open: if open > 0 {
+            super::open_journal(c, Some(portal))?
+        } else {
+            Vec::new()
+        },
+        sink_sets: if with_sink_sets && sets > 0 {
+            super::sink_sets(c, portal)?
+        } else {
+            std::collections::HashMap::new()
+        },
+    })
 }
 
 #[cfg(test)]

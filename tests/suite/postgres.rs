@@ -171,6 +171,38 @@ async fn conformance(store: Store) {
     drop(lock);
     merged_writes(&store).await;
     failed_transactions_leave_nothing(&store).await;
+    rows_added_in_batches(&store).await;
+}
+
+/// Rows for many new portals at once, in statements of several rows: each added once,
+/// those that exist kept as they are.
+async fn rows_added_in_batches(store: &Store) {
+    store
+        .write(|c| state::record_failure(c, "batch-7", "kept", None))
+        .await
+        .unwrap();
+    let names: Vec<String> = (0..450).map(|i| format!("batch-{i}")).collect();
+    for _ in 0..2 {
+        let names = names.clone();
+        store
+            .write(move |c| {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                state::ensure_portals(c, &names)
+            })
+            .await
+            .unwrap();
+    }
+    let rows = store.call(state::portal_rows).await.unwrap();
+    let batch: Vec<_> = rows
+        .iter()
+        .filter(|r| r.name.starts_with("batch-"))
+        .collect();
+    assert_eq!(batch.len(), 450);
+    let kept = batch.iter().find(|r| r.name == "batch-7").unwrap();
+    assert_eq!(
+        (kept.failures, kept.last_error.as_deref()),
+        (1, Some("kept"))
+    );
 }
 
 /// The statements a rotation merged: the attempt with the set seen, the seal with the
@@ -207,12 +239,31 @@ async fn merged_writes(store: &Store) {
         })
         .await
         .unwrap();
-    let (row, pending) = store
-        .call(|c| state::portal_row_and_pending(c, "beta"))
+    let seen = store
+        .call(|c| state::outlook(c, "beta", true))
         .await
         .unwrap();
-    let row = row.unwrap();
-    assert_eq!(pending, 1);
+    let row = seen.row.unwrap();
+    assert_eq!(seen.pending, 1);
+    assert_eq!(
+        seen.open
+            .iter()
+            .map(|j| (j.id, j.phase))
+            .collect::<Vec<_>>(),
+        [(id, state::Phase::Sealed)]
+    );
+    assert_eq!(
+        seen.sink_sets,
+        [("file".to_string(), "fp-1".to_string())].into()
+    );
+    let counted = store
+        .call(|c| state::outlook(c, "beta", false))
+        .await
+        .unwrap();
+    assert!(
+        counted.sink_sets.is_empty() && counted.open.len() == 1,
+        "without the sets, only the open entries"
+    );
     assert_eq!(
         (row.set_fp.as_deref(), row.unused, row.total),
         (Some("fp-1"), Some(10), Some(10))
@@ -241,11 +292,12 @@ async fn merged_writes(store: &Store) {
         })
         .await
         .unwrap();
-    let (row, _) = store
-        .call(|c| state::portal_row_and_pending(c, "beta"))
+    let row = store
+        .call(|c| state::outlook(c, "beta", false))
         .await
+        .unwrap()
+        .row
         .unwrap();
-    let row = row.unwrap();
     assert_eq!(
         row.entry_fp.as_deref(),
         Some("entry-1"),
@@ -255,20 +307,21 @@ async fn merged_writes(store: &Store) {
         (row.last_fire_at, row.next_due_at),
         (Some(12_000), Some(20_000))
     );
-    let (gamma, pending) = store
-        .call(|c| state::portal_row_and_pending(c, "gamma"))
+    let gamma = store
+        .call(|c| state::outlook(c, "gamma", true))
         .await
         .unwrap();
-    let gamma = gamma.unwrap();
+    assert!(gamma.open.is_empty() && gamma.sink_sets.is_empty());
+    let (gamma, pending) = (gamma.row.unwrap(), gamma.pending);
     assert_eq!(
         (gamma.entry_fp.as_deref(), gamma.watch_retry_at, pending),
         (Some("e"), Some(3), 0)
     );
-    let (none, pending) = store
-        .call(|c| state::portal_row_and_pending(c, "nobody"))
+    let none = store
+        .call(|c| state::outlook(c, "nobody", true))
         .await
         .unwrap();
-    assert!(none.is_none() && pending == 0);
+    assert!(none.row.is_none() && none.pending == 0 && none.open.is_empty());
     drop(lock);
 }
 
