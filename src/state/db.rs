@@ -146,6 +146,14 @@ pub trait Sql {
     /// budget and a grace; otherwise [`StateError::Fenced`].
     fn license_put(&self, portal: &str) -> Result<Option<i64>, StateError>;
 
+    /// Runs a write whose outcome nothing in this transaction reads afterwards, and whose
+    /// rows nothing later in it writes (a history record, a sink's set as a seal's last
+    /// write, a claim's release). PostgreSQL sends the deferred writes, in order, with the
+    /// COMMIT, all in one round trip; SQLite runs it now. Its failure fails the commit.
+    fn defer(&self, action: &'static str, sql: &str, params: &[Val]) -> Result<(), StateError> {
+        self.exec(action, sql, params).map(drop)
+    }
+
     /// Ends this process's claim on `portal` when the transaction commits (its last write
     /// under the claim: one statement fewer than a release of its own after it). SQLite:
     /// nothing (the portal's `flock` is released when its lock is dropped).
@@ -195,6 +203,13 @@ impl Sql for ReadOnly<'_> {
         Err(StateError::Fenced {
             portal: portal.to_string(),
             why: "an intent among reads (a bug)".into(),
+        })
+    }
+
+    fn defer(&self, action: &'static str, _: &str, _: &[Val]) -> Result<(), StateError> {
+        Err(StateError::Db {
+            action,
+            detail: "a write among reads (a bug: it belongs in Store::write)".into(),
         })
     }
 

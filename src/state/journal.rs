@@ -254,8 +254,10 @@ pub fn seal_pinned(
         ],
     )?;
     // What each sink holds from now on (or will, once delivered): the baseline of drift.
+    // The seal's last writes (its callers commit right after), so they may go with the
+    // COMMIT.
     for (sink, _) in payloads {
-        c.exec(
+        c.defer(
             "recording the set a sink holds",
             "INSERT INTO sink_sets (portal, sink, set_fp, sealed_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (portal, sink) DO UPDATE SET set_fp = excluded.set_fp, sealed_at = excluded.sealed_at",

@@ -105,6 +105,13 @@ fn run(rx: Arc<Mutex<mpsc::Receiver<Job>>>, connect: Connect) {
     }
 }
 
+/// A write sent with the COMMIT ([`Lane::commit_with`]).
+pub struct Deferred<'a> {
+    pub action: &'static str,
+    pub sql: &'a Arc<str>,
+    pub params: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+}
+
 /// One lane: its runtime, and its connection.
 pub struct Lane {
     rt: tokio::runtime::Runtime,
@@ -212,6 +219,30 @@ impl Lane {
         self.rt
             .block_on(client.simple_query(sql))
             .map_err(pg(action))
+    }
+
+    /// Runs `writes` (each prepared on this connection once), then `COMMIT`, pipelined:
+    /// sent together, answered together, one round trip for all (tokio-postgres sends
+    /// requests in the order they are first polled). A write that fails aborts the
+    /// transaction, whose COMMIT then only ends it: that write's error is returned.
+    pub fn commit_with(&mut self, writes: &[Deferred<'_>]) -> Result<(), StateError> {
+        let mut prepared = Vec::with_capacity(writes.len());
+        for w in writes {
+            prepared.push(self.conn.prepared(&self.rt, w.action, w.sql)?.1);
+        }
+        let client = self.conn.connected(&self.rt)?;
+        self.rt.block_on(async {
+            let writes =
+                futures::future::join_all(writes.iter().zip(&prepared).map(|(w, st)| async move {
+                    client.execute(st, &w.params).await.map_err(pg(w.action))
+                }));
+            let (written, committed) =
+                futures::future::join(writes, client.simple_query("COMMIT")).await;
+            for w in written {
+                w?;
+            }
+            committed.map_err(pg("committing")).map(drop)
+        })
     }
 
     /// Runs `sql` (prepared on this connection once) with `params`; returns its rows.

@@ -382,6 +382,7 @@ impl PgStore {
                 shared: &shared,
                 now: std::cell::Cell::new(None),
                 released: Default::default(),
+                deferred: Default::default(),
             };
             f(&super::db::ReadOnly(&tx))
         })
@@ -425,6 +426,7 @@ impl PgStore {
                 shared: &shared,
                 now: std::cell::Cell::new(now),
                 released: Default::default(),
+                deferred: Default::default(),
             };
             // A closure that panics (a bug) is reported like one that failed; the
             // connection it left inside the transaction is closed below.
@@ -436,9 +438,21 @@ impl PgStore {
                     })
                 });
             let released = tx.released.take();
+            let deferred = tx.deferred.take();
             drop(tx);
-            let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
-            let ended = lane.simple("committing", end);
+            let ended = if out.is_ok() {
+                let writes: Vec<super::lanes::Deferred<'_>> = deferred
+                    .iter()
+                    .map(|(action, sql, p)| super::lanes::Deferred {
+                        action,
+                        sql,
+                        params: params(p),
+                    })
+                    .collect();
+                lane.commit_with(&writes)
+            } else {
+                lane.simple("rolling back", "ROLLBACK").map(drop)
+            };
             if ended.is_err() {
                 // Whatever the transaction left open dies with the connection.
                 lane.drop_connection();
@@ -889,7 +903,12 @@ struct PgTx<'a> {
     now: std::cell::Cell<Option<i64>>,
     /// Claims this transaction releases: out of the map once it committed.
     released: std::cell::RefCell<Vec<(String, i64)>>,
+    /// Writes sent with the COMMIT ([`Sql::defer`]).
+    deferred: std::cell::RefCell<Vec<Write>>,
 }
+
+/// A deferred write: what it does, its statement, its parameters.
+type Write = (&'static str, Arc<str>, Vec<Val>);
 
 impl Sql for PgTx<'_> {
     fn exec(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<u64, StateError> {
@@ -901,6 +920,12 @@ impl Sql for PgTx<'_> {
         let sql = self.shared.dollar(sql);
         let rows = self.lane.borrow_mut().query(action, &sql, &params(p))?;
         rows.iter().map(|r| to_row(r).map_err(pg(action))).collect()
+    }
+
+    fn defer(&self, action: &'static str, sql: &str, p: &[Val]) -> Result<(), StateError> {
+        let sql = self.shared.dollar(sql);
+        self.deferred.borrow_mut().push((action, sql, p.to_vec()));
+        Ok(())
     }
 
     fn now(&self) -> Result<i64, StateError> {
@@ -929,7 +954,7 @@ impl Sql for PgTx<'_> {
         let Some(epoch) = self.shared.epoch_of(portal) else {
             return Ok(());
         };
-        self.exec(
+        self.defer(
             "releasing a claim",
             RELEASE,
             &[portal.into(), self.shared.me.as_str().into(), epoch.into()],

@@ -380,12 +380,12 @@ pub fn record_plan_and_schedule(
 
 /// Appends to a portal's history.
 pub fn add_history(c: &dyn Sql, portal: &str, event: &str, detail: &str) -> Result<(), StateError> {
-    c.exec(
+    // Nothing reads the history inside the transaction that writes it.
+    c.defer(
         "writing history",
         "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
         vals![portal, c.now()?, event, detail],
-    )?;
-    Ok(())
+    )
 }
 
 const PORTAL_COLUMNS: &str =

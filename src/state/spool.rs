@@ -97,16 +97,12 @@ pub fn delivered(c: &dyn Sql, entry_id: i64) -> Result<(), StateError> {
     };
     let (portal, sink, created) = (r.text(1)?, r.text(2)?, r.int(3)?);
     let now = c.now()?;
-    c.exec(
-        "recording the delivery",
-        "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, 'delivered', ?3)",
-        vals![
-            portal,
-            now,
-            format!("sink {sink}, sealed {}s earlier", (now - created) / 1000)
-        ],
-    )?;
-    Ok(())
+    super::add_history(
+        c,
+        &portal,
+        "delivered",
+        &format!("sink {sink}, sealed {}s earlier", (now - created) / 1000),
+    )
 }
 
 /// A delivery failed; it is tried again at `next_attempt_at`. `rest`: a partial delivery

@@ -354,6 +354,38 @@ async fn failed_transactions_leave_nothing(store: &Store) {
         })
         .await;
     assert!(panicked.is_err());
+    // A deferred write that fails (on PostgreSQL, sent with the COMMIT) fails the
+    // transaction, and what ran before it is rolled back with it.
+    let deferred = store
+        .write(|c| {
+            state::record_failure(c, "delta", "five", None)?;
+            c.defer(
+                "testing",
+                "INSERT INTO history (portal, at, event, detail) VALUES (?1, NULL, 'x', 'y')",
+                &["delta".into()],
+            )
+        })
+        .await;
+    assert!(
+        matches!(
+            &deferred,
+            Err(StateError::Db {
+                action: "testing",
+                ..
+            } | StateError::Sqlite {
+                action: "testing",
+                ..
+            })
+        ),
+        "{deferred:?}"
+    );
+    let among = store
+        .call(|c| c.defer("testing", "DELETE FROM history", &[]))
+        .await;
+    assert!(
+        matches!(&among, Err(StateError::Db { detail, .. }) if detail.contains("a write among reads")),
+        "{among:?}"
+    );
     // Reads are lent the connection without a transaction: a write among them is refused.
     let among_reads = store
         .call(|c| state::record_failure(c, "delta", "four", None))
