@@ -614,13 +614,24 @@ impl Supervisor {
         writes.sort_by(|a, b| a.portal.cmp(&b.portal));
         let r = store
             .write(move |c| {
-                let fresh: Vec<&str> = writes
+                // New portals' rows come with their plans, many per statement.
+                let fresh: Vec<state::NewPlan<'_>> = writes
                     .iter()
                     .filter(|w| w.fresh)
-                    .map(|w| w.portal.as_str())
+                    .map(|w| state::NewPlan {
+                        portal: &w.portal,
+                        entry_fp: w.adopt_fp.as_deref(),
+                        last_fire_at: w.consume_fires_to,
+                        next_due_at: w.due.map(|d| d.at.timestamp_millis()),
+                        reason: w.due.map(|d| d.reason.name()),
+                        watch_retry_at: w.watch_retry_at,
+                    })
                     .collect();
-                state::ensure_portals(c, &fresh)?;
+                let added = state::insert_plans(c, &fresh)?;
                 for w in &writes {
+                    if w.fresh && added.contains(&w.portal) {
+                        continue;
+                    }
                     let (due_at, reason) = (
                         w.due.map(|d| d.at.timestamp_millis()),
                         w.due.map(|d| d.reason.name()),

@@ -102,7 +102,7 @@ pub(super) async fn recover_locked_why(
                         Some("finished after a restart"),
                     )?;
                 }
-                state::record_rotated(c, &p, result)
+                state::record_rotated(c, &p, result).map(drop)
             })
             .await?;
         report.outcome = Outcome::Recovered;

@@ -42,10 +42,17 @@ pub struct StateAfter {
 impl StateAfter {
     /// Reads them, inside the caller's transaction.
     pub fn read(c: &dyn state::db::Sql, portal: &str) -> Result<Self, StateError> {
-        let state::Outlook {
-            row, pending, open, ..
-        } = state::outlook(c, portal, false)?;
-        Ok(Self { row, open, pending })
+        state::outlook(c, portal, false).map(Self::from)
+    }
+}
+
+impl From<state::Outlook> for StateAfter {
+    fn from(o: state::Outlook) -> Self {
+        Self {
+            row: o.row,
+            open: o.open,
+            pending: o.pending,
+        }
     }
 }
 

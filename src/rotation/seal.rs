@@ -175,15 +175,20 @@ async fn deliver_sealed(
             outcome.record(c, *id)?;
         }
         state::close_journal(c, journal_id, state::Closed::Done, None)?;
-        if rotated {
-            state::record_rotated(c, &p, result)?;
+        // A rotation's update returns the row after it; a resend reads it.
+        let outlook = if rotated {
+            Some(state::record_rotated(c, &p, result)?)
         } else {
             state::add_history(c, &p, "resent", result.as_str())?;
-        }
+            None
+        };
         if release {
             c.release_claim(&p)?;
         }
-        StateAfter::read(c, &p)
+        match outlook {
+            Some(o) => Ok(StateAfter::from(o)),
+            None => StateAfter::read(c, &p),
+        }
     };
     // A plain payload delivered leaves its text in the WAL's frames until a checkpoint.
     let after = if plain_delivered {

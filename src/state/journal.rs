@@ -172,7 +172,8 @@ pub fn open_journal(c: &dyn Sql, portal: Option<&str>) -> Result<Vec<OpenJournal
 
 /// Stores every sealed payload of a set and marks the journal entry sealed; returns the
 /// payloads' spool ids, in order. Call it through [`Store::write`]: after that one commit,
-/// the set survives any crash.
+/// the set survives any crash. It must be the transaction's last write of the entry and of
+/// the portal's sink sets (two of its writes go with the COMMIT, see [`Sql::defer`]).
 pub fn seal(
     c: &dyn Sql,
     journal_id: i64,
@@ -225,7 +226,9 @@ pub fn seal_pinned(
             .unwrap_or_default();
         ids.push(id);
     }
-    c.exec(
+    // Nothing of the seal's transaction reads the entry after this, nor writes it (its
+    // callers commit right after): it may go with the COMMIT.
+    c.defer(
         "marking the journal sealed",
         "UPDATE journal SET phase = 'sealed', after_fp = ?2, updated_at = ?3 WHERE id = ?1",
         vals![journal_id, set_fp, now],
@@ -254,8 +257,7 @@ pub fn seal_pinned(
         ],
     )?;
     // What each sink holds from now on (or will, once delivered): the baseline of drift.
-    // The seal's last writes (its callers commit right after), so they may go with the
-    // COMMIT.
+    // Deferred as the entry's phase is.
     for (sink, _) in payloads {
         c.defer(
             "recording the set a sink holds",

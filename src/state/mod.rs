@@ -43,10 +43,10 @@ pub use journal::{
     open_journal, seal, seal_pinned, settle_checked,
 };
 pub use portals::{
-    DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, LastResult, Outlook, PortalRow, add_history,
-    deliveries_cleared, outlook, portal_row, portal_rows, recent_drifts, record_drift,
-    record_failure, record_pause, record_plan, record_plan_and_schedule, record_rotated,
-    record_schedule, record_seen, record_settling, still_flapping,
+    DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, LastResult, NewPlan, Outlook, PortalRow,
+    add_history, deliveries_cleared, insert_plans, outlook, portal_row, portal_rows, recent_drifts,
+    record_drift, record_failure, record_pause, record_plan, record_plan_and_schedule,
+    record_rotated, record_schedule, record_seen, record_settling, still_flapping,
 };
 pub use spool::{
     PendingRow, SpoolEntry, assume_sinks_hold, delivered, delivery_failed, drop_pending,
@@ -863,24 +863,11 @@ pub(crate) fn update_portal(
 
 /// Adds a row for `portal` unless it has one.
 pub fn ensure_portal(c: &dyn db::Sql, portal: &str) -> Result<(), StateError> {
-    ensure_portals(c, &[portal])
-}
-
-/// Adds a row for each of `portals` that has none, up to [`ROWS_PER_INSERT`] per statement
-/// (a first start over 10,000 new portals: 50 statements, not 10,000 round trips).
-pub fn ensure_portals(c: &dyn db::Sql, portals: &[&str]) -> Result<(), StateError> {
-    for chunk in portals.chunks(ROWS_PER_INSERT) {
-        let values: Vec<String> = (1..=chunk.len()).map(|i| format!("(?{i})")).collect();
-        let params: Vec<db::Val> = chunk.iter().map(|p| db::Val::from(*p)).collect();
-        c.exec(
-            "adding portal rows",
-            &format!(
-                "INSERT INTO portals (name) VALUES {} ON CONFLICT (name) DO NOTHING",
-                values.join(", ")
-            ),
-            &params,
-        )?;
-    }
+    c.exec(
+        "adding a portal row",
+        "INSERT INTO portals (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+        db::vals![portal],
+    )?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::db::{Row, Sql, vals};
+use super::db::{Row, Sql, Val, vals};
 use super::{StateError, update_portal};
 
 /// The assignments that record a portal's schedule state, with the entry's fingerprint in
@@ -108,19 +108,36 @@ impl LastResult {
     }
 }
 
-/// A rotation succeeded (its payloads may still be pending).
-pub fn record_rotated(c: &dyn Sql, portal: &str, result: LastResult) -> Result<(), StateError> {
+/// A rotation succeeded (its payloads may still be pending). Returns the portal's
+/// [`Outlook`] after it (without the sink sets), from the update's own `RETURNING`.
+pub fn record_rotated(
+    c: &dyn Sql,
+    portal: &str,
+    result: LastResult,
+) -> Result<Outlook, StateError> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0,
+                    retry_at = NULL, failing_since = NULL, streak_alerted = 0
+              WHERE name = ?1 RETURNING {PORTAL_COLUMNS}, {OUTLOOK_COUNTS}"
+        )
+    });
     let result = result.as_str();
     let now = c.now()?;
-    update_portal(
-        c,
-        portal,
-        "recording the rotation",
-        "UPDATE portals SET last_success_at = ?2, last_result = ?3, last_error = NULL, failures = 0, retry_at = NULL,
-                failing_since = NULL, streak_alerted = 0 WHERE name = ?1",
-        vals![portal, now, result],
-    )?;
-    add_history(c, portal, "rotated", result)
+    let params = vals![portal, now, result];
+    let row = match c.row("recording the rotation", &SQL, params)? {
+        Some(r) => r,
+        None => {
+            super::ensure_portal(c, portal)?;
+            c.row("recording the rotation", &SQL, params)?
+                .ok_or_else(|| StateError::Db {
+                    action: "recording the rotation",
+                    detail: format!("the row of portal {portal} is gone"),
+                })?
+        }
+    };
+    add_history(c, portal, "rotated", result)?;
+    outlook_of(c, portal, Some(&row), false)
 }
 
 /// Every pending delivery of a portal went through: a `delivery_pending` result becomes `ok`.
@@ -346,6 +363,73 @@ pub fn record_plan(
     Ok(())
 }
 
+/// A new portal's first plan, for [`insert_plans`]: the columns
+/// [`record_plan_and_schedule`] writes.
+pub struct NewPlan<'a> {
+    /// The portal.
+    pub portal: &'a str,
+    /// The entry it adopts.
+    pub entry_fp: Option<&'a str>,
+    /// The last fire acted on.
+    pub last_fire_at: Option<i64>,
+    /// When it is next due, and why.
+    pub next_due_at: Option<i64>,
+    /// Why it is next due.
+    pub reason: Option<&'a str>,
+    /// When a failed watch is tried again.
+    pub watch_retry_at: Option<i64>,
+}
+
+/// Adds the rows of new portals with their first plans, up to 200 per statement (a first
+/// start over 10,000 new portals: 50 statements, not 20,000). Returns the portals added; one
+/// that had a row already (another instance, a `rotate` meanwhile) is left as it was, for
+/// [`record_plan_and_schedule`].
+pub fn insert_plans(
+    c: &dyn Sql,
+    plans: &[NewPlan<'_>],
+) -> Result<std::collections::HashSet<String>, StateError> {
+    let mut added = std::collections::HashSet::with_capacity(plans.len());
+    for chunk in plans.chunks(super::ROWS_PER_INSERT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let n = i * 6;
+                format!(
+                    "(?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6
+                )
+            })
+            .collect();
+        let mut params = Vec::with_capacity(chunk.len() * 6);
+        for p in chunk {
+            params.extend([
+                Val::from(p.portal),
+                Val::from(p.entry_fp),
+                Val::from(p.last_fire_at),
+                Val::from(p.next_due_at),
+                Val::from(p.reason),
+                Val::from(p.watch_retry_at),
+            ]);
+        }
+        for r in c.rows(
+            "adding portal rows",
+            &format!(
+                "INSERT INTO portals (name, entry_fp, last_fire_at, next_due_at, next_reason, watch_retry_at)
+                 VALUES {} ON CONFLICT (name) DO NOTHING RETURNING name",
+                values.join(", ")
+            ),
+            &params,
+        )? {
+            added.insert(r.text(0)?);
+        }
+    }
+    Ok(added)
+}
+
 /// [`record_schedule`] and [`record_plan`] in one statement (the daemon's plans at start,
 /// where every new portal adopts its entry).
 pub fn record_plan_and_schedule(
@@ -463,24 +547,35 @@ pub struct Outlook {
     pub sink_sets: std::collections::HashMap<String, String>,
 }
 
+/// What [`Outlook`] reads beside a portal's row, in the row's statement (`?1`: the portal).
+/// `phase IN ('intent', 'sealed')` as the `journal_open` index has it.
+const OUTLOOK_COUNTS: &str = "(SELECT COUNT(*) FROM spool WHERE portal = ?1),
+    (SELECT COUNT(*) FROM journal WHERE phase IN ('intent', 'sealed') AND portal = ?1),
+    (SELECT COUNT(*) FROM sink_sets WHERE portal = ?1)";
+
 /// Reads the [`Outlook`] of `portal`. `with_sink_sets`: the sink sets are wanted (a
 /// rotation's baseline of drift), not only their number.
 pub fn outlook(c: &dyn Sql, portal: &str, with_sink_sets: bool) -> Result<Outlook, StateError> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("SELECT {PORTAL_COLUMNS}, {OUTLOOK_COUNTS} FROM portals WHERE name = ?1")
+    });
+    let row = c.row("reading a portal", &SQL, vals![portal])?;
+    outlook_of(c, portal, row.as_ref(), with_sink_sets)
+}
+
+/// The [`Outlook`] from `r`, a row of PORTAL_COLUMNS and OUTLOOK_COUNTS (`None`: the portal
+/// has no row), reading the open entries and the sink sets only when there are some.
+fn outlook_of(
+    c: &dyn Sql,
+    portal: &str,
+    r: Option<&Row>,
+    with_sink_sets: bool,
+) -> Result<Outlook, StateError> {
     // The columns after PORTAL_COLUMNS.
     let more = PORTAL_COLUMNS.split(',').count();
-    let (row, pending, open, sets) = match c.row(
-        "reading a portal",
-        // `phase IN ('intent', 'sealed')` as the `journal_open` index has it.
-        &format!(
-            "SELECT {PORTAL_COLUMNS}, (SELECT COUNT(*) FROM spool WHERE portal = ?1),
-                    (SELECT COUNT(*) FROM journal WHERE phase IN ('intent', 'sealed') AND portal = ?1),
-                    (SELECT COUNT(*) FROM sink_sets WHERE portal = ?1)
-               FROM portals WHERE name = ?1"
-        ),
-        vals![portal],
-    )? {
+    let (row, pending, open, sets) = match r {
         Some(r) => (
-            Some(portal_from_row(&r)?),
+            Some(portal_from_row(r)?),
             r.int(more)?,
             r.int(more + 1)?,
             r.int(more + 2)?,

@@ -102,7 +102,7 @@ async fn conformance(store: Store) {
     let sets = store.call(|c| state::sink_sets(c, "acme")).await.unwrap();
     assert_eq!(sets["file"], "fp-new");
     let first = ids[0];
-    store
+    let after = store
         .write(move |c| {
             state::delivered(c, first)?;
             state::delivery_failed(c, ids[1], "refused", 0, true, Some(b"rest"))?;
@@ -111,6 +111,18 @@ async fn conformance(store: Store) {
         })
         .await
         .unwrap();
+    // What the update returned is what the state holds after it.
+    let row = after.row.as_ref().unwrap();
+    assert_eq!(
+        (
+            row.last_result,
+            row.failures,
+            after.pending,
+            after.open.len()
+        ),
+        (Some(state::LastResult::DeliveryPending), 0, 1, 0)
+    );
+    assert!(after.sink_sets.is_empty(), "not asked for");
     let pending = store
         .call(|c| state::pending(c, None, Some(i64::MAX)))
         .await
@@ -174,34 +186,74 @@ async fn conformance(store: Store) {
     rows_added_in_batches(&store).await;
 }
 
-/// Rows for many new portals at once, in statements of several rows: each added once,
-/// those that exist kept as they are.
+/// Rows for many new portals at once, with their first plans, in statements of several
+/// rows: each added once; one that has a row already is kept as it is (and not reported
+/// added), and a plan written to an existing row is the same as one inserted.
 async fn rows_added_in_batches(store: &Store) {
     store
         .write(|c| state::record_failure(c, "batch-7", "kept", None))
         .await
         .unwrap();
     let names: Vec<String> = (0..450).map(|i| format!("batch-{i}")).collect();
-    for _ in 0..2 {
+    for round in 0..2 {
         let names = names.clone();
-        store
+        let added = store
             .write(move |c| {
-                let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                state::ensure_portals(c, &names)
+                let plans: Vec<state::NewPlan<'_>> = names
+                    .iter()
+                    .map(|n| state::NewPlan {
+                        portal: n,
+                        entry_fp: Some("entry"),
+                        last_fire_at: Some(7),
+                        next_due_at: Some(9),
+                        reason: Some("new"),
+                        watch_retry_at: None,
+                    })
+                    .collect();
+                state::insert_plans(c, &plans)
             })
             .await
             .unwrap();
+        assert_eq!(added.len(), if round == 0 { 449 } else { 0 });
+        assert!(!added.contains("batch-7"));
     }
+    store
+        .write(|c| {
+            state::record_plan_and_schedule(
+                c,
+                "batch-x",
+                Some("entry"),
+                Some(7),
+                Some(9),
+                Some("new"),
+                None,
+            )
+        })
+        .await
+        .unwrap();
     let rows = store.call(state::portal_rows).await.unwrap();
+    let shape = |r: &state::PortalRow| {
+        (
+            r.entry_fp.clone(),
+            r.last_fire_at,
+            r.next_due_at,
+            r.next_reason.clone(),
+            r.watch_retry_at,
+        )
+    };
+    let updated = rows.iter().find(|r| r.name == "batch-x").unwrap();
     let batch: Vec<_> = rows
         .iter()
-        .filter(|r| r.name.starts_with("batch-"))
+        .filter(|r| r.name.starts_with("batch-") && r.name != "batch-x")
         .collect();
     assert_eq!(batch.len(), 450);
+    for r in batch.iter().filter(|r| r.name != "batch-7") {
+        assert_eq!(shape(r), shape(updated), "{}", r.name);
+    }
     let kept = batch.iter().find(|r| r.name == "batch-7").unwrap();
     assert_eq!(
-        (kept.failures, kept.last_error.as_deref()),
-        (1, Some("kept"))
+        (kept.failures, kept.last_error.as_deref(), kept.next_due_at),
+        (1, Some("kept"), None)
     );
 }
 
