@@ -855,7 +855,7 @@ async fn wan(runs: usize) {
 
 /// CPU of the daemon's first start over `n` new portals (until all are rotated), against
 /// `rotate --all -q` over the same number, both against the in-process simulator, without
-/// and with `[alerts]` (checked after every job). The daemon is measured at its default log
+/// and with `[alerts]` (checked at most once a second). The daemon is measured at its default log
 /// level (about eight lines per rotation) and with `-q` like the `rotate` it is compared
 /// with. CPU per rotation (ms) is what should not grow with the number of portals.
 async fn start(sizes: &[usize]) {

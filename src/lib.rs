@@ -20,7 +20,7 @@
 //! - [`rotation`]: the protocol (preflight, intent, PUT verified by GET, seal, deliver), the
 //!   settling of unknown outcomes, drift, concurrency limits, and recovery after a crash.
 //! - [`daemon`]: the long-running loop on the planner ([`schedule::plan`]), its agenda, the
-//!   config watcher and systemd notifications.
+//!   config watcher, the coalesced alert checks and systemd notifications.
 //! - [`simulator`]: a DocSpace-compatible server for tests, `simulate` and `demo`.
 //! - [`commands`]: one function per subcommand; [`cli`] defines the command line.
 //! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, replayed by the tests.
