@@ -31,6 +31,27 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The candidate closest to `word`, if one is close enough to be a likely typo: a
+/// Jaro-Winkler similarity of at least 0.8 (as clap's suggestions use), or one edit away
+/// (a swapped pair counts as one: `ulr` for `url`).
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| {
+            (
+                strsim::osa_distance(word, c),
+                strsim::jaro_winkler(word, c),
+                c,
+            )
+        })
+        .filter(|(edits, score, _)| *score >= 0.8 || (*edits <= 1 && word.len() >= 3))
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(_, _, c)| c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +83,15 @@ mod tests {
         );
         let plain = E("a".into(), Some(Box::new(E("b".into(), None))));
         assert_eq!(chain(&plain), "a: b");
+    }
+
+    #[test]
+    fn did_you_mean_suggests_a_likely_typo_and_nothing_far() {
+        let keys = ["url", "api_key", "schedule", "sinks"];
+        assert_eq!(super::did_you_mean("schedul", keys), Some("schedule"));
+        assert_eq!(super::did_you_mean("sink", keys), Some("sinks"));
+        assert_eq!(super::did_you_mean("colour", keys), None);
+        assert_eq!(super::did_you_mean("ulr", keys), Some("url"));
+        assert_eq!(super::did_you_mean("x", []), None);
     }
 }

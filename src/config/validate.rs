@@ -63,38 +63,88 @@ impl Ctx<'_> {
         }
     }
 
-    /// Deserializes one table entry; a failure is recorded and gives `None`.
+    /// Deserializes one table entry; a failure is recorded and gives `None`. An unknown key
+    /// is recorded (with the accepted key it most likely meant) and taken out, and the rest
+    /// deserialized again: a typo does not hide the entry's other errors.
     fn de<T: for<'de> Deserialize<'de>>(
         &mut self,
         key: &str,
         value: Spanned<DeValue<'_>>,
     ) -> Option<T> {
-        let whole = value.span();
-        let mut inner = Vec::new();
-        key_spans(key, &value, &mut inner);
-        match T::deserialize(ValueDeserializer::from(value)) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let span = e.span().unwrap_or(whole);
-                let msg = e.message().to_string();
-                // The innermost key whose value holds the error (`daemon.state_dir` for a
-                // wrong type), else the field serde names (a missing one), else the table.
-                let innermost = inner
-                    .iter()
-                    .filter(|(_, s)| s.start <= span.start && span.end <= s.end)
-                    .min_by_key(|(_, s)| s.end - s.start)
-                    .map(|(k, _)| k.clone());
-                let key = match (innermost, backticked_field(&msg)) {
-                    (_, Some(field)) if msg.starts_with("missing field") => {
-                        format!("{key}.{field}")
+        let mut value = value;
+        // A required key misspelt is said once: as the unknown key that meant it.
+        let mut meant = Vec::new();
+        // Each turn takes one key out, so this ends.
+        loop {
+            let whole = value.span();
+            let mut inner = Vec::new();
+            key_spans(key, &value, &mut inner);
+            let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            let span = e.span().unwrap_or(whole);
+            let msg = e.message().to_string();
+            // The innermost key whose value holds the error (`daemon.state_dir` for a
+            // wrong type), else the field serde names (a missing one), else the table.
+            let innermost = inner
+                .iter()
+                .filter(|(_, s)| s.start <= span.start && span.end <= s.end)
+                .min_by_key(|(_, s)| s.end - s.start)
+                .map(|(k, _)| k.clone());
+            if let Some(field) = msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                let field = field.to_string();
+                // Where serde points: the unknown key's value (its table is the key's
+                // parent), a nested table holding it, or the entry itself.
+                let table = match innermost.as_deref() {
+                    Some(k) if k.rsplit('.').next() == Some(field.as_str()) => {
+                        k.rsplit_once('.').map_or(key, |(t, _)| t)
                     }
-                    (Some(k), _) => k,
-                    (None, Some(field)) => format!("{key}.{field}"),
-                    (None, None) => key.to_string(),
+                    Some(k) => k,
+                    None => key,
                 };
-                self.err(&span, &key, msg);
-                None
+                let (text, near) = unknown_key(&field, &msg);
+                meant.extend(near);
+                self.err(&span, &format!("{table}.{field}"), text);
+                if remove_key(value.get_mut(), &field, span.start) {
+                    continue;
+                }
+                return None;
             }
+            if msg.starts_with("missing field")
+                && let Some(f) = backticked_field(&msg)
+            {
+                if meant.iter().any(|m| m == f) {
+                    return None;
+                }
+                // Serde may say "missing" before it reaches the misspelt key that meant it.
+                let typo = inner
+                    .iter()
+                    .filter(|(k, _)| k.matches('.').count() == key.matches('.').count() + 1)
+                    .find(|(k, _)| {
+                        let leaf = k.rsplit('.').next().unwrap_or(k);
+                        leaf != f && crate::errors::did_you_mean(leaf, [f]).is_some()
+                    });
+                if let Some((k, kspan)) = typo {
+                    let leaf = k.rsplit('.').next().unwrap_or(k);
+                    let text = format!("unknown key `{leaf}`; did you mean `{f}`?");
+                    self.err(kspan, k, text);
+                    return None;
+                }
+            }
+            let key = match (innermost, backticked_field(&msg)) {
+                (_, Some(field)) if msg.starts_with("missing field") => {
+                    format!("{key}.{field}")
+                }
+                (Some(k), _) => k,
+                (None, Some(field)) => format!("{key}.{field}"),
+                (None, None) => key.to_string(),
+            };
+            self.err(&span, &key, accepted_type(&key, msg));
+            return None;
         }
     }
 
@@ -171,20 +221,7 @@ impl Ctx<'_> {
         let mut out: Vec<String> = Vec::new();
         for n in list.get_ref() {
             if !declared.contains(n.get_ref()) {
-                let known = declared.iter().cloned().collect::<Vec<_>>().join(", ");
-                self.err(
-                    &n.span(),
-                    key,
-                    format!(
-                        "no {what} named `{}`; defined: {}",
-                        n.get_ref(),
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known
-                        }
-                    ),
-                );
+                self.err(&n.span(), key, undefined(what, n.get_ref(), declared));
             } else if out.contains(n.get_ref()) {
                 self.err(&n.span(), key, format!("`{}` is listed twice", n.get_ref()));
             } else {
@@ -195,6 +232,24 @@ impl Ctx<'_> {
     }
 }
 
+/// "no sink named `mial`; did you mean `mail`? defined: mail, vault".
+fn undefined(what: &str, name: &str, declared: &BTreeSet<String>) -> String {
+    let mut out = format!("no {what} named `{name}`");
+    if let Some(near) = crate::errors::did_you_mean(name, declared.iter().map(String::as_str)) {
+        out.push_str(&format!("; did you mean `{near}`?"));
+    }
+    let known: Vec<&str> = declared.iter().map(String::as_str).collect();
+    out.push_str(&format!(
+        "; defined: {}",
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    ));
+    out
+}
+
 /// Pulls `x` out of serde messages like "unknown field `x`, expected …".
 fn backticked_field(msg: &str) -> Option<&str> {
     for prefix in ["unknown field `", "missing field `", "duplicate field `"] {
@@ -203,6 +258,73 @@ fn backticked_field(msg: &str) -> Option<&str> {
         }
     }
     None
+}
+
+/// "unknown key `schedul`; did you mean `schedule`? accepted: …", from serde's message
+/// ("unknown field `schedul`, expected one of `url`, …" or "…, expected `url`").
+/// Returns the text and the key it likely meant.
+fn unknown_key(field: &str, msg: &str) -> (String, Option<String>) {
+    let accepted: Vec<&str> = msg
+        .split_once("expected")
+        .map(|(_, list)| list.split('`').skip(1).step_by(2).collect())
+        .unwrap_or_default();
+    let mut out = format!("unknown key `{field}`");
+    let near = crate::errors::did_you_mean(field, accepted.iter().copied());
+    match near {
+        Some(near) => out.push_str(&format!("; did you mean `{near}`?")),
+        None => out.push(';'),
+    }
+    if accepted.is_empty() {
+        out.push_str(" this table accepts no keys");
+    } else {
+        out.push_str(&format!(" accepted: {}", accepted.join(", ")));
+    }
+    (out, near.map(str::to_string))
+}
+
+/// Serde's type error, with what the key accepts when serde's words do not say it
+/// ("invalid type: integer `30`, expected a string" for a duration).
+fn accepted_type(key: &str, msg: String) -> String {
+    if !msg.starts_with("invalid type") {
+        return msg;
+    }
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let hint = match leaf {
+        "http_timeout"
+        | "stop_timeout"
+        | "timeout"
+        | "min_interval"
+        | "watch_every"
+        | "jitter"
+        | "settle_window"
+        | "lease"
+        | "grace"
+        | "pending_longer_than" => "a duration in quotes, like \"30s\", \"15m\", \"6h\"",
+        "schedule" | "url" | "cron" | "timezone" | "path" | "to" | "from" | "host" => {
+            "a string in quotes"
+        }
+        _ => return msg,
+    };
+    format!("{msg}; accepted: {hint}")
+}
+
+/// Takes key `field` out of `value`'s tables: the one whose value starts at `at` (where
+/// serde located the unknown key), else the first of that name. Whether one was found.
+fn remove_key(value: &mut DeValue<'_>, field: &str, at: usize) -> bool {
+    fn take(value: &mut DeValue<'_>, field: &str, at: Option<usize>) -> bool {
+        let DeValue::Table(table) = value else {
+            return false;
+        };
+        let hit = table
+            .iter()
+            .find(|(k, v)| k.get_ref().as_ref() == field && at.is_none_or(|a| v.span().start == a))
+            .map(|(k, _)| k.get_ref().to_string());
+        if let Some(k) = hit {
+            return table.remove(k.as_str()).is_some();
+        }
+        table.iter_mut().any(|(_, v)| take(v.get_mut(), field, at))
+    }
+    take(value, field, Some(at)) || take(value, field, None)
 }
 
 /// `[a-z0-9][a-z0-9_-]{0,63}`: a name lands in paths, argv (`{portal}`) and metrics labels,
@@ -288,6 +410,13 @@ pub(super) fn validate(
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
         cx.err(&span, "", format!("TOML syntax: {}", e.message()));
+    }
+    if !syntax.is_empty() {
+        // What follows a syntax error is read in a shape the file does not have (`[daemon`
+        // unclosed makes its keys top-level ones): errors about it would mislead.
+        return Err(ConfigErrors {
+            errors: cx.errors.into_iter().map(|(_, e)| e).collect(),
+        });
     }
     let raw = sections(&mut cx, doc);
     let empty = BTreeSet::new();
@@ -818,23 +947,10 @@ fn portal_schedule(
         if declared_schedules.contains(s.get_ref()) {
             Some(s.get_ref().clone())
         } else {
-            let known = declared_schedules
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ");
             cx.err(
                 &s.span(),
                 &format!("{key}.schedule"),
-                format!(
-                    "no schedule named `{}`; defined: {}",
-                    s.get_ref(),
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known
-                    }
-                ),
+                undefined("schedule", s.get_ref(), declared_schedules),
             );
             None
         }

@@ -39,6 +39,9 @@ impl CronSchedule {
         let trimmed = expr.trim();
         let accepted = "accepted: 5 fields (minute hour day-of-month month day-of-week), \
                         6 with seconds first, or @hourly @daily @weekly @monthly @yearly";
+        if let Some(e) = unknown_names(trimmed) {
+            return Err(format!("`{expr}`: {e}"));
+        }
         if !trimmed.starts_with('@') {
             let fields = trimmed.split_whitespace().count();
             if fields != 5 && fields != 6 {
@@ -125,11 +128,66 @@ impl CronSchedule {
     }
 }
 
+const NICKNAMES: [&str; 5] = ["@hourly", "@daily", "@weekly", "@monthly", "@yearly"];
+const MONTHS: [&str; 12] = [
+    "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+];
+const DAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+/// A nickname, month or day name the cron syntax does not know, in our words (croner's
+/// would be "illegal character 'F' in part '1-FRY'"); `None` when every name is known.
+fn unknown_names(expr: &str) -> Option<String> {
+    let near = |word: &str, known: &[&'static str]| {
+        crate::errors::did_you_mean(&word.to_ascii_uppercase(), known.iter().copied())
+            .map(|n| format!("did you mean `{n}`? "))
+            .unwrap_or_default()
+    };
+    if expr.starts_with('@') {
+        // croner also takes @annually (as @yearly).
+        if NICKNAMES.contains(&expr) || expr == "@annually" {
+            return None;
+        }
+        let hint = crate::errors::did_you_mean(expr, NICKNAMES)
+            .map(|n| format!("did you mean `{n}`? "))
+            .unwrap_or_default();
+        return Some(format!(
+            "unknown nickname `{expr}`; {hint}accepted: {}",
+            NICKNAMES.join(" ")
+        ));
+    }
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    // The last two fields are month and day of week, with or without seconds first.
+    let (month, dow) = match fields.len() {
+        5 | 6 => (fields[fields.len() - 2], fields[fields.len() - 1]),
+        _ => return None,
+    };
+    let words = |field: &'static str, f: &str, known: &[&'static str], what: &str| {
+        f.split([',', '-', '/'])
+            .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphabetic()))
+            .filter(|t| !(field == "dow" && *t == "L")) // the last such weekday, like `5L`
+            .find(|t| !known.contains(&t.to_ascii_uppercase().as_str()))
+            .map(|t| {
+                format!(
+                    "unknown {what} name `{t}`; {}accepted: {} or numbers",
+                    near(t, known),
+                    known.join(" ")
+                )
+            })
+    };
+    words("month", month, &MONTHS, "month").or_else(|| words("dow", dow, &DAYS, "day"))
+}
+
 /// Parses an IANA time zone name.
 pub fn parse_timezone(name: &str) -> Result<Tz, String> {
     Tz::from_str(name).map_err(|_| {
+        let near = crate::errors::did_you_mean(
+            name,
+            chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name()),
+        );
         format!(
-            "`{name}` is not an IANA time zone; accepted: names like \"UTC\" or \"Europe/Berlin\""
+            "`{name}` is not an IANA time zone{}; accepted: names like \"UTC\" or \"Europe/Berlin\"",
+            near.map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_default()
         )
     })
 }
@@ -244,6 +302,40 @@ impl ScheduleConfig {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn unknown_names_are_said_in_our_words() {
+        let err = |e: &str| CronSchedule::parse(e, Tz::UTC).err().unwrap_or_default();
+        let fry = err("0 3 * * Mon-Fry");
+        assert!(
+            fry.contains("unknown day name `Fry`; did you mean `FRI`?"),
+            "{fry}"
+        );
+        let hourl = err("@hourl");
+        assert!(
+            hourl.contains(
+                "unknown nickname `@hourl`; did you mean `@hourly`? accepted: @hourly @daily"
+            ),
+            "{hourl}"
+        );
+        let month = err("0 3 1 Jna *");
+        assert!(month.contains("unknown month name `Jna`"), "{month}");
+        for ok in [
+            "0 3 * * MON-FRI",
+            "0 3 1 jan,jul sun",
+            "@weekly",
+            "@annually",
+            "0 0 3 * * 5L",
+        ] {
+            assert!(
+                CronSchedule::parse(ok, Tz::UTC).is_ok(),
+                "{ok}: {}",
+                err(ok)
+            );
+        }
+        let tz = parse_timezone("Europe/Berln").unwrap_err();
+        assert!(tz.contains("did you mean `Europe/Berlin`?"), "{tz}");
+    }
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, mi, s)

@@ -57,7 +57,9 @@ fn unknown_key_names_line_column_key_and_accepted() {
     assert_eq!(e.key, "portals.acme.sink");
     assert_eq!(e.loc.unwrap().line, 10);
     assert!(
-        e.message.contains("unknown field") && e.message.contains("sinks"),
+        e.message
+            .starts_with("unknown key `sink`; did you mean `sinks`? accepted: ")
+            && e.message.contains("url"),
         "{}",
         e.message
     );
@@ -546,4 +548,119 @@ async fn the_shipped_configs_work_as_shipped() {
     );
     assert_eq!(codes.len(), 5, "{codes:?}");
     sim.kill().await.unwrap();
+}
+
+/// A typo, an undefined sink in the same portal and a bad cron: all three at once, each in
+/// our words with what was likely meant (a typo used to hide the portal's other errors).
+#[test]
+fn three_errors_of_three_kinds_at_once_with_did_you_mean() {
+    let text = BASE
+        .replace(
+            "sinks = [\"f\"]",
+            "schedul = \"weekly\"\nsinks = [\"f\", \"mail\"]",
+        )
+        .replace(
+            "[sinks.f]",
+            "[schedules.weekly]\ncron = \"0 3 * * Mon-Fry\"\ntimezone = \"Europe/Berln\"\n\n[sinks.f]",
+        );
+    let e = errors(&text);
+    let said: Vec<(&str, &str)> = e
+        .iter()
+        .map(|i| (i.key.as_str(), i.message.as_str()))
+        .collect();
+    assert_eq!(e.len(), 4, "{said:#?}");
+    let find = |key: &str| {
+        said.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, m)| *m)
+            .unwrap_or_else(|| panic!("no error for {key}: {said:#?}"))
+    };
+    assert!(
+        find("schedules.weekly.cron").contains("unknown day name `Fry`; did you mean `FRI`?"),
+        "{said:#?}"
+    );
+    assert!(
+        find("schedules.weekly.timezone").contains("did you mean `Europe/Berlin`?"),
+        "{said:#?}"
+    );
+    assert!(
+        find("portals.acme.schedul").starts_with("unknown key `schedul`; did you mean `schedule`?"),
+        "{said:#?}"
+    );
+    assert!(
+        find("portals.acme.sinks").starts_with("no sink named `mail`; defined: f"),
+        "{said:#?}"
+    );
+    // In the file's order, each with its line.
+    let lines: Vec<usize> = e.iter().map(|i| i.loc.unwrap().line).collect();
+    assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{lines:?}");
+}
+
+/// A misspelt required key is one error (the unknown key, naming the one meant), not two.
+#[test]
+fn a_misspelt_required_key_is_said_once() {
+    let e = one_error(&BASE.replace("url = ", "ulr = "));
+    assert_eq!(e.key, "portals.acme.ulr");
+    assert!(e.message.contains("did you mean `url`?"), "{}", e.message);
+}
+
+/// A TOML syntax error stops there: what follows it would be read in a shape the file does
+/// not have (an unclosed `[daemon` made its keys top-level, unknown ones).
+#[test]
+fn a_syntax_error_does_not_cascade() {
+    let e = one_error(&format!("[daemon\nstate_dir = \"/var/lib/x\"\n{BASE}"));
+    assert!(e.message.starts_with("TOML syntax"), "{}", e.message);
+}
+
+/// A wrong type says what the key accepts, beyond serde's "expected a string".
+#[test]
+fn a_type_error_says_what_is_accepted() {
+    let e = one_error(&format!("[daemon]\nhttp_timeout = 30\n{BASE}"));
+    assert_eq!(e.key, "daemon.http_timeout");
+    assert!(
+        e.message
+            .contains("accepted: a duration in quotes, like \"30s\""),
+        "{}",
+        e.message
+    );
+}
+
+/// `@hourl` and croner's other internals come out in our words.
+#[test]
+fn a_cron_nickname_typo_is_said_in_our_words() {
+    let e = one_error(&BASE.replace("[sinks.f]", "[schedules.s]\ncron = \"@hourl\"\n\n[sinks.f]"));
+    assert!(
+        e.message.contains("unknown nickname `@hourl`; did you mean `@hourly`? accepted: @hourly @daily @weekly @monthly @yearly"),
+        "{}",
+        e.message
+    );
+}
+
+/// The README's example of `check --offline` on a broken config is what the program prints
+/// for the config it describes.
+#[test]
+fn the_readme_check_example_is_what_check_prints() {
+    let readme = include_str!("../../README.md");
+    let block = readme
+        .split("```text\n$ tfa-rotator check --offline\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README shows a failing check");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    write_private(
+        &path,
+        "[schedules.weekly]\ncron = \"0 3 * * Mon-Fry\"\n\n[sinks.vault]\ntype = \"file\"\n\
+         path = \"/var/lib/tfa-rotator/codes/{portal}.txt\"\n\n[portals.acme]\n\
+         url = \"https://acme.example.com\"\napi_key = { env = \"ACME_KEY\" }\n\
+         schedul = \"weekly\"\nsinks = [\"vault\", \"mail\"]\n",
+    );
+    let out = std::process::Command::new(crate::support::BIN)
+        .current_dir(dir.path())
+        .args(["--config", "config.toml", "check", "--offline"])
+        .env_remove("TFA_ROTATOR_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), block);
 }
