@@ -27,6 +27,27 @@ struct Ctx<'a> {
     warnings: Vec<ConfigIssue>,
 }
 
+impl<'a> Ctx<'a> {
+    fn new(file: &'a Path, text: &'a str, others_can_read: bool) -> Self {
+        // Relative paths in the config are relative to its directory.
+        let base = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ctx {
+            file,
+            text,
+            line_starts: std::iter::once(0)
+                .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
+            base,
+            others_can_read,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
 impl Ctx<'_> {
     fn loc(&self, offset: usize) -> Loc {
         let offset = offset.min(self.text.len());
@@ -383,29 +404,7 @@ pub(super) fn validate(
     file: &Path,
     others_can_read: bool,
 ) -> Result<Config, ConfigErrors> {
-    let base = file
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            }
-        })
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let line_starts = std::iter::once(0)
-        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-        .collect();
-    let mut cx = Ctx {
-        file,
-        text,
-        line_starts,
-        base,
-        others_can_read,
-        errors: Vec::new(),
-        warnings: Vec::new(),
-    };
+    let mut cx = Ctx::new(file, text, others_can_read);
     let (doc, syntax) = DeTable::parse_recoverable(text);
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
