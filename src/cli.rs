@@ -132,6 +132,13 @@ pub enum Command {
     },
     /// Per portal: last rotation, next due time, unused codes, pending deliveries.
     Status {
+        /// Only these portals (default: every one the config or the state knows).
+        portals: Vec<String>,
+        /// Only the portals that need attention: a failed last attempt, an open intent, a
+        /// delivery pending longer than `pending_longer_than`, FLAPPING, a 429 pause. Exit 1
+        /// when it lists any.
+        #[arg(long)]
+        failing: bool,
         /// One JSON document on stdout.
         #[arg(long)]
         json: bool,

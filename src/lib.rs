@@ -4,8 +4,8 @@
 //! - [`secret`]: redacting, zeroizing types for keys, passwords and codes; [`errors`]: an
 //!   error and its causes on one line, each said once, and the exit codes; [`trust`]: the
 //!   walk that decides whether a path another local user could change may be read;
-//!   [`outcome`]: what happened to a portal, typed; [`metrics`]: what the daemon counts,
-//!   served on `/metrics` and `/healthz`.
+//!   [`outcome`]: what happened to a portal, typed; [`json`]: how `--json` writes times;
+//!   [`metrics`]: what the daemon counts, served on `/metrics` and `/healthz`.
 //! - [`config`]: the TOML file → a typed, validated [`config::Config`] (reading it and what
 //!   it names: keys, CA files, exec programs, each checked by [`trust`]).
 //! - [`schedule`]: cron in a time zone, jitter, and the planner: when a portal is next due
@@ -63,6 +63,7 @@ pub mod daemon;
 pub mod docspace;
 pub mod errors;
 pub mod fuzzing;
+pub mod json;
 pub mod metrics;
 pub mod outcome;
 pub mod rotation;

@@ -72,7 +72,7 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         .buffer_unordered(limit)
         .collect()
         .await;
-    plans.sort_by(|a, b| a.portal.cmp(&b.portal));
+    plans.sort_by(|a, b| super::status::natural_cmp(&a.portal, &b.portal));
     let failed = plans.iter().filter(|p| !p.ok).count();
     let report = CheckReport {
         config: config.path.display().to_string(),
@@ -335,6 +335,29 @@ async fn preflight(
             if let Ok(v) = version {
                 out.docspace_version = Some(v.doc_space);
             }
+            // A failure every call shares (the key, the network, the URL) is said once.
+            let wide = [
+                account.as_ref().err(),
+                key.as_ref().err(),
+                methods.as_ref().err(),
+                codes.as_ref().err(),
+            ]
+            .into_iter()
+            .flatten()
+            .find_map(|e| portal_wide(engine, pc, e).map(|line| (e.kind_name(), line)));
+            let shared = |e: &crate::docspace::ApiError| {
+                wide.as_ref()
+                    .is_some_and(|(kind, _)| *kind == e.kind_name())
+            };
+            if let Some((_, line)) = &wide {
+                problems.push(line.clone());
+            }
+            let (account, key, methods, codes) = (
+                account.map_err(|e| (shared(&e), e)),
+                key.map_err(|e| (shared(&e), e)),
+                methods.map_err(|e| (shared(&e), e)),
+                codes.map_err(|e| (shared(&e), e)),
+            );
             match account {
                 Ok(a) => {
                     out.account = Some(AccountReport {
@@ -342,24 +365,13 @@ async fn preflight(
                         email: a.email,
                     })
                 }
-                Err(e) => problems.push(e.to_string()),
+                Err((true, _)) => {}
+                Err((false, e)) => problems.push(e.to_string()),
             }
             match key {
-                Ok(k) => {
-                    if !k.can_write() {
-                        notes.push(format!(
-                            "the key's scopes ({}) may not allow rotating (needs *:write)",
-                            k.permissions.join(", ")
-                        ));
-                    }
-                    out.key = Some(KeyReport {
-                        name: k.name,
-                        permissions: k.permissions,
-                        expires_at: k.expires_at,
-                        active: k.is_active,
-                    });
-                }
-                Err(e) => notes.push(format!("could not read the key's own details: {e}")),
+                Ok(k) => out.key = Some(key_report(k, &mut notes)),
+                Err((true, _)) => {}
+                Err((false, e)) => notes.push(format!("could not read the key's own details: {e}")),
             }
             match methods {
                 Ok(m) => {
@@ -369,29 +381,15 @@ async fn preflight(
                         available: app.map(|a| a.available),
                     });
                 }
-                Err(e) => notes.push(format!("could not read the portal's TFA settings: {e}")),
+                Err((true, _)) => {}
+                Err((false, e)) => {
+                    notes.push(format!("could not read the portal's TFA settings: {e}"))
+                }
             }
             match codes {
-                Ok(c) => {
-                    out.codes = Some(CodesReport {
-                        unused: c.unused(),
-                        total: c.total(),
-                    });
-                    // Every GET compares (SPEC §6): sinks holding a set the portal no longer
-                    // accepts are reported here; `deliver` or the daemon converges them.
-                    if let Some(store) = engine.reader() {
-                        let fp = store.fingerprinter().of_set(&c);
-                        let drifted = crate::rotation::drift::drifted_sinks(pc, sink_sets, &fp);
-                        if !drifted.is_empty() {
-                            problems.push(format!(
-                                "drift: sinks {} hold a set the portal no longer accepts; `tfa-rotator deliver` or the daemon converges them",
-                                drifted.join(", ")
-                            ));
-                            out.drift = Some(drifted);
-                        }
-                    }
-                }
-                Err(e) => problems.push(e.to_string()),
+                Ok(c) => drift_of(engine, pc, sink_sets, &c, out, &mut problems),
+                Err((true, _)) => {}
+                Err((false, e)) => problems.push(e.to_string()),
             }
         }
     }
@@ -405,6 +403,90 @@ async fn preflight(
     out.ok = problems.is_empty();
     out.problems = Some(problems);
     out.notes = Some(notes);
+}
+
+/// The codes read: their counts, and the sinks holding a set the portal no longer accepts.
+fn drift_of(
+    engine: &Engine,
+    pc: &PortalConfig,
+    sink_sets: &std::collections::HashMap<String, String>,
+    c: &crate::secret::CodeSet,
+    out: &mut PortalCheck,
+    problems: &mut Vec<String>,
+) {
+    out.codes = Some(CodesReport {
+        unused: c.unused(),
+        total: c.total(),
+    });
+    // Every GET compares (SPEC §6): sinks holding a set the portal no longer accepts are
+    // reported here; `deliver` or the daemon converges them.
+    if let Some(store) = engine.reader() {
+        let fp = store.fingerprinter().of_set(c);
+        let drifted = crate::rotation::drift::drifted_sinks(pc, sink_sets, &fp);
+        if !drifted.is_empty() {
+            problems.push(format!(
+                "drift: sinks {} hold a set the portal no longer accepts; `tfa-rotator deliver` or the daemon converges them",
+                drifted.join(", ")
+            ));
+            out.drift = Some(drifted);
+        }
+    }
+}
+
+/// What `check` says of the portal's API key (its scopes noted when they may not rotate).
+fn key_report(k: crate::docspace::ApiKeyInfo, notes: &mut Vec<String>) -> KeyReport {
+    if !k.can_write() {
+        notes.push(format!(
+            "the key's scopes ({}) may not allow rotating (needs *:write)",
+            k.permissions.join(", ")
+        ));
+    }
+    KeyReport {
+        name: k.name,
+        permissions: k.permissions,
+        // The portal's own text: in RFC 3339 UTC when it is a time (SPEC §2), else dropped
+        // rather than passed on unchecked.
+        expires_at: k.expires_at.as_deref().and_then(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .ok()
+                .and_then(|t| crate::json::rfc3339(t.timestamp_millis()))
+        }),
+        active: k.is_active,
+    }
+}
+
+/// A failure every call to the portal shares (the key, the network, the URL), on one line:
+/// where the portal is in the config, what failed, and a hint at the fix. `None` for a
+/// failure of one call only.
+fn portal_wide(
+    engine: &Engine,
+    pc: &PortalConfig,
+    e: &crate::docspace::ApiError,
+) -> Option<String> {
+    use crate::docspace::ApiErrorKind as K;
+    let hint = match &e.kind {
+        K::Unauthorized => format!(
+            "check its api_key (line {}) and that the key is active in the portal",
+            pc.api_key.loc.line
+        ),
+        K::Forbidden { .. } => "the key lacks a scope: rotating needs *:read and *:write".into(),
+        K::Timeout => format!(
+            "check its url and the network; daemon.http_timeout is {}",
+            humantime::format_duration(engine.config.daemon.http_timeout)
+        ),
+        K::Transport { .. } => "check its url (host, port, TLS) and the network".into(),
+        K::Redirect { .. } => {
+            "set its url to the portal's final address (redirects are not followed)".into()
+        }
+        K::PaymentRequired => "the portal's subscription has lapsed".into(),
+        _ => return None,
+    };
+    Some(format!(
+        "{}:{}: portals.{}: {e}; hint: {hint}",
+        engine.config.path.display(),
+        pc.line,
+        pc.name
+    ))
 }
 
 fn print_text(config: &Config, report: &CheckReport) {
@@ -428,6 +510,24 @@ fn print_text(config: &Config, report: &CheckReport) {
     for p in &report.portals {
         print_portal(p, report.offline);
     }
+    crate::out!("\n{}", summary_line(report));
+}
+
+/// The last line: "check: 300 portals, 299 ok, 1 failed; 2 warnings" (offline: "checked
+/// offline").
+fn summary_line(report: &CheckReport) -> String {
+    let n = report.portals.len();
+    let mut line = format!(
+        "check{}: {n} portal{}, {} ok, {} failed",
+        if report.offline { " (offline)" } else { "" },
+        if n == 1 { "" } else { "s" },
+        n - report.failed,
+        report.failed
+    );
+    if !report.warnings.is_empty() {
+        line.push_str(&format!("; {} warning(s)", report.warnings.len()));
+    }
+    line
 }
 
 fn print_portal(p: &PortalCheck, offline: bool) {

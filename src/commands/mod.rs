@@ -102,7 +102,7 @@ async fn dispatch(cli: Cli) -> Exit {
         | Command::Resend { json, .. }
         | Command::Settle { json, .. }
         | Command::Forget { json, .. }
-        | Command::Status { json } => *json,
+        | Command::Status { json, .. } => *json,
         _ => false,
     };
     let _ = JSON.set(json);
@@ -125,7 +125,11 @@ async fn dispatch(cli: Cli) -> Exit {
             json,
         } => rotate::settle(&path, portal, abandon, reason, json).await,
         Command::Forget { portal, json } => rotate::forget(&path, portal, json).await,
-        Command::Status { json } => status::run(&path, json).await,
+        Command::Status {
+            portals,
+            failing,
+            json,
+        } => status::run(&path, &portals, failing, json).await,
         Command::MigrateState { to: _ } => migrate_state(&path).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo => demo::run().await,

@@ -23,6 +23,62 @@ struct StatusReport {
     /// In a cluster: the instances, newest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     instances: Option<Vec<Node>>,
+    /// The portals listed, counted by state.
+    summary: Summary,
+}
+
+/// How many of the listed portals are in each state (the table's STATE column).
+#[derive(Debug, Default, Serialize)]
+struct Summary {
+    portals: usize,
+    ok: usize,
+    failing: usize,
+    pending: usize,
+    settling: usize,
+    flapping: usize,
+    not_configured: usize,
+}
+
+impl Summary {
+    fn of(portals: &[PortalStatus]) -> Self {
+        let mut s = Summary {
+            portals: portals.len(),
+            ..Summary::default()
+        };
+        for p in portals {
+            *match p.state() {
+                "SETTLING" => &mut s.settling,
+                "FLAPPING" => &mut s.flapping,
+                "PENDING" => &mut s.pending,
+                "FAILING" => &mut s.failing,
+                "NOT CONFIGURED" => &mut s.not_configured,
+                _ => &mut s.ok,
+            } += 1;
+        }
+        s
+    }
+
+    /// "12 portals: 9 ok, 1 failing, 1 pending, 1 settling".
+    fn line(&self) -> String {
+        let mut parts = vec![format!("{} ok", self.ok)];
+        for (n, what) in [
+            (self.failing, "failing"),
+            (self.pending, "pending"),
+            (self.settling, "settling"),
+            (self.flapping, "flapping"),
+            (self.not_configured, "not configured"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        format!(
+            "{} portal{}: {}",
+            self.portals,
+            if self.portals == 1 { "" } else { "s" },
+            parts.join(", ")
+        )
+    }
 }
 
 /// One portal, as the state knows it and as the planner would act on it.
@@ -30,24 +86,31 @@ struct StatusReport {
 struct PortalStatus {
     portal: String,
     configured: bool,
+    #[serde(serialize_with = "crate::json::opt_time")]
     last_attempt_at: Option<i64>,
+    #[serde(serialize_with = "crate::json::opt_time")]
     last_success_at: Option<i64>,
     last_result: Option<LastResult>,
     last_error: Option<String>,
     failures_in_a_row: i64,
+    #[serde(serialize_with = "crate::json::opt_time")]
     next_due_at: Option<i64>,
     next_reason: Option<&'static str>,
     next_reason_text: Option<String>,
     next_held_by: Option<&'static str>,
     unused: Option<i64>,
     total: Option<i64>,
+    #[serde(serialize_with = "crate::json::opt_time")]
     codes_seen_at: Option<i64>,
     pending_deliveries: Vec<PendingRow>,
     settling: Option<Settling>,
     drifts: i64,
+    #[serde(serialize_with = "crate::json::opt_time")]
     drift_at: Option<i64>,
     flapping: bool,
+    #[serde(serialize_with = "crate::json::opt_time")]
     flapping_since: Option<i64>,
+    #[serde(serialize_with = "crate::json::opt_time")]
     paused_until: Option<i64>,
     held_by: Option<HeldBy>,
 }
@@ -55,8 +118,10 @@ struct PortalStatus {
 /// An open intent: a rotation's outcome being settled.
 #[derive(Debug, Serialize)]
 struct Settling {
+    #[serde(serialize_with = "crate::json::time")]
     since: i64,
     checks: i64,
+    #[serde(serialize_with = "crate::json::opt_time")]
     next_check_at: Option<i64>,
 }
 
@@ -79,7 +144,7 @@ struct Loaded {
 }
 
 /// Runs `status`.
-pub async fn run(path: &Path, json: bool) -> Exit {
+pub async fn run(path: &Path, only: &[String], failing: bool, json: bool) -> Exit {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(e) => return e,
@@ -114,9 +179,34 @@ pub async fn run(path: &Path, json: bool) -> Exit {
         follows_changes: coordinator.follows_changes(),
         now,
     };
+    let mut portals = view.portals();
+    if let Some(unknown) = only
+        .iter()
+        .find(|n| !portals.iter().any(|p| &&p.portal == n))
+    {
+        crate::err!(
+            "error: no portal named `{unknown}` in {} or the state",
+            path.display()
+        );
+        return Exit::Usage;
+    }
+    if !only.is_empty() {
+        portals.retain(|p| only.contains(&p.portal));
+    }
+    let pending_limit = config
+        .alerts
+        .as_ref()
+        .map_or(crate::config::DEFAULT_PENDING_LONGER_THAN, |a| {
+            a.pending_longer_than
+        });
+    if failing {
+        portals.retain(|p| p.needs_attention(now, pending_limit));
+    }
+    let summary = Summary::of(&portals);
     let report = StatusReport {
-        portals: view.portals(),
+        portals,
         instances,
+        summary,
     };
     if json {
         crate::out!(
@@ -124,10 +214,20 @@ pub async fn run(path: &Path, json: bool) -> Exit {
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
-        print_table(&report.portals, now);
+        if !report.portals.is_empty() {
+            print_table(&report.portals, now);
+        }
         if let Some(nodes) = &report.instances {
             print_instances(nodes);
         }
+        crate::out!("{}", report.summary.line());
+    }
+    if failing {
+        return if report.portals.is_empty() {
+            Exit::Ok
+        } else {
+            Exit::Failed
+        };
     }
     let settling = loaded.open.iter().any(|j| j.phase == state::Phase::Intent);
     if loaded.pending.is_empty() && !settling {
@@ -202,6 +302,7 @@ impl View<'_> {
                 .map(|r| &r.name)
                 .filter(|n| !self.config.portals.contains_key(*n)),
         );
+        names.sort_by(|a, b| natural_cmp(a, b));
         names.into_iter().map(|n| self.portal(n)).collect()
     }
 
@@ -288,7 +389,58 @@ impl View<'_> {
     }
 }
 
+/// Names in the order people count: `p2` before `p10` (runs of digits compare as numbers).
+pub(super) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (mut a, mut b) = (a, b);
+    loop {
+        let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        match (a.chars().next(), b.chars().next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let (da, db) = (digits(a), digits(b));
+                let (na, nb) = (
+                    a[..da].trim_start_matches('0'),
+                    b[..db].trim_start_matches('0'),
+                );
+                let by_number = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+                if by_number.is_ne() {
+                    return by_number;
+                }
+                // The same number: fewer leading zeros first, then the rest.
+                if da != db {
+                    return da.cmp(&db);
+                }
+                (a, b) = (&a[da..], &b[db..]);
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(&y);
+                }
+                (a, b) = (&a[x.len_utf8()..], &b[y.len_utf8()..]);
+            }
+        }
+    }
+}
+
 impl PortalStatus {
+    /// What `--failing` lists (SPEC §2): a failed last attempt, an open intent, a delivery
+    /// pending longer than `pending_limit`, FLAPPING, a 429 pause.
+    fn needs_attention(&self, now: DateTime<Utc>, pending_limit: std::time::Duration) -> bool {
+        let limit_ms = i64::try_from(pending_limit.as_millis()).unwrap_or(i64::MAX);
+        let old_pending = self
+            .pending_deliveries
+            .iter()
+            .any(|d| now.timestamp_millis().saturating_sub(d.created_at) > limit_ms);
+        self.last_result == Some(LastResult::Failed)
+            || self.failures_in_a_row > 0
+            || self.settling.is_some()
+            || old_pending
+            || self.flapping
+            || self.paused_until.is_some()
+    }
+
     /// The STATE column: what needs attention first.
     fn state(&self) -> &'static str {
         if !self.configured {
@@ -321,7 +473,7 @@ impl PortalStatus {
                 "{} {} ({})",
                 fmt_ms(Some(t)),
                 super::fmt_relative(t, now),
-                self.next_reason.unwrap_or_default()
+                self.next_reason_text.as_deref().unwrap_or_default()
             ),
             None => "by hand only".into(),
         };
@@ -464,5 +616,17 @@ fn print_instances(nodes: &[Node]) {
                 "  OLDER CONFIG: does not act on changed entries"
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod natural_tests {
+    use super::natural_cmp;
+
+    #[test]
+    fn digits_count_as_numbers() {
+        let mut names = vec!["p10", "p2", "p1", "acme", "p100", "p02", "b"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, ["acme", "b", "p1", "p2", "p02", "p10", "p100"]);
     }
 }

@@ -296,6 +296,10 @@ pub struct AlertsConfig {
     pub pending_longer_than: Duration,
 }
 
+/// `alerts.pending_longer_than` when unset (and what `status --failing` uses without
+/// `[alerts]`).
+pub const DEFAULT_PENDING_LONGER_THAN: Duration = Duration::from_secs(3600);
+
 /// `[portals.NAME]`.
 #[derive(Debug)]
 pub struct PortalConfig {
@@ -309,6 +313,8 @@ pub struct PortalConfig {
     pub schedule: Option<String>,
     /// Sink names.
     pub sinks: Vec<String>,
+    /// Where its table is in the config (`config.toml:LINE`, for a runtime error's hint).
+    pub line: usize,
 }
 
 impl Config {

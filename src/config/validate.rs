@@ -885,7 +885,7 @@ fn alerts_section(
     let pending_longer_than = cx.duration(
         &r.pending_longer_than,
         "alerts.pending_longer_than",
-        Duration::from_secs(3600),
+        DEFAULT_PENDING_LONGER_THAN,
     );
     AlertsConfig {
         sinks: names,
@@ -968,7 +968,8 @@ fn portals_section(
     let mut portal_map = BTreeMap::new();
     let mut file_users: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut written: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for (name, _, r) in portals {
+    for (name, espan, r) in portals {
+        let line = cx.loc(espan.start).line;
         let key = format!("portals.{name}");
         let url = portal_url(cx, &key, &r.url);
         let api_key = cx.secret(r.api_key, &format!("{key}.api_key"));
@@ -1007,6 +1008,7 @@ fn portals_section(
                     api_key,
                     schedule,
                     sinks: sink_names,
+                    line,
                 },
             );
         }

@@ -409,6 +409,7 @@ mod tests {
             },
             schedule: None,
             sinks: sinks.iter().map(|s| s.to_string()).collect(),
+            line: 1,
         }
     }
 

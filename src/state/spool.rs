@@ -31,10 +31,12 @@ pub struct PendingRow {
     /// Sink.
     pub sink: String,
     /// Sealed at.
+    #[serde(serialize_with = "crate::json::time")]
     pub created_at: i64,
     /// Attempts.
     pub attempts: i64,
     /// Next automatic attempt.
+    #[serde(serialize_with = "crate::json::time")]
     pub next_attempt_at: i64,
     /// Last error.
     pub last_error: Option<String>,

@@ -52,7 +52,7 @@ async fn a_portal_rotated_by_hand_is_not_rotated_again_by_the_daemon() {
     };
     let status: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
     assert_eq!(
-        status["portals"][0]["next_due_at"].as_i64(),
+        json_ms(&status["portals"][0]["next_due_at"]),
         Some(next_monday.timestamp_millis()),
         "{status}"
     );

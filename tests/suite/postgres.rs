@@ -9,7 +9,7 @@ use std::time::Duration;
 use tfa_rotator::state::{self, StateError, Store};
 
 use crate::support::postgres::Postgres;
-use crate::support::{Daemon, Harness, write_private};
+use crate::support::{Daemon, Harness, json_ms, write_private};
 
 /// A config for every added portal with a shared plain file sink on PostgreSQL.
 fn cluster_config(h: &Harness, pg: &Postgres, extra: &str) -> std::path::PathBuf {
@@ -843,7 +843,7 @@ async fn a_sqlite_state_moves_to_postgres() {
     let status = h.run(&["status", "--json"]).await;
     let doc: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert!(
-        doc["portals"][0]["last_success_at"].is_i64(),
+        json_ms(&doc["portals"][0]["last_success_at"]).is_some(),
         "{}",
         status.stdout
     );
@@ -933,7 +933,7 @@ async fn killing_a_daemon_at_every_step_loses_nothing_and_puts_once() {
                 let out = h.run(&["status", "--json"]).await;
                 let doc: serde_json::Value =
                     serde_json::from_str(&out.stdout).unwrap_or_default();
-                if out.code == Some(0) && doc["portals"][0]["last_success_at"].is_i64() {
+                if out.code == Some(0) && json_ms(&doc["portals"][0]["last_success_at"]).is_some() {
                     break;
                 }
                 assert!(

@@ -349,7 +349,7 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
     assert_eq!(p["portal"], "acme");
     assert_eq!(p["last_result"], "ok");
     assert_eq!(p["unused"], 5);
-    assert!(p["next_due_at"].as_i64().unwrap() > chrono::Utc::now().timestamp_millis());
+    assert!(json_ms(&p["next_due_at"]).unwrap() > chrono::Utc::now().timestamp_millis());
     assert!(p["pending_deliveries"].as_array().unwrap().is_empty());
     let text = h.run(&["status"]).await.stdout;
     let mut lines = text.lines();
@@ -365,7 +365,7 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
         assert!(header.contains(col), "{text}");
     }
     let row = lines.next().unwrap();
-    let success = p["last_success_at"].as_i64().unwrap();
+    let success = json_ms(&p["last_success_at"]).unwrap();
     let at = chrono::DateTime::from_timestamp_millis(success)
         .unwrap()
         .format("%Y-%m-%dT%H:%M:%SZ")
@@ -373,6 +373,10 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
     assert!(row.starts_with("acme") && row.contains("5/5"), "{text}");
     assert!(row.contains(&format!("{at}  {at} ok")), "{text}");
     assert!(row.contains(" in "), "a relative time: {text}");
+    assert!(
+        row.contains("(watch read (unused codes, drift))"),
+        "the reason as the README says it: {text}"
+    );
 
     // A failure after the success: the success keeps its time, the attempt shows its own
     // result (not "<time of the success> (failed)").
@@ -423,13 +427,13 @@ async fn a_429_pause_is_kept_across_processes() {
     let status: serde_json::Value =
         serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
     let p = &status["portals"][0];
-    let until = p["paused_until"].as_i64().expect("the pause is shown");
+    let until = json_ms(&p["paused_until"]).expect("the pause is shown");
     let now = chrono::Utc::now().timestamp_millis();
     assert!(
         (now + 3_500_000..=now + 3_600_000).contains(&until),
         "clamped to an hour: {p}"
     );
-    assert!(p["next_due_at"].as_i64().unwrap() >= until, "{p}");
+    assert!(json_ms(&p["next_due_at"]).unwrap() >= until, "{p}");
     assert_eq!(
         p["next_held_by"], "paused by the portal (429 Retry-After)",
         "{p}"
@@ -443,4 +447,118 @@ async fn a_429_pause_is_kept_across_processes() {
     assert!(out.stdout.contains("not contacted"), "{}", out.all());
     assert_eq!(h.sim.log().len(), before, "no request during the pause");
     assert_eq!(h.sim.rotations(), 0);
+}
+
+/// `status PORTAL…` and `--failing` (SPEC §2): a portal whose last attempt failed is listed
+/// (exit 1), the others not; names come in the order people count; every listing ends with
+/// its summary line; an unknown name is a usage error.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_filters_by_name_and_failing_and_ends_with_a_summary() {
+    let mut h = Harness::new().await;
+    for p in ["p10", "p2", "p1"] {
+        h.add_portal(p);
+    }
+    h.write_config("", &["plain"]);
+    assert_eq!(h.run(&["rotate", "--all"]).await.code, Some(0));
+    h.sim.inject(Fault::on_put(FaultAction::Status(403)));
+    assert_eq!(h.run(&["rotate", "p2"]).await.code, Some(1));
+
+    let all = h.run(&["status"]).await;
+    let names: Vec<&str> = all
+        .stdout
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with('p'))
+        .collect();
+    assert_eq!(names, ["p1", "p2", "p10"], "{}", all.stdout);
+    assert_eq!(
+        all.stdout.lines().last(),
+        Some("3 portals: 2 ok, 1 failing"),
+        "{}",
+        all.stdout
+    );
+
+    let failing = h.run(&["status", "--failing"]).await;
+    assert_eq!(failing.code, Some(1), "{}", failing.all());
+    assert!(failing.stdout.contains("p2 "), "{}", failing.stdout);
+    assert!(!failing.stdout.contains("p10"), "{}", failing.stdout);
+    assert_eq!(
+        failing.stdout.lines().last(),
+        Some("1 portal: 0 ok, 1 failing")
+    );
+
+    // Every time in --json is RFC 3339 (SPEC §2).
+    let doc: Value = serde_json::from_str(&h.run(&["status", "--json"]).await.stdout).unwrap();
+    assert!(
+        json_ms(&doc["portals"][1]["last_attempt_at"]).is_some(),
+        "{doc}"
+    );
+    assert_rfc3339_times(&doc);
+    let text = h.run(&["check"]).await.stdout;
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("check: 3 portals, 3 ok, 0 failed")),
+        "{text}"
+    );
+    let order: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("portal "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(order, ["p1", "p2", "p10"], "{text}");
+    let check: Value = serde_json::from_str(&h.run(&["check", "--json"]).await.stdout).unwrap();
+    assert_eq!(check["portals"][2]["portal"], "p10", "{check}");
+    assert_rfc3339_times(&check);
+
+    let one = h.run(&["status", "p10", "--json"]).await;
+    assert_eq!(one.code, Some(0), "{}", one.all());
+    let doc: Value = serde_json::from_str(&one.stdout).unwrap();
+    assert_eq!(doc["portals"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["portals"][0]["portal"], "p10");
+    assert_eq!(doc["summary"]["portals"], 1);
+    assert_eq!(doc["summary"]["ok"], 1);
+    let none_failing = h.run(&["status", "p1", "p10", "--failing"]).await;
+    assert_eq!(none_failing.code, Some(0), "{}", none_failing.all());
+    assert_eq!(none_failing.stdout.trim(), "0 portals: 0 ok");
+
+    let unknown = h.run(&["status", "nope"]).await;
+    assert_eq!(unknown.code, Some(2), "{}", unknown.all());
+    assert!(
+        unknown.stderr.contains("no portal named `nope`"),
+        "{}",
+        unknown.stderr
+    );
+}
+
+/// A key the portal refuses (401) is said once in `check`: one line naming the config's
+/// file and the portal's table line, with a hint at the fix, not once per call.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_says_a_refused_key_once_with_its_place_and_a_hint() {
+    let h = one_portal().await;
+    let bogus = tfa_rotator::simulator::new_api_key();
+    write_private(&h.path("keys/acme"), &format!("{bogus}\n"));
+    let out = h.run(&["check"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let text = std::fs::read_to_string(h.config()).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.trim() == "[portals.acme]")
+        .unwrap()
+        + 1;
+    let all = out.all();
+    let mentions: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("portal acme") || l.contains("portals.acme"))
+        .collect();
+    assert!(mentions.len() <= 2, "{all}");
+    let failed: Vec<&str> = all.lines().filter(|l| l.contains("401")).collect();
+    assert_eq!(failed.len(), 1, "{all}");
+    assert!(
+        failed[0].contains(&format!("config.toml:{line}: portals.acme: "))
+            && failed[0].contains("hint: check its api_key"),
+        "{all}"
+    );
 }

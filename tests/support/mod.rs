@@ -649,3 +649,37 @@ impl Gpg {
         }
     }
 }
+
+/// A time of `--json` output (an RFC 3339 UTC string, SPEC §2) as Unix milliseconds; `None`
+/// for null or anything else.
+#[allow(dead_code)]
+pub fn json_ms(v: &serde_json::Value) -> Option<i64> {
+    let s = v.as_str()?;
+    assert!(s.ends_with('Z'), "not UTC: {s}");
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// Walks `--json` output: every time (a key ending in `_at`, `since` or `_until`) is an
+/// RFC 3339 UTC string or null, and no number anywhere looks like Unix milliseconds.
+#[allow(dead_code)]
+pub fn assert_rfc3339_times(v: &serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k.ends_with("_at") || k.ends_with("since") || k.ends_with("_until") {
+                    assert!(x.is_null() || json_ms(x).is_some(), "{k}: {x}");
+                }
+                assert_rfc3339_times(x);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(assert_rfc3339_times),
+        Value::Number(n) => assert!(
+            n.as_i64().is_none_or(|n| n.abs() < 1_000_000_000_000),
+            "a number like Unix milliseconds: {n}"
+        ),
+        _ => {}
+    }
+}
