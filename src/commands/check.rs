@@ -490,6 +490,18 @@ fn portal_wide(
 }
 
 fn print_text(config: &Config, report: &CheckReport) {
+    if super::quiet() {
+        // Only the problems, and the summary.
+        for p in report.portals.iter().filter(|p| !p.ok) {
+            print_portal(p, report.offline);
+        }
+        crate::out!(
+            "{}{}",
+            if report.failed > 0 { "\n" } else { "" },
+            summary_line(report)
+        );
+        return;
+    }
     crate::out!(
         "config {}: valid ({} portal(s), {} sink(s), {} schedule(s))",
         config.path.display(),

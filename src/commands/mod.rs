@@ -106,6 +106,7 @@ async fn dispatch(cli: Cli) -> Exit {
         _ => false,
     };
     let _ = JSON.set(json);
+    let _ = QUIET.set(cli.quiet > 0);
     match cli.command {
         Command::Run { dry_run, once } => run_daemon(&path, dry_run, once).await,
         Command::Check { offline, json } => check::run(&path, offline, json).await,
@@ -279,6 +280,14 @@ static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 fn json_output() -> bool {
     JSON.get().copied().unwrap_or(false)
+}
+
+/// Whether the command was run with `-q`: `check` and `status` print only the problems and
+/// their summary line (SPEC §2).
+static QUIET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+pub(crate) fn quiet() -> bool {
+    QUIET.get().copied().unwrap_or(false)
 }
 
 /// Prints config warnings, one per line, on stderr.

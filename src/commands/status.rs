@@ -214,10 +214,16 @@ pub async fn run(path: &Path, only: &[String], failing: bool, json: bool) -> Exi
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
-        if !report.portals.is_empty() {
-            print_table(&report.portals, now);
+        // `-q`: only the portals that are not ok, and the summary.
+        let shown: Vec<&PortalStatus> = report
+            .portals
+            .iter()
+            .filter(|p| !super::quiet() || p.state() != "ok")
+            .collect();
+        if !shown.is_empty() {
+            print_table(&shown, now);
         }
-        if let Some(nodes) = &report.instances {
+        if let Some(nodes) = report.instances.as_ref().filter(|_| !super::quiet()) {
             print_instances(nodes);
         }
         crate::out!("{}", report.summary.line());
@@ -566,7 +572,7 @@ impl PortalStatus {
 /// `status` for people: one row per portal (the last success and the last attempt with its
 /// own result, apart), then a line for each thing that needs attention. Times are RFC 3339
 /// UTC, with how far away they are.
-fn print_table(portals: &[PortalStatus], now: DateTime<Utc>) {
+fn print_table(portals: &[&PortalStatus], now: DateTime<Utc>) {
     let header = [
         "PORTAL",
         "LAST SUCCESS",

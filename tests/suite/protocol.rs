@@ -480,6 +480,27 @@ async fn status_filters_by_name_and_failing_and_ends_with_a_summary() {
         all.stdout
     );
 
+    // -q: only the problems and the summary.
+    let quiet = h.run(&["-q", "status"]).await;
+    assert!(
+        quiet.stdout.contains("p2 ")
+            && !quiet.stdout.contains("p10")
+            && !quiet.stdout.contains("p1 "),
+        "{}",
+        quiet.stdout
+    );
+    assert_eq!(
+        quiet.stdout.lines().last(),
+        Some("3 portals: 2 ok, 1 failing")
+    );
+    let quiet = h.run(&["-q", "check"]).await;
+    assert_eq!(
+        quiet.stdout.trim(),
+        "check: 3 portals, 3 ok, 0 failed",
+        "{}",
+        quiet.all()
+    );
+
     let failing = h.run(&["status", "--failing"]).await;
     assert_eq!(failing.code, Some(1), "{}", failing.all());
     assert!(failing.stdout.contains("p2 "), "{}", failing.stdout);
@@ -554,11 +575,22 @@ async fn check_says_a_refused_key_once_with_its_place_and_a_hint() {
         .filter(|l| l.contains("portal acme") || l.contains("portals.acme"))
         .collect();
     assert!(mentions.len() <= 2, "{all}");
-    let failed: Vec<&str> = all.lines().filter(|l| l.contains("401")).collect();
+    let failed: Vec<&str> = all.lines().filter(|l| l.contains("HTTP 401")).collect();
     assert_eq!(failed.len(), 1, "{all}");
     assert!(
         failed[0].contains(&format!("config.toml:{line}: portals.acme: "))
             && failed[0].contains("hint: check its api_key"),
         "{all}"
+    );
+    // -q: the failing portal's lines and the summary, nothing else on stdout.
+    let quiet = h.run(&["-q", "check"]).await;
+    assert_eq!(quiet.code, Some(1));
+    assert!(!quiet.stdout.contains("config "), "{}", quiet.stdout);
+    assert!(quiet.stdout.contains("FAILED: "), "{}", quiet.stdout);
+    assert_eq!(
+        quiet.stdout.lines().last(),
+        Some("check: 1 portal, 0 ok, 1 failed"),
+        "{}",
+        quiet.stdout
     );
 }
