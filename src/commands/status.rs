@@ -97,6 +97,10 @@ struct PortalStatus {
     next_due_at: Option<i64>,
     next_reason: Option<&'static str>,
     next_reason_text: Option<String>,
+    /// The next time in the schedule's own time zone, when that is not UTC ("03:00
+    /// Europe/Berlin"); the table only (`--json` has every time in UTC).
+    #[serde(skip)]
+    next_due_local: Option<String>,
     next_held_by: Option<&'static str>,
     unused: Option<i64>,
     total: Option<i64>,
@@ -312,6 +316,13 @@ impl View<'_> {
         names.into_iter().map(|n| self.portal(n)).collect()
     }
 
+    /// `at` in the time zone of `name`'s schedule, unless that is UTC.
+    fn local_time(&self, name: &str, at: DateTime<Utc>) -> Option<String> {
+        let pc = self.config.portals.get(name)?;
+        let tz = self.config.schedule_of(pc)?.cron.timezone();
+        (tz != chrono_tz::UTC).then(|| format!("{} {tz}", at.with_timezone(&tz).format("%H:%M")))
+    }
+
     fn portal(&self, name: &str) -> PortalStatus {
         let loaded = self.loaded;
         let row = self
@@ -341,6 +352,7 @@ impl View<'_> {
             next_due_at: due.map(|d| d.at.timestamp_millis()),
             next_reason: due.map(|d| d.reason.name()),
             next_reason_text: due.map(|d| d.reason.describe()),
+            next_due_local: due.and_then(|d| self.local_time(name, d.at)),
             next_held_by: due.and_then(|d| d.held).map(|h| h.describe()),
             unused: row.unused,
             total: row.total,
@@ -476,8 +488,12 @@ impl PortalStatus {
         };
         let next = match self.next_due_at {
             Some(t) => format!(
-                "{} {} ({})",
+                "{}{} {} ({})",
                 fmt_ms(Some(t)),
+                self.next_due_local
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default(),
                 super::fmt_relative(t, now),
                 self.next_reason_text.as_deref().unwrap_or_default()
             ),

@@ -377,6 +377,16 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
         row.contains("(watch read (unused codes, drift))"),
         "the reason as the README says it: {text}"
     );
+    // The schedule's own time zone beside UTC.
+    let next = chrono::DateTime::from_timestamp_millis(json_ms(&p["next_due_at"]).unwrap())
+        .unwrap()
+        .with_timezone(&chrono_tz::Europe::Berlin)
+        .format("%H:%M")
+        .to_string();
+    assert!(
+        row.contains(&format!("({next} Europe/Berlin) in ")),
+        "{text}"
+    );
 
     // A failure after the success: the success keeps its time, the attempt shows its own
     // result (not "<time of the success> (failed)").
