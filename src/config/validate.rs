@@ -113,9 +113,7 @@ impl Ctx<'_> {
                 .filter(|(_, s)| s.start <= span.start && span.end <= s.end)
                 .min_by_key(|(_, s)| s.end - s.start)
                 .map(|(k, _)| k.clone());
-            if let Some(field) = msg
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
+            if let Some(field) = backticked_field(&msg).filter(|_| msg.starts_with("unknown field"))
             {
                 let field = field.to_string();
                 // Where serde points: the unknown key's value (its table is the key's

@@ -198,8 +198,6 @@ pub fn default_instance() -> String {
 }
 
 impl Shared {
-    /// `sql` with `$N` placeholders (the state's statements are written with `?N`),
-    /// computed once per statement text.
     /// The epoch of this process's claim on `portal`, if it holds one.
     fn epoch_of(&self, portal: &str) -> Option<i64> {
         self.claims
@@ -219,6 +217,8 @@ impl Shared {
         held
     }
 
+    /// `sql` with `$N` placeholders (the state's statements are written with `?N`),
+    /// computed once per statement text.
     fn dollar(&self, sql: &str) -> Arc<str> {
         let mut cache = self.dollars.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = cache.get(sql) {
