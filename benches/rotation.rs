@@ -644,7 +644,7 @@ fn criterion_micro(dir: &Path) {
     let mut cfg =
         String::from("[sinks.plain]\ntype = \"file\"\npath = \"/var/lib/x/{portal}.txt\"\n");
     for i in 0..10_000 {
-        cfg.push_str(&format!("[portals.p{i}]\nurl = \"https://p{i}.example.com\"\napi_key = {{ env = \"K\" }}\nsinks = [\"plain\"]\n"));
+        cfg.push_str(&format!("[portals.p{i}]\nurl = \"https://p{i}.rotator.test\"\napi_key = {{ env = \"K\" }}\nsinks = [\"plain\"]\n"));
     }
     c.bench_function("parse_10000", |b| {
         b.iter(|| {
@@ -866,7 +866,7 @@ async fn start(sizes: &[usize]) {
         "[schedules.s]\ncron = \"0 3 1 1 *\"\ncatch_up = false\nwatch_every = \"off\"\n\n";
     // `[alerts]` to an email sink (a test key; no failure, so nothing is ever sent).
     let alerts = "[smtp]\nhost = \"127.0.0.1\"\nport = 2525\nsecurity = \"none\"\nfrom = \"tfa@bench.test\"\n\n\
-        [sinks.ops]\ntype = \"email\"\nto = [\"ed@example.com\"]\npgp_keys = [\"ops.asc\"]\n\n\
+        [sinks.ops]\ntype = \"email\"\nto = [\"ed@rotator.test\"]\npgp_keys = [\"ops.asc\"]\n\n\
         [alerts]\nsinks = [\"ops\"]\n\n";
     let key =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/ed.asc")).unwrap();

@@ -5,7 +5,8 @@
 //!   error and its causes on one line, each said once, and the exit codes; [`trust`]: the
 //!   walk that decides whether a path another local user could change may be read;
 //!   [`outcome`]: what happened to a portal, typed; [`json`]: how `--json` writes times;
-//!   [`metrics`]: what the daemon counts, served on `/metrics` and `/healthz`.
+//!   [`metrics`]: what the daemon counts, served on `/metrics` and `/healthz`;
+//!   [`placeholder`]: the example config's recipients, which no sink may deliver to.
 //! - [`config`]: the TOML file → a typed, validated [`config::Config`] (reading it and what
 //!   it names: keys, CA files, exec programs, each checked by [`trust`]).
 //! - [`schedule`]: cron in a time zone, jitter, and the planner: when a portal is next due
@@ -66,6 +67,7 @@ pub mod fuzzing;
 pub mod json;
 pub mod metrics;
 pub mod outcome;
+pub mod placeholder;
 pub mod rotation;
 pub mod schedule;
 pub mod secret;

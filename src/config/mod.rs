@@ -222,8 +222,8 @@ pub enum EnvValue {
 /// An email sink.
 #[derive(Debug)]
 pub struct EmailSinkConfig {
-    /// Recipients.
-    pub to: Vec<String>,
+    /// Recipients, lowercased, each where it was written.
+    pub to: Vec<Located<String>>,
     /// Their public keys.
     pub pgp_keys: Vec<Located<PathBuf>>,
 }
@@ -279,8 +279,8 @@ impl FileSinkConfig {
 pub enum FileEncryption {
     /// Plain text.
     Plain,
-    /// age, to these recipients.
-    Age(Vec<String>),
+    /// age, to these recipients, each where it was written.
+    Age(Vec<Located<String>>),
     /// OpenPGP, to these keys (ASCII armor).
     Pgp(Vec<Located<PathBuf>>),
 }

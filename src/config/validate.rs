@@ -1203,7 +1203,11 @@ fn encryption(cx: &mut Ctx, key: &str, e: &Option<Spanned<RawEncrypt>>) -> FileE
                             cx.err(&rcp.span(), &format!("{key}.encrypt.age"), m);
                         }
                     }
-                    FileEncryption::Age(age.iter().map(|r| r.get_ref().clone()).collect())
+                    FileEncryption::Age(
+                        age.iter()
+                            .map(|r| cx.located(r.get_ref().clone(), &r.span()))
+                            .collect(),
+                    )
                 }
                 (None, Some(keys)) if !keys.is_empty() => FileEncryption::Pgp(
                     keys.iter()
@@ -1289,7 +1293,7 @@ fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Opti
             "an email sink needs an [smtp] table",
         );
     }
-    let to: Vec<String> = match &r.to {
+    let to: Vec<Located<String>> = match &r.to {
         None => {
             cx.err(
                 &r.kind.span(),
@@ -1320,7 +1324,7 @@ fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Opti
             }
             list.get_ref()
                 .iter()
-                .map(|a| a.get_ref().to_ascii_lowercase())
+                .map(|a| cx.located(a.get_ref().to_ascii_lowercase(), &a.span()))
                 .collect()
         }
     };

@@ -64,6 +64,12 @@ pub fn parse_keys(text: &str, path: &Path, now: SystemTime) -> Result<Vec<PgpKey
         for key in keys {
             let key =
                 key.map_err(|e| format!("{}: the key does not parse: {e}", path.display()))?;
+            // Before any other check: an EXAMPLE key is refused as what it is, not as
+            // expired or unable to encrypt.
+            let fingerprint = hex::encode(key.fingerprint().as_bytes());
+            if let Some(m) = crate::placeholder::pgp_key(&fingerprint) {
+                return Err(format!("{}: {m}", path.display()));
+            }
             out.push(check_key(path, key, now)?);
         }
     }

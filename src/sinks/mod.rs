@@ -323,7 +323,7 @@ impl Sinks {
 
 fn load_pgp(
     config: &Config,
-    sink: &str,
+    key: &str,
     keys: &[Located<std::path::PathBuf>],
     issues: &mut Vec<ConfigIssue>,
 ) -> Vec<PgpKey> {
@@ -332,10 +332,26 @@ fn load_pgp(
     for k in keys {
         match pgp::load_keys(&k.value, now) {
             Ok(mut ks) => out.append(&mut ks),
-            Err(e) => issues.push(config.issue(Some(k.loc), format!("sinks.{sink}.pgp_keys"), e)),
+            Err(e) => issues.push(config.issue(Some(k.loc), key, e)),
         }
     }
     out
+}
+
+/// One issue per recipient of `sinks.NAME.KEY` that is a placeholder (SPEC §3), at its line.
+fn placeholder_issues(
+    config: &Config,
+    sink: &str,
+    key: &str,
+    recipients: &[Located<String>],
+    why: impl Fn(&str) -> Option<String>,
+) -> Vec<ConfigIssue> {
+    recipients
+        .iter()
+        .filter_map(|r| {
+            why(&r.value).map(|m| config.issue(Some(r.loc), format!("sinks.{sink}.{key}"), m))
+        })
+        .collect()
 }
 
 /// Two portals never write one file: their targets are compared with the directories'
@@ -429,16 +445,27 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
     for (name, sc) in &config.sinks {
         let mut cipher_of = |encrypt: &FileEncryption| match encrypt {
             FileEncryption::Plain => Some(file::FileCipher::Plain),
-            FileEncryption::Age(list) => match AgeRecipients::parse(list) {
-                Ok(r) => Some(file::FileCipher::Age(r)),
-                Err(e) => {
-                    issues.push(config.issue(None, format!("sinks.{name}.encrypt.age"), e));
-                    None
+            FileEncryption::Age(list) => {
+                let placeholders = placeholder_issues(config, name, "encrypt.age", list, |r| {
+                    crate::placeholder::age_recipient(r)
+                });
+                if !placeholders.is_empty() {
+                    issues.extend(placeholders);
+                    return None;
                 }
-            },
+                let list: Vec<String> = list.iter().map(|r| r.value.clone()).collect();
+                match AgeRecipients::parse(&list) {
+                    Ok(r) => Some(file::FileCipher::Age(r)),
+                    Err(e) => {
+                        issues.push(config.issue(None, format!("sinks.{name}.encrypt.age"), e));
+                        None
+                    }
+                }
+            }
             FileEncryption::Pgp(keys) => {
                 let before = issues.len();
-                let loaded = load_pgp(config, name, keys, &mut issues);
+                let key = format!("sinks.{name}.encrypt.pgp_keys");
+                let loaded = load_pgp(config, &key, keys, &mut issues);
                 (issues.len() == before).then_some(file::FileCipher::Pgp(loaded))
             }
         };
@@ -452,9 +479,16 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
             }),
             SinkKind::Email(ec) => {
                 let before = issues.len();
-                let keys = load_pgp(config, name, &ec.pgp_keys, &mut issues);
+                // An example address is refused before anything else is asked of it (which
+                // key covers it).
+                issues.extend(placeholder_issues(config, name, "to", &ec.to, |a| {
+                    crate::placeholder::address(a)
+                }));
+                let key = format!("sinks.{name}.pgp_keys");
+                let keys = load_pgp(config, &key, &ec.pgp_keys, &mut issues);
+                let to: Vec<String> = ec.to.iter().map(|a| a.value.clone()).collect();
                 match (&smtp, issues.len() == before) {
-                    (Some(smtp), true) => match EmailSink::new(name, &ec.to, keys, smtp.clone()) {
+                    (Some(smtp), true) => match EmailSink::new(name, &to, keys, smtp.clone()) {
                         Ok(s) => Some(Sink::Email(s)),
                         Err(e) => {
                             let loc = ec.pgp_keys.first().map(|k| k.loc);
@@ -471,6 +505,8 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
         }
     }
     same_file_twice(config, &by_name, &mut issues);
+    // In the file's order, like the validation's errors (those without a place last).
+    issues.sort_by_key(|i| i.loc.map_or((usize::MAX, 0), |l| (l.line, l.column)));
     if issues.is_empty() {
         Ok(Sinks { by_name })
     } else {

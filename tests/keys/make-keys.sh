@@ -9,27 +9,27 @@ trap 'gpgconf --homedir "$home" --kill all; rm -rf "$home"' EXIT
 g() { gpg --homedir "$home" --batch --yes --pinentry-mode loopback --passphrase '' "$@"; }
 fpr() { g --with-colons --list-keys "$1" | awk -F: '/^fpr:/ {print $10; exit}'; }
 
-g --quick-generate-key 'Ed Owner <ed@example.com>' future-default default never
-g --quick-generate-key 'Rsa Owner <rsa@example.com>' rsa3072 sign never
-g --quick-add-key "$(fpr rsa@example.com)" rsa3072 encr never
-g --faked-system-time 20200101T000000 --quick-generate-key 'Old Owner <old@example.com>' ed25519 default 1d
-g --quick-generate-key 'Gone Owner <gone@example.com>' future-default default never
-gone=$(fpr gone@example.com)
+g --quick-generate-key 'Ed Owner <ed@rotator.test>' future-default default never
+g --quick-generate-key 'Rsa Owner <rsa@rotator.test>' rsa3072 sign never
+g --quick-add-key "$(fpr rsa@rotator.test)" rsa3072 encr never
+g --faked-system-time 20200101T000000 --quick-generate-key 'Old Owner <old@rotator.test>' ed25519 default 1d
+g --quick-generate-key 'Gone Owner <gone@rotator.test>' future-default default never
+gone=$(fpr gone@rotator.test)
 sed 's/^:-----BEGIN/-----BEGIN/' "$home/openpgp-revocs.d/$gone.rev" > "$home/rev.asc"
 g --import "$home/rev.asc"
-g --quick-generate-key 'Sign Owner <sign@example.com>' ed25519 sign never
-g --quick-generate-key 'Weak <weak@example.com>' rsa1024 default never
-g --quick-generate-key 'Dsa <dsa@example.com>' dsa2048 default never
-g --quick-add-key "$(fpr dsa@example.com)" elg2048 encr never
-g --quick-generate-key 'Ann <ann@example.com>' ed25519 default never
-g --quick-add-key "$(fpr ann@example.com)" cv25519 encr never
-g --quick-add-uid "$(fpr ann@example.com)" 'Ann Old <old@example.com>'
-g --quick-revoke-uid "$(fpr ann@example.com)" 'Ann Old <old@example.com>'
+g --quick-generate-key 'Sign Owner <sign@rotator.test>' ed25519 sign never
+g --quick-generate-key 'Weak <weak@rotator.test>' rsa1024 default never
+g --quick-generate-key 'Dsa <dsa@rotator.test>' dsa2048 default never
+g --quick-add-key "$(fpr dsa@rotator.test)" elg2048 encr never
+g --quick-generate-key 'Ann <ann@rotator.test>' ed25519 default never
+g --quick-add-key "$(fpr ann@rotator.test)" cv25519 encr never
+g --quick-add-uid "$(fpr ann@rotator.test)" 'Ann Old <old@rotator.test>'
+g --quick-revoke-uid "$(fpr ann@rotator.test)" 'Ann Old <old@rotator.test>'
 
 : > "$here/fingerprints"
-for pair in ed:ed@example.com rsa:rsa@example.com expired:old@example.com \
-    revoked:gone@example.com sign-only:sign@example.com weak:weak@example.com \
-    dsa:dsa@example.com ann:ann@example.com; do
+for pair in ed:ed@rotator.test rsa:rsa@rotator.test expired:old@rotator.test \
+    revoked:gone@rotator.test sign-only:sign@rotator.test weak:weak@rotator.test \
+    dsa:dsa@rotator.test ann:ann@rotator.test; do
     name=${pair%%:*} uid=${pair#*:}
     f=$(g --with-colons --list-keys "<$uid>" | awk -F: '/^fpr:/ {print $10; exit}')
     g --armor --export "$f" > "$here/$name.asc"

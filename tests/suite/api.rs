@@ -8,7 +8,7 @@ use tfa_rotator::simulator::{Fault, FaultAction, SimConfig, Simulator, UserSpec}
 
 async fn sim_with(config: SimConfig) -> (Simulator, String) {
     let sim = Simulator::start(config).await.unwrap();
-    let key = sim.add_user(UserSpec::new("api@example.com"));
+    let key = sim.add_user(UserSpec::new("api@rotator.test"));
     (sim, key)
 }
 
@@ -53,7 +53,7 @@ async fn codes_of_any_count_and_length_are_read_and_replaced() {
 async fn used_codes_are_reported_as_used() {
     let (sim, key) = sim_with(SimConfig::default()).await;
     let first = sim.codes(&key)[0].0.clone();
-    assert!(sim.login("api@example.com", &first));
+    assert!(sim.login("api@rotator.test", &first));
     let got = portal(&sim, &key, Duration::from_secs(5))
         .codes()
         .await
@@ -84,7 +84,7 @@ async fn key_without_settings_scope_is_forbidden() {
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
     let key = sim.add_user(UserSpec {
         scopes: vec!["files:read".into()],
-        ..UserSpec::new("s@example.com")
+        ..UserSpec::new("s@rotator.test")
     });
     let e = portal(&sim, &key, Duration::from_secs(5))
         .codes()
@@ -95,7 +95,7 @@ async fn key_without_settings_scope_is_forbidden() {
     // A read-only key can read but not rotate.
     let ro = sim.add_user(UserSpec {
         scopes: vec!["*:read".into()],
-        ..UserSpec::new("r@example.com")
+        ..UserSpec::new("r@rotator.test")
     });
     let p = portal(&sim, &ro, Duration::from_secs(5));
     assert!(p.codes().await.is_ok());
@@ -115,7 +115,7 @@ async fn not_available_is_recognised_whatever_the_status() {
         .unwrap();
         let key = sim.add_user(UserSpec {
             linked_app: false,
-            ..UserSpec::new("n@example.com")
+            ..UserSpec::new("n@rotator.test")
         });
         let e = portal(&sim, &key, Duration::from_secs(5))
             .codes()
@@ -136,7 +136,7 @@ async fn not_available_is_recognised_whatever_the_status() {
         })
         .await
         .unwrap();
-        let k2 = sim2.add_user(UserSpec::new("m@example.com"));
+        let k2 = sim2.add_user(UserSpec::new("m@rotator.test"));
         let e2 = portal(&sim2, &k2, Duration::from_secs(5))
             .codes()
             .await
@@ -286,7 +286,7 @@ async fn tfa_settings_accept_both_spellings_and_account_is_read() {
         let app = methods.iter().find(|m| m.id == "app").unwrap();
         assert!(app.enabled && app.available, "old spelling {old}");
         let acc = p.account().await.unwrap();
-        assert_eq!(acc.email, "api@example.com");
+        assert_eq!(acc.email, "api@rotator.test");
         assert!(p.version().await.unwrap().doc_space.is_some());
         assert!(
             p.key_info()
@@ -304,7 +304,7 @@ async fn login_with_a_backup_code_spends_it_once() {
     let code = sim.codes(&key)[2].0.clone();
     let client = reqwest::Client::new();
     let url = format!("{}api/2.0/authentication/{code}", sim.url());
-    let body = serde_json::json!({"userName": "api@example.com", "password": "x"});
+    let body = serde_json::json!({"userName": "api@rotator.test", "password": "x"});
     let first = client.post(&url).json(&body).send().await.unwrap();
     assert_eq!(first.status(), 200);
     let second = client.post(&url).json(&body).send().await.unwrap();
@@ -379,7 +379,7 @@ async fn unusable_code_sets_are_refused() {
 #[tokio::test]
 async fn portal_text_is_escaped() {
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
-    let mut u = UserSpec::new("api@example.com");
+    let mut u = UserSpec::new("api@rotator.test");
     u.name = "Eve\nINFO forged line\u{1b}[31m".into();
     let key = sim.add_user(u);
     let a = portal(&sim, &key, Duration::from_secs(5))

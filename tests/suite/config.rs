@@ -7,7 +7,8 @@ use tfa_rotator::config::{self, ConfigIssue};
 
 use crate::support::*;
 
-const GOOD_AGE: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+/// A test recipient (its identity was thrown away): the example config's is a placeholder.
+const GOOD_AGE: &str = "age1e9e3sxhu7pekamjlu3nkq7qgnexpskjsmt6gj720nw77x8nq8uws20sqew";
 
 fn errors(text: &str) -> Vec<ConfigIssue> {
     match config::parse(text, Path::new("/etc/tfa-rotator/config.toml"), false) {
@@ -28,7 +29,7 @@ type = "file"
 path = "/var/lib/tfa-rotator/codes/{portal}.txt"
 
 [portals.acme]
-url = "https://acme.example.com"
+url = "https://acme.rotator.test"
 api_key = { env = "ACME_KEY" }
 sinks = ["f"]
 "#;
@@ -36,7 +37,7 @@ sinks = ["f"]
 #[test]
 fn the_base_config_is_valid() {
     let c = config::parse(BASE, Path::new("/x/config.toml"), false).unwrap();
-    assert_eq!(c.portals["acme"].url.as_str(), "https://acme.example.com/");
+    assert_eq!(c.portals["acme"].url.as_str(), "https://acme.rotator.test/");
     assert_eq!(c.daemon.max_concurrent, 64);
     assert_eq!(c.daemon.max_per_host, 8);
     assert_eq!(c.daemon.stop_timeout, std::time::Duration::from_secs(10));
@@ -93,13 +94,13 @@ path = "/codes/all.txt"
 mode = "0666"
 
 [portals.acme]
-url = "http://acme.example.com"
+url = "http://acme.rotator.test"
 api_key = { env = "K" }
 schedule = "monthly"
 sinks = ["f", "nope"]
 
 [portals.Bad]
-url = "https://b.example.com"
+url = "https://b.rotator.test"
 api_key = { env = "K" }
 sinks = ["f"]
 "#;
@@ -134,7 +135,7 @@ sinks = ["f"]
 fn portal_urls_are_https_or_loopback_http() {
     assert!(
         config::parse(
-            &BASE.replace("https://acme.example.com", "http://127.0.0.1:8080"),
+            &BASE.replace("https://acme.rotator.test", "http://127.0.0.1:8080"),
             Path::new("/c.toml"),
             false
         )
@@ -142,22 +143,22 @@ fn portal_urls_are_https_or_loopback_http() {
     );
     assert!(
         config::parse(
-            &BASE.replace("https://acme.example.com", "http://localhost:8080/"),
+            &BASE.replace("https://acme.rotator.test", "http://localhost:8080/"),
             Path::new("/c.toml"),
             false
         )
         .is_ok()
     );
-    let e = one_error(&BASE.replace("https://acme.example.com", "http://acme.example.com"));
+    let e = one_error(&BASE.replace("https://acme.rotator.test", "http://acme.rotator.test"));
     assert!(e.message.contains("https"), "{}", e.message);
-    let e = one_error(&BASE.replace("https://acme.example.com", "https://u:p@acme.example.com"));
+    let e = one_error(&BASE.replace("https://acme.rotator.test", "https://u:p@acme.rotator.test"));
     assert!(e.message.contains("credentials"));
 }
 
 #[test]
 fn shared_file_sink_needs_portal_placeholder_and_no_two_portals_share_a_file() {
     let two = format!(
-        "{BASE}\n[portals.beta]\nurl = \"https://b.example.com\"\napi_key = {{ env = \"B\" }}\nsinks = [\"f\"]\n"
+        "{BASE}\n[portals.beta]\nurl = \"https://b.rotator.test\"\napi_key = {{ env = \"B\" }}\nsinks = [\"f\"]\n"
     );
     assert!(config::parse(&two, Path::new("/c.toml"), false).is_ok());
     let e = errors(&two.replace("{portal}.txt", "all.txt"));
@@ -192,13 +193,13 @@ fn email_sinks_need_smtp_keys_and_valid_addresses() {
         "{e:#?}"
     );
     let smtp =
-        "[smtp]\nhost = \"mail.example.com\"\nsecurity = \"none\"\nfrom = \"r@example.com\"\n";
+        "[smtp]\nhost = \"mail.rotator.test\"\nsecurity = \"none\"\nfrom = \"r@rotator.test\"\n";
     let e = one_error(&format!("{smtp}{BASE}"));
     assert_eq!(e.key, "smtp.security");
     assert!(e.message.contains("loopback"));
     assert!(
         config::parse(
-            &format!("{}{BASE}", smtp.replace("mail.example.com", "127.0.0.1")),
+            &format!("{}{BASE}", smtp.replace("mail.rotator.test", "127.0.0.1")),
             Path::new("/c.toml"),
             false
         )
@@ -339,7 +340,7 @@ async fn check_prints_the_plan_with_three_next_times_and_what_it_found() {
     let p = &doc["portals"][0];
     assert_eq!(p["schedule"]["next"].as_array().unwrap().len(), 3);
     assert_eq!(p["codes"]["unused"], 5);
-    assert_eq!(p["account"]["email"], "acme@example.com");
+    assert_eq!(p["account"]["email"], "acme@rotator.test");
     assert_eq!(p["ok"], true);
     let text = h.run(&["check"]).await.stdout;
     assert!(
@@ -366,32 +367,114 @@ async fn check_prints_the_plan_with_three_next_times_and_what_it_found() {
     );
 }
 
+/// The shipped example encrypts to placeholders (SPEC §3): `check --offline` refuses it for
+/// them alone, one error per placeholder at its line, and nothing else; online, the missing
+/// secrets are said too, each once.
 #[test]
-fn the_shipped_example_passes_check_offline_without_its_secrets() {
-    // No credentials directory, no environment: offline reads no secret value.
+fn the_shipped_example_is_refused_for_its_placeholders_alone() {
+    let example = crate::support::shipped_config_dir().join("example.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let line_of = |needle: &str| {
+        1 + text
+            .lines()
+            .position(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("example.toml has no line `{needle}`"))
+    };
+    let expected = [
+        (
+            line_of("to = [\"secops@example.com\"]"),
+            "sinks.secops-mail.to",
+        ),
+        (
+            line_of("pgp_keys = [\"keys/secops.asc\"]"),
+            "sinks.secops-mail.pgp_keys",
+        ),
+        (
+            line_of("encrypt = { age = [\"age1ql3z"),
+            "sinks.vault-file.encrypt.age",
+        ),
+    ];
+    let run = |args: &[&str]| {
+        // No credentials directory, no environment: offline reads no secret value.
+        let out = std::process::Command::new(crate::support::BIN)
+            .arg("--config")
+            .arg(&example)
+            .args(args)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("TFA_ROTATOR_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["check", "--offline"]);
+    assert_eq!(code, Some(78), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), expected.len() + 1, "{err}");
+    for ((line, key), got) in expected.iter().zip(&errors) {
+        let place = format!("example.toml:{line}:");
+        assert!(
+            got.contains(&place) && got.contains(&format!(": {key}: ")),
+            "{key}: {got}"
+        );
+        assert!(
+            got.ends_with("replace the example recipient with your own")
+                || got.contains("replace the example recipient with your own ("),
+            "{got}"
+        );
+    }
+    assert_eq!(errors[3], "error: the configuration is invalid (3 errors)");
+    // The README shows it as installed, in /etc/tfa-rotator.
+    let readme = include_str!("../../README.md")
+        .split("```text\n$ tfa-rotator check --offline\n")
+        .nth(2)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README shows the example refused");
+    let dir = example.parent().unwrap().display().to_string();
+    let installed = err
+        .replace(&format!("{dir}/example.toml"), "/etc/tfa-rotator/config.toml")
+        .replace(&dir, "/etc/tfa-rotator");
+    assert_eq!(installed, readme);
+    // `check --json` says the same, as JSON.
     let out = std::process::Command::new(crate::support::BIN)
-        .args(["--config"])
-        .arg(crate::support::shipped_config_dir().join("example.toml"))
-        .args(["check", "--offline"])
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("TFA_ROTATOR_CONFIG")
+        .arg("--config")
+        .arg(&example)
+        .args(["check", "--offline", "--json"])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    // Online, each missing secret is reported once, with its line.
-    let out = std::process::Command::new(crate::support::BIN)
-        .args(["--config"])
-        .arg(crate::support::shipped_config_dir().join("example.toml"))
-        .arg("check")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("TFA_ROTATOR_CONFIG")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: Vec<&str> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, expected.map(|(_, k)| k));
+    // Online, each missing secret is reported once, with its line, beside the placeholders.
+    let (code, err) = run(&["check"]);
+    assert_eq!(code, Some(78), "{err}");
     assert_eq!(err.matches("smtp.password").count(), 1, "{err}");
-    assert!(err.contains("example.toml:37:12: smtp.password"), "{err}");
+    let password = format!("example.toml:{}:12: smtp.password", line_of("password = "));
+    assert!(err.contains(&password), "{err}");
+    assert_eq!(
+        err.matches("replace the example recipient").count(),
+        3,
+        "{err}"
+    );
+    assert!(
+        err.contains("the configuration is invalid (5 errors)"),
+        "{err}"
+    );
+    // `rotate` refuses it the same way, before anything else.
+    let (code, err) = run(&["rotate", "--all", "--dry-run"]);
+    assert_eq!(code, Some(78), "{err}");
+    assert_eq!(
+        err.matches("replace the example recipient").count(),
+        3,
+        "{err}"
+    );
 }
 
 /// `--json` on an invalid config prints its errors as one JSON document on stdout; text
@@ -488,15 +571,23 @@ fn the_json_schema_is_current_and_every_config_file_passes_it() {
 }
 
 /// `config/simulate.toml` rotates against `tfa-rotator simulate` as shipped (only the
-/// port differs, to run beside other tests), and `config/example.toml` passes
-/// `check --offline` as shipped.
+/// port differs, to run beside other tests); `config/example.toml` with its placeholders
+/// replaced passes `check --offline`.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shipped_configs_work_as_shipped() {
     use tokio::io::AsyncBufReadExt;
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = crate::support::shipped_config_dir();
+    std::fs::copy(repo.join("tests/keys/ed.asc"), dir.join("keys/ed.asc")).unwrap();
+    let replaced = std::fs::read_to_string(dir.join("example.toml"))
+        .unwrap()
+        .replace("secops@example.com", "ed@rotator.test")
+        .replace("keys/secops.asc", "keys/ed.asc")
+        .replace(tfa_rotator::placeholder::EXAMPLE_AGE_RECIPIENT, GOOD_AGE);
+    std::fs::write(dir.join("replaced.toml"), replaced).unwrap();
     let out = std::process::Command::new(crate::support::BIN)
         .arg("--config")
-        .arg(crate::support::shipped_config_dir().join("example.toml"))
+        .arg(dir.join("replaced.toml"))
         .args(["check", "--offline"])
         .output()
         .unwrap();
@@ -652,7 +743,7 @@ fn the_readme_check_example_is_what_check_prints() {
         &path,
         "[schedules.weekly]\ncron = \"0 3 * * Mon-Fry\"\n\n[sinks.vault]\ntype = \"file\"\n\
          path = \"/var/lib/tfa-rotator/codes/{portal}.txt\"\n\n[portals.acme]\n\
-         url = \"https://acme.example.com\"\napi_key = { env = \"ACME_KEY\" }\n\
+         url = \"https://acme.rotator.test\"\napi_key = { env = \"ACME_KEY\" }\n\
          schedul = \"weekly\"\nsinks = [\"vault\", \"mail\"]\n",
     );
     let out = std::process::Command::new(crate::support::BIN)
@@ -663,4 +754,79 @@ fn the_readme_check_example_is_what_check_prints() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert_eq!(String::from_utf8_lossy(&out.stderr), block);
+}
+
+/// A sink that still delivers to a placeholder is refused when the sinks are built (what
+/// `check`, start and `rotate` all do), one error per placeholder at its line, before any
+/// other check of that recipient: the example address is not also "covered by no key".
+#[test]
+fn placeholder_recipients_are_refused_before_any_other_check() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = format!(
+        "[smtp]\nhost = \"127.0.0.1\"\nsecurity = \"none\"\nfrom = \"r@rotator.test\"\n\n\
+         [sinks.mail]\ntype = \"email\"\n\
+         to = [\"ed@rotator.test\",\n  \"ops@Mail.Example.ORG\"]\n\
+         pgp_keys = [\"{ed}\"]\n\n\
+         [sinks.f]\ntype = \"file\"\npath = \"/var/lib/tfa-rotator/codes/{{portal}}.txt\"\n\
+         encrypt = {{ pgp_keys = [\"{secops}\"] }}\n\n\
+         [sinks.x]\ntype = \"exec\"\ncommand = [\"/bin/true\"]\n\
+         encrypt = {{ age = [\"{GOOD_AGE}\",\n  \"{example_age}\"] }}\n\n\
+         [portals.acme]\nurl = \"https://acme.rotator.test\"\napi_key = {{ env = \"K\" }}\n\
+         sinks = [\"mail\", \"f\", \"x\"]\n",
+        ed = repo.join("tests/keys/ed.asc").display(),
+        secops = repo.join("config/keys/secops.asc").display(),
+        example_age = tfa_rotator::placeholder::EXAMPLE_AGE_RECIPIENT,
+    );
+    let c = config::parse(&text, Path::new("/c.toml"), false).unwrap_or_else(|e| panic!("{e}"));
+    let Err(issues) = tfa_rotator::sinks::build_with(&c, tfa_rotator::sinks::Secrets::Skip) else {
+        panic!("placeholders were accepted");
+    };
+    let got: Vec<(&str, usize)> = issues
+        .iter()
+        .map(|i| (i.key.as_str(), i.loc.map(|l| l.line).unwrap_or(0)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("sinks.mail.to", 9),
+            ("sinks.f.encrypt.pgp_keys", 15),
+            ("sinks.x.encrypt.age", 21)
+        ],
+        "{issues:#?}"
+    );
+    for i in &issues {
+        assert!(
+            i.message
+                .contains("replace the example recipient with your own"),
+            "{i}"
+        );
+    }
+    assert!(
+        issues[0]
+            .message
+            .contains("`ops@mail.example.org` is an example address")
+    );
+    assert!(
+        issues[1]
+            .message
+            .contains("B04E29BE7BF344AF170482CEBB4F95448568AD3B")
+    );
+    // The same sinks with the placeholders replaced build.
+    let fixed = text
+        .replace(",\n  \"ops@Mail.Example.ORG\"", "")
+        .replace(
+            &*repo.join("config/keys/secops.asc").to_string_lossy(),
+            &repo.join("tests/keys/rsa.asc").to_string_lossy(),
+        )
+        .replace(
+            &format!(
+                ",\n  \"{}\"",
+                tfa_rotator::placeholder::EXAMPLE_AGE_RECIPIENT
+            ),
+            "",
+        );
+    let c = config::parse(&fixed, Path::new("/c.toml"), false).unwrap_or_else(|e| panic!("{e}"));
+    if let Err(issues) = tfa_rotator::sinks::build_with(&c, tfa_rotator::sinks::Secrets::Skip) {
+        panic!("{issues:#?}");
+    }
 }

@@ -46,8 +46,8 @@ async fn world(p: Policy<'_>) -> World {
     let extra = format!(
         "[schedules.conv]\ncron = \"@yearly\"\ncatch_up = false\nrotate_on_change = {}\nsettle_window = \"{}\"\nwatch_every = \"{}\"\non_drift = \"{}\"\n\n\
          [smtp]\nhost = \"localhost\"\nport = {}\nsecurity = \"starttls\"\nusername = \"{}\"\npassword = {{ file = \"smtp.pass\" }}\n\
-         from = \"TFA Rotator <rotator@example.com>\"\nca_file = \"{}\"\ntimeout = \"5s\"\n\n\
-         [sinks.mail]\ntype = \"email\"\nto = [\"ed@example.com\"]\npgp_keys = [\"{}\"]\n\n{}",
+         from = \"TFA Rotator <rotator@rotator.test>\"\nca_file = \"{}\"\ntimeout = \"5s\"\n\n\
+         [sinks.mail]\ntype = \"email\"\nto = [\"ed@rotator.test\"]\npgp_keys = [\"{}\"]\n\n{}",
         p.rotate_on_change,
         p.settle_window,
         p.watch_every,
@@ -442,7 +442,7 @@ async fn a_key_swapped_for_another_accounts_is_refused() {
     assert_eq!(w.h.run(&["rotate", "acme"]).await.code, Some(0));
     let ours = w.h.accepted("acme");
     // Someone puts another account's key in acme's key file.
-    let other = w.h.sim.add_user(UserSpec::new("mallory@example.com"));
+    let other = w.h.sim.add_user(UserSpec::new("mallory@rotator.test"));
     write_private(&w.h.path("keys/acme"), &format!("{other}\n"));
     let out = w.h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());

@@ -26,7 +26,7 @@ pub(crate) fn mail_config(
             .join(", ")
     };
     let extra = format!(
-        "[smtp]\nhost = \"localhost\"\nport = {port}\nsecurity = \"{security}\"\nusername = \"{}\"\npassword = {{ file = \"smtp.pass\" }}\nfrom = \"TFA Rotator <rotator@example.com>\"\nca_file = \"{}\"\ntimeout = \"5s\"\n\n[sinks.mail]\ntype = \"email\"\nto = [{}]\npgp_keys = [{}]\n",
+        "[smtp]\nhost = \"localhost\"\nport = {port}\nsecurity = \"{security}\"\nusername = \"{}\"\npassword = {{ file = \"smtp.pass\" }}\nfrom = \"TFA Rotator <rotator@rotator.test>\"\nca_file = \"{}\"\ntimeout = \"5s\"\n\n[sinks.mail]\ntype = \"email\"\nto = [{}]\npgp_keys = [{}]\n",
         smtp::USER,
         ca.display(),
         list(to.iter().map(|s| s.to_string()).collect()),
@@ -35,14 +35,14 @@ pub(crate) fn mail_config(
     h.write_config(&extra, &["mail"]);
 }
 
-/// The mail sink to ed@example.com (ed's key), through `smtpd` with STARTTLS.
+/// The mail sink to ed@rotator.test (ed's key), through `smtpd` with STARTTLS.
 pub(crate) fn mail_to_ed(h: &Harness, smtpd: &Smtpd) {
     mail_config(
         h,
         smtpd.addr.port(),
         "starttls",
         &smtpd.ca_pem,
-        &["ed@example.com"],
+        &["ed@rotator.test"],
         &[&gpg_keys().ed],
     );
 }
@@ -55,7 +55,7 @@ fn mail_to_ed_and_rsa(h: &Harness, smtpd: &Smtpd) {
         smtpd.addr.port(),
         "starttls",
         &smtpd.ca_pem,
-        &["ed@example.com", "rsa@example.com"],
+        &["ed@rotator.test", "rsa@rotator.test"],
         &[&keys.ed, &keys.rsa],
     );
 }
@@ -116,7 +116,7 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
     assert_eq!(mails.len(), 1, "one message to both recipients");
     let mut rcpts = mails[0].to.clone();
     rcpts.sort();
-    assert_eq!(rcpts, vec!["ed@example.com", "rsa@example.com"]);
+    assert_eq!(rcpts, vec!["ed@rotator.test", "rsa@rotator.test"]);
     assert!(
         smtpd.state.lock().unwrap().logins >= 2,
         "AUTH in the preflight and for the delivery"
@@ -203,7 +203,7 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
 
         assert!(plain.contains("HP-Outer: Subject: [...]"), "{label}");
         assert!(
-            plain.contains("\nFrom: \"TFA Rotator\" <rotator@example.com>"),
+            plain.contains("\nFrom: \"TFA Rotator\" <rotator@rotator.test>"),
             "{label}: {plain}"
         );
         // RFC 9788: the Message-ID inside too, the same as outside.
@@ -217,7 +217,7 @@ async fn mail_is_pgp_mime_that_gnupg_decrypts_for_ed25519_and_rsa() {
             "{label}"
         );
         assert!(
-            plain.contains("acme@example.com"),
+            plain.contains("acme@rotator.test"),
             "{label}: the account is named"
         );
         assert!(
@@ -251,7 +251,7 @@ async fn unreachable_smtp_or_bad_password_at_preflight_means_no_rotation() {
         closed,
         "starttls",
         &smtpd.ca_pem,
-        &["ed@example.com"],
+        &["ed@rotator.test"],
         &[&keys.ed],
     );
     let out = h.run(&["rotate", "acme"]).await;
@@ -281,7 +281,7 @@ async fn smtp_gone_after_the_put_keeps_the_set_sealed_until_deliver() {
         proxy.port,
         "starttls",
         &smtpd.ca_pem,
-        &["ed@example.com"],
+        &["ed@rotator.test"],
         &[&keys.ed],
     );
     h.sim
@@ -327,7 +327,7 @@ async fn a_permanent_rejection_is_kept_marked_and_sent_by_deliver() {
         .lock()
         .unwrap()
         .refuse
-        .insert("ed@example.com".into(), 1);
+        .insert("ed@rotator.test".into(), 1);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     let status = h.run(&["status"]).await;
@@ -355,7 +355,7 @@ async fn a_server_that_never_greets_holds_nothing_past_its_timeout() {
         proxy.port,
         "starttls",
         &smtpd.ca_pem,
-        &["ed@example.com"],
+        &["ed@rotator.test"],
         &[&keys.ed],
     );
     edit_config(&h, |t| {
@@ -419,19 +419,19 @@ async fn check_refuses_an_unknown_recipient_and_a_missing_login_before_any_put()
         .lock()
         .unwrap()
         .refuse
-        .insert("rsa@example.com".into(), 0);
+        .insert("rsa@rotator.test".into(), 0);
     for args in [&["check"][..], &["rotate", "acme"][..]] {
         let out = h.run(args).await;
         assert_ne!(out.code, Some(0), "{args:?}: {}", out.all());
         assert!(
             out.all()
-                .contains("recipient <rsa@example.com> would be refused")
+                .contains("recipient <rsa@rotator.test> would be refused")
                 && out.all().contains("550"),
             "{args:?}: {}",
             out.all()
         );
         assert!(
-            !out.all().contains("<ed@example.com> would be refused"),
+            !out.all().contains("<ed@rotator.test> would be refused"),
             "{}",
             out.all()
         );
@@ -449,7 +449,7 @@ async fn check_refuses_an_unknown_recipient_and_a_missing_login_before_any_put()
         let out = h.run(args).await;
         assert_ne!(out.code, Some(0), "{args:?}: {}", out.all());
         assert!(
-            out.all().contains("MAIL FROM <rotator@example.com>")
+            out.all().contains("MAIL FROM <rotator@rotator.test>")
                 && out.all().contains("permanent error (5")
                 && out.all().contains("set smtp.username"),
             "{args:?}: {}",
@@ -470,7 +470,7 @@ async fn a_partly_refused_delivery_reaches_the_others_and_retries_only_the_refus
     mail_to_ed_and_rsa(&h, &smtpd);
     edit_config(&h, |t| {
         format!(
-            "{t}\n[sinks.ops]\ntype = \"email\"\nto = [\"ed@example.com\"]\npgp_keys = [\"{}\"]\n\n[alerts]\nsinks = [\"ops\"]\n",
+            "{t}\n[sinks.ops]\ntype = \"email\"\nto = [\"ed@rotator.test\"]\npgp_keys = [\"{}\"]\n\n[alerts]\nsinks = [\"ops\"]\n",
             keys.ed.display()
         )
     });
@@ -479,7 +479,7 @@ async fn a_partly_refused_delivery_reaches_the_others_and_retries_only_the_refus
         .lock()
         .unwrap()
         .refuse
-        .insert("rsa@example.com".into(), 1);
+        .insert("rsa@rotator.test".into(), 1);
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     let accepted = h.accepted("acme");
@@ -495,19 +495,19 @@ async fn a_partly_refused_delivery_reaches_the_others_and_retries_only_the_refus
         .filter(|(_, p)| p.contains("New two-factor backup codes"))
         .collect();
     assert_eq!(sets.len(), 1, "{opened:?}");
-    assert_eq!(sets[0].0, vec!["ed@example.com".to_string()]);
+    assert_eq!(sets[0].0, vec!["ed@rotator.test".to_string()]);
     assert_eq!(mail_codes(&sets[0].1), accepted);
     let alert = opened
         .iter()
         .find(|(_, p)| p.contains("delivery to mail pending"))
         .unwrap_or_else(|| panic!("an alert for the refused recipient: {opened:?}"));
-    assert!(alert.1.contains("rsa@example.com"), "{}", alert.1);
+    assert!(alert.1.contains("rsa@rotator.test"), "{}", alert.1);
     for c in &accepted {
         assert!(!alert.1.contains(c.as_str()), "no code in an alert");
     }
     let status = h.run(&["status"]).await;
     assert!(
-        status.stdout.contains("rsa@example.com"),
+        status.stdout.contains("rsa@rotator.test"),
         "{}",
         status.stdout
     );
@@ -521,7 +521,7 @@ async fn a_partly_refused_delivery_reaches_the_others_and_retries_only_the_refus
     let (to, plain) = codes_to(&mails[before]);
     assert_eq!(
         to,
-        vec!["rsa@example.com".to_string()],
+        vec!["rsa@rotator.test".to_string()],
         "no duplicate to ed"
     );
     let alone = keys.only(&keys.rsa_fpr);
@@ -569,14 +569,14 @@ async fn keys_that_cannot_encrypt_to_a_recipient_fail_check_with_78() {
     let smtpd = Smtpd::start(true);
     let cases: Vec<(&str, &Path, &str)> = vec![
         (
-            "nobody@example.com",
+            "nobody@rotator.test",
             &keys.ed,
-            "no key in pgp_keys covers `nobody@example.com`",
+            "no key in pgp_keys covers `nobody@rotator.test`",
         ),
-        ("old@example.com", &keys.expired, "expired"),
-        ("gone@example.com", &keys.revoked, "revoked"),
+        ("old@rotator.test", &keys.expired, "expired"),
+        ("gone@rotator.test", &keys.revoked, "revoked"),
         (
-            "sign@example.com",
+            "sign@rotator.test",
             &keys.sign_only,
             "no usable encryption key",
         ),
@@ -691,7 +691,7 @@ async fn a_ca_file_without_a_certificate_is_a_config_error() {
     ] {
         let ca = h.path(name);
         std::fs::write(&ca, text).unwrap();
-        mail_config(&h, 2525, "starttls", &ca, &["ed@example.com"], &[&keys.ed]);
+        mail_config(&h, 2525, "starttls", &ca, &["ed@rotator.test"], &[&keys.ed]);
         let out = h.run(&["check", "--offline"]).await;
         assert_eq!(out.code, Some(78), "{name}: {}", out.all());
         assert!(
@@ -744,7 +744,7 @@ async fn a_slow_conversation_is_cut_at_three_timeouts_and_sessions_are_bounded()
     h.add_portal("beta");
     h.write_config(
         &format!(
-            "[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\nfrom = \"rotator@example.com\"\ntimeout = \"2s\"\nmax_sessions = 1\n\n[sinks.mail]\ntype = \"email\"\nto = [\"ed@example.com\", \"rsa@example.com\"]\npgp_keys = [\"{}\", \"{}\"]\n",
+            "[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\nfrom = \"rotator@rotator.test\"\ntimeout = \"2s\"\nmax_sessions = 1\n\n[sinks.mail]\ntype = \"email\"\nto = [\"ed@rotator.test\", \"rsa@rotator.test\"]\npgp_keys = [\"{}\", \"{}\"]\n",
             keys.ed.display(),
             keys.rsa.display()
         ),

@@ -85,7 +85,7 @@ async fn a_hook_gets_the_codes_on_stdin_and_only_the_environment_built_for_it() 
         "{env:?}"
     );
     assert_eq!(env["TFA_PORTAL"], "acme");
-    assert_eq!(env["TFA_ACCOUNT"], "acme@example.com");
+    assert_eq!(env["TFA_ACCOUNT"], "acme@rotator.test");
     assert_eq!(env["TFA_URL"], h.sim.url());
     assert_eq!(env["VAULT_TOKEN"], "hvs.test-token");
     assert_eq!(env["HOME"], h.path("state").display().to_string());

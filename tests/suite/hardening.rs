@@ -339,7 +339,7 @@ async fn weak_keys_every_block_of_a_key_file_and_revoked_user_ids_are_checked() 
 
     // A revoked user ID no longer covers its address; the live one still does.
     let smtpd = crate::support::smtp::Smtpd::start(true);
-    for (to, ok) in [("old@example.com", false), ("ann@example.com", true)] {
+    for (to, ok) in [("old@rotator.test", false), ("ann@rotator.test", true)] {
         let mut h = Harness::new().await;
         h.add_portal("acme");
         crate::suite::email::mail_config(
@@ -357,7 +357,7 @@ async fn weak_keys_every_block_of_a_key_file_and_revoked_user_ids_are_checked() 
             assert_eq!(out.code, Some(78), "{to}: {}", out.all());
             assert!(
                 out.stderr
-                    .contains("no key in pgp_keys covers `old@example.com`"),
+                    .contains("no key in pgp_keys covers `old@rotator.test`"),
                 "{}",
                 out.stderr
             );

@@ -37,7 +37,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
         mx.submission_port,
         "starttls",
         &mx.ca_pem,
-        &["ed@example.com", "rsa@example.com"],
+        &["ed@rotator.test", "rsa@rotator.test"],
         &[&keys.ed, &keys.rsa],
     );
     let out = h.run(&["check"]).await;
@@ -67,7 +67,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     std::fs::write(
         &nm_config,
         format!(
-            "[database]\npath={}\n[user]\nname=Ed\nprimary_email=ed@example.com\n[new]\ntags=inbox;\n",
+            "[database]\npath={}\n[user]\nname=Ed\nprimary_email=ed@rotator.test\n[new]\ntags=inbox;\n",
             mx.maildir("ed").display()
         ),
     )
@@ -89,7 +89,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     notmuch(&["new", "--quiet"]);
     let shown = notmuch(&["show", "--decrypt=true", "--format=json", "*"]);
     assert!(
-        shown.contains("New two-factor backup codes for acme (acme@example.com)"),
+        shown.contains("New two-factor backup codes for acme (acme@rotator.test)"),
         "notmuch shows the protected Subject: {shown}"
     );
     let first = accepted[0].as_str();
@@ -118,8 +118,8 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     // no mailbox for (ann has a valid key), and a client that did not log in.
     edit_config(&h, |t| {
         t.replace(
-            "to = [\"ed@example.com\", \"rsa@example.com\"]",
-            "to = [\"ed@example.com\", \"ann@example.com\"]",
+            "to = [\"ed@rotator.test\", \"rsa@rotator.test\"]",
+            "to = [\"ed@rotator.test\", \"ann@rotator.test\"]",
         )
         .replace(
             &format!("\"{}\"]", keys.rsa.display()),
@@ -130,7 +130,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     assert_ne!(out.code, Some(0), "{}", out.all());
     assert!(
         out.all()
-            .contains("recipient <ann@example.com> would be refused")
+            .contains("recipient <ann@rotator.test> would be refused")
             && out.all().contains("User unknown"),
         "{}",
         out.all()
@@ -138,7 +138,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     edit_config(&h, |t| {
-        t.replace("\"ann@example.com\"", "\"rsa@example.com\"")
+        t.replace("\"ann@rotator.test\"", "\"rsa@rotator.test\"")
             .replace(
                 &format!("\"{}\"]", keys.ann.display()),
                 &format!("\"{}\"]", keys.rsa.display()),

@@ -406,7 +406,7 @@ async fn status_reports_last_rotation_unused_codes_and_next_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_key_is_refused_before_any_put() {
     let mut h = Harness::new().await;
-    let mut u = tfa_rotator::simulator::UserSpec::new("acme@example.com");
+    let mut u = tfa_rotator::simulator::UserSpec::new("acme@rotator.test");
     u.scopes = vec!["*:read".into()];
     let key = h.sim.add_user(u);
     std::fs::create_dir_all(h.path("keys")).unwrap();

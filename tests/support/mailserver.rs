@@ -75,7 +75,7 @@ mynetworks = 192.0.2.1/32
 alias_maps =
 alias_database =
 local_recipient_maps =
-virtual_mailbox_domains = example.com
+virtual_mailbox_domains = rotator.test
 virtual_mailbox_base = {ds}/mail
 virtual_mailbox_maps = texthash:{ds}/postfix/vmailbox
 virtual_uid_maps = static:65534
@@ -95,7 +95,7 @@ maillog_file = {ds}/maillog
         .unwrap();
         let boxes: String = MAILBOXES
             .iter()
-            .map(|b| format!("{b}@example.com example.com/{b}/\n"))
+            .map(|b| format!("{b}@rotator.test rotator.test/{b}/\n"))
             .collect();
         std::fs::write(d.join("postfix/vmailbox"), boxes).unwrap();
         let auth = "-o smtpd_sasl_auth_enable=yes -o smtpd_client_restrictions=permit_sasl_authenticated,reject";
@@ -214,12 +214,12 @@ service auth {{
         server
     }
 
-    /// The Maildir of `name@example.com`.
+    /// The Maildir of `name@rotator.test`.
     pub fn maildir(&self, name: &str) -> PathBuf {
-        self.dir.path().join("mail/example.com").join(name)
+        self.dir.path().join("mail/rotator.test").join(name)
     }
 
-    /// The messages delivered to `name@example.com` so far, oldest first, each with its path.
+    /// The messages delivered to `name@rotator.test` so far, oldest first, each with its path.
     pub fn messages(&self, name: &str) -> Vec<(PathBuf, Vec<u8>)> {
         let mut files: Vec<PathBuf> = ["new", "cur"]
             .iter()
@@ -237,7 +237,7 @@ service auth {{
             .collect()
     }
 
-    /// Waits until `name@example.com` holds `n` messages (Postfix delivers after it
+    /// Waits until `name@rotator.test` holds `n` messages (Postfix delivers after it
     /// answered the client).
     pub fn wait_for(&self, name: &str, n: usize) -> Vec<(PathBuf, Vec<u8>)> {
         let started = Instant::now();
@@ -248,7 +248,7 @@ service auth {{
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "{name}@example.com has {} of {n} messages; the mail log:\n{}",
+                "{name}@rotator.test has {} of {n} messages; the mail log:\n{}",
                 got.len(),
                 self.log()
             );

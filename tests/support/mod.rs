@@ -110,7 +110,7 @@ impl Harness {
     pub fn add_portal(&mut self, portal: &str) -> String {
         let key = self
             .sim
-            .add_user(UserSpec::new(&format!("{portal}@example.com")));
+            .add_user(UserSpec::new(&format!("{portal}@rotator.test")));
         std::fs::create_dir_all(self.path("keys")).unwrap();
         write_private(&self.path(&format!("keys/{portal}")), &format!("{key}\n"));
         self.keys.insert(portal.to_string(), key.clone());
@@ -118,7 +118,7 @@ impl Harness {
     }
 
     pub fn email(portal: &str) -> String {
-        format!("{portal}@example.com")
+        format!("{portal}@rotator.test")
     }
 
     /// `[portals.NAME]` entries for every added portal, with these sinks.
@@ -481,7 +481,7 @@ pub struct GpgKeys {
     pub weak: PathBuf,
     /// DSA-2048 with an ElGamal subkey.
     pub dsa: PathBuf,
-    /// ed25519 whose user ID `old@example.com` is revoked (`ann@example.com` is not).
+    /// ed25519 whose user ID `old@rotator.test` is revoked (`ann@rotator.test` is not).
     pub ann: PathBuf,
 }
 
