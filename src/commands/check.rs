@@ -483,8 +483,8 @@ fn portal_wide(
     };
     Some(format!(
         "{}:{}: portals.{}: {e}; hint: {hint}",
-        engine.config.path.display(),
-        pc.line,
+        engine.config.file_of(Some(pc.at)).display(),
+        pc.at.line,
         pc.name
     ))
 }

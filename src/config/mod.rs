@@ -30,6 +30,9 @@ pub use crate::schedule::{
 /// Where in the config file something was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Loc {
+    /// Which file: an index into [`Config::files`] (0 is the config file itself, then the
+    /// included files).
+    pub file: usize,
     /// 1-based line.
     pub line: usize,
     /// 1-based column (in characters).
@@ -99,6 +102,12 @@ impl fmt::Display for ConfigErrors {
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
+    /// Every file the config was read from: `path`, then the included files in the order
+    /// they were read ([`Loc::file`] indexes this).
+    pub files: Vec<PathBuf>,
+    /// The directories `include` reads (each pattern's, and each included file's): the
+    /// daemon watches them, so a file added there is seen.
+    pub include_dirs: Vec<PathBuf>,
     /// `[daemon]`.
     pub daemon: DaemonConfig,
     /// `[smtp]`, present when any email sink exists.
@@ -115,8 +124,9 @@ pub struct Config {
     pub portals: BTreeMap<String, PortalConfig>,
     /// Things that work but deserve attention (literal secrets).
     pub warnings: Vec<ConfigIssue>,
-    /// A SHA-256 digest of the file's text as loaded (no secret: no key): what "the same
-    /// config" means between the instances of a cluster (its config generations).
+    /// A SHA-256 digest of the text as loaded, the included files' names and texts with it
+    /// (no secret: no key): what "the same config" means between the instances of a cluster
+    /// (its config generations).
     pub text_fp: String,
 }
 
@@ -314,7 +324,7 @@ pub struct PortalConfig {
     /// Sink names.
     pub sinks: Vec<String>,
     /// Where its table is in the config (`config.toml:LINE`, for a runtime error's hint).
-    pub line: usize,
+    pub at: Loc,
 }
 
 impl Config {
@@ -334,6 +344,12 @@ impl Config {
             .unwrap_or_default()
     }
 
+    /// The file a location is in (the config file itself without one).
+    pub fn file_of(&self, loc: Option<Loc>) -> &Path {
+        loc.and_then(|l| self.files.get(l.file))
+            .unwrap_or(&self.path)
+    }
+
     /// A problem found after loading (a key file, a secret), placed like a validation error.
     pub fn issue(
         &self,
@@ -342,7 +358,7 @@ impl Config {
         message: impl Into<String>,
     ) -> ConfigIssue {
         ConfigIssue {
-            file: self.path.clone(),
+            file: self.file_of(loc).to_path_buf(),
             loc,
             key: key.into(),
             message: message.into(),
@@ -398,7 +414,32 @@ pub fn load_with(path: &Path, trust: Trust) -> Result<Config, ConfigErrors> {
             .unwrap_or(true)
             || acl_lets_others_read(path)
     };
-    let mut config = match parse(&text, path, others_can_read) {
+    // Each included file passes the trust rule before it is read (a violation: the file is
+    // not used, and said below; offline, a warning and the file is read).
+    let mut refused_includes = Vec::new();
+    let mut read = |p: &Path| -> Result<Option<(String, bool)>, String> {
+        if let Err(e) = walker.file(p)
+            && !matches!(
+                e.problem,
+                crate::trust::Problem::Io(_) | crate::trust::Problem::Missing
+            )
+        {
+            refused_includes.push(ConfigIssue {
+                file: p.to_path_buf(),
+                loc: None,
+                key: String::new(),
+                message: e.to_string(),
+            });
+            if trust == Trust::Enforce {
+                return Ok(None);
+            }
+        }
+        validate::read_included(p)
+            .map(|r| r.map(|(t, others)| (t, others || acl_lets_others_read(p))))
+    };
+    let parsed = validate::validate(&text, path, others_can_read, &mut read);
+    untrusted.append(&mut refused_includes);
+    let mut config = match parsed {
         Ok(c) => c,
         Err(mut e) if trust == Trust::Enforce => {
             untrusted.append(&mut e.errors);
@@ -449,7 +490,7 @@ fn acl_grants_named_read(blob: &[u8]) -> bool {
 /// Validates config text as if read from `path`. `others_can_read` is whether the file is
 /// readable by other users, which decides whether literal secrets are refused.
 pub fn parse(text: &str, path: &Path, others_can_read: bool) -> Result<Config, ConfigErrors> {
-    validate::validate(text, path, others_can_read)
+    validate::validate(text, path, others_can_read, &mut validate::read_included)
 }
 
 /// The default config path: `$TFA_ROTATOR_CONFIG`, else `/etc/tfa-rotator/config.toml`.

@@ -226,6 +226,9 @@ pub struct RawPortal {
 )]
 #[allow(dead_code)]
 pub struct RawConfig {
+    /// More files holding `[portals.*]`, `[sinks.*]` and `[schedules.*]`: globs relative to
+    /// this file's directory, read in name order (no nested `include`).
+    pub include: Option<Vec<String>>,
     /// How the process runs.
     pub daemon: Option<RawDaemon>,
     /// The mail server of the email sinks.

@@ -16,56 +16,94 @@ use crate::schedule::{self, CronSchedule};
 
 const TOP_LEVEL: &str = "daemon, smtp, schedules, sinks, alerts, storage, portals";
 
-struct Ctx<'a> {
+/// One file the config is read from: the config file itself, or an included one.
+struct Source<'a> {
     file: &'a Path,
     text: &'a str,
     /// Byte offset where each line starts, so a location costs a binary search, not a scan.
     line_starts: Vec<usize>,
-    base: PathBuf,
+    /// Whether users other than its owner can read it (literal secrets are then refused).
     others_can_read: bool,
-    errors: Vec<(usize, ConfigIssue)>,
-    warnings: Vec<ConfigIssue>,
 }
 
-impl<'a> Ctx<'a> {
+impl<'a> Source<'a> {
     fn new(file: &'a Path, text: &'a str, others_can_read: bool) -> Self {
-        // Relative paths in the config are relative to its directory.
-        let base = match file.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        Ctx {
+        Source {
             file,
             text,
             line_starts: std::iter::once(0)
                 .chain(text.match_indices('\n').map(|(i, _)| i + 1))
                 .collect(),
-            base,
             others_can_read,
+        }
+    }
+}
+
+struct Ctx<'a> {
+    sources: Vec<Source<'a>>,
+    /// The source the spans being looked at come from.
+    current: usize,
+    base: PathBuf,
+    /// Each error with its source and offset, to be sorted into the files' order.
+    errors: Vec<((usize, usize), ConfigIssue)>,
+    warnings: Vec<ConfigIssue>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(sources: Vec<Source<'a>>) -> Self {
+        // Relative paths in the config (and in the files it includes) are relative to the
+        // config file's directory, so moving an entry between files changes nothing.
+        let base = config_dir(sources[0].file);
+        Ctx {
+            sources,
+            current: 0,
+            base,
             errors: Vec::new(),
             warnings: Vec::new(),
         }
     }
 }
 
+/// The directory of the config file, against which its relative paths are read.
+fn config_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 impl Ctx<'_> {
+    fn source(&self) -> &Source<'_> {
+        &self.sources[self.current]
+    }
+
+    /// Spans from here on are in source `file`.
+    fn at(&mut self, file: usize) {
+        self.current = file;
+    }
+
     fn loc(&self, offset: usize) -> Loc {
-        let offset = offset.min(self.text.len());
+        let src = self.source();
+        let offset = offset.min(src.text.len());
         // The first line starts at 0, so the partition point is at least 1.
-        let line = self.line_starts.partition_point(|&s| s <= offset);
-        let start = self.line_starts[line - 1];
-        let column = self
+        let line = src.line_starts.partition_point(|&s| s <= offset);
+        let start = src.line_starts[line - 1];
+        let column = src
             .text
             .get(start..offset)
             .map(|s| s.chars().count())
             .unwrap_or(0)
             + 1;
-        Loc { line, column }
+        Loc {
+            file: self.current,
+            line,
+            column,
+        }
     }
 
     fn issue(&self, span: &Range<usize>, key: &str, message: String) -> ConfigIssue {
         ConfigIssue {
-            file: self.file.to_path_buf(),
+            file: self.source().file.to_path_buf(),
             loc: Some(self.loc(span.start)),
             key: key.to_string(),
             message,
@@ -74,7 +112,7 @@ impl Ctx<'_> {
 
     fn err(&mut self, span: &Range<usize>, key: &str, message: impl Into<String>) {
         let issue = self.issue(span, key, message.into());
-        self.errors.push((span.start, issue));
+        self.errors.push(((self.current, span.start), issue));
     }
 
     fn located<T>(&self, value: T, span: &Range<usize>) -> Located<T> {
@@ -204,7 +242,7 @@ impl Ctx<'_> {
         let span = s.span();
         let value = s.into_inner();
         if matches!(value, SecretRef::Literal(_)) {
-            if self.others_can_read {
+            if self.source().others_can_read {
                 self.err(
                     &span,
                     key,
@@ -258,8 +296,10 @@ fn undefined(what: &str, name: &str, declared: &BTreeSet<String>) -> String {
         out.push_str(&format!("; did you mean `{near}`?"));
     }
     let known: Vec<&str> = declared.iter().map(String::as_str).collect();
+    // "…? defined: …" after a question, like "…? accepted: …" for keys.
+    let sep = if out.ends_with('?') { " " } else { "; " };
     out.push_str(&format!(
-        "; defined: {}",
+        "{sep}defined: {}",
         if known.is_empty() {
             "none".to_string()
         } else {
@@ -397,25 +437,187 @@ fn default_state_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/tfa-rotator"))
 }
 
+/// Reads an included file for [`validate`]: its text and whether others can read it, or
+/// `None` when it must not be used (the reader has said why), or why it cannot be read.
+pub(super) type ReadIncluded<'r> = dyn FnMut(&Path) -> Result<Option<(String, bool)>, String> + 'r;
+
+/// The largest included file read (a config of 10,000 portals is about 2 MB).
+const MAX_INCLUDED: u64 = 16 << 20;
+
+/// [`ReadIncluded`] without the trust rule: a regular file of at most [`MAX_INCLUDED`] bytes.
+pub(super) fn read_included(path: &Path) -> Result<Option<(String, bool)>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut text = String::new();
+    f.take(MAX_INCLUDED + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_INCLUDED {
+        return Err(format!("larger than {} MiB", MAX_INCLUDED >> 20));
+    }
+    Ok(Some((text, meta.permissions().mode() & 0o004 != 0)))
+}
+
+/// What `include` names, read: each file with its name as matched, in order.
+struct Included {
+    files: Vec<(PathBuf, String, bool)>,
+    dirs: Vec<PathBuf>,
+    /// Problems with `include` itself, placed in the config file.
+    problems: Vec<(Range<usize>, String)>,
+}
+
+/// Takes `include` out of the config's top level and reads what it names: each pattern's
+/// matches in name order, a file matched twice read once, the config file itself skipped.
+fn take_include(
+    doc: &mut Spanned<DeTable<'_>>,
+    file: &Path,
+    read: &mut ReadIncluded<'_>,
+) -> Included {
+    let mut out = Included {
+        files: Vec::new(),
+        dirs: Vec::new(),
+        problems: Vec::new(),
+    };
+    let Some((key, value)) = doc.get_mut().remove_entry("include") else {
+        return out;
+    };
+    const ACCEPTED: &str = "accepted: a list of file names or globs, relative to this file's directory, like [\"portals.d/*.toml\"]";
+    let patterns: Vec<Spanned<String>> = match value.get_ref() {
+        DeValue::Array(items) => items
+            .iter()
+            .filter_map(|v| match v.get_ref() {
+                DeValue::String(p) => Some(Spanned::new(v.span(), p.to_string())),
+                _ => {
+                    out.problems
+                        .push((v.span(), format!("is not a string; {ACCEPTED}")));
+                    None
+                }
+            })
+            .collect(),
+        _ => {
+            out.problems
+                .push((key.span(), format!("is not a list; {ACCEPTED}")));
+            Vec::new()
+        }
+    };
+    let base = config_dir(file);
+    let own = std::fs::canonicalize(file).ok();
+    let mut seen = BTreeSet::new();
+    for p in patterns {
+        let full = base.join(p.get_ref());
+        let Some(full) = full.to_str() else {
+            out.problems.push((p.span(), "is not UTF-8".into()));
+            continue;
+        };
+        let matches = match glob::glob(full) {
+            Ok(m) => m,
+            Err(e) => {
+                out.problems.push((
+                    p.span(),
+                    format!("`{}` is not a glob: {e}; {ACCEPTED}", p.get_ref()),
+                ));
+                continue;
+            }
+        };
+        if let Some(dir) = glob_dir(full) {
+            push_unique(&mut out.dirs, dir);
+        }
+        let mut paths: Vec<PathBuf> = matches.filter_map(Result::ok).collect();
+        paths.sort();
+        for path in paths {
+            let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            if own.as_ref() == Some(&canonical) || !seen.insert(canonical) || path.is_dir() {
+                continue;
+            }
+            match read(&path) {
+                Ok(Some((text, others))) => {
+                    if let Some(dir) = path.parent() {
+                        push_unique(&mut out.dirs, dir.to_path_buf());
+                    }
+                    out.files.push((path, text, others));
+                }
+                Ok(None) => {}
+                Err(e) => out
+                    .problems
+                    .push((p.span(), format!("{}: {e}", path.display()))),
+            }
+        }
+    }
+    out
+}
+
+fn push_unique(v: &mut Vec<PathBuf>, p: PathBuf) {
+    if !v.contains(&p) {
+        v.push(p);
+    }
+}
+
+/// The deepest directory of a glob without a wildcard: where a new match would appear.
+fn glob_dir(pattern: &str) -> Option<PathBuf> {
+    let cut = pattern.find(['*', '?', '[']).unwrap_or(pattern.len());
+    let dir = &pattern[..pattern[..cut].rfind('/').map_or(0, |i| i + 1)];
+    (!dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
 pub(super) fn validate(
     text: &str,
     file: &Path,
     others_can_read: bool,
+    read: &mut ReadIncluded<'_>,
 ) -> Result<Config, ConfigErrors> {
-    let mut cx = Ctx::new(file, text, others_can_read);
-    let (doc, syntax) = DeTable::parse_recoverable(text);
+    let (mut doc, syntax) = DeTable::parse_recoverable(text);
+    let included = if syntax.is_empty() {
+        take_include(&mut doc, file, read)
+    } else {
+        Included {
+            files: Vec::new(),
+            dirs: Vec::new(),
+            problems: Vec::new(),
+        }
+    };
+    let mut sources = vec![Source::new(file, text, others_can_read)];
+    for (path, text, others) in &included.files {
+        sources.push(Source::new(path, text, *others));
+    }
+    let mut cx = Ctx::new(sources);
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
         cx.err(&span, "", format!("TOML syntax: {}", e.message()));
     }
-    if !syntax.is_empty() {
+    for (span, m) in &included.problems {
+        cx.err(span, "include", m.as_str());
+    }
+    let mut docs = Vec::new();
+    for i in 1..cx.sources.len() {
+        cx.at(i);
+        let (doc, syntax) = DeTable::parse_recoverable(cx.sources[i].text);
+        for e in &syntax {
+            let span = e.span().unwrap_or(0..0);
+            cx.err(&span, "", format!("TOML syntax: {}", e.message()));
+        }
+        docs.push(doc);
+    }
+    cx.at(0);
+    if cx
+        .errors
+        .iter()
+        .any(|(_, e)| e.message.starts_with("TOML syntax: "))
+    {
         // What follows a syntax error is read in a shape the file does not have (`[daemon`
         // unclosed makes its keys top-level ones): errors about it would mislead.
-        return Err(ConfigErrors {
-            errors: cx.errors.into_iter().map(|(_, e)| e).collect(),
-        });
+        return Err(sorted(cx.errors));
     }
-    let raw = sections(&mut cx, doc);
+    let mut raw = sections(&mut cx, doc);
+    for (i, doc) in docs.into_iter().enumerate() {
+        cx.at(i + 1);
+        included_sections(&mut cx, doc, &mut raw);
+    }
+    cx.at(0);
     let empty = BTreeSet::new();
     let declared_schedules = raw.declared.get("schedules").unwrap_or(&empty);
     let declared_sinks = raw.declared.get("sinks").unwrap_or(&empty);
@@ -426,21 +628,24 @@ pub(super) fn validate(
         .and_then(|(_, r)| r)
         .map(|r| smtp_section(&mut cx, r));
     let mut schedule_map = BTreeMap::new();
-    for (name, r) in raw.schedules {
+    for (name, at, r) in raw.schedules {
+        cx.at(at);
         if let Some(s) = schedule_entry(&mut cx, &name, r) {
             schedule_map.insert(name, s);
         }
     }
     let mut sink_map = BTreeMap::new();
-    let mut path_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
-    for (name, r) in raw.sinks {
+    let mut path_spans: BTreeMap<String, (usize, Range<usize>)> = BTreeMap::new();
+    for (name, at, r) in raw.sinks {
+        cx.at(at);
         if let Some(p) = &r.path {
-            path_spans.insert(name.clone(), p.span());
+            path_spans.insert(name.clone(), (at, p.span()));
         }
         if let Some(kind) = sink_kind(&mut cx, &name, r, smtp_declared) {
             sink_map.insert(name.clone(), SinkConfig { name, kind });
         }
     }
+    cx.at(0);
     let alerts = raw
         .alerts
         .map(|r| alerts_section(&mut cx, r, declared_sinks, &sink_map));
@@ -452,22 +657,39 @@ pub(super) fn validate(
         &sink_map,
         &path_spans,
     );
+    cx.at(0);
     let storage = raw
         .storage
         .and_then(|r| storage(&mut cx, r, &daemon, &sink_map, &path_spans));
     let Ctx {
-        mut errors,
+        errors,
         warnings,
+        sources,
         ..
     } = cx;
     if !errors.is_empty() {
-        errors.sort_by_key(|(offset, _)| *offset);
-        return Err(ConfigErrors {
-            errors: errors.into_iter().map(|(_, e)| e).collect(),
-        });
+        return Err(sorted(errors));
     }
+    let text_fp = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(text.as_bytes());
+        let base = config_dir(file);
+        for s in &sources[1..] {
+            // The name as written relative to the config, so that instances with the config
+            // in different places agree.
+            let name = s.file.strip_prefix(&base).unwrap_or(s.file);
+            h.update(b"\0include\0");
+            h.update(name.as_os_str().as_encoded_bytes());
+            h.update(b"\0");
+            h.update(s.text.as_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    };
     Ok(Config {
         path: file.to_path_buf(),
+        files: sources.iter().map(|s| s.file.to_path_buf()).collect(),
+        include_dirs: included.dirs,
         daemon,
         smtp,
         schedules: schedule_map,
@@ -476,25 +698,33 @@ pub(super) fn validate(
         storage,
         portals,
         warnings,
-        text_fp: {
-            use sha2::Digest;
-            hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
-        },
+        text_fp,
     })
+}
+
+/// Errors in the files' order: the config file, then each included file, each by offset.
+fn sorted(mut errors: Vec<((usize, usize), ConfigIssue)>) -> ConfigErrors {
+    errors.sort_by_key(|(at, _)| *at);
+    ConfigErrors {
+        errors: errors.into_iter().map(|(_, e)| e).collect(),
+    }
 }
 
 /// The top level's sections, deserialized one by one (a broken one does not hide the
 /// others), with every entry name declared under `[schedules]`, `[sinks]` and `[portals]`.
+/// Entries carry the index of the file they are in.
 #[derive(Default)]
 struct Sections {
     daemon: Option<RawDaemon>,
     smtp: Option<(Range<usize>, Option<RawSmtp>)>,
     alerts: Option<RawAlerts>,
     storage: Option<RawStorage>,
-    schedules: Vec<(String, RawSchedule)>,
-    sinks: Vec<(String, RawSink)>,
-    portals: Vec<(String, Range<usize>, RawPortal)>,
+    schedules: Vec<(String, usize, RawSchedule)>,
+    sinks: Vec<(String, usize, RawSink)>,
+    portals: Vec<(String, usize, Range<usize>, RawPortal)>,
     declared: BTreeMap<&'static str, BTreeSet<String>>,
+    /// Where each entry was first defined, for "defined twice".
+    defined_at: BTreeMap<String, Loc>,
 }
 
 fn sections(cx: &mut Ctx<'_>, doc: Spanned<DeTable<'_>>) -> Sections {
@@ -510,33 +740,62 @@ fn sections(cx: &mut Ctx<'_>, doc: Spanned<DeTable<'_>>) -> Sections {
             "alerts" => out.alerts = cx.de("alerts", value),
             "storage" => out.storage = cx.de("storage", value),
             section @ ("schedules" | "sinks" | "portals") => {
-                let section: &'static str = match section {
-                    "schedules" => "schedules",
-                    "sinks" => "sinks",
-                    _ => "portals",
-                };
-                let vspan = value.span();
-                let DeValue::Table(table) = value.into_inner() else {
-                    cx.err(
-                        &vspan,
-                        section,
-                        format!("must be a table of named entries, like [{section}.NAME]"),
-                    );
-                    continue;
-                };
-                entries(cx, section, table, &mut out);
+                named_section(cx, section, value, &mut out);
             }
             other => {
                 let other = other.to_string();
                 cx.err(
                     &kspan,
                     &other,
-                    format!("unknown key; accepted: {TOP_LEVEL}"),
+                    format!("unknown key; accepted: include, {TOP_LEVEL}"),
                 );
             }
         }
     }
     out
+}
+
+/// An included file's top level: only `[schedules.*]`, `[sinks.*]` and `[portals.*]`.
+fn included_sections(cx: &mut Ctx<'_>, doc: Spanned<DeTable<'_>>, out: &mut Sections) {
+    for (key, value) in doc.into_inner() {
+        match key.get_ref().as_ref() {
+            section @ ("schedules" | "sinks" | "portals") => {
+                named_section(cx, section, value, out);
+            }
+            "include" => cx.err(
+                &key.span(),
+                "include",
+                "an included file cannot include others; list every file in the config file's `include`",
+            ),
+            other => {
+                let other = other.to_string();
+                cx.err(
+                    &key.span(),
+                    &other,
+                    "not allowed in an included file; accepted: schedules, sinks, portals (the rest stays in the config file)",
+                );
+            }
+        }
+    }
+}
+
+/// `[schedules]`, `[sinks]` or `[portals]`: a table of named entries.
+fn named_section(cx: &mut Ctx<'_>, section: &str, value: Spanned<DeValue<'_>>, out: &mut Sections) {
+    let section: &'static str = match section {
+        "schedules" => "schedules",
+        "sinks" => "sinks",
+        _ => "portals",
+    };
+    let vspan = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        cx.err(
+            &vspan,
+            section,
+            format!("must be a table of named entries, like [{section}.NAME]"),
+        );
+        return;
+    };
+    entries(cx, section, table, out);
 }
 
 /// The named entries of one of `[schedules]`, `[sinks]`, `[portals]`.
@@ -548,25 +807,37 @@ fn entries(cx: &mut Ctx<'_>, section: &'static str, table: DeTable<'_>, out: &mu
         if !valid_name(&name) {
             cx.err(&nspan, &key, format!("`{name}` is not a valid name; accepted: 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter or digit"));
         }
+        let here = cx.loc(nspan.start);
+        if let Some(first) = out.defined_at.get(&key) {
+            let m = format!(
+                "[{key}] is defined twice: here and at {}:{}; a name is defined once, in one file",
+                cx.sources[first.file].file.display(),
+                first.line
+            );
+            cx.err(&nspan, &key, m);
+            continue;
+        }
+        out.defined_at.insert(key.clone(), here);
         out.declared
             .entry(section)
             .or_default()
             .insert(name.clone());
         let espan = entry.span();
+        let at = cx.current;
         match section {
             "schedules" => {
                 if let Some(r) = cx.de(&key, entry) {
-                    out.schedules.push((name, r));
+                    out.schedules.push((name, at, r));
                 }
             }
             "sinks" => {
                 if let Some(r) = cx.de(&key, entry) {
-                    out.sinks.push((name, r));
+                    out.sinks.push((name, at, r));
                 }
             }
             _ => {
                 if let Some(r) = cx.de(&key, entry) {
-                    out.portals.push((name, espan, r));
+                    out.portals.push((name, at, espan, r));
                 }
             }
         }
@@ -719,7 +990,7 @@ fn smtp_section(cx: &mut Ctx<'_>, r: RawSmtp) -> SmtpConfig {
             "is set but `username` is not; AUTH needs both".into(),
         );
         issue.loc = Some(p.loc);
-        cx.errors.push((0, issue));
+        cx.errors.push(((0, 0), issue));
     }
     let timeout = cx.timeout(&r.timeout, "smtp.timeout", Duration::from_secs(30));
     let max_sessions = match &r.max_sessions {
@@ -957,17 +1228,18 @@ fn portal_schedule(
 /// `[portals.NAME]`, and the file sinks they share.
 fn portals_section(
     cx: &mut Ctx<'_>,
-    portals: Vec<(String, Range<usize>, RawPortal)>,
+    portals: Vec<(String, usize, Range<usize>, RawPortal)>,
     declared_schedules: &BTreeSet<String>,
     declared_sinks: &BTreeSet<String>,
     sink_map: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, Range<usize>>,
+    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
 ) -> BTreeMap<String, PortalConfig> {
     let mut portal_map = BTreeMap::new();
     let mut file_users: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut written: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for (name, espan, r) in portals {
-        let line = cx.loc(espan.start).line;
+    for (name, file, espan, r) in portals {
+        cx.at(file);
+        let at = cx.loc(espan.start);
         let key = format!("portals.{name}");
         let url = portal_url(cx, &key, &r.url);
         let api_key = cx.secret(r.api_key, &format!("{key}.api_key"));
@@ -1006,7 +1278,7 @@ fn portals_section(
                     api_key,
                     schedule,
                     sinks: sink_names,
-                    line,
+                    at,
                 },
             );
         }
@@ -1020,7 +1292,7 @@ fn shared_paths_name_the_portal(
     cx: &mut Ctx<'_>,
     file_users: &BTreeMap<String, Vec<String>>,
     sink_map: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, Range<usize>>,
+    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
 ) {
     for (sink, users) in file_users {
         let Some(SinkConfig {
@@ -1031,7 +1303,8 @@ fn shared_paths_name_the_portal(
             continue;
         };
         if users.len() > 1 && !f.path.contains("{portal}") {
-            let span = path_spans.get(sink).cloned().unwrap_or(0..0);
+            let (file, span) = path_spans.get(sink).cloned().unwrap_or((0, 0..0));
+            cx.at(file);
             cx.err(
                 &span,
                 &format!("sinks.{sink}.path"),
@@ -1051,7 +1324,7 @@ fn storage(
     r: RawStorage,
     daemon: &DaemonConfig,
     sinks: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, Range<usize>>,
+    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
 ) -> Option<StorageConfig> {
     match r.kind.get_ref().as_str() {
         "sqlite" => {
@@ -1117,6 +1390,7 @@ fn storage(
         name
     });
     file_sinks_are_shared(cx, sinks, path_spans);
+    cx.at(0);
     let ca_file = r
         .ca_file
         .map(|c| cx.located(cx.path(c.get_ref()), &c.span()));
@@ -1164,14 +1438,16 @@ fn sqlite_storage(cx: &mut Ctx<'_>, r: &RawStorage) {
 fn file_sinks_are_shared(
     cx: &mut Ctx<'_>,
     sinks: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, Range<usize>>,
+    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
 ) {
     for (name, s) in sinks {
         if let SinkKind::File(f) = &s.kind
             && !f.shared
         {
+            let (file, span) = path_spans.get(name).cloned().unwrap_or((0, 0..0));
+            cx.at(file);
             cx.err(
-                &path_spans.get(name).cloned().unwrap_or(0..0),
+                &span,
                 &format!("sinks.{name}.shared"),
                 "must be true with [storage] type = \"postgres\": any instance may deliver, so every instance must see this path (set shared = true once it is on shared storage)",
             );

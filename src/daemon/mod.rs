@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ::notify as notify_watcher;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +100,8 @@ struct Supervisor {
     done_tx: mpsc::UnboundedSender<Event>,
     /// Asks the background for a look at due `[alerts]` notices.
     alerts: AlertChecks,
+    /// The config watch, moved to the new `include` directories by a reload.
+    follow: Option<watch::Follow>,
 }
 
 /// What planning decided that the state should remember.
@@ -158,7 +159,8 @@ pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: Cancellation
         took_ms = planned.elapsed().as_millis() as u64,
         "planned"
     );
-    let reload_rx = background.watch_config(path);
+    let reload_rx = background.watch_config(&sup.engine.config);
+    sup.follow = background.watcher.clone();
     sup.announce_ready(started_at);
     let done_rx = sup.main_loop(&shutdown, done_rx, reload_rx).await;
     let exit = sup.stop(done_rx).await;
@@ -216,8 +218,8 @@ async fn converge_at_start(engine: &Engine, path: &Path) -> Result<usize, Exit> 
 struct Background {
     stop: CancellationToken,
     tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
-    /// Kept alive while watching; dropped at stop, which ends the watch task.
-    watcher: Option<notify_watcher::RecommendedWatcher>,
+    /// Kept alive while watching; dropped at stop.
+    watcher: Option<watch::Follow>,
 }
 
 impl Background {
@@ -269,10 +271,16 @@ impl Background {
         checks
     }
 
-    /// Watches the config file and listens for SIGHUP; each says "reload" on the channel.
-    fn watch_config(&mut self, path: &Path) -> mpsc::Receiver<()> {
+    /// Watches the config file and the directories it includes from, and listens for
+    /// SIGHUP; each says "reload" on the channel.
+    fn watch_config(&mut self, config: &config::Config) -> mpsc::Receiver<()> {
         let (reload_tx, reload_rx) = mpsc::channel::<()>(4);
-        match watch::spawn(path, reload_tx.clone()) {
+        match watch::spawn(
+            &config.path,
+            &config.include_dirs,
+            reload_tx.clone(),
+            self.stop.clone(),
+        ) {
             Ok((w, task)) => {
                 self.watcher = Some(w);
                 self.track("config watcher", Some(task));
@@ -347,6 +355,7 @@ impl Supervisor {
             tracker: TaskTracker::new(),
             done_tx,
             alerts,
+            follow: None,
         }
     }
 
@@ -916,6 +925,9 @@ impl Supervisor {
         match result {
             Ok(engine) => {
                 let n = engine.config.portals.len();
+                if let Some(f) = &self.follow {
+                    f.dirs(&engine.config.include_dirs);
+                }
                 self.engine = engine;
                 if let Err(e) = self.engine.coordinator.register(&self.engine.config).await {
                     tracing::error!(error = %e, "registering the new config generation");

@@ -405,11 +405,11 @@ mod tests {
             url: url::Url::parse("https://acme.example/").unwrap(),
             api_key: crate::config::Located {
                 value: crate::config::secret::SecretRef::Env("K".into()),
-                loc: crate::config::Loc { line: 1, column: 1 },
+                loc: crate::config::Loc::default(),
             },
             schedule: None,
             sinks: sinks.iter().map(|s| s.to_string()).collect(),
-            line: 1,
+            at: crate::config::Loc::default(),
         }
     }
 

@@ -434,7 +434,10 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
         .expect("the README shows the example refused");
     let dir = example.parent().unwrap().display().to_string();
     let installed = err
-        .replace(&format!("{dir}/example.toml"), "/etc/tfa-rotator/config.toml")
+        .replace(
+            &format!("{dir}/example.toml"),
+            "/etc/tfa-rotator/config.toml",
+        )
         .replace(&dir, "/etc/tfa-rotator");
     assert_eq!(installed, readme);
     // `check --json` says the same, as JSON.

@@ -11,6 +11,7 @@ mod exec_sink;
 mod file_sink;
 mod fuzz_corpus;
 mod hardening;
+mod include;
 mod mail_server;
 mod memory;
 mod planner;
