@@ -57,6 +57,11 @@ impl Coordinator {
         }
     }
 
+    /// Whether this is the daemon or a command.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// The same coordinator acting as `role`.
     pub fn with_role(mut self, role: Role) -> Self {
         self.role = role;

@@ -344,7 +344,10 @@ async fn preflight(
             ]
             .into_iter()
             .flatten()
-            .find_map(|e| portal_wide(engine, pc, e).map(|line| (e.kind_name(), line)));
+            .find_map(|e| {
+                super::placed(&engine.config, pc, &e.to_string(), &e.kind)
+                    .map(|line| (e.kind_name(), line))
+            });
             let shared = |e: &crate::docspace::ApiError| {
                 wide.as_ref()
                     .is_some_and(|(kind, _)| *kind == e.kind_name())
@@ -453,40 +456,6 @@ fn key_report(k: crate::docspace::ApiKeyInfo, notes: &mut Vec<String>) -> KeyRep
         }),
         active: k.is_active,
     }
-}
-
-/// A failure every call to the portal shares (the key, the network, the URL), on one line:
-/// where the portal is in the config, what failed, and a hint at the fix. `None` for a
-/// failure of one call only.
-fn portal_wide(
-    engine: &Engine,
-    pc: &PortalConfig,
-    e: &crate::docspace::ApiError,
-) -> Option<String> {
-    use crate::docspace::ApiErrorKind as K;
-    let hint = match &e.kind {
-        K::Unauthorized => format!(
-            "check its api_key (line {}) and that the key is active in the portal",
-            pc.api_key.loc.line
-        ),
-        K::Forbidden { .. } => "the key lacks a scope: rotating needs *:read and *:write".into(),
-        K::Timeout => format!(
-            "check its url and the network; daemon.http_timeout is {}",
-            humantime::format_duration(engine.config.daemon.http_timeout)
-        ),
-        K::Transport { .. } => "check its url (host, port, TLS) and the network".into(),
-        K::Redirect { .. } => {
-            "set its url to the portal's final address (redirects are not followed)".into()
-        }
-        K::PaymentRequired => "the portal's subscription has lapsed".into(),
-        _ => return None,
-    };
-    Some(format!(
-        "{}:{}: portals.{}: {e}; hint: {hint}",
-        engine.config.file_of(Some(pc.at)).display(),
-        pc.at.line,
-        pc.name
-    ))
 }
 
 fn print_text(config: &Config, report: &CheckReport) {

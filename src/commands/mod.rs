@@ -391,15 +391,61 @@ async fn run_daemon(path: &Path, dry_run: bool, once: bool) -> Exit {
 }
 
 /// Prints reports as text lines on stdout, or as one JSON document.
-pub(crate) fn print_reports(reports: &[Report], json: bool) {
+pub(crate) fn print_reports(config: &Config, reports: &[Report], json: bool) {
     if json {
         let doc = serde_json::json!({ "portals": reports });
         crate::out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         for r in reports {
-            crate::out!("{}: {}", r.portal, r.message);
+            let placed = r.api_error.as_ref().and_then(|kind| {
+                let pc = config.portals.get(&r.portal)?;
+                placed(config, pc, &r.message, kind)
+            });
+            match placed {
+                Some(line) => crate::out!("{line}"),
+                None => crate::out!("{}: {}", r.portal, r.message),
+            }
         }
     }
+}
+
+/// A failure every call to the portal shares (the key, the network, the URL), on one line:
+/// where the portal is in the config, what failed, and a hint at the fix (SPEC §2). `None`
+/// for a failure of one call only.
+pub(crate) fn placed(
+    config: &Config,
+    pc: &crate::config::PortalConfig,
+    message: &str,
+    kind: &crate::docspace::ApiErrorKind,
+) -> Option<String> {
+    use crate::docspace::ApiErrorKind as K;
+    let hint = match kind {
+        K::Unauthorized => format!(
+            "check its api_key (line {}) and that the key is active in the portal",
+            pc.api_key.loc.line
+        ),
+        K::Forbidden { .. } => "the key lacks a scope: rotating needs *:read and *:write".into(),
+        K::Timeout => format!(
+            "check its url and the network; daemon.http_timeout is {}",
+            humantime::format_duration(config.daemon.http_timeout)
+        ),
+        K::Transport { .. } => "check its url (host, port, TLS) and the network".into(),
+        K::Redirect { .. } => {
+            "set its url to the portal's final address (redirects are not followed)".into()
+        }
+        K::PaymentRequired => "the portal's subscription has lapsed".into(),
+        _ => return None,
+    };
+    // The place names the portal: the error's own "portal NAME: " would say it twice.
+    let message = message
+        .strip_prefix(&format!("portal {}: ", pc.name))
+        .unwrap_or(message);
+    Some(format!(
+        "{}:{}: portals.{}: {message}; hint: {hint}",
+        config.file_of(Some(pc.at)).display(),
+        pc.at.line,
+        pc.name
+    ))
 }
 
 /// 1 when any report is a failure or leaves a delivery pending.

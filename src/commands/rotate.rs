@@ -95,7 +95,7 @@ pub async fn rotate(
     done.sort_by(|a, b| a.portal.cmp(&b.portal));
     reports.extend(done);
     rotation::alerts::check(&engine).await;
-    print_reports(&reports, json);
+    print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }
 
@@ -119,7 +119,7 @@ pub async fn deliver(path: &Path, json: bool) -> Exit {
     if reports.is_empty() && !json {
         crate::out!("nothing pending");
     }
-    print_reports(&reports, json);
+    print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }
 
@@ -141,7 +141,7 @@ pub async fn resend(path: &Path, portals: Vec<String>, json: bool) -> Exit {
     for p in &portals {
         reports.push(rotation::resend(&engine, p).await);
     }
-    print_reports(&reports, json);
+    print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }
 
@@ -180,7 +180,7 @@ pub async fn settle(
         Report::failed(&portal, &e)
     });
     let reports = vec![report];
-    print_reports(&reports, json);
+    print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }
 
@@ -195,6 +195,6 @@ pub async fn forget(path: &Path, portal: String, json: bool) -> Exit {
         .await
         .unwrap_or_else(|e| Report::failed(&portal, &e));
     let reports = vec![report];
-    print_reports(&reports, json);
+    print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }

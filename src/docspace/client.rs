@@ -354,8 +354,26 @@ fn json_error(e: &serde_json::Error) -> String {
     format!("{what} at line {} column {}", e.line(), e.column())
 }
 
+/// The causes a person can act on, without the HTTP stack's own wrappers ("error sending
+/// request", hyper's "client error (Connect)"): `tcp connect error: Connection refused (os
+/// error 111)`, `dns error: …`, `invalid peer certificate: UnknownIssuer`.
 fn error_chain(e: reqwest::Error) -> String {
-    crate::errors::chain(&e.without_url())
+    let e = e.without_url();
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(c) = next {
+        let text = c.to_string();
+        let wrapper = text == "error sending request" || text.starts_with("client error (");
+        if !wrapper && !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = c.source();
+    }
+    if parts.is_empty() {
+        crate::errors::chain(&e)
+    } else {
+        parts.join(": ")
+    }
 }
 
 /// A message from the portal, at most 200 characters, control characters escaped.

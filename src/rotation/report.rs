@@ -26,6 +26,9 @@ pub struct Report {
     /// the job wrote nothing of the kind (a skip, a dry run).
     #[serde(skip)]
     pub after: Option<StateAfter>,
+    /// For a failure of the portal's API: its kind, for the hint `rotate` prints.
+    #[serde(skip)]
+    pub api_error: Option<crate::docspace::ApiErrorKind>,
 }
 
 /// A portal's row and its open journal entries, as a job's last write left them.
@@ -68,6 +71,7 @@ impl Report {
             pending: 0,
             error_kind: None,
             after: None,
+            api_error: None,
         }
     }
 
@@ -78,6 +82,9 @@ impl Report {
             _ => Outcome::Failed,
         };
         let mut r = Self::new(portal, outcome, e.to_string());
+        if let RotationError::Api(a) = e {
+            r.api_error = Some(a.kind.clone());
+        }
         r.error_kind = Some(
             match e {
                 RotationError::Api(a) => a.kind_name(),

@@ -603,4 +603,42 @@ async fn check_says_a_refused_key_once_with_its_place_and_a_hint() {
         "{}",
         quiet.stdout
     );
+    // `rotate` says it once too, on one line, the same way: stdout and stderr together.
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let all = out.all();
+    let lines: Vec<&str> = all.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{all}");
+    assert!(
+        lines[0].contains(&format!("config.toml:{line}: portals.acme: GET "))
+            && lines[0].contains("HTTP 401")
+            && lines[0].contains("; hint: check its api_key"),
+        "{all}"
+    );
+    assert_eq!(h.sim.rotations(), 0);
+}
+
+/// A portal nobody answers for is said once by `rotate`: the place, the short cause (no
+/// HTTP stack's wrappers) and a hint at `url`.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotate_says_a_refused_connection_once_with_its_place_and_a_hint() {
+    let h = one_portal().await;
+    let port = crate::support::free_port();
+    crate::support::edit_config(&h, |t| {
+        let url = h.sim.url();
+        t.replace(&url, &format!("http://127.0.0.1:{port}"))
+    });
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let all = out.all();
+    let lines: Vec<&str> = all.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{all}");
+    assert!(
+        lines[0].ends_with(
+            "connection failed: tcp connect error: Connection refused (os error 111); \
+             hint: check its url (host, port, TLS) and the network"
+        ),
+        "{all}"
+    );
+    assert!(!all.contains("error sending request"), "{all}");
 }
