@@ -552,9 +552,9 @@ fn print_portal(p: &PortalCheck, offline: bool) {
     match &p.problems {
         Some(list) if !list.is_empty() => {
             for e in list {
-                crate::out!("  FAILED: {e}");
+                crate::out!("  {}: {e}", super::paint("FAILED", super::Tone::Bad));
             }
         }
-        _ => crate::out!("  preflight: ok"),
+        _ => crate::out!("  preflight: {}", super::paint("ok", super::Tone::Good)),
     }
 }

@@ -409,6 +409,48 @@ pub(crate) fn print_reports(config: &Config, reports: &[Report], json: bool) {
     }
 }
 
+/// How a state reads at a glance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tone {
+    /// Nothing to do (green).
+    Good,
+    /// Needs a look soon (yellow).
+    Warn,
+    /// Failing (red).
+    Bad,
+}
+
+/// Whether `check` and `status` colour their states: stdout is a terminal, and `NO_COLOR`
+/// is unset or empty (no-color.org).
+fn stdout_colour() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        use std::io::IsTerminal;
+        colour_for(
+            std::io::stdout().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        )
+    })
+}
+
+/// The rule of [`stdout_colour`], apart from the process (tested).
+fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `text` in its tone's colour when [`stdout_colour`] says so, else as it is.
+pub(crate) fn paint(text: &str, tone: Tone) -> String {
+    if !stdout_colour() {
+        return text.to_string();
+    }
+    let code = match tone {
+        Tone::Good => "32",
+        Tone::Warn => "33",
+        Tone::Bad => "1;31",
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
 /// A failure every call to the portal shares (the key, the network, the URL), on one line:
 /// where the portal is in the config, what failed, and a hint at the fix (SPEC §2). `None`
 /// for a failure of one call only.
@@ -479,5 +521,19 @@ pub(crate) fn fmt_relative(ms: i64, now: chrono::DateTime<chrono::Utc>) -> Strin
         (0, _) => "now".into(),
         (_, true) => format!("in {d}"),
         (_, false) => format!("{d} ago"),
+    }
+}
+
+#[cfg(test)]
+mod colour_tests {
+    use super::colour_for;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_for(true, None));
+        assert!(colour_for(true, Some(OsStr::new(""))));
+        assert!(!colour_for(true, Some(OsStr::new("1"))));
+        assert!(!colour_for(false, None));
     }
 }

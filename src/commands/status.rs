@@ -605,12 +605,16 @@ fn print_table(portals: &[&PortalStatus], now: DateTime<Utc>) {
             *w = (*w).max(c.chars().count());
         }
     }
-    for r in &rows {
-        let line: Vec<String> = r
+    for (i, r) in rows.iter().enumerate() {
+        let mut line: Vec<String> = r
             .iter()
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
+        // The last column, coloured on a terminal (padding is not needed after it).
+        if i > 0 {
+            line[5] = super::paint(&r[5], tone_of(&r[5]));
+        }
         crate::out!("{}", line.join("  ").trim_end());
     }
     let notes: Vec<String> = portals.iter().flat_map(|p| p.notes(now)).collect();
@@ -619,6 +623,15 @@ fn print_table(portals: &[&PortalStatus], now: DateTime<Utc>) {
         for n in notes {
             crate::out!("{n}");
         }
+    }
+}
+
+/// The colour of a STATE cell.
+fn tone_of(state: &str) -> super::Tone {
+    match state {
+        "ok" => super::Tone::Good,
+        "FAILING" | "FLAPPING" => super::Tone::Bad,
+        _ => super::Tone::Warn,
     }
 }
 

@@ -346,3 +346,42 @@ async fn forget_refuses_an_unknown_portal_and_says_when_there_is_nothing_to_forg
     );
     assert!(!out.stderr.contains("dropped on purpose"), "{}", out.stderr);
 }
+
+/// `status` and `check` colour their states on a terminal (a pty made by `script`), not with
+/// `NO_COLOR` set, and never into a pipe.
+#[tokio::test(flavor = "multi_thread")]
+async fn states_are_coloured_only_on_a_terminal_without_no_color() {
+    let mut h = crate::support::Harness::new().await;
+    h.add_portal("acme");
+    h.write_config("", &["plain"]);
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    let on_pty = |args: &str, no_color: Option<&str>| {
+        let cmd = format!(
+            "{} --config {} {args}",
+            crate::support::BIN,
+            h.config().display()
+        );
+        let mut c = crate::support::tool("script", "bsdutils");
+        c.args(["-qec", &cmd, "/dev/null"]).env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            c.env("NO_COLOR", v);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = on_pty("status", None);
+    assert!(status.contains("\x1b[32mok\x1b[0m"), "{status:?}");
+    let check = on_pty("check", None);
+    assert!(check.contains("preflight: \x1b[32mok\x1b[0m"), "{check:?}");
+    for args in ["status", "check"] {
+        let plain = on_pty(args, Some("1"));
+        assert!(plain.contains("ok") && !plain.contains('\x1b'), "{plain:?}");
+        let piped = h.run(&[args]).await;
+        assert!(
+            piped.stdout.contains("ok") && !piped.stdout.contains('\x1b'),
+            "{}",
+            piped.stdout
+        );
+    }
+}
