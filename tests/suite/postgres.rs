@@ -1104,6 +1104,79 @@ async fn a_rolling_config_change_does_not_ping_pong() {
     stop_clean([a, b]).await;
 }
 
+/// The config generation digest covers the included files: two instances whose config
+/// files are the same and whose included files differ run different generations. When only
+/// an included file changes on one, it rotates for the changed entry and the other (older)
+/// one stops following changes, says why, and does not rotate back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_of_an_included_file_alone_is_a_new_config_generation() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    h.schedule = Some("yearly".into());
+    std::fs::create_dir(h.path("codes2")).unwrap();
+    let pg = Postgres::start();
+    let text = std::fs::read_to_string(cluster_config(
+        &h,
+        &pg,
+        "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"1s\"\n\n\
+         [sinks.plain2]\ntype = \"file\"\npath = \"codes2/{portal}.txt\"\nshared = true\n",
+    ))
+    .unwrap();
+    // Every path absolute, so that a/ and b/ mean the same files.
+    let root = h.path("").display().to_string();
+    let text = text
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{root}state\""),
+        )
+        .replace("\"pg.url\"", &format!("\"{root}pg.url\""))
+        .replace("\"codes", &format!("\"{root}codes"))
+        .replace("\"keys/", &format!("\"{root}keys/"));
+    let at = text.find("[portals.acme]").unwrap();
+    let (main, portal) = text.split_at(at);
+    let main = format!("include = [\"portals.d/*.toml\"]\n{main}");
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(h.path(&format!("{d}/portals.d"))).unwrap();
+        write_private(&h.path(&format!("{d}/config.toml")), &main);
+        write_private(&h.path(&format!("{d}/portals.d/acme.toml")), portal);
+    }
+    let a = Daemon::start_with(&h, &h.path("a/config.toml"), &[], &[]);
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || h.sim.count("PUT") == 1).await,
+        "{}",
+        a.log()
+    );
+    let b = Daemon::start_with(&h, &h.path("b/config.toml"), &[], &[]);
+    assert!(b.wait_log("ready").await, "{}", b.log());
+    // Only a's included file changes: a reloads it and rotates once for the changed entry.
+    write_private(
+        &h.path("a/portals.d/acme.toml"),
+        &portal.replace("sinks = [\"plain\"]", "sinks = [\"plain\", \"plain2\"]"),
+    );
+    assert!(a.wait_log("configuration reloaded").await, "{}", a.log());
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || h.sim.count("PUT") == 2).await,
+        "{}",
+        a.log()
+    );
+    assert!(
+        b.wait_log("another instance runs a newer configuration")
+            .await,
+        "{}",
+        b.log()
+    );
+    let watched = |log: &str| log.matches("due: watch read").count();
+    let seen = watched(&b.log());
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
+        "{}",
+        b.log()
+    );
+    assert_eq!(h.sim.count("PUT"), 2, "b did not rotate back: {}", b.log());
+    assert_sink_accepted(&h, "codes2/acme.txt", "acme");
+    stop_clean([a, b]).await;
+}
+
 /// Over TCP the connection is TLS (rustls), verified against `[storage] ca_file`: with the
 /// test CA it connects and the server reports an encrypted session; without it the
 /// certificate is refused and nothing is written.
