@@ -464,6 +464,7 @@ pub(super) fn read_included(path: &Path) -> Result<Option<(String, bool)>, Strin
 }
 
 /// What `include` names, read: each file with its name as matched, in order.
+#[derive(Default)]
 struct Included {
     files: Vec<(PathBuf, String, bool)>,
     dirs: Vec<PathBuf>,
@@ -478,11 +479,7 @@ fn take_include(
     file: &Path,
     read: &mut ReadIncluded<'_>,
 ) -> Included {
-    let mut out = Included {
-        files: Vec::new(),
-        dirs: Vec::new(),
-        problems: Vec::new(),
-    };
+    let mut out = Included::default();
     let Some((key, value)) = doc.get_mut().remove_entry("include") else {
         return out;
     };
@@ -574,21 +571,14 @@ pub(super) fn validate(
     let included = if syntax.is_empty() {
         take_include(&mut doc, file, read)
     } else {
-        Included {
-            files: Vec::new(),
-            dirs: Vec::new(),
-            problems: Vec::new(),
-        }
+        Included::default()
     };
     let mut sources = vec![Source::new(file, text, others_can_read)];
     for (path, text, others) in &included.files {
         sources.push(Source::new(path, text, *others));
     }
     let mut cx = Ctx::new(sources);
-    for e in &syntax {
-        let span = e.span().unwrap_or(0..0);
-        cx.err(&span, "", format!("TOML syntax: {}", e.message()));
-    }
+    let mut broken = syntax_errors(&mut cx, &syntax);
     for (span, m) in &included.problems {
         cx.err(span, "include", m.as_str());
     }
@@ -596,18 +586,11 @@ pub(super) fn validate(
     for i in 1..cx.sources.len() {
         cx.at(i);
         let (doc, syntax) = DeTable::parse_recoverable(cx.sources[i].text);
-        for e in &syntax {
-            let span = e.span().unwrap_or(0..0);
-            cx.err(&span, "", format!("TOML syntax: {}", e.message()));
-        }
+        broken |= syntax_errors(&mut cx, &syntax);
         docs.push(doc);
     }
     cx.at(0);
-    if cx
-        .errors
-        .iter()
-        .any(|(_, e)| e.message.starts_with("TOML syntax: "))
-    {
+    if broken {
         // What follows a syntax error is read in a shape the file does not have (`[daemon`
         // unclosed makes its keys top-level ones): errors about it would mislead.
         return Err(sorted(cx.errors));
@@ -634,17 +617,7 @@ pub(super) fn validate(
             schedule_map.insert(name, s);
         }
     }
-    let mut sink_map = BTreeMap::new();
-    let mut path_spans: BTreeMap<String, (usize, Range<usize>)> = BTreeMap::new();
-    for (name, at, r) in raw.sinks {
-        cx.at(at);
-        if let Some(p) = &r.path {
-            path_spans.insert(name.clone(), (at, p.span()));
-        }
-        if let Some(kind) = sink_kind(&mut cx, &name, r, smtp_declared) {
-            sink_map.insert(name.clone(), SinkConfig { name, kind });
-        }
-    }
+    let (sink_map, path_spans) = sinks_section(&mut cx, raw.sinks, smtp_declared);
     cx.at(0);
     let alerts = raw
         .alerts
@@ -670,22 +643,7 @@ pub(super) fn validate(
     if !errors.is_empty() {
         return Err(sorted(errors));
     }
-    let text_fp = {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(text.as_bytes());
-        let base = config_dir(file);
-        for s in &sources[1..] {
-            // The name as written relative to the config, so that instances with the config
-            // in different places agree.
-            let name = s.file.strip_prefix(&base).unwrap_or(s.file);
-            h.update(b"\0include\0");
-            h.update(name.as_os_str().as_encoded_bytes());
-            h.update(b"\0");
-            h.update(s.text.as_bytes());
-        }
-        hex::encode(&h.finalize()[..16])
-    };
+    let text_fp = generation_digest(&sources);
     Ok(Config {
         path: file.to_path_buf(),
         files: sources.iter().map(|s| s.file.to_path_buf()).collect(),
@@ -700,6 +658,57 @@ pub(super) fn validate(
         warnings,
         text_fp,
     })
+}
+
+/// A file sink's `path` span, with the source it is in.
+type PathSpans = BTreeMap<String, (usize, Range<usize>)>;
+
+/// `[sinks.NAME]`, from whichever file each is in.
+fn sinks_section(
+    cx: &mut Ctx<'_>,
+    sinks: Vec<(String, usize, RawSink)>,
+    smtp_declared: bool,
+) -> (BTreeMap<String, SinkConfig>, PathSpans) {
+    let mut sink_map = BTreeMap::new();
+    let mut path_spans = PathSpans::new();
+    for (name, at, r) in sinks {
+        cx.at(at);
+        if let Some(p) = &r.path {
+            path_spans.insert(name.clone(), (at, p.span()));
+        }
+        if let Some(kind) = sink_kind(cx, &name, r, smtp_declared) {
+            sink_map.insert(name.clone(), SinkConfig { name, kind });
+        }
+    }
+    (sink_map, path_spans)
+}
+
+/// Records the syntax errors of the current source; whether there were any.
+fn syntax_errors(cx: &mut Ctx<'_>, syntax: &[toml::de::Error]) -> bool {
+    for e in syntax {
+        let span = e.span().unwrap_or(0..0);
+        cx.err(&span, "", format!("TOML syntax: {}", e.message()));
+    }
+    !syntax.is_empty()
+}
+
+/// The digest of the config file's text and every included file's name and text (SPEC §6:
+/// the config generation).
+fn generation_digest(sources: &[Source<'_>]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(sources[0].text.as_bytes());
+    let base = config_dir(sources[0].file);
+    for s in &sources[1..] {
+        // The name relative to the config's directory, so that instances with the config
+        // in different places agree.
+        let name = s.file.strip_prefix(&base).unwrap_or(s.file);
+        h.update(b"\0include\0");
+        h.update(name.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+        h.update(s.text.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
 }
 
 /// Errors in the files' order: the config file, then each included file, each by offset.
@@ -1232,7 +1241,7 @@ fn portals_section(
     declared_schedules: &BTreeSet<String>,
     declared_sinks: &BTreeSet<String>,
     sink_map: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
+    path_spans: &PathSpans,
 ) -> BTreeMap<String, PortalConfig> {
     let mut portal_map = BTreeMap::new();
     let mut file_users: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -1292,7 +1301,7 @@ fn shared_paths_name_the_portal(
     cx: &mut Ctx<'_>,
     file_users: &BTreeMap<String, Vec<String>>,
     sink_map: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
+    path_spans: &PathSpans,
 ) {
     for (sink, users) in file_users {
         let Some(SinkConfig {
@@ -1324,7 +1333,7 @@ fn storage(
     r: RawStorage,
     daemon: &DaemonConfig,
     sinks: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
+    path_spans: &PathSpans,
 ) -> Option<StorageConfig> {
     match r.kind.get_ref().as_str() {
         "sqlite" => {
@@ -1438,7 +1447,7 @@ fn sqlite_storage(cx: &mut Ctx<'_>, r: &RawStorage) {
 fn file_sinks_are_shared(
     cx: &mut Ctx<'_>,
     sinks: &BTreeMap<String, SinkConfig>,
-    path_spans: &BTreeMap<String, (usize, Range<usize>)>,
+    path_spans: &PathSpans,
 ) {
     for (name, s) in sinks {
         if let SinkKind::File(f) = &s.kind

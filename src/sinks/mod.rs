@@ -338,6 +338,37 @@ fn load_pgp(
     out
 }
 
+/// An email sink: its addresses (placeholders refused first), its keys, the key of each
+/// address.
+fn email_sink(
+    config: &Config,
+    name: &str,
+    ec: &crate::config::EmailSinkConfig,
+    smtp: Option<&Arc<email::Smtp>>,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<Sink> {
+    let before = issues.len();
+    // An example address is refused before anything else is asked of it (which key
+    // covers it).
+    issues.extend(placeholder_issues(config, name, "to", &ec.to, |a| {
+        crate::placeholder::address(a)
+    }));
+    let key = format!("sinks.{name}.pgp_keys");
+    let keys = load_pgp(config, &key, &ec.pgp_keys, issues);
+    let to: Vec<String> = ec.to.iter().map(|a| a.value.clone()).collect();
+    match (smtp, issues.len() == before) {
+        (Some(smtp), true) => match EmailSink::new(name, &to, keys, smtp.clone()) {
+            Ok(s) => Some(Sink::Email(s)),
+            Err(e) => {
+                let loc = ec.pgp_keys.first().map(|k| k.loc);
+                issues.push(config.issue(loc, key, e));
+                None
+            }
+        },
+        _ => None,
+    }
+}
+
 /// One issue per recipient of `sinks.NAME.KEY` that is a placeholder (SPEC §3), at its line.
 fn placeholder_issues(
     config: &Config,
@@ -477,28 +508,7 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
                 let base = config.path.parent().unwrap_or(Path::new("."));
                 Sink::Exec(ExecSink::new(name, xc, c, &config.daemon.state_dir, base))
             }),
-            SinkKind::Email(ec) => {
-                let before = issues.len();
-                // An example address is refused before anything else is asked of it (which
-                // key covers it).
-                issues.extend(placeholder_issues(config, name, "to", &ec.to, |a| {
-                    crate::placeholder::address(a)
-                }));
-                let key = format!("sinks.{name}.pgp_keys");
-                let keys = load_pgp(config, &key, &ec.pgp_keys, &mut issues);
-                let to: Vec<String> = ec.to.iter().map(|a| a.value.clone()).collect();
-                match (&smtp, issues.len() == before) {
-                    (Some(smtp), true) => match EmailSink::new(name, &to, keys, smtp.clone()) {
-                        Ok(s) => Some(Sink::Email(s)),
-                        Err(e) => {
-                            let loc = ec.pgp_keys.first().map(|k| k.loc);
-                            issues.push(config.issue(loc, format!("sinks.{name}.pgp_keys"), e));
-                            None
-                        }
-                    },
-                    _ => None,
-                }
-            }
+            SinkKind::Email(ec) => email_sink(config, name, ec, smtp.as_ref(), &mut issues),
         };
         if let Some(s) = sink {
             by_name.insert(name.clone(), Arc::new(s));
