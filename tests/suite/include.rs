@@ -35,6 +35,19 @@ fn assert_sink_accepted(h: &Harness, rel: &str, portal: &str) {
     );
 }
 
+/// A harness with portals `a` and `b` (and `schedule`, defined by `extra`), split by
+/// [`split`] and written: the config file and its two included files' texts.
+async fn split_harness(extra: &str, schedule: Option<&str>) -> (Harness, String, String, String) {
+    let mut h = Harness::new().await;
+    h.add_portal("a");
+    h.add_portal("b");
+    h.schedule = schedule.map(String::from);
+    h.write_config(extra, &["plain"]);
+    let (main, a, b) = split(&h);
+    write_split(&h, &main, &a, &b);
+    (h, main, a, b)
+}
+
 fn write_split(h: &Harness, main: &str, a: &str, b: &str) {
     std::fs::create_dir_all(h.path("portals.d")).unwrap();
     std::fs::create_dir_all(h.path("copies")).unwrap();
@@ -45,12 +58,7 @@ fn write_split(h: &Harness, main: &str, a: &str, b: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_included_files_rotate_and_their_errors_name_them() {
-    let mut h = Harness::new().await;
-    h.add_portal("a");
-    h.add_portal("b");
-    h.write_config("", &["plain"]);
-    let (main, a, b) = split(&h);
-    write_split(&h, &main, &a, &b);
+    let (h, main, _, b) = split_harness("", None).await;
     // A glob that matches nothing is fine.
     let out = h.run(&["check", "--offline"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
@@ -159,16 +167,11 @@ async fn a_name_defined_twice_names_both_places() {
 /// nothing is due for it; the same move with a different sink list is one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_portal_moved_between_files_is_not_a_change() {
-    let mut h = Harness::new().await;
-    h.add_portal("a");
-    h.add_portal("b");
-    h.schedule = Some("yearly".into());
-    h.write_config(
+    let (h, main, _, b) = split_harness(
         "[schedules.yearly]\ncron = \"@yearly\"\nwatch_every = \"off\"\n",
-        &["plain"],
-    );
-    let (main, a, b) = split(&h);
-    write_split(&h, &main, &a, &b);
+        Some("yearly"),
+    )
+    .await;
     assert_eq!(h.run(&["rotate", "--all"]).await.code, Some(0));
     let reason = |status: &Value, p: &str| {
         status["portals"]
@@ -236,16 +239,11 @@ fn the_generation_digest_covers_the_included_files() {
 }
 
 /// An included file another user can write is refused like the config file itself, naming
-/// it; so is its directory.
+/// it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_included_file_others_can_write_is_refused() {
     use std::os::unix::fs::PermissionsExt;
-    let mut h = Harness::new().await;
-    h.add_portal("a");
-    h.add_portal("b");
-    h.write_config("", &["plain"]);
-    let (main, a, b) = split(&h);
-    write_split(&h, &main, &a, &b);
+    let (h, ..) = split_harness("", None).await;
     let file = h.path("portals.d/20-b.toml");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o622)).unwrap();
     let out = h.run(&["rotate", "--all"]).await;

@@ -47,6 +47,35 @@ fn assert_sink_accepted(h: &Harness, rel: &str, portal: &str) {
     );
 }
 
+/// Waits until `b` has watched its portal three more times.
+async fn three_watch_reads(b: &Daemon) {
+    let watched = |log: &str| log.matches("due: watch read").count();
+    let seen = watched(&b.log());
+    assert!(
+        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
+        "{}",
+        b.log()
+    );
+}
+
+/// `b`, on an older config generation, says so, goes on watching (three watch reads), and
+/// does not rotate back: the PUTs stay at `puts`.
+async fn older_does_not_rotate_back(h: &Harness, b: &Daemon, puts: usize) {
+    assert!(
+        b.wait_log("another instance runs a newer configuration")
+            .await,
+        "{}",
+        b.log()
+    );
+    three_watch_reads(b).await;
+    assert_eq!(
+        h.sim.count("PUT"),
+        puts,
+        "b did not rotate back: {}",
+        b.log()
+    );
+}
+
 /// SIGTERM to each daemon; each exits 0.
 async fn stop_clean<const N: usize>(daemons: [Daemon; N]) {
     for d in daemons {
@@ -1051,20 +1080,7 @@ async fn a_rolling_config_change_does_not_ping_pong() {
     );
     // b, still on the old config, watches the portal every second (and so re-reads its
     // row, which a changed): it neither rotates nor adopts, and says why.
-    assert!(
-        b.wait_log("another instance runs a newer configuration")
-            .await,
-        "{}",
-        b.log()
-    );
-    let watched = |log: &str| log.matches("due: watch read").count();
-    let seen = watched(&b.log());
-    assert!(
-        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
-        "{}",
-        b.log()
-    );
-    assert_eq!(h.sim.count("PUT"), 2, "b did not rotate back: {}", b.log());
+    older_does_not_rotate_back(&h, &b, 2).await;
     // b queued one notice for [alerts] saying so.
     let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
@@ -1087,12 +1103,7 @@ async fn a_rolling_config_change_does_not_ping_pong() {
         "{}",
         b.log()
     );
-    let seen = watched(&b.log());
-    assert!(
-        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
-        "{}",
-        b.log()
-    );
+    three_watch_reads(&b).await;
     assert_eq!(
         h.sim.count("PUT"),
         2,
@@ -1159,20 +1170,7 @@ async fn a_change_of_an_included_file_alone_is_a_new_config_generation() {
         "{}",
         a.log()
     );
-    assert!(
-        b.wait_log("another instance runs a newer configuration")
-            .await,
-        "{}",
-        b.log()
-    );
-    let watched = |log: &str| log.matches("due: watch read").count();
-    let seen = watched(&b.log());
-    assert!(
-        crate::support::wait_for(Duration::from_secs(20), || watched(&b.log()) >= seen + 3).await,
-        "{}",
-        b.log()
-    );
-    assert_eq!(h.sim.count("PUT"), 2, "b did not rotate back: {}", b.log());
+    older_does_not_rotate_back(&h, &b, 2).await;
     assert_sink_accepted(&h, "codes2/acme.txt", "acme");
     stop_clean([a, b]).await;
 }

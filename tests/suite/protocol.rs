@@ -607,15 +607,21 @@ async fn check_says_a_refused_key_once_with_its_place_and_a_hint() {
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     let all = out.all();
-    let lines: Vec<&str> = all.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{all}");
+    let said = only_line(&all);
     assert!(
-        lines[0].contains(&format!("config.toml:{line}: portals.acme: GET "))
-            && lines[0].contains("HTTP 401")
-            && lines[0].contains("; hint: check its api_key"),
+        said.contains(&format!("config.toml:{line}: portals.acme: GET "))
+            && said.contains("HTTP 401")
+            && said.contains("; hint: check its api_key"),
         "{all}"
     );
     assert_eq!(h.sim.rotations(), 0);
+}
+
+/// The one line of `all` that is not blank.
+fn only_line(all: &str) -> &str {
+    let lines: Vec<&str> = all.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{all}");
+    lines[0]
 }
 
 /// A portal nobody answers for is said once by `rotate`: the place, the short cause (no
@@ -631,10 +637,8 @@ async fn rotate_says_a_refused_connection_once_with_its_place_and_a_hint() {
     let out = h.run(&["rotate", "acme"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     let all = out.all();
-    let lines: Vec<&str> = all.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{all}");
     assert!(
-        lines[0].ends_with(
+        only_line(&all).ends_with(
             "connection failed: tcp connect error: Connection refused (os error 111); \
              hint: check its url (host, port, TLS) and the network"
         ),
