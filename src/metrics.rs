@@ -54,6 +54,15 @@ pub struct BuildLabels {
     pub features: String,
 }
 
+/// Labels of a recipient's key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecipientLabels {
+    /// Sink.
+    pub sink: String,
+    /// An address (email sinks) or a key fingerprint.
+    pub recipient: String,
+}
+
 /// A portal label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortalLabel {
@@ -79,6 +88,7 @@ pub struct Metrics {
     build_info: Family<BuildLabels, Gauge>,
     rotation_seconds: Histogram,
     secret_unreadable: Family<PortalLabel, Gauge>,
+    recipient_expiry: Family<RecipientLabels, Gauge>,
     /// The process, under the standard `process_*` names, read from /proc at each scrape.
     process: ProcessMetrics,
     /// Set while the scheduler loop lives (for `/healthz`).
@@ -107,81 +117,13 @@ impl Default for Metrics {
             build_info: Family::default(),
             rotation_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             secret_unreadable: Family::default(),
+            recipient_expiry: Family::default(),
             process: ProcessMetrics::default(),
             alive: AtomicBool::new(false),
             wake_by: AtomicU64::new(u64::MAX),
         };
         m.process.register(&mut r);
-        r.register(
-            "tfa_rotator_rotations",
-            "Rotation attempts by portal and result",
-            m.rotations.clone(),
-        );
-        r.register(
-            "tfa_rotator_deliveries",
-            "Delivery attempts by portal, sink and result",
-            m.deliveries.clone(),
-        );
-        r.register(
-            "tfa_rotator_pending_deliveries",
-            "Sealed payloads waiting for delivery",
-            m.pending.clone(),
-        );
-        r.register(
-            "tfa_rotator_last_success_timestamp_seconds",
-            "Last successful rotation per portal",
-            m.last_success.clone(),
-        );
-        r.register(
-            "tfa_rotator_next_rotation_timestamp_seconds",
-            "Next scheduled rotation per portal",
-            m.next_rotation.clone(),
-        );
-        r.register(
-            "tfa_rotator_next_check_timestamp_seconds",
-            "Next read of a portal (watch, or settling a PUT of unknown outcome)",
-            m.next_check.clone(),
-        );
-        r.register(
-            "tfa_rotator_unused_codes",
-            "Unused backup codes last seen per portal",
-            m.unused.clone(),
-        );
-        r.register(
-            "tfa_rotator_config_reload_success",
-            "Whether the last config reload succeeded (1) or not (0)",
-            m.reload_ok.clone(),
-        );
-        r.register(
-            "tfa_rotator_config_reload_timestamp_seconds",
-            "Time of the last config reload attempt",
-            m.reload_time.clone(),
-        );
-        r.register(
-            "tfa_rotator_drift",
-            "Times a portal's set was found changed outside tfa-rotator",
-            m.drift.clone(),
-        );
-        r.register(
-            "tfa_rotator_put_answers_untrusted",
-            "PUT answers that were not the set the verifying GET returned",
-            m.put_answers.clone(),
-        );
-        r.register(
-            "tfa_rotator_build_info",
-            "Always 1; the labels say which build runs",
-            m.build_info.clone(),
-        );
-        r.register(
-            "tfa_rotator_rotation_duration_seconds",
-            "Time of one rotation attempt, preflight to delivery",
-            m.rotation_seconds.clone(),
-        );
-        r.register(
-            "tfa_rotator_secret_unreadable",
-            "Whether a portal cannot read a secret it needs (1) or can (0), checked at start and reload",
-            m.secret_unreadable.clone(),
-        );
+        m.register(&mut r);
         m.build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -196,6 +138,85 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every family and gauge under its name and help text.
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "tfa_rotator_rotations",
+            "Rotation attempts by portal and result",
+            self.rotations.clone(),
+        );
+        r.register(
+            "tfa_rotator_deliveries",
+            "Delivery attempts by portal, sink and result",
+            self.deliveries.clone(),
+        );
+        r.register(
+            "tfa_rotator_pending_deliveries",
+            "Sealed payloads waiting for delivery",
+            self.pending.clone(),
+        );
+        r.register(
+            "tfa_rotator_last_success_timestamp_seconds",
+            "Last successful rotation per portal",
+            self.last_success.clone(),
+        );
+        r.register(
+            "tfa_rotator_next_rotation_timestamp_seconds",
+            "Next scheduled rotation per portal",
+            self.next_rotation.clone(),
+        );
+        r.register(
+            "tfa_rotator_next_check_timestamp_seconds",
+            "Next read of a portal (watch, or settling a PUT of unknown outcome)",
+            self.next_check.clone(),
+        );
+        r.register(
+            "tfa_rotator_unused_codes",
+            "Unused backup codes last seen per portal",
+            self.unused.clone(),
+        );
+        r.register(
+            "tfa_rotator_config_reload_success",
+            "Whether the last config reload succeeded (1) or not (0)",
+            self.reload_ok.clone(),
+        );
+        r.register(
+            "tfa_rotator_config_reload_timestamp_seconds",
+            "Time of the last config reload attempt",
+            self.reload_time.clone(),
+        );
+        r.register(
+            "tfa_rotator_drift",
+            "Times a portal's set was found changed outside tfa-rotator",
+            self.drift.clone(),
+        );
+        r.register(
+            "tfa_rotator_put_answers_untrusted",
+            "PUT answers that were not the set the verifying GET returned",
+            self.put_answers.clone(),
+        );
+        r.register(
+            "tfa_rotator_build_info",
+            "Always 1; the labels say which build runs",
+            self.build_info.clone(),
+        );
+        r.register(
+            "tfa_rotator_rotation_duration_seconds",
+            "Time of one rotation attempt, preflight to delivery",
+            self.rotation_seconds.clone(),
+        );
+        r.register(
+            "tfa_rotator_secret_unreadable",
+            "Whether a portal cannot read a secret it needs (1) or can (0), checked at start and reload",
+            self.secret_unreadable.clone(),
+        );
+        r.register(
+            "tfa_rotator_recipient_expiry_timestamp_seconds",
+            "When each recipient's key expires, per sink (keys that never expire are not listed)",
+            self.recipient_expiry.clone(),
+        );
+    }
+
     /// A rotation ended with `result`.
     pub fn rotation(&self, portal: &str, outcome: crate::outcome::Outcome) {
         self.rotations
@@ -216,6 +237,22 @@ impl Metrics {
     /// A rotation attempt took this long.
     pub fn rotation_took(&self, took: std::time::Duration) {
         self.rotation_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The recipients' keys that expire, as the config in force has them (start, reload).
+    pub fn recipient_expiries(&self, list: &[crate::sinks::Expiry]) {
+        self.recipient_expiry.clear();
+        for e in list {
+            let at =
+                e.at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.recipient_expiry
+                .get_or_create(&RecipientLabels {
+                    sink: e.sink.clone(),
+                    recipient: e.recipient.clone(),
+                })
+                .set(at);
+        }
     }
 
     /// Whether `portal` can read its secrets.

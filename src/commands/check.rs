@@ -63,6 +63,18 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
             config.daemon.max_per_host,
         ),
     };
+    // A recipient's key expiring within 30 days is a warning (SPEC §5, "Expiry ahead").
+    let now = std::time::SystemTime::now();
+    let expiring: Vec<String> = engine
+        .sinks
+        .expiries()
+        .iter()
+        .filter(|e| e.within(crate::sinks::Expiry::WARN, now))
+        .map(|e| e.warning(now))
+        .collect();
+    for w in &expiring {
+        crate::err!("warning: {}: {w}", config.path.display());
+    }
     let limit = config.daemon.max_concurrent;
     let mut plans: Vec<PortalCheck> = futures::stream::iter(config.portals.values())
         .map(|pc| {
@@ -78,7 +90,12 @@ pub async fn run(path: &Path, offline: bool, json: bool) -> Exit {
         config: config.path.display().to_string(),
         valid: true,
         offline,
-        warnings: config.warnings.iter().map(|w| w.to_string()).collect(),
+        warnings: config
+            .warnings
+            .iter()
+            .map(|w| w.to_string())
+            .chain(expiring)
+            .collect(),
         portals: plans,
         failed,
         storage: StorageReport::of(&config),
@@ -322,6 +339,9 @@ async fn preflight(
 ) {
     let mut problems: Vec<String> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    // The account and the current set, when read: the sinks' preflight seals them to see
+    // whether a message would fit (an SMTP server's SIZE).
+    let mut probe = None;
     match engine.portal(pc) {
         Err(e) => problems.push(e.to_string()),
         Ok(portal) => {
@@ -361,11 +381,11 @@ async fn preflight(
                 methods.map_err(|e| (shared(&e), e)),
                 codes.map_err(|e| (shared(&e), e)),
             );
-            match account {
+            match &account {
                 Ok(a) => {
                     out.account = Some(AccountReport {
-                        display_name: a.display_name,
-                        email: a.email,
+                        display_name: a.display_name.clone(),
+                        email: a.email.clone(),
                     })
                 }
                 Err((true, _)) => {}
@@ -389,23 +409,45 @@ async fn preflight(
                     notes.push(format!("could not read the portal's TFA settings: {e}"))
                 }
             }
-            match codes {
-                Ok(c) => drift_of(engine, pc, sink_sets, &c, out, &mut problems),
+            match &codes {
+                Ok(c) => drift_of(engine, pc, sink_sets, c, out, &mut problems),
                 Err((true, _)) => {}
                 Err((false, e)) => problems.push(e.to_string()),
             }
+            if let (Ok(a), Ok(c)) = (account, codes) {
+                probe = Some((a, c));
+            }
         }
     }
+    sinks_preflight(engine, pc, probe.as_ref(), &mut problems).await;
+    out.ok = problems.is_empty();
+    out.problems = Some(problems);
+    out.notes = Some(notes);
+}
+
+/// Each sink's preflight; with the account and the current set when they were read, which
+/// an email sink seals to see whether the server takes a message that size.
+async fn sinks_preflight(
+    engine: &Engine,
+    pc: &PortalConfig,
+    probe: Option<&(crate::docspace::Account, crate::secret::CodeSet)>,
+    problems: &mut Vec<String>,
+) {
+    let delivery = probe.map(|(account, codes)| crate::sinks::Delivery {
+        portal: &pc.name,
+        url: &pc.url,
+        account,
+        at: Utc::now(),
+        codes,
+        rotated: true,
+    });
     for s in &pc.sinks {
         if let Some(sink) = engine.sinks.get(s)
-            && let Err(e) = sink.preflight(&pc.name).await
+            && let Err(e) = sink.preflight(&pc.name, delivery.as_ref()).await
         {
             problems.push(e.to_string());
         }
     }
-    out.ok = problems.is_empty();
-    out.problems = Some(problems);
-    out.notes = Some(notes);
 }
 
 /// The codes read: their counts, and the sinks holding a set the portal no longer accepts.

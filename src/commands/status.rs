@@ -27,6 +27,39 @@ struct StatusReport {
     summary: Summary,
 }
 
+/// The STATE column: what needs attention first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    NotConfigured,
+    Settling,
+    Flapping,
+    Pending,
+    Failing,
+    Ok,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::NotConfigured => "NOT CONFIGURED",
+            State::Settling => "SETTLING",
+            State::Flapping => "FLAPPING",
+            State::Pending => "PENDING",
+            State::Failing => "FAILING",
+            State::Ok => "ok",
+        }
+    }
+
+    /// Its colour on a terminal.
+    fn tone(self) -> super::Tone {
+        match self {
+            State::Ok => super::Tone::Good,
+            State::Failing | State::Flapping => super::Tone::Bad,
+            State::NotConfigured | State::Settling | State::Pending => super::Tone::Warn,
+        }
+    }
+}
+
 /// How many of the listed portals are in each state (the table's STATE column).
 #[derive(Debug, Default, Serialize)]
 struct Summary {
@@ -47,12 +80,12 @@ impl Summary {
         };
         for p in portals {
             *match p.state() {
-                "SETTLING" => &mut s.settling,
-                "FLAPPING" => &mut s.flapping,
-                "PENDING" => &mut s.pending,
-                "FAILING" => &mut s.failing,
-                "NOT CONFIGURED" => &mut s.not_configured,
-                _ => &mut s.ok,
+                State::Settling => &mut s.settling,
+                State::Flapping => &mut s.flapping,
+                State::Pending => &mut s.pending,
+                State::Failing => &mut s.failing,
+                State::NotConfigured => &mut s.not_configured,
+                State::Ok => &mut s.ok,
             } += 1;
         }
         s
@@ -222,7 +255,7 @@ pub async fn run(path: &Path, only: &[String], failing: bool, json: bool) -> Exi
         let shown: Vec<&PortalStatus> = report
             .portals
             .iter()
-            .filter(|p| !super::quiet() || p.state() != "ok")
+            .filter(|p| !super::quiet() || p.state() != State::Ok)
             .collect();
         if !shown.is_empty() {
             print_table(&shown, now);
@@ -460,19 +493,19 @@ impl PortalStatus {
     }
 
     /// The STATE column: what needs attention first.
-    fn state(&self) -> &'static str {
+    fn state(&self) -> State {
         if !self.configured {
-            "NOT CONFIGURED"
+            State::NotConfigured
         } else if self.settling.is_some() {
-            "SETTLING"
+            State::Settling
         } else if self.flapping {
-            "FLAPPING"
+            State::Flapping
         } else if !self.pending_deliveries.is_empty() {
-            "PENDING"
+            State::Pending
         } else if self.failures_in_a_row > 0 {
-            "FAILING"
+            State::Failing
         } else {
-            "ok"
+            State::Ok
         }
     }
 
@@ -509,7 +542,7 @@ impl PortalStatus {
             attempt,
             next,
             codes,
-            self.state().into(),
+            self.state().as_str().into(),
         ]
     }
 
@@ -599,6 +632,7 @@ fn print_table(portals: &[&PortalStatus], now: DateTime<Utc>) {
     ];
     let mut rows: Vec<[String; 6]> = vec![header.map(String::from)];
     rows.extend(portals.iter().map(|p| p.cells(now)));
+    let tones: Vec<super::Tone> = portals.iter().map(|p| p.state().tone()).collect();
     let mut widths = [0usize; 6];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -612,8 +646,8 @@ fn print_table(portals: &[&PortalStatus], now: DateTime<Utc>) {
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         // The last column, coloured on a terminal (padding is not needed after it).
-        if i > 0 {
-            line[5] = super::paint(&r[5], tone_of(&r[5]));
+        if let Some(tone) = i.checked_sub(1).and_then(|p| tones.get(p)) {
+            line[5] = super::paint(&r[5], *tone);
         }
         crate::out!("{}", line.join("  ").trim_end());
     }
@@ -623,15 +657,6 @@ fn print_table(portals: &[&PortalStatus], now: DateTime<Utc>) {
         for n in notes {
             crate::out!("{n}");
         }
-    }
-}
-
-/// The colour of a STATE cell.
-fn tone_of(state: &str) -> super::Tone {
-    match state {
-        "ok" => super::Tone::Good,
-        "FAILING" | "FLAPPING" => super::Tone::Bad,
-        _ => super::Tone::Warn,
     }
 }
 

@@ -26,6 +26,9 @@ pub struct PgpKey {
     pub emails: Vec<String>,
     /// Hex fingerprint of the primary key.
     pub fingerprint: String,
+    /// When it stops being usable: the earlier of the primary key's expiry and that of the
+    /// encryption subkey it encrypts to (`None`: never).
+    pub expires: Option<SystemTime>,
     key: SignedPublicKey,
     /// Index of the encryption subkey; `None` means the primary key encrypts.
     subkey: Option<usize>,
@@ -165,7 +168,8 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
         .collect();
     let primary_sig =
         latest(&self_sigs).ok_or_else(|| ctx("the key has no self-signature".into()))?;
-    if let Some(exp) = expiry(created, &primary_sig)
+    let primary_expires = expiry(created, &primary_sig);
+    if let Some(exp) = primary_expires
         && exp <= now
     {
         return Err(ctx(format!(
@@ -189,10 +193,12 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
 
     let mut reasons = Vec::new();
     let mut subkey = None;
+    let mut subkey_expires = None;
     for (i, sk) in key.public_subkeys.iter().enumerate() {
         match usable_subkey(sk, now) {
-            Ok(()) => {
+            Ok(expires) => {
                 subkey = Some(i);
+                subkey_expires = expires;
                 break;
             }
             Err(r) => reasons.push(r),
@@ -214,16 +220,22 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
         };
         return Err(ctx(format!("no usable encryption key: {why}")));
     }
+    let expires = match (primary_expires, subkey_expires) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(PgpKey {
         path: path.to_path_buf(),
         emails,
         fingerprint,
+        expires,
         key,
         subkey,
     })
 }
 
-fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<(), String> {
+/// Whether a subkey can be encrypted to now; its expiry when it can.
+fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<Option<SystemTime>, String> {
     if sk
         .signatures
         .iter()
@@ -244,7 +256,8 @@ fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<(), String>
         return Err("a subkey's algorithm cannot encrypt".into());
     }
     let created: SystemTime = sk.key.created_at().into();
-    if let Some(exp) = expiry(created, &sig)
+    let expires = expiry(created, &sig);
+    if let Some(exp) = expires
         && exp <= now
     {
         return Err(format!(
@@ -252,7 +265,7 @@ fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<(), String>
             chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
         ));
     }
-    Ok(())
+    Ok(expires)
 }
 
 /// `Name <a@b>` → `a@b`; a bare address is itself.

@@ -362,6 +362,9 @@ impl Supervisor {
     /// Tells systemd (READY=1 and a status line) and the log that the daemon is ready.
     fn announce_ready(&self, started_at: std::time::Instant) {
         self.engine.metrics.alive.store(true, Ordering::SeqCst);
+        self.engine
+            .metrics
+            .recipient_expiries(&self.engine.sinks.expiries());
         let dry_run = self.engine.dry_run;
         let status = format!(
             "{} portal(s){}{}{}",
@@ -929,6 +932,9 @@ impl Supervisor {
                     f.dirs(&engine.config.include_dirs);
                 }
                 self.engine = engine;
+                self.engine
+                    .metrics
+                    .recipient_expiries(&self.engine.sinks.expiries());
                 if let Err(e) = self.engine.coordinator.register(&self.engine.config).await {
                     tracing::error!(error = %e, "registering the new config generation");
                 }

@@ -85,12 +85,46 @@ fn notice(engine: &Engine, due: &AlertDue) -> (String, String) {
     }
 }
 
+/// Queues one notice per recipient key that expires within 14 days (SPEC §5, "Expiry
+/// ahead"): once per key and expiry date, however often this runs.
+async fn queue_expiries(engine: &Engine, store: &state::Store) {
+    let now = std::time::SystemTime::now();
+    for e in engine.sinks.expiries() {
+        if !e.within(crate::sinks::Expiry::ALERT, now) {
+            continue;
+        }
+        let kind = format!("expiry {} {} {}", e.sink, e.recipient, e.date());
+        let subject = format!(
+            "[tfa-rotator] the key of {} expires on {}",
+            e.recipient,
+            e.date()
+        );
+        let body = format!(
+            "The key tfa-rotator encrypts to for {} (sink {}) expires on {}, in {} day(s).\n\n\
+             From then on every rotation that delivers to this sink stops at its preflight (nothing\n\
+             is lost: the current codes keep working). What to do: have the key extended (or a new\n\
+             one made), put it where the config names it, and check with\n  tfa-rotator check\n\n-- \ntfa-rotator\n",
+            e.recipient,
+            e.sink,
+            e.date(),
+            e.days_left(now)
+        );
+        if let Err(err) = store
+            .write(move |c| state::add_notice(c, "", &kind, &subject, &body, 0))
+            .await
+        {
+            tracing::error!(error = %err, "could not queue an expiry notice");
+        }
+    }
+}
+
 /// Sends the notices that are due. Returns how many were sent.
 pub async fn check(engine: &Engine) -> usize {
     let (Some(alerts), Ok(store)) = (engine.config.alerts.as_ref(), engine.store()) else {
         return 0;
     };
     let store = store.clone();
+    queue_expiries(engine, &store).await;
     let after = i64::from(alerts.after_failures);
     let before = now_ms() - alerts.pending_longer_than.as_millis() as i64;
     let due = match store

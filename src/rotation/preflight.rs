@@ -90,16 +90,26 @@ pub(super) async fn preflight(
         drift::record(engine, pc, &drifted, "a preflight", false).await;
     }
     let (unused, total) = (codes.unused(), codes.total());
-    let codes = keep_codes.then_some(codes);
+    // The current set, sealed by each sink as the new one will be: a message over the SMTP
+    // server's SIZE is refused now, before the PUT, not after it.
+    let probe = crate::sinks::Delivery {
+        portal: &pc.name,
+        url: &pc.url,
+        account: &account,
+        at: chrono::Utc::now(),
+        codes: &codes,
+        rotated: true,
+    };
     for sink_name in &pc.sinks {
         let sink = sink_of(engine, &pc.name, sink_name)?;
-        sink.preflight(&pc.name)
+        sink.preflight(&pc.name, Some(&probe))
             .await
             .map_err(|source| RotationError::Sink {
                 portal: pc.name.clone(),
                 source,
             })?;
     }
+    let codes = keep_codes.then_some(codes);
     Ok(Preflight {
         portal,
         account,

@@ -18,7 +18,7 @@ use lettre::message::header::{self, ContentType};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::{Address, Message};
 use rand::Rng;
@@ -205,8 +205,9 @@ impl Smtp {
         }
     }
 
-    /// Connects, reads the greeting, secures the connection and logs in.
-    async fn open(&self) -> Result<AsyncSmtpConnection, Failure> {
+    /// Connects, reads the greeting, secures the connection and logs in; with `size`, also
+    /// asks the server (EHLO again, before AUTH) the largest message it takes.
+    async fn open(&self, size: bool) -> Result<(AsyncSmtpConnection, Option<u64>), Failure> {
         if let Some(why) = &self.unreadable {
             return Err(Failure::temporary(why.clone()));
         }
@@ -238,12 +239,19 @@ impl Smtp {
             let tls = self.tls()?;
             self.step("STARTTLS", conn.starttls(tls, &hello)).await?;
         }
+        // lettre keeps only the EHLO answer's features it knows, not SIZE: ask again.
+        let limit = if size {
+            let answer = self.step("EHLO", conn.command(Ehlo::new(hello))).await?;
+            size_limit(answer.message())
+        } else {
+            None
+        };
         if let Some((user, pass)) = &self.credentials {
             let credentials = Credentials::new(user.clone(), pass.expose_secret().to_string());
             self.step("AUTH", conn.auth(DEFAULT_MECHANISMS, &credentials))
                 .await?;
         }
-        Ok(conn)
+        Ok((conn, limit))
     }
 
     /// `MAIL FROM`, then `RCPT TO` for each of `to`: the recipients the server refused.
@@ -301,10 +309,22 @@ impl Smtp {
     }
 
     /// Goes as far as the server's answer to `RCPT TO` for every recipient, then `RSET`
-    /// and `QUIT`: what the server would refuse is refused now, naming the address.
-    pub async fn preflight(&self, to: &[Address]) -> Result<(), String> {
+    /// and `QUIT`: what the server would refuse is refused now, naming the address. With an
+    /// `estimate` of the message's size, the server's `SIZE` (RFC 1870) must allow it.
+    pub async fn preflight(&self, to: &[Address], estimate: Option<usize>) -> Result<(), String> {
         self.conversation(async {
-            let mut conn = self.open().await?;
+            let (mut conn, limit) = self.open(estimate.is_some()).await?;
+            if let (Some(limit), Some(estimate)) = (limit, estimate)
+                && estimate as u64 > limit
+            {
+                let _ = self.step("QUIT", conn.quit()).await;
+                return Err(Failure {
+                    message: format!(
+                        "the message would be about {estimate} bytes (this set's, sealed, and 10 % to spare) and the server takes at most {limit} (its SIZE); raise the server's limit (Postfix: message_size_limit)"
+                    ),
+                    permanent: true,
+                });
+            }
             let refused = self.envelope(&mut conn, to, false).await?;
             // Nothing was sent; a server that does not answer these is no reason to fail.
             let _ = self.step("RSET", conn.command(Rset)).await;
@@ -323,7 +343,7 @@ impl Smtp {
     /// do not stop the others: they come back, with its answer, for a later attempt.
     async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<Refused, Failure> {
         self.conversation(async {
-            let mut conn = self.open().await?;
+            let (mut conn, _) = self.open(false).await?;
             let body_8bit =
                 !message.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime);
             let refused = self.envelope(&mut conn, envelope.to(), body_8bit).await?;
@@ -391,6 +411,21 @@ impl EmailSink {
         })
     }
 
+    /// Each address whose key expires, with when.
+    pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        self.to
+            .iter()
+            .filter_map(|m| {
+                let addr = m.email.to_string();
+                self.keys
+                    .iter()
+                    .find(|k| k.emails.iter().any(|e| e.eq_ignore_ascii_case(&addr)))
+                    .and_then(|k| k.expires)
+                    .map(|e| (addr, e))
+            })
+            .collect()
+    }
+
     /// Why the SMTP password could not be read, if it could not.
     pub fn unreadable_secret(&self) -> Option<&str> {
         self.smtp.unreadable()
@@ -413,13 +448,19 @@ impl EmailSink {
         )
     }
 
-    /// Proves the SMTP server can be reached, secured and logged into.
-    pub async fn preflight(&self) -> Result<(), SinkError> {
+    /// Proves the SMTP server can be reached, secured and logged into, takes every
+    /// recipient, and takes a message of `sealed` bytes (the current set's, sealed) with 10 %
+    /// to spare.
+    pub async fn preflight(&self, sealed: Option<usize>) -> Result<(), SinkError> {
         let to: Vec<Address> = self.to.iter().map(|m| m.email.clone()).collect();
-        self.smtp.preflight(&to).await.map_err(|m| SinkError {
-            sink: self.name.clone(),
-            message: m,
-        })
+        let estimate = sealed.map(|n| n + n / 10);
+        self.smtp
+            .preflight(&to, estimate)
+            .await
+            .map_err(|m| SinkError {
+                sink: self.name.clone(),
+                message: m,
+            })
     }
 
     /// The whole PGP/MIME message, with its envelope, ready for the spool.
@@ -442,7 +483,7 @@ impl EmailSink {
         let inner = SinglePart::builder()
             .header(inner_type)
             .header(header::ContentTransferEncoding::QuotedPrintable)
-            .header(header::Subject::from(letter.subject.clone()))
+            .header(QSubject(letter.subject.clone()))
             .header(header::From::from(
                 vec![self.smtp.from.clone()]
                     .into_iter()
@@ -553,6 +594,81 @@ impl EmailSink {
     }
 }
 
+/// The `SIZE` an EHLO answer announces (RFC 1870), when it announces one; `SIZE 0` and a
+/// bare `SIZE` say there is no fixed limit.
+fn size_limit<'a>(lines: impl Iterator<Item = &'a str>) -> Option<u64> {
+    lines
+        .filter_map(|l| {
+            let mut words = l.split_ascii_whitespace();
+            words
+                .next()
+                .filter(|w| w.eq_ignore_ascii_case("SIZE"))
+                .map(|_| words.next().and_then(|n| n.parse::<u64>().ok()))
+        })
+        .next()
+        .flatten()
+        .filter(|&n| n > 0)
+}
+
+/// The protected Subject, RFC 2047-encoded here rather than by lettre: lettre's base64
+/// words may end in `=` padding between adjacent words, where GMime 3.2 (notmuch) cuts the
+/// Subject. ASCII stays as it is; anything else becomes Q-encoded words of whole UTF-8
+/// characters, each at most 75 characters, folded onto lines of their own.
+#[derive(Clone)]
+struct QSubject(String);
+
+impl header::Header for QSubject {
+    fn name() -> header::HeaderName {
+        header::HeaderName::new_from_ascii_str("Subject")
+    }
+
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Self(s.to_string()))
+    }
+
+    fn display(&self) -> header::HeaderValue {
+        header::HeaderValue::dangerous_new_pre_encoded(
+            Self::name(),
+            self.0.clone(),
+            q_encoded(&self.0),
+        )
+    }
+}
+
+/// `text` for a header: as it is when it is printable ASCII without `=?` (so it cannot be
+/// read as an encoded word), else RFC 2047 Q-encoded words (`=?utf-8?q?…?=`) joined by
+/// CRLF SP, each word at most 75 characters and never splitting a character.
+fn q_encoded(text: &str) -> String {
+    const OPEN: &str = "=?utf-8?q?";
+    const MAX_WORD: usize = 75;
+    if text.bytes().all(|b| (0x20..0x7f).contains(&b)) && !text.contains("=?") {
+        return text.to_string();
+    }
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::from(OPEN);
+    for c in text.chars() {
+        let mut enc = String::new();
+        match c {
+            ' ' => enc.push('_'),
+            c if c.is_ascii_alphanumeric() || "!*+-/".contains(c) => enc.push(c),
+            c => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    enc.push_str(&format!("={b:02X}"));
+                }
+            }
+        }
+        if word.len() + enc.len() + 2 > MAX_WORD {
+            word.push_str("?=");
+            words.push(std::mem::replace(&mut word, String::from(OPEN)));
+        }
+        word.push_str(&enc);
+    }
+    word.push_str("?=");
+    words.push(word);
+    words.join("\r\n ")
+}
+
 /// Formatted header fields renamed to `HP-Outer: NAME: value` (RFC 9788 §2.2); folded
 /// continuation lines stay continuation lines.
 fn hp_outer(fields: &str) -> String {
@@ -598,4 +714,73 @@ pub fn split_payload(payload: &[u8]) -> Result<(Envelope, &[u8]), String> {
         .map_err(|e| format!("envelope to: {e}"))?;
     let envelope = Envelope::new(from, to).map_err(|e| format!("envelope: {e}"))?;
     Ok((envelope, &payload[end + 2..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{q_encoded, size_limit};
+
+    #[test]
+    fn the_size_an_ehlo_answer_announces() {
+        let lines = |t: &'static str| t.lines();
+        assert_eq!(
+            size_limit(lines("mx.test\nPIPELINING\nSIZE 10240000\n8BITMIME")),
+            Some(10_240_000)
+        );
+        assert_eq!(size_limit(lines("mx.test\nsize 2048")), Some(2048));
+        assert_eq!(size_limit(lines("mx.test\nSIZE 0")), None);
+        assert_eq!(size_limit(lines("mx.test\nSIZE")), None);
+        assert_eq!(size_limit(lines("mx.test\n8BITMIME")), None);
+    }
+
+    /// RFC 2047 Q decoding of words joined by folding white space (which decoders drop).
+    fn decode(encoded: &str) -> String {
+        let mut bytes = Vec::new();
+        for word in encoded.split("\r\n ") {
+            let body = word
+                .strip_prefix("=?utf-8?q?")
+                .and_then(|w| w.strip_suffix("?="))
+                .unwrap_or_else(|| panic!("not an encoded word: {word}"));
+            let mut it = body.bytes();
+            while let Some(b) = it.next() {
+                match b {
+                    b'_' => bytes.push(b' '),
+                    b'=' => {
+                        let hex = [it.next().unwrap(), it.next().unwrap()];
+                        bytes.push(
+                            u8::from_str_radix(std::str::from_utf8(&hex).unwrap(), 16).unwrap(),
+                        );
+                    }
+                    b => bytes.push(b),
+                }
+            }
+            // Each word alone is whole characters.
+            assert!(std::str::from_utf8(&bytes).is_ok(), "{word}");
+        }
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_non_ascii_subject_is_whole_q_words_of_whole_characters() {
+        let subject = "New two-factor backup codes for beta (renée.日本語.ñandú@exämple.test, \
+                       a long display name that needs more than one word)";
+        let enc = q_encoded(subject);
+        for word in enc.split("\r\n ") {
+            assert!(word.len() <= 75, "{word}");
+            assert!(word.bytes().all(|b| (0x21..0x7f).contains(&b)), "{word}");
+        }
+        assert!(enc.contains("\r\n "), "folded: {enc}");
+        assert!(!enc.contains("?b?") && !enc.contains("?B?"));
+        assert_eq!(decode(&enc), subject);
+    }
+
+    #[test]
+    fn an_ascii_subject_stays_as_it_is_unless_it_could_read_as_a_word() {
+        assert_eq!(
+            q_encoded("New codes for acme (a@b.test)"),
+            "New codes for acme (a@b.test)"
+        );
+        let tricky = "codes for =?utf-8?q?x?=";
+        assert_eq!(decode(&q_encoded(tricky)), tricky);
+    }
 }

@@ -69,6 +69,11 @@ struct Header {
 }
 
 impl ExecSink {
+    /// Its recipients' keys that expire, with when.
+    pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        self.cipher.expiries()
+    }
+
     /// A sink from its config; `home` is the state directory.
     pub fn new(
         name: &str,

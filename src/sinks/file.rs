@@ -42,6 +42,17 @@ pub enum FileCipher {
 }
 
 impl FileCipher {
+    /// The OpenPGP keys it encrypts to, by fingerprint, with when each expires.
+    pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        match self {
+            FileCipher::Pgp(keys) => keys
+                .iter()
+                .filter_map(|k| k.expires.map(|e| (k.fingerprint.clone(), e)))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Encrypts `text` (or not).
     pub fn seal(&self, text: &[u8]) -> Result<Vec<u8>, String> {
         match self {
@@ -100,6 +111,11 @@ struct Leftovers {
 }
 
 impl FileSink {
+    /// Its recipients' keys that expire, with when.
+    pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        self.cipher.expiries()
+    }
+
     /// A sink writing `config.path` with the given cipher.
     pub fn new(name: &str, config: &FileSinkConfig, cipher: FileCipher) -> Self {
         Self {

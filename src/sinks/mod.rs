@@ -243,8 +243,14 @@ impl Sink {
         }
     }
 
-    /// Proves delivery can work for `portal`, without delivering.
-    pub async fn preflight(&self, portal: &str) -> Result<(), SinkError> {
+    /// Proves delivery can work for `portal`, without delivering. `probe`, the current set
+    /// when it was read, is sealed by an email sink to see whether the server takes a
+    /// message that size.
+    pub async fn preflight(
+        &self,
+        portal: &str,
+        probe: Option<&Delivery<'_>>,
+    ) -> Result<(), SinkError> {
         match self {
             Sink::File(f) => {
                 let (f, portal) = (f.clone(), portal.to_string());
@@ -257,8 +263,24 @@ impl Sink {
                         })
                     })
             }
-            Sink::Email(e) => e.preflight().await,
+            Sink::Email(e) => {
+                let size = match probe {
+                    Some(d) => Some(self.seal(d)?.len()),
+                    None => None,
+                };
+                e.preflight(size).await
+            }
             Sink::Exec(x) => x.preflight(),
+        }
+    }
+
+    /// Who it encrypts to whose key expires, with when: an email sink's addresses, a file or
+    /// exec sink's OpenPGP fingerprints.
+    pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        match self {
+            Sink::File(f) => f.expiries(),
+            Sink::Email(e) => e.expiries(),
+            Sink::Exec(x) => x.expiries(),
         }
     }
 
@@ -318,6 +340,68 @@ impl Sinks {
     /// A sink by name.
     pub fn get(&self, name: &str) -> Option<&Arc<Sink>> {
         self.by_name.get(name)
+    }
+
+    /// Every recipient key that expires: (sink, recipient, when), by sink.
+    pub fn expiries(&self) -> Vec<Expiry> {
+        self.by_name
+            .iter()
+            .flat_map(|(name, s)| {
+                s.expiries().into_iter().map(|(recipient, at)| Expiry {
+                    sink: name.clone(),
+                    recipient,
+                    at,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A recipient's key that expires (SPEC §5, "Expiry ahead").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    /// The sink.
+    pub sink: String,
+    /// An address (email sinks) or a key fingerprint.
+    pub recipient: String,
+    /// When the key stops being usable.
+    pub at: std::time::SystemTime,
+}
+
+impl Expiry {
+    /// `check` warns this long before.
+    pub const WARN: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+    /// `[alerts]` announce it this long before.
+    pub const ALERT: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
+
+    /// Whole days from `now` to the expiry, rounded to the nearest.
+    pub fn days_left(&self, now: std::time::SystemTime) -> u64 {
+        self.at
+            .duration_since(now)
+            .map_or(0, |d| (d.as_secs() + 43_200) / 86_400)
+    }
+
+    /// Whether it is within `ahead` of `now`.
+    pub fn within(&self, ahead: std::time::Duration, now: std::time::SystemTime) -> bool {
+        self.at <= now + ahead
+    }
+
+    /// The expiry as a date, `2027-01-05`.
+    pub fn date(&self) -> String {
+        chrono::DateTime::<chrono::Utc>::from(self.at)
+            .format("%Y-%m-%d")
+            .to_string()
+    }
+
+    /// "sinks.mail: the key of ed@rotator.test expires on 2027-01-05, in 10 days; …".
+    pub fn warning(&self, now: std::time::SystemTime) -> String {
+        format!(
+            "sinks.{}: the key of {} expires on {}, in {} day(s); extend or replace it before then (an expired key stops every rotation that delivers to it)",
+            self.sink,
+            self.recipient,
+            self.date(),
+            self.days_left(now)
+        )
     }
 }
 

@@ -773,3 +773,110 @@ async fn a_slow_conversation_is_cut_at_three_timeouts_and_sessions_are_bounded()
     assert_eq!(h.sim.count("PUT"), 0);
     server.abort();
 }
+
+/// A recipient's key that expires within 30 days is a `check` warning with the days left,
+/// is in `tfa_rotator_recipient_expiry_timestamp_seconds` from the daemon's start, and is
+/// announced to `[alerts]` once (14 days ahead), however many checks follow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_expiring_soon_is_warned_measured_and_announced_once() {
+    let keys = gpg_keys();
+    let smtpd = Smtpd::start(true);
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    mail_to_ed(&h, &smtpd);
+    // A key that expires in 10 days, made now (primary and encryption subkey alike).
+    let maker = Gpg::new();
+    let made = maker
+        .cmd()
+        .args([
+            "--quick-generate-key",
+            "Soon <soon@rotator.test>",
+            "future-default",
+            "default",
+            "10d",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let armored = maker
+        .cmd()
+        .args(["--armor", "--export", "soon@rotator.test"])
+        .output()
+        .unwrap();
+    maker.stop_agent();
+    write_private(
+        &h.path("soon.asc"),
+        &String::from_utf8_lossy(&armored.stdout),
+    );
+    let listed = maker
+        .cmd()
+        .args(["--with-colons", "--list-keys", "soon@rotator.test"])
+        .output()
+        .unwrap();
+    maker.stop_agent();
+    let fpr = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fpr:")
+                .map(|r| r.trim_matches(':').to_string())
+        })
+        .unwrap();
+    std::fs::create_dir_all(h.path("vault")).unwrap();
+    let port = crate::support::free_port();
+    edit_config(&h, |t| {
+        t.replace("sinks = [\"mail\"]", "sinks = [\"plain\"]")
+            .replace(
+                "[daemon]\n",
+                &format!("[daemon]\nmetrics = \"127.0.0.1:{port}\"\n"),
+            )
+            + "\n[sinks.vault]\ntype = \"file\"\npath = \"vault/{portal}.asc\"\n\
+               encrypt = { pgp_keys = [\"soon.asc\"] }\n\n[alerts]\nsinks = [\"mail\"]\n"
+    });
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains(&format!("sinks.vault: the key of {fpr} expires on "))
+            && out.stderr.contains(", in 10 day(s); extend or replace it"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("1 warning(s)"), "{}", out.stdout);
+    // The alert, once: two commands that check alerts, one notice.
+    assert_eq!(h.run(&["rotate", "acme"]).await.code, Some(0));
+    assert_eq!(h.run(&["rotate", "acme", "--force"]).await.code, Some(0));
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), 1, "announced once");
+    let (_, parts) = split_mime(&mails[0].data);
+    let text = keys.gpg().decrypt(parts[1].1.trim().as_bytes()).unwrap();
+    assert!(
+        text.contains(&format!("the key of {fpr} expires on")) && text.contains("in 10 day(s)"),
+        "{text}"
+    );
+    // The gauge, filled at start: the key's expiry, within a minute of 10 days from now.
+    let d = Daemon::start(&h, &[], &[]);
+    assert!(d.wait_log("ready").await, "{}", d.log());
+    let text = metrics(port).await;
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("tfa_rotator_recipient_expiry_timestamp_seconds{")
+                && l.contains(&format!("recipient=\"{fpr}\""))
+                && l.contains("sink=\"vault\"")
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    let at: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let expected = chrono::Utc::now().timestamp() + 10 * 86_400;
+    assert!((at - expected).abs() < 120, "{line}");
+    assert_eq!(
+        smtpd.messages().len(),
+        1,
+        "the daemon's checks announce nothing new"
+    );
+    let (code, _, log) = d.term().await;
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -26,6 +26,66 @@ fn sq_decrypt(key: &std::path::Path, armored: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// notmuch's view of ed's Maildir (indexed now), decrypting with `gpg`'s home.
+fn notmuch_show(h: &Harness, mx: &MailServer, gpg: &crate::support::Gpg) -> String {
+    let nm_config = h.path("notmuch-config");
+    std::fs::write(
+        &nm_config,
+        format!(
+            "[database]\npath={}\n[user]\nname=Ed\nprimary_email=ed@rotator.test\n[new]\ntags=inbox;\n",
+            mx.maildir("ed").display()
+        ),
+    )
+    .unwrap();
+    let notmuch = |args: &[&str]| {
+        let out = crate::support::tool("notmuch", "notmuch")
+            .args(args)
+            .env("NOTMUCH_CONFIG", &nm_config)
+            .env("GNUPGHOME", gpg.home.path())
+            .output()
+            .expect("running notmuch (Debian package notmuch)");
+        assert!(
+            out.status.success(),
+            "notmuch {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    notmuch(&["new", "--quiet"]);
+    notmuch(&["show", "--decrypt=true", "--format=json", "*"])
+}
+
+/// A protected Subject that is not ASCII (an account's address from the portal) reaches
+/// notmuch (GMime 3.2) whole: Q-encoded words of whole characters, no base64 padding
+/// between words for GMime to stop at.
+#[tokio::test(flavor = "multi_thread")]
+async fn notmuch_shows_a_non_ascii_protected_subject_whole() {
+    let mx = MailServer::start();
+    let keys = gpg_keys();
+    let mut h = Harness::new().await;
+    h.add_portal_as("beta", "renée.日本語.ñandú@rotator.test");
+    mail_config(
+        &h,
+        mx.submission_port,
+        "starttls",
+        &mx.ca_pem,
+        &["ed@rotator.test"],
+        &[&keys.ed],
+    );
+    let out = h.run(&["rotate", "beta"]).await;
+    assert_eq!(out.code, Some(0), "{}\n{}", out.all(), mx.log());
+    mx.wait_for("ed", 1);
+    let shown = notmuch_show(&h, &mx, &keys.only(&keys.ed_fpr));
+    assert!(
+        shown.contains("New two-factor backup codes for beta (renée.日本語.ñandú@rotator.test)"),
+        "notmuch shows the whole Subject: {shown}"
+    );
+    assert!(
+        shown.contains(h.accepted("beta")[0].as_str()),
+        "and the body"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     let mx = MailServer::start();
@@ -63,31 +123,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
 
     // notmuch indexes ed's Maildir and, decrypting, shows the protected Subject.
     let gpg = keys.only(&keys.ed_fpr);
-    let nm_config = h.path("notmuch-config");
-    std::fs::write(
-        &nm_config,
-        format!(
-            "[database]\npath={}\n[user]\nname=Ed\nprimary_email=ed@rotator.test\n[new]\ntags=inbox;\n",
-            mx.maildir("ed").display()
-        ),
-    )
-    .unwrap();
-    let notmuch = |args: &[&str]| {
-        let out = crate::support::tool("notmuch", "notmuch")
-            .args(args)
-            .env("NOTMUCH_CONFIG", &nm_config)
-            .env("GNUPGHOME", gpg.home.path())
-            .output()
-            .expect("running notmuch (Debian package notmuch)");
-        assert!(
-            out.status.success(),
-            "notmuch {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    notmuch(&["new", "--quiet"]);
-    let shown = notmuch(&["show", "--decrypt=true", "--format=json", "*"]);
+    let shown = notmuch_show(&h, &mx, &gpg);
     assert!(
         shown.contains("New two-factor backup codes for acme (acme@rotator.test)"),
         "notmuch shows the protected Subject: {shown}"
@@ -158,4 +194,36 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     assert_eq!(h.sim.count("PUT"), 1, "only the first rotation sent a PUT");
     assert_eq!(mx.messages("rsa").len(), 2, "the rotation and the resend");
     assert_eq!(mx.messages("ed").len(), 2);
+}
+
+/// A server whose `SIZE` is smaller than the message would be: `check` says so, and a
+/// rotation is refused before its PUT (before this, the PUT went out and the mail was
+/// refused with 552 after it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_servers_size_is_refused_before_the_put() {
+    let mx = MailServer::start_with_limit(Some(2048));
+    let keys = gpg_keys();
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    mail_config(
+        &h,
+        mx.submission_port,
+        "starttls",
+        &mx.ca_pem,
+        &["ed@rotator.test", "rsa@rotator.test"],
+        &[&keys.ed, &keys.rsa],
+    );
+    let out = h.run(&["check"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("and the server takes at most 2048 (its SIZE)"),
+        "{}",
+        out.all()
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(out.all().contains("(its SIZE)"), "{}", out.all());
+    assert_eq!(h.sim.count("PUT"), 0, "refused before the PUT");
+    assert!(mx.messages("ed").is_empty());
 }

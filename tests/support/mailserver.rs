@@ -31,6 +31,11 @@ pub struct MailServer {
 
 impl MailServer {
     pub fn start() -> Self {
+        Self::start_with_limit(None)
+    }
+
+    /// [`MailServer::start`] with Postfix's `message_size_limit` (announced as `SIZE`).
+    pub fn start_with_limit(message_size_limit: Option<u64>) -> Self {
         assert!(
             rustix::process::geteuid().is_root(),
             "the Postfix test needs root (Postfix's master binds its ports and drops privileges)"
@@ -89,7 +94,10 @@ smtpd_sasl_path = private/auth
 smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
 maillog_file_prefixes = {ds}
 maillog_file = {ds}/maillog
-"
+{}",
+                message_size_limit
+                    .map(|n| format!("message_size_limit = {n}\n"))
+                    .unwrap_or_default()
             ),
         )
         .unwrap();

@@ -108,9 +108,12 @@ impl Harness {
 
     /// Adds an account for `portal` at the simulator; its key goes to `keys/PORTAL`.
     pub fn add_portal(&mut self, portal: &str) -> String {
-        let key = self
-            .sim
-            .add_user(UserSpec::new(&format!("{portal}@rotator.test")));
+        self.add_portal_as(portal, &format!("{portal}@rotator.test"))
+    }
+
+    /// [`Harness::add_portal`] whose account has this email address.
+    pub fn add_portal_as(&mut self, portal: &str, email: &str) -> String {
+        let key = self.sim.add_user(UserSpec::new(email));
         std::fs::create_dir_all(self.path("keys")).unwrap();
         write_private(&self.path(&format!("keys/{portal}")), &format!("{key}\n"));
         self.keys.insert(portal.to_string(), key.clone());
