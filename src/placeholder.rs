@@ -20,6 +20,10 @@ pub const SHIPPED_PGP_KEYS: [(&str, &str); 1] = [(
     "B04E29BE7BF344AF170482CEBB4F95448568AD3B",
 )];
 
+/// SHA-256 fingerprints of the DER of the certificates shipped under `config/certs/`
+/// (marked EXAMPLE). A unit test keeps this list and the files in step.
+pub const SHIPPED_CERTS: [(&str, &str); 0] = [];
+
 /// The fix, said the same way for every kind of placeholder.
 const FIX: &str = "replace the example recipient with your own";
 
@@ -55,6 +59,17 @@ pub fn pgp_key(fingerprint: &str) -> Option<String> {
         .find(|(_, f)| f.eq_ignore_ascii_case(fingerprint))
         .map(|(file, f)| {
             format!("key {f} is the EXAMPLE key shipped with tfa-rotator ({file} in its source); {FIX} (a key whose owner holds its secret part)")
+        })
+}
+
+/// Why the certificate of this SHA-256 fingerprint (hex, any case) is a placeholder, if it
+/// is one.
+pub fn certificate(fingerprint: &str) -> Option<String> {
+    SHIPPED_CERTS
+        .iter()
+        .find(|(_, f)| f.eq_ignore_ascii_case(fingerprint))
+        .map(|(file, _)| {
+            format!("it is the EXAMPLE certificate shipped with tfa-rotator ({file} in its source); {FIX} (a certificate whose owner holds its private key)")
         })
 }
 

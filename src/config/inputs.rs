@@ -127,6 +127,12 @@ pub(super) fn check(config: &mut Config, walker: &mut Walker) -> Vec<ConfigIssue
                 for k in &e.pgp_keys {
                     pass.file(&k.value, Some(k.loc), format!("{key}.pgp_keys"));
                 }
+                if let Some(s) = &e.smime {
+                    for c in &s.certs {
+                        pass.file(&c.value, Some(c.loc), format!("{key}.smime_certs"));
+                    }
+                    pass.file(&s.ca.value, Some(s.ca.loc), format!("{key}.smime_ca"));
+                }
                 None
             }
             SinkKind::File(f) => Some(&f.encrypt),

@@ -234,8 +234,19 @@ pub enum EnvValue {
 pub struct EmailSinkConfig {
     /// Recipients, lowercased, each where it was written.
     pub to: Vec<Located<String>>,
-    /// Their public keys.
+    /// Their OpenPGP public keys (empty for S/MIME).
     pub pgp_keys: Vec<Located<PathBuf>>,
+    /// S/MIME instead of OpenPGP: their certificates and the CA they chain to.
+    pub smime: Option<SmimeConfig>,
+}
+
+/// An email sink's S/MIME recipients.
+#[derive(Debug)]
+pub struct SmimeConfig {
+    /// Certificate files (PEM).
+    pub certs: Vec<Located<PathBuf>>,
+    /// The trust anchors (PEM).
+    pub ca: Located<PathBuf>,
 }
 
 /// `[storage] type = "postgres"`: several instances share one PostgreSQL database.

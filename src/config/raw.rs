@@ -117,6 +117,12 @@ pub struct RawSink {
     /// email: ASCII-armored public keys, together covering every address in `to`.
     #[schemars(with = "Option<Vec<String>>")]
     pub pgp_keys: Option<Spanned<Vec<Spanned<String>>>>,
+    /// email, instead of `pgp_keys`: X.509 certificates (PEM), one per address (S/MIME).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub smime_certs: Option<Spanned<Vec<Spanned<String>>>>,
+    /// email, with `smime_certs`: the trust anchors (PEM) the certificates must chain to.
+    #[schemars(with = "Option<String>")]
+    pub smime_ca: Option<Spanned<String>>,
     /// file: target path, `{portal}` replaced by the portal's name.
     #[schemars(with = "Option<String>")]
     pub path: Option<Spanned<String>>,

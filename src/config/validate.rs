@@ -1613,26 +1613,75 @@ fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Opti
                 .collect()
         }
     };
-    let pgp_keys: Vec<Located<PathBuf>> = match &r.pgp_keys {
-        None => {
-            cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key");
-            Vec::new()
+    let paths = |cx: &mut Ctx, list: &Spanned<Vec<Spanned<String>>>, field: &str| {
+        if list.get_ref().is_empty() {
+            cx.err(
+                &list.span(),
+                &format!("{key}.{field}"),
+                "is empty; accepted: at least one file",
+            );
         }
-        Some(list) => {
-            if list.get_ref().is_empty() {
+        list.get_ref()
+            .iter()
+            .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+            .collect::<Vec<Located<PathBuf>>>()
+    };
+    let (pgp_keys, smime) = match (&r.pgp_keys, &r.smime_certs) {
+        (None, None) => {
+            cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key (pgp_keys) or an X.509 certificate (smime_certs)");
+            (Vec::new(), None)
+        }
+        (Some(_), Some(s)) => {
+            cx.err(&s.span(), &format!("{key}.smime_certs"), "a sink is OpenPGP (pgp_keys) or S/MIME (smime_certs), not both; accepted: one of them");
+            (Vec::new(), None)
+        }
+        (Some(list), None) => {
+            if let Some(ca) = &r.smime_ca {
                 cx.err(
-                    &list.span(),
-                    &format!("{key}.pgp_keys"),
-                    "is empty; accepted: at least one key file",
+                    &ca.span(),
+                    &format!("{key}.smime_ca"),
+                    "goes with smime_certs, not pgp_keys",
                 );
             }
-            list.get_ref()
-                .iter()
-                .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
-                .collect()
+            (paths(cx, list, "pgp_keys"), None)
+        }
+        (None, Some(list)) => {
+            let certs = paths(cx, list, "smime_certs");
+            let ca = match &r.smime_ca {
+                Some(ca) => Some(cx.located(cx.path(ca.get_ref()), &ca.span())),
+                None => {
+                    cx.err(&list.span(), &format!("{key}.smime_ca"), "is missing; accepted: a PEM file of the CA certificates the smime_certs must chain to");
+                    None
+                }
+            };
+            (Vec::new(), ca.map(|ca| SmimeConfig { certs, ca }))
         }
     };
-    Some(SinkKind::Email(EmailSinkConfig { to, pgp_keys }))
+    Some(SinkKind::Email(EmailSinkConfig {
+        to,
+        pgp_keys,
+        smime,
+    }))
+}
+
+/// `smime_certs` and `smime_ca` belong to email sinks.
+fn smime_not_for(cx: &mut Ctx, key: &str, r: &RawSink, kind: &str) {
+    not_for(
+        cx,
+        key,
+        r.smime_certs.is_some(),
+        r.smime_certs.as_ref().map(|s| s.span()),
+        "smime_certs",
+        kind,
+    );
+    not_for(
+        cx,
+        key,
+        r.smime_ca.is_some(),
+        r.smime_ca.as_ref().map(|s| s.span()),
+        "smime_ca",
+        kind,
+    );
 }
 
 /// A file sink: `path`, `encrypt`, `mode`, `shared`.
@@ -1653,6 +1702,7 @@ fn file_sink(cx: &mut Ctx, key: &str, r: &RawSink) -> Option<SinkKind> {
         "pgp_keys",
         "file (use encrypt = { pgp_keys = [...] })",
     );
+    smime_not_for(cx, key, r, "file");
     let path = match &r.path {
         None => {
             cx.err(
@@ -1703,6 +1753,7 @@ fn exec_sink(cx: &mut Ctx, key: &str, r: RawSink) -> Option<SinkKind> {
     ] {
         not_for(cx, key, present, span, field, "exec");
     }
+    smime_not_for(cx, key, &r, "exec");
     let command_loc = r
         .command
         .as_ref()

@@ -1,9 +1,10 @@
-//! Encryption and fingerprints: OpenPGP ([`pgp`]), age ([`age`]) and keyed hashes of code
-//! sets ([`fingerprint`]). Nothing here does I/O beyond reading a key file it is given.
+//! Encryption and fingerprints: OpenPGP ([`pgp`]), S/MIME ([`smime`]), age ([`age`]) and
+//! keyed hashes of code sets ([`fingerprint`]). Nothing here does I/O beyond reading a key file it is given.
 
 pub mod age;
 pub mod fingerprint;
 pub mod pgp;
+pub mod smime;
 
 pub use fingerprint::Fingerprinter;
 

@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use super::{DeliveryError, SinkError};
 use crate::config::{SmtpConfig, SmtpSecurity};
 use crate::crypto::pgp::{self, PgpKey};
+use crate::crypto::smime::{self, SmimeCert};
 use crate::secret::{ExposeSecret, SecretString};
 
 /// The ready SMTP settings shared by every email sink.
@@ -367,8 +368,50 @@ pub struct EmailSink {
     /// Sink name.
     pub name: String,
     to: Vec<Mailbox>,
-    keys: Vec<PgpKey>,
+    keys: Recipients,
     smtp: Arc<Smtp>,
+}
+
+/// Whom an email sink encrypts to: OpenPGP keys (PGP/MIME) or certificates (S/MIME).
+#[derive(Clone, Debug)]
+pub enum Recipients {
+    /// PGP/MIME (RFC 3156).
+    Pgp(Vec<PgpKey>),
+    /// S/MIME (RFC 8551).
+    Smime(Vec<SmimeCert>),
+}
+
+impl Recipients {
+    /// The addresses each key or certificate names, with its fingerprint and expiry.
+    fn each(&self) -> Vec<(&[String], &str, Option<std::time::SystemTime>)> {
+        match self {
+            Recipients::Pgp(keys) => keys
+                .iter()
+                .map(|k| (k.emails.as_slice(), k.fingerprint.as_str(), k.expires))
+                .collect(),
+            Recipients::Smime(certs) => certs
+                .iter()
+                .map(|c| (c.emails.as_slice(), c.fingerprint.as_str(), Some(c.expires)))
+                .collect(),
+        }
+    }
+
+    /// The index of the key or certificate that covers `addr`.
+    fn covering(&self, addr: &str) -> Option<usize> {
+        self.each()
+            .iter()
+            .position(|(emails, ..)| emails.iter().any(|e| e.eq_ignore_ascii_case(addr)))
+    }
+
+    /// Only the keys or certificates at `indices`, in that order.
+    fn only(&self, indices: &[usize]) -> Self {
+        match self {
+            Recipients::Pgp(k) => Recipients::Pgp(indices.iter().map(|&i| k[i].clone()).collect()),
+            Recipients::Smime(c) => {
+                Recipients::Smime(indices.iter().map(|&i| c[i].clone()).collect())
+            }
+        }
+    }
 }
 
 /// What a message says, before encryption.
@@ -380,25 +423,31 @@ pub struct Letter<'a> {
 }
 
 impl EmailSink {
-    /// Checks that every address has a key among `keys`; encrypts to those that cover one.
+    /// Checks that every address has a key (or certificate) among `keys`; encrypts to
+    /// those that cover one.
     pub fn new(
         name: &str,
         to: &[String],
-        keys: Vec<PgpKey>,
+        keys: Recipients,
         smtp: Arc<Smtp>,
     ) -> Result<Self, String> {
-        let mut used: Vec<PgpKey> = Vec::new();
+        let mut used: Vec<usize> = Vec::new();
         let mut boxes = Vec::new();
         for addr in to {
-            let key = keys.iter().find(|k| k.emails.iter().any(|e| e.eq_ignore_ascii_case(addr))).ok_or_else(|| {
-                let have: Vec<String> = keys.iter().flat_map(|k| k.emails.clone()).collect();
-                format!(
-                    "no key in pgp_keys covers `{addr}` (the keys' user IDs hold: {}); mail is never sent unencrypted",
-                    if have.is_empty() { "no addresses".into() } else { have.join(", ") }
-                )
+            let i = keys.covering(addr).ok_or_else(|| {
+                let have: Vec<String> = keys.each().iter().flat_map(|(e, ..)| e.to_vec()).collect();
+                let have = if have.is_empty() { "no addresses".into() } else { have.join(", ") };
+                match keys {
+                    Recipients::Pgp(_) => format!(
+                        "no key in pgp_keys covers `{addr}` (the keys' user IDs hold: {have}); mail is never sent unencrypted"
+                    ),
+                    Recipients::Smime(_) => format!(
+                        "no certificate in smime_certs names `{addr}` (their subjectAltName rfc822Names hold: {have}); mail is never sent unencrypted"
+                    ),
+                }
             })?;
-            if !used.iter().any(|k| k.fingerprint == key.fingerprint) {
-                used.push(key.clone());
+            if !used.contains(&i) {
+                used.push(i);
             }
             let a: Address = addr.parse().map_err(|e| format!("`{addr}`: {e}"))?;
             boxes.push(Mailbox::new(None, a));
@@ -406,7 +455,7 @@ impl EmailSink {
         Ok(Self {
             name: name.to_string(),
             to: boxes,
-            keys: used,
+            keys: keys.only(&used),
             smtp,
         })
     }
@@ -417,11 +466,9 @@ impl EmailSink {
             .iter()
             .filter_map(|m| {
                 let addr = m.email.to_string();
-                self.keys
-                    .iter()
-                    .find(|k| k.emails.iter().any(|e| e.eq_ignore_ascii_case(&addr)))
-                    .and_then(|k| k.expires)
-                    .map(|e| (addr, e))
+                let each = self.keys.each();
+                let i = self.keys.covering(&addr)?;
+                each[i].2.map(|e| (addr, e))
             })
             .collect()
     }
@@ -434,18 +481,31 @@ impl EmailSink {
     /// What identifies to whom this sink sends (no secrets).
     pub fn identity(&self) -> String {
         let to: Vec<String> = self.to.iter().map(|m| m.email.to_string()).collect();
-        let keys: Vec<&str> = self.keys.iter().map(|k| k.fingerprint.as_str()).collect();
-        format!("email to {} keys {}", to.join(","), keys.join(","))
+        let each = self.keys.each();
+        let fprs: Vec<&str> = each.iter().map(|(_, f, _)| *f).collect();
+        match self.keys {
+            // As before S/MIME existed: an OpenPGP sink's identity, and so its portals'
+            // entry fingerprints, did not change.
+            Recipients::Pgp(_) => format!("email to {} keys {}", to.join(","), fprs.join(",")),
+            Recipients::Smime(_) => {
+                format!("email to {} smime {}", to.join(","), fprs.join(","))
+            }
+        }
     }
 
     /// A description for `check`.
     pub fn describe(&self) -> String {
         let to: Vec<String> = self.to.iter().map(|m| m.email.to_string()).collect();
-        format!(
-            "email to {} (OpenPGP, {} key(s))",
-            to.join(", "),
-            self.keys.len()
-        )
+        match &self.keys {
+            Recipients::Pgp(k) => {
+                format!("email to {} (OpenPGP, {} key(s))", to.join(", "), k.len())
+            }
+            Recipients::Smime(c) => format!(
+                "email to {} (S/MIME, {} certificate(s))",
+                to.join(", "),
+                c.len()
+            ),
+        }
     }
 
     /// Proves the SMTP server can be reached, secured and logged into, takes every
@@ -519,7 +579,25 @@ impl EmailSink {
         let mut with_hp = zeroize::Zeroizing::new(hp.into_bytes());
         with_hp.extend_from_slice(&inner_bytes);
         inner_bytes.clear();
-        let refs: Vec<&PgpKey> = self.keys.iter().collect();
+        let certs = match &self.keys {
+            Recipients::Pgp(keys) => keys,
+            Recipients::Smime(certs) => {
+                let refs: Vec<&SmimeCert> = certs.iter().collect();
+                let der = smime::encrypt(&refs, &with_hp).map_err(err)?;
+                let part = SinglePart::builder()
+                    .header(
+                        ContentType::parse(
+                            "application/pkcs7-mime; smime-type=enveloped-data; name=\"smime.p7m\"",
+                        )
+                        .map_err(|e| err(e.to_string()))?,
+                    )
+                    .header(header::ContentDisposition::attachment("smime.p7m"))
+                    .header(header::ContentTransferEncoding::Base64)
+                    .body(der);
+                return self.finish(now, message_id, |b| b.singlepart(part), &err);
+            }
+        };
+        let refs: Vec<&PgpKey> = certs.iter().collect();
         let armored = pgp::encrypt(&refs, &with_hp).map_err(err)?;
 
         let outer = MultiPart::encrypted("application/pgp-encrypted".to_owned())
@@ -542,6 +620,17 @@ impl EmailSink {
                     ))
                     .body(armored),
             );
+        self.finish(now, message_id, |b| b.multipart(outer), &err)
+    }
+
+    /// The outer message around `body` (visible Subject `[...]`), with its envelope line.
+    fn finish(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        message_id: String,
+        body: impl FnOnce(lettre::message::MessageBuilder) -> Result<Message, lettre::error::Error>,
+        err: &dyn Fn(String) -> SinkError,
+    ) -> Result<Vec<u8>, SinkError> {
         let mut builder = Message::builder()
             .from(self.smtp.from.clone())
             .subject("[...]")
@@ -550,9 +639,7 @@ impl EmailSink {
         for m in &self.to {
             builder = builder.to(m.clone());
         }
-        let message = builder
-            .multipart(outer)
-            .map_err(|e| err(format!("building the message: {e}")))?;
+        let message = body(builder).map_err(|e| err(format!("building the message: {e}")))?;
         let envelope = message.envelope().clone();
         let mut out = envelope_line(&envelope).into_bytes();
         out.extend_from_slice(&message.formatted());

@@ -437,14 +437,31 @@ fn email_sink(
     issues.extend(placeholder_issues(config, name, "to", &ec.to, |a| {
         crate::placeholder::address(a)
     }));
-    let key = format!("sinks.{name}.pgp_keys");
-    let keys = load_pgp(config, &key, &ec.pgp_keys, issues);
+    let (key, keys, loc) = match &ec.smime {
+        None => {
+            let key = format!("sinks.{name}.pgp_keys");
+            let keys = load_pgp(config, &key, &ec.pgp_keys, issues);
+            (
+                key,
+                email::Recipients::Pgp(keys),
+                ec.pgp_keys.first().map(|k| k.loc),
+            )
+        }
+        Some(s) => {
+            let key = format!("sinks.{name}.smime_certs");
+            let certs = load_smime(config, name, s, issues);
+            (
+                key,
+                email::Recipients::Smime(certs),
+                s.certs.first().map(|c| c.loc),
+            )
+        }
+    };
     let to: Vec<String> = ec.to.iter().map(|a| a.value.clone()).collect();
     match (smtp, issues.len() == before) {
         (Some(smtp), true) => match EmailSink::new(name, &to, keys, smtp.clone()) {
             Ok(s) => Some(Sink::Email(s)),
             Err(e) => {
-                let loc = ec.pgp_keys.first().map(|k| k.loc);
                 issues.push(config.issue(loc, key, e));
                 None
             }
@@ -467,6 +484,34 @@ fn placeholder_issues(
             why(&r.value).map(|m| config.issue(Some(r.loc), format!("sinks.{sink}.{key}"), m))
         })
         .collect()
+}
+
+/// Reads `smime_ca` and checks every certificate of `smime_certs` against it.
+fn load_smime(
+    config: &Config,
+    sink: &str,
+    s: &crate::config::SmimeConfig,
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<crate::crypto::smime::SmimeCert> {
+    use crate::crypto::smime;
+    let anchors = match smime::Anchors::load(&s.ca.value) {
+        Ok(a) => a,
+        Err(e) => {
+            issues.push(config.issue(Some(s.ca.loc), format!("sinks.{sink}.smime_ca"), e));
+            return Vec::new();
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::new();
+    for c in &s.certs {
+        match smime::load_certs(&c.value, &anchors, now) {
+            Ok(mut certs) => out.append(&mut certs),
+            Err(e) => {
+                issues.push(config.issue(Some(c.loc), format!("sinks.{sink}.smime_certs"), e))
+            }
+        }
+    }
+    out
 }
 
 /// Two portals never write one file: their targets are compared with the directories'

@@ -18,5 +18,6 @@ mod planner;
 mod postgres;
 mod protocol;
 mod secrets;
+mod smime;
 mod systemd;
 mod trust;

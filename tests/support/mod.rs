@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mailserver;
+pub mod pki;
 pub mod postgres;
 pub mod smtp;
 
