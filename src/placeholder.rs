@@ -22,7 +22,16 @@ pub const SHIPPED_PGP_KEYS: [(&str, &str); 1] = [(
 
 /// SHA-256 fingerprints of the DER of the certificates shipped under `config/certs/`
 /// (marked EXAMPLE). A unit test keeps this list and the files in step.
-pub const SHIPPED_CERTS: [(&str, &str); 0] = [];
+pub const SHIPPED_CERTS: [(&str, &str); 2] = [
+    (
+        "config/certs/ca.pem",
+        "ACBE32EBC79F7DA791EBDDE6C2E270C0E054419077A2EAD97E8F4D8CED1E87A4",
+    ),
+    (
+        "config/certs/secops.pem",
+        "5A23680D12C86D91ED4A1119262DDCC7837C3284293009B5BC763B96026557D1",
+    ),
+];
 
 /// The fix, said the same way for every kind of placeholder.
 const FIX: &str = "replace the example recipient with your own";
@@ -131,5 +140,19 @@ mod tests {
         }
         let example = std::fs::read_to_string(root.join("config/example.toml")).unwrap();
         assert!(example.contains(EXAMPLE_AGE_RECIPIENT));
+        let mut files: Vec<String> = std::fs::read_dir(root.join("config/certs"))
+            .unwrap()
+            .map(|e| format!("config/certs/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = SHIPPED_CERTS.iter().map(|(f, _)| f.to_string()).collect();
+        assert_eq!(files, listed);
+        for (file, fpr) in SHIPPED_CERTS {
+            let pem = std::fs::read_to_string(root.join(file)).unwrap();
+            let cert = <x509_cert::Certificate as der::DecodePem>::from_pem(pem.as_bytes()).unwrap();
+            let der = der::Encode::to_der(&cert).unwrap();
+            use sha2::Digest;
+            assert_eq!(hex::encode_upper(sha2::Sha256::digest(&der)), fpr, "{file}");
+        }
     }
 }

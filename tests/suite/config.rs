@@ -374,25 +374,22 @@ async fn check_prints_the_plan_with_three_next_times_and_what_it_found() {
 fn the_shipped_example_is_refused_for_its_placeholders_alone() {
     let example = crate::support::shipped_config_dir().join("example.toml");
     let text = std::fs::read_to_string(&example).unwrap();
-    let line_of = |needle: &str| {
+    // The n-th line (from 0) that starts with `needle`.
+    let line_of = |needle: &str, n: usize| {
         1 + text
             .lines()
-            .position(|l| l.starts_with(needle))
-            .unwrap_or_else(|| panic!("example.toml has no line `{needle}`"))
+            .enumerate()
+            .filter(|(_, l)| l.starts_with(needle))
+            .nth(n)
+            .unwrap_or_else(|| panic!("example.toml has no line {n} `{needle}`"))
+            .0
     };
     let expected = [
-        (
-            line_of("to = [\"secops@example.com\"]"),
-            "sinks.secops-mail.to",
-        ),
-        (
-            line_of("pgp_keys = [\"keys/secops.asc\"]"),
-            "sinks.secops-mail.pgp_keys",
-        ),
-        (
-            line_of("encrypt = { age = [\"age1ql3z"),
-            "sinks.vault-file.encrypt.age",
-        ),
+        (line_of("to = [\"secops@example.com\"]", 0), "sinks.secops-mail.to"),
+        (line_of("pgp_keys = [\"keys/secops.asc\"]", 0), "sinks.secops-mail.pgp_keys"),
+        (line_of("to = [\"secops@example.com\"]", 1), "sinks.secops-smime.to"),
+        (line_of("smime_certs = [\"certs/secops.pem\"]", 0), "sinks.secops-smime.smime_certs"),
+        (line_of("encrypt = { age = [\"age1ql3z", 0), "sinks.vault-file.encrypt.age"),
     ];
     let run = |args: &[&str]| {
         // No credentials directory, no environment: offline reads no secret value.
@@ -425,7 +422,7 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
             "{got}"
         );
     }
-    assert_eq!(errors[3], "error: the configuration is invalid (3 errors)");
+    assert_eq!(errors[5], "error: the configuration is invalid (5 errors)");
     // The README shows it as installed, in /etc/tfa-rotator.
     let readme = include_str!("../../README.md")
         .split("```text\n$ tfa-rotator check --offline\n")
@@ -459,15 +456,15 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
     let (code, err) = run(&["check"]);
     assert_eq!(code, Some(78), "{err}");
     assert_eq!(err.matches("smtp.password").count(), 1, "{err}");
-    let password = format!("example.toml:{}:12: smtp.password", line_of("password = "));
+    let password = format!("example.toml:{}:12: smtp.password", line_of("password = ", 0));
     assert!(err.contains(&password), "{err}");
     assert_eq!(
         err.matches("replace the example recipient").count(),
-        3,
+        5,
         "{err}"
     );
     assert!(
-        err.contains("the configuration is invalid (5 errors)"),
+        err.contains("the configuration is invalid (7 errors)"),
         "{err}"
     );
     // `rotate` refuses it the same way, before anything else.
@@ -475,7 +472,7 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
     assert_eq!(code, Some(78), "{err}");
     assert_eq!(
         err.matches("replace the example recipient").count(),
-        3,
+        5,
         "{err}"
     );
 }
@@ -582,10 +579,14 @@ async fn the_shipped_configs_work_as_shipped() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = crate::support::shipped_config_dir();
     std::fs::copy(repo.join("tests/keys/ed.asc"), dir.join("keys/ed.asc")).unwrap();
+    let pki = crate::support::pki::Pki::new(&dir, "test-certs");
+    let ed = pki.leaf("ed", &crate::support::pki::Spec::rsa("ed@rotator.test"));
     let replaced = std::fs::read_to_string(dir.join("example.toml"))
         .unwrap()
         .replace("secops@example.com", "ed@rotator.test")
         .replace("keys/secops.asc", "keys/ed.asc")
+        .replace("certs/secops.pem", &ed.cert.display().to_string())
+        .replace("certs/ca.pem", &pki.ca_pem.display().to_string())
         .replace(tfa_rotator::placeholder::EXAMPLE_AGE_RECIPIENT, GOOD_AGE);
     std::fs::write(dir.join("replaced.toml"), replaced).unwrap();
     let out = std::process::Command::new(crate::support::BIN)
