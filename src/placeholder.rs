@@ -149,7 +149,8 @@ mod tests {
         assert_eq!(files, listed);
         for (file, fpr) in SHIPPED_CERTS {
             let pem = std::fs::read_to_string(root.join(file)).unwrap();
-            let cert = <x509_cert::Certificate as der::DecodePem>::from_pem(pem.as_bytes()).unwrap();
+            let cert =
+                <x509_cert::Certificate as der::DecodePem>::from_pem(pem.as_bytes()).unwrap();
             let der = der::Encode::to_der(&cert).unwrap();
             use sha2::Digest;
             assert_eq!(hex::encode_upper(sha2::Sha256::digest(&der)), fpr, "{file}");

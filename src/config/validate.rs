@@ -1545,6 +1545,58 @@ fn not_for(
     }
 }
 
+/// An email sink's keys: `pgp_keys`, or `smime_certs` with `smime_ca`; exactly one kind.
+fn email_recipients(
+    cx: &mut Ctx,
+    key: &str,
+    r: &RawSink,
+) -> (Vec<Located<PathBuf>>, Option<SmimeConfig>) {
+    let paths = |cx: &mut Ctx, list: &Spanned<Vec<Spanned<String>>>, field: &str| {
+        if list.get_ref().is_empty() {
+            cx.err(
+                &list.span(),
+                &format!("{key}.{field}"),
+                "is empty; accepted: at least one file",
+            );
+        }
+        list.get_ref()
+            .iter()
+            .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
+            .collect::<Vec<Located<PathBuf>>>()
+    };
+    match (&r.pgp_keys, &r.smime_certs) {
+        (None, None) => {
+            cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key (pgp_keys) or an X.509 certificate (smime_certs)");
+            (Vec::new(), None)
+        }
+        (Some(_), Some(s)) => {
+            cx.err(&s.span(), &format!("{key}.smime_certs"), "a sink is OpenPGP (pgp_keys) or S/MIME (smime_certs), not both; accepted: one of them");
+            (Vec::new(), None)
+        }
+        (Some(list), None) => {
+            if let Some(ca) = &r.smime_ca {
+                cx.err(
+                    &ca.span(),
+                    &format!("{key}.smime_ca"),
+                    "goes with smime_certs, not pgp_keys",
+                );
+            }
+            (paths(cx, list, "pgp_keys"), None)
+        }
+        (None, Some(list)) => {
+            let certs = paths(cx, list, "smime_certs");
+            let ca = match &r.smime_ca {
+                Some(ca) => Some(cx.located(cx.path(ca.get_ref()), &ca.span())),
+                None => {
+                    cx.err(&list.span(), &format!("{key}.smime_ca"), "is missing; accepted: a PEM file of the CA certificates the smime_certs must chain to");
+                    None
+                }
+            };
+            (Vec::new(), ca.map(|ca| SmimeConfig { certs, ca }))
+        }
+    }
+}
+
 /// An email sink: `to` (valid addresses) and `pgp_keys`; needs `[smtp]`.
 fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Option<SinkKind> {
     not_for(
@@ -1613,50 +1665,7 @@ fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Opti
                 .collect()
         }
     };
-    let paths = |cx: &mut Ctx, list: &Spanned<Vec<Spanned<String>>>, field: &str| {
-        if list.get_ref().is_empty() {
-            cx.err(
-                &list.span(),
-                &format!("{key}.{field}"),
-                "is empty; accepted: at least one file",
-            );
-        }
-        list.get_ref()
-            .iter()
-            .map(|p| cx.located(cx.path(p.get_ref()), &p.span()))
-            .collect::<Vec<Located<PathBuf>>>()
-    };
-    let (pgp_keys, smime) = match (&r.pgp_keys, &r.smime_certs) {
-        (None, None) => {
-            cx.err(&r.kind.span(), &format!("{key}.pgp_keys"), "is missing; mail is never sent unencrypted, so every address in `to` needs an ASCII-armored public key (pgp_keys) or an X.509 certificate (smime_certs)");
-            (Vec::new(), None)
-        }
-        (Some(_), Some(s)) => {
-            cx.err(&s.span(), &format!("{key}.smime_certs"), "a sink is OpenPGP (pgp_keys) or S/MIME (smime_certs), not both; accepted: one of them");
-            (Vec::new(), None)
-        }
-        (Some(list), None) => {
-            if let Some(ca) = &r.smime_ca {
-                cx.err(
-                    &ca.span(),
-                    &format!("{key}.smime_ca"),
-                    "goes with smime_certs, not pgp_keys",
-                );
-            }
-            (paths(cx, list, "pgp_keys"), None)
-        }
-        (None, Some(list)) => {
-            let certs = paths(cx, list, "smime_certs");
-            let ca = match &r.smime_ca {
-                Some(ca) => Some(cx.located(cx.path(ca.get_ref()), &ca.span())),
-                None => {
-                    cx.err(&list.span(), &format!("{key}.smime_ca"), "is missing; accepted: a PEM file of the CA certificates the smime_certs must chain to");
-                    None
-                }
-            };
-            (Vec::new(), ca.map(|ca| SmimeConfig { certs, ca }))
-        }
-    };
+    let (pgp_keys, smime) = email_recipients(cx, key, r);
     Some(SinkKind::Email(EmailSinkConfig {
         to,
         pgp_keys,

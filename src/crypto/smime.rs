@@ -71,7 +71,7 @@ fn pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
             .find(END)
             .map(|e| start + e + END.len())
             .ok_or_else(|| format!("{}: a PEM certificate has no END line", path.display()))?;
-        let cert = Certificate::from_pem(rest[start..end].as_bytes())
+        let cert = Certificate::from_pem(&rest.as_bytes()[start..end])
             .map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
         out.push(
             cert.to_der()

@@ -385,11 +385,26 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
             .0
     };
     let expected = [
-        (line_of("to = [\"secops@example.com\"]", 0), "sinks.secops-mail.to"),
-        (line_of("pgp_keys = [\"keys/secops.asc\"]", 0), "sinks.secops-mail.pgp_keys"),
-        (line_of("to = [\"secops@example.com\"]", 1), "sinks.secops-smime.to"),
-        (line_of("smime_certs = [\"certs/secops.pem\"]", 0), "sinks.secops-smime.smime_certs"),
-        (line_of("encrypt = { age = [\"age1ql3z", 0), "sinks.vault-file.encrypt.age"),
+        (
+            line_of("to = [\"secops@example.com\"]", 0),
+            "sinks.secops-mail.to",
+        ),
+        (
+            line_of("pgp_keys = [\"keys/secops.asc\"]", 0),
+            "sinks.secops-mail.pgp_keys",
+        ),
+        (
+            line_of("to = [\"secops@example.com\"]", 1),
+            "sinks.secops-smime.to",
+        ),
+        (
+            line_of("smime_certs = [\"certs/secops.pem\"]", 0),
+            "sinks.secops-smime.smime_certs",
+        ),
+        (
+            line_of("encrypt = { age = [\"age1ql3z", 0),
+            "sinks.vault-file.encrypt.age",
+        ),
     ];
     let run = |args: &[&str]| {
         // No credentials directory, no environment: offline reads no secret value.
@@ -456,7 +471,10 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
     let (code, err) = run(&["check"]);
     assert_eq!(code, Some(78), "{err}");
     assert_eq!(err.matches("smtp.password").count(), 1, "{err}");
-    let password = format!("example.toml:{}:12: smtp.password", line_of("password = ", 0));
+    let password = format!(
+        "example.toml:{}:12: smtp.password",
+        line_of("password = ", 0)
+    );
     assert!(err.contains(&password), "{err}");
     assert_eq!(
         err.matches("replace the example recipient").count(),

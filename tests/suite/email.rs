@@ -10,6 +10,14 @@ use tfa_rotator::simulator::{Fault, FaultAction};
 use crate::support::smtp::{self, Proxy, Smtpd};
 use crate::support::*;
 
+/// `"a", "b"`: the items of a TOML list of strings.
+pub(crate) fn toml_list(items: impl Iterator<Item = String>) -> String {
+    items
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn mail_config(
     h: &Harness,
     port: u16,
@@ -19,18 +27,12 @@ pub(crate) fn mail_config(
     keys: &[&Path],
 ) {
     write_private(&h.path("smtp.pass"), &format!("{}\n", smtp::PASSWORD));
-    let list = |v: Vec<String>| {
-        v.iter()
-            .map(|s| format!("\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let extra = format!(
         "[smtp]\nhost = \"localhost\"\nport = {port}\nsecurity = \"{security}\"\nusername = \"{}\"\npassword = {{ file = \"smtp.pass\" }}\nfrom = \"TFA Rotator <rotator@rotator.test>\"\nca_file = \"{}\"\ntimeout = \"5s\"\n\n[sinks.mail]\ntype = \"email\"\nto = [{}]\npgp_keys = [{}]\n",
         smtp::USER,
         ca.display(),
-        list(to.iter().map(|s| s.to_string()).collect()),
-        list(keys.iter().map(|k| k.display().to_string()).collect()),
+        toml_list(to.iter().map(|s| s.to_string())),
+        toml_list(keys.iter().map(|k| k.display().to_string())),
     );
     h.write_config(&extra, &["mail"]);
 }

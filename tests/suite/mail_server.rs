@@ -26,6 +26,22 @@ fn sq_decrypt(key: &std::path::Path, armored: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Portal acme, mailing ed and rsa (their OpenPGP keys) through `mx` with STARTTLS.
+async fn acme_to_ed_and_rsa(mx: &MailServer) -> Harness {
+    let keys = gpg_keys();
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    mail_config(
+        &h,
+        mx.submission_port,
+        "starttls",
+        &mx.ca_pem,
+        &["ed@rotator.test", "rsa@rotator.test"],
+        &[&keys.ed, &keys.rsa],
+    );
+    h
+}
+
 /// notmuch's view of ed's Maildir (indexed now), decrypting with `gpg`'s home.
 fn notmuch_show(h: &Harness, mx: &MailServer, gpg: &crate::support::Gpg) -> String {
     let nm_config = h.path("notmuch-config");
@@ -90,16 +106,7 @@ async fn notmuch_shows_a_non_ascii_protected_subject_whole() {
 async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
     let mx = MailServer::start();
     let keys = gpg_keys();
-    let mut h = Harness::new().await;
-    h.add_portal("acme");
-    mail_config(
-        &h,
-        mx.submission_port,
-        "starttls",
-        &mx.ca_pem,
-        &["ed@rotator.test", "rsa@rotator.test"],
-        &[&keys.ed, &keys.rsa],
-    );
+    let h = acme_to_ed_and_rsa(&mx).await;
     let out = h.run(&["check"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     let out = h.run(&["rotate", "acme"]).await;
@@ -202,17 +209,7 @@ async fn postfix_and_dovecot_deliver_what_gpg_sq_and_notmuch_read() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_over_the_servers_size_is_refused_before_the_put() {
     let mx = MailServer::start_with_limit(Some(2048));
-    let keys = gpg_keys();
-    let mut h = Harness::new().await;
-    h.add_portal("acme");
-    mail_config(
-        &h,
-        mx.submission_port,
-        "starttls",
-        &mx.ca_pem,
-        &["ed@rotator.test", "rsa@rotator.test"],
-        &[&keys.ed, &keys.rsa],
-    );
+    let h = acme_to_ed_and_rsa(&mx).await;
     let out = h.run(&["check"]).await;
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(
@@ -226,4 +223,29 @@ async fn a_message_over_the_servers_size_is_refused_before_the_put() {
     assert!(out.all().contains("(its SIZE)"), "{}", out.all());
     assert_eq!(h.sim.count("PUT"), 0, "refused before the PUT");
     assert!(mx.messages("ed").is_empty());
+}
+
+/// S/MIME through the real Postfix + Dovecot: the message in ed's Maildir is read by
+/// `openssl cms` and holds the accepted set.
+#[tokio::test(flavor = "multi_thread")]
+async fn smime_through_postfix_and_dovecot_is_read_by_openssl_cms() {
+    use crate::support::pki::{Pki, Spec};
+    let mx = MailServer::start();
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pki = Pki::new(&h.path(""), "corp");
+    let ed = pki.leaf("ed", &Spec::rsa("ed@rotator.test"));
+    crate::suite::smime::smime_config_at(
+        &h,
+        mx.submission_port,
+        &mx.ca_pem,
+        &["ed@rotator.test"],
+        &[&ed.cert],
+        &pki.ca_pem,
+    );
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}\n{}", out.all(), mx.log());
+    let got = mx.wait_for("ed", 1);
+    let plain = crate::suite::smime::openssl_decrypt(&pki.dir, &got[0].1, &ed);
+    assert_eq!(mail_codes(&plain), h.accepted("acme"), "{plain}");
 }

@@ -7,30 +7,36 @@ use std::process::Stdio;
 
 use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose};
 
-use crate::suite::email::mail_codes;
+use crate::suite::email::{mail_codes, toml_list};
 use crate::support::pki::{Leaf, Pki, Spec};
 use crate::support::smtp::{self, Smtpd};
 use crate::support::*;
 
 /// An S/MIME sink `mail` to `to` with these certificates, through `smtpd` (STARTTLS).
 fn smime_config(h: &Harness, smtpd: &Smtpd, to: &[&str], certs: &[&Path], ca: &Path) {
+    smime_config_at(h, smtpd.addr.port(), &smtpd.ca_pem, to, certs, ca);
+}
+
+/// [`smime_config`] for a server on `port` whose certificate `server_ca` signed.
+pub(crate) fn smime_config_at(
+    h: &Harness,
+    port: u16,
+    server_ca: &Path,
+    to: &[&str],
+    certs: &[&Path],
+    ca: &Path,
+) {
     write_private(&h.path("smtp.pass"), &format!("{}\n", smtp::PASSWORD));
-    let list = |v: Vec<String>| {
-        v.iter()
-            .map(|s| format!("\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let extra = format!(
         "[smtp]\nhost = \"localhost\"\nport = {}\nsecurity = \"starttls\"\nusername = \"{}\"\n\
          password = {{ file = \"smtp.pass\" }}\nfrom = \"TFA Rotator <rotator@rotator.test>\"\n\
          ca_file = \"{}\"\ntimeout = \"5s\"\n\n[sinks.mail]\ntype = \"email\"\nto = [{}]\n\
          smime_certs = [{}]\nsmime_ca = \"{}\"\n",
-        smtpd.addr.port(),
+        port,
         smtp::USER,
-        smtpd.ca_pem.display(),
-        list(to.iter().map(|s| s.to_string()).collect()),
-        list(certs.iter().map(|c| c.display().to_string()).collect()),
+        server_ca.display(),
+        toml_list(to.iter().map(|s| s.to_string())),
+        toml_list(certs.iter().map(|c| c.display().to_string())),
         ca.display(),
     );
     h.write_config(&extra, &["mail"]);
@@ -47,7 +53,7 @@ fn run(cmd: &mut std::process::Command) -> String {
 }
 
 /// `openssl cms -decrypt` of a whole S/MIME message.
-fn openssl_decrypt(dir: &Path, message: &[u8], leaf: &Leaf) -> String {
+pub(crate) fn openssl_decrypt(dir: &Path, message: &[u8], leaf: &Leaf) -> String {
     let file = dir.join("message.eml");
     std::fs::write(&file, message).unwrap();
     run(tool("openssl", "openssl")
@@ -321,4 +327,55 @@ async fn a_certificate_expiring_soon_is_warned() {
         "{}",
         out.stderr
     );
+}
+
+/// The certificate files are inputs the trust rule covers: one in a directory other users
+/// can write is refused (another user could swap in their own certificate).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_others_could_replace_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let smtpd = Smtpd::start(true);
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pki = Pki::new(&h.path(""), "corp");
+    let ed = pki.leaf("ed", &Spec::rsa("ed@rotator.test"));
+    smime_config(&h, &smtpd, &["ed@rotator.test"], &[&ed.cert], &pki.ca_pem);
+    std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    assert!(
+        out.stderr.contains("sinks.mail.smime_certs")
+            && out.stderr.contains("is writable by others"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(h.sim.count("PUT"), 0);
+}
+
+/// Killed right after the new set was sealed for the S/MIME sink: `deliver` sends it once,
+/// and what arrives decrypts to the set the portal accepts.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_after_the_seal_delivers_the_smime_message_once() {
+    let smtpd = Smtpd::start(true);
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pki = Pki::new(&h.path(""), "corp");
+    let ed = pki.leaf("ed", &Spec::rsa("ed@rotator.test"));
+    smime_config(&h, &smtpd, &["ed@rotator.test"], &[&ed.cert], &pki.ca_pem);
+    let out = h
+        .run_env(
+            &["rotate", "acme"],
+            &[("TFA_ROTATOR_ABORT_AT", "rotation::after_seal")],
+        )
+        .await;
+    assert_eq!(out.code, None, "killed: {}", out.all());
+    assert_eq!(h.sim.rotations(), 1);
+    assert!(smtpd.messages().is_empty(), "nothing sent before the crash");
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    let mails = smtpd.messages();
+    assert_eq!(mails.len(), 1, "delivered once");
+    let plain = openssl_decrypt(&pki.dir, &mails[0].data, &ed);
+    assert_eq!(mail_codes(&plain), h.accepted("acme"), "{plain}");
 }
