@@ -502,8 +502,11 @@ fn key_report(k: crate::docspace::ApiKeyInfo, notes: &mut Vec<String>) -> KeyRep
 
 fn print_text(config: &Config, report: &CheckReport) {
     if super::quiet() {
-        // Only the problems, and the summary.
-        for p in report.portals.iter().filter(|p| !p.ok) {
+        // Only the problems, and the summary; blocks apart, none before the first.
+        for (i, p) in report.portals.iter().filter(|p| !p.ok).enumerate() {
+            if i > 0 {
+                crate::out!("");
+            }
             print_portal(p, report.offline);
         }
         crate::out!(
@@ -531,6 +534,7 @@ fn print_text(config: &Config, report: &CheckReport) {
         );
     }
     for p in &report.portals {
+        crate::out!("");
         print_portal(p, report.offline);
     }
     crate::out!("\n{}", summary_line(report));
@@ -554,7 +558,7 @@ fn summary_line(report: &CheckReport) -> String {
 }
 
 fn print_portal(p: &PortalCheck, offline: bool) {
-    crate::out!("\nportal {} {}", p.portal, p.url);
+    crate::out!("portal {} {}", p.portal, p.url);
     match &p.schedule {
         Some(s) => {
             crate::out!(

@@ -597,6 +597,11 @@ async fn check_says_a_refused_key_once_with_its_place_and_a_hint() {
     assert_eq!(quiet.code, Some(1));
     assert!(!quiet.stdout.contains("config "), "{}", quiet.stdout);
     assert!(quiet.stdout.contains("FAILED: "), "{}", quiet.stdout);
+    assert!(
+        quiet.stdout.starts_with("portal acme "),
+        "no blank line first: {}",
+        quiet.stdout
+    );
     assert_eq!(
         quiet.stdout.lines().last(),
         Some("check: 1 portal, 0 ok, 1 failed"),
