@@ -60,26 +60,28 @@ pub fn age_recipient(r: &str) -> Option<String> {
     })
 }
 
+/// The shipped file of `list` with this fingerprint (hex, any case), if there is one.
+fn shipped(list: &[(&'static str, &'static str)], fingerprint: &str) -> Option<&'static str> {
+    list.iter()
+        .find(|(_, f)| f.eq_ignore_ascii_case(fingerprint))
+        .map(|(file, _)| *file)
+}
+
 /// Why the OpenPGP key of this primary fingerprint (hex, any case) is a placeholder, if it
 /// is one.
 pub fn pgp_key(fingerprint: &str) -> Option<String> {
-    SHIPPED_PGP_KEYS
-        .iter()
-        .find(|(_, f)| f.eq_ignore_ascii_case(fingerprint))
-        .map(|(file, f)| {
-            format!("key {f} is the EXAMPLE key shipped with tfa-rotator ({file} in its source); {FIX} (a key whose owner holds its secret part)")
-        })
+    shipped(&SHIPPED_PGP_KEYS, fingerprint).map(|file| {
+        let f = fingerprint.to_ascii_uppercase();
+        format!("key {f} is the EXAMPLE key shipped with tfa-rotator ({file} in its source); {FIX} (a key whose owner holds its secret part)")
+    })
 }
 
 /// Why the certificate of this SHA-256 fingerprint (hex, any case) is a placeholder, if it
 /// is one.
 pub fn certificate(fingerprint: &str) -> Option<String> {
-    SHIPPED_CERTS
-        .iter()
-        .find(|(_, f)| f.eq_ignore_ascii_case(fingerprint))
-        .map(|(file, _)| {
-            format!("it is the EXAMPLE certificate shipped with tfa-rotator ({file} in its source); {FIX} (a certificate whose owner holds its private key)")
-        })
+    shipped(&SHIPPED_CERTS, fingerprint).map(|file| {
+        format!("it is the EXAMPLE certificate shipped with tfa-rotator ({file} in its source); {FIX} (a certificate whose owner holds its private key)")
+    })
 }
 
 #[cfg(test)]
@@ -108,21 +110,24 @@ mod tests {
         assert!(address("ops@myexample.com").is_none());
     }
 
-    /// Every key file shipped under `config/keys/` is listed by its fingerprint, and the
-    /// example config's age recipient is the one refused.
+    /// The files of `dir` (under the repository) are exactly those `list` names.
+    fn lists_every_file(dir: &str, list: &[(&str, &str)]) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .map(|e| format!("{dir}/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = list.iter().map(|(f, _)| *f).collect();
+        assert_eq!(files, listed);
+    }
+
+    /// Every key and certificate shipped under `config/` is listed by its fingerprint, and
+    /// the example config's age recipient is the one refused.
     #[test]
     fn the_shipped_placeholders_are_the_ones_recognised() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut files: Vec<String> = std::fs::read_dir(root.join("config/keys"))
-            .unwrap()
-            .map(|e| format!("config/keys/{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-        files.sort();
-        let listed: Vec<String> = SHIPPED_PGP_KEYS
-            .iter()
-            .map(|(f, _)| f.to_string())
-            .collect();
-        assert_eq!(files, listed);
+        lists_every_file("config/keys", &SHIPPED_PGP_KEYS);
         for (file, fpr) in SHIPPED_PGP_KEYS {
             let text = std::fs::read_to_string(root.join(file)).unwrap();
             let (keys, _) =
@@ -140,13 +145,7 @@ mod tests {
         }
         let example = std::fs::read_to_string(root.join("config/example.toml")).unwrap();
         assert!(example.contains(EXAMPLE_AGE_RECIPIENT));
-        let mut files: Vec<String> = std::fs::read_dir(root.join("config/certs"))
-            .unwrap()
-            .map(|e| format!("config/certs/{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-        files.sort();
-        let listed: Vec<String> = SHIPPED_CERTS.iter().map(|(f, _)| f.to_string()).collect();
-        assert_eq!(files, listed);
+        lists_every_file("config/certs", &SHIPPED_CERTS);
         for (file, fpr) in SHIPPED_CERTS {
             let pem = std::fs::read_to_string(root.join(file)).unwrap();
             let cert =
