@@ -47,7 +47,17 @@ pub fn priority_prefix(priority: u8) -> &'static str {
 
 /// Colour on stderr: a terminal, and `NO_COLOR` unset or empty (no-color.org).
 pub fn colour() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    colour_on(std::io::stderr().is_terminal())
+}
+
+/// Colour on a stream that is (or is not) a terminal, as `NO_COLOR` says.
+pub fn colour_on(terminal: bool) -> bool {
+    colour_for(terminal, std::env::var_os("NO_COLOR").as_deref())
+}
+
+/// The rule, apart from the process (tested): a terminal, and `NO_COLOR` unset or empty.
+pub fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// An event format that writes the journal's priority before each line.
@@ -73,5 +83,19 @@ where
         };
         writer.write_str(priority_prefix(p))?;
         self.0.format_event(ctx, writer, event)
+    }
+}
+
+#[cfg(test)]
+mod colour_tests {
+    use super::colour_for;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_for(true, None));
+        assert!(colour_for(true, Some(OsStr::new(""))));
+        assert!(!colour_for(true, Some(OsStr::new("1"))));
+        assert!(!colour_for(false, None));
     }
 }

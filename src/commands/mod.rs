@@ -426,16 +426,8 @@ fn stdout_colour() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         use std::io::IsTerminal;
-        colour_for(
-            std::io::stdout().is_terminal(),
-            std::env::var_os("NO_COLOR").as_deref(),
-        )
+        crate::logging::colour_on(std::io::stdout().is_terminal())
     })
-}
-
-/// The rule of [`stdout_colour`], apart from the process (tested).
-fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
-    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// `text` in its tone's colour when [`stdout_colour`] says so, else as it is.
@@ -521,19 +513,5 @@ pub(crate) fn fmt_relative(ms: i64, now: chrono::DateTime<chrono::Utc>) -> Strin
         (0, _) => "now".into(),
         (_, true) => format!("in {d}"),
         (_, false) => format!("{d} ago"),
-    }
-}
-
-#[cfg(test)]
-mod colour_tests {
-    use super::colour_for;
-    use std::ffi::OsStr;
-
-    #[test]
-    fn colour_only_on_a_terminal_without_no_color() {
-        assert!(colour_for(true, None));
-        assert!(colour_for(true, Some(OsStr::new(""))));
-        assert!(!colour_for(true, Some(OsStr::new("1"))));
-        assert!(!colour_for(false, None));
     }
 }
