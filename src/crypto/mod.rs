@@ -8,6 +8,13 @@ pub mod smime;
 
 pub use fingerprint::Fingerprinter;
 
+/// A key's or certificate's date as people read it in messages: `2027-01-05` (UTC).
+pub fn day(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t)
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 /// A bare address `local@domain`, no display name.
 pub fn valid_address(addr: &str) -> bool {
     let mut parts = addr.split('@');

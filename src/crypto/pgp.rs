@@ -172,10 +172,7 @@ fn check_key(path: &Path, key: SignedPublicKey, now: SystemTime) -> Result<PgpKe
     if let Some(exp) = primary_expires
         && exp <= now
     {
-        return Err(ctx(format!(
-            "the key expired on {}",
-            chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
-        )));
+        return Err(ctx(format!("the key expired on {}", super::day(exp))));
     }
     // A user ID with a revocation no longer covers its address.
     let emails: Vec<String> = key
@@ -262,7 +259,7 @@ fn usable_subkey(sk: &SignedPublicSubKey, now: SystemTime) -> Result<Option<Syst
     {
         return Err(format!(
             "the encryption subkey expired on {}",
-            chrono::DateTime::<chrono::Utc>::from(exp).format("%Y-%m-%d")
+            super::day(exp)
         ));
     }
     Ok(expires)

@@ -143,17 +143,16 @@ fn check_cert(path: &Path, der: &[u8], ca: &Anchors, now: SystemTime) -> Result<
         tbs.validity().not_before.to_system_time(),
         tbs.validity().not_after.to_system_time(),
     );
-    let day = |t: SystemTime| chrono::DateTime::<chrono::Utc>::from(t).format("%Y-%m-%d");
     if not_after <= now {
         return Err(ctx(format!(
             "the certificate expired on {}",
-            day(not_after)
+            super::day(not_after)
         )));
     }
     if now < not_before {
         return Err(ctx(format!(
             "the certificate is valid only from {}",
-            day(not_before)
+            super::day(not_before)
         )));
     }
     let ext = |e: der::Error| ctx(format!("an extension does not parse: {e}"));

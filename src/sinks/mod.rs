@@ -388,9 +388,7 @@ impl Expiry {
 
     /// The expiry as a date, `2027-01-05`.
     pub fn date(&self) -> String {
-        chrono::DateTime::<chrono::Utc>::from(self.at)
-            .format("%Y-%m-%d")
-            .to_string()
+        crate::crypto::day(self.at)
     }
 
     /// "sinks.mail: the key of ed@rotator.test expires on 2027-01-05, in 10 days; …".
