@@ -642,8 +642,12 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
         }
     }
     same_file_twice(config, &by_name, &mut issues);
-    // In the file's order, like the validation's errors (those without a place last).
-    issues.sort_by_key(|i| i.loc.map_or((usize::MAX, 0), |l| (l.line, l.column)));
+    // In the files' order, like the validation's errors: the config file, then each
+    // included file, each by line (those without a place last).
+    issues.sort_by_key(|i| {
+        i.loc
+            .map_or((usize::MAX, 0, 0), |l| (l.file, l.line, l.column))
+    });
     if issues.is_empty() {
         Ok(Sinks { by_name })
     } else {
