@@ -522,7 +522,7 @@ fn take_include(
             }
         };
         if let Some(dir) = glob_dir(full) {
-            push_unique(&mut out.dirs, dir);
+            push_dir(&mut out.dirs, &dir);
         }
         let mut paths: Vec<PathBuf> = matches.filter_map(Result::ok).collect();
         paths.sort();
@@ -534,7 +534,7 @@ fn take_include(
             match read(&path) {
                 Ok(Some((text, others))) => {
                     if let Some(dir) = path.parent() {
-                        push_unique(&mut out.dirs, dir.to_path_buf());
+                        push_dir(&mut out.dirs, dir);
                     }
                     out.files.push((path, text, others));
                 }
@@ -548,7 +548,19 @@ fn take_include(
     out
 }
 
-fn push_unique(v: &mut Vec<PathBuf>, p: PathBuf) {
+/// Adds a directory to watch once, however it was spelt: `./portals.d/` (a pattern's) and
+/// `portals.d` (glob's name for a match's parent) are one directory, and watching it under
+/// two names would let the unwatch of one end the other's watch.
+fn push_dir(v: &mut Vec<PathBuf>, p: &Path) {
+    let p: PathBuf = p
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect();
+    let p = if p.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        p
+    };
     if !v.contains(&p) {
         v.push(p);
     }
@@ -1844,4 +1856,32 @@ fn exec_env(
         env.push((name, value));
     }
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pattern's directory and glob's name for a match's parent are one directory to
+    /// watch; the config's own directory is `.` as the watcher spells it.
+    #[test]
+    fn an_include_directory_is_watched_under_one_name() {
+        let mut dirs = Vec::new();
+        push_dir(&mut dirs, &glob_dir("./portals.d/*.toml").unwrap());
+        push_dir(&mut dirs, Path::new("portals.d"));
+        push_dir(&mut dirs, &glob_dir("./*.toml").unwrap());
+        push_dir(&mut dirs, Path::new(""));
+        push_dir(
+            &mut dirs,
+            &glob_dir("/etc/tfa-rotator/portals.d/*.toml").unwrap(),
+        );
+        assert_eq!(
+            dirs,
+            [
+                PathBuf::from("portals.d"),
+                PathBuf::from("."),
+                PathBuf::from("/etc/tfa-rotator/portals.d")
+            ]
+        );
+    }
 }
