@@ -396,13 +396,6 @@ impl Recipients {
         }
     }
 
-    /// The index of the key or certificate that covers `addr`.
-    fn covering(&self, addr: &str) -> Option<usize> {
-        self.each()
-            .iter()
-            .position(|(emails, ..)| emails.iter().any(|e| e.eq_ignore_ascii_case(addr)))
-    }
-
     /// Only the keys or certificates at `indices`, in that order.
     fn only(&self, indices: &[usize]) -> Self {
         match self {
@@ -412,6 +405,15 @@ impl Recipients {
             }
         }
     }
+}
+
+/// The index of the entry of [`Recipients::each`] that names `addr`.
+fn covering(
+    each: &[(&[String], &str, Option<std::time::SystemTime>)],
+    addr: &str,
+) -> Option<usize> {
+    each.iter()
+        .position(|(emails, ..)| emails.iter().any(|e| e.eq_ignore_ascii_case(addr)))
 }
 
 /// What a message says, before encryption.
@@ -431,11 +433,12 @@ impl EmailSink {
         keys: Recipients,
         smtp: Arc<Smtp>,
     ) -> Result<Self, String> {
+        let each = keys.each();
         let mut used: Vec<usize> = Vec::new();
         let mut boxes = Vec::new();
         for addr in to {
-            let i = keys.covering(addr).ok_or_else(|| {
-                let have: Vec<String> = keys.each().iter().flat_map(|(e, ..)| e.to_vec()).collect();
+            let i = covering(&each, addr).ok_or_else(|| {
+                let have: Vec<String> = each.iter().flat_map(|(e, ..)| e.to_vec()).collect();
                 let have = if have.is_empty() { "no addresses".into() } else { have.join(", ") };
                 match keys {
                     Recipients::Pgp(_) => format!(
@@ -462,12 +465,12 @@ impl EmailSink {
 
     /// Each address whose key expires, with when.
     pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        let each = self.keys.each();
         self.to
             .iter()
             .filter_map(|m| {
                 let addr = m.email.to_string();
-                let each = self.keys.each();
-                let i = self.keys.covering(&addr)?;
+                let i = covering(&each, &addr)?;
                 each[i].2.map(|e| (addr, e))
             })
             .collect()
@@ -579,7 +582,7 @@ impl EmailSink {
         let mut with_hp = zeroize::Zeroizing::new(hp.into_bytes());
         with_hp.extend_from_slice(&inner_bytes);
         inner_bytes.clear();
-        let certs = match &self.keys {
+        let keys = match &self.keys {
             Recipients::Pgp(keys) => keys,
             Recipients::Smime(certs) => {
                 let refs: Vec<&SmimeCert> = certs.iter().collect();
@@ -597,7 +600,7 @@ impl EmailSink {
                 return self.finish(now, message_id, |b| b.singlepart(part), &err);
             }
         };
-        let refs: Vec<&PgpKey> = certs.iter().collect();
+        let refs: Vec<&PgpKey> = keys.iter().collect();
         let armored = pgp::encrypt(&refs, &with_hp).map_err(err)?;
 
         let outer = MultiPart::encrypted("application/pgp-encrypted".to_owned())
