@@ -89,32 +89,45 @@ fn notice(engine: &Engine, due: &AlertDue) -> (String, String) {
 /// ahead"): once per key and expiry date, however often this runs.
 async fn queue_expiries(engine: &Engine, store: &state::Store) {
     let now = std::time::SystemTime::now();
-    for e in engine.sinks.expiries() {
-        if !e.within(crate::sinks::Expiry::ALERT, now) {
-            continue;
-        }
-        let kind = format!("expiry {} {} {}", e.sink, e.recipient, e.date());
-        let subject = format!(
-            "[tfa-rotator] the key of {} expires on {}",
-            e.recipient,
-            e.date()
-        );
-        let body = format!(
-            "The key tfa-rotator encrypts to for {} (sink {}) expires on {}, in {} day(s).\n\n\
-             From then on every rotation that delivers to this sink stops at its preflight (nothing\n\
-             is lost: the current codes keep working). What to do: have the key extended (or a new\n\
-             one made), put it where the config names it, and check with\n  tfa-rotator check\n\n-- \ntfa-rotator\n",
-            e.recipient,
-            e.sink,
-            e.date(),
-            e.days_left(now)
-        );
-        if let Err(err) = store
-            .write(move |c| state::add_notice(c, "", &kind, &subject, &body, 0))
-            .await
-        {
-            tracing::error!(error = %err, "could not queue an expiry notice");
-        }
+    let notices: Vec<(String, String, String)> = engine
+        .sinks
+        .expiries()
+        .into_iter()
+        .filter(|e| e.within(crate::sinks::Expiry::ALERT, now))
+        .map(|e| {
+            let kind = format!("expiry {} {} {}", e.sink, e.recipient, e.date());
+            let subject = format!(
+                "[tfa-rotator] the key of {} expires on {}",
+                e.recipient,
+                e.date()
+            );
+            let body = format!(
+                "The key tfa-rotator encrypts to for {} (sink {}) expires on {}, in {} day(s).\n\n\
+                 From then on every rotation that delivers to this sink stops at its preflight (nothing\n\
+                 is lost: the current codes keep working). What to do: have the key extended (or a new\n\
+                 one made), put it where the config names it, and check with\n  tfa-rotator check\n\n-- \ntfa-rotator\n",
+                e.recipient,
+                e.sink,
+                e.date(),
+                e.days_left(now)
+            );
+            (kind, subject, body)
+        })
+        .collect();
+    if notices.is_empty() {
+        return;
+    }
+    // One transaction for them all: this runs after every round of jobs.
+    let queued = store
+        .write(move |c| {
+            for (kind, subject, body) in &notices {
+                state::add_notice(c, "", kind, subject, body, 0)?;
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(err) = queued {
+        tracing::error!(error = %err, "could not queue the expiry notices");
     }
 }
 
