@@ -143,6 +143,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The audit record, oldest first: every rotation, settle, abandon, forget, drift and
+    /// delivery, with who or what triggered it; never a code. Read-only.
+    History {
+        /// Only these portals (default: all).
+        portals: Vec<String>,
+        /// Only records at or after this time: RFC 3339 (2026-12-01T00:00:00Z) or an age (7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// JSON Lines on stdout.
+        #[arg(long, conflicts_with_all = ["csv", "verify"])]
+        json: bool,
+        /// CSV with a header on stdout.
+        #[arg(long, conflicts_with = "verify")]
+        csv: bool,
+        /// Recompute every hash chain; exit 1 naming the first record that does not verify.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Serve a local DocSpace-compatible portal.
     Simulate(SimulateArgs),
     /// A tour: a simulated portal, a throwaway config, one rotation, proof the codes work.

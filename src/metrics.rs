@@ -89,6 +89,8 @@ pub struct Metrics {
     rotation_seconds: Histogram,
     secret_unreadable: Family<PortalLabel, Gauge>,
     recipient_expiry: Family<RecipientLabels, Gauge>,
+    history_written: Counter,
+    history_pruned: Counter,
     /// The process, under the standard `process_*` names, read from /proc at each scrape.
     process: ProcessMetrics,
     /// Set while the scheduler loop lives (for `/healthz`).
@@ -118,6 +120,8 @@ impl Default for Metrics {
             rotation_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             secret_unreadable: Family::default(),
             recipient_expiry: Family::default(),
+            history_written: Counter::default(),
+            history_pruned: Counter::default(),
             process: ProcessMetrics::default(),
             alive: AtomicBool::new(false),
             wake_by: AtomicU64::new(u64::MAX),
@@ -147,8 +151,18 @@ impl Metrics {
         );
         r.register(
             "tfa_rotator_deliveries",
-            "Delivery attempts by portal, sink and result",
+            "Delivery attempts by portal, sink and result (webhook events included)",
             self.deliveries.clone(),
+        );
+        r.register(
+            "tfa_rotator_history_records_written",
+            "Audit records this process appended",
+            self.history_written.clone(),
+        );
+        r.register(
+            "tfa_rotator_history_records_pruned",
+            "Audit records this process pruned (history_keep)",
+            self.history_pruned.clone(),
         );
         r.register(
             "tfa_rotator_pending_deliveries",
@@ -374,6 +388,13 @@ impl Metrics {
     /// The text exposition.
     pub fn encode(&self) -> String {
         self.process.refresh();
+        // The history counts its records where it writes them (inside transactions, which
+        // know no metrics); the counters catch up at each scrape.
+        let (written, pruned) = crate::state::history::counts();
+        self.history_written
+            .inc_by(written.saturating_sub(self.history_written.get()));
+        self.history_pruned
+            .inc_by(pruned.saturating_sub(self.history_pruned.get()));
         let mut out = String::new();
         let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         // Writing to a String cannot fail.

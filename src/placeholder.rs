@@ -84,6 +84,13 @@ pub fn certificate(fingerprint: &str) -> Option<String> {
     })
 }
 
+/// Why the webhook URL `url` is a placeholder, if it is one (its host is an example domain).
+pub fn webhook_url(url: &url::Url) -> Option<String> {
+    let host = url.host_str()?;
+    is_example_host(host)
+        .then(|| format!("`{url}` is an example URL (a domain reserved for documentation); {FIX}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

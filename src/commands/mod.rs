@@ -3,6 +3,7 @@
 
 mod check;
 mod demo;
+mod history;
 pub mod man;
 mod rotate;
 mod simulate;
@@ -102,7 +103,8 @@ async fn dispatch(cli: Cli) -> Exit {
         | Command::Resend { json, .. }
         | Command::Settle { json, .. }
         | Command::Forget { json, .. }
-        | Command::Status { json, .. } => *json,
+        | Command::Status { json, .. }
+        | Command::History { json, .. } => *json,
         _ => false,
     };
     let _ = JSON.set(json);
@@ -131,6 +133,20 @@ async fn dispatch(cli: Cli) -> Exit {
             failing,
             json,
         } => status::run(&path, &portals, failing, json).await,
+        Command::History {
+            portals,
+            since,
+            json,
+            csv,
+            verify,
+        } => {
+            let format = match (json, csv) {
+                (true, _) => history::Format::Json,
+                (_, true) => history::Format::Csv,
+                _ => history::Format::Table,
+            };
+            history::run(&path, portals, since, format, verify).await
+        }
         Command::MigrateState { to: _ } => migrate_state(&path).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo => demo::run().await,

@@ -44,6 +44,7 @@ pub async fn rotate(
     };
     let mut reports = Vec::new();
     if !dry_run {
+        begin(&engine).await;
         // Finish what an earlier process left before starting anything new.
         reports.extend(rotation::recover_all(&engine).await);
     }
@@ -95,6 +96,9 @@ pub async fn rotate(
     done.sort_by(|a, b| a.portal.cmp(&b.portal));
     reports.extend(done);
     rotation::alerts::check(&engine).await;
+    if !dry_run {
+        send_events(&engine).await;
+    }
     print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }
@@ -110,17 +114,23 @@ pub async fn deliver(path: &Path, json: bool) -> Exit {
         Ok(e) => e,
         Err(e) => return e,
     };
+    begin(&engine).await;
     let mut reports = rotation::recover_all(&engine).await;
     // Every portal just worked on, and every one whose intent was closed lately, is read
     // once more: a PUT applied after all is drift, converged here (SPEC §6).
     let worked: Vec<String> = reports.iter().map(|r| r.portal.clone()).collect();
     reports.extend(rotation::drift::converge_recent(&engine, &worked).await);
     rotation::alerts::check(&engine).await;
-    if reports.is_empty() && !json {
+    let events = send_events(&engine).await;
+    if reports.is_empty() && events.pending == 0 && !json {
         crate::out!("nothing pending");
     }
     print_reports(&engine.config, &reports, json);
-    exit_of(&reports)
+    match exit_of(&reports) {
+        // An event a webhook did not take is a delivery left pending (SPEC §2).
+        Exit::Ok if events.pending > 0 => Exit::Failed,
+        e => e,
+    }
 }
 
 /// `resend PORTAL…`.
@@ -137,10 +147,12 @@ pub async fn resend(path: &Path, portals: Vec<String>, json: bool) -> Exit {
         Ok(e) => e,
         Err(e) => return e,
     };
+    begin(&engine).await;
     let mut reports: Vec<Report> = rotation::recover_all(&engine).await;
     for p in &portals {
         reports.push(rotation::resend(&engine, p).await);
     }
+    send_events(&engine).await;
     print_reports(&engine.config, &reports, json);
     exit_of(&reports)
 }
@@ -169,12 +181,14 @@ pub async fn settle(
         Ok(e) => e,
         Err(e) => return e,
     };
+    begin(&engine).await;
     let result = if abandon {
         let why = reason.unwrap_or_else(|| "no reason given".into());
         rotation::abandon(&engine, &portal, &why).await
     } else {
         rotation::recover(&engine, &portal).await
     };
+    send_events(&engine).await;
     let report = result.unwrap_or_else(|e| {
         tracing::error!(portal = %portal, error = %e, "settling failed");
         Report::failed(&portal, &e)
@@ -191,10 +205,33 @@ pub async fn forget(path: &Path, portal: String, json: bool) -> Exit {
         Ok(e) => e,
         Err(e) => return e,
     };
+    begin(&engine).await;
     let report = rotation::forget(&engine, &portal)
         .await
         .unwrap_or_else(|e| Report::failed(&portal, &e));
+    send_events(&engine).await;
     let reports = vec![report];
     print_reports(&engine.config, &reports, json);
     exit_of(&reports)
+}
+
+/// A command that writes: the webhook cursors follow its config before it acts, so that a
+/// webhook just added is sent what this command does.
+async fn begin(engine: &rotation::Engine) {
+    if let Err(e) = rotation::webhooks::sync(engine).await {
+        tracing::error!(error = %e, "could not bring the webhook cursors in line with the config");
+    }
+}
+
+/// A command's last step: the events it raised go to the webhooks now. One a webhook does
+/// not take waits for the daemon or `deliver` (it never fails the command's rotations).
+async fn send_events(engine: &rotation::Engine) -> rotation::webhooks::Sent {
+    let sent = rotation::webhooks::deliver(engine, None).await;
+    if sent.pending > 0 {
+        crate::err!(
+            "warning: {} webhook(s) did not take their events; they stay pending, sent by the daemon or `tfa-rotator deliver`",
+            sent.pending
+        );
+    }
+    sent
 }

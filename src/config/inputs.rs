@@ -136,6 +136,13 @@ pub(super) fn check(config: &mut Config, walker: &mut Walker) -> Vec<ConfigIssue
                 None
             }
             SinkKind::File(f) => Some(&f.encrypt),
+            SinkKind::Webhook(w) => {
+                pass.secret(&w.secret.value, w.secret.loc, format!("{key}.secret"));
+                if let Some(ca) = &w.ca_file {
+                    pass.file(&ca.value, Some(ca.loc), format!("{key}.ca_file"));
+                }
+                None
+            }
             SinkKind::Exec(x) => {
                 for (k, v) in &x.env {
                     if let super::EnvValue::Secret(r) = v {

@@ -145,6 +145,13 @@ pub struct DaemonConfig {
     pub stop_timeout: Duration,
     /// Timeout of one HTTP request.
     pub http_timeout: Duration,
+    /// Audit records older than this are pruned (SPEC §6).
+    pub history_keep: Duration,
+}
+
+impl DaemonConfig {
+    /// The default [`DaemonConfig::history_keep`].
+    pub const HISTORY_KEEP: Duration = Duration::from_secs(400 * 86_400);
 }
 
 /// How the SMTP connection is secured.
@@ -199,6 +206,23 @@ pub enum SinkKind {
     File(FileSinkConfig),
     /// A hook: a program that gets the payload on its standard input.
     Exec(ExecSinkConfig),
+    /// Events (never codes), POSTed signed to a URL.
+    Webhook(WebhookSinkConfig),
+}
+
+/// A webhook sink (SPEC §5).
+#[derive(Debug)]
+pub struct WebhookSinkConfig {
+    /// Where events are POSTed.
+    pub url: Located<Url>,
+    /// The HMAC-SHA256 key (shared with the built sink, which reads it at each send).
+    pub secret: Located<std::sync::Arc<SecretRef>>,
+    /// An extra trust anchor (PEM).
+    pub ca_file: Option<Located<PathBuf>>,
+    /// The events it is sent.
+    pub events: std::collections::BTreeSet<String>,
+    /// Bound of one POST.
+    pub timeout: Duration,
 }
 
 /// An exec sink.
@@ -332,8 +356,10 @@ pub struct PortalConfig {
     pub api_key: Located<SecretRef>,
     /// Schedule name.
     pub schedule: Option<String>,
-    /// Sink names.
+    /// The sinks that receive its codes (email, file, exec), by name.
     pub sinks: Vec<String>,
+    /// The webhook sinks it lists: they receive its events, never its codes.
+    pub webhooks: Vec<String>,
     /// Where its table is in the config (`config.toml:LINE`, for a runtime error's hint).
     pub at: Loc,
 }

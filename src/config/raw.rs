@@ -33,6 +33,9 @@ pub struct RawDaemon {
     /// Timeout of one HTTP request to a portal; default 30s.
     #[schemars(with = "Option<String>")]
     pub http_timeout: Option<Spanned<String>>,
+    /// Audit records older than this are pruned, leaving a checkpoint; default 400d.
+    #[schemars(with = "Option<String>")]
+    pub history_keep: Option<Spanned<String>>,
 }
 
 /// `[smtp]`: the mail server for email sinks.
@@ -107,9 +110,9 @@ pub struct RawSchedule {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSink {
-    /// `"email"`, `"file"` or `"exec"`.
+    /// `"email"`, `"file"`, `"exec"` or `"webhook"`.
     #[serde(rename = "type")]
-    #[schemars(with = "String", extend("enum" = ["email", "file", "exec"]))]
+    #[schemars(with = "String", extend("enum" = ["email", "file", "exec", "webhook"]))]
     pub kind: Spanned<String>,
     /// email: recipient addresses.
     #[schemars(with = "Option<Vec<String>>")]
@@ -138,13 +141,26 @@ pub struct RawSink {
     /// exec: environment variables besides PATH, HOME and TFA_*: strings or secret references.
     #[schemars(with = "Option<std::collections::BTreeMap<String, SecretRef>>")]
     pub env: Option<Spanned<std::collections::BTreeMap<String, Spanned<SecretRef>>>>,
-    /// exec: how long the hook may run; default 30s.
+    /// exec: how long the hook may run; default 30s. webhook: how long one POST may take;
+    /// default 10s, at most 60s.
     #[schemars(with = "Option<String>")]
     pub timeout: Option<Spanned<String>>,
     /// file: with `[storage] type = "postgres"`, true when every instance sees this path
     /// (required there); default false.
     #[schemars(with = "Option<bool>")]
     pub shared: Option<Spanned<bool>>,
+    /// webhook: where events are POSTed; https (http only to a loopback host).
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// webhook: the HMAC-SHA256 key of `X-TFA-Signature-256`, a secret reference.
+    #[schemars(with = "Option<SecretRef>")]
+    pub secret: Option<Spanned<SecretRef>>,
+    /// webhook: an extra CA certificate (PEM) to trust besides the system's.
+    #[schemars(with = "Option<String>")]
+    pub ca_file: Option<Spanned<String>>,
+    /// webhook: the events sent; default all ("failed" stands for both failures).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub events: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[storage]`: where the state lives.
@@ -193,7 +209,7 @@ pub struct RawEncrypt {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAlerts {
-    /// Email sinks that receive the notices.
+    /// Email or webhook sinks that receive the notices.
     #[schemars(with = "Vec<String>")]
     pub sinks: Spanned<Vec<Spanned<String>>>,
     /// Consecutive failed rotations before a notice; default 3.

@@ -13,6 +13,7 @@ use url::Url;
 use super::raw::*;
 use super::*;
 use crate::schedule::{self, CronSchedule};
+use crate::state::history::Event;
 
 const TOP_LEVEL: &str = "daemon, smtp, schedules, sinks, alerts, storage, portals";
 
@@ -350,6 +351,7 @@ fn accepted_type(key: &str, msg: String) -> String {
     let leaf = key.rsplit('.').next().unwrap_or(key);
     let hint = match leaf {
         "http_timeout"
+        | "history_keep"
         | "stop_timeout"
         | "timeout"
         | "min_interval"
@@ -920,6 +922,11 @@ fn daemon_section(cx: &mut Ctx<'_>, rd: RawDaemon) -> DaemonConfig {
         "daemon.http_timeout",
         Duration::from_secs(30),
     );
+    let history_keep = cx.timeout(
+        &rd.history_keep,
+        "daemon.history_keep",
+        DaemonConfig::HISTORY_KEEP,
+    );
     DaemonConfig {
         state_dir,
         metrics,
@@ -927,6 +934,7 @@ fn daemon_section(cx: &mut Ctx<'_>, rd: RawDaemon) -> DaemonConfig {
         max_per_host,
         stop_timeout,
         http_timeout,
+        history_keep,
     }
 }
 
@@ -1149,12 +1157,12 @@ fn alerts_section(
     let names = cx.names(&r.sinks, "alerts.sinks", declared_sinks, "sink");
     for (n, s) in names.iter().zip(r.sinks.get_ref()) {
         if let Some(SinkConfig { kind, .. }) = sink_map.get(n)
-            && !matches!(kind, SinkKind::Email(_))
+            && !matches!(kind, SinkKind::Email(_) | SinkKind::Webhook(_))
         {
             cx.err(
                 &s.span(),
                 "alerts.sinks",
-                format!("`{n}` is not an email sink; accepted: email sinks"),
+                format!("`{n}` is not an email or webhook sink; accepted: email sinks (notices are encrypted like any mail) and webhook sinks"),
             );
         }
     }
@@ -1290,6 +1298,18 @@ fn portals_section(
                 }
             }
         }
+        // Webhooks get the portal's events, never its codes: they are kept apart, and a
+        // portal needs a sink that receives its codes (else a rotation would lose them).
+        let (webhooks, sink_names): (Vec<String>, Vec<String>) = sink_names
+            .into_iter()
+            .partition(|n| matches!(sink_map.get(n).map(|s| &s.kind), Some(SinkKind::Webhook(_))));
+        if sink_names.is_empty() && !webhooks.is_empty() {
+            cx.err(
+                &r.sinks.span(),
+                &format!("{key}.sinks"),
+                "lists only webhook sinks, which receive events, never codes; accepted: at least one email, file or exec sink besides them",
+            );
+        }
         if let Some(url) = url {
             portal_map.insert(
                 name.clone(),
@@ -1299,6 +1319,7 @@ fn portals_section(
                     api_key,
                     schedule,
                     sinks: sink_names,
+                    webhooks,
                     at,
                 },
             );
@@ -1528,11 +1549,12 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
         "email" => email_sink(cx, &key, &r, smtp_declared),
         "file" => file_sink(cx, &key, &r),
         "exec" => exec_sink(cx, &key, r),
+        "webhook" => webhook_sink(cx, &key, r),
         other => {
             cx.err(
                 &r.kind.span(),
                 &format!("{key}.type"),
-                format!("`{other}` is not a sink type; accepted: \"email\", \"file\", \"exec\""),
+                format!("`{other}` is not a sink type; accepted: \"email\", \"file\", \"exec\", \"webhook\""),
             );
             None
         }
@@ -1758,6 +1780,160 @@ fn file_sink(cx: &mut Ctx, key: &str, r: &RawSink) -> Option<SinkKind> {
         mode,
         shared: r.shared.as_ref().is_some_and(|s| *s.get_ref()),
     }))
+}
+
+/// A webhook sink: `url` (https, http only to loopback), `secret`, `ca_file`, `events`,
+/// `timeout` (at most 60 s: a webhook never holds the daemon up for long).
+fn webhook_sink(cx: &mut Ctx, key: &str, r: RawSink) -> Option<SinkKind> {
+    for (present, span, field) in [
+        (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
+        (
+            r.pgp_keys.is_some(),
+            r.pgp_keys.as_ref().map(|s| s.span()),
+            "pgp_keys",
+        ),
+        (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
+        (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
+        (
+            r.command.is_some(),
+            r.command.as_ref().map(|s| s.span()),
+            "command",
+        ),
+        (r.env.is_some(), r.env.as_ref().map(|s| s.span()), "env"),
+        (
+            r.encrypt.is_some(),
+            r.encrypt.as_ref().map(|s| s.span()),
+            "encrypt",
+        ),
+        (
+            r.shared.is_some(),
+            r.shared.as_ref().map(|s| s.span()),
+            "shared",
+        ),
+    ] {
+        not_for(cx, key, present, span, field, "webhook");
+    }
+    smime_not_for(cx, key, &r, "webhook");
+    let url = match &r.url {
+        None => {
+            cx.err(&r.kind.span(), &format!("{key}.url"), "is missing; accepted: https://hooks.example.com/tfa (http only to a loopback host)");
+            None
+        }
+        Some(u) => webhook_url(cx, key, u),
+    };
+    let secret = match r.secret {
+        None => {
+            cx.err(&r.kind.span(), &format!("{key}.secret"), "is missing; accepted: a secret reference to the HMAC-SHA256 key the receiver checks, like { credential = \"webhook\" }");
+            None
+        }
+        Some(s) => {
+            let l = cx.secret(s, &format!("{key}.secret"));
+            Some(Located {
+                value: std::sync::Arc::new(l.value),
+                loc: l.loc,
+            })
+        }
+    };
+    let ca_file = r
+        .ca_file
+        .as_ref()
+        .map(|c| cx.located(cx.path(c.get_ref()), &c.span()));
+    let events = webhook_events(cx, key, &r.events);
+    let timeout = cx.timeout(
+        &r.timeout,
+        &format!("{key}.timeout"),
+        Duration::from_secs(10),
+    );
+    if timeout > Duration::from_secs(60)
+        && let Some(t) = &r.timeout
+    {
+        cx.err(
+            &t.span(),
+            &format!("{key}.timeout"),
+            "is too long; accepted: up to 60s",
+        );
+    }
+    Some(SinkKind::Webhook(WebhookSinkConfig {
+        url: url?,
+        secret: secret?,
+        ca_file,
+        events,
+        timeout,
+    }))
+}
+
+/// A webhook's `events`: the names of history events, `"failed"` for both failures;
+/// absent, every event.
+fn webhook_events(
+    cx: &mut Ctx,
+    key: &str,
+    list: &Option<Spanned<Vec<Spanned<String>>>>,
+) -> std::collections::BTreeSet<String> {
+    let mut events = std::collections::BTreeSet::new();
+    match list {
+        None => events.extend(Event::ALL.iter().map(|e| e.as_str().to_string())),
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                cx.err(
+                    &list.span(),
+                    &format!("{key}.events"),
+                    "is empty; accepted: leave it out for every event, or name some",
+                );
+            }
+            for e in list.get_ref() {
+                match e.get_ref().as_str() {
+                    "failed" => events.extend(["rotation_failed".into(), "delivery_failed".into()]),
+                    n if Event::ALL.iter().any(|x| x.as_str() == n) => {
+                        events.insert(n.to_string());
+                    }
+                    other => {
+                        let names: Vec<&str> = Event::ALL.iter().map(|e| e.as_str()).collect();
+                        cx.err(&e.span(), &format!("{key}.events"), format!(
+                            "`{other}` is not an event; accepted: {}, or \"failed\" for both failures",
+                            names.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    events
+}
+
+/// A webhook's `url`: https, or http to a loopback host; no credentials or fragment.
+fn webhook_url(cx: &mut Ctx, key: &str, u: &Spanned<String>) -> Option<Located<Url>> {
+    let k = format!("{key}.url");
+    let parsed = match Url::parse(u.get_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            cx.err(
+                &u.span(),
+                &k,
+                format!(
+                    "`{}` is not a URL ({e}); accepted: https://hooks.example.com/tfa",
+                    u.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
+    let host = parsed.host_str().unwrap_or_default().to_string();
+    if !(parsed.scheme() == "https" || (parsed.scheme() == "http" && is_loopback_host(&host))) {
+        cx.err(
+            &u.span(),
+            &k,
+            format!(
+                "`{}` is not https; accepted: https://…, or http:// only to a loopback host",
+                u.get_ref()
+            ),
+        );
+        return None;
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() || parsed.fragment().is_some() {
+        cx.err(&u.span(), &k, "must not carry credentials or a fragment; the receiver checks the signature made with `secret`");
+        return None;
+    }
+    Some(cx.located(parsed, &u.span()))
 }
 
 /// An exec sink: `command` (no shell), `env`, `timeout`, `encrypt`.

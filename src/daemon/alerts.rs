@@ -32,7 +32,7 @@ impl AlertChecks {
 
     /// Asks for a look with `engine`'s config; requests made before the next look share it.
     pub fn request(&self, engine: &Engine) {
-        if engine.config.alerts.is_some() {
+        if engine.config.alerts.is_some() || rotation::webhooks::any(engine) {
             // The task ends only at stop; a request after that is looked at by the next start.
             let _ = self.tx.send(engine.clone());
         }
@@ -48,26 +48,46 @@ fn newest<T>(rx: &mut mpsc::UnboundedReceiver<T>, first: Option<T>) -> Option<T>
     newest
 }
 
+/// One look: the alerts, then the webhooks' events due (SPEC §5); when a webhook left one
+/// pending, the time to look again.
+async fn look(engine: &Engine) -> Option<tokio::time::Instant> {
+    rotation::alerts::check(engine).await;
+    let now = crate::state::now_ms();
+    let sent = rotation::webhooks::deliver(engine, Some(now)).await;
+    sent.next_at.map(|at| {
+        let wait = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+        tokio::time::Instant::now() + Duration::from_millis(wait).max(PERIOD)
+    })
+}
+
 async fn looks(mut rx: mpsc::UnboundedReceiver<Engine>, stop: CancellationToken) {
+    let mut again: Option<(tokio::time::Instant, Engine)> = None;
     loop {
+        let retry = again.as_ref().map(|(at, _)| *at);
         let first = tokio::select! {
             biased;
             got = rx.recv() => match got {
                 Some(e) => e,
                 None => return,
             },
+            () = async { tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)).await }, if retry.is_some() => {
+                match again.take() {
+                    Some((_, e)) => e,
+                    None => continue,
+                }
+            }
             () = stop.cancelled() => break,
         };
         if let Some(engine) = newest(&mut rx, Some(first)) {
-            rotation::alerts::check(&engine).await;
+            again = look(&engine).await.map(|at| (at, engine));
         }
         tokio::select! {
             () = tokio::time::sleep(PERIOD) => {}
             () = stop.cancelled() => break,
         }
     }
-    if let Some(engine) = newest(&mut rx, None) {
-        rotation::alerts::check(&engine).await;
+    if let Some(engine) = newest(&mut rx, None).or(again.map(|(_, e)| e)) {
+        look(&engine).await;
     }
 }
 

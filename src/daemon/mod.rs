@@ -122,6 +122,7 @@ pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: Cancellation
     let started_at = std::time::Instant::now();
     let mut engine = engine;
     engine.coordinator = engine.coordinator.clone().with_role(Role::Daemon);
+    crate::state::history::act_as(format!("daemon:{}", instance_name(&engine)));
     // A SIGTERM stops new rotations at once, in every job, not only once the loop notices.
     engine.stopping = shutdown.child_token();
     // The config in force was loaded now: its time, not 0 (1970 to a dashboard).
@@ -152,6 +153,16 @@ pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: Cancellation
             .coordinator
             .spawn_heartbeat(sup.running.clone(), background.stop.clone()),
     );
+    if !sup.engine.dry_run {
+        background.track(
+            "audit upkeep",
+            Some(tokio::spawn(audit_upkeep(
+                sup.engine.clone(),
+                once,
+                background.stop.clone(),
+            ))),
+        );
+    }
     let planned = std::time::Instant::now();
     sup.replan_all().await;
     tracing::info!(
@@ -186,6 +197,9 @@ async fn converge_at_start(engine: &Engine, path: &Path) -> Result<usize, Exit> 
         return Ok(failures);
     }
     rotation::restore_pauses(engine).await;
+    if let Err(e) = rotation::webhooks::sync(engine).await {
+        tracing::error!(error = %e, "could not bring the webhook cursors in line with the config");
+    }
     match rotation::stranded_work(engine).await {
         Ok(stranded) if !stranded.is_empty() => {
             for s in &stranded {
@@ -932,6 +946,11 @@ impl Supervisor {
                     f.dirs(&engine.config.include_dirs);
                 }
                 self.engine = engine;
+                if !self.engine.dry_run
+                    && let Err(e) = rotation::webhooks::sync(&self.engine).await
+                {
+                    tracing::error!(error = %e, "could not bring the webhook cursors in line with the config");
+                }
                 self.engine
                     .metrics
                     .recipient_expiries(&self.engine.sinks.expiries());
@@ -996,9 +1015,96 @@ fn unreadable_secrets(engine: &Engine) -> String {
     }
 }
 
-/// Runs one due job within the limits. Takes the portal's slot (its host's, then a global
-/// one) first; a stop while waiting leaves without a request.
+/// Once a day (and at start): prunes the audit records older than `history_keep`, each
+/// portal's leaving a checkpoint, and logs every chain's head, so that an auditor who
+/// keeps the journal can detect a rewritten history (SPEC §6). `run --once` does it once.
+async fn audit_upkeep(engine: Engine, once: bool, stop: CancellationToken) {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let Some(store) = engine.store.clone() else {
+        return;
+    };
+    loop {
+        let keep = engine.config.daemon.history_keep;
+        let before =
+            crate::state::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX / 2);
+        let label = humantime::format_duration(keep).to_string();
+        let pruned = store
+            .write(move |c| crate::state::history::prune(c, before, &label))
+            .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                records = n,
+                "pruned audit records older than history_keep (a checkpoint keeps each chain verifiable)"
+            ),
+            Err(e) => tracing::error!(error = %e, "could not prune the audit records"),
+        }
+        match store.call(crate::state::history::heads).await {
+            Ok(heads) => {
+                for (portal, head) in heads {
+                    tracing::info!(%portal, %head, "audit chain head");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not read the audit chain heads"),
+        }
+        if once {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(DAY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// This instance's name for the audit record: the cluster's name for it, else the host's.
+fn instance_name(engine: &Engine) -> String {
+    match engine.store.as_ref().and_then(|s| s.postgres()) {
+        Some(pg) => pg.me().to_string(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    }
+}
+
+/// What a job's records say set it off.
+fn trigger_of(reason: Reason) -> Option<crate::state::history::Trigger> {
+    use crate::state::history::Trigger;
+    match reason {
+        Reason::Settle => Some(Trigger::Settle),
+        Reason::New => Some(Trigger::New),
+        Reason::Changed => Some(Trigger::Change),
+        Reason::Fire(_) => Some(Trigger::Cron),
+        Reason::CatchUp(_) => Some(Trigger::CatchUp),
+        // A watch says itself what it acts on (drift, unused codes).
+        Reason::Watch => None,
+    }
+}
+
+/// Runs one due job within the limits, its records marked with what set it off.
 async fn run_job(
+    engine: &Engine,
+    name: &str,
+    due: Due,
+    fp: &str,
+    started: DateTime<Utc>,
+    once: bool,
+) -> Done {
+    match trigger_of(due.reason) {
+        Some(t) => {
+            crate::state::history::triggered_by(
+                t,
+                run_job_inner(engine, name, due, fp, started, once),
+            )
+            .await
+        }
+        None => run_job_inner(engine, name, due, fp, started, once).await,
+    }
+}
+
+/// [`run_job`]: takes the portal's slot (its host's, then a global one) first; a stop
+/// while waiting leaves without a request.
+async fn run_job_inner(
     engine: &Engine,
     name: &str,
     due: Due,

@@ -151,9 +151,17 @@ pub async fn check(engine: &Engine) -> usize {
         }
     };
     let mut sent = 0;
+    // A webhook among the alert sinks takes its events from the history: the record below
+    // is its spool, so the alert is as good as sent to it.
+    let webhooks = alerts.sinks.iter().any(|n| {
+        matches!(
+            engine.sinks.get(n).map(|s| s.as_ref()),
+            Some(Sink::Webhook(_))
+        )
+    });
     for d in due {
         let (subject, body) = notice(engine, &d);
-        let mut delivered = false;
+        let mut results = std::collections::BTreeMap::new();
         for name in &alerts.sinks {
             let Some(sink) = engine.sinks.get(name) else {
                 continue;
@@ -168,20 +176,37 @@ pub async fn check(engine: &Engine) -> usize {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(sink = %name, error = %e, "could not seal an alert");
+                    results.insert(name.clone(), "failed".to_string());
                     continue;
                 }
             };
-            match mail.deliver(&payload).await {
-                Ok(()) => delivered = true,
+            let result = match mail.deliver(&payload).await {
+                Ok(()) => "delivered",
                 Err(e) => {
-                    tracing::warn!(sink = %name, error = %e, "could not send an alert; it is tried again at the next check")
+                    tracing::warn!(sink = %name, error = %e, "could not send an alert; it is tried again at the next check");
+                    "failed"
                 }
-            }
+            };
+            results.insert(name.clone(), result.to_string());
         }
-        if delivered {
+        if webhooks || results.values().any(|r| r == "delivered") {
             tracing::info!(subject = %subject, "alert sent");
+            let cause = state::history::Cause::current();
             let d2 = d.clone();
-            if let Err(e) = store.write(move |c| state::alert_sent(c, &d2)).await {
+            let written = store
+                .write(move |c| {
+                    state::alert_sent(c, &d2)?;
+                    let mut rec = state::history::Record::new(
+                        state::history::Event::Alert,
+                        d2.portal_or_config(),
+                        &cause,
+                    )
+                    .reason(subject);
+                    rec.sinks = (!results.is_empty()).then_some(results);
+                    state::history::append(c, rec).map(drop)
+                })
+                .await;
+            if let Err(e) = written {
                 tracing::error!(error = %e, "could not record a sent alert");
             }
             sent += 1;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use super::{Engine, Outcome, Report, RotationError};
 use crate::config::{OnDrift, PortalConfig};
 use crate::state;
+use crate::state::history::{self, Trigger};
 
 /// The sinks of `pc` whose baseline is not `fp`. A sink without a baseline (new, or never
 /// delivered) has nothing to compare and is not drift.
@@ -90,9 +91,10 @@ pub async fn record(
         state::DRIFT_ACTIONS
     );
     let p = name.to_string();
+    let cause = state::history::Cause::current();
     let r = store
         .write(move |c| {
-            let verdict = state::record_drift(c, &p, acts, &detail)?;
+            let verdict = state::record_drift(c, &p, acts, &detail, &cause)?;
             let now = state::now_ms();
             match verdict {
                 state::DriftVerdict::Flapping { began: true } => {
@@ -214,12 +216,17 @@ async fn watch_inner(
                     .write(move |c| state::begin_intent(c, &p, "resend", Some(&fp), 0))
                     .await?;
                 super::fail_point("drift::before_resend");
-                let r = super::seal_and_deliver(engine, pc, id, codes, &account, false).await?;
+                let r = history::triggered_by(
+                    Trigger::Drift,
+                    super::seal_and_deliver(engine, pc, id, codes, &account, false),
+                )
+                .await?;
                 Ok((Watched::Converged, r.unused))
             }
             OnDrift::Rotate => {
                 drop((codes, lock));
-                let r = super::rotate(engine, name, true).await;
+                let r =
+                    history::triggered_by(Trigger::Drift, super::rotate(engine, name, true)).await;
                 Ok((outcome_of(&r), r.unused.or(Some(unused))))
             }
         };
@@ -238,7 +245,8 @@ async fn watch_inner(
                 "too few unused codes: rotating"
             );
             drop(lock);
-            let r = super::rotate(engine, name, false).await;
+            let r =
+                history::triggered_by(Trigger::Unused, super::rotate(engine, name, false)).await;
             Ok((outcome_of(&r), r.unused.or(Some(unused))))
         }
         _ => Ok((Watched::Steady, Some(unused))),
@@ -409,6 +417,7 @@ mod tests {
             },
             schedule: None,
             sinks: sinks.iter().map(|s| s.to_string()).collect(),
+            webhooks: Vec::new(),
             at: crate::config::Loc::default(),
         }
     }

@@ -58,12 +58,13 @@ pub(super) async fn record_failure(
         return None;
     };
     let (p, msg) = (portal.to_string(), e.to_string());
+    let cause = crate::state::history::Cause::current();
     let r = if matches!(e, RotationError::Settling { .. }) {
         // Not a failure of the portal: no backoff, no streak. The intent's own schedule
         // says when it is asked again.
         store
             .write(move |c| {
-                state::record_settling(c, &p, &msg)?;
+                state::record_settling(c, &p, &msg, &cause)?;
                 StateAfter::read(c, &p)
             })
             .await
@@ -74,7 +75,7 @@ pub(super) async fn record_failure(
                 let failures = state::portal_row(c, &p)?.map(|r| r.failures).unwrap_or(0);
                 let retry_at =
                     now_ms().saturating_add(backoff(failures).max(wait).as_millis() as i64);
-                state::record_failure(c, &p, &msg, Some(retry_at))?;
+                state::record_failure(c, &p, &msg, Some(retry_at), &cause)?;
                 StateAfter::read(c, &p)
             })
             .await

@@ -49,6 +49,7 @@ mod recovery;
 mod report;
 mod seal;
 pub mod settle;
+pub mod webhooks;
 
 pub use engine::{Engine, EngineError, entry_fingerprint_of, open_reader};
 use failure::record_failure;

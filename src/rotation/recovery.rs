@@ -3,6 +3,7 @@
 //! it by hand; a config that would strand it is refused.
 
 use super::*;
+use crate::state::history::{self, Cause, Event, Record, Trigger};
 
 /// Settles what earlier processes left for this portal, taking its lock.
 pub async fn recover(engine: &Engine, name: &str) -> Result<Report, RotationError> {
@@ -49,18 +50,7 @@ pub(super) async fn recover_locked_why(
                 );
                 let pc = engine.portal_config(name)?;
                 let portal = engine.portal(pc)?;
-                let window_ms = j.window_ms.unwrap_or_else(|| {
-                    let w = engine.config.convergence_of(pc).settle_window;
-                    i64::try_from(w.as_millis()).unwrap_or(i64::MAX)
-                });
-                let intent = settle::Intent {
-                    id: j.id,
-                    before_fp: j.before_fp.clone(),
-                    started_at: j.started_at,
-                    window_ms,
-                    checks: j.checks,
-                    put_deadline: j.put_deadline,
-                };
+                let intent = intent_of(engine, pc, &j);
                 fail_point("settle::before_get");
                 match settle::once(engine, &portal, &intent).await? {
                     settle::Settle::Found(set) => {
@@ -71,7 +61,11 @@ pub(super) async fn recover_locked_why(
                         );
                         fail_point("settle::after_get");
                         let account = portal.account().await?;
-                        report = seal_and_deliver(engine, pc, j.id, set, &account, true).await?;
+                        report = history::triggered_by(
+                            Trigger::Settle,
+                            seal_and_deliver(engine, pc, j.id, set, &account, true),
+                        )
+                        .await?;
                         report.outcome = Outcome::Recovered;
                     }
                     settle::Settle::NotApplied => {}
@@ -81,6 +75,9 @@ pub(super) async fn recover_locked_why(
             // Sealed: the payloads are in the spool; delivered below, then closed.
             state::Phase::Sealed => sealed.push(j.id),
         }
+    }
+    if !sealed.is_empty() {
+        record_resumed(&store, name).await?;
     }
     let (delivered, pending) = deliver_portal(engine, name, None).await?;
     if !sealed.is_empty() {
@@ -102,7 +99,7 @@ pub(super) async fn recover_locked_why(
                         Some("finished after a restart"),
                     )?;
                 }
-                state::record_rotated(c, &p, result).map(drop)
+                state::record_rotated(c, &p, result, None).map(drop)
             })
             .await?;
         report.outcome = Outcome::Recovered;
@@ -122,6 +119,36 @@ pub(super) async fn recover_locked_why(
         );
     }
     Ok((report, still_open))
+}
+
+/// What a settle asks about an open intent (its window: the one it was written with, or
+/// for an intent of an older version, the portal's).
+fn intent_of(engine: &Engine, pc: &PortalConfig, j: &state::OpenJournal) -> settle::Intent {
+    let window_ms = j.window_ms.unwrap_or_else(|| {
+        let w = engine.config.convergence_of(pc).settle_window;
+        i64::try_from(w.as_millis()).unwrap_or(i64::MAX)
+    });
+    settle::Intent {
+        id: j.id,
+        before_fp: j.before_fp.clone(),
+        started_at: j.started_at,
+        window_ms,
+        checks: j.checks,
+        put_deadline: j.put_deadline,
+    }
+}
+
+/// A set an earlier process sealed is recorded as rotated before its deliveries are.
+async fn record_resumed(store: &state::Store, name: &str) -> Result<(), StateError> {
+    let (p, cause) = (name.to_string(), Cause::current());
+    store
+        .write(move |c| {
+            let rec = Record::new(Event::Rotated, &p, &cause)
+                .outcome("sealed")
+                .reason("sealed by an earlier process; delivered after a restart");
+            history::append(c, rec).map(drop)
+        })
+        .await
 }
 
 /// [`recover_locked`], with an intent that stays open turned into
@@ -215,33 +242,22 @@ pub async fn recover_all(engine: &Engine) -> Vec<Report> {
     out
 }
 
-/// Who runs this command, for the record of a decision taken by hand.
-pub(super) fn operator() -> String {
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!(
-        "{} (uid {})",
-        crate::docspace::model::escape_controls(&user),
-        rustix::process::getuid().as_raw()
-    )
-}
-
 /// `settle --abandon`: closes a portal's open intent by hand, recorded with who and why.
 /// For a key revoked mid-rotation, whose intent no GET can ever settle.
 pub async fn abandon(engine: &Engine, name: &str, why: &str) -> Result<Report, RotationError> {
     let store = engine.store()?.clone();
     let _lock = engine.coordinator.lock(name).await?;
-    let note = format!("abandoned by {}: {}", operator(), why);
-    let p = name.to_string();
+    let cause = Cause::current();
+    let note = format!("abandoned by {}: {}", cause.by, why);
+    let (p, why) = (name.to_string(), why.to_string());
     let closed = store
         .write(move |c| {
             let mut n = 0;
             for j in state::open_journal(c, Some(&p))? {
                 if j.phase == state::Phase::Intent {
                     state::close_journal(c, j.id, state::Closed::Aborted, Some(&note))?;
-                    state::add_history(c, &p, "abandoned", &note)?;
+                    let rec = Record::new(Event::Abandoned, &p, &cause).reason(why.as_str());
+                    history::append(c, rec)?;
                     n += 1;
                 }
             }
@@ -269,7 +285,8 @@ pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError
         .map(|pc| pc.sinks.clone())
         .unwrap_or_default();
     let configured = engine.config.portals.contains_key(name);
-    let note = format!("forgotten by {}", operator());
+    let cause = Cause::current();
+    let note = format!("forgotten by {}", cause.by);
     let p = name.to_string();
     let (known, intents, payloads) = store
         .write(move |c| {
@@ -283,12 +300,10 @@ pub async fn forget(engine: &Engine, name: &str) -> Result<Report, RotationError
             }
             let payloads = state::drop_pending(c, &p, &keep)?;
             if intents + payloads > 0 {
-                state::add_history(
-                    c,
-                    &p,
-                    "forgotten",
-                    &format!("{note}: {intents} open intent(s), {payloads} pending payload(s)"),
-                )?;
+                let rec = Record::new(Event::Forgotten, &p, &cause).outcome(format!(
+                    "{intents} open intent(s), {payloads} pending payload(s) dropped"
+                ));
+                history::append(c, rec)?;
             }
             Ok((known, intents, payloads))
         })

@@ -3,6 +3,7 @@
 //! dropped, each payload is delivered on its own, and the outcomes close the journal entry.
 
 use super::*;
+use crate::state::history::{self, Cause, Event, Record, Trigger};
 
 /// Steps 4–6 for a set in hand. `rotated`: a new set from our PUT (pins the account);
 /// otherwise a resend of the set the portal holds.
@@ -34,6 +35,9 @@ pub(super) async fn seal_and_deliver_last(
 /// A set sealed into the spool: its payloads, still in hand, and their spool ids.
 struct Sealed {
     ids: Vec<i64>,
+    /// The set's keyed fingerprint and the account, for the record.
+    set_fp: String,
+    account: String,
     payloads: Vec<(String, zeroize::Zeroizing<Vec<u8>>)>,
     unused: usize,
     total: usize,
@@ -76,6 +80,7 @@ async fn seal_set(
     drop(set); // the plain text is gone; only sealed payloads remain
     let p = name.to_string();
     let pin = rotated.then(|| (account.id.clone(), engine.entry_fingerprint(pc)));
+    let fp = set_fp.clone();
     let (ids, payloads) = store
         .write(move |c| {
             // A rotation, by hand or by the daemon, pins the account and counts for the
@@ -90,7 +95,7 @@ async fn seal_set(
                 c,
                 journal_id,
                 &p,
-                &set_fp,
+                &fp,
                 unused,
                 total,
                 &payloads,
@@ -108,6 +113,8 @@ async fn seal_set(
     fail_point("rotation::after_seal");
     Ok(Sealed {
         ids,
+        set_fp,
+        account: account.id.clone(),
         payloads,
         unused,
         total,
@@ -134,6 +141,8 @@ async fn deliver_sealed(
     let name = pc.name.as_str();
     let Sealed {
         ids,
+        set_fp,
+        account,
         payloads,
         unused,
         total,
@@ -170,16 +179,31 @@ async fn deliver_sealed(
         state::LastResult::DeliveryPending
     };
     let p = name.to_string();
+    let cause = Cause::current();
+    let results = pc
+        .sinks
+        .iter()
+        .zip(&outcomes)
+        .map(|(s, (_, o))| {
+            (
+                s.clone(),
+                if o.is_ok() { "delivered" } else { "pending" }.into(),
+            )
+        })
+        .collect();
     let write = move |c: &dyn state::db::Sql| {
+        if rotated {
+            record_rotation(c, &p, &cause, result, &set_fp, &account, &results)?;
+        }
         for (id, outcome) in &outcomes {
-            outcome.record(c, *id)?;
+            outcome.record(c, *id, &cause)?;
         }
         state::close_journal(c, journal_id, state::Closed::Done, None)?;
-        // A rotation's update returns the row after it; a resend reads it.
+        // A rotation's update returns the row after it; a resend reads it (its deliveries
+        // are its records).
         let outlook = if rotated {
-            Some(state::record_rotated(c, &p, result)?)
+            Some(state::record_rotated(c, &p, result, None)?)
         } else {
-            state::add_history(c, &p, "resent", result.as_str())?;
             None
         };
         if release {
@@ -198,15 +222,36 @@ async fn deliver_sealed(
     };
     let msg = delivered_message(pc, rotated, pending, unused, total);
     tracing::info!(portal = name, delivered, pending, "{msg}");
-    let outcome = if rotated {
-        Outcome::Rotated
-    } else {
-        Outcome::Resent
-    };
+    let outcome = [Outcome::Resent, Outcome::Rotated][usize::from(rotated)];
     let mut r = Report::new(name, outcome, msg);
     (r.unused, r.total, r.delivered, r.pending) = (Some(unused), Some(total), delivered, pending);
     r.after = Some(after);
     Ok(r)
+}
+
+/// A new set's records, in the order things happened: the settle that found it (when a
+/// lost answer is what it completes), then the rotation with each sink's first result.
+fn record_rotation(
+    c: &dyn state::db::Sql,
+    portal: &str,
+    cause: &Cause,
+    result: state::LastResult,
+    set_fp: &str,
+    account: &str,
+    results: &std::collections::BTreeMap<String, String>,
+) -> Result<(), StateError> {
+    if cause.trigger == Some(Trigger::Settle) {
+        let mut settled = Record::new(Event::Settled, portal, cause).outcome("applied");
+        settled.fingerprint = Some(set_fp.to_string());
+        history::append(c, settled)?;
+    }
+    let mut rec = Record::new(Event::Rotated, portal, cause).outcome(result.as_str());
+    (rec.account, rec.fingerprint, rec.sinks) = (
+        Some(account.to_string()),
+        Some(set_fp.to_string()),
+        Some(results.clone()),
+    );
+    history::append(c, rec).map(drop)
 }
 
 /// The report's sentence for a sealed set and its first delivery.
@@ -251,9 +296,14 @@ impl Attempt {
 
     /// Records it in the state: a delivered payload (and older ones of its sink) leave the
     /// spool; a failed one waits for its next attempt.
-    pub(super) fn record(&self, c: &dyn state::db::Sql, id: i64) -> Result<(), StateError> {
+    pub(super) fn record(
+        &self,
+        c: &dyn state::db::Sql,
+        id: i64,
+        cause: &Cause,
+    ) -> Result<(), StateError> {
         match self {
-            Attempt::Delivered => state::delivered(c, id),
+            Attempt::Delivered => state::delivered(c, id, cause),
             Attempt::Failed { error, next_at } => state::delivery_failed(
                 c,
                 id,
@@ -261,6 +311,7 @@ impl Attempt {
                 *next_at,
                 !error.temporary,
                 error.rest.as_deref().map(|v| v.as_slice()),
+                cause,
             ),
         }
     }
@@ -330,12 +381,13 @@ pub(super) async fn deliver_portal(
         };
         let ok = outcome.is_ok();
         let id = e.id;
+        let cause = Cause::current();
         if ok && !encrypted {
             store
-                .write_then_checkpoint(move |c| outcome.record(c, id))
+                .write_then_checkpoint(move |c| outcome.record(c, id, &cause))
                 .await?;
         } else {
-            store.write(move |c| outcome.record(c, id)).await?;
+            store.write(move |c| outcome.record(c, id, &cause)).await?;
         }
         if ok {
             delivered += 1;

@@ -110,9 +110,15 @@ pub async fn once(
                 tracing::info!(portal = %name, journal = intent.id, "{note}");
                 let id = intent.id;
                 let (p, before) = (name.clone(), intent.before_fp.clone());
+                let cause = state::history::Cause::current();
                 store
                     .write(move |c| {
                         state::close_journal(c, id, state::Closed::Aborted, Some(&note))?;
+                        let rec =
+                            state::history::Record::new(state::history::Event::Settled, &p, &cause)
+                                .outcome("not_applied")
+                                .reason(note.as_str());
+                        state::history::append(c, rec)?;
                         // Sinks that never received a set are taken to hold the one seen
                         // before the PUT: should the PUT still be applied, the new set is
                         // then drift, found and delivered, rather than a set nobody has.

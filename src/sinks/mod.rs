@@ -11,6 +11,7 @@
 pub mod email;
 pub mod exec;
 pub mod file;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +31,7 @@ use crate::secret::{CodeSet, ExposeSecret};
 pub use email::EmailSink;
 pub use exec::ExecSink;
 pub use file::FileSink;
+pub use webhook::WebhookSink;
 
 /// A sink could not be prepared or could not seal.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +205,9 @@ pub enum Sink {
     Email(EmailSink),
     /// A hook program.
     Exec(ExecSink),
+    /// Events, never codes: no portal's `sinks` holds one ([`crate::config::PortalConfig::webhooks`]
+    /// does), so it is never sealed for or delivered a set.
+    Webhook(WebhookSink),
 }
 
 impl Sink {
@@ -212,6 +217,7 @@ impl Sink {
             Sink::File(f) => &f.name,
             Sink::Email(e) => &e.name,
             Sink::Exec(x) => &x.name,
+            Sink::Webhook(w) => &w.name,
         }
     }
 
@@ -221,6 +227,8 @@ impl Sink {
             Sink::File(f) => f.encrypted(),
             Sink::Email(_) => true,
             Sink::Exec(x) => x.encrypted(),
+            // It is sent no codes.
+            Sink::Webhook(_) => true,
         }
     }
 
@@ -231,6 +239,7 @@ impl Sink {
             Sink::File(f) => f.identity(portal),
             Sink::Email(e) => e.identity(),
             Sink::Exec(x) => x.identity(portal),
+            Sink::Webhook(w) => format!("webhook {}", w.url()),
         }
     }
 
@@ -240,6 +249,7 @@ impl Sink {
             Sink::File(f) => f.describe(portal),
             Sink::Email(e) => e.describe(),
             Sink::Exec(x) => x.describe(portal),
+            Sink::Webhook(w) => w.describe(),
         }
     }
 
@@ -271,6 +281,14 @@ impl Sink {
                 e.preflight(size).await
             }
             Sink::Exec(x) => x.preflight(),
+            // Not contacted (SPEC §5): a webhook that is down never holds a rotation back.
+            Sink::Webhook(w) => match w.unreadable_secret() {
+                None => Ok(()),
+                Some(e) => Err(SinkError {
+                    sink: w.name.clone(),
+                    message: format!("secret: {e}"),
+                }),
+            },
         }
     }
 
@@ -281,6 +299,7 @@ impl Sink {
             Sink::File(f) => f.expiries(),
             Sink::Email(e) => e.expiries(),
             Sink::Exec(x) => x.expiries(),
+            Sink::Webhook(_) => Vec::new(),
         }
     }
 
@@ -290,6 +309,7 @@ impl Sink {
             Sink::File(_) => None,
             Sink::Email(e) => e.unreadable_secret().map(str::to_string),
             Sink::Exec(x) => x.unreadable_secret(),
+            Sink::Webhook(w) => w.unreadable_secret().map(|e| format!("secret: {e}")),
         }
     }
 
@@ -302,6 +322,10 @@ impl Sink {
                 body: &d.render_mail(),
             }),
             Sink::Exec(x) => x.seal(&d.account.email, d.url.as_str(), d.render().as_bytes()),
+            Sink::Webhook(w) => Err(SinkError {
+                sink: w.name.clone(),
+                message: "a webhook is sent events, never codes".into(),
+            }),
         }
     }
 
@@ -319,6 +343,9 @@ impl Sink {
             }
             Sink::Email(e) => e.deliver(payload).await,
             Sink::Exec(x) => x.deliver(portal, payload).await,
+            Sink::Webhook(_) => Err(DeliveryError::permanent(
+                "a webhook is sent events, never codes",
+            )),
         }
     }
 }
@@ -465,6 +492,35 @@ fn email_sink(
             }
         },
         _ => None,
+    }
+}
+
+/// A webhook sink: its URL (an example host refused first), its secret (read unless
+/// `secrets` says not to), its `ca_file`.
+fn webhook_sink(
+    config: &Config,
+    name: &str,
+    wc: &crate::config::WebhookSinkConfig,
+    secrets: Secrets,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<Sink> {
+    if let Some(why) = crate::placeholder::webhook_url(&wc.url.value) {
+        issues.push(config.issue(Some(wc.url.loc), format!("sinks.{name}.url"), why));
+        return None;
+    }
+    if secrets == Secrets::Read
+        && let Err(e) = wc.secret.value.resolve()
+    {
+        issues.push(config.issue(Some(wc.secret.loc), format!("sinks.{name}.secret"), e));
+        return None;
+    }
+    match WebhookSink::new(name, wc) {
+        Ok(w) => Some(Sink::Webhook(w)),
+        Err(e) => {
+            let loc = wc.ca_file.as_ref().map_or(wc.url.loc, |c| c.loc);
+            issues.push(config.issue(Some(loc), format!("sinks.{name}.ca_file"), e));
+            None
+        }
     }
 }
 
@@ -636,6 +692,7 @@ pub fn build_with(config: &Config, secrets: Secrets) -> Result<Sinks, Vec<Config
                 Sink::Exec(ExecSink::new(name, xc, c, &config.daemon.state_dir, base))
             }),
             SinkKind::Email(ec) => email_sink(config, name, ec, smtp.as_ref(), &mut issues),
+            SinkKind::Webhook(wc) => webhook_sink(config, name, wc, secrets, &mut issues),
         };
         if let Some(s) = sink {
             by_name.insert(name.clone(), Arc::new(s));

@@ -56,6 +56,20 @@ pub enum AlertDue {
     },
 }
 
+impl AlertDue {
+    /// The portal it is about; a notice about no portal (a recipient key's expiry) is
+    /// recorded in the chain `*`, which no portal can be called.
+    pub fn portal_or_config(&self) -> &str {
+        let p = match self {
+            AlertDue::Streak { portal, .. }
+            | AlertDue::Pending { portal, .. }
+            | AlertDue::Unsettled { portal, .. }
+            | AlertDue::Notice { portal, .. } => portal.as_str(),
+        };
+        if p.is_empty() { "*" } else { p }
+    }
+}
+
 /// Queues a notice for `[alerts]` unless one of the same `kind` for the portal was queued
 /// at or after `once_since` (so a condition seen at every attempt is announced once).
 pub fn add_notice(

@@ -19,6 +19,7 @@ pub const TABLES: &[&str] = &[
     "sink_sets",
     "notices",
     "drift_log",
+    "webhook_cursors",
 ];
 
 /// Rows copied per table.

@@ -30,6 +30,7 @@ use crate::crypto::Fingerprinter;
 
 mod alerts;
 pub mod db;
+pub mod history;
 mod journal;
 mod lanes;
 pub mod migrate;
@@ -44,7 +45,7 @@ pub use journal::{
 };
 pub use portals::{
     DRIFT_ACTIONS, DRIFT_WINDOW_MS, DriftVerdict, LastResult, NewPlan, Outlook, PortalRow,
-    add_history, deliveries_cleared, insert_plans, outlook, portal_row, portal_rows, recent_drifts,
+    deliveries_cleared, insert_plans, outlook, portal_row, portal_rows, recent_drifts,
     record_drift, record_failure, record_pause, record_plan, record_plan_and_schedule,
     record_rotated, record_schedule, record_seen, record_settling, still_flapping,
 };
@@ -62,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_cluster.sql"),
     include_str!("migrations/0007_drift_limits.sql"),
     include_str!("migrations/0008_alert_indexes.sql"),
+    include_str!("migrations/0009_audit.sql"),
 ];
 const DB_FILE: &str = "state.sqlite";
 
@@ -318,6 +320,7 @@ impl Store {
         conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql("enabling foreign keys"))?;
+        history::register_sqlite(&conn).map_err(sql("registering sha256hex"))?;
         migrate(&mut conn)?;
         let key = fingerprint_key(&conn)?;
         drop(setup);
@@ -798,6 +801,9 @@ pub(crate) fn known_version(found: i64, supported: usize) -> Result<usize, State
     Ok(found)
 }
 
+/// The migration that made the history a chain (0009_audit.sql).
+const AUDIT_MIGRATION: usize = 9;
+
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     // IMMEDIATE: the version is read under the write lock, so two processes cannot both see
     // an old version and apply the same migration (the setup lock already serialises them;
@@ -811,6 +817,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     let version = known_version(version, MIGRATIONS.len())?;
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
         tx.execute_batch(m).map_err(sql("applying a migration"))?;
+        if i + 1 == AUDIT_MIGRATION {
+            // The rows of older versions become the start of each portal's chain.
+            history::migrate_legacy(&*tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)
             .map_err(sql("recording the schema version"))?;
     }
@@ -1012,6 +1022,64 @@ mod tests {
         let row = portal_row(c, "acme").unwrap().unwrap();
         assert_eq!(row.entry_fp.as_deref(), Some("entry-acme"));
         assert_eq!((row.drifts, row.account_id), (0, None));
+    }
+
+    /// The history rows of an older version become the start of each portal's chain: a
+    /// state at schema 8 with rows of two portals verifies after the upgrade, and the next
+    /// record follows the migrated ones.
+    #[test]
+    fn old_history_rows_are_chained_by_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for m in &MIGRATIONS[..AUDIT_MIGRATION - 1] {
+                c.execute_batch(m).unwrap();
+            }
+            c.pragma_update(None, "user_version", (AUDIT_MIGRATION - 1) as i64)
+                .unwrap();
+            c.execute_batch(
+                "INSERT INTO portals (name) VALUES ('acme');
+                 INSERT INTO history (portal, at, event, detail) VALUES
+                   ('acme', 1000, 'rotated', 'ok'), ('beta', 2000, 'failed', 'HTTP 500'),
+                   ('acme', 3000, 'delivered', 'sink mail, sealed 2s earlier'),
+                   ('beta', 4000, 'settling', 'the answer was lost')",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let Backend::Sqlite { conn, .. } = &store.backend else {
+            unreachable!("opened as SQLite")
+        };
+        let c = conn.lock().unwrap();
+        let c = &*c;
+        let chains = history::chains(c).unwrap();
+        assert_eq!(history::verify(&chains), Ok(4));
+        let beta = &chains.by_portal["beta"];
+        let first = beta[0].parsed().unwrap();
+        assert_eq!(
+            (
+                first.event.as_str(),
+                first.outcome.as_deref(),
+                first.by.as_deref()
+            ),
+            ("rotation_failed", Some("failed"), Some("migrated"))
+        );
+        assert_eq!(first.reason.as_deref(), Some("failed: HTTP 500"));
+        assert_eq!(first.at, "1970-01-01T00:00:02.000Z");
+        assert_eq!(beta[1].prev, beta[0].hash);
+        let cause = history::Cause {
+            trigger: None,
+            by: "user:test(0)".into(),
+        };
+        history::append(
+            c,
+            history::Record::new(history::Event::Drift, "beta", &cause),
+        )
+        .unwrap();
+        let chains = history::chains(c).unwrap();
+        assert_eq!(history::verify(&chains), Ok(5));
+        assert_eq!(chains.by_portal["beta"][2].prev, beta[1].hash);
     }
 
     #[test]

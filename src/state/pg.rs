@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("pg_migrations/0001_initial.sql"),
     include_str!("pg_migrations/0002_drift_limits.sql"),
     include_str!("pg_migrations/0003_alert_indexes.sql"),
+    include_str!("pg_migrations/0004_audit.sql"),
 ];
 
 /// The server's clock in Unix milliseconds, as SQL (every time the state stores in a
@@ -796,6 +797,45 @@ async fn get(pool: &Pool) -> Result<deadpool_postgres::Object, StateError> {
 
 /// Applies the migrations the database lacks, one instance at a time (a transaction-scoped
 /// advisory lock), and stores a fingerprint key if there is none.
+/// The migration that made the history a chain (0004_audit.sql).
+const AUDIT_MIGRATION: usize = 4;
+
+/// The history rows of an older version become the start of each portal's chain (as
+/// SQLite's migration does, with the same statements).
+async fn migrate_legacy_history(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StateError> {
+    use super::history::{LEGACY_HEAD, LEGACY_ROW, LEGACY_ROWS, Legacy, chain_legacy};
+    let action = "chaining old history";
+    let rows = tx
+        .query(LEGACY_ROWS, &[])
+        .await
+        .map_err(pg(action))?
+        .iter()
+        .map(|r| {
+            Ok(Legacy {
+                id: r.try_get(0)?,
+                portal: r.try_get(1)?,
+                at: r.try_get(2)?,
+                event: r.try_get(3)?,
+                detail: r.try_get(4)?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        .map_err(pg(action))?;
+    let (records, heads) = chain_legacy(rows);
+    let (row_sql, head_sql) = (to_dollar(LEGACY_ROW), to_dollar(LEGACY_HEAD));
+    for (id, uuid, json, prev, hash, event) in &records {
+        tx.execute(&row_sql, &[id, uuid, json, prev, hash, event])
+            .await
+            .map_err(pg(action))?;
+    }
+    for (portal, (head, prev)) in &heads {
+        tx.execute(&head_sql, &[portal, head, prev])
+            .await
+            .map_err(pg(action))?;
+    }
+    Ok(())
+}
+
 async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StateError> {
     let tx = client
         .transaction()
@@ -817,6 +857,9 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StateErro
         tx.batch_execute(m)
             .await
             .map_err(pg("applying a migration"))?;
+        if i + 1 == AUDIT_MIGRATION {
+            migrate_legacy_history(&tx).await?;
+        }
         tx.execute("DELETE FROM schema_version", &[])
             .await
             .map_err(pg("recording the schema version"))?;

@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::db::{Row, Sql, Val, vals};
+use super::history::{Cause, Event, Record};
 use super::{StateError, update_portal};
 
 /// The assignments that record a portal's schedule state, with the entry's fingerprint in
@@ -108,12 +109,14 @@ impl LastResult {
     }
 }
 
-/// A rotation succeeded (its payloads may still be pending). Returns the portal's
+/// A rotation succeeded (its payloads may still be pending), recorded as `record` (with the
+/// result as its outcome) unless the caller recorded it already. Returns the portal's
 /// [`Outlook`] after it (without the sink sets), from the update's own `RETURNING`.
 pub fn record_rotated(
     c: &dyn Sql,
     portal: &str,
     result: LastResult,
+    record: Option<Record>,
 ) -> Result<Outlook, StateError> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
@@ -136,7 +139,9 @@ pub fn record_rotated(
                 })?
         }
     };
-    add_history(c, portal, "rotated", result)?;
+    if let Some(record) = record {
+        super::history::append(c, record.outcome(result))?;
+    }
     outlook_of(c, portal, Some(&row), false)
 }
 
@@ -200,6 +205,7 @@ pub fn record_drift(
     portal: &str,
     acts: bool,
     detail: &str,
+    cause: &Cause,
 ) -> Result<DriftVerdict, StateError> {
     let now = c.now()?;
     c.exec(
@@ -246,14 +252,21 @@ pub fn record_drift(
         "UPDATE portals SET drift_at = ?2, drifts = drifts + 1, flapping_since = ?3 WHERE name = ?1",
         vals![portal, now, flapping_since],
     )?;
-    let detail = match verdict {
-        DriftVerdict::Flapping { began: true } => format!(
-            "{detail}; flapping: more than {DRIFT_ACTIONS} drift actions in an hour, so none is taken"
-        ),
-        DriftVerdict::Flapping { began: false } => format!("{detail}; flapping: no action"),
-        _ => detail.to_string(),
+    let outcome = match verdict {
+        DriftVerdict::Act => "acted",
+        DriftVerdict::Noted => "noted",
+        DriftVerdict::Flapping { .. } => "flapping",
     };
-    add_history(c, portal, "drift", &detail)?;
+    let drift = Record::new(Event::Drift, portal, cause)
+        .outcome(outcome)
+        .reason(detail);
+    super::history::append(c, drift)?;
+    if verdict == (DriftVerdict::Flapping { began: true }) {
+        let flapping = Record::new(Event::Flapping, portal, cause).reason(format!(
+            "more than {DRIFT_ACTIONS} drift actions in an hour: drift is no longer acted on until it calms down"
+        ));
+        super::history::append(c, flapping)?;
+    }
     Ok(verdict)
 }
 
@@ -271,7 +284,12 @@ pub fn record_pause(c: &dyn Sql, portal: &str, until: i64) -> Result<(), StateEr
 
 /// A rotation's PUT had an unknown outcome: its intent stays open and is settled later.
 /// Not a failure (no backoff, no streak): the portal is simply not rotated meanwhile.
-pub fn record_settling(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), StateError> {
+pub fn record_settling(
+    c: &dyn Sql,
+    portal: &str,
+    detail: &str,
+    cause: &Cause,
+) -> Result<(), StateError> {
     update_portal(
         c,
         portal,
@@ -279,7 +297,10 @@ pub fn record_settling(c: &dyn Sql, portal: &str, detail: &str) -> Result<(), St
         "UPDATE portals SET last_result = ?3, last_error = ?2 WHERE name = ?1",
         vals![portal, detail, LastResult::Settling.as_str()],
     )?;
-    add_history(c, portal, "settling", detail)
+    let rec = Record::new(Event::RotationFailed, portal, cause)
+        .outcome("unknown")
+        .reason(detail);
+    super::history::append(c, rec).map(drop)
 }
 
 /// An attempt failed; returns the failures in a row.
@@ -288,6 +309,7 @@ pub fn record_failure(
     portal: &str,
     error: &str,
     retry_at: Option<i64>,
+    cause: &Cause,
 ) -> Result<i64, StateError> {
     update_portal(
         c,
@@ -297,7 +319,10 @@ pub fn record_failure(
                 failing_since = COALESCE(failing_since, ?2) WHERE name = ?1",
         vals![portal, c.now()?, error, retry_at, LastResult::Failed.as_str()],
     )?;
-    add_history(c, portal, "failed", error)?;
+    let rec = Record::new(Event::RotationFailed, portal, cause)
+        .outcome("failed")
+        .reason(error);
+    super::history::append(c, rec)?;
     c.row(
         "reading the failure count",
         "SELECT failures FROM portals WHERE name = ?1",
@@ -460,16 +485,6 @@ pub fn record_plan_and_schedule(
         ],
     )?;
     Ok(())
-}
-
-/// Appends to a portal's history.
-pub fn add_history(c: &dyn Sql, portal: &str, event: &str, detail: &str) -> Result<(), StateError> {
-    // Nothing reads the history inside the transaction that writes it.
-    c.defer(
-        "writing history",
-        "INSERT INTO history (portal, at, event, detail) VALUES (?1, ?2, ?3, ?4)",
-        vals![portal, c.now()?, event, detail],
-    )
 }
 
 const PORTAL_COLUMNS: &str =

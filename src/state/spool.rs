@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::StateError;
 use super::db::{Sql, vals};
+use super::history::{Cause, Event, Record};
 
 /// A sealed payload waiting for delivery.
 pub struct SpoolEntry {
@@ -77,7 +78,7 @@ pub fn pending(
 
 /// A payload arrived: drop it and every older one for the same portal and sink (through
 /// [`Store::write`]).
-pub fn delivered(c: &dyn Sql, entry_id: i64) -> Result<(), StateError> {
+pub fn delivered(c: &dyn Sql, entry_id: i64, cause: &Cause) -> Result<(), StateError> {
     // One statement finds the entry and drops it with the older ones of its sink.
     let dropped = c.rows(
         "dropping delivered payloads",
@@ -85,7 +86,7 @@ pub fn delivered(c: &dyn Sql, entry_id: i64) -> Result<(), StateError> {
           WHERE portal = (SELECT portal FROM spool WHERE id = ?1)
             AND sink = (SELECT sink FROM spool WHERE id = ?1)
             AND id <= ?1
-         RETURNING id, portal, sink, created_at",
+         RETURNING id, portal, sink, attempts",
         vals![entry_id],
     )?;
     let Some(r) = dropped
@@ -97,14 +98,11 @@ pub fn delivered(c: &dyn Sql, entry_id: i64) -> Result<(), StateError> {
             detail: format!("spool row {entry_id} is gone"),
         });
     };
-    let (portal, sink, created) = (r.text(1)?, r.text(2)?, r.int(3)?);
-    let now = c.now()?;
-    super::add_history(
-        c,
-        &portal,
-        "delivered",
-        &format!("sink {sink}, sealed {}s earlier", (now - created) / 1000),
-    )
+    let (portal, sink, attempts) = (r.text(1)?, r.text(2)?, r.int(3)?);
+    let mut rec = Record::new(Event::Delivered, &portal, cause).outcome("delivered");
+    rec.sink = Some(sink);
+    rec.attempt = Some(attempts + 1);
+    super::history::append(c, rec).map(drop)
 }
 
 /// A delivery failed; it is tried again at `next_attempt_at`. `rest`: a partial delivery
@@ -117,14 +115,22 @@ pub fn delivery_failed(
     next_attempt_at: i64,
     permanent: bool,
     rest: Option<&[u8]>,
+    cause: &Cause,
 ) -> Result<(), StateError> {
-    c.exec(
+    let row = c.row(
         "recording a failed delivery",
         "UPDATE spool SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3, permanent = ?4,
-                          payload = COALESCE(?5, payload) WHERE id = ?1",
+                          payload = COALESCE(?5, payload) WHERE id = ?1 RETURNING portal, sink, attempts",
         vals![entry_id, error, next_attempt_at, permanent, rest],
     )?;
-    Ok(())
+    let Some(r) = row else { return Ok(()) };
+    let portal = r.text(0)?;
+    let mut rec = Record::new(Event::DeliveryFailed, &portal, cause)
+        .outcome(if permanent { "refused" } else { "failed" })
+        .reason(error);
+    rec.sink = Some(r.text(1)?);
+    rec.attempt = Some(r.int(2)?);
+    super::history::append(c, rec).map(drop)
 }
 
 /// Payloads waiting, per portal.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tfa_rotator::state::{self, StateError, Store};
 
 use crate::support::postgres::Postgres;
-use crate::support::{Daemon, Harness, json_ms, write_private};
+use crate::support::{Daemon, Harness, edit_config, json_ms, write_private};
 
 /// A config for every added portal with a shared plain file sink on PostgreSQL.
 fn cluster_config(h: &Harness, pg: &Postgres, extra: &str) -> std::path::PathBuf {
@@ -133,10 +133,19 @@ async fn conformance(store: Store) {
     let first = ids[0];
     let after = store
         .write(move |c| {
-            state::delivered(c, first)?;
-            state::delivery_failed(c, ids[1], "refused", 0, true, Some(b"rest"))?;
+            state::delivered(c, first, &cause())?;
+            state::delivery_failed(c, ids[1], "refused", 0, true, Some(b"rest"), &cause())?;
             state::close_journal(c, id, state::Closed::Done, None)?;
-            state::record_rotated(c, "acme", state::LastResult::DeliveryPending)
+            state::record_rotated(
+                c,
+                "acme",
+                state::LastResult::DeliveryPending,
+                Some(state::history::Record::new(
+                    state::history::Event::Rotated,
+                    "acme",
+                    &cause(),
+                )),
+            )
         })
         .await
         .unwrap();
@@ -174,8 +183,8 @@ async fn conformance(store: Store) {
             state::record_schedule(c, "acme", Some("entry"), Some(2_000))?;
             state::record_schedule(c, "acme", None, Some(1_000))?;
             state::record_schedule(c, "acme", None, None)?;
-            state::record_failure(c, "acme", "boom", None)?;
-            state::record_failure(c, "acme", "boom", Some(5))
+            state::record_failure(c, "acme", "boom", None, &cause())?;
+            state::record_failure(c, "acme", "boom", Some(5), &cause())
         })
         .await
         .unwrap();
@@ -220,7 +229,7 @@ async fn conformance(store: Store) {
 /// added), and a plan written to an existing row is the same as one inserted.
 async fn rows_added_in_batches(store: &Store) {
     store
-        .write(|c| state::record_failure(c, "batch-7", "kept", None))
+        .write(|c| state::record_failure(c, "batch-7", "kept", None, &cause()))
         .await
         .unwrap();
     let names: Vec<String> = (0..450).map(|i| format!("batch-{i}")).collect();
@@ -411,7 +420,7 @@ async fn merged_writes(store: &Store) {
 async fn failed_transactions_leave_nothing(store: &Store) {
     let failed = store
         .write(|c| {
-            state::record_failure(c, "delta", "one", None)?;
+            state::record_failure(c, "delta", "one", None, &cause())?;
             Err::<(), _>(StateError::Db {
                 action: "testing",
                 detail: "refused on purpose".into(),
@@ -430,7 +439,7 @@ async fn failed_transactions_leave_nothing(store: &Store) {
     );
     let panicked = store
         .write(|c| -> Result<(), StateError> {
-            state::record_failure(c, "delta", "two", None)?;
+            state::record_failure(c, "delta", "two", None, &cause())?;
             panic!("a bug in a closure");
         })
         .await;
@@ -439,7 +448,7 @@ async fn failed_transactions_leave_nothing(store: &Store) {
     // transaction, and what ran before it is rolled back with it.
     let deferred = store
         .write(|c| {
-            state::record_failure(c, "delta", "five", None)?;
+            state::record_failure(c, "delta", "five", None, &cause())?;
             c.defer(
                 "testing",
                 "INSERT INTO history (portal, at, event, detail) VALUES (?1, NULL, 'x', 'y')",
@@ -469,7 +478,7 @@ async fn failed_transactions_leave_nothing(store: &Store) {
     );
     // Reads are lent the connection without a transaction: a write among them is refused.
     let among_reads = store
-        .call(|c| state::record_failure(c, "delta", "four", None))
+        .call(|c| state::record_failure(c, "delta", "four", None, &cause()))
         .await;
     assert!(
         matches!(&among_reads, Err(StateError::Db { detail, .. }) if detail.contains("a write among reads")),
@@ -487,7 +496,7 @@ async fn failed_transactions_leave_nothing(store: &Store) {
         assert!(row.is_none(), "neither failed transaction wrote: {row:?}");
     }
     store
-        .write(|c| state::record_failure(c, "delta", "three", None))
+        .write(|c| state::record_failure(c, "delta", "three", None, &cause()))
         .await
         .unwrap();
     let row = store
@@ -528,7 +537,7 @@ async fn connections_closed_by_the_server_are_replaced_without_a_failure() {
     // Enough reads and writes that every lane has connected.
     for i in 0..24 {
         store
-            .write(move |c| state::record_failure(c, "acme", &format!("{i}"), None))
+            .write(move |c| state::record_failure(c, "acme", &format!("{i}"), None, &cause()))
             .await
             .unwrap();
         store.call(|c| state::portal_row(c, "acme")).await.unwrap();
@@ -573,7 +582,7 @@ async fn connections_closed_by_the_server_are_replaced_without_a_failure() {
     assert!(gone.await, "the server closed them");
     for i in 0..24 {
         store
-            .write(move |c| state::record_failure(c, "acme", &format!("after {i}"), None))
+            .write(move |c| state::record_failure(c, "acme", &format!("after {i}"), None, &cause()))
             .await
             .unwrap_or_else(|e| panic!("write {i} after the connections were closed: {e}"));
         store
@@ -862,6 +871,12 @@ async fn a_sqlite_state_moves_to_postgres() {
     let out = h.run(&["migrate-state", "--to", "postgres"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(out.stdout.contains("journal: 1 row(s)"), "{}", out.all());
+    // The records and the heads are copied unchanged: the chain verifies on PostgreSQL.
+    let moved = h.run(&["history", "--json"]).await;
+    assert_eq!(moved.code, Some(0), "{}", moved.all());
+    assert_eq!(moved.stdout.lines().count(), 2, "{}", moved.stdout);
+    let verified = h.run(&["history", "--verify"]).await;
+    assert_eq!(verified.code, Some(0), "{}", verified.all());
     let again = h.run(&["migrate-state", "--to", "postgres"]).await;
     assert_eq!(again.code, Some(1), "{}", again.all());
     assert!(
@@ -882,6 +897,116 @@ async fn a_sqlite_state_moves_to_postgres() {
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert_eq!(h.sim.puts_applied(&h.keys["acme"]), 2);
     assert_sink_accepted(&h, "codes/acme.txt", "acme");
+    // The chain goes on from the copied head.
+    let after = h.run(&["history", "--json"]).await;
+    assert!(after.stdout.starts_with(&moved.stdout), "{}", after.stdout);
+    assert_eq!(after.stdout.lines().count(), 4);
+    assert_eq!(h.run(&["history", "--verify"]).await.code, Some(0));
+}
+
+/// The audit record on PostgreSQL (SPEC §6): chained by the same statements, so a change,
+/// a removal (middle or newest) or an insertion made in the database is found by
+/// `--verify`, and the tool's own pruning leaves it verifiable.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_history_on_postgres_is_chained_and_tampering_is_found() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let pg = Postgres::start();
+    cluster_config(&h, &pg, "");
+    for _ in 0..3 {
+        let out = h.run(&["rotate", "--force", "acme"]).await;
+        assert_eq!(out.code, Some(0), "{}", out.all());
+    }
+    let verify = || async { h.run(&["history", "--verify"]).await };
+    let out = verify().await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(out.stdout.contains("6 record(s)"), "{}", out.stdout);
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let rows: Vec<(i64, String)> = client
+        .query(
+            "SELECT id, uuid FROM history WHERE portal = 'acme' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows.len(), 6);
+    let names = |out: &crate::support::Output, uuid: &str| {
+        assert_eq!(out.code, Some(1), "{}", out.all());
+        assert!(
+            out.stderr.contains(&format!("record {uuid} at ")),
+            "{uuid}: {}",
+            out.stderr
+        );
+    };
+    let backup = "CREATE TABLE saved AS SELECT * FROM history; CREATE TABLE saved_heads AS SELECT name, history_head, history_prev FROM portals";
+    let restore = "DELETE FROM history; INSERT INTO history SELECT * FROM saved;                    UPDATE portals p SET history_head = s.history_head, history_prev = s.history_prev FROM saved_heads s WHERE s.name = p.name";
+    client.batch_execute(backup).await.unwrap();
+    // A changed field.
+    client
+        .execute(
+            r#"UPDATE history SET record = replace(record, '"outcome":"ok"', '"outcome":"failed"') WHERE id = $1"#,
+            &[&rows[2].0],
+        )
+        .await
+        .unwrap();
+    names(&verify().await, &rows[2].1);
+    client.batch_execute(restore).await.unwrap();
+    assert_eq!(verify().await.code, Some(0));
+    // A removed middle record: the one after the gap is named.
+    client
+        .execute("DELETE FROM history WHERE id = $1", &[&rows[3].0])
+        .await
+        .unwrap();
+    names(&verify().await, &rows[4].1);
+    client.batch_execute(restore).await.unwrap();
+    // The removed newest record: the head no longer matches.
+    client
+        .execute("DELETE FROM history WHERE id = $1", &[&rows[5].0])
+        .await
+        .unwrap();
+    names(&verify().await, &rows[4].1);
+    client.batch_execute(restore).await.unwrap();
+    // An inserted record, chained after the newest: only the head knows.
+    client
+        .execute(
+            "INSERT INTO history (portal, at, event, uuid, record, prev, hash)
+             SELECT portal, at + 1, event, '22222222-0000-4000-8000-000000000000', record, hash, sha256hex(hash || record)
+               FROM history WHERE id = $1",
+            &[&rows[5].0],
+        )
+        .await
+        .unwrap();
+    names(&verify().await, "22222222-0000-4000-8000-000000000000");
+    client.batch_execute(restore).await.unwrap();
+    assert_eq!(verify().await.code, Some(0));
+    // The tool's own pruning: a checkpoint, and the chain still verifies.
+    edit_config(&h, |t| {
+        t.replace(
+            "http_timeout = \"2s\"",
+            "http_timeout = \"2s\"\nhistory_keep = \"1ms\"",
+        )
+    });
+    let out = h.run(&["run", "--once"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let n: i64 = client
+        .query_one(
+            "SELECT COUNT(*) FROM history WHERE event = 'checkpoint'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let out = verify().await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    drop(client);
+    let _ = conn.await;
 }
 
 /// The cluster's config rules: a lease too short for two PUT budgets with their grace,
@@ -1445,4 +1570,12 @@ async fn sqlite_and_postgres_have_one_schema_and_migrate_state_copies_all_of_it(
         sqlite_names, copied,
         "migrate-state copies every table of the schema"
     );
+}
+
+/// Who the records these tests write are for.
+fn cause() -> state::history::Cause {
+    state::history::Cause {
+        trigger: None,
+        by: "user:test(0)".into(),
+    }
 }

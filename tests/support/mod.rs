@@ -7,6 +7,7 @@ pub mod mailserver;
 pub mod pki;
 pub mod postgres;
 pub mod smtp;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
