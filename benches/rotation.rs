@@ -4,7 +4,8 @@
 //!
 //! Environment: `TFA_BENCH_SIZES` (default `100,1000,10000`), `TFA_BENCH_RUNS` (default 3),
 //! `TFA_BENCH_ONLY` (a comma list of `mass`, `wan`, `cluster`, `start`, `stop`, `fds`, `idle`,
-//! `reload`, `micro`; default all), `TFA_BENCH_CLUSTER_SIZE` (default 10000),
+//! `reload`, `history`, `micro`; default all), `TFA_BENCH_HISTORY` (records for the history
+//! table, default 100000), `TFA_BENCH_CLUSTER_SIZE` (default 10000),
 //! `TFA_BENCH_START_SIZES` (default `1000,10000`), `TFA_BENCH_STATEMENTS` (set: the cluster
 //! table also lists PostgreSQL's 40 most frequent statements, calls per rotation).
 
@@ -353,9 +354,92 @@ async fn main() {
     if wanted("reload") {
         reload().await;
     }
+    if wanted("history") {
+        history(env_list("TFA_BENCH_HISTORY", &[100_000])[0], runs).await;
+    }
     if wanted("micro") {
         micro();
     }
+}
+
+/// The audit record: bytes per record on disk, appends per second, and `history --verify`
+/// and `history --json` over `n` records (100 portals, `n / 100` records each, the shape of
+/// a rotation and its deliveries).
+async fn history(n: usize, runs: usize) {
+    use tfa_rotator::state::Store;
+    use tfa_rotator::state::history::{self, Cause, Event, Record};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = dir.path().join("state");
+    private(
+        &dir.path().join("config.toml"),
+        "[daemon]\nstate_dir = \"state\"\n\n[sinks.plain]\ntype = \"file\"\npath = \"codes/{portal}.txt\"\n\n[portals.p0]\nurl = \"https://p0.rotator.test\"\napi_key = { env = \"K\" }\nsinks = [\"plain\"]\n",
+    );
+    let store = Store::open(&state).unwrap();
+    // The database file after a checkpoint: every page the records took, indexes included.
+    let db = state.join("state.sqlite");
+    let size = |store: &Store| {
+        let (s, db) = (store.clone(), db.clone());
+        async move {
+            s.write_then_checkpoint(|_| Ok(())).await.unwrap();
+            std::fs::metadata(db).unwrap().len()
+        }
+    };
+    let empty = size(&store).await;
+    let cause = Cause {
+        trigger: Some(history::Trigger::Cron),
+        by: "daemon:bench-host".into(),
+    };
+    let started = Instant::now();
+    let per_tx = 1000;
+    for batch in 0..n.div_ceil(per_tx) {
+        let cause = cause.clone();
+        store
+            .write(move |c| {
+                for i in 0..per_tx {
+                    let portal = format!("p{}", (batch * per_tx + i) % 100);
+                    let rec = if i % 3 == 0 {
+                        let mut r = Record::new(Event::Rotated, &portal, &cause).outcome("ok");
+                        r.account = Some("54f442f9-37db-85b6-a89b-6a581d4a0b1d".into());
+                        r.fingerprint = Some("c053e6fb8154b12c2141165701aaab05".into());
+                        r.sinks = Some(
+                            [
+                                ("mail".to_string(), "delivered".to_string()),
+                                ("vault".into(), "delivered".into()),
+                            ]
+                            .into_iter()
+                            .collect(),
+                        );
+                        r
+                    } else {
+                        let mut r =
+                            Record::new(Event::Delivered, &portal, &cause).outcome("delivered");
+                        r.sink = Some("mail".into());
+                        r.attempt = Some(1);
+                        r
+                    };
+                    history::append(c, rec)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    let append_rate = n as f64 / started.elapsed().as_secs_f64();
+    let bytes = size(&store).await.saturating_sub(empty);
+    drop(store);
+    // Wall-clock seconds of the command (`timed`: /usr/bin/time), the median of `runs`.
+    let time = |args: &[&str]| median((0..runs).map(|_| timed(dir.path(), args).0).collect());
+    let verify = time(&["history", "--verify"]);
+    let json = time(&["history", "--json"]);
+    println!("\n| audit record, {n} records | value |\n| --- | --- |");
+    println!(
+        "| bytes per record (SQLite, indexes included) | {} |",
+        bytes / n as u64
+    );
+    println!("| appends per second (1,000 per transaction) | {append_rate:.0} |");
+    println!("| `history --verify` | {:.2} s |", verify);
+    println!("| `history --json` | {:.2} s |", json);
 }
 
 /// Mass rotation against the portal-bound limit and the documented loop.

@@ -84,7 +84,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Retry every pending delivery now, then exit.
+    /// Retry every pending delivery (webhook events too) now, then exit.
     Deliver {
         /// One JSON document on stdout.
         #[arg(long)]

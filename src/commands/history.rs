@@ -87,6 +87,35 @@ pub async fn run(
             return Exit::Failed;
         }
     };
+    // A name neither the config nor the history knows is a typo, not an empty record.
+    let named = portals.clone();
+    let known = store
+        .call(move |c| {
+            let mut unknown = Vec::new();
+            for p in named {
+                if !history::has_records(c, &p)? {
+                    unknown.push(p);
+                }
+            }
+            Ok(unknown)
+        })
+        .await;
+    match known {
+        Ok(unknown) => {
+            if let Some(u) = unknown.iter().find(|p| !config.portals.contains_key(*p)) {
+                crate::err!(
+                    "error: no portal named `{}` in {} or the history",
+                    crate::docspace::model::escape_controls(u),
+                    path.display()
+                );
+                return Exit::Usage;
+            }
+        }
+        Err(e) => {
+            crate::err!("error: the history cannot be read: {e}");
+            return Exit::Failed;
+        }
+    }
     if verify {
         return run_verify(&store, portals).await;
     }

@@ -72,7 +72,7 @@ The configuration (see \fBtfa\-rotator.toml\fR(5)).
 Secrets handed to the service by \fBLoadCredential=\fR.
 .TP
 \fI/var/lib/tfa\-rotator/\fR
-The state: state.sqlite (rotations, sealed payloads, history) and locks/.
+The state: state.sqlite (rotations, sealed payloads, the audit record) and locks/.
 .TP
 \fI/usr/share/tfa\-rotator/config.schema.json\fR
 The config file's JSON Schema.
@@ -104,6 +104,15 @@ What the state knows, as JSON:
 .RS
 .nf
 tfa\-rotator\-run status \-\-json
+.fi
+.RE
+.PP
+The audit record of the last 30 days as CSV, and a check that nobody edited it:
+.PP
+.RS
+.nf
+tfa\-rotator\-run history \-\-since 30d \-\-csv > audit.csv
+tfa\-rotator\-run history \-\-verify
 .fi
 .RE
 "#;

@@ -52,7 +52,7 @@ fn follows(engine: &Engine) -> BTreeMap<(String, String), Follow> {
             .portals
             .keys()
             .map(String::as_str)
-            .chain(["*"]);
+            .chain([history::CONFIG_CHAIN]);
         for p in chains {
             out.entry((w.clone(), p.to_string()))
                 .or_insert(Follow {

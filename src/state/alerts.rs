@@ -66,7 +66,11 @@ impl AlertDue {
             | AlertDue::Unsettled { portal, .. }
             | AlertDue::Notice { portal, .. } => portal.as_str(),
         };
-        if p.is_empty() { "*" } else { p }
+        if p.is_empty() {
+            super::history::CONFIG_CHAIN
+        } else {
+            p
+        }
     }
 }
 

@@ -23,6 +23,10 @@ use sha2::{Digest, Sha256};
 use super::StateError;
 use super::db::{Sql, Val, vals};
 
+/// The chain of records about no portal (a recipient key's expiry): a name no portal can
+/// have. Its row in `portals` holds only its head.
+pub const CONFIG_CHAIN: &str = "*";
+
 /// What a record is about. The names are the webhook events' too (SPEC §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Event {
@@ -140,8 +144,9 @@ pub async fn triggered_by<F: std::future::Future>(trigger: Trigger, f: F) -> F::
 
 static BY: OnceLock<String> = OnceLock::new();
 
-/// Says who this process acts for: the daemon calls it once with `daemon:<instance>`.
-/// Without it, a process acts for the user who runs it ([`user`]).
+/// Says who this process acts for: the daemon calls it once with `daemon:<instance>`,
+/// before it records anything. Without it, a process acts for the user who runs it
+/// ([`user`]).
 pub fn act_as(by: String) {
     let _ = BY.set(by);
 }
@@ -198,7 +203,8 @@ pub struct Cause {
 impl Cause {
     /// The cause of the work the current task does.
     pub fn current() -> Self {
-        let by = BY.get().cloned().unwrap_or_else(user);
+        // Read once per process (a rotation makes several records).
+        let by = BY.get_or_init(user).clone();
         let trigger = TRIGGER
             .try_with(|t| *t)
             .ok()
@@ -447,6 +453,16 @@ pub fn read(
         .collect()
 }
 
+/// Whether `portal` has any record (by the `(portal, id)` index).
+pub fn has_records(c: &dyn Sql, portal: &str) -> Result<bool, StateError> {
+    Ok(c.row(
+        "reading the history",
+        "SELECT 1 FROM history WHERE portal = ?1 LIMIT 1",
+        vals![portal],
+    )?
+    .is_some())
+}
+
 /// Every record and head, per portal, in chain order (by id), for [`verify`].
 pub fn chains(c: &dyn Sql) -> Result<Chains, StateError> {
     let mut by_portal: BTreeMap<String, Vec<Stored>> = BTreeMap::new();
@@ -537,8 +553,10 @@ fn check_record(s: &Stored) -> Result<Record, Broken> {
 
 /// Verifies one portal's chain against its head; the number of records checked.
 fn verify_portal(rows: &[Stored], head: Option<&String>) -> Result<usize, Broken> {
+    // Only checkpoints are parsed for it (the column is checked against the JSON below).
     let anchors: HashSet<String> = rows
         .iter()
+        .filter(|s| s.event == Event::Checkpoint.as_str())
         .filter_map(|s| s.parsed())
         .filter(|r| r.event() == Some(Event::Checkpoint))
         .filter_map(|r| r.anchor)
@@ -613,17 +631,25 @@ pub fn verify(chains: &Chains) -> Result<usize, Broken> {
 pub fn prune(c: &dyn Sql, before: i64, keep: &str) -> Result<usize, StateError> {
     let cause = Cause {
         trigger: None,
-        by: BY.get().cloned().unwrap_or_else(user),
+        by: BY.get_or_init(user).clone(),
     };
+    // One pass over the table (no index on `at`: every append would pay for it, and this
+    // runs once a day), then each portal's newest old record by its id.
     let old = c.rows(
         "finding old history",
-        "SELECT h.portal, h.id, h.hash FROM history h
-          WHERE h.id = (SELECT MAX(id) FROM history o WHERE o.portal = h.portal AND o.at < ?1)",
+        "SELECT portal, MAX(id) FROM history WHERE at < ?1 GROUP BY portal",
         vals![before],
     )?;
     let mut pruned = 0;
     for r in old {
-        let (portal, id, anchor) = (r.text(0)?, r.int(1)?, r.opt_text(2)?);
+        let (portal, id) = (r.text(0)?, r.int(1)?);
+        let anchor = c
+            .row(
+                "finding old history",
+                "SELECT hash FROM history WHERE id = ?1",
+                vals![id],
+            )?
+            .map_or(Ok(None), |r| r.opt_text(0))?;
         let n = c.exec(
             "pruning history",
             "DELETE FROM history WHERE portal = ?1 AND id <= ?2",

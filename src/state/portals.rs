@@ -527,7 +527,8 @@ fn portal_from_row(r: &Row) -> Result<PortalRow, StateError> {
 pub fn portal_rows(c: &dyn Sql) -> Result<Vec<PortalRow>, StateError> {
     c.rows(
         "reading portals",
-        &format!("SELECT {PORTAL_COLUMNS} FROM portals ORDER BY name"),
+        // The config's own audit chain has a row for its head, and is no portal.
+        &format!("SELECT {PORTAL_COLUMNS} FROM portals WHERE name <> '*' ORDER BY name"),
         vals![],
     )?
     .iter()

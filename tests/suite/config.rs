@@ -405,6 +405,10 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
             line_of("encrypt = { age = [\"age1ql3z", 0),
             "sinks.vault-file.encrypt.age",
         ),
+        (
+            line_of("url = \"https://hooks.example.com/tfa\"", 0),
+            "sinks.events.url",
+        ),
     ];
     let run = |args: &[&str]| {
         // No credentials directory, no environment: offline reads no secret value.
@@ -437,7 +441,7 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
             "{got}"
         );
     }
-    assert_eq!(errors[5], "error: the configuration is invalid (5 errors)");
+    assert_eq!(errors[6], "error: the configuration is invalid (6 errors)");
     // The README shows it as installed, in /etc/tfa-rotator.
     let readme = include_str!("../../README.md")
         .split("```text\n$ tfa-rotator check --offline\n")
@@ -478,11 +482,11 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
     assert!(err.contains(&password), "{err}");
     assert_eq!(
         err.matches("replace the example recipient").count(),
-        5,
+        6,
         "{err}"
     );
     assert!(
-        err.contains("the configuration is invalid (7 errors)"),
+        err.contains("the configuration is invalid (8 errors)"),
         "{err}"
     );
     // `rotate` refuses it the same way, before anything else.
@@ -490,7 +494,7 @@ fn the_shipped_example_is_refused_for_its_placeholders_alone() {
     assert_eq!(code, Some(78), "{err}");
     assert_eq!(
         err.matches("replace the example recipient").count(),
-        5,
+        6,
         "{err}"
     );
 }
@@ -605,7 +609,8 @@ async fn the_shipped_configs_work_as_shipped() {
         .replace("keys/secops.asc", "keys/ed.asc")
         .replace("certs/secops.pem", &ed.cert.display().to_string())
         .replace("certs/ca.pem", &pki.ca_pem.display().to_string())
-        .replace(tfa_rotator::placeholder::EXAMPLE_AGE_RECIPIENT, GOOD_AGE);
+        .replace(tfa_rotator::placeholder::EXAMPLE_AGE_RECIPIENT, GOOD_AGE)
+        .replace("hooks.example.com", "hooks.rotator.test");
     std::fs::write(dir.join("replaced.toml"), replaced).unwrap();
     let out = std::process::Command::new(crate::support::BIN)
         .arg("--config")

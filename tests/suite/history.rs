@@ -124,6 +124,39 @@ async fn every_event_is_recorded_once_with_its_cause_and_no_code() {
     let h = sequence().await;
     let records = history_json(&h, &[]).await;
     let ev = events(&records);
+    // Everything but the daemon's (which may have rotated more than once), in order.
+    let by_hand: Vec<(&str, &str)> = ev
+        .iter()
+        .filter(|(_, t)| t != "cron")
+        .map(|(e, t)| (e.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(
+        by_hand,
+        [
+            // 1. rotate: the rotation, then each sink's delivery.
+            ("rotated", "manual"),
+            ("delivered", "manual"),
+            ("delivered", "manual"),
+            // 3. resend: each sink's delivery, no rotation.
+            ("delivered", "manual"),
+            ("delivered", "manual"),
+            // 4. the 504, then `deliver` finds the set applied.
+            ("rotation_failed", "manual"),
+            ("settled", "settle"),
+            ("rotated", "settle"),
+            ("delivered", "settle"),
+            ("delivered", "settle"),
+            // 5. a 504 never applied, abandoned by hand.
+            ("rotation_failed", "manual"),
+            ("abandoned", "manual"),
+            // 6. one sink fails, then `deliver` delivers it.
+            ("rotated", "manual"),
+            ("delivered", "manual"),
+            ("delivery_failed", "manual"),
+            ("delivered", "manual"),
+        ],
+        "{records:#?}"
+    );
     let count = |e: &str, t: &str| ev.iter().filter(|(a, b)| a == e && b == t).count();
     // 1: rotated by hand, delivered to both sinks.
     // 2: rotated on a cron fire (maybe more than once while the daemon ran).
@@ -227,6 +260,13 @@ async fn csv_and_the_filters() {
     assert_eq!(history_json(&h, &["--since", "1h"]).await.len(), 4);
     let bad = h.run(&["history", "--since", "last tuesday"]).await;
     assert_eq!(bad.code, Some(2), "{}", bad.all());
+    let typo = h.run(&["history", "acm"]).await;
+    assert_eq!(typo.code, Some(2), "{}", typo.all());
+    assert!(
+        typo.stderr.contains("no portal named `acm`"),
+        "{}",
+        typo.stderr
+    );
     // CSV: a header of the JSON keys, a row per record, `sinks` as name=result pairs.
     let out = h.run(&["history", "--csv", "beta"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
@@ -344,6 +384,21 @@ async fn verify_finds_a_removed_newest_record() {
     assert_names(&verify(&h).await, &rows[4].1, "a newer record was removed");
 }
 
+/// Inserts a well-formed record of `acme`, correctly chained after the record whose hash
+/// is `prev`, with this UUID and row id (`None`: the next).
+fn forge(c: &rusqlite::Connection, id: Option<i64>, uuid: &str, prev: &str, at: i64) {
+    let at_text = tfa_rotator::json::rfc3339(at).unwrap();
+    let record = format!(
+        "{{\"id\":\"{uuid}\",\"at\":\"{at_text}\",\"event\":\"rotated\",\"portal\":\"acme\",\"by\":\"user:mallory(666)\",\"outcome\":\"ok\"}}"
+    );
+    let hash = tfa_rotator::state::history::chain_hash(Some(prev), &record);
+    c.execute(
+        "INSERT INTO history (id, uuid, portal, at, event, record, prev, hash) VALUES (?1, ?2, 'acme', ?3, 'rotated', ?4, ?5, ?6)",
+        rusqlite::params![id, uuid, at, record, prev, hash],
+    )
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_finds_an_inserted_record() {
     let h = six_records().await;
@@ -358,16 +413,7 @@ async fn verify_finds_an_inserted_record() {
         )
         .unwrap();
     let uuid = "00000000-0000-4000-8000-000000000000";
-    let at_text = tfa_rotator::json::rfc3339(at + 1).unwrap();
-    let record = format!(
-        "{{\"id\":\"{uuid}\",\"at\":\"{at_text}\",\"event\":\"rotated\",\"portal\":\"acme\",\"by\":\"user:mallory(666)\",\"outcome\":\"ok\"}}"
-    );
-    let hash = tfa_rotator::state::history::chain_hash(Some(&prev), &record);
-    c.execute(
-        "INSERT INTO history (uuid, portal, at, event, record, prev, hash) VALUES (?1, 'acme', ?2, 'rotated', ?3, ?4, ?5)",
-        rusqlite::params![uuid, at + 1, record, prev, hash],
-    )
-    .unwrap();
+    forge(&c, None, uuid, &prev, at + 1);
     assert_names(&verify(&h).await, uuid, "added behind the tool's back");
     // And one slipped into the middle, with an id of its own between two others.
     let h = six_records().await;
@@ -383,13 +429,8 @@ async fn verify_finds_an_inserted_record() {
             r.get(0)
         })
         .unwrap();
-    let record = record.replace("00000000-0000", "11111111-0000");
-    let hash = tfa_rotator::state::history::chain_hash(Some(&prev), &record);
-    c.execute(
-        "INSERT INTO history (id, uuid, portal, at, event, record, prev, hash) VALUES (?1, ?2, 'acme', ?3, 'rotated', ?4, ?5, ?6)",
-        rusqlite::params![rows[2].0 + 1, "11111111-0000-4000-8000-000000000000", at + 1, record, prev, hash],
-    )
-    .unwrap();
+    let uuid = "11111111-0000-4000-8000-000000000000";
+    forge(&c, Some(rows[2].0 + 1), uuid, &prev, at + 1);
     // The forged record links to the one before it; the genuine one after no longer
     // follows what precedes it.
     assert_names(

@@ -204,18 +204,18 @@ ct id tfa-rotator >/dev/null || fail "the package made no tfa-rotator user"
     || fail "/etc/tfa-rotator is $(ct stat -c '%U:%G %a' /etc/tfa-rotator)"
 # The packaged config as installed passes the trust rule (SPEC §3), as root and as the
 # service's user (check --offline reports a violation as a warning, so its text is read),
-# and is refused for its five placeholders alone (exit 78): as shipped it can
+# and is refused for its six placeholders alone (exit 78): as shipped it can
 # never encrypt real codes to a key nobody holds.
 for who in root tfa-rotator; do
     rc=0
     out=$(ct runuser -u "$who" -- tfa-rotator --config /etc/tfa-rotator/config.toml check --offline 2>&1) || rc=$?
     [ "$rc" = 78 ] || fail "check --offline of the packaged config as $who: exit $rc: $out"
     case "$out" in *"another user could change"*) fail "a trust violation as $who: $out" ;; esac
-    [ "$(printf '%s\n' "$out" | grep -c '^error: /etc/tfa-rotator/config.toml:[0-9]*:[0-9]*: .*replace the example recipient')" = 5 ] \
-        || fail "not the five placeholders as $who: $out"
-    [ "$(printf '%s\n' "$out" | grep -c '^error: ')" = 6 ] || fail "other errors as $who: $out"
+    [ "$(printf '%s\n' "$out" | grep -c '^error: /etc/tfa-rotator/config.toml:[0-9]*:[0-9]*: .*replace the example recipient')" = 6 ] \
+        || fail "not the six placeholders as $who: $out"
+    [ "$(printf '%s\n' "$out" | grep -c '^error: ')" = 7 ] || fail "other errors as $who: $out"
 done
-log "the packaged config passes the trust rule and is refused for its 5 placeholders alone, as root and as tfa-rotator"
+log "the packaged config passes the trust rule and is refused for its 6 placeholders alone, as root and as tfa-rotator"
 put /etc/tfa-rotator/config.toml <<EOF
 [sinks.codes]
 type = "file"

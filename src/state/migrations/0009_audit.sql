@@ -8,7 +8,6 @@ ALTER TABLE history ADD COLUMN prev TEXT;
 ALTER TABLE history ADD COLUMN hash TEXT;
 ALTER TABLE portals ADD COLUMN history_head TEXT;
 ALTER TABLE portals ADD COLUMN history_prev TEXT;
-CREATE INDEX history_by_time ON history (at);
 
 -- Where each webhook sink is in each portal's history: the records after `after_id` are
 -- its pending events (delivered in order); the history itself is the spool.

@@ -9,7 +9,6 @@ ALTER TABLE history ADD COLUMN prev TEXT;
 ALTER TABLE history ADD COLUMN hash TEXT;
 ALTER TABLE portals ADD COLUMN history_head TEXT;
 ALTER TABLE portals ADD COLUMN history_prev TEXT;
-CREATE INDEX history_by_time ON history (at);
 
 CREATE TABLE webhook_cursors (
     sink            TEXT NOT NULL,
