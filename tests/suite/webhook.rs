@@ -349,3 +349,42 @@ async fn the_config_refuses_what_a_webhook_cannot_be() {
     let out = h.run(&["check", "--offline"]).await;
     assert_eq!(out.code, Some(0), "{}", out.all());
 }
+
+/// The same on a PostgreSQL state: the cursors, the events in order, a refusal waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_events_from_a_postgres_state() {
+    let mut h = Harness::new().await;
+    h.add_portal("acme");
+    let mut r = Receiver::start(&h.path(""), SECRET, false);
+    write_private(&h.path("hook-secret"), &format!("{SECRET}\n"));
+    let pg = crate::support::postgres::Postgres::start();
+    write_private(&h.path("pg.url"), &format!("{}\n", pg.url()));
+    let text = format!(
+        "[daemon]\nstate_dir = \"state\"\nhttp_timeout = \"2s\"\n\n\
+         [storage]\ntype = \"postgres\"\nurl = {{ file = \"pg.url\" }}\nlease = \"6s\"\ngrace = \"1s\"\n\n\
+         [sinks.plain]\ntype = \"file\"\npath = \"codes/{{portal}}.txt\"\nshared = true\n\n{}\n{}",
+        hook_sink(&r.url(), ""),
+        h.portals_toml(&["plain", "hook"])
+    );
+    write_private(&h.config(), &text);
+    let out = h.run(&["rotate", "acme"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(
+        names(&r.received()),
+        ["rotated", "delivered"],
+        "{}",
+        r.log()
+    );
+    r.down();
+    let out = h.run(&["rotate", "acme", "--force"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(h.run(&["deliver"]).await.code, Some(1));
+    r.up();
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    assert_eq!(
+        names(&r.received()),
+        ["rotated", "delivered", "rotated", "delivered"]
+    );
+    let out = h.run(&["history", "--verify"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+}
