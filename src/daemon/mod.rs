@@ -153,11 +153,12 @@ pub async fn run(engine: Engine, path: &Path, once: bool, shutdown: Cancellation
             .coordinator
             .spawn_heartbeat(sup.running.clone(), background.stop.clone()),
     );
-    if !sup.engine.dry_run {
+    if let (false, Some(store)) = (sup.engine.dry_run, sup.engine.store.clone()) {
         background.track(
             "audit upkeep",
             Some(tokio::spawn(audit_upkeep(
-                sup.engine.clone(),
+                store,
+                sup.running.clone(),
                 once,
                 background.stop.clone(),
             ))),
@@ -1018,13 +1019,20 @@ fn unreadable_secrets(engine: &Engine) -> String {
 /// Once a day (and at start): prunes the audit records older than `history_keep`, each
 /// portal's leaving a checkpoint, and logs every chain's head, so that an auditor who
 /// keeps the journal can detect a rewritten history (SPEC §6). `run --once` does it once.
-async fn audit_upkeep(engine: Engine, once: bool, stop: CancellationToken) {
+/// `history_keep` is the config's in force (`running`, which a reload replaces).
+async fn audit_upkeep(
+    store: crate::state::Store,
+    running: Arc<std::sync::Mutex<Arc<config::Config>>>,
+    once: bool,
+    stop: CancellationToken,
+) {
     const DAY: Duration = Duration::from_secs(86_400);
-    let Some(store) = engine.store.clone() else {
-        return;
-    };
     loop {
-        let keep = engine.config.daemon.history_keep;
+        let keep = running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .daemon
+            .history_keep;
         let before =
             crate::state::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX / 2);
         let label = humantime::format_duration(keep).to_string();

@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::StreamExt;
+
 use super::Engine;
 use crate::sinks::{Sink, WebhookSink};
 use crate::state::history::{self, Cause, Cursor, Event, Record};
@@ -92,18 +94,31 @@ pub async fn sync(engine: &Engine) -> Result<(), StateError> {
         return Ok(());
     }
     let wanted: BTreeSet<(String, String)> = follows(engine).into_keys().collect();
+    let mut hooks = webhook_names(engine);
     let cause = Cause::current();
     let dropped = store
         .write(move |c| {
-            let have: BTreeSet<(String, String)> = history::cursors(c)?
+            let have: BTreeMap<(String, String), Cursor> = history::cursors(c)?
                 .into_iter()
-                .map(|k| (k.sink, k.portal))
+                .map(|k| ((k.sink.clone(), k.portal.clone()), k))
                 .collect();
-            let new: Vec<(String, String)> = wanted.difference(&have).cloned().collect();
+            let new: Vec<(String, String)> = wanted
+                .iter()
+                .filter(|k| !have.contains_key(*k))
+                .cloned()
+                .collect();
             history::start_cursors(c, &new)?;
             let mut dropped = Vec::new();
-            for (sink, portal) in have.difference(&wanted) {
-                let n = history::drop_cursor(c, sink, portal)?;
+            for ((sink, portal), k) in have.iter().filter(|(k, _)| !wanted.contains(*k)) {
+                // What waited: the records after it that would have been events (its own
+                // deliveries and any webhook's never are).
+                hooks.insert(sink.clone());
+                let n = history::after(c, portal, k.after_id, i64::MAX)?
+                    .iter()
+                    .filter_map(history::Stored::parsed)
+                    .filter(|r| !raises_no_event(r, &hooks))
+                    .count();
+                history::drop_cursor(c, sink, portal)?;
                 if n > 0 {
                     let mut rec = Record::new(Event::Forgotten, portal, &cause)
                         .outcome(format!("{n} pending webhook event(s) dropped"))
@@ -139,8 +154,14 @@ pub struct Sent {
     pub next_at: Option<i64>,
 }
 
+/// Webhooks sent to at once (a receiver back after an outage is not sent one request per
+/// portal at the same moment).
+const AT_ONCE: usize = 8;
+
 /// Sends what is pending: with `due_before`, only to cursors whose backoff has passed (the
-/// daemon); without, every one now (`deliver`, a command's last step).
+/// daemon); without, every one now (`deliver`, a command's last step). One statement finds
+/// the cursors with records after them; records that are no event for their webhook are
+/// passed over in one transaction for all.
 pub async fn deliver(engine: &Engine, due_before: Option<i64>) -> Sent {
     if !any(engine) {
         return Sent::default();
@@ -148,7 +169,12 @@ pub async fn deliver(engine: &Engine, due_before: Option<i64>) -> Sent {
     let Some(store) = engine.store.clone() else {
         return Sent::default();
     };
-    let cursors = match store.call(history::cursors).await {
+    let hooks = webhook_names(engine);
+    let names: Vec<String> = hooks.iter().cloned().collect();
+    let cursors = match store
+        .call(move |c| history::pending_cursors(c, &names))
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "could not read the webhook cursors");
@@ -156,42 +182,81 @@ pub async fn deliver(engine: &Engine, due_before: Option<i64>) -> Sent {
         }
     };
     let follows = follows(engine);
-    let hooks: BTreeSet<String> = engine
-        .config
-        .sinks
-        .iter()
-        .filter(|(_, s)| matches!(s.kind, crate::config::SinkKind::Webhook(_)))
-        .map(|(n, _)| n.clone())
+    let rounds: Vec<(Cursor, &Follow, &WebhookSink)> = cursors
+        .into_iter()
+        .filter_map(|k| {
+            let f = follows.get(&(k.sink.clone(), k.portal.clone()))?;
+            let hook = webhook(engine, &k.sink)?;
+            Some((k, f, hook))
+        })
         .collect();
+    // The futures are made first (a stream of a closure's async blocks over borrowed
+    // sinks is not `Send` for every lifetime, which the daemon's spawned task needs).
+    let rounds: Vec<_> = rounds
+        .into_iter()
+        .map(|(k, f, hook)| follow_due(engine, store.clone(), hook, f, &hooks, k, due_before))
+        .collect();
+    let results: Vec<Followed> = futures::stream::iter(rounds)
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await;
     let mut sent = Sent::default();
-    let rounds = cursors.into_iter().filter_map(|k| {
-        let f = follows.get(&(k.sink.clone(), k.portal.clone()))?;
-        let hook = webhook(engine, &k.sink)?;
-        Some((k, f, hook))
-    });
-    let results = futures::future::join_all(rounds.map(|(k, f, hook)| {
-        let store = store.clone();
-        let hooks = &hooks;
-        async move {
-            if due_before.is_some_and(|d| k.next_attempt_at > d) {
-                return (0, Some(k.next_attempt_at));
-            }
-            follow(engine, &store, hook, f, hooks, k).await
-        }
-    }))
-    .await;
-    for (delivered, next) in results {
-        sent.delivered += delivered;
-        if let Some(n) = next {
+    let mut skips = Vec::new();
+    for r in results {
+        sent.delivered += r.delivered;
+        if let Some(n) = r.pending_at {
             sent.pending += 1;
             sent.next_at = Some(sent.next_at.map_or(n, |m: i64| m.min(n)));
+        }
+        skips.extend(r.skip);
+    }
+    if !skips.is_empty() {
+        let passed = store
+            .write(move |c| {
+                for (k, to) in &skips {
+                    history::webhook_skipped(c, k, *to)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = passed {
+            tracing::error!(error = %e, "could not move the webhook cursors past records that are no event");
         }
     }
     sent
 }
 
-/// Sends one cursor's pending events in order until one fails; (delivered, when to try
-/// again if one is left pending).
+/// What following one cursor did.
+#[derive(Default)]
+struct Followed {
+    delivered: usize,
+    /// An event is left pending: when to try it again (Unix ms).
+    pending_at: Option<i64>,
+    /// The cursor as stored, and the record it may move to: everything up to it was no
+    /// event for its webhook.
+    skip: Option<(Cursor, i64)>,
+}
+
+/// [`follow`], unless the cursor's backoff runs past `due_before`.
+async fn follow_due(
+    engine: &Engine,
+    store: state::Store,
+    hook: &WebhookSink,
+    f: &Follow,
+    hooks: &BTreeSet<String>,
+    k: Cursor,
+    due_before: Option<i64>,
+) -> Followed {
+    if due_before.is_some_and(|d| k.next_attempt_at > d) {
+        return Followed {
+            pending_at: Some(k.next_attempt_at),
+            ..Followed::default()
+        };
+    }
+    follow(engine, &store, hook, f, hooks, k).await
+}
+
+/// Sends one cursor's pending events in order until one fails.
 async fn follow(
     engine: &Engine,
     store: &state::Store,
@@ -199,55 +264,54 @@ async fn follow(
     f: &Follow,
     hooks: &BTreeSet<String>,
     mut k: Cursor,
-) -> (usize, Option<i64>) {
-    let mut delivered = 0;
+) -> Followed {
+    let mut done = Followed::default();
+    // Where reading goes on; `k.after_id` stays where the cursor is stored.
+    let mut from = k.after_id;
     loop {
-        let (p, after) = (k.portal.clone(), k.after_id);
+        let p = k.portal.clone();
         let batch = match store
-            .call(move |c| history::after(c, &p, after, BATCH))
+            .call(move |c| history::after(c, &p, from, BATCH))
             .await
         {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "could not read webhook events");
-                return (delivered, Some(now_ms()));
+                done.pending_at = Some(now_ms());
+                return done;
             }
         };
         let full = batch.len() as i64 == BATCH;
-        let mut last = None;
         for s in &batch {
-            last = Some(s.id);
+            from = s.id;
             let Some(rec) = s.parsed() else { continue };
             if !wanted(hook, f, hooks, &rec) {
                 continue;
             }
             match send_one(engine, store, hook, &k, s, &rec).await {
                 Ok(true) => {
-                    delivered += 1;
+                    done.delivered += 1;
                     (k.after_id, k.attempts) = (s.id, 0);
                 }
                 // Another process moved the cursor meanwhile: it carries on from there.
-                Ok(false) => return (delivered + 1, None),
-                Err(next_at) => return (delivered, Some(next_at)),
+                Ok(false) => {
+                    done.delivered += 1;
+                    return done;
+                }
+                Err(next_at) => {
+                    done.pending_at = Some(next_at);
+                    return done;
+                }
             }
         }
-        match last {
-            Some(to) if full && to > k.after_id => {
-                // A whole batch of records that raise no event: passed over, so that the
-                // next look starts after them.
-                let k2 = k.clone();
-                if store
-                    .write(move |c| history::webhook_skipped(c, &k2, to))
-                    .await
-                    .is_err()
-                {
-                    return (delivered, Some(now_ms()));
-                }
-                k.after_id = to;
-            }
-            _ => return (delivered, None),
+        if !full {
+            break;
         }
     }
+    if from > k.after_id {
+        done.skip = Some((k, from));
+    }
+    done
 }
 
 /// Sends one event and records the attempt: `Ok(true)` delivered and the cursor moved,
@@ -310,15 +374,34 @@ async fn send_one(
     }
 }
 
+/// The webhook sinks of the config, by name.
+fn webhook_names(engine: &Engine) -> BTreeSet<String> {
+    engine
+        .config
+        .sinks
+        .iter()
+        .filter(|(_, s)| matches!(s.kind, crate::config::SinkKind::Webhook(_)))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Records that are no webhook's event: a checkpoint, and the deliveries of a webhook in
+/// `hooks` (so that two webhooks never feed each other).
+fn raises_no_event(rec: &Record, hooks: &BTreeSet<String>) -> bool {
+    match rec.event() {
+        None | Some(Event::Checkpoint) => true,
+        Some(Event::Delivered | Event::DeliveryFailed) => {
+            rec.sink.as_ref().is_some_and(|s| hooks.contains(s))
+        }
+        Some(_) => false,
+    }
+}
+
 /// Whether `rec` is an event for `hook` following as `f`.
 fn wanted(hook: &WebhookSink, f: &Follow, hooks: &BTreeSet<String>, rec: &Record) -> bool {
-    let Some(event) = rec.event() else {
-        return false;
-    };
-    let webhook_delivery = matches!(event, Event::Delivered | Event::DeliveryFailed)
-        && rec.sink.as_ref().is_some_and(|s| hooks.contains(s));
-    if webhook_delivery || event == Event::Checkpoint {
+    if raises_no_event(rec, hooks) {
         return false;
     }
-    (f.portal_events && hook.wants(event.as_str())) || (f.alerts && event == Event::Alert)
+    let event = rec.event.as_str();
+    (f.portal_events && hook.wants(event)) || (f.alerts && event == Event::Alert.as_str())
 }

@@ -264,14 +264,36 @@ async fn a_removed_webhooks_pending_events_are_dropped_and_recorded() {
     r.up();
     assert_eq!(h.run(&["deliver"]).await.code, Some(0));
     assert!(r.received().is_empty());
+    // A webhook that took every event leaves nothing waiting: removing it drops nothing.
+    edit_config(&h, |t| {
+        t.replace("sinks = [\"plain\"]", "sinks = [\"plain\", \"hook\"]")
+    });
+    assert_eq!(h.run(&["rotate", "acme", "--force"]).await.code, Some(0));
+    assert_eq!(names(&r.received()), ["rotated", "delivered"]);
+    edit_config(&h, |t| {
+        t.replace("sinks = [\"plain\", \"hook\"]", "sinks = [\"plain\"]")
+    });
+    assert_eq!(h.run(&["deliver"]).await.code, Some(0));
+    let out = h.run(&["history", "--json"]).await;
+    assert_eq!(
+        out.stdout.matches("\"event\":\"forgotten\"").count(),
+        1,
+        "only the first removal dropped events: {}",
+        out.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_sends_its_events_and_retries_a_receiver_that_was_down() {
     let (h, mut r) = world(false, "").await;
     r.down();
+    let port = free_port();
     edit_config(&h, |t| {
         t.replace("rotate_on_change = false", "rotate_on_change = true")
+            .replace(
+                "http_timeout = \"3s\"",
+                &format!("http_timeout = \"3s\"\nmetrics = \"127.0.0.1:{port}\""),
+            )
     });
     // A new portal is rotated at start; the receiver comes up a little later.
     let d = Daemon::start(&h, &[], &[]);
@@ -285,6 +307,29 @@ async fn the_daemon_sends_its_events_and_retries_a_receiver_that_was_down() {
         wait_for(Duration::from_secs(30), || r.received().len() == 2).await,
         "the daemon retries on its own: {}",
         d.log()
+    );
+    // The metrics: records written (the rotation, the file sink's delivery, and the
+    // webhook's own attempts, failed and delivered), and the webhook's attempts by result.
+    let text = metrics(port).await;
+    let value = |needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{needle} in {text}"))
+    };
+    assert!(
+        value("tfa_rotator_history_records_written_total") >= 4.0,
+        "{text}"
+    );
+    assert_eq!(value("tfa_rotator_history_records_pruned_total"), 0.0);
+    assert!(
+        value("tfa_rotator_deliveries_total{portal=\"acme\",sink=\"hook\",result=\"failed\"}")
+            >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("tfa_rotator_deliveries_total{portal=\"acme\",sink=\"hook\",result=\"delivered\"}"),
+        2.0
     );
     let (code, _, log) = d.term().await;
     assert_eq!(code, Some(0), "{log}");

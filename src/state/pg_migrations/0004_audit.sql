@@ -7,6 +7,9 @@ ALTER TABLE history ADD COLUMN uuid TEXT;
 ALTER TABLE history ADD COLUMN record TEXT;
 ALTER TABLE history ADD COLUMN prev TEXT;
 ALTER TABLE history ADD COLUMN hash TEXT;
+-- A delivery's sink, as in the record: the webhooks' look for pending events skips their
+-- own deliveries by it.
+ALTER TABLE history ADD COLUMN sink TEXT;
 ALTER TABLE portals ADD COLUMN history_head TEXT;
 ALTER TABLE portals ADD COLUMN history_prev TEXT;
 
