@@ -302,9 +302,17 @@ async fn the_daemon_sends_its_events_and_retries_a_receiver_that_was_down() {
         "{}",
         d.log()
     );
+    // Its first try fails (the receiver is down) before the receiver comes up.
+    let failed = "tfa_rotator_deliveries_total{portal=\"acme\",sink=\"hook\",result=\"failed\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !metrics(port).await.contains(failed) {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     r.up();
     assert!(
-        wait_for(Duration::from_secs(30), || r.received().len() == 2).await,
+        // The retry comes after the deliveries' first backoff, 15 to 30 s.
+        wait_for(Duration::from_secs(60), || r.received().len() == 2).await,
         "the daemon retries on its own: {}",
         d.log()
     );
