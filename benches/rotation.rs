@@ -431,6 +431,23 @@ async fn history(n: usize, runs: usize) {
     // Wall-clock seconds of the command (`timed`: /usr/bin/time), the median of `runs`.
     let time = |args: &[&str]| median((0..runs).map(|_| timed(dir.path(), args).0).collect());
     let verify = time(&["history", "--verify"]);
+    // Its peak memory: every record is read before the chains are walked.
+    let rss = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M", BIN, "--config"])
+        .arg(dir.path().join("config.toml"))
+        .args(["history", "--verify"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        });
     let json = time(&["history", "--json"]);
     println!("\n| audit record, {n} records | value |\n| --- | --- |");
     println!(
@@ -439,6 +456,12 @@ async fn history(n: usize, runs: usize) {
     );
     println!("| appends per second (1,000 per transaction) | {append_rate:.0} |");
     println!("| `history --verify` | {:.2} s |", verify);
+    if let Some(kib) = rss {
+        println!(
+            "| `history --verify`, max RSS | {:.0} MiB |",
+            kib as f64 / 1024.0
+        );
+    }
     println!("| `history --json` | {:.2} s |", json);
 }
 

@@ -1561,20 +1561,58 @@ fn sink_kind(cx: &mut Ctx, name: &str, r: RawSink, smtp_declared: bool) -> Optio
     }
 }
 
-/// A key of another sink type than `kind`.
-fn not_for(
-    cx: &mut Ctx,
-    key: &str,
-    present: bool,
-    span: Option<Range<usize>>,
-    field: &str,
-    kind: &str,
-) {
-    if present {
+/// Every key of a `[sinks.NAME]` table but `type`, with where it was written.
+fn sink_keys(r: &RawSink) -> Vec<(&'static str, Range<usize>)> {
+    let mut out = Vec::new();
+    macro_rules! keys {
+        ($($f:ident),*) => {$(
+            if let Some(v) = &r.$f {
+                out.push((stringify!($f), v.span()));
+            }
+        )*};
+    }
+    keys!(
+        to,
+        pgp_keys,
+        smime_certs,
+        smime_ca,
+        path,
+        encrypt,
+        mode,
+        shared,
+        command,
+        env,
+        timeout,
+        url,
+        secret,
+        ca_file,
+        events
+    );
+    out
+}
+
+/// One error for each key of `r` that a `kind` sink does not take (all but `accepted`).
+fn foreign_keys(cx: &mut Ctx, key: &str, r: &RawSink, kind: &str, accepted: &[&str]) {
+    for (field, span) in sink_keys(r) {
+        if accepted.contains(&field) {
+            continue;
+        }
+        let hint = match (kind, field) {
+            ("file" | "exec", "pgp_keys") => " (use encrypt = { pgp_keys = [...] })",
+            _ => "",
+        };
+        let a = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
         cx.err(
-            &span.unwrap_or(0..0),
+            &span,
             &format!("{key}.{field}"),
-            format!("is not a key of a {kind} sink"),
+            format!(
+                "is not a key of {a} {kind} sink{hint}; accepted: type, {}",
+                accepted.join(", ")
+            ),
         );
     }
 }
@@ -1633,29 +1671,12 @@ fn email_recipients(
 
 /// An email sink: `to` (valid addresses) and `pgp_keys`; needs `[smtp]`.
 fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Option<SinkKind> {
-    not_for(
+    foreign_keys(
         cx,
         key,
-        r.path.is_some(),
-        r.path.as_ref().map(|s| s.span()),
-        "path",
+        r,
         "email",
-    );
-    not_for(
-        cx,
-        key,
-        r.encrypt.is_some(),
-        r.encrypt.as_ref().map(|s| s.span()),
-        "encrypt",
-        "email",
-    );
-    not_for(
-        cx,
-        key,
-        r.mode.is_some(),
-        r.mode.as_ref().map(|s| s.span()),
-        "mode",
-        "email",
+        &["to", "pgp_keys", "smime_certs", "smime_ca"],
     );
     if !smtp_declared {
         cx.err(
@@ -1707,45 +1728,9 @@ fn email_sink(cx: &mut Ctx, key: &str, r: &RawSink, smtp_declared: bool) -> Opti
     }))
 }
 
-/// `smime_certs` and `smime_ca` belong to email sinks.
-fn smime_not_for(cx: &mut Ctx, key: &str, r: &RawSink, kind: &str) {
-    not_for(
-        cx,
-        key,
-        r.smime_certs.is_some(),
-        r.smime_certs.as_ref().map(|s| s.span()),
-        "smime_certs",
-        kind,
-    );
-    not_for(
-        cx,
-        key,
-        r.smime_ca.is_some(),
-        r.smime_ca.as_ref().map(|s| s.span()),
-        "smime_ca",
-        kind,
-    );
-}
-
 /// A file sink: `path`, `encrypt`, `mode`, `shared`.
 fn file_sink(cx: &mut Ctx, key: &str, r: &RawSink) -> Option<SinkKind> {
-    not_for(
-        cx,
-        key,
-        r.to.is_some(),
-        r.to.as_ref().map(|s| s.span()),
-        "to",
-        "file",
-    );
-    not_for(
-        cx,
-        key,
-        r.pgp_keys.is_some(),
-        r.pgp_keys.as_ref().map(|s| s.span()),
-        "pgp_keys",
-        "file (use encrypt = { pgp_keys = [...] })",
-    );
-    smime_not_for(cx, key, r, "file");
+    foreign_keys(cx, key, r, "file", &["path", "encrypt", "mode", "shared"]);
     let path = match &r.path {
         None => {
             cx.err(
@@ -1785,35 +1770,13 @@ fn file_sink(cx: &mut Ctx, key: &str, r: &RawSink) -> Option<SinkKind> {
 /// A webhook sink: `url` (https, http only to loopback), `secret`, `ca_file`, `events`,
 /// `timeout` (at most 60 s: a webhook never holds the daemon up for long).
 fn webhook_sink(cx: &mut Ctx, key: &str, r: RawSink) -> Option<SinkKind> {
-    for (present, span, field) in [
-        (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
-        (
-            r.pgp_keys.is_some(),
-            r.pgp_keys.as_ref().map(|s| s.span()),
-            "pgp_keys",
-        ),
-        (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
-        (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
-        (
-            r.command.is_some(),
-            r.command.as_ref().map(|s| s.span()),
-            "command",
-        ),
-        (r.env.is_some(), r.env.as_ref().map(|s| s.span()), "env"),
-        (
-            r.encrypt.is_some(),
-            r.encrypt.as_ref().map(|s| s.span()),
-            "encrypt",
-        ),
-        (
-            r.shared.is_some(),
-            r.shared.as_ref().map(|s| s.span()),
-            "shared",
-        ),
-    ] {
-        not_for(cx, key, present, span, field, "webhook");
-    }
-    smime_not_for(cx, key, &r, "webhook");
+    foreign_keys(
+        cx,
+        key,
+        &r,
+        "webhook",
+        &["url", "secret", "ca_file", "events", "timeout"],
+    );
     let url = match &r.url {
         None => {
             cx.err(&r.kind.span(), &format!("{key}.url"), "is missing; accepted: https://hooks.example.com/tfa (http only to a loopback host)");
@@ -1938,19 +1901,13 @@ fn webhook_url(cx: &mut Ctx, key: &str, u: &Spanned<String>) -> Option<Located<U
 
 /// An exec sink: `command` (no shell), `env`, `timeout`, `encrypt`.
 fn exec_sink(cx: &mut Ctx, key: &str, r: RawSink) -> Option<SinkKind> {
-    for (present, span, field) in [
-        (r.to.is_some(), r.to.as_ref().map(|s| s.span()), "to"),
-        (
-            r.pgp_keys.is_some(),
-            r.pgp_keys.as_ref().map(|s| s.span()),
-            "pgp_keys",
-        ),
-        (r.path.is_some(), r.path.as_ref().map(|s| s.span()), "path"),
-        (r.mode.is_some(), r.mode.as_ref().map(|s| s.span()), "mode"),
-    ] {
-        not_for(cx, key, present, span, field, "exec");
-    }
-    smime_not_for(cx, key, &r, "exec");
+    foreign_keys(
+        cx,
+        key,
+        &r,
+        "exec",
+        &["command", "env", "timeout", "encrypt"],
+    );
     let command_loc = r
         .command
         .as_ref()

@@ -230,7 +230,7 @@ async fn exec_config_errors_name_the_key() {
         "sinks.hook.command",
         "is empty",
         "sinks.hook.path",
-        "is not a key of a exec sink",
+        "is not a key of an exec sink",
         "sinks.hook.env.TFA_PORTAL",
         "`BAD-NAME` is not an environment variable name",
     ] {

@@ -394,6 +394,22 @@ async fn the_config_refuses_what_a_webhook_cannot_be() {
             out.stderr
         );
     }
+    // A webhook's keys are not taken by the sinks of codes either.
+    h.write_config(
+        "[sinks.x]\ntype = \"file\"\npath = \"codes/x-{portal}\"\nevents = [\"rotated\"]\nurl = \"https://hooks.rotator.test/x\"\n",
+        &["plain", "x"],
+    );
+    let out = h.run(&["check", "--offline"]).await;
+    assert_eq!(out.code, Some(78), "{}", out.all());
+    for k in ["sinks.x.events", "sinks.x.url"] {
+        assert!(
+            out.stderr.contains(&format!(
+                "{k}: is not a key of a file sink; accepted: type, path, encrypt, mode, shared"
+            )),
+            "{k}: {}",
+            out.stderr
+        );
+    }
     // A good one is fine, and `check` does not contact it.
     h.write_config(
         &hook_sink("https://hooks.rotator.test/x", ""),
