@@ -119,50 +119,50 @@ pub async fn run(
     if verify {
         return run_verify(&store, portals).await;
     }
-    let rows = match store.call(move |c| history::read(c, &portals, since)).await {
-        Ok(r) => r,
+    // One snapshot, a page at a time: the whole history is never in memory. A closed pipe
+    // ends the output quietly (SPEC §2).
+    let listed = store
+        .snapshot(move |c| {
+            let Ok(mut out) = Out::new(format) else {
+                return Ok(());
+            };
+            let mut after = i64::MIN;
+            loop {
+                let (page, next) = history::read_page(c, &portals, since, after)?;
+                if out.page(&page).is_err() {
+                    return Ok(());
+                }
+                match next {
+                    Some(n) => after = n,
+                    None => break,
+                }
+            }
+            let _ = out.finish();
+            Ok(())
+        })
+        .await;
+    match listed {
+        Ok(()) => Exit::Ok,
         Err(e) => {
             crate::err!("error: the history cannot be read: {e}");
-            return Exit::Failed;
+            Exit::Failed
         }
-    };
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    // A closed pipe ends the output quietly (SPEC §2).
-    let _ = match format {
-        Format::Json => write_json(&mut out, &rows),
-        Format::Csv => write_csv(&mut out, &rows),
-        Format::Table => write_table(&mut out, &rows),
     }
-    .and_then(|()| out.flush());
-    Exit::Ok
 }
 
 /// `--verify`: every chain (of `portals`, or all), against its head.
 async fn run_verify(store: &Store, portals: Vec<String>) -> Exit {
     let started = std::time::Instant::now();
-    let result = store
-        .call(move |c| {
-            let mut chains = history::chains(c)?;
-            if !portals.is_empty() {
-                chains.by_portal.retain(|p, _| portals.contains(p));
-                chains.heads.retain(|p, _| portals.contains(p));
-            }
-            Ok((
-                chains.by_portal.len().max(chains.heads.len()),
-                history::verify(&chains),
-            ))
-        })
-        .await;
+    let result = store.snapshot(move |c| history::verify(c, &portals)).await;
     match result {
-        Ok((chains, Ok(n))) => {
+        Ok(Ok((n, chains))) => {
             crate::out!(
                 "verified: {n} record(s) in {chains} chain(s), every one linked to the next and to its portal's head ({} ms)",
                 started.elapsed().as_millis()
             );
             Exit::Ok
         }
-        Ok((_, Err(broken))) => {
+        Ok(Err(broken)) => {
             crate::err!("error: history: {broken}");
             Exit::Failed
         }
@@ -184,6 +184,61 @@ fn record_of(s: &Stored) -> Record {
         reason: Some("(the stored record is unreadable)".into()),
         ..Default::default()
     })
+}
+
+/// `sinks` as `name=result` pairs joined by `;`.
+fn sinks_text(r: &Record) -> String {
+    r.sinks.as_ref().map_or(String::new(), |m| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(";")
+    })
+}
+
+/// Standard output, as the format asks: the header first, then page after page.
+enum Out {
+    Json(std::io::BufWriter<std::io::Stdout>),
+    Csv(Box<csv::Writer<std::io::BufWriter<std::io::Stdout>>>),
+    Table(std::io::BufWriter<std::io::Stdout>),
+}
+
+impl Out {
+    fn new(format: Format) -> std::io::Result<Self> {
+        let stdout = std::io::BufWriter::new(std::io::stdout());
+        Ok(match format {
+            Format::Json => Out::Json(stdout),
+            Format::Csv => {
+                let mut w = csv::Writer::from_writer(stdout);
+                w.write_record(COLUMNS)?;
+                Out::Csv(Box::new(w))
+            }
+            Format::Table => {
+                let mut w = stdout;
+                writeln!(
+                    w,
+                    "{:<24} {:<12} {:<16} {:<10} {:<22} DETAIL",
+                    "TIME", "PORTAL", "EVENT", "TRIGGER", "BY"
+                )?;
+                Out::Table(w)
+            }
+        })
+    }
+
+    fn page(&mut self, rows: &[Stored]) -> std::io::Result<()> {
+        match self {
+            Out::Json(w) => write_json(w, rows),
+            Out::Csv(w) => write_csv(w, rows),
+            Out::Table(w) => write_table(w, rows),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Out::Json(mut w) | Out::Table(mut w) => w.flush(),
+            Out::Csv(mut w) => w.flush(),
+        }
+    }
 }
 
 fn write_json(out: &mut impl Write, rows: &[Stored]) -> std::io::Result<()> {
@@ -208,19 +263,7 @@ fn write_json(out: &mut impl Write, rows: &[Stored]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `sinks` as `name=result` pairs joined by `;`.
-fn sinks_text(r: &Record) -> String {
-    r.sinks.as_ref().map_or(String::new(), |m| {
-        m.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(";")
-    })
-}
-
-fn write_csv(out: &mut impl Write, rows: &[Stored]) -> std::io::Result<()> {
-    let mut w = csv::Writer::from_writer(out);
-    w.write_record(COLUMNS)?;
+fn write_csv<W: Write>(w: &mut csv::Writer<W>, rows: &[Stored]) -> std::io::Result<()> {
     for s in rows {
         let r = record_of(s);
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -242,16 +285,11 @@ fn write_csv(out: &mut impl Write, rows: &[Stored]) -> std::io::Result<()> {
             opt(&s.hash),
         ])?;
     }
-    w.flush()
+    Ok(())
 }
 
 fn write_table(out: &mut impl Write, rows: &[Stored]) -> std::io::Result<()> {
     let esc = crate::docspace::model::escape_controls;
-    writeln!(
-        out,
-        "{:<24} {:<12} {:<16} {:<10} {:<22} DETAIL",
-        "TIME", "PORTAL", "EVENT", "TRIGGER", "BY"
-    )?;
     for s in rows {
         let r = record_of(s);
         let mut detail = Vec::new();

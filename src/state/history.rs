@@ -432,29 +432,41 @@ fn stored(r: &super::db::Row) -> Result<Stored, StateError> {
     })
 }
 
-/// The records of `portals` (all when empty) at or after `since`, oldest first.
-pub fn read(
+/// Records read per statement by `history` (a page in memory, not the table).
+pub const PAGE: i64 = 2_000;
+
+/// A page of the records after row `after_id`, in the order they were written (by id),
+/// of `portals` (all when empty) at or after `since`.
+pub fn read_page(
     c: &dyn Sql,
     portals: &[String],
     since: Option<i64>,
-) -> Result<Vec<Stored>, StateError> {
+    after_id: i64,
+) -> Result<(Vec<Stored>, Option<i64>), StateError> {
     let rows = c.rows(
         "reading the history",
         &format!(
-            "SELECT {STORED} FROM history WHERE (CAST(?1 AS BIGINT) IS NULL OR at >= ?1)
-              ORDER BY at, id"
+            "SELECT {STORED} FROM history
+              WHERE id > ?1 AND (CAST(?2 AS BIGINT) IS NULL OR at >= ?2)
+              ORDER BY id LIMIT ?3"
         ),
-        vals![since],
+        vals![after_id, since, PAGE],
     )?;
+    let last = (rows.len() as i64 == PAGE)
+        .then(|| rows.last().map(|r| r.int(0)))
+        .flatten()
+        .transpose()?;
     let wanted: HashSet<&str> = portals.iter().map(String::as_str).collect();
-    rows.iter()
+    let page = rows
+        .iter()
         .map(stored)
         .filter(|s| {
             s.as_ref().map_or(true, |s| {
                 wanted.is_empty() || wanted.contains(s.portal.as_str())
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((page, last))
 }
 
 /// Whether `portal` has any record (by the `(portal, id)` index).
@@ -465,36 +477,6 @@ pub fn has_records(c: &dyn Sql, portal: &str) -> Result<bool, StateError> {
         vals![portal],
     )?
     .is_some())
-}
-
-/// Every record and head, per portal, in chain order (by id), for [`verify`].
-pub fn chains(c: &dyn Sql) -> Result<Chains, StateError> {
-    let mut by_portal: BTreeMap<String, Vec<Stored>> = BTreeMap::new();
-    for r in c.rows(
-        "reading the history",
-        &format!("SELECT {STORED} FROM history ORDER BY portal, id"),
-        vals![],
-    )? {
-        let s = stored(&r)?;
-        by_portal.entry(s.portal.clone()).or_default().push(s);
-    }
-    let mut heads = BTreeMap::new();
-    for r in c.rows(
-        "reading the history's heads",
-        "SELECT name, history_head FROM portals WHERE history_head IS NOT NULL",
-        vals![],
-    )? {
-        heads.insert(r.text(0)?, r.text(1)?);
-    }
-    Ok(Chains { by_portal, heads })
-}
-
-/// The records of every portal in chain order, and each portal's head.
-pub struct Chains {
-    /// Records per portal, by id.
-    pub by_portal: BTreeMap<String, Vec<Stored>>,
-    /// The head hash each portal's row holds.
-    pub heads: BTreeMap<String, String>,
 }
 
 /// The first record that does not verify, and why.
@@ -556,23 +538,39 @@ fn check_record(s: &Stored) -> Result<Record, Broken> {
     Ok(rec)
 }
 
-/// Verifies one portal's chain against its head; the number of records checked.
-fn verify_portal(rows: &[Stored], head: Option<&String>) -> Result<usize, Broken> {
-    // Only checkpoints are parsed for it (the column is checked against the JSON below).
-    let anchors: HashSet<String> = rows
-        .iter()
-        .filter(|s| s.event == Event::Checkpoint.as_str())
-        .filter_map(|s| s.parsed())
-        .filter(|r| r.event() == Some(Event::Checkpoint))
-        .filter_map(|r| r.anchor)
-        .collect();
-    let mut expected: Option<&String> = None;
-    for (i, s) in rows.iter().enumerate() {
+/// One portal's chain, checked record by record in id order (a page at a time, so the
+/// whole table is never in memory), then against the head its row holds.
+struct ChainCheck<'a> {
+    head: Option<&'a String>,
+    /// Hashes of the newest records pruned, from the checkpoints: where the chain may start.
+    anchors: HashSet<String>,
+    expected: Option<String>,
+    n: usize,
+    first: Option<Stored>,
+    last: Option<Stored>,
+    /// The first record after one whose hash is the head (something was added behind it).
+    after_head: Option<Stored>,
+}
+
+impl<'a> ChainCheck<'a> {
+    fn new(head: Option<&'a String>, anchors: HashSet<String>) -> Self {
+        ChainCheck {
+            head,
+            anchors,
+            expected: None,
+            n: 0,
+            first: None,
+            last: None,
+            after_head: None,
+        }
+    }
+
+    fn feed(&mut self, s: &Stored) -> Result<(), Broken> {
         check_record(s)?;
-        let linked = if i == 0 {
-            s.prev.as_ref().is_none_or(|p| anchors.contains(p))
+        let linked = if self.n == 0 {
+            s.prev.as_ref().is_none_or(|p| self.anchors.contains(p))
         } else {
-            s.prev.as_ref() == expected
+            s.prev == self.expected
         };
         if !linked {
             return Err(broken(
@@ -580,55 +578,110 @@ fn verify_portal(rows: &[Stored], head: Option<&String>) -> Result<usize, Broken
                 "it does not follow the record before it: a record before it was removed or changed",
             ));
         }
-        expected = s.hash.as_ref();
+        if self.n > 0 && self.expected.as_ref() == self.head && self.after_head.is_none() {
+            self.after_head = Some(s.clone());
+        }
+        if self.first.is_none() {
+            self.first = Some(s.clone());
+        }
+        self.expected = s.hash.clone();
+        self.last = Some(s.clone());
+        self.n += 1;
+        Ok(())
     }
-    let (Some(last), Some(head)) = (rows.last(), head) else {
-        return match (rows.first(), head) {
-            (Some(first), None) => Err(broken(
-                first,
+
+    fn finish(self, portal: &str) -> Result<usize, Broken> {
+        match (&self.last, self.head) {
+            (Some(last), Some(head)) if last.hash.as_ref() == Some(head) => Ok(self.n),
+            (Some(last), Some(_)) => Err(match self.after_head {
+                Some(next) => broken(
+                    &next,
+                    "it comes after the portal's head: it was added behind the tool's back",
+                ),
+                None => broken(
+                    last,
+                    "the portal's head is not this newest record: a newer record was removed",
+                ),
+            }),
+            (Some(last), None) => Err(broken(
+                self.first.as_ref().unwrap_or(last),
                 "the portal's row holds no head for its chain (the head was removed)",
             )),
             (None, Some(_)) => Err(Broken {
-                portal: String::new(),
+                portal: portal.to_string(),
                 id: "(none)".into(),
                 at: "-".into(),
                 why: "every record of a portal whose row holds a head was removed".into(),
             }),
-            _ => Ok(0),
-        };
-    };
-    if last.hash.as_ref() != Some(head) {
-        if let Some(j) = rows.iter().position(|s| s.hash.as_ref() == Some(head))
-            && let Some(next) = rows.get(j + 1)
-        {
-            return Err(broken(
-                next,
-                "it comes after the portal's head: it was added behind the tool's back",
-            ));
+            (None, None) => Ok(0),
         }
-        return Err(broken(
-            last,
-            "the portal's head is not this newest record: a newer record was removed",
-        ));
     }
-    Ok(rows.len())
 }
 
-/// Verifies every chain: the records checked, or the first that does not verify.
-pub fn verify(chains: &Chains) -> Result<usize, Broken> {
-    let mut n = 0;
-    let portals: std::collections::BTreeSet<&String> =
-        chains.by_portal.keys().chain(chains.heads.keys()).collect();
-    for p in portals {
-        let rows = chains.by_portal.get(p).map_or(&[][..], Vec::as_slice);
-        n += verify_portal(rows, chains.heads.get(p)).map_err(|mut b| {
-            if b.portal.is_empty() {
-                b.portal = p.clone();
-            }
-            b
-        })?;
+/// Verifies every chain (of `portals`, or all), a page at a time, against the heads: the
+/// records and chains checked, or the first record that does not verify. Run it in one
+/// snapshot ([`super::Store::snapshot`]), so that records and heads written meanwhile
+/// are all seen or none.
+pub fn verify(
+    c: &dyn Sql,
+    portals: &[String],
+) -> Result<Result<(usize, usize), Broken>, StateError> {
+    let heads = heads(c)?;
+    let mut names: std::collections::BTreeSet<String> = c
+        .rows(
+            "reading the history",
+            "SELECT DISTINCT portal FROM history",
+            vals![],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?;
+    names.extend(heads.keys().cloned());
+    if !portals.is_empty() {
+        names.retain(|p| portals.contains(p));
     }
-    Ok(n)
+    let mut n = 0;
+    for portal in &names {
+        let anchors = c
+            .rows(
+                "reading the history's checkpoints",
+                &format!("SELECT {STORED} FROM history WHERE portal = ?1 AND event = ?2"),
+                vals![portal.as_str(), Event::Checkpoint.as_str()],
+            )?
+            .iter()
+            .map(stored)
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .filter_map(Stored::parsed)
+            .filter_map(|r| r.anchor)
+            .collect();
+        let mut check = ChainCheck::new(heads.get(portal), anchors);
+        let mut after = i64::MIN;
+        loop {
+            let page = c.rows(
+                "reading the history",
+                &format!(
+                    "SELECT {STORED} FROM history WHERE portal = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                ),
+                vals![portal.as_str(), after, PAGE],
+            )?;
+            for r in &page {
+                let s = stored(r)?;
+                if let Err(b) = check.feed(&s) {
+                    return Ok(Err(b));
+                }
+                after = s.id;
+            }
+            if (page.len() as i64) < PAGE {
+                break;
+            }
+        }
+        match check.finish(portal) {
+            Ok(k) => n += k,
+            Err(b) => return Ok(Err(b)),
+        }
+    }
+    Ok(Ok((n, names.len())))
 }
 
 /// Prunes the records older than `before` (Unix ms), whole, each portal's leaving a

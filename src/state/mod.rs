@@ -505,6 +505,40 @@ impl Store {
         }
     }
 
+    /// Runs the reads `f` makes against one snapshot of the state: SQLite in one read
+    /// transaction, PostgreSQL in a REPEATABLE READ one. For reads that must agree with each
+    /// other while others write (`history --verify`: records and heads).
+    pub async fn snapshot<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
+    {
+        let conn = match &self.backend {
+            Backend::Sqlite { conn, .. } => conn.clone(),
+            Backend::Postgres(pg) => return pg.snapshot(f).await,
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            // A deferred transaction on a read-only connection: its first read takes the
+            // snapshot every later read of it sees; nothing is written, so it ends either way.
+            let tx = c
+                .unchecked_transaction()
+                .map_err(sql("starting a read transaction"))?;
+            let out = f(&db::ReadOnly(&*tx));
+            drop(tx);
+            out
+        })
+        .await;
+        match joined {
+            Ok(r) => r,
+            Err(e) => Err(StateError::Io {
+                path: self.dir.clone(),
+                action: "running a database task",
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
     /// Runs `f` in a transaction on the blocking pool and returns once what it wrote is
     /// committed and durable, or not at all.
     ///
@@ -1053,9 +1087,10 @@ mod tests {
         };
         let c = conn.lock().unwrap();
         let c = &*c;
-        let chains = history::chains(c).unwrap();
-        assert_eq!(history::verify(&chains), Ok(4));
-        let beta = &chains.by_portal["beta"];
+        assert_eq!(history::verify(c, &[]).unwrap(), Ok((4, 2)));
+        let beta = history::read_page(c, &["beta".to_string()], None, i64::MIN)
+            .unwrap()
+            .0;
         let first = beta[0].parsed().unwrap();
         assert_eq!(
             (
@@ -1077,9 +1112,86 @@ mod tests {
             history::Record::new(history::Event::Drift, "beta", &cause),
         )
         .unwrap();
-        let chains = history::chains(c).unwrap();
-        assert_eq!(history::verify(&chains), Ok(5));
-        assert_eq!(chains.by_portal["beta"][2].prev, beta[1].hash);
+        assert_eq!(history::verify(c, &[]).unwrap(), Ok((5, 2)));
+        let beta = history::read_page(c, &["beta".to_string()], None, i64::MIN)
+            .unwrap()
+            .0;
+        assert_eq!(beta[2].prev, beta[1].hash);
+    }
+
+    /// `history` reads a page at a time: chains that span pages verify, a break on a
+    /// later page is found, and the pages list every record once, in order.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_history_is_read_and_verified_across_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let n = 2 * history::PAGE as usize + 500;
+        store
+            .write(move |c| {
+                let cause = history::Cause {
+                    trigger: None,
+                    by: "user:test(0)".into(),
+                };
+                for i in 0..n {
+                    let portal = ["acme", "beta", "gamma"][i % 3];
+                    history::append(
+                        c,
+                        history::Record::new(history::Event::Drift, portal, &cause),
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store.snapshot(|c| history::verify(c, &[])).await.unwrap(),
+            Ok((n, 3))
+        );
+        let (mut seen, mut after) = (Vec::new(), i64::MIN);
+        loop {
+            let (page, next) = store
+                .snapshot(move |c| history::read_page(c, &[], None, after))
+                .await
+                .unwrap();
+            seen.extend(page.iter().map(|s| s.id));
+            match next {
+                Some(x) => after = x,
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), n);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        // A record changed on the last page of its chain is named.
+        let target = seen[n - 7];
+        {
+            let Backend::Sqlite { conn, .. } = &store.backend else {
+                unreachable!("opened as SQLite")
+            };
+            let c = conn.lock().unwrap();
+            c.execute(
+                "UPDATE history SET record = replace(record, 'drift', 'alert') WHERE id = ?1",
+                [target],
+            )
+            .unwrap();
+        }
+        let broken = store
+            .snapshot(|c| history::verify(c, &[]))
+            .await
+            .unwrap()
+            .unwrap_err();
+        let uuid: String = {
+            let Backend::Sqlite { conn, .. } = &store.backend else {
+                unreachable!("opened as SQLite")
+            };
+            conn.lock()
+                .unwrap()
+                .query_row("SELECT uuid FROM history WHERE id = ?1", [target], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(broken.id, uuid, "{broken}");
     }
 
     #[test]

@@ -396,16 +396,39 @@ impl PgStore {
         T: Send + 'static,
         F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
     {
+        self.transaction_as(f, false).await
+    }
+
+    /// Runs the reads `f` makes in one READ ONLY, REPEATABLE READ transaction: every
+    /// statement sees the same snapshot (`history --verify` reads records and heads that
+    /// belong together while others append).
+    pub async fn snapshot<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
+    {
+        self.transaction_as(move |c| f(&super::db::ReadOnly(c)), true)
+            .await
+    }
+
+    async fn transaction_as<T, F>(&self, f: F, snapshot: bool) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Sql) -> Result<T, StateError> + Send + 'static,
+    {
         let shared = self.shared.clone();
         self.on_lane(move |lane| {
             // The transaction begins and reads the server's clock in one round trip (a
             // simple query of two statements; the BEGIN keeps the block open after it).
             // A read-only store (`check`, `status`, dry runs) reads in READ ONLY
             // transactions: the database itself refuses any change.
-            let begin = if shared.read_only {
-                concat!("START TRANSACTION READ ONLY; SELECT ", server_ms!())
-            } else {
-                concat!("START TRANSACTION READ WRITE; SELECT ", server_ms!())
+            let begin = match (snapshot, shared.read_only) {
+                (true, _) => concat!(
+                    "START TRANSACTION READ ONLY ISOLATION LEVEL REPEATABLE READ; SELECT ",
+                    server_ms!()
+                ),
+                (false, true) => concat!("START TRANSACTION READ ONLY; SELECT ", server_ms!()),
+                (false, false) => concat!("START TRANSACTION READ WRITE; SELECT ", server_ms!()),
             };
             let started = match lane.simple("starting a transaction", begin) {
                 Ok(m) => m,
