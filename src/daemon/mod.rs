@@ -732,7 +732,13 @@ impl Supervisor {
             due.reason.describe()
         );
         self.tracker.spawn(async move {
-            let done = run_job(&engine, &name, due, &fp, started, once).await;
+            // Its records say what set it off (a watch says it itself: drift, unused codes).
+            let trigger = trigger_of(due.reason);
+            let job = run_job(&engine, &name, due, &fp, started, once);
+            let done = match trigger {
+                Some(t) => crate::state::history::triggered_by(t, job).await,
+                None => job.await,
+            };
             if done.outcome != Outcome::Skipped(Skip::Stopping) {
                 alerts.request(&engine);
             }
@@ -1084,35 +1090,13 @@ fn trigger_of(reason: Reason) -> Option<crate::state::history::Trigger> {
         Reason::Changed => Some(Trigger::Change),
         Reason::Fire(_) => Some(Trigger::Cron),
         Reason::CatchUp(_) => Some(Trigger::CatchUp),
-        // A watch says itself what it acts on (drift, unused codes).
         Reason::Watch => None,
     }
 }
 
-/// Runs one due job within the limits, its records marked with what set it off.
+/// Runs one due job within the limits. Takes the portal's slot (its host's, then a global
+/// one) first; a stop while waiting leaves without a request.
 async fn run_job(
-    engine: &Engine,
-    name: &str,
-    due: Due,
-    fp: &str,
-    started: DateTime<Utc>,
-    once: bool,
-) -> Done {
-    match trigger_of(due.reason) {
-        Some(t) => {
-            crate::state::history::triggered_by(
-                t,
-                run_job_inner(engine, name, due, fp, started, once),
-            )
-            .await
-        }
-        None => run_job_inner(engine, name, due, fp, started, once).await,
-    }
-}
-
-/// [`run_job`]: takes the portal's slot (its host's, then a global one) first; a stop
-/// while waiting leaves without a request.
-async fn run_job_inner(
     engine: &Engine,
     name: &str,
     due: Due,

@@ -180,7 +180,7 @@ pub fn user() -> String {
 }
 
 /// The first /etc/passwd entry `pick` accepts, as (name, uid).
-fn passwd(pick: impl Fn(&str, u32) -> bool) -> Option<(String, u32)> {
+pub(super) fn passwd(pick: impl Fn(&str, u32) -> bool) -> Option<(String, u32)> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
     text.lines().find_map(|l| {
         let mut f = l.split(':');

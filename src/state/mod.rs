@@ -486,22 +486,9 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
     {
-        let conn = match &self.backend {
-            Backend::Sqlite { conn, .. } => conn.clone(),
-            Backend::Postgres(pg) => return pg.read(f).await,
-        };
-        let joined = tokio::task::spawn_blocking(move || {
-            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&db::ReadOnly(&*c))
-        })
-        .await;
-        match joined {
-            Ok(r) => r,
-            Err(e) => Err(StateError::Io {
-                path: self.dir.clone(),
-                action: "running a database task",
-                source: std::io::Error::other(e.to_string()),
-            }),
+        match &self.backend {
+            Backend::Sqlite { conn, .. } => self.read_sqlite(conn.clone(), false, f).await,
+            Backend::Postgres(pg) => pg.read(f).await,
         }
     }
 
@@ -513,20 +500,35 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
     {
-        let conn = match &self.backend {
-            Backend::Sqlite { conn, .. } => conn.clone(),
-            Backend::Postgres(pg) => return pg.snapshot(f).await,
-        };
+        match &self.backend {
+            Backend::Sqlite { conn, .. } => self.read_sqlite(conn.clone(), true, f).await,
+            Backend::Postgres(pg) => pg.snapshot(f).await,
+        }
+    }
+
+    /// [`Store::call`] and [`Store::snapshot`] on SQLite: `f` on the blocking pool with the
+    /// connection, read-only, inside one read transaction when `snapshot`.
+    async fn read_sqlite<T, F>(
+        &self,
+        conn: Arc<Mutex<Connection>>,
+        snapshot: bool,
+        f: F,
+    ) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn db::Sql) -> Result<T, StateError> + Send + 'static,
+    {
         let joined = tokio::task::spawn_blocking(move || {
             let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            if !snapshot {
+                return f(&db::ReadOnly(&*c));
+            }
             // A deferred transaction on a read-only connection: its first read takes the
             // snapshot every later read of it sees; nothing is written, so it ends either way.
             let tx = c
                 .unchecked_transaction()
                 .map_err(sql("starting a read transaction"))?;
-            let out = f(&db::ReadOnly(&*tx));
-            drop(tx);
-            out
+            f(&db::ReadOnly(&*tx))
         })
         .await;
         match joined {
@@ -812,15 +814,8 @@ fn trusted_dir(state: &Path, path: &Path) -> Result<(), StateError> {
 
 /// `name (uid N)` from /etc/passwd, or `uid N`.
 fn user_name(uid: u32) -> String {
-    let name = fs::read_to_string("/etc/passwd").ok().and_then(|p| {
-        p.lines().find_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            (f.nth(1)? == uid.to_string()).then(|| name.to_string())
-        })
-    });
-    match name {
-        Some(n) => format!("{n} (uid {uid})"),
+    match history::passwd(|_, u| u == uid) {
+        Some((n, _)) => format!("{n} (uid {uid})"),
         None => format!("uid {uid}"),
     }
 }
